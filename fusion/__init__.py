@@ -1,0 +1,1 @@
+"""Fusion encoders (ERNIE, K-BERT, K-Adapter, ViLBERT, LXMERT), pretraining objectives, retrieval."""

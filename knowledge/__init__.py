@@ -1,0 +1,1 @@
+"""Knowledge sources, KnowledgeGraph tables, KG embeddings with filtered evaluation, entity linking."""

@@ -1,0 +1,158 @@
+"""``stele`` command line: run, plan, stages, show, demo.
+
+Exit codes: 0 success; 1 a stage failed; 2 bad input (spec, override, unknown artifact), nothing ran;
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import SteleError, SpecError
+
+DEMO = Path(__file__).resolve().parent.parent / "pipelines" / "demo.yaml"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="pipeline YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.PARAM=VALUE",
+                   help="override a stage parameter (value read as YAML); repeatable")
+    p.add_argument("--store", help="artifact store folder or fsspec URI "
+                   "(default: $STELE_STORE, the pipeline's store:, or ./stele-store)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="re-run STAGE (and its descendants) even if cached; repeatable")
+    p.add_argument("--until", metavar="STAGE", help="run only STAGE and what it needs")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="stele", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, help_ in (("run", "run a pipeline"), ("plan", "show the DAG and what is cached; runs nothing")):
+        p = sub.add_parser(name, help=help_)
+        _common(p)
+        if name == "run":
+            _ray_args(p)
+    p = sub.add_parser("demo", help="run pipelines/demo.yaml (the end-to-end demo)")
+    p.add_argument("--store", help="artifact store (default ./stele-store)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE")
+    _ray_args(p)
+    p = sub.add_parser("stages", help="list registered stage types and their parameters")
+    p.add_argument("name", nargs="?", help="only this stage type")
+    p = sub.add_parser("show", help="print an artifact's manifest")
+    p.add_argument("artifact", help="artifact key (or a prefix of 6+ characters) or folder")
+    p.add_argument("--store", help="artifact store (default: $STELE_STORE or ./stele-store)")
+    p.add_argument("--verify", action="store_true", help="also check every file the manifest lists")
+    return ap
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs for a local Ray (default max(4, cores))")
+    p.add_argument("--no-live", action="store_true", help="print one line per change, no live table")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True)
+    try:
+        return _dispatch(args, console)
+    except SpecError as e:
+        err.print(f"error: {e}", style="bold red", highlight=False, markup=False, soft_wrap=True)
+        return 2
+    except SteleError as e:
+        err.print(f"error: {e}", style="bold red", highlight=False, markup=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted: finished stages are kept; run again to resume", style="yellow")
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    from .spec import load_pipeline
+    from .store import ArtifactStore, default_store_uri
+
+    if args.cmd == "stages":
+        return _stages(args.name, console)
+    if args.cmd == "show":
+        store = ArtifactStore(args.store or default_store_uri())
+        key = store.resolve(args.artifact)
+        console.print_json(json.dumps(store.manifest(key)))
+        if args.verify:
+            problems = store.verify(key)
+            for p in problems:
+                console.print(f"[red]damaged:[/] {p}")
+            console.print("[green]verified[/]" if not problems else "")
+            return 1 if problems else 0
+        return 0
+
+    if args.cmd == "demo":
+        if not DEMO.exists():
+            raise SpecError("demo pipeline not found (stele must be installed from a clone: "
+                            "pip install -e .)", file=str(DEMO))
+        args.pipeline, args.overrides, args.until = str(DEMO), [], None
+    pipeline = load_pipeline(args.pipeline, args.overrides)
+    store = ArtifactStore(args.store or default_store_uri(pipeline.store))
+    from .runner import plan, print_summary, run
+
+    try:
+        planned = plan(pipeline, store, args.force, args.until)
+    except KeyError as e:
+        raise SpecError(e.args[0], file="--force/--until") from None
+    if args.cmd == "plan":
+        t = Table(title=f"{pipeline.name}  (store {store.uri})", box=None, header_style="bold")
+        for col in ("stage", "type", "inputs", "key", "action", "why"):
+            t.add_column(col)
+        for n, p in planned.items():
+            style = {"cached": "green", "run": "cyan", "excluded": "dim"}[p.action]
+            t.add_row(n, p.type, ", ".join(pipeline.stages[n].inputs.values()), p.key[:12],
+                      f"[{style}]{p.action}[/]", p.reason)
+        console.print(t)
+        return 0
+
+    from .ray_utils import init_ray
+
+    if any(p.action == "run" for p in planned.values()):  # a fully cached run needs no Ray
+        info = init_ray(args.address, args.num_cpus)
+        console.print(f"ray: {info['address']} ({info['resources'].get('CPU', 0):g} CPU, "
+                      f"{info['resources'].get('GPU', 0):g} GPU)", style="dim")
+    result = run(pipeline, store, force=args.force, until=args.until, console=console,
+                 live=False if args.no_live else None)
+    print_summary(result, console)
+    return 0 if result.ok else 1
+
+
+def _stages(name: str | None, console: Console) -> int:
+    from .registry import REGISTRY
+
+    types = REGISTRY.all()
+    if name:
+        if name not in types:
+            raise SpecError(REGISTRY.unknown_message(name), file="stele stages")
+        types = {name: types[name]}
+    for st in types.values():
+        console.print(f"[bold]{st.name}[/] v{st.version}  [dim]{st.qualname}  "
+                      f"cpus={st.resources.cpus:g} gpus={st.resources.gpus:g}[/]")
+        if st.description:
+            console.print(f"  {st.description}", highlight=False)
+        t = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
+        for col in ("  parameter", "type", "default", "description"):
+            t.add_column(col)
+        for row in st.parameters():
+            t.add_row(f"  {row['name']}", row["type"], repr(row["default"]) if row["default"] != "required"
+                      else "[bold]required[/]", row["description"])
+        if st.params.model_fields:
+            console.print(t)
+    for plugin, error in REGISTRY.plugin_errors.items():
+        console.print(f"[red]plugin failed to load:[/] {plugin}: {error}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

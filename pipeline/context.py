@@ -1,0 +1,155 @@
+"""What a stage function sees (:class:`StageContext`) and the code that runs one stage in a Ray task.
+
+The stage writes into ``ctx.out`` (a local folder). When the function returns, the engine writes the
+manifest (parameters, inputs, metrics, wall time, versions, host) and moves the folder into the store;
+if it raises, nothing becomes visible as an artifact and the attempt is kept under ``failed/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import platform
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import StageFailed
+from .registry import Resources, StageType
+from .store import LOG, Artifact, ArtifactStore, now_iso
+
+T = TypeVar("T")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("stele", "torch", "ray"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+@dataclass
+class StageContext:
+    """Handed to every stage function as its first argument."""
+
+    stage: str                      # the stage's name in the pipeline
+    key: str                        # the artifact key being produced
+    out: Path                       # write the artifact's files here
+    inputs: dict[str, Artifact]     # role -> finished upstream artifact (local folder + manifest)
+    resources: Resources
+    state_uri: str                  # resumable state that survives a killed run (checkpoints)
+    log: logging.Logger
+    metrics: dict[str, Any] = field(default_factory=dict)
+    _progress: Any = None           # the driver's ProgressHub actor, or None
+
+    @property
+    def input(self) -> Artifact:
+        """The single input, for stages that take exactly one."""
+        if len(self.inputs) != 1:
+            raise StageFailed(f"stage {self.stage!r} expects exactly one input, got "
+                              f"{sorted(self.inputs) or 'none'}")
+        return next(iter(self.inputs.values()))
+
+    def progress(self, items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
+        """Iterate ``items`` while the driver's live display shows a progress bar for this stage.
+
+        Updates are throttled (at most ~4 a second) so a tight loop pays almost nothing.
+        """
+        if total is None and hasattr(items, "__len__"):
+            total = len(items)  # type: ignore[arg-type]
+        last, done = 0.0, 0
+        self._report(desc, 0, total)
+        for done, item in enumerate(items, 1):
+            yield item
+            now = time.monotonic()
+            if now - last > 0.25:
+                last = now
+                self._report(desc, done, total)
+        self._report(desc, done, total)
+        self.log.info("%s: %d%s done", desc or "progress", done, f"/{total}" if total else "")
+
+    def _report(self, desc: str, done: int, total: int | None) -> None:
+        if self._progress is not None:
+            self._progress.update.remote(self.stage, desc, done, total)
+
+
+class _Tee:
+    """Copy a stream (stdout/stderr of the stage) into the stage's log file."""
+
+    def __init__(self, stream: Any, log_file: Any):
+        self.stream, self.log_file = stream, log_file
+
+    def write(self, s: str) -> int:
+        self.log_file.write(s)
+        return self.stream.write(s)
+
+    def flush(self) -> None:
+        self.log_file.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def execute_stage(st: StageType, params: dict[str, Any], stage: str, key: str,
+                  input_keys: dict[str, str], store_uri: str, resources: dict[str, float],
+                  progress: Any = None) -> dict[str, Any]:
+    """Run one stage and commit its artifact. Never raises: the outcome is returned as plain data so
+    the driver reports the stage's own error, not a Ray wrapper around it."""
+    store = ArtifactStore(store_uri)
+    if store.is_complete(key):  # finished by a concurrent run in the meantime
+        return {"status": "cached"}
+    work = store.new_work_dir(key)
+    started, t0 = now_iso(), time.perf_counter()
+    log = logging.getLogger(f"stele.stage.{stage}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    with open(work / LOG, "a", buffering=1) as log_file:
+        handler = logging.StreamHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        log.addHandler(handler)
+        root.addHandler(handler)
+        try:
+            with contextlib.redirect_stdout(_Tee(sys.stdout, log_file)), \
+                    contextlib.redirect_stderr(_Tee(sys.stderr, log_file)):
+                inputs = {role: store.open(k) for role, k in input_keys.items()}
+                ctx = StageContext(stage=stage, key=key, out=work, inputs=inputs,
+                                   resources=Resources(**resources), state_uri=store.state_uri(key),
+                                   log=log, _progress=progress)
+                log.info("stage %s (%s v%s) key %s on %s", stage, st.name, st.version, key,
+                         socket.gethostname())
+                returned = st.fn(ctx, st.params.model_validate(params))
+                if returned:
+                    ctx.metrics.update(returned)
+        except BaseException as e:  # noqa: BLE001 - report any failure, KeyboardInterrupt included
+            tb = traceback.format_exc()
+            log.error("stage failed:\n%s", tb)
+            handler.flush()
+            log.removeHandler(handler)
+            root.removeHandler(handler)
+            where = store.keep_failed(key, work)
+            return {"status": "failed", "error_type": type(e).__name__, "error": str(e) or repr(e),
+                    "traceback": "" if isinstance(e, StageFailed) else tb,
+                    "log": f"{where}/{LOG}", "wall_s": time.perf_counter() - t0}
+        wall = time.perf_counter() - t0
+        log.info("stage finished in %.3f s", wall)
+        log.removeHandler(handler)
+        root.removeHandler(handler)
+    manifest = {
+        "stage": stage, "type": st.name, "code_version": st.version, "params": params,
+        "inputs": input_keys, "metrics": ctx.metrics, "wall_s": wall, "started_at": started,
+        "finished_at": now_iso(), "versions": versions(), "host": socket.gethostname(),
+        "resources": resources,
+    }
+    store.commit(key, work, manifest)
+    return {"status": "ran", "wall_s": wall, "metrics": ctx.metrics}

@@ -1,0 +1,52 @@
+"""Ray start-up with the settings DESIGN.md's measured traps call for, shared by the CLI and stages."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+# Defaults that must be in the environment before Ray starts its processes.
+_LOCAL_ENV = {
+    "RAY_AUTH_MODE": "disabled",       # Ray 2.60 turns on token auth for local clusters
+    "RAY_USAGE_STATS_ENABLED": "0",    # no phone-home attempts on a machine without internet
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+
+
+def local_num_cpus() -> int:
+    """Logical CPUs for an embedded Ray: oversubscribed (at least 4) because Ray Data feeding a
+    2-worker TorchTrainer deadlocks at num_cpus=2 on a 2-core machine; ``STELE_RAY_NUM_CPUS``
+    overrides."""
+    env = os.environ.get("STELE_RAY_NUM_CPUS")
+    return int(env) if env else max(4, os.cpu_count() or 1)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> dict:
+    """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray.
+
+    Returns ``{"address": ..., "embedded": bool, "resources": {...}}``.
+    """
+    import ray
+
+    for k, v in _LOCAL_ENV.items():
+        os.environ.setdefault(k, v)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not ray.is_initialized():
+        # Stage logs go to each artifact's log.txt; the console shows the live status instead.
+        common = dict(log_to_driver=False, logging_level=logging.WARNING)
+        if address:  # a running cluster owns its resources and dashboard
+            ray.init(address=address, **{**common, **kwargs})
+        else:
+            ray.init(num_cpus=num_cpus or local_num_cpus(), include_dashboard=False,
+                     **{**common, **kwargs})
+    ctx = ray.get_runtime_context()
+    return {"address": address or "embedded", "embedded": not address,
+            "resources": ray.cluster_resources(), "node": ctx.get_node_id()}
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

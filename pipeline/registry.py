@@ -1,0 +1,166 @@
+"""Stage-type registry.
+
+A stage type is one function registered under a dotted name::
+
+    class EmbedParams(BaseModel):
+        model: str = "transe"
+        dim: int = 100
+
+    @stage("knowledge.embed", version="1", cpus=1)
+    def embed(ctx: StageContext, params: EmbedParams) -> dict | None:
+        ...  # read ctx.inputs, write into ctx.out, return metrics
+
+The parameter model is taken from the annotation of the second argument. ``version`` is part of every
+artifact key of the type: bump it when the code changes what the stage writes.
+
+Packages (stele's own included) make their stage types known through the ``stele.stages`` entry-point
+group; an entry point names a module that registers its stages when imported. Keep heavy imports (torch,
+timm, ...) inside stage functions so ``stele plan`` and ``stele stages`` stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import inspect
+import typing
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict
+
+ENTRY_POINT_GROUP = "stele.stages"
+
+
+class Resources(BaseModel):
+    """What one stage task asks Ray for. Stages that only drive Ray Data or Ray Train jobs should ask
+    for ``cpus: 0`` so the orchestrating task never starves its own workers (DESIGN.md, Ray traps)."""
+
+    model_config = ConfigDict(extra="forbid")
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class StageType:
+    name: str
+    fn: Callable[..., Any]
+    params: type[BaseModel]
+    version: str
+    resources: Resources
+    description: str
+    # Optional: extra content to hash into the key (e.g. sizes and mtimes of files a stage reads from
+    # outside the store), so that changed data invalidates the cache even when parameters do not change.
+    fingerprint: Callable[[BaseModel], Any] | None = None
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.fn.__module__}.{self.fn.__qualname__}"
+
+    def parameters(self) -> list[dict[str, Any]]:
+        """Parameter name, type, default (or ``required``) and description, for ``stele stages``."""
+        rows = []
+        for name, f in self.params.model_fields.items():
+            ann = f.annotation
+            plain = isinstance(ann, type) and not typing.get_args(ann)
+            type_name = ann.__name__ if plain else str(ann).replace("typing.", "")
+            rows.append({
+                "name": name,
+                "type": type_name,
+                "default": "required" if f.is_required() else f.get_default(call_default_factory=True),
+                "description": f.description or "",
+            })
+        return rows
+
+
+@dataclass
+class Registry:
+    types: dict[str, StageType] = field(default_factory=dict)
+    plugin_errors: dict[str, str] = field(default_factory=dict)
+    _loaded: bool = False
+
+    def register(self, st: StageType) -> StageType:
+        old = self.types.get(st.name)
+        # Re-importing the same module (Ray workers do) registers the same function again: not a clash.
+        if old is not None and old.qualname != st.qualname:
+            warnings.warn(f"stage type {st.name!r} from {old.qualname} is overwritten by {st.qualname}",
+                          stacklevel=3)
+        self.types[st.name] = st
+        return st
+
+    def load_plugins(self) -> None:
+        """Import every module of the ``stele.stages`` entry-point group (once).
+
+        A broken plugin must not take the engine down: its error is kept and shown when one of its
+        stage types is asked for.
+        """
+        if self._loaded:
+            return
+        self._loaded = True
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                ep.load()
+            except Exception as e:  # noqa: BLE001 - any import error of third-party code
+                self.plugin_errors[f"{ep.name} = {ep.value}"] = f"{type(e).__name__}: {e}"
+
+    def get(self, name: str) -> StageType:
+        self.load_plugins()
+        try:
+            return self.types[name]
+        except KeyError:
+            raise KeyError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: str) -> str:
+        msg = f"unknown stage type {name!r}"
+        close = difflib.get_close_matches(name, list(self.types), n=3)
+        if close:
+            msg += f" (did you mean {', '.join(map(repr, close))}?)"
+        else:
+            msg += f"; known: {', '.join(sorted(self.types)) or 'none'}"
+        if self.plugin_errors:
+            msg += "; plugins that failed to load: " + "; ".join(
+                f"{k} ({v})" for k, v in self.plugin_errors.items())
+        return msg
+
+    def all(self) -> dict[str, StageType]:
+        self.load_plugins()
+        return dict(sorted(self.types.items()))
+
+
+REGISTRY = Registry()
+
+
+def _params_model(fn: Callable[..., Any]) -> type[BaseModel]:
+    sig = inspect.signature(fn)
+    args = list(sig.parameters.values())
+    if len(args) < 2:
+        return NoParams
+    hints = typing.get_type_hints(fn)
+    model = hints.get(args[1].name)
+    if not (inspect.isclass(model) and issubclass(model, BaseModel)):
+        raise TypeError(f"stage function {fn.__qualname__}: annotate its second argument with a "
+                        f"pydantic model (got {model!r})")
+    return model
+
+
+def stage(name: str, *, version: str = "1", cpus: float = 1.0, gpus: float = 0.0,
+          fingerprint: Callable[[Any], Any] | None = None,
+          registry: Registry | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn(ctx, params)`` as stage type ``name`` (see the module docstring)."""
+    if not name or any(not part.isidentifier() for part in name.split(".")):
+        raise ValueError(f"stage type name {name!r} must be dotted identifiers, e.g. 'knowledge.embed'")
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        doc = inspect.getdoc(fn) or ""
+        (registry or REGISTRY).register(StageType(
+            name=name, fn=fn, params=_params_model(fn), version=str(version),
+            resources=Resources(cpus=cpus, gpus=gpus), description=" ".join(doc.split("\n\n")[0].split()),
+            fingerprint=fingerprint))
+        return fn
+
+    return deco

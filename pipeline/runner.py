@@ -1,0 +1,226 @@
+"""Run a validated pipeline on Ray: plan (keys and cache state), schedule, summarise.
+
+Each stage becomes one Ray task with the stage's resources; a stage is submitted as soon as all its
+inputs are finished, so independent stages run concurrently. The driver itself holds no resources.
+A failing stage stops its descendants only; everything else still runs.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from .progress import Row, RunDisplay, start_progress_hub
+from .spec import Pipeline
+from .store import ArtifactStore, artifact_key, now_iso
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    type: str
+    key: str
+    cached: bool
+    action: str  # "cached" | "run" | "excluded"
+    reason: str = ""
+
+
+def plan(pipeline: Pipeline, store: ArtifactStore, force: list[str] | None = None,
+         until: str | None = None) -> dict[str, PlannedStage]:
+    """Keys and what a run would do, stage by stage. Runs nothing.
+
+    ``force``: re-run these stages even if cached, and their descendants (whose inputs change).
+    ``until``: run only this stage and its ancestors.
+    """
+    for name in [*(force or []), *([until] if until else [])]:
+        if name not in pipeline.stages:
+            raise KeyError(f"unknown stage {name!r}; stages: {', '.join(pipeline.stages)}")
+    forced: set[str] = set()
+    for name in force or []:
+        forced |= {name} | pipeline.descendants(name)
+    wanted = ({until} | pipeline.ancestors(until)) if until else set(pipeline.stages)
+
+    out: dict[str, PlannedStage] = {}
+    for name, s in pipeline.stages.items():  # topological order
+        input_keys = {role: out[up].key for role, up in s.inputs.items()}
+        fingerprint = s.type.fingerprint(s.params) if s.type.fingerprint else None
+        key = artifact_key(s.type.name, s.type.version, s.params.model_dump(mode="json"),
+                           input_keys, fingerprint)
+        cached = store.is_complete(key)
+        if name not in wanted:
+            action, reason = "excluded", f"not needed for --until {until}"
+        elif name in forced:
+            action, reason = "run", "forced"
+        elif cached:
+            action, reason = "cached", ""
+        else:
+            action, reason = "run", "not in store"
+        out[name] = PlannedStage(name, s.type.name, key, cached, action, reason)
+    return out
+
+
+@dataclass
+class Outcome:
+    name: str
+    type: str
+    key: str
+    status: str  # ran | cached | failed | skipped | excluded | interrupted
+    wall_s: float | None = None
+    error_type: str = ""
+    error: str = ""
+    traceback: str = ""
+    log: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    pipeline: str
+    store: str
+    outcomes: dict[str, Outcome]
+    record: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return all(o.status in ("ran", "cached", "excluded") for o in self.outcomes.values())
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes.values())
+
+
+def _remote_execute():
+    import ray
+
+    from .context import execute_stage
+
+    # max_retries=0: a stage that crashed its worker is reported, not silently retried with the
+    # same inputs; retries belong inside stages (Ray Train's FailureConfig) where they can resume.
+    return ray.remote(max_retries=0)(execute_stage)
+
+
+def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = None,
+        until: str | None = None, console: Console | None = None, live: bool | None = None,
+        poll_s: float = 0.25) -> RunResult:
+    """Execute the pipeline; Ray must already be initialised (see :func:`ray_utils.init_ray`)."""
+    import ray
+
+    planned = plan(pipeline, store, force, until)
+    store.clean_tmp()
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    outcomes = {n: Outcome(n, p.type, p.key, "excluded" if p.action == "excluded" else "pending")
+                for n, p in planned.items()}
+    rows = {n: Row(n, p.type) for n, p in planned.items()}
+    todo = {n for n, p in planned.items() if p.action == "run"}
+    for n, p in planned.items():
+        if p.action == "cached":
+            outcomes[n].status = rows[n].status = "cached"
+        elif p.action == "excluded":
+            rows[n].status = "excluded"
+
+    remote = _remote_execute()
+    hub = start_progress_hub() if todo else None
+    running: dict[Any, str] = {}
+    started_at = now_iso()
+    display = RunDisplay(rows, console=console, live=live)
+    with display:
+        for n, o in outcomes.items():
+            if o.status == "cached" and not display.live_enabled:
+                display.set(n, "cached")
+        try:
+            while todo or running:
+                # Stages whose upstream failed can never run: skip them, keep going elsewhere.
+                for n in sorted(todo):
+                    bad = [up for up in pipeline.stages[n].inputs.values()
+                           if outcomes[up].status in ("failed", "skipped")]
+                    if bad:
+                        todo.discard(n)
+                        outcomes[n].status = "skipped"
+                        outcomes[n].error = f"upstream {bad[0]!r} did not finish"
+                        display.set(n, "skipped", outcomes[n].error)
+                for n in [n for n in pipeline.stages if n in todo]:
+                    s = pipeline.stages[n]
+                    if all(outcomes[up].status in ("ran", "cached") for up in s.inputs.values()):
+                        todo.discard(n)
+                        ref = remote.options(
+                            num_cpus=s.resources.cpus, num_gpus=s.resources.gpus,
+                            name=f"stele:{n}",
+                        ).remote(s.type, s.params.model_dump(mode="json"), n, planned[n].key,
+                                 {r: planned[up].key for r, up in s.inputs.items()}, store.uri,
+                                 s.resources.model_dump(), hub)
+                        running[ref] = n
+                        outcomes[n].status = "running"
+                        display.set(n, "running")
+                if not running:
+                    continue
+                done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
+                for ref in done:
+                    n = running.pop(ref)
+                    _finish(outcomes[n], ref, display)
+                if hub is not None:
+                    try:
+                        display.progress(ray.get(hub.snapshot.remote(), timeout=5))
+                    except Exception:  # noqa: BLE001 - the display must never fail the run
+                        pass
+        except KeyboardInterrupt:
+            for ref, n in running.items():
+                ray.cancel(ref, force=True)
+                outcomes[n].status = "interrupted"
+                display.set(n, "failed", "interrupted")
+            raise
+        finally:
+            result = RunResult(run_id, pipeline.name, store.uri, outcomes)
+            result.record = store.record_run({
+                "run_id": run_id, "pipeline": pipeline.name,
+                "pipeline_file": str(pipeline.path) if pipeline.path else None,
+                "started_at": started_at, "finished_at": now_iso(),
+                "stages": {n: asdict(o) for n, o in outcomes.items()},
+            })
+    return result
+
+
+def _finish(outcome: Outcome, ref: Any, display: RunDisplay) -> None:
+    import ray
+    from ray.exceptions import RayError
+
+    try:
+        res = ray.get(ref)
+    except RayError as e:  # the worker itself died (OOM killer, segfault, node lost)
+        res = {"status": "failed", "error_type": type(e).__name__,
+               "error": str(e).strip().splitlines()[0] if str(e).strip() else repr(e)}
+    outcome.status = res["status"]
+    outcome.wall_s = res.get("wall_s")
+    outcome.metrics = res.get("metrics", {})
+    for k in ("error_type", "error", "traceback", "log"):
+        setattr(outcome, k, res.get(k, ""))
+    note = f"{outcome.error_type}: {outcome.error}" if outcome.status == "failed" else ""
+    display.set(outcome.name, outcome.status, note, outcome.wall_s)
+
+
+def print_summary(result: RunResult, console: Console) -> None:
+    """What ran, what was cached, what failed and why: the stage's own error, not Ray's wrapper."""
+    counts = ", ".join(f"{result.count(s)} {s}" for s in ("ran", "cached", "failed", "skipped",
+                                                        "interrupted") if result.count(s))
+    style = "bold green" if result.ok else "bold red"
+    console.print(f"[{style}]{escape(result.pipeline)}: {counts or 'nothing to do'}[/] "
+                  f"(store {result.store}, run {result.run_id})")
+    for o in result.outcomes.values():
+        if o.status == "failed":
+            console.print(f"[bold red]✖ {escape(o.name)}[/] {escape(f'[{o.type}]')} "
+                          f"{escape(o.error_type)}: {escape(o.error)}", highlight=False)
+            if o.traceback:
+                last = [ln for ln in o.traceback.strip().splitlines() if ln.strip()]
+                frame = next((ln.strip() for ln in reversed(last) if ln.strip().startswith("File ")),
+                             "")
+                if frame:
+                    console.print(f"    at {frame}", style="dim", highlight=False)
+            if o.log:
+                console.print(f"    log: {o.log}", style="dim", highlight=False)
+        elif o.status == "skipped":
+            console.print(f"[yellow]↷ {escape(o.name)}[/] skipped: {escape(o.error)}",
+                          highlight=False)

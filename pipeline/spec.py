@@ -1,0 +1,287 @@
+"""Pipeline spec: YAML -> typed, validated models, before anything runs.
+
+A pipeline file::
+
+    name: kg-demo                    # optional
+    store: ./stele-store             # optional; relative to this file; --store / STELE_STORE override
+    stages:
+      ingest:
+        uses: knowledge.ingest       # a registered stage type
+        with: {sources: [...]}       # its parameters, validated by the type's pydantic model
+      embed:
+        uses: knowledge.embed
+        inputs: [ingest]             # upstream stage names (or a mapping role -> stage name)
+        resources: {cpus: 0, gpus: 1}
+
+Every error names the file, the line and the field (``demo.yaml:12: stages.embed.with.dim: ...``).
+``--set stage.param=value`` overrides parameters; the value is read as YAML (``3`` is an int,
+``[a, b]`` a list) and nested parameters use more dots (``--set embed.optimizer.lr=0.01``).
+"""
+
+from __future__ import annotations
+
+import graphlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import SpecError
+from .registry import REGISTRY, Registry, Resources, StageType
+
+_STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+SET_FILE = "--set"
+
+
+class StageSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    uses: str
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    inputs: list[str] | dict[str, str] = Field(default_factory=list)
+    resources: Resources | None = None
+
+    @field_validator("with_", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return {} if v is None else v  # `with:` with nothing under it
+
+
+class PipelineSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    store: str | None = None
+    stages: dict[str, StageSpec] = Field(min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _names(cls, v: dict[str, StageSpec]) -> dict[str, StageSpec]:
+        for name in v:
+            if not _STAGE_NAME.match(str(name)):
+                raise ValueError(f"stage name {name!r} must match {_STAGE_NAME.pattern} (no dots)")
+        return v
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One resolved stage: its type, validated parameters, inputs (role -> stage name), resources."""
+
+    name: str
+    type: StageType
+    params: BaseModel
+    inputs: dict[str, str]
+    resources: Resources
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    path: Path | None
+    name: str
+    store: str | None
+    stages: dict[str, Stage]  # in a topological order
+
+    def ancestors(self, name: str) -> set[str]:
+        seen: set[str] = set()
+        todo = list(self.stages[name].inputs.values())
+        while todo:
+            s = todo.pop()
+            if s not in seen:
+                seen.add(s)
+                todo.extend(self.stages[s].inputs.values())
+        return seen
+
+    def descendants(self, name: str) -> set[str]:
+        out: set[str] = set()
+        for s in self.stages.values():  # topological order: parents are decided before children
+            if any(p == name or p in out for p in s.inputs.values()):
+                out.add(s.name)
+        return out
+
+
+# --------------------------------------------------------------------------------------------- YAML
+def _load_yaml(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
+    """Parse YAML safely and remember the 1-based line of every mapping key and list item."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e)
+        mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+        if context is not None:
+            problem += f" ({e.context} at line {context.line + 1})"
+            if mark is None or mark.index >= len(text.rstrip()):  # hit the end: where it began helps
+                mark = context
+        raise SpecError(f"malformed YAML: {problem}", file=file,
+                        line=mark.line + 1 if mark else None) from None
+    finally:
+        loader.dispose()
+    lines: dict[tuple, int] = {}
+
+    def walk(n: yaml.Node, path: tuple) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = k.value
+                lines[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                lines[path + (i,)] = v.start_mark.line + 1
+                walk(v, path + (i,))
+
+    if node is not None:
+        lines[()] = node.start_mark.line + 1
+        walk(node, ())
+    return data, lines
+
+
+def _dotted(path: tuple) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+class _Locator:
+    """Turns a field path into the best (file, line) we have, including ``--set`` overrides."""
+
+    def __init__(self, file: str, lines: dict[tuple, int], overrides: dict[tuple, str]):
+        self.file, self.lines, self.overrides = file, lines, overrides
+
+    def error(self, path: tuple, message: str) -> SpecError:
+        for k in range(len(path), 1, -1):
+            if path[:k] in self.overrides:  # the bad value came from the command line
+                return SpecError(message, file=SET_FILE, field=self.overrides[path[:k]])
+        for k in range(len(path), -1, -1):
+            if path[:k] in self.lines:
+                return SpecError(message, file=self.file, line=self.lines[path[:k]],
+                                 field=_dotted(path) or None)
+        return SpecError(message, file=self.file, field=_dotted(path) or None)
+
+
+def _pydantic_error(loc: _Locator, base: tuple, err: ValidationError, what: str,
+                    model: type[BaseModel] | None = None) -> SpecError:
+    e = err.errors()[0]
+    path = base + tuple(e["loc"])
+    if e["type"] == "missing":
+        return loc.error(path[:-1], f"missing required {what} {str(path[-1])!r}")
+    if e["type"] == "extra_forbidden":
+        known = f"; known: {', '.join(model.model_fields)}" if model and len(e["loc"]) == 1 else ""
+        return loc.error(path, f"unknown {what} {str(path[-1])!r}{known}")
+    got = f" (got {e['input']!r})" if not isinstance(e.get("input"), (dict, list)) else ""
+    return loc.error(path, f"{e['msg']}{got}")
+
+
+# ------------------------------------------------------------------------------------ overrides
+def parse_overrides(items: list[str] | None) -> list[tuple[list[str], Any, str]]:
+    """``stage.a.b=value`` -> (["stage", "a", "b"], value read as YAML, original text)."""
+    out = []
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise SpecError("expected STAGE.PARAM=VALUE", file=SET_FILE, field=item)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise SpecError(f"value is not valid YAML: {e}", file=SET_FILE, field=item) from None
+        out.append((parts, value, item))
+    return out
+
+
+def _apply_overrides(data: dict, overrides: list[tuple[list[str], Any, str]],
+                     loc: _Locator) -> None:
+    stages = data.get("stages") if isinstance(data, dict) else None
+    for parts, value, text in overrides:
+        name, keys = parts[0], parts[1:]
+        if not isinstance(stages, dict) or name not in stages:
+            raise SpecError(f"unknown stage {name!r}; stages: {', '.join(stages or {}) or 'none'}",
+                            file=SET_FILE, field=text)
+        spec = stages[name] if isinstance(stages[name], dict) else {}
+        target = spec.get("with")
+        if target is None:
+            target = spec["with"] = {}
+        for k in keys[:-1]:
+            nxt = target.get(k)
+            if not isinstance(nxt, dict):
+                nxt = target[k] = {}
+            target = nxt
+        target[keys[-1]] = value
+        loc.overrides[("stages", name, "with", *keys)] = text
+
+
+# ------------------------------------------------------------------------------------ load
+def load_pipeline(path: str | Path, overrides: list[str] | None = None,
+                  registry: Registry | None = None) -> Pipeline:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"cannot read pipeline: {e.strerror}", file=str(path)) from None
+    return parse_pipeline(text, file=str(path), overrides=overrides, registry=registry,
+                          base_dir=path.parent)
+
+
+def parse_pipeline(text: str, *, file: str = "<string>", overrides: list[str] | None = None,
+                   registry: Registry | None = None, base_dir: Path | None = None) -> Pipeline:
+    registry = registry or REGISTRY
+    parsed_overrides = parse_overrides(overrides)
+    data, lines = _load_yaml(text, file)
+    loc = _Locator(file, lines, {})
+    if not isinstance(data, dict):
+        raise loc.error((), "a pipeline is a mapping with a 'stages:' key")
+    _apply_overrides(data, parsed_overrides, loc)
+
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as e:
+        raise _pydantic_error(loc, (), e, "field", PipelineSpec) from None
+
+    # Stage types.
+    types: dict[str, StageType] = {}
+    for name, s in spec.stages.items():
+        try:
+            types[name] = registry.get(s.uses)
+        except KeyError as e:
+            raise loc.error(("stages", name, "uses"), e.args[0]) from None
+
+    # Inputs: unknown names, then cycles.
+    inputs: dict[str, dict[str, str]] = {}
+    for name, s in spec.stages.items():
+        pairs = (s.inputs.items() if isinstance(s.inputs, dict)
+                 else ((up, up) for up in s.inputs))
+        inputs[name] = {}
+        for i, (role, up) in enumerate(pairs):
+            where = ("stages", name, "inputs", role if isinstance(s.inputs, dict) else i)
+            if up not in spec.stages:
+                raise loc.error(where, f"unknown input stage {up!r}; stages: {', '.join(spec.stages)}")
+            if up == name:
+                raise loc.error(where, f"stage {name!r} lists itself as an input")
+            inputs[name][role] = up
+    sorter = graphlib.TopologicalSorter({n: set(i.values()) for n, i in inputs.items()})
+    try:
+        order = list(sorter.static_order())
+    except graphlib.CycleError as e:
+        cycle = e.args[1]
+        raise loc.error(("stages", cycle[0], "inputs"),
+                        "cycle in stage inputs: " + " -> ".join(cycle)) from None
+
+    # Parameters, validated by each type's own model.
+    stages: dict[str, Stage] = {}
+    for name in order:
+        s, st = spec.stages[name], types[name]
+        try:
+            params = st.params.model_validate(s.with_)
+        except ValidationError as e:
+            raise _pydantic_error(loc, ("stages", name, "with"), e, "parameter", st.params) from None
+        stages[name] = Stage(name=name, type=st, params=params, inputs=inputs[name],
+                             resources=s.resources or st.resources)
+
+    store = spec.store
+    if store and base_dir is not None and "://" not in store and not Path(store).is_absolute():
+        store = str((base_dir / store).resolve())
+    name = spec.name or (Path(file).stem if file != "<string>" else "pipeline")
+    return Pipeline(path=Path(file) if file != "<string>" else None, name=name, store=store,
+                    stages=stages)

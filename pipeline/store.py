@@ -1,0 +1,250 @@
+"""Content-addressed artifact store.
+
+Layout under the store root (a local folder, or any fsspec URI such as ``s3://bucket/stele``)::
+
+    artifacts/<key>/            one finished artifact: the stage's files, log.txt, manifest.json
+    artifacts/<key>/manifest.json   written LAST: an artifact is complete iff its manifest exists
+    tmp/<key>.<host>.<pid>.<rand>/  work in progress (local stores), renamed into place on success
+    state/<key>/                resumable state that outlives a killed run (e.g. Ray Train checkpoints)
+    failed/<key>/               the work folder of the last failed attempt, with its log.txt
+    runs/<run-id>.json          what each ``stele run`` did, stage by stage
+
+The key is ``sha256`` of the stage type, its code version, the canonical parameters (defaults
+included, so changing a default invalidates the cache) and the keys of the inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .errors import StoreError
+
+MANIFEST = "manifest.json"
+LOG = "log.txt"
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def artifact_key(stage_type: str, version: str, params: dict[str, Any],
+                 input_keys: dict[str, str], fingerprint: Any = None) -> str:
+    payload = {"type": stage_type, "version": version, "params": params, "inputs": input_keys}
+    if fingerprint is not None:
+        payload["fingerprint"] = fingerprint
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def default_store_uri(spec_store: str | None = None) -> str:
+    return os.environ.get("STELE_STORE") or spec_store or str(Path("stele-store").resolve())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A finished artifact as a stage sees its inputs: a local folder plus its manifest."""
+
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics", {})
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+
+class ArtifactStore:
+    def __init__(self, uri: str | os.PathLike):
+        self.uri = str(uri)
+        self.fs, root = fsspec.core.url_to_fs(self.uri)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.root = str(Path(root).resolve()) if self.local else root.rstrip("/")
+        if self.local:
+            self.uri = self.root
+
+    # -- paths ---------------------------------------------------------------------------------
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def artifact_path(self, key: str) -> str:
+        return self._join("artifacts", key)
+
+    def state_uri(self, key: str) -> str:
+        """Where a stage keeps resumable state (checkpoints) that must survive a killed run."""
+        path = self._join("state", key)
+        return path if self.local else f"{self.fs.unstrip_protocol(path)}"
+
+    # -- reading -------------------------------------------------------------------------------
+    def is_complete(self, key: str) -> bool:
+        return self.fs.exists(f"{self.artifact_path(key)}/{MANIFEST}")
+
+    def manifest(self, key: str) -> dict[str, Any]:
+        try:
+            with self.fs.open(f"{self.artifact_path(key)}/{MANIFEST}", "r") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise StoreError(f"no complete artifact {key} in {self.uri}") from None
+
+    def keys(self) -> list[str]:
+        base = self._join("artifacts")
+        if not self.fs.exists(base):
+            return []
+        return sorted(Path(p).name for p in self.fs.ls(base, detail=False))
+
+    def resolve(self, ref: str) -> str:
+        """A full key from a key prefix (at least 6 characters), or from an artifact's folder path."""
+        p = Path(ref)
+        if self.local and (p / MANIFEST).exists():
+            return p.resolve().name
+        if len(ref) < 6:
+            raise StoreError(f"artifact reference {ref!r} is too short: give at least 6 characters")
+        hits = [k for k in self.keys() if k.startswith(ref)]
+        if not hits:
+            raise StoreError(f"no artifact {ref!r} in {self.uri}")
+        if len(hits) > 1:
+            raise StoreError(f"{ref!r} is ambiguous in {self.uri}: {', '.join(h[:12] for h in hits)}")
+        return hits[0]
+
+    def open(self, key: str, cache_dir: str | None = None) -> Artifact:
+        """The artifact as a local folder; remote artifacts are downloaded once into a local cache."""
+        manifest = self.manifest(key)
+        if self.local:
+            return Artifact(key, Path(self.artifact_path(key)), manifest)
+        cache = Path(cache_dir or os.environ.get("STELE_CACHE")
+                     or Path.home() / ".cache" / "stele" / "artifacts")
+        dest = cache / key
+        if not (dest / MANIFEST).exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache))
+            self.fs.get(self.artifact_path(key) + "/", str(tmp), recursive=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+        return Artifact(key, dest, manifest)
+
+    def verify(self, key: str) -> list[str]:
+        """Problems with a complete artifact: files the manifest lists that are missing or of the
+        wrong size. Empty when the artifact is whole."""
+        manifest = self.manifest(key)
+        base = self.artifact_path(key)
+        problems = []
+        for rel, size in manifest.get("files", {}).items():
+            path = f"{base}/{rel}"
+            if not self.fs.exists(path):
+                problems.append(f"{rel}: missing")
+            elif self.fs.size(path) != size:
+                problems.append(f"{rel}: {self.fs.size(path)} bytes, manifest says {size}")
+        return problems
+
+    # -- writing -------------------------------------------------------------------------------
+    def new_work_dir(self, key: str) -> Path:
+        """A fresh local folder for a stage to write its artifact into."""
+        if self.local:
+            base = Path(self._join("tmp"))
+            base.mkdir(parents=True, exist_ok=True)
+            d = base / f"{key}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            d.mkdir()
+            return d
+        return Path(tempfile.mkdtemp(prefix=f"stele-{key[:12]}-"))
+
+    def commit(self, key: str, work: Path, manifest: dict[str, Any]) -> bool:
+        """Move a finished work folder into place, manifest last. Returns False when another run
+        completed the same key first (the work is then discarded: same key, same content)."""
+        manifest = dict(manifest, key=key, files=_file_sizes(work))
+        final = self.artifact_path(key)
+        if self.is_complete(key):
+            shutil.rmtree(work, ignore_errors=True)
+            return False
+        if self.fs.exists(final):  # an earlier attempt died between rename and manifest
+            self.fs.rm(final, recursive=True)
+        if self.local:
+            Path(final).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(work, final)  # atomic on one filesystem
+        else:
+            self.fs.put(str(work) + "/", final, recursive=True)
+            shutil.rmtree(work, ignore_errors=True)
+        self._write_json(f"{final}/{MANIFEST}", manifest)
+        if self.fs.exists(self._join("state", key)):
+            self.fs.rm(self._join("state", key), recursive=True)
+        return True
+
+    def keep_failed(self, key: str, work: Path) -> str:
+        """Keep the last failed attempt (with its log) for inspection; returns its location."""
+        dest = self._join("failed", key)
+        if self.fs.exists(dest):
+            self.fs.rm(dest, recursive=True)
+        if self.local:
+            Path(dest).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(work, dest)
+        else:
+            self.fs.put(str(work) + "/", dest, recursive=True)
+            shutil.rmtree(work, ignore_errors=True)
+        return dest
+
+    def record_run(self, run: dict[str, Any]) -> str:
+        path = self._join("runs", f"{run['run_id']}.json")
+        self._write_json(path, run)
+        return path
+
+    def clean_tmp(self) -> int:
+        """Remove work folders of dead processes on this host (left by kill -9). Returns the count."""
+        if not self.local:
+            return 0
+        base = Path(self._join("tmp"))
+        if not base.exists():
+            return 0
+        host, removed = socket.gethostname(), 0
+        for d in base.iterdir():
+            parts = d.name.split(".")
+            if len(parts) >= 4 and parts[-3] == host and parts[-2].isdigit() \
+                    and not _pid_alive(int(parts[-2])):
+                shutil.rmtree(d, ignore_errors=True)
+                removed += 1
+        return removed
+
+    def _write_json(self, path: str, obj: dict[str, Any]) -> None:
+        text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+        if self.local:  # write-then-rename: a reader never sees half a manifest
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:  # object stores make a PUT visible all at once
+            with self.fs.open(path, "w") as f:
+                f.write(text)
+
+
+def _file_sizes(work: Path) -> dict[str, int]:
+    return {str(p.relative_to(work)): p.stat().st_size
+            for p in sorted(work.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,250 @@
+"""The one Ray Train harness every training stage uses (KG embeddings, fusion pretraining).
+
+Three layers, as in Ray's own examples:
+
+* the stage (a thin driver) calls :func:`fit` with a ``train_loop_per_worker`` and a :class:`TrainConfig`;
+* :func:`fit` builds the ``TorchTrainer`` (DDP over N workers: gloo on CPU, nccl on GPU), with
+  ``RunConfig(storage_path=ctx.state_uri)``, ``CheckpointConfig`` and ``FailureConfig(max_failures)``;
+* inside each worker, :class:`TrainSession` owns the bookkeeping: seeding, DDP wrapping, checkpoints
+  every N steps, exact resume (model, optimizer, scheduler, step, per-rank RNG, data position, metric
+  history), bf16 autocast on GPU and metric reporting.
+
+Resume works at two levels: a worker failure is retried by Ray Train from the latest checkpoint
+(``max_failures``), and a killed pipeline run resumes because the run's storage lives under the
+store's ``state/<key>`` folder, which Ray Train v2 restores from when the same run is started again.
+
+Checkpoints hold no pickle: weights are safetensors, optimizer/scheduler/RNG states are loaded with
+``torch.load(weights_only=True)``, the rest is JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+STATE_FILE = "train_state.json"
+MODEL_FILE = "model.safetensors"
+
+
+class TrainConfig(BaseModel):
+    """Training-loop settings shared by every training stage (nest it as ``train:`` in params)."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_workers: int = Field(default=1, ge=1, description="DDP workers (one per GPU when use_gpu)")
+    use_gpu: bool | None = Field(default=None, description="None: use GPUs when the cluster has them")
+    max_steps: int = Field(default=1000, ge=1, description="optimizer steps")
+    checkpoint_every: int = Field(default=100, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=1, ge=-1, description="worker failures to recover from")
+    grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
+    seed: int = 0
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+
+
+def _gpu_available() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def fit(train_loop_per_worker: Callable[[dict], None], loop_config: dict[str, Any],
+        train: TrainConfig, *, storage_uri: str, name: str = "train",
+        datasets: dict[str, Any] | None = None) -> "FitResult":
+    """Run (or resume) a training loop with Ray Train; returns the final checkpoint and history.
+
+    ``storage_uri`` should be the stage's ``ctx.state_uri``: a second call with the same
+    ``storage_uri`` and ``name`` continues from the latest checkpoint instead of starting over.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = _gpu_available() if train.use_gpu is None else train.use_gpu
+    config = dict(loop_config, _train=train.model_dump())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": train.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_uri,
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with ckpt.as_directory() as d:
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+        local = Path(tempfile.mkdtemp(prefix="stele-ckpt-"))
+        for p in Path(d).iterdir():
+            if p.is_file():
+                (local / p.name).write_bytes(p.read_bytes())
+    return FitResult(checkpoint_dir=local, step=state["step"], history=state["history"],
+                     data_state=state["data_state"])
+
+
+@dataclass
+class FitResult:
+    checkpoint_dir: Path          # a local copy of the final checkpoint (model.safetensors, ...)
+    step: int
+    history: list[dict[str, Any]]  # one dict of metrics per reported step
+    data_state: dict[str, Any]
+
+
+@dataclass
+class TrainSession:
+    """Per-worker training bookkeeping. Build the model, optimizer and scheduler, then::
+
+        session = TrainSession(model, optimizer, scheduler, config)   # restores if resuming
+        for step in session.steps():
+            with session.autocast():
+                loss = ...
+            ...
+            session.report({"loss": loss.item()})  # checkpoints every N steps and at the end
+
+    ``session.model`` is the DDP-wrapped model; ``session.data_state`` is a dict the loop keeps its
+    data position in (epoch, batch, ...); it is saved with every checkpoint and restored on resume.
+    """
+
+    model: Any
+    optimizer: Any
+    scheduler: Any = None
+    config: dict[str, Any] = field(default_factory=dict)
+    data_state: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+        import torch
+
+        self.train = TrainConfig.model_validate(self.config.get("_train", {}))
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.raw_model = self.model
+        _seed_all(self.train.seed * 1000 + self.rank)
+        ckpt = ray.train.get_checkpoint()
+        self.resumed_from: int | None = None
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                self._load(Path(d), torch)
+            self.resumed_from = self.step
+        self.model = ray.train.torch.prepare_model(self.raw_model)
+        self.device = ray.train.torch.get_device()
+
+    # -- loop --------------------------------------------------------------------------------
+    def steps(self) -> Iterator[int]:
+        """Step numbers still to do: ``step+1 .. max_steps`` (all of them on a fresh start)."""
+        while self.step < self.train.max_steps:
+            before = self.step
+            yield self.step + 1
+            if self.step != before + 1:  # a loop that forgot to report would never end
+                raise RuntimeError("call session.report(...) exactly once per step")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on CUDA; a no-op on CPU (where bf16 matmuls are slow and gain nothing)."""
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        """Record this step's metrics; checkpoint every ``checkpoint_every`` steps and at the end."""
+        import ray.train
+
+        self.step += 1
+        row = {"step": self.step, **{k: float(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        due = self.step % self.train.checkpoint_every == 0 or self.step >= self.train.max_steps
+        if not due:
+            ray.train.report(row)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            self._save(Path(d))
+            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    # -- state ---------------------------------------------------------------------------------
+    def _save(self, d: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        torch.save(_rng_state(torch), d / f"rng_rank{self.rank}.pt")
+        if self.rank != 0:  # Ray merges every rank's files into one checkpoint folder
+            return
+        state = {k: v.detach().cpu().contiguous() for k, v in self.raw_model.state_dict().items()}
+        save_file(state, str(d / MODEL_FILE))
+        torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
+        if self.scheduler is not None:
+            torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
+        (d / STATE_FILE).write_text(json.dumps({
+            "step": self.step, "world_size": self.world_size, "data_state": self.data_state,
+            "history": self.history}))
+
+    def _load(self, d: Path, torch: Any) -> None:
+        from safetensors.torch import load_file
+
+        state = json.loads((d / STATE_FILE).read_text())
+        self.raw_model.load_state_dict(load_file(str(d / MODEL_FILE)))
+        self.optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+        if self.scheduler is not None and (d / "scheduler.pt").exists():
+            self.scheduler.load_state_dict(torch.load(d / "scheduler.pt", weights_only=True))
+        self.step, self.history = state["step"], state["history"]
+        self.data_state.update(state["data_state"])
+        rng = d / f"rng_rank{self.rank}.pt"
+        if state["world_size"] == self.world_size and rng.exists():
+            _set_rng_state(torch, torch.load(rng, weights_only=True))
+        else:  # a different world size cannot resume per-rank RNG streams: reseed by step
+            _seed_all(self.train.seed * 1000 + self.rank + 7919 * self.step)
+
+
+def _seed_all(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(torch: Any) -> dict[str, Any]:
+    """This process's torch, CUDA, Python and NumPy RNG states, in types weights_only can load."""
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {"cpu": torch.get_rng_state(), "python": [version, list(internal), gauss],
+           "numpy": [name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _set_rng_state(torch: Any, state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["cpu"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+__all__ = ["FitResult", "TrainConfig", "TrainSession", "fit"]

@@ -1,0 +1,1 @@
+"""Audio datasets, soundfile I/O, torchaudio features and spoken-caption synthesis."""

@@ -1,0 +1,73 @@
+"""Shared fixtures: offline environment, the test plugin, an in-process Ray."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Offline by default and no Ray token auth, before anything imports Ray or Hugging Face.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+PLUGIN_SRC = Path(__file__).parent / "pipeline" / "plugin" / "stele_testplugin.py"
+STELE = str(Path(sys.executable).parent / "stele")
+
+
+def make_plugin_site(root: Path, module_src: Path = PLUGIN_SRC, name: str = "stele_testplugin",
+                     entry: str | None = None) -> Path:
+    """Lay out a separately "installed" distribution whose ``stele.stages`` entry point names
+    ``module_src``: exactly what ``pip install some-plugin`` leaves in site-packages."""
+    site = root / "site"
+    site.mkdir(parents=True, exist_ok=True)
+    shutil.copy(module_src, site / f"{name}.py")
+    dist = site / f"{name}-0.1.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[stele.stages]\n{name} = {entry or name}\n")
+    return site
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_plugin_site(tmp_path_factory.mktemp("plugin"))
+
+
+@pytest.fixture(scope="session")
+def plugin_env(plugin_site: Path) -> dict[str, str]:
+    """Environment for a ``stele`` subprocess that has the test plugin installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(plugin_site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("RAY_ADDRESS", None)
+    env.pop("STELE_STORE", None)
+    return env
+
+
+def stele(*args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 300,
+          check: bool = False) -> subprocess.CompletedProcess:
+    proc = subprocess.run([STELE, *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"stele {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def test_stages(plugin_site: Path) -> None:
+    """Register the test plugin's stage types in this process (Ray workers import it by path)."""
+    sys.path.insert(0, str(plugin_site))
+    import stele_testplugin  # noqa: F401
+
+
+@pytest.fixture(scope="session")
+def ray_local(test_stages: None):
+    from pipeline.ray_utils import init_ray, shutdown_ray
+
+    init_ray(num_cpus=4)
+    yield
+    shutdown_ray()

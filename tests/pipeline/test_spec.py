@@ -1,0 +1,126 @@
+"""Spec validation: every bad input is one line naming file, line and field; exit 2; nothing runs."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.errors import SpecError
+from pipeline.spec import load_pipeline, parse_pipeline
+
+GOOD = """\
+name: good
+stages:
+  a:
+    uses: test.write
+    with: {text: A}
+  b:
+    uses: test.typed
+    inputs: [a]
+    with:
+      dim: 3
+      inner: {lr: 0.5}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "p.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_good_pipeline_is_typed(test_stages: None) -> None:
+    p = parse_pipeline(GOOD, file="good.yaml")
+    assert list(p.stages) == ["a", "b"]
+    b = p.stages["b"]
+    assert b.params.dim == 3 and b.params.inner.lr == 0.5 and b.params.name == "a"
+    assert b.inputs == {"a": "a"}
+    assert b.resources.cpus == 0  # the type's default resources
+    assert p.ancestors("b") == {"a"} and p.descendants("a") == {"b"}
+
+
+def test_overrides_are_typed_and_nested(test_stages: None) -> None:
+    p = parse_pipeline(GOOD, overrides=["b.dim=7", "b.inner.lr=1e-3", "a.text=B"])
+    assert p.stages["b"].params.dim == 7
+    assert p.stages["b"].params.inner.lr == pytest.approx(1e-3)
+    assert p.stages["a"].params.text == "B"
+
+
+def test_named_inputs_and_resources(test_stages: None) -> None:
+    p = parse_pipeline("""
+stages:
+  a: {uses: test.write}
+  b: {uses: test.write, inputs: {left: a}, resources: {cpus: 2, gpus: 0.5}}
+""")
+    assert p.stages["b"].inputs == {"left": "a"}
+    assert p.stages["b"].resources.cpus == 2 and p.stages["b"].resources.gpus == 0.5
+
+
+BAD = {
+    "malformed_yaml": ("stages:\n  a:\n    uses: test.write\n    with: {text: [unclosed\n", [],
+                       r"p.yaml:4: malformed YAML"),
+    "unknown_stage_type": ("stages:\n  a:\n    uses: test.wirte\n", [],
+                           r"p.yaml:3: stages.a.uses: unknown stage type 'test.wirte' (did you mean 'test.write'"),
+    "unknown_input": ("stages:\n  a:\n    uses: test.write\n  b:\n    uses: test.write\n    inputs: [a, c]\n", [],
+                      r"p.yaml:6: stages.b.inputs[1]: unknown input stage 'c'"),
+    "cycle": ("stages:\n  a:\n    uses: test.write\n    inputs: [b]\n  b:\n    uses: test.write\n    inputs: [a]\n", [],
+              r"cycle in stage inputs: "),
+    "wrong_param_type": ("stages:\n  t:\n    uses: test.typed\n    with:\n      dim: three\n", [],
+                         r"p.yaml:5: stages.t.with.dim: Input should be a valid integer"),
+    "missing_required_param": ("stages:\n  t:\n    uses: test.typed\n    with:\n      name: x\n", [],
+                               r"p.yaml:4: stages.t.with: missing required parameter 'dim'"),
+    "unknown_param": ("stages:\n  t:\n    uses: test.typed\n    with:\n      dim: 1\n      dimm: 2\n", [],
+                      r"p.yaml:6: stages.t.with.dimm: unknown parameter 'dimm'; known: dim, name, inner"),
+    "unknown_set_key": ("stages:\n  t:\n    uses: test.typed\n    with: {dim: 1}\n", ["t.dimm=3"],
+                        r"--set: t.dimm=3: unknown parameter 'dimm'"),
+    "unknown_set_stage": ("stages:\n  t:\n    uses: test.typed\n    with: {dim: 1}\n", ["u.dim=3"],
+                          r"--set: u.dim=3: unknown stage 'u'"),
+    "wrong_set_type": ("stages:\n  t:\n    uses: test.typed\n    with: {dim: 1}\n", ["t.dim=abc"],
+                       r"--set: t.dim=abc: Input should be a valid integer"),
+    "unknown_top_level_field": ("stages:\n  t: {uses: test.write}\nstagez: {}\n", [],
+                                r"p.yaml:3: stagez: unknown field 'stagez'"),
+    "not_a_mapping": ("- just\n- a list\n", [], r"p.yaml:1: a pipeline is a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_clear_line_exit_2_nothing_runs(case: str, tmp_path: Path, test_stages: None,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    text, sets, expected = BAD[case]
+    path = write(tmp_path, text)
+    store = tmp_path / "store"
+    argv = ["run", str(path), "--store", str(store)]
+    for s in sets:
+        argv += ["--set", s]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert expected.replace("p.yaml", str(path)) in lines[0] or expected in lines[0], lines[0]
+    assert not store.exists()  # validated before anything ran, not even the store was touched
+
+
+def test_cycle_names_the_stages(test_stages: None) -> None:
+    with pytest.raises(SpecError) as e:
+        parse_pipeline(BAD["cycle"][0], file="c.yaml")
+    msg = str(e.value)
+    assert msg.startswith("c.yaml:") and "a" in msg and "b" in msg and "->" in msg
+
+
+def test_missing_file_is_a_spec_error(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="cannot read pipeline"):
+        load_pipeline(tmp_path / "nope.yaml")
+
+
+def test_bad_set_syntax(test_stages: None) -> None:
+    with pytest.raises(SpecError, match="expected STAGE.PARAM=VALUE"):
+        parse_pipeline(GOOD, overrides=["nodot=3"])
+
+
+def test_store_relative_to_pipeline_file(tmp_path: Path, test_stages: None) -> None:
+    p = write(tmp_path, "store: ./here\nstages:\n  a: {uses: test.write}\n")
+    assert load_pipeline(p).store == str(tmp_path / "here")
