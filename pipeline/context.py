@@ -102,14 +102,14 @@ class _Tee:
 
 def execute_stage(st: StageType, params: dict[str, Any], stage: str, key: str,
                   input_keys: dict[str, str], store_uri: str, resources: dict[str, float],
-                  progress: Any = None) -> dict[str, Any]:
+                  progress: Any = None, force: bool = False) -> dict[str, Any]:
     """Run one stage and commit its artifact. Never raises: the outcome is returned as plain data so
     the driver reports the stage's own error, not a Ray wrapper around it."""
     store = ArtifactStore(store_uri)
-    if store.is_complete(key):  # finished by a concurrent run in the meantime
+    if store.is_complete(key) and not force:  # finished by a concurrent run in the meantime
         return {"status": "cached"}
     work = store.new_work_dir(key)
-    started, t0 = now_iso(), time.perf_counter()
+    started, started_unix, t0 = now_iso(), time.time(), time.perf_counter()
     log = logging.getLogger(f"stele.stage.{stage}")
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -148,8 +148,9 @@ def execute_stage(st: StageType, params: dict[str, Any], stage: str, key: str,
     manifest = {
         "stage": stage, "type": st.name, "code_version": st.version, "params": params,
         "inputs": input_keys, "metrics": ctx.metrics, "wall_s": wall, "started_at": started,
-        "finished_at": now_iso(), "versions": versions(), "host": socket.gethostname(),
+        "finished_at": now_iso(), "started_unix": started_unix, "finished_unix": time.time(),
+        "versions": versions(), "host": socket.gethostname(),
         "resources": resources,
     }
-    store.commit(key, work, manifest)
+    store.commit(key, work, manifest, replace=force)
     return {"status": "ran", "wall_s": wall, "metrics": ctx.metrics}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 # Defaults that must be in the environment before Ray starts its processes.
@@ -38,6 +39,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         if address:  # a running cluster owns its resources and dashboard
             ray.init(address=address, **{**common, **kwargs})
         else:
+            # Workers of an embedded Ray import what the driver can import (plugins on the driver's
+            # sys.path included); on a cluster, code must be installed on the nodes.
+            path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+            kwargs.setdefault("runtime_env", {"env_vars": {"PYTHONPATH": path}})
             ray.init(num_cpus=num_cpus or local_num_cpus(), include_dashboard=False,
                      **{**common, **kwargs})
     ctx = ray.get_runtime_context()

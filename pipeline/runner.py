@@ -152,7 +152,7 @@ def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = N
                             name=f"stele:{n}",
                         ).remote(s.type, s.params.model_dump(mode="json"), n, planned[n].key,
                                  {r: planned[up].key for r, up in s.inputs.items()}, store.uri,
-                                 s.resources.model_dump(), hub)
+                                 s.resources.model_dump(), hub, planned[n].reason == "forced")
                         running[ref] = n
                         outcomes[n].status = "running"
                         display.set(n, "running")
@@ -191,8 +191,10 @@ def _finish(outcome: Outcome, ref: Any, display: RunDisplay) -> None:
     try:
         res = ray.get(ref)
     except RayError as e:  # the worker itself died (OOM killer, segfault, node lost)
-        res = {"status": "failed", "error_type": type(e).__name__,
-               "error": str(e).strip().splitlines()[0] if str(e).strip() else repr(e)}
+        cause = getattr(e, "cause", None) or e
+        lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
+        res = {"status": "failed", "error_type": type(cause).__name__,
+               "error": lines[-1] if lines else repr(cause), "traceback": str(e)}
     outcome.status = res["status"]
     outcome.wall_s = res.get("wall_s")
     outcome.metrics = res.get("metrics", {})

@@ -171,15 +171,18 @@ class ArtifactStore:
             return d
         return Path(tempfile.mkdtemp(prefix=f"stele-{key[:12]}-"))
 
-    def commit(self, key: str, work: Path, manifest: dict[str, Any]) -> bool:
+    def commit(self, key: str, work: Path, manifest: dict[str, Any], replace: bool = False) -> bool:
         """Move a finished work folder into place, manifest last. Returns False when another run
-        completed the same key first (the work is then discarded: same key, same content)."""
+        completed the same key first (the work is then discarded: same key, same content), unless
+        ``replace`` (a forced re-run), which swaps the old artifact out first."""
         manifest = dict(manifest, key=key, files=_file_sizes(work))
         final = self.artifact_path(key)
-        if self.is_complete(key):
+        if self.is_complete(key) and not replace:
             shutil.rmtree(work, ignore_errors=True)
             return False
-        if self.fs.exists(final):  # an earlier attempt died between rename and manifest
+        if self.fs.exists(final):  # replaced, or an earlier attempt died before its manifest
+            if self.local:  # drop the manifest first so the old folder is never "complete" in part
+                Path(final, MANIFEST).unlink(missing_ok=True)
             self.fs.rm(final, recursive=True)
         if self.local:
             Path(final).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,118 @@
+"""The Ray runner: caching, invalidation, failure isolation, concurrency, --until/--force, logs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from pipeline.runner import plan, print_summary, run
+from pipeline.spec import parse_pipeline
+from pipeline.store import ArtifactStore
+
+DAG = """\
+name: dag
+stages:
+  a: {uses: test.write, with: {text: A, sleep: 0.4, parts: 2}}
+  b: {uses: test.write, with: {text: B, sleep: 0.4, parts: 2}}
+  c: {uses: test.write, inputs: [a, b], with: {text: C}}
+  d: {uses: test.write, inputs: [c], with: {text: D}}
+  e: {uses: test.write, inputs: [a], with: {text: E}}
+"""
+
+
+def _run(text: str, store: ArtifactStore, overrides: list[str] | None = None, **kw):
+    console = Console(record=True, width=200)
+    result = run(parse_pipeline(text, overrides=overrides), store, console=console, live=False, **kw)
+    print_summary(result, console)
+    return result, console.export_text()
+
+
+def _statuses(result) -> dict[str, str]:
+    return {n: o.status for n, o in result.outcomes.items()}
+
+
+def _out(store: ArtifactStore, result, name: str) -> str:
+    return (store.open(result.outcomes[name].key) / "out.txt").read_text()
+
+
+def test_run_cache_and_exact_invalidation(tmp_path: Path, ray_local: None) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    r1, _ = _run(DAG, store)
+    assert _statuses(r1) == dict.fromkeys("abcde", "ran")
+    assert _out(store, r1, "d") == "D<C<A><B>>"
+    assert _out(store, r1, "e") == "E<A>"
+
+    # Unchanged: nothing executes.
+    r2, text = _run(DAG, store)
+    assert _statuses(r2) == dict.fromkeys("abcde", "cached")
+    assert "5 cached" in text and "ran" not in text.split("dag:")[1]
+
+    # One parameter changed: exactly that stage and its descendants.
+    r3, _ = _run(DAG, store, overrides=["b.text=B2"])
+    assert _statuses(r3) == {"a": "cached", "b": "ran", "c": "ran", "d": "ran", "e": "cached"}
+    assert _out(store, r3, "d") == "D<C<A><B2>>"
+    assert r3.outcomes["a"].key == r1.outcomes["a"].key
+    assert r3.outcomes["c"].key != r1.outcomes["c"].key
+
+
+def test_independent_stages_run_concurrently(tmp_path: Path, ray_local: None) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    r, _ = _run(DAG, store)
+    man = {n: store.manifest(o.key) for n, o in r.outcomes.items()}
+    a, b = man["a"], man["b"]
+    assert a["wall_s"] > 0.7 and b["wall_s"] > 0.7
+    # Each takes ~0.8 s; run one after the other, their intervals could not overlap.
+    assert a["started_unix"] < b["finished_unix"] and b["started_unix"] < a["finished_unix"]
+    assert a["metrics"]["pid"] != b["metrics"]["pid"]  # two workers at once
+
+
+def test_failure_stops_descendants_only(tmp_path: Path, ray_local: None) -> None:
+    text = DAG + "  bad: {uses: test.write, inputs: [a], with: {text: X, fail: true}}\n" \
+                 "  after_bad: {uses: test.write, inputs: [bad, e]}\n"
+    store = ArtifactStore(tmp_path / "store")
+    r, out = _run(text, store)
+    st = _statuses(r)
+    assert st == {"a": "ran", "b": "ran", "c": "ran", "d": "ran", "e": "ran", "bad": "failed",
+                  "after_bad": "skipped"}
+    bad = r.outcomes["bad"]
+    assert bad.error_type == "ValueError" and bad.error == "asked to fail (text='X')"
+    assert "ValueError: asked to fail (text='X')" in out
+    assert "RayTaskError" not in out and "ray" not in bad.error.lower()
+    assert "after_bad skipped: upstream 'bad' did not finish" in out
+    assert "asked to fail" in Path(bad.log).read_text()  # the failed attempt's log is kept
+    assert not store.is_complete(bad.key) and not r.ok
+    record = json.loads(Path(r.record).read_text())
+    assert record["stages"]["bad"]["status"] == "failed"
+
+
+def test_until_and_force(tmp_path: Path, ray_local: None) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    r, _ = _run(DAG, store, until="c")
+    assert _statuses(r) == {"a": "ran", "b": "ran", "c": "ran", "d": "excluded", "e": "excluded"}
+    assert r.ok
+    p = plan(parse_pipeline(DAG), store)
+    assert {n: s.action for n, s in p.items()} == {"a": "cached", "b": "cached", "c": "cached",
+                                                   "d": "run", "e": "run"}
+    r, _ = _run(DAG, store, force=["b"])
+    assert _statuses(r) == {"a": "cached", "b": "ran", "c": "ran", "d": "ran", "e": "ran"}
+    with pytest.raises(KeyError, match="unknown stage 'zz'"):
+        plan(parse_pipeline(DAG), store, force=["zz"])
+
+
+def test_artifact_has_manifest_and_log(tmp_path: Path, ray_local: None) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    r, _ = _run(DAG, store, until="a")
+    art = store.open(r.outcomes["a"].key)
+    m = art.manifest
+    assert m["stage"] == "a" and m["type"] == "test.write" and m["code_version"] == "1"
+    assert m["params"] == {"text": "A", "parts": 2, "sleep": 0.4, "fail": False}
+    assert m["inputs"] == {} and m["metrics"]["parts"] == 2 and m["wall_s"] > 0.7
+    assert set(m["versions"]) >= {"stele", "torch", "ray", "python"} and m["host"]
+    assert m["files"]["out.txt"] == 1
+    log = (art / "log.txt").read_text()
+    assert "wrote 2 parts" in log  # the stage's print() went to its own log
+    assert "parts: 2/2 done" in log  # and ctx.progress left a line there too
+    assert store.verify(art.key) == []
