@@ -14,6 +14,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller polls its workers every 2 s, so each reported step of a tiny test loop
+# would take seconds; poll faster in tests (real steps are long, the default is right there).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 PLUGIN_SRC = Path(__file__).parent / "pipeline" / "plugin" / "stele_testplugin.py"
 STELE = str(Path(sys.executable).parent / "stele")
