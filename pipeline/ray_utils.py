@@ -43,8 +43,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
             # sys.path included); on a cluster, code must be installed on the nodes.
             path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
             kwargs.setdefault("runtime_env", {"env_vars": {"PYTHONPATH": path}})
-            ray.init(num_cpus=num_cpus or local_num_cpus(), include_dashboard=False,
-                     **{**common, **kwargs})
+            # address="local": always a private instance, never silently joining another
+            # process's Ray that happens to run on this machine.
+            ray.init(address="local", num_cpus=num_cpus or local_num_cpus(),
+                     include_dashboard=False, **{**common, **kwargs})
     ctx = ray.get_runtime_context()
     return {"address": address or "embedded", "embedded": not address,
             "resources": ray.cluster_resources(), "node": ctx.get_node_id()}

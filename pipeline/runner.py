@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from .errors import SpecError
 from .progress import Row, RunDisplay, start_progress_hub
 from .spec import Pipeline
 from .store import ArtifactStore, artifact_key, now_iso
@@ -48,7 +49,11 @@ def plan(pipeline: Pipeline, store: ArtifactStore, force: list[str] | None = Non
     out: dict[str, PlannedStage] = {}
     for name, s in pipeline.stages.items():  # topological order
         input_keys = {role: out[up].key for role, up in s.inputs.items()}
-        fingerprint = s.type.fingerprint(s.params) if s.type.fingerprint else None
+        try:
+            fingerprint = s.type.fingerprint(s.params) if s.type.fingerprint else None
+        except Exception as e:  # noqa: BLE001 - e.g. the data a stage would read is missing
+            raise SpecError(str(e), file=pipeline.source, line=s.line,
+                            field=f"stages.{name}.with") from None
         key = artifact_key(s.type.name, s.type.version, s.params.model_dump(mode="json"),
                            input_keys, fingerprint)
         cached = store.is_complete(key)

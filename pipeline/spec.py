@@ -73,11 +73,13 @@ class Stage:
     params: BaseModel
     inputs: dict[str, str]
     resources: Resources
+    line: int | None = None  # where the stage is declared, for errors found later (plan time)
 
 
 @dataclass(frozen=True)
 class Pipeline:
     path: Path | None
+    source: str  # what errors call the file (the path, or "<string>")
     name: str
     store: str | None
     stages: dict[str, Stage]  # in a topological order
@@ -277,11 +279,13 @@ def parse_pipeline(text: str, *, file: str = "<string>", overrides: list[str] | 
         except ValidationError as e:
             raise _pydantic_error(loc, ("stages", name, "with"), e, "parameter", st.params) from None
         stages[name] = Stage(name=name, type=st, params=params, inputs=inputs[name],
-                             resources=s.resources or st.resources)
+                             resources=s.resources or st.resources,
+                             line=lines.get(("stages", name, "with"), lines.get(("stages", name))))
 
     store = spec.store
     if store and base_dir is not None and "://" not in store and not Path(store).is_absolute():
         store = str((base_dir / store).resolve())
     name = spec.name or (Path(file).stem if file != "<string>" else "pipeline")
-    return Pipeline(path=Path(file) if file != "<string>" else None, name=name, store=store,
+    return Pipeline(path=Path(file) if file != "<string>" else None, source=file, name=name,
+                    store=store,
                     stages=stages)
