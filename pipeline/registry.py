@@ -26,11 +26,12 @@ import inspect
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 ENTRY_POINT_GROUP = "stele.stages"
+T = TypeVar("T")
 
 
 class Resources(BaseModel):
@@ -79,36 +80,42 @@ class StageType:
 
 
 @dataclass
-class Registry:
-    types: dict[str, StageType] = field(default_factory=dict)
+class Registry(Generic[T]):
+    """Named things (stage types, knowledge sources, datasets) plus the plugins of one entry-point
+    group. ``qualname(item)`` identifies where an item was defined, so that re-importing the same
+    module (Ray workers do) is not mistaken for a clash."""
+
+    group: str = ENTRY_POINT_GROUP
+    kind: str = "stage type"
+    qualname: Callable[[Any], str] = lambda item: item.qualname  # noqa: E731
+    types: dict[str, T] = field(default_factory=dict)
     plugin_errors: dict[str, str] = field(default_factory=dict)
     _loaded: bool = False
 
-    def register(self, st: StageType) -> StageType:
-        old = self.types.get(st.name)
-        # Re-importing the same module (Ray workers do) registers the same function again: not a clash.
-        if old is not None and old.qualname != st.qualname:
-            warnings.warn(f"stage type {st.name!r} from {old.qualname} is overwritten by {st.qualname}",
-                          stacklevel=3)
-        self.types[st.name] = st
-        return st
+    def register(self, name: str, item: T) -> T:
+        old = self.types.get(name)
+        if old is not None and self.qualname(old) != self.qualname(item):
+            warnings.warn(f"{self.kind} {name!r} from {self.qualname(old)} is overwritten by "
+                          f"{self.qualname(item)}", stacklevel=3)
+        self.types[name] = item
+        return item
 
     def load_plugins(self) -> None:
-        """Import every module of the ``stele.stages`` entry-point group (once).
+        """Import every module of the entry-point group (once).
 
-        A broken plugin must not take the engine down: its error is kept and shown when one of its
-        stage types is asked for.
+        A broken plugin must not take the engine down: its error is kept and shown when a name it
+        might have provided is asked for.
         """
         if self._loaded:
             return
         self._loaded = True
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        for ep in importlib.metadata.entry_points(group=self.group):
             try:
                 ep.load()
             except Exception as e:  # noqa: BLE001 - any import error of third-party code
                 self.plugin_errors[f"{ep.name} = {ep.value}"] = f"{type(e).__name__}: {e}"
 
-    def get(self, name: str) -> StageType:
+    def get(self, name: str) -> T:
         self.load_plugins()
         try:
             return self.types[name]
@@ -116,7 +123,7 @@ class Registry:
             raise KeyError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        msg = f"unknown stage type {name!r}"
+        msg = f"unknown {self.kind} {name!r}"
         close = difflib.get_close_matches(name, list(self.types), n=3)
         if close:
             msg += f" (did you mean {', '.join(map(repr, close))}?)"
@@ -127,12 +134,12 @@ class Registry:
                 f"{k} ({v})" for k, v in self.plugin_errors.items())
         return msg
 
-    def all(self) -> dict[str, StageType]:
+    def all(self) -> dict[str, T]:
         self.load_plugins()
         return dict(sorted(self.types.items()))
 
 
-REGISTRY = Registry()
+REGISTRY: Registry[StageType] = Registry()
 
 
 def _params_model(fn: Callable[..., Any]) -> type[BaseModel]:
@@ -157,10 +164,11 @@ def stage(name: str, *, version: str = "1", cpus: float = 1.0, gpus: float = 0.0
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         doc = inspect.getdoc(fn) or ""
-        (registry or REGISTRY).register(StageType(
+        st = StageType(
             name=name, fn=fn, params=_params_model(fn), version=str(version),
             resources=Resources(cpus=cpus, gpus=gpus), description=" ".join(doc.split("\n\n")[0].split()),
-            fingerprint=fingerprint))
+            fingerprint=fingerprint)
+        (registry or REGISTRY).register(name, st)
         return fn
 
     return deco

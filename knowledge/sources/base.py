@@ -1,0 +1,186 @@
+"""The knowledge-source interface and its registry.
+
+A source is one pydantic model (its fields are the source's parameters, validated like stage
+parameters) registered under a short name. It yields three kinds of records, with ids local to the
+source; ``knowledge.ingest`` namespaces them (``wordnet:dog.n.01``), merges sources and builds the
+KnowledgeGraph tables::
+
+    @source("acme")
+    class AcmeSource(KnowledgeSource):
+        path: str
+
+        def entities(self, q):  yield Entity("e1", name="Example", aliases=["Ex"])
+        def relations(self, q): yield Relation("r1", name="related to")
+        def triples(self, q):   yield Triple("e1", "r1", "e2")
+
+Entities and relations that triples mention but the source does not declare are added by ingest
+(named by their id), so a bare triple file is a complete source.
+
+Bad input never disappears silently: a source reports each unusable item to the :class:`Quarantine`
+it is given, with file, line and reason. With ``on_error: raise`` (the default) the first one stops the
+run with that message; with ``on_error: skip`` items are counted and the first ones kept for the
+manifest.
+
+Third-party packages add sources through the ``stele.sources`` entry-point group, like stage types.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import StageFailed
+from pipeline.registry import Registry
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class Entity:
+    id: str
+    name: str = ""
+    aliases: list[str] = field(default_factory=list)
+    description: str = ""
+    types: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Relation:
+    id: str
+    name: str = ""
+
+
+@dataclass
+class Triple:
+    head: str
+    relation: str
+    tail: str
+    split: str | None = None  # "train" / "valid" / "test" when the source predefines splits
+    where: str = ""  # "file:line" it came from, for error messages about it later
+
+
+class SourceError(StageFailed):
+    """Unusable input, with file and line in the message."""
+
+
+class Quarantine:
+    """Collects unusable items of one source: raise on the first, or count and keep a sample."""
+
+    KEEP = 20
+
+    def __init__(self, source: str, on_error: str = "raise"):
+        self.source, self.on_error = source, on_error
+        self.count = 0
+        self.by_reason: dict[str, int] = {}
+        self.examples: list[dict[str, Any]] = []
+
+    def bad(self, where: str, reason: str, text: str = "") -> None:
+        """Report one unusable item. ``where`` is ``file:line`` (or ``file`` / an item id)."""
+        msg = f"{where}: {reason}" + (f": {text[:200]!r}" if text else "")
+        if self.on_error == "raise":
+            raise SourceError(f"source {self.source!r}: {msg} (set on_error: skip to quarantine such "
+                              f"items and keep going)")
+        self.count += 1
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        if len(self.examples) < self.KEEP:
+            self.examples.append({"where": where, "reason": reason, "text": text[:200]})
+
+    def summary(self) -> dict[str, Any]:
+        return {"count": self.count, "by_reason": self.by_reason, "examples": self.examples}
+
+
+class KnowledgeSource(BaseModel):
+    """Base class of every source; subclasses add their parameters as fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: ClassVar[str] = ""
+
+    type: str = ""
+    namespace: str | None = Field(default=None, description="id prefix (default: the source type)")
+    on_error: Literal["raise", "skip"] = Field(
+        default="raise", description="raise on the first unusable item, or skip and count")
+
+    def model_post_init(self, context: Any) -> None:
+        if not self.type:
+            self.type = self.name
+
+    @property
+    def ns(self) -> str:
+        return self.namespace or self.type
+
+    def entities(self, q: Quarantine) -> Iterator[Entity]:
+        return iter(())
+
+    def relations(self, q: Quarantine) -> Iterator[Relation]:
+        return iter(())
+
+    def triples(self, q: Quarantine) -> Iterator[Triple]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> Any:
+        """Content that decides the cache key besides the parameters: by default the sizes and
+        modification times of the files :meth:`files` lists, so edited data re-runs ingest."""
+        h = hashlib.sha256()
+        for p in self.files():
+            st = p.stat()
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    def files(self) -> list[Path]:
+        """Local files this source reads (for the fingerprint)."""
+        return []
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+SOURCES: Registry[type[KnowledgeSource]] = Registry(group="stele.sources", kind="knowledge source",
+                                                     qualname=_qualname)
+
+
+def source(name: str):
+    """Register a :class:`KnowledgeSource` subclass under ``name`` (its ``type:`` in pipelines)."""
+
+    def deco(cls: type[KnowledgeSource]) -> type[KnowledgeSource]:
+        if not (isinstance(cls, type) and issubclass(cls, KnowledgeSource)):
+            raise TypeError(f"@source({name!r}) decorates a KnowledgeSource subclass, got {cls!r}")
+        cls.name = name
+        return SOURCES.register(name, cls)
+
+    return deco
+
+
+def build_source(spec: dict[str, Any]) -> KnowledgeSource:
+    """A validated source from its pipeline entry (``{type: triples, path: ...}``)."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError("each source needs a 'type:' (see `stele sources`)")
+    cls = SOURCES.get(spec["type"])
+    return cls.model_validate(spec)
+
+
+def read_lines(path: str | Path, q: Quarantine) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 text file (``.gz`` too), without the newline.
+
+    A line that is not valid UTF-8 goes to the quarantine with its file and line; the rest of the
+    file is still read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"{path}: no such file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                q.bad(f"{path}:{no}", f"undecodable bytes ({e.reason} at byte {e.start})",
+                      raw.decode("utf-8", "replace"))
+                continue
+            yield no, line.rstrip("\r\n")
