@@ -70,10 +70,13 @@ class StageType:
             ann = f.annotation
             plain = isinstance(ann, type) and not typing.get_args(ann)
             type_name = ann.__name__ if plain else str(ann).replace("typing.", "")
+            default = "required" if f.is_required() else f.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                default = default.model_dump(mode="json")
             rows.append({
                 "name": name,
-                "type": type_name,
-                "default": "required" if f.is_required() else f.get_default(call_default_factory=True),
+                "type": type_name.replace("pydantic.functional_serializers.", ""),
+                "default": default,
                 "description": f.description or "",
             })
         return rows

@@ -32,21 +32,28 @@ from pydantic import BaseModel, ConfigDict, Field
 
 STATE_FILE = "train_state.json"
 MODEL_FILE = "model.safetensors"
+EXTRA_FILE = "extra.safetensors"
 
 
-class TrainConfig(BaseModel):
-    """Training-loop settings shared by every training stage (nest it as ``train:`` in params)."""
+class ScalingParams(BaseModel):
+    """Where a training stage runs: nest it in a stage's parameters (``scaling: {num_workers: 2}``)."""
 
     model_config = ConfigDict(extra="forbid")
     num_workers: int = Field(default=1, ge=1, description="DDP workers (one per GPU when use_gpu)")
     use_gpu: bool | None = Field(default=None, description="None: use GPUs when the cluster has them")
-    max_steps: int = Field(default=1000, ge=1, description="optimizer steps")
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    max_failures: int = Field(default=1, ge=-1, description="worker failures to recover from")
+
+
+class TrainConfig(ScalingParams):
+    """Training-loop settings the harness needs, on top of where it runs. A "step" is whatever the
+    loop reports once for (an optimizer step for fusion pretraining, an epoch for KG embeddings)."""
+
+    max_steps: int = Field(default=1000, ge=1, description="steps to run")
     checkpoint_every: int = Field(default=100, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(default=2, ge=1)
-    max_failures: int = Field(default=1, ge=-1, description="worker failures to recover from")
     grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
     seed: int = 0
-    cpus_per_worker: float = Field(default=1.0, gt=0)
 
 
 def _gpu_available() -> bool:
@@ -94,7 +101,7 @@ def fit(train_loop_per_worker: Callable[[dict], None], loop_config: dict[str, An
             if p.is_file():
                 (local / p.name).write_bytes(p.read_bytes())
     return FitResult(checkpoint_dir=local, step=state["step"], history=state["history"],
-                     data_state=state["data_state"])
+                     data_state=state["data_state"], stopped=state.get("stopped", False))
 
 
 @dataclass
@@ -103,6 +110,7 @@ class FitResult:
     step: int
     history: list[dict[str, Any]]  # one dict of metrics per reported step
     data_state: dict[str, Any]
+    stopped: bool = False           # ended early by TrainSession.stop()
 
 
 @dataclass
@@ -125,6 +133,8 @@ class TrainSession:
     scheduler: Any = None
     config: dict[str, Any] = field(default_factory=dict)
     data_state: dict[str, Any] = field(default_factory=dict)
+    # Tensors the loop keeps across resumes besides the model (e.g. the best weights so far).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         import ray.train
@@ -135,6 +145,7 @@ class TrainSession:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.step = 0
+        self.stopped = False
         self.history: list[dict[str, Any]] = []
         self.raw_model = self.model
         _seed_all(self.train.seed * 1000 + self.rank)
@@ -150,11 +161,16 @@ class TrainSession:
     # -- loop --------------------------------------------------------------------------------
     def steps(self) -> Iterator[int]:
         """Step numbers still to do: ``step+1 .. max_steps`` (all of them on a fresh start)."""
-        while self.step < self.train.max_steps:
+        while self.step < self.train.max_steps and not self.stopped:
             before = self.step
             yield self.step + 1
             if self.step != before + 1:  # a loop that forgot to report would never end
                 raise RuntimeError("call session.report(...) exactly once per step")
+
+    def stop(self) -> None:
+        """End training after this step's report (early stopping); that report checkpoints, so a
+        resumed run stops too. Every rank must call it on the same step."""
+        self.stopped = True
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on CUDA; a no-op on CPU (where bf16 matmuls are slow and gain nothing)."""
@@ -165,15 +181,21 @@ class TrainSession:
         return contextlib.nullcontext()
 
     def report(self, metrics: dict[str, Any]) -> None:
-        """Record this step's metrics; checkpoint every ``checkpoint_every`` steps and at the end."""
+        """Record this step's metrics; checkpoint every ``checkpoint_every`` steps and at the end.
+
+        Only checkpoints go through ``ray.train.report``: each call is a barrier with Ray Train's
+        controller (which polls every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default), so
+        reporting every short step would dominate the run. The full history travels in the
+        checkpoint instead.
+        """
         import ray.train
 
         self.step += 1
         row = {"step": self.step, **{k: float(v) for k, v in metrics.items()}}
         self.history.append(row)
-        due = self.step % self.train.checkpoint_every == 0 or self.step >= self.train.max_steps
+        due = (self.step % self.train.checkpoint_every == 0 or self.step >= self.train.max_steps
+               or self.stopped)
         if not due:
-            ray.train.report(row)
             return
         with tempfile.TemporaryDirectory() as d:
             self._save(Path(d))
@@ -192,9 +214,12 @@ class TrainSession:
         torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
         if self.scheduler is not None:
             torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
+        if self.extra:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.extra.items()},
+                      str(d / EXTRA_FILE))
         (d / STATE_FILE).write_text(json.dumps({
             "step": self.step, "world_size": self.world_size, "data_state": self.data_state,
-            "history": self.history}))
+            "history": self.history, "stopped": self.stopped}))
 
     def _load(self, d: Path, torch: Any) -> None:
         from safetensors.torch import load_file
@@ -205,6 +230,9 @@ class TrainSession:
         if self.scheduler is not None and (d / "scheduler.pt").exists():
             self.scheduler.load_state_dict(torch.load(d / "scheduler.pt", weights_only=True))
         self.step, self.history = state["step"], state["history"]
+        self.stopped = state.get("stopped", False)
+        if (d / EXTRA_FILE).exists():
+            self.extra.update(load_file(str(d / EXTRA_FILE)))
         self.data_state.update(state["data_state"])
         rng = d / f"rng_rank{self.rank}.pt"
         if state["world_size"] == self.world_size and rng.exists():
@@ -247,4 +275,4 @@ def _set_rng_state(torch: Any, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-__all__ = ["FitResult", "TrainConfig", "TrainSession", "fit"]
+__all__ = ["FitResult", "ScalingParams", "TrainConfig", "TrainSession", "fit"]

@@ -1,0 +1,157 @@
+"""KG embedding training: stele's own vectorised loop over PyG's KGE models, run by Ray Train.
+
+Per step of a batch of ``B`` positive triples:
+
+* **Negatives.** ``k`` corruptions per positive, all drawn at once: each replaces the head or the tail
+  by a uniformly random entity. Which side: a fair coin (``uniform``) or, with ``bernoulli``
+  (Wang et al. 2014, TransH), the head with probability ``tph_r / (tph_r + hpt_r)`` for relation
+  ``r`` (tails per head, heads per tail), which corrupts the "many" side of 1-N / N-1 relations
+  less often and so produces fewer false negatives. Negatives are not filtered (as in PyKEEN's and
+  the papers' default sLCWA training).
+* **One forward pass** over the ``B (1 + k)`` triples (DDP needs one forward per backward), scores
+  ``s = f(h, r, t)`` from the model (higher is better).
+* **Loss**, the one each family is known to train well with:
+  - ``margin`` (TransE; Bordes et al. 2013): ``mean(max(0, gamma - s_pos + s_neg))``;
+  - ``bce`` (DistMult, ComplEx; Trouillon et al. 2016): binary cross-entropy with logits, positives
+    labelled 1 and negatives 0, averaged over the ``B (1 + k)`` scores;
+  - ``self_adversarial`` (RotatE; Sun et al. 2019): ``-log sigma(s_pos) - sum_i p_i log sigma(-s_neg_i)``
+    with ``p = softmax(alpha * s_neg)`` treated as constant, averaged; PyG's RotatE score already is
+    ``gamma - d(h o r, t)``.
+
+An epoch is one :class:`~pipeline.train.TrainSession` step: every worker takes a disjoint shard of
+a seeded permutation of the training triples, so N workers see each triple once per epoch. Every
+``eval_every`` epochs rank 0 computes the filtered validation MRR (``knowledge.evaluate``) and the
+run stops after ``patience`` evaluations without improvement, keeping the best weights.
+
+DDP all-reduces the full gradient of every embedding table at every step (dense gradients), i.e.
+``(num_entities + num_relations) * dim * 4`` bytes per step and worker: fine up to a few million
+parameters on CPU and a few hundred million on GPUs with NVLink; beyond that, partition the entity
+table (PyTorch-BigGraph style) instead — see BENCHMARKS.md for the measured cost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFAULT_LOSS = {"transe": "margin", "distmult": "bce", "complex": "bce", "rotate": "self_adversarial"}
+
+
+def bernoulli_head_prob(train: np.ndarray, num_relations: int) -> torch.Tensor:
+    """``P(corrupt head | r) = tph / (tph + hpt)`` per relation (Wang et al. 2014)."""
+    probs = torch.full((num_relations,), 0.5)
+    if len(train) == 0:
+        return probs
+    h, r, t = (torch.as_tensor(train[:, i]) for i in range(3))
+    for rel in torch.unique(r).tolist():
+        m = r == rel
+        hr, tr = h[m], t[m]
+        tph = m.sum().item() / torch.unique(hr).numel()  # average tails per head
+        hpt = m.sum().item() / torch.unique(tr).numel()  # average heads per tail
+        probs[rel] = tph / (tph + hpt)
+    return probs
+
+
+def corrupt(pos: torch.Tensor, k: int, num_entities: int,
+            head_prob: torch.Tensor | None) -> torch.Tensor:
+    """``(B, 3)`` positives -> ``(B * k, 3)`` negatives, row ``i * k + j`` corrupting positive ``i``."""
+    neg = pos.repeat_interleave(k, dim=0)
+    n = len(neg)
+    p = head_prob[neg[:, 1]] if head_prob is not None else torch.full((n,), 0.5)
+    head = torch.rand(n) < p
+    rand = torch.randint(num_entities, (n,))
+    neg[:, 0] = torch.where(head, rand, neg[:, 0])
+    neg[:, 2] = torch.where(head, neg[:, 2], rand)
+    return neg
+
+
+def kge_loss(kind: str, pos: torch.Tensor, neg: torch.Tensor, margin: float,
+             temperature: float) -> torch.Tensor:
+    """``pos`` (B,), ``neg`` (B, k) scores (higher = more plausible) -> scalar loss (see module doc)."""
+    if kind == "margin":
+        return F.relu(margin - pos.unsqueeze(1) + neg).mean()
+    if kind == "bce":
+        logits = torch.cat([pos, neg.flatten()])
+        labels = torch.cat([torch.ones_like(pos), torch.zeros_like(neg.flatten())])
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    if kind == "self_adversarial":
+        weights = torch.softmax(temperature * neg, dim=1).detach()  # (B, k)
+        pos_loss = -F.logsigmoid(pos).mean()
+        neg_loss = -(weights * F.logsigmoid(-neg)).sum(dim=1).mean()
+        return (pos_loss + neg_loss) / 2
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: one epoch per session step (see the module docstring)."""
+    from pipeline.train import TrainSession
+
+    from .evaluate import rank_metrics
+    from .models import build_model
+
+    torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    torch.manual_seed(config["init_seed"])  # the same initial weights on every rank
+    model = build_model(config["model"], config["num_entities"], config["num_relations"],
+                        config["dim"], **config["model_kwargs"])
+    opt_cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}[config["optimizer"]]
+    optimizer = opt_cls(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    session = TrainSession(model, optimizer, None, config)
+    rank, world = session.rank, session.world_size
+
+    train = torch.as_tensor(np.asarray(config["train"]), dtype=torch.long)
+    valid = torch.as_tensor(np.asarray(config["valid"]), dtype=torch.long)
+    known = torch.as_tensor(np.asarray(config["known"]), dtype=torch.long)
+    head_prob = torch.as_tensor(np.asarray(config["head_prob"]), dtype=torch.float) \
+        if config["corruption"] == "bernoulli" else None
+    n_shard = len(train) // world  # equal shards: DDP needs the same number of steps everywhere
+    bsz, k = config["batch_size"], config["negatives"]
+    state = session.data_state
+    state.setdefault("best_mrr", -1.0)
+    state.setdefault("bad_evals", 0)
+
+    for epoch in session.steps():
+        g = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch)
+        shard = torch.randperm(len(train), generator=g)[: n_shard * world].view(n_shard, world)[:, rank]
+        session.model.train()
+        total, batches = 0.0, 0
+        for start in range(0, n_shard, bsz):
+            pos = train[shard[start:start + bsz]]
+            neg = corrupt(pos, k, config["num_entities"], head_prob)
+            batch = torch.cat([pos, neg])
+            scores = session.model(batch[:, 0], batch[:, 1], batch[:, 2])
+            loss = kge_loss(config["loss"], scores[: len(pos)], scores[len(pos):].view(len(pos), k),
+                            config["margin"], config["adversarial_temperature"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            batches += 1
+        metrics: dict[str, float] = {"loss": total / max(batches, 1)}
+
+        if config["eval_every"] and (epoch % config["eval_every"] == 0
+                                     or epoch == config["epochs"]) and len(valid):
+            decision = torch.zeros(2)  # (valid MRR, stop?) decided on rank 0, shared with all
+            if rank == 0:
+                model.eval()
+                res = rank_metrics(model, valid, known, config["num_entities"],
+                                   batch_size=config["eval_batch_size"],
+                                   num_relations=config["num_relations"])
+                mrr = res["filtered"]["both"]["mrr"]
+                if mrr > state["best_mrr"]:
+                    state["best_mrr"], state["best_epoch"], state["bad_evals"] = mrr, epoch, 0
+                    session.extra.update({f"best.{n}": p.detach().clone()
+                                          for n, p in model.state_dict().items()})
+                else:
+                    state["bad_evals"] += 1
+                stop = config["patience"] > 0 and state["bad_evals"] >= config["patience"]
+                decision = torch.tensor([mrr, float(stop)])
+                metrics["valid_hits@10"] = res["filtered"]["both"]["hits@10"]
+            if world > 1:
+                torch.distributed.broadcast(decision, src=0)
+            metrics["valid_mrr"] = float(decision[0])
+            if decision[1] > 0:
+                session.stop()
+        session.report(metrics)

@@ -1,0 +1,164 @@
+"""Full-candidate scoring for PyG's KGE models: every entity as the tail (or head) of a query at once.
+
+Ranking-based evaluation needs, for a query ``(h, r, ?)``, the score of ``(h, r, e)`` for *every* entity
+``e``. Calling ``model(h, r, t)`` once per candidate materialises a ``(b, N, d)`` tensor (this is what
+``KGEModel.test`` and PyKEEN's broadcasting interactions do). All four models in
+``torch_geometric.nn.kge`` instead rewrite as a *query* vector against a fixed *candidate table*:
+
+==========  =====================================================================  ==================
+model       score f(h, r, t) (PyG's ``forward``, higher is better)                 full-candidate form
+==========  =====================================================================  ==================
+TransE      ``-|| n(e_h) + w_r - n(e_t) ||_p``,  n(x) = x / max(||x||_p, 1e-12)    ``-cdist(q, n(E), p)``
+DistMult    ``<e_h, w_r, e_t>``                                                    ``q @ E^T``
+ComplEx     ``Re <e_h, w_r, conj(e_t)>``                                           ``q @ [E_re, E_im]^T``
+RotatE      ``gamma - || e_h o w_r - e_t ||_2`` (w_r = exp(i theta_r), norm over   ``gamma - cdist(q,
+            the real and imaginary parts together)                                 [E_re, E_im], 2)``
+==========  =====================================================================  ==================
+
+with the queries (``o`` is the element-wise complex product, ``[a, b]`` concatenation on the last axis):
+
+* TransE tails ``q = n(e_h) + w_r``; heads ``q = n(e_t) - w_r`` (``||n(e_h) - (n(e_t) - w_r)||``).
+* DistMult tails ``q = e_h * w_r``; heads ``q = w_r * e_t``.
+* ComplEx (Trouillon et al. 2016) tails ``q = [h_re r_re - h_im r_im, h_im r_re + h_re r_im]``;
+  heads ``q = [r_re t_re + r_im t_im, r_re t_im - r_im t_re]`` (expand the four ``triple_dot`` terms of
+  PyG's ``forward`` and collect the coefficients of the candidate's real and imaginary parts).
+* RotatE (Sun et al. 2019) tails ``q = e_h o w_r``; heads ``q = e_t o conj(w_r)``, because a rotation is
+  unitary: ``||e_h o w_r - e_t|| = ||e_h - e_t o conj(w_r)||``.
+
+Memory is ``O(b N)`` for the score matrix (plus the ``O(N d)`` candidate table, built once), never
+``O(b N d)``.
+
+Precision trade-off: for ``p = 2``, ``torch.cdist`` by default uses the expansion
+``||q||^2 + ||c||^2 - 2 q.c`` (one GEMM, ~6x faster on CPU than the direct kernel), whose cancellation
+error is about ``eps * ||q||^2`` (~1e-7 here) on the squared distance. That is below the float32 noise of
+the model's own forward but can swap near-ties with a direct computation; ``exact=True`` uses the
+direct difference kernel instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+QueryFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class CandidateScorer:
+    """A model seen as ``score(query, candidate)``: queries built per batch, candidates built once.
+
+    ``kind="dot"``: ``score = q @ C^T``. ``kind="distance"``: ``score = offset - ||q - c||_p``.
+    """
+
+    candidates: Tensor                  # (N, k)
+    tail_query: QueryFn                 # (h (b,), r (b,)) -> (b, k)
+    head_query: QueryFn                 # (r (b,), t (b,)) -> (b, k)
+    kind: Literal["dot", "distance"]
+    p: float = 2.0
+    offset: float = 0.0
+    exact: bool = False
+
+    @property
+    def num_entities(self) -> int:
+        return self.candidates.shape[0]
+
+    def _score(self, q: Tensor) -> Tensor:
+        if self.kind == "dot":
+            return q @ self.candidates.T                                  # (b, N)
+        mode = ("donot_use_mm_for_euclid_dist" if self.exact
+                else "use_mm_for_euclid_dist_if_necessary")
+        dist = torch.cdist(q.unsqueeze(0), self.candidates.unsqueeze(0), p=self.p,
+                           compute_mode=mode).squeeze(0)                  # (b, N)
+        return self.offset - dist if self.offset else -dist
+
+    def tails(self, h: Tensor, r: Tensor) -> Tensor:
+        """``(b, N)``: ``out[i, e] = f(h[i], r[i], e)``."""
+        return self._score(self.tail_query(h, r))
+
+    def heads(self, r: Tensor, t: Tensor) -> Tensor:
+        """``(b, N)``: ``out[i, e] = f(e, r[i], t[i])``."""
+        return self._score(self.head_query(r, t))
+
+
+def _transe(model, exact: bool) -> CandidateScorer:
+    p = float(model.p_norm)
+    ent = F.normalize(model.node_emb.weight, p=p, dim=-1)                 # (N, d)
+    rel = model.rel_emb.weight                                            # (R, d)
+    return CandidateScorer(
+        candidates=ent,
+        tail_query=lambda h, r: ent[h] + rel[r],
+        head_query=lambda r, t: ent[t] - rel[r],
+        kind="distance", p=p, exact=exact)
+
+
+def _distmult(model, exact: bool) -> CandidateScorer:
+    ent, rel = model.node_emb.weight, model.rel_emb.weight
+    return CandidateScorer(
+        candidates=ent,
+        tail_query=lambda h, r: ent[h] * rel[r],
+        head_query=lambda r, t: rel[r] * ent[t],
+        kind="dot")
+
+
+def _complex(model, exact: bool) -> CandidateScorer:
+    e_re, e_im = model.node_emb.weight, model.node_emb_im.weight
+    r_re, r_im = model.rel_emb.weight, model.rel_emb_im.weight
+
+    def tail_query(h: Tensor, r: Tensor) -> Tensor:
+        hr, hi, rr, ri = e_re[h], e_im[h], r_re[r], r_im[r]
+        return torch.cat([hr * rr - hi * ri, hi * rr + hr * ri], dim=-1)  # (b, 2d)
+
+    def head_query(r: Tensor, t: Tensor) -> Tensor:
+        tr, ti, rr, ri = e_re[t], e_im[t], r_re[r], r_im[r]
+        return torch.cat([rr * tr + ri * ti, rr * ti - ri * tr], dim=-1)  # (b, 2d)
+
+    return CandidateScorer(candidates=torch.cat([e_re, e_im], dim=-1),    # (N, 2d)
+                           tail_query=tail_query, head_query=head_query, kind="dot")
+
+
+def _rotate(model, exact: bool) -> CandidateScorer:
+    e_re, e_im = model.node_emb.weight, model.node_emb_im.weight
+    theta = model.rel_emb.weight
+    cos, sin = torch.cos(theta), torch.sin(theta)
+
+    def tail_query(h: Tensor, r: Tensor) -> Tensor:
+        hr, hi, c, s = e_re[h], e_im[h], cos[r], sin[r]
+        return torch.cat([c * hr - s * hi, c * hi + s * hr], dim=-1)      # (b, 2d)
+
+    def head_query(r: Tensor, t: Tensor) -> Tensor:
+        tr, ti, c, s = e_re[t], e_im[t], cos[r], sin[r]
+        # rotate the tail back by conj(w_r): (t_re + i t_im)(c - i s)
+        return torch.cat([c * tr + s * ti, c * ti - s * tr], dim=-1)      # (b, 2d)
+
+    return CandidateScorer(candidates=torch.cat([e_re, e_im], dim=-1),    # (N, 2d)
+                           tail_query=tail_query, head_query=head_query,
+                           kind="distance", p=2.0, offset=float(model.margin), exact=exact)
+
+
+_BUILDERS: dict[str, Callable[..., CandidateScorer]] = {
+    "TransE": _transe, "DistMult": _distmult, "ComplEx": _complex, "RotatE": _rotate,
+}
+
+
+def candidate_scorer(model, exact: bool = False) -> CandidateScorer:
+    """Build the full-candidate scorer of a PyG KGE model (the candidate table is computed once here,
+    so build it once per evaluation, under ``torch.no_grad()`` unless gradients are wanted)."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in _BUILDERS and cls.__module__.startswith("torch_geometric.nn.kge"):
+            return _BUILDERS[cls.__name__](model, exact)
+    raise TypeError(f"no full-candidate scorer for {type(model).__name__}; known: "
+                    f"{', '.join(_BUILDERS)}")
+
+
+def score_tails(model, h: Tensor, r: Tensor, exact: bool = False) -> Tensor:
+    """``(b, N)`` scores of ``(h[i], r[i], e)`` for every entity ``e``; equal to ``model(h, r, e)``."""
+    return candidate_scorer(model, exact).tails(h, r)
+
+
+def score_heads(model, r: Tensor, t: Tensor, exact: bool = False) -> Tensor:
+    """``(b, N)`` scores of ``(e, r[i], t[i])`` for every entity ``e``; equal to ``model(e, r, t)``."""
+    return candidate_scorer(model, exact).heads(r, t)

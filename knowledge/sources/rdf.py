@@ -1,0 +1,169 @@
+"""RDF files (N-Triples, Turtle) as a knowledge source, parsed with rdflib.
+
+Formats: N-Triples (W3C RDF 1.1 N-Triples, https://www.w3.org/TR/n-triples/; ``.nt``, ``.nt.gz``) and
+Turtle (https://www.w3.org/TR/turtle/; ``.ttl``, ``.ttl.gz``); ``format:`` overrides the suffix.
+
+Mapping:
+
+- Triples are the statements whose object is an IRI (graph edges). Literal-valued statements are
+  entity attributes, not edges: ``rdfs:label`` gives ``name`` (in ``language``, else untagged, else
+  any; further labels become aliases), ``skos:altLabel`` / ``skos:prefLabel`` give ``aliases``,
+  ``rdfs:comment`` / ``schema:description`` / ``skos:definition`` give ``description`` (first found,
+  in that order). Other literal properties are not mapped.
+- ``rdf:type`` statements give the subject's ``types`` (class IRIs) and are *not* triples: classes
+  would otherwise become hub entities linked to every instance, which dominates KG embeddings and is
+  what ``types`` is for.
+- Entities are the IRIs that are subject or object of an edge. Ids are the full IRIs: unique, stable
+  across files whatever prefixes each file declares (prefixed names depend on the file's bindings),
+  and ingest namespaces them anyway; ``name`` carries the readable part.
+- Relations are the edge predicates (id = IRI), named by their ``rdfs:label`` if the graph has one,
+  else the IRI's local name (after the last ``#`` or ``/``).
+- Blank nodes have no stable identity across runs, so an edge touching one is quarantined.
+
+N-Triples is parsed line by line, so a malformed line is quarantined with its file and line and the rest
+is read; a Turtle syntax error makes the whole file unreadable and raises :class:`SourceError` with the
+file and line whatever ``on_error`` says. The graph is held in memory (parsed once per source object;
+each bad item is reported once).
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import PrivateAttr
+from rdflib import RDF, RDFS, SKOS, BNode, Graph, Literal as RDFLiteral, URIRef
+from rdflib.exceptions import ParserError
+from rdflib.plugins.parsers.notation3 import BadSyntax
+from rdflib.plugins.parsers.ntriples import W3CNTriplesParser
+
+from .base import (Entity, KnowledgeSource, Quarantine, Relation, SourceError, Triple, read_lines,
+                   source)
+
+SUFFIX_FORMATS = {".nt": "nt", ".ttl": "turtle"}
+DESCRIPTION_PREDICATES = (RDFS.comment, URIRef("http://schema.org/description"),
+                          URIRef("https://schema.org/description"), SKOS.definition)
+ALIAS_PREDICATES = (SKOS.altLabel, SKOS.prefLabel)
+
+
+class _LineSink:
+    """rdflib N-Triples sink that keeps the triples of the current line."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple] = []
+
+    def triple(self, s, p, o) -> None:
+        self.got.append((s, p, o))
+
+
+def local_name(iri: str) -> str:
+    tail = iri.rstrip("/#")
+    return tail[max(tail.rfind("#"), tail.rfind("/")) + 1:] or iri
+
+
+@source("rdf")
+class RDFSource(KnowledgeSource):
+    path: str
+    format: Literal["nt", "turtle"] | None = None
+    language: str = "en"
+
+    _graph: Graph | None = PrivateAttr(default=None)
+
+    def files(self) -> list[Path]:
+        return [Path(self.path)]
+
+    def _format(self) -> str:
+        if self.format:
+            return self.format
+        p = Path(self.path)
+        suffix = Path(p.stem).suffix if p.suffix == ".gz" else p.suffix
+        if suffix not in SUFFIX_FORMATS:
+            raise SourceError(f"{p}: cannot tell the RDF format from the suffix {suffix!r}; use "
+                              f"format: nt or format: turtle")
+        return SUFFIX_FORMATS[suffix]
+
+    def _load(self, q: Quarantine) -> Graph:
+        if self._graph is not None:
+            return self._graph
+        path = Path(self.path)
+        if not path.is_file():
+            raise SourceError(f"{path}: no such file")
+        g = Graph()
+        if self._format() == "nt":
+            sink = _LineSink()
+            parser = W3CNTriplesParser(sink)  # one parser: `_:b` labels keep meaning across lines
+            for no, line in read_lines(path, q):
+                sink.got.clear()
+                try:
+                    parser.parsestring(line + "\n")
+                except ParserError as e:
+                    q.bad(f"{path}:{no}", f"N-Triples syntax error ({e})", line)
+                    continue
+                for s, p, o in sink.got:
+                    if isinstance(o, URIRef) and p != RDF.type and (
+                            isinstance(s, BNode) or isinstance(o, BNode)):
+                        q.bad(f"{path}:{no}", "edge with a blank node (no stable id)", line)
+                        continue
+                    g.add((s, p, o))
+        else:
+            try:
+                data = path.read_bytes()
+                if path.suffix == ".gz":
+                    data = gzip.decompress(data)
+                g.parse(data=data, format="turtle", publicID=path.resolve().as_uri())
+            except BadSyntax as e:
+                # BadSyntax.lines counts the newlines before the error: the 1-based line is one more.
+                raise SourceError(f"{path}:{e.lines + 1}: Turtle syntax error: {e._why}") from None
+            except (ParserError, UnicodeDecodeError) as e:
+                raise SourceError(f"{path}: Turtle parse error: {e}") from None
+            for s, p, o in g.triples((None, None, None)):
+                if isinstance(o, BNode) or (isinstance(s, BNode) and isinstance(o, URIRef)):
+                    if p != RDF.type:
+                        q.bad(str(path), "edge with a blank node (no stable id)", f"{s} {p} {o}")
+        self._graph = g
+        return g
+
+    @staticmethod
+    def _is_edge(s, p, o) -> bool:
+        return isinstance(s, URIRef) and isinstance(o, URIRef) and p != RDF.type
+
+    def _edges(self, q: Quarantine) -> list[tuple[URIRef, URIRef, URIRef]]:
+        return sorted(t for t in self._load(q) if self._is_edge(*t))
+
+    def _texts(self, g: Graph, s: URIRef, preds) -> list[str]:
+        """Literal values of ``preds`` on ``s``: the chosen language first, then untagged, then others."""
+        lits = [o for p in preds for o in g.objects(s, p) if isinstance(o, RDFLiteral)]
+        rank = {self.language: 0, None: 1}
+        lits.sort(key=lambda lit: rank.get(lit.language, 2))
+        out: list[str] = []
+        for lit in lits:
+            if str(lit) not in out:
+                out.append(str(lit))
+        return out
+
+    def entities(self, q: Quarantine) -> Iterator[Entity]:
+        g = self._load(q)
+        seen: dict[URIRef, None] = {}
+        for s, _, o in self._edges(q):
+            seen.setdefault(s)
+            seen.setdefault(o)
+        for iri in seen:
+            labels = self._texts(g, iri, (RDFS.label,))
+            aliases = [a for a in labels[1:] + self._texts(g, iri, ALIAS_PREDICATES)
+                       if a not in labels[:1]]
+            desc = next((d for p in DESCRIPTION_PREDICATES for d in self._texts(g, iri, (p,))), "")
+            types = sorted(str(t) for t in g.objects(iri, RDF.type) if isinstance(t, URIRef))
+            yield Entity(str(iri), name=labels[0] if labels else "",
+                         aliases=list(dict.fromkeys(aliases)), description=desc, types=types)
+
+    def relations(self, q: Quarantine) -> Iterator[Relation]:
+        g = self._load(q)
+        for p in dict.fromkeys(p for _, p, _ in self._edges(q)):
+            labels = self._texts(g, p, (RDFS.label,))
+            yield Relation(str(p), name=labels[0] if labels else local_name(str(p)))
+
+    def triples(self, q: Quarantine) -> Iterator[Triple]:
+        for s, p, o in self._edges(q):
+            yield Triple(str(s), str(p), str(o), where=self.path)

@@ -1,0 +1,151 @@
+"""``triples``: head/relation/tail rows from TSV, CSV or JSONL files (optionally gzipped).
+
+One file (``path``) or one file per split (``splits: {train: ..., valid: ..., test: ...}``). Columns
+are chosen by ``columns`` (positions for TSV/CSV without a header; names for JSONL or with
+``header: true``). Optional label files (``entity_labels``, ``relation_labels``: TSV ``id, name``
+and, for entities, optional further columns of aliases) give readable names.
+
+Bad rows (wrong column count, empty fields, undecodable bytes, malformed JSON) are reported with
+file and line: an error by default, counted and sampled with ``on_error: skip``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .base import Entity, KnowledgeSource, Quarantine, Relation, SourceError, Triple, read_lines, source
+
+
+class Columns(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    head: int | str = 0
+    relation: int | str = 1
+    tail: int | str = 2
+
+
+def _format_of(path: Path) -> str:
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    ext = suffixes[-1].lstrip(".") if suffixes else ""
+    return {"tsv": "tsv", "txt": "tsv", "csv": "csv", "jsonl": "jsonl", "json": "jsonl"}.get(ext, "tsv")
+
+
+@source("triples")
+class TriplesSource(KnowledgeSource):
+    """Triples from delimited or JSON-lines files."""
+
+    path: str | None = Field(default=None, description="one file of triples (all train unless split)")
+    splits: dict[Literal["train", "valid", "test"], str] | None = Field(
+        default=None, description="one file per split: {train: ..., valid: ..., test: ...}")
+    format: Literal["auto", "tsv", "csv", "jsonl"] = "auto"
+    header: bool = Field(default=False, description="TSV/CSV: the first line names the columns")
+    columns: Columns = Columns()
+    entity_labels: str | None = Field(default=None, description="TSV: id, name[, alias, ...]")
+    relation_labels: str | None = Field(default=None, description="TSV: id, name")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "TriplesSource":
+        if (self.path is None) == (self.splits is None):
+            raise ValueError("give either 'path' or 'splits'")
+        return self
+
+    def files(self) -> list[Path]:
+        paths = [self.path] if self.path else list((self.splits or {}).values())
+        paths += [p for p in (self.entity_labels, self.relation_labels) if p]
+        return [Path(p) for p in paths]
+
+    def triples(self, q: Quarantine) -> Iterator[Triple]:
+        parts = [(None, self.path)] if self.path else list((self.splits or {}).items())
+        for split, path in parts:
+            yield from self._read(Path(path), split, q)
+
+    def _read(self, path: Path, split: str | None, q: Quarantine) -> Iterator[Triple]:
+        fmt = _format_of(path) if self.format == "auto" else self.format
+        cols = (self.columns.head, self.columns.relation, self.columns.tail)
+        if fmt == "jsonl":
+            if any(isinstance(c, int) for c in cols):
+                raise SourceError(f"{path}: JSONL needs column names, e.g. columns: "
+                                  "{head: h, relation: r, tail: t}")
+            for no, line in read_lines(path, q):
+                if not line.strip():
+                    continue
+                where = f"{path}:{no}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    q.bad(where, f"malformed JSON ({e.msg})", line)
+                    continue
+                if not isinstance(row, dict):
+                    q.bad(where, "expected a JSON object", line)
+                    continue
+                yield from self._triple([row.get(c) for c in cols], where, split, line, q)
+            return
+        delim = "\t" if fmt == "tsv" else ","
+        index: tuple[int, ...] | None = None
+        for no, line in read_lines(path, q):
+            if not line.strip():
+                continue
+            row = next(csv.reader(io.StringIO(line), delimiter=delim)) if fmt == "csv" \
+                else line.split(delim)
+            where = f"{path}:{no}"
+            if self.header and index is None:
+                index = self._header_index(row, cols, where)
+                continue
+            if index is None:
+                if not all(isinstance(c, int) for c in cols):
+                    raise SourceError(f"{path}: column names {cols} need header: true")
+                index = tuple(int(c) for c in cols)
+            if max(index) >= len(row):
+                q.bad(where, f"expected at least {max(index) + 1} columns, found {len(row)}", line)
+                continue
+            yield from self._triple([row[i] for i in index], where, split, line, q)
+
+    @staticmethod
+    def _header_index(row: list[str], cols: tuple, where: str) -> tuple[int, ...]:
+        out = []
+        for c in cols:
+            if isinstance(c, int):
+                out.append(c)
+            elif c in row:
+                out.append(row.index(c))
+            else:
+                raise SourceError(f"{where}: header has no column {c!r} (columns: {row})")
+        return tuple(out)
+
+    @staticmethod
+    def _triple(values: list, where: str, split: str | None, line: str,
+                q: Quarantine) -> Iterator[Triple]:
+        clean = [str(v).strip() if v is not None else "" for v in values]
+        empty = [str(c) for c, v in zip(("head", "relation", "tail"), clean) if not v]
+        if empty:
+            q.bad(where, f"empty field(s): {', '.join(empty)}", line)
+            return
+        yield Triple(clean[0], clean[1], clean[2], split=split, where=where)
+
+    def entities(self, q: Quarantine) -> Iterator[Entity]:
+        for no, row in self._labels(self.entity_labels, q):
+            yield Entity(row[0], name=row[1] if len(row) > 1 else "",
+                         aliases=[a for a in row[2:] if a])
+
+    def relations(self, q: Quarantine) -> Iterator[Relation]:
+        for no, row in self._labels(self.relation_labels, q):
+            yield Relation(row[0], name=row[1] if len(row) > 1 else "")
+
+    @staticmethod
+    def _labels(path: str | None, q: Quarantine) -> Iterator[tuple[int, list[str]]]:
+        if not path:
+            return
+        for no, line in read_lines(path, q):
+            if not line.strip():
+                continue
+            row = [c.strip() for c in line.split("\t")]
+            if not row[0]:
+                q.bad(f"{path}:{no}", "empty id", line)
+                continue
+            yield no, row

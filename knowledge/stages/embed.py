@@ -1,0 +1,135 @@
+"""``knowledge.embed``: train TransE / DistMult / ComplEx / RotatE on a KnowledgeGraph with Ray Train."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline import StageContext, StageFailed, stage
+from pipeline.train import ScalingParams, TrainConfig, fit
+
+from ..embed import DEFAULT_LOSS, bernoulli_head_prob, train_loop_per_worker
+from ..kg import KnowledgeGraph
+
+# Margins the families are usually trained with: TransE's ranking margin, RotatE's gamma.
+DEFAULT_MARGIN = {"transe": 1.0, "distmult": 1.0, "complex": 1.0, "rotate": 9.0}
+
+
+class EmbedParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: Literal["transe", "distmult", "complex", "rotate"] = "transe"
+    dim: int = Field(default=128, ge=1, description="embedding size (complex dims for ComplEx/RotatE)")
+    p_norm: float = Field(default=1.0, description="TransE distance norm")
+    margin: float | None = Field(default=None, description="TransE ranking margin / RotatE gamma")
+    loss: Literal["auto", "margin", "bce", "self_adversarial"] = Field(
+        default="auto", description="auto: margin (TransE), bce (DistMult, ComplEx), "
+                                    "self_adversarial (RotatE)")
+    adversarial_temperature: float = 1.0
+    negatives: int = Field(default=16, ge=1, description="corruptions per positive triple")
+    corruption: Literal["uniform", "bernoulli"] = "uniform"
+    batch_size: int = Field(default=256, ge=1)
+    optimizer: Literal["adam", "adagrad"] = "adam"
+    lr: float = Field(default=0.01, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    epochs: int = Field(default=100, ge=1)
+    eval_every: int = Field(default=10, ge=0, description="epochs between validation MRR (0: never)")
+    patience: int = Field(default=3, ge=0, description="evaluations without improvement before "
+                                                       "stopping (0: never stop early)")
+    eval_batch_size: int = Field(default=256, ge=1)
+    seed: int = 0
+    scaling: ScalingParams = ScalingParams()
+
+
+@stage("knowledge.embed", version="1", cpus=0)
+def embed(ctx: StageContext, params: EmbedParams) -> dict:
+    """Train KG embeddings (PyG models, stele's loop) with early stopping on validation MRR."""
+    kg = KnowledgeGraph.load((ctx.inputs.get("kg") or ctx.input).path)
+    train, valid = kg.split_array("train"), kg.split_array("valid")
+    if len(train) < params.scaling.num_workers:
+        raise StageFailed(f"{len(train)} training triples cannot feed {params.scaling.num_workers} "
+                          "workers")
+    margin = DEFAULT_MARGIN[params.model] if params.margin is None else params.margin
+    model_kwargs = {"transe": {"p_norm": params.p_norm, "margin": margin},
+                    "rotate": {"margin": margin}, "distmult": {}, "complex": {}}[params.model]
+    config = {
+        **params.model_dump(exclude={"scaling"}),
+        "loss": DEFAULT_LOSS[params.model] if params.loss == "auto" else params.loss,
+        "margin": margin, "model_kwargs": model_kwargs, "init_seed": params.seed,
+        "num_entities": kg.num_entities, "num_relations": kg.num_relations,
+        "train": train, "valid": valid, "known": kg.split_array(),
+        "head_prob": bernoulli_head_prob(train, kg.num_relations).numpy(),
+        # Each worker gets its share of the cores; torch's default would oversubscribe them.
+        "threads_per_worker": max(1, int(params.scaling.cpus_per_worker)),
+    }
+    train_cfg = TrainConfig(**params.scaling.model_dump(), max_steps=params.epochs,
+                            checkpoint_every=max(1, params.eval_every or 10), seed=params.seed)
+    ctx.log.info("training %s dim %d on %d triples (%d entities) with %d worker(s)", params.model,
+                 params.dim, len(train), kg.num_entities, params.scaling.num_workers)
+    result = fit(train_loop_per_worker, config, train_cfg, storage_uri=ctx.state_uri, name="embed")
+
+    from safetensors.torch import load_file, save_file
+
+    from ..models import build_model, save_model
+
+    model = build_model(params.model, kg.num_entities, kg.num_relations, params.dim, **model_kwargs)
+    state = load_file(str(result.checkpoint_dir / "model.safetensors"))
+    extra = result.checkpoint_dir / "extra.safetensors"
+    best = {k[5:]: v for k, v in load_file(str(extra)).items()} if extra.exists() else {}
+    model.load_state_dict(best or state)  # the best validation weights when there are any
+    save_model(ctx.out, model)
+    ent, rel = _embedding_tables(model)
+    save_file({"entity": ent, "relation": rel}, str(ctx.out / "embeddings.safetensors"))
+    pq.write_table(kg.entities.select(["idx", "id", "name"]), ctx.out / "entities.parquet")
+    pq.write_table(kg.relations.select(["idx", "id", "name"]), ctx.out / "relations.parquet")
+    hist = result.history
+    (ctx.out / "history.json").write_text(json.dumps(hist, indent=1))
+    _plot(hist, ctx.out / "training.png", params.model)
+    evals = [h for h in hist if "valid_mrr" in h]
+    best_row = max(evals, key=lambda h: h["valid_mrr"]) if evals else None
+    return {"epochs": result.step, "stopped_early": result.stopped,
+            "final_loss": hist[-1]["loss"] if hist else None,
+            "best_valid_mrr": best_row["valid_mrr"] if best_row else None,
+            "best_epoch": best_row["step"] if best_row else None,
+            "weights": "best validation" if best else "last epoch",
+            "num_workers": params.scaling.num_workers}
+
+
+def _embedding_tables(model):  # noqa: ANN001, ANN202
+    """Entity and relation vectors for downstream models (ERNIE's entity inputs): complex models
+    give ``[real, imaginary]`` concatenated."""
+    import torch
+
+    ent = model.node_emb.weight.detach()
+    rel = model.rel_emb.weight.detach()
+    if hasattr(model, "node_emb_im"):
+        ent = torch.cat([ent, model.node_emb_im.weight.detach()], dim=1)
+    if hasattr(model, "rel_emb_im"):
+        rel = torch.cat([rel, model.rel_emb_im.weight.detach()], dim=1)
+    return ent.contiguous(), rel.contiguous()
+
+
+def _plot(hist: list[dict], path, model: str) -> None:  # noqa: ANN001
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, a = plt.subplots(figsize=(6, 3.4))
+    a.plot([h["step"] for h in hist], [h["loss"] for h in hist], label="training loss")
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    evals = [h for h in hist if "valid_mrr" in h]
+    if evals:
+        b = a.twinx()
+        b.plot([h["step"] for h in evals], [h["valid_mrr"] for h in evals], "o-", color="C1",
+               label="valid filtered MRR")
+        b.set_ylabel("valid MRR")
+        b.legend(loc="upper right")
+    a.legend(loc="upper left")
+    a.set_title(f"{model}: training curve (numbers in history.json)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
