@@ -31,6 +31,7 @@ table (PyTorch-BigGraph style) instead — see BENCHMARKS.md for the measured co
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -113,6 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state.setdefault("bad_evals", 0)
 
     for epoch in session.steps():
+        t0 = time.perf_counter()
         g = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch)
         shard = torch.randperm(len(train), generator=g)[: n_shard * world].view(n_shard, world)[:, rank]
         session.model.train()
@@ -129,7 +131,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             total += loss.item()
             batches += 1
-        metrics: dict[str, float] = {"loss": total / max(batches, 1)}
+        metrics: dict[str, float] = {"loss": total / max(batches, 1),
+                                     "epoch_s": time.perf_counter() - t0}  # training only
 
         if config["eval_every"] and (epoch % config["eval_every"] == 0
                                      or epoch == config["epochs"]) and len(valid):

@@ -45,11 +45,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
             # Workers of an embedded Ray import what the driver can import (plugins on the driver's
             # sys.path included); on a cluster, code must be installed on the nodes.
             path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+            n = num_cpus or local_num_cpus()
+            # Stage tasks that drive Ray Train hold no CPU, so more workers start at once than
+            # Ray's default startup concurrency (the physical cores) expects; it would print a
+            # warning about it on the console for every run.
+            os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(n))
             kwargs.setdefault("runtime_env", {"env_vars": {"PYTHONPATH": path}})
             # address="local": always a private instance, never silently joining another
             # process's Ray that happens to run on this machine.
-            ray.init(address="local", num_cpus=num_cpus or local_num_cpus(),
-                     include_dashboard=False, **{**common, **kwargs})
+            ray.init(address="local", num_cpus=n, include_dashboard=False, **{**common, **kwargs})
     ctx = ray.get_runtime_context()
     return {"address": address or "embedded", "embedded": not address,
             "resources": ray.cluster_resources(), "node": ctx.get_node_id()}

@@ -125,6 +125,8 @@ def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = N
     for n, p in planned.items():
         if p.action == "cached":
             outcomes[n].status = rows[n].status = "cached"
+            outcomes[n].metrics = store.manifest(p.key).get("metrics", {})
+            outcomes[n].wall_s = store.manifest(p.key).get("wall_s")
         elif p.action == "excluded":
             rows[n].status = "excluded"
 
@@ -217,6 +219,10 @@ def print_summary(result: RunResult, console: Console) -> None:
     console.print(f"[{style}]{escape(result.pipeline)}: {counts or 'nothing to do'}[/] "
                   f"(store {result.store}, run {result.run_id})")
     for o in result.outcomes.values():
+        if o.status in ("ran", "cached") and o.metrics:
+            console.print(f"  {escape(o.name)}: {escape(_headline(o.metrics))}", style="dim",
+                          highlight=False)
+    for o in result.outcomes.values():
         if o.status == "failed":
             console.print(f"[bold red]✖ {escape(o.name)}[/] {escape(f'[{o.type}]')} "
                           f"{escape(o.error_type)}: {escape(o.error)}", highlight=False)
@@ -231,3 +237,15 @@ def print_summary(result: RunResult, console: Console) -> None:
         elif o.status == "skipped":
             console.print(f"[yellow]↷ {escape(o.name)}[/] skipped: {escape(o.error)}",
                           highlight=False)
+
+
+def _headline(metrics: dict[str, Any], limit: int = 6) -> str:
+    """The first few scalar metrics of a stage, for the run summary (all of them are in its manifest)."""
+    parts = []
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)) or v is None:
+            continue
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+        if len(parts) == limit:
+            break
+    return ", ".join(parts)

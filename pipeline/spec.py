@@ -7,6 +7,7 @@ A pipeline file::
     stages:
       ingest:
         uses: knowledge.ingest       # a registered stage type
+        # (`!path data/x.tsv` is a path relative to this file)
         with: {sources: [...]}       # its parameters, validated by the type's pydantic model
       embed:
         uses: knowledge.embed
@@ -103,9 +104,24 @@ class Pipeline:
 
 
 # --------------------------------------------------------------------------------------------- YAML
-def _load_yaml(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
+class _Loader(yaml.SafeLoader):
+    """SafeLoader plus ``!path rel/file``: a path relative to the pipeline file, made absolute, so
+    a pipeline runs from any working directory. No other tags: configs never execute code."""
+
+    base_dir = Path(".")
+
+
+def _path_tag(loader: _Loader, node: yaml.Node) -> str:
+    return str((loader.base_dir / loader.construct_scalar(node)).resolve())
+
+
+_Loader.add_constructor("!path", _path_tag)
+
+
+def _load_yaml(text: str, file: str, base_dir: Path | None = None) -> tuple[Any, dict[tuple, int]]:
     """Parse YAML safely and remember the 1-based line of every mapping key and list item."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
+    loader.base_dir = base_dir or Path.cwd()
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
@@ -230,7 +246,7 @@ def parse_pipeline(text: str, *, file: str = "<string>", overrides: list[str] | 
                    registry: Registry | None = None, base_dir: Path | None = None) -> Pipeline:
     registry = registry or REGISTRY
     parsed_overrides = parse_overrides(overrides)
-    data, lines = _load_yaml(text, file)
+    data, lines = _load_yaml(text, file, base_dir)
     loc = _Locator(file, lines, {})
     if not isinstance(data, dict):
         raise loc.error((), "a pipeline is a mapping with a 'stages:' key")

@@ -24,7 +24,7 @@ STELE = str(Path(sys.executable).parent / "stele")
 
 
 def make_plugin_site(root: Path, module_src: Path = PLUGIN_SRC, name: str = "stele_testplugin",
-                     entry: str | None = None) -> Path:
+                     entry: str | None = None, group: str = "stele.stages") -> Path:
     """Lay out a separately "installed" distribution whose ``stele.stages`` entry point names
     ``module_src``: exactly what ``pip install some-plugin`` leaves in site-packages."""
     site = root / "site"
@@ -33,7 +33,7 @@ def make_plugin_site(root: Path, module_src: Path = PLUGIN_SRC, name: str = "ste
     dist = site / f"{name}-0.1.dist-info"
     dist.mkdir(exist_ok=True)
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[stele.stages]\n{name} = {entry or name}\n")
+    (dist / "entry_points.txt").write_text(f"[{group}]\n{name} = {entry or name}\n")
     return site
 
 

@@ -79,9 +79,17 @@ class Quarantine:
         self.count = 0
         self.by_reason: dict[str, int] = {}
         self.examples: list[dict[str, Any]] = []
+        self._seen: set[tuple[str, str, str]] = set()
 
     def bad(self, where: str, reason: str, text: str = "") -> None:
-        """Report one unusable item. ``where`` is ``file:line`` (or ``file`` / an item id)."""
+        """Report one unusable item. ``where`` is ``file:line`` (or ``file`` / an item id).
+
+        A source may read a file more than once (for entities, then for triples): the same
+        ``(where, reason, text)`` is counted once.
+        """
+        if (where, reason, text) in self._seen:
+            return
+        self._seen.add((where, reason, text))
         msg = f"{where}: {reason}" + (f": {text[:200]!r}" if text else "")
         if self.on_error == "raise":
             raise SourceError(f"source {self.source!r}: {msg} (set on_error: skip to quarantine such "

@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline import StageContext, StageFailed, stage
 from pipeline.train import ScalingParams, TrainConfig, fit
 
-from ..embed import DEFAULT_LOSS, bernoulli_head_prob, train_loop_per_worker
 from ..kg import KnowledgeGraph
 
 # Margins the families are usually trained with: TransE's ranking margin, RotatE's gamma.
@@ -46,6 +45,8 @@ class EmbedParams(BaseModel):
 @stage("knowledge.embed", version="1", cpus=0)
 def embed(ctx: StageContext, params: EmbedParams) -> dict:
     """Train KG embeddings (PyG models, stele's loop) with early stopping on validation MRR."""
+    from ..embed import DEFAULT_LOSS, bernoulli_head_prob, train_loop_per_worker  # torch: lazily
+
     kg = KnowledgeGraph.load((ctx.inputs.get("kg") or ctx.input).path)
     train, valid = kg.split_array("train"), kg.split_array("valid")
     if len(train) < params.scaling.num_workers:
@@ -94,6 +95,7 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
             "best_valid_mrr": best_row["valid_mrr"] if best_row else None,
             "best_epoch": best_row["step"] if best_row else None,
             "weights": "best validation" if best else "last epoch",
+            "train_loop_s": round(sum(h.get("epoch_s", 0.0) for h in hist), 3),
             "num_workers": params.scaling.num_workers}
 
 

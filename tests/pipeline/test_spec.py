@@ -124,3 +124,16 @@ def test_bad_set_syntax(test_stages: None) -> None:
 def test_store_relative_to_pipeline_file(tmp_path: Path, test_stages: None) -> None:
     p = write(tmp_path, "store: ./here\nstages:\n  a: {uses: test.write}\n")
     assert load_pipeline(p).store == str(tmp_path / "here")
+
+
+def test_path_tag_is_relative_to_the_pipeline_file(tmp_path: Path, test_stages: None) -> None:
+    sub = tmp_path / "pipes"
+    sub.mkdir()
+    p = sub / "p.yaml"
+    p.write_text("stages:\n  a: {uses: test.write, with: {text: !path ../data/x.txt}}\n")
+    assert load_pipeline(p).stages["a"].params.text == str(tmp_path / "data" / "x.txt")
+
+
+def test_unsafe_yaml_tags_are_refused(tmp_path: Path, test_stages: None) -> None:
+    with pytest.raises(SpecError, match="malformed YAML"):
+        parse_pipeline("stages:\n  a: !!python/object/apply:os.system ['true']\n")
