@@ -118,6 +118,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for both")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--transe-norm", type=float, default=1.0,
+                    help="TransE distance norm for both. PyG normalises entities with the same norm "
+                         "(p=1: L1-normalised), PyKEEN always L2-normalises them: only p=2 is the "
+                         "same model in both")
     ap.add_argument("--pykeen-benchmark", action="store_true",
                     help="PyKEEN's benchmarking TransE config on Kinships: dim 256, L1, "
                          "self-adversarial, 38 negatives, batch 512, lr 1.07e-3, 350 epochs")
@@ -131,7 +135,7 @@ def main() -> None:
     else:
         for ds in args.datasets.split(","):
             for model in args.models.split(","):
-                configs.append(dict(dataset=ds, model=model, dim=args.dim, p_norm=1.0,
+                configs.append(dict(dataset=ds, model=model, dim=args.dim, p_norm=args.transe_norm,
                                     loss=DEFAULT_LOSS[model], margin=DEFAULT_MARGIN[model],
                                     temperature=1.0, negatives=args.negatives,
                                     batch_size=args.batch_size, lr=args.lr, epochs=args.epochs,

@@ -15,6 +15,8 @@ _LOCAL_ENV = {
     # Ray Train's controller polls workers every 2 s by default; each checkpoint report waits for a
     # poll, which costs seconds per checkpoint in short local runs.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Spot-instance preemption does not happen to a local Ray; its watcher only costs start-up.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 
 
@@ -53,7 +55,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
             kwargs.setdefault("runtime_env", {"env_vars": {"PYTHONPATH": path}})
             # address="local": always a private instance, never silently joining another
             # process's Ray that happens to run on this machine.
-            ray.init(address="local", num_cpus=n, include_dashboard=False, **{**common, **kwargs})
+            kwargs.setdefault("include_dashboard", False)
+            if not kwargs["include_dashboard"]:
+                # Without a dashboard there is no State API; pipeline.train reads this to skip
+                # Ray Train's placement-group cleaner, whose every query would time out (10 s).
+                os.environ["STELE_RAY_STATE_API"] = "0"
+            ray.init(address="local", num_cpus=n, **{**common, **kwargs})
     ctx = ray.get_runtime_context()
     return {"address": address or "embedded", "embedded": not address,
             "resources": ray.cluster_resources(), "node": ctx.get_node_id()}

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .context import StageContext
 from .errors import StageFailed
+from .fingerprint import files_fingerprint
 from .registry import stage
 
 
@@ -38,13 +39,7 @@ def _listing(params: SnapshotParams) -> list[Path]:
 
 def _fingerprint(params: SnapshotParams) -> str:
     """Sizes and modification times of every file, so edited data invalidates the cache."""
-    root = Path(params.path)
-    h = hashlib.sha256()
-    for p in _listing(params):
-        st = p.stat()
-        h.update(f"{p.relative_to(root) if p != root else p.name}\0{st.st_size}\0{st.st_mtime_ns}\n"
-                 .encode())
-    return h.hexdigest()
+    return files_fingerprint(_listing(params), root=Path(params.path))
 
 
 @stage("core.snapshot", version="1", fingerprint=_fingerprint)

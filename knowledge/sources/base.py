@@ -27,7 +27,6 @@ Third-party packages add sources through the ``stele.sources`` entry-point group
 from __future__ import annotations
 
 import gzip
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import StageFailed
+from pipeline.fingerprint import files_fingerprint
 from pipeline.registry import Registry
 
 SPLITS = ("train", "valid", "test")
@@ -134,11 +134,7 @@ class KnowledgeSource(BaseModel):
     def fingerprint(self) -> Any:
         """Content that decides the cache key besides the parameters: by default the sizes and
         modification times of the files :meth:`files` lists, so edited data re-runs ingest."""
-        h = hashlib.sha256()
-        for p in self.files():
-            st = p.stat()
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()
+        return files_fingerprint(self.files())
 
     def files(self) -> list[Path]:
         """Local files this source reads (for the fingerprint)."""

@@ -16,7 +16,6 @@ The matching rules and their reasons are in :mod:`knowledge.link`.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline import StageContext, StageFailed, stage
+from pipeline.fingerprint import files_fingerprint, tree_files
 
 from ..kg import KnowledgeGraph
 from ..link import ENGLISH_STOPWORDS, Gazetteer
@@ -78,15 +78,7 @@ class LinkParams(BaseModel):
 def _fingerprint(params: LinkParams) -> str:
     """Size and mtime of the text file (of every file, for a dataset folder): edited text re-links."""
     root = Path(params.text)
-    if not root.exists():
-        return "missing"  # the stage itself fails with a clear message
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    h = hashlib.sha256()
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.relative_to(root) if p != root else p.name}\0{st.st_size}\0{st.st_mtime_ns}\n"
-                 .encode())
-    return h.hexdigest()
+    return files_fingerprint(tree_files(root) if root.exists() else [root], root=root)
 
 
 def _format(path: Path, fmt: str) -> str:

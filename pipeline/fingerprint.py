@@ -1,0 +1,32 @@
+"""Fingerprints of files a stage reads from outside the store, for its cache key.
+
+Parameters name a file; its content can change under the same name. Hashing sizes and modification
+times (not contents: those can be gigabytes) makes an edited file re-run the stages that read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def files_fingerprint(paths: Iterable[Path], root: Path | None = None) -> str:
+    """SHA-256 over ``(name, size, mtime_ns)`` of each file, names relative to ``root`` if given.
+    A missing file counts as ``missing``: the stage itself then fails with a clear message."""
+    h = hashlib.sha256()
+    for p in sorted(Path(p) for p in paths):
+        name = p.relative_to(root) if root is not None and p != root and p.is_relative_to(root) \
+            else p.name if root is not None else p
+        try:
+            st = p.stat()
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except FileNotFoundError:
+            h.update(f"{name}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def tree_files(root: Path) -> list[Path]:
+    """The files under ``root`` (or ``root`` itself when it is a file)."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
