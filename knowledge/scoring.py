@@ -104,39 +104,32 @@ def _distmult(model, exact: bool) -> CandidateScorer:
         kind="dot")
 
 
+def _cmul(a_re: Tensor, a_im: Tensor, b_re: Tensor, b_im: Tensor) -> Tensor:
+    """Complex product ``a * b`` as ``[real, imaginary]`` concatenated on the last dim."""
+    return torch.cat([a_re * b_re - a_im * b_im, a_re * b_im + a_im * b_re], dim=-1)
+
+
 def _complex(model, exact: bool) -> CandidateScorer:
+    # Re(<h, r, conj(t)>) = <h * r, t> = <conj(r) * t, h> over [re, im] vectors
     e_re, e_im = model.node_emb.weight, model.node_emb_im.weight
     r_re, r_im = model.rel_emb.weight, model.rel_emb_im.weight
-
-    def tail_query(h: Tensor, r: Tensor) -> Tensor:
-        hr, hi, rr, ri = e_re[h], e_im[h], r_re[r], r_im[r]
-        return torch.cat([hr * rr - hi * ri, hi * rr + hr * ri], dim=-1)  # (b, 2d)
-
-    def head_query(r: Tensor, t: Tensor) -> Tensor:
-        tr, ti, rr, ri = e_re[t], e_im[t], r_re[r], r_im[r]
-        return torch.cat([rr * tr + ri * ti, rr * ti - ri * tr], dim=-1)  # (b, 2d)
-
-    return CandidateScorer(candidates=torch.cat([e_re, e_im], dim=-1),    # (N, 2d)
-                           tail_query=tail_query, head_query=head_query, kind="dot")
+    return CandidateScorer(
+        candidates=torch.cat([e_re, e_im], dim=-1),                                    # (N, 2d)
+        tail_query=lambda h, r: _cmul(e_re[h], e_im[h], r_re[r], r_im[r]),            # (b, 2d)
+        head_query=lambda r, t: _cmul(r_re[r], -r_im[r], e_re[t], e_im[t]),           # (b, 2d)
+        kind="dot")
 
 
 def _rotate(model, exact: bool) -> CandidateScorer:
+    # |h * w_r - t| = |conj(w_r) * t - h| since |w_r| = 1: rotate the head forward, or the tail back
     e_re, e_im = model.node_emb.weight, model.node_emb_im.weight
     theta = model.rel_emb.weight
     cos, sin = torch.cos(theta), torch.sin(theta)
-
-    def tail_query(h: Tensor, r: Tensor) -> Tensor:
-        hr, hi, c, s = e_re[h], e_im[h], cos[r], sin[r]
-        return torch.cat([c * hr - s * hi, c * hi + s * hr], dim=-1)      # (b, 2d)
-
-    def head_query(r: Tensor, t: Tensor) -> Tensor:
-        tr, ti, c, s = e_re[t], e_im[t], cos[r], sin[r]
-        # rotate the tail back by conj(w_r): (t_re + i t_im)(c - i s)
-        return torch.cat([c * tr + s * ti, c * ti - s * tr], dim=-1)      # (b, 2d)
-
-    return CandidateScorer(candidates=torch.cat([e_re, e_im], dim=-1),    # (N, 2d)
-                           tail_query=tail_query, head_query=head_query,
-                           kind="distance", p=2.0, offset=float(model.margin), exact=exact)
+    return CandidateScorer(
+        candidates=torch.cat([e_re, e_im], dim=-1),                                    # (N, 2d)
+        tail_query=lambda h, r: _cmul(cos[r], sin[r], e_re[h], e_im[h]),               # (b, 2d)
+        head_query=lambda r, t: _cmul(cos[r], -sin[r], e_re[t], e_im[t]),              # (b, 2d)
+        kind="distance", p=2.0, offset=float(model.margin), exact=exact)
 
 
 _BUILDERS: dict[str, Callable[..., CandidateScorer]] = {

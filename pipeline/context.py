@@ -77,9 +77,25 @@ class StageContext:
         self._report(desc, done, total)
         self.log.info("%s: %d%s done", desc or "progress", done, f"/{total}" if total else "")
 
+    def progress_reporter(self) -> "ProgressReporter | None":
+        """A picklable handle other processes (Ray Train workers) can report this stage's
+        progress through; None when no live display is listening."""
+        return ProgressReporter(self._progress, self.stage) if self._progress is not None else None
+
     def _report(self, desc: str, done: int, total: int | None) -> None:
         if self._progress is not None:
             self._progress.update.remote(self.stage, desc, done, total)
+
+
+@dataclass(frozen=True)
+class ProgressReporter:
+    """``update(desc, done, total)`` from any process of the cluster to the driver's display."""
+
+    hub: Any
+    stage: str
+
+    def update(self, desc: str, done: int, total: int | None) -> None:
+        self.hub.update.remote(self.stage, desc, done, total)
 
 
 class _Tee:

@@ -65,17 +65,20 @@ def _gpu_available() -> bool:
 
 def fit(train_loop_per_worker: Callable[[dict], None], loop_config: dict[str, Any],
         train: TrainConfig, *, storage_uri: str, name: str = "train",
-        datasets: dict[str, Any] | None = None) -> "FitResult":
+        datasets: dict[str, Any] | None = None, progress: Any = None,
+        progress_desc: str = "step") -> "FitResult":
     """Run (or resume) a training loop with Ray Train; returns the final checkpoint and history.
 
     ``storage_uri`` should be the stage's ``ctx.state_uri``: a second call with the same
     ``storage_uri`` and ``name`` continues from the latest checkpoint instead of starting over.
+    ``progress`` (``ctx.progress_reporter()``) shows rank 0's steps in the live display.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     use_gpu = _gpu_available() if train.use_gpu is None else train.use_gpu
-    config = dict(loop_config, _train=train.model_dump())
+    config = dict(loop_config, _train=train.model_dump(), _progress=progress,
+                  _progress_desc=progress_desc)
     trainer = _trainer_class(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config=config,
@@ -217,6 +220,10 @@ class TrainSession:
         self.step += 1
         row = {"step": self.step, **{k: float(v) for k, v in metrics.items()}}
         self.history.append(row)
+        reporter = self.config.get("_progress")
+        if reporter is not None and self.rank == 0:
+            reporter.update(self.config.get("_progress_desc", "step"), self.step,
+                            self.train.max_steps)
         due = (self.step % self.train.checkpoint_every == 0 or self.step >= self.train.max_steps
                or self.stopped)
         if not due:

@@ -69,7 +69,8 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
                             checkpoint_every=max(1, params.eval_every or 10), seed=params.seed)
     ctx.log.info("training %s dim %d on %d triples (%d entities) with %d worker(s)", params.model,
                  params.dim, len(train), kg.num_entities, params.scaling.num_workers)
-    result = fit(train_loop_per_worker, config, train_cfg, storage_uri=ctx.state_uri, name="embed")
+    result = fit(train_loop_per_worker, config, train_cfg, storage_uri=ctx.state_uri, name="embed",
+                 progress=ctx.progress_reporter(), progress_desc="epoch")
 
     from safetensors.torch import load_file, save_file
 
