@@ -63,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True, soft_wrap=True)
     try:
         return _dispatch(args, console)
-    except SpecError as e:
-        err.print(f"error: {e}", style="bold red", highlight=False, markup=False, soft_wrap=True)
-        return 2
-    except SteleError as e:
+    except SteleError as e:  # bad spec, override, artifact reference: one line, nothing ran
         err.print(f"error: {e}", style="bold red", highlight=False, markup=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
@@ -88,7 +85,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             problems = store.verify(key)
             for p in problems:
                 console.print(f"[red]damaged:[/] {p}")
-            console.print("[green]verified[/]" if not problems else "")
+            if not problems:
+                console.print("[green]verified[/]")
             return 1 if problems else 0
         return 0
 
