@@ -80,6 +80,7 @@ def run_pykeen(cfg: dict) -> dict:
 def run_stele(cfg: dict, work: Path) -> dict:
     store = work / f"store-{cfg['dataset']}-{cfg['model']}-{time.time_ns()}"
     embed = {"model": cfg["model"], "dim": cfg["dim"], "p_norm": cfg["p_norm"], "margin": cfg["margin"],
+             "entity_norm": cfg.get("entity_norm"),
              "loss": cfg["loss"], "adversarial_temperature": cfg["temperature"],
              "negatives": cfg["negatives"], "batch_size": cfg["batch_size"], "lr": cfg["lr"],
              "epochs": cfg["epochs"], "eval_every": 0, "patience": 0, "seed": cfg["seed"],
@@ -122,6 +123,8 @@ def main() -> None:
                     help="TransE distance norm for both. PyG normalises entities with the same norm "
                          "(p=1: L1-normalised), PyKEEN always L2-normalises them: only p=2 is the "
                          "same model in both")
+    ap.add_argument("--entity-norm", type=float, default=None,
+                    help="stele's TransE: normalise entities in this norm (2 = PyKEEN's model)")
     ap.add_argument("--pykeen-benchmark", action="store_true",
                     help="PyKEEN's benchmarking TransE config on Kinships: dim 256, L1, "
                          "self-adversarial, 38 negatives, batch 512, lr 1.07e-3, 350 epochs")
@@ -131,7 +134,8 @@ def main() -> None:
     if args.pykeen_benchmark:
         configs.append(dict(dataset="kinships", model="transe", dim=256, p_norm=1.0, loss="self_adversarial",
                             margin=9.0, temperature=1.0, negatives=38, batch_size=512, lr=1.07e-3,
-                            epochs=350, threads=args.threads, seed=args.seed))
+                            epochs=350, threads=args.threads, seed=args.seed,
+                            entity_norm=args.entity_norm))
     else:
         for ds in args.datasets.split(","):
             for model in args.models.split(","):
@@ -139,7 +143,8 @@ def main() -> None:
                                     loss=DEFAULT_LOSS[model], margin=DEFAULT_MARGIN[model],
                                     temperature=1.0, negatives=args.negatives,
                                     batch_size=args.batch_size, lr=args.lr, epochs=args.epochs,
-                                    threads=args.threads, seed=args.seed))
+                                    threads=args.threads, seed=args.seed,
+                                    entity_norm=args.entity_norm))
     work = Path(tempfile.mkdtemp(prefix="stele-kge-bench-"))
     rows = []
     for cfg in configs:  # interleaved: PyKEEN then stele for each setting

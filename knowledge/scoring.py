@@ -86,7 +86,8 @@ class CandidateScorer:
 
 def _transe(model, exact: bool) -> CandidateScorer:
     p = float(model.p_norm)
-    ent = F.normalize(model.node_emb.weight, p=p, dim=-1)                 # (N, d)
+    q = float(getattr(model, "entity_norm", p))  # entity normalisation (PyG's TransE: q = p)
+    ent = F.normalize(model.node_emb.weight, p=q, dim=-1)                 # (N, d)
     rel = model.rel_emb.weight                                            # (R, d)
     return CandidateScorer(
         candidates=ent,

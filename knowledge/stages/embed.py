@@ -22,6 +22,9 @@ class EmbedParams(BaseModel):
     model: Literal["transe", "distmult", "complex", "rotate"] = "transe"
     dim: int = Field(default=128, ge=1, description="embedding size (complex dims for ComplEx/RotatE)")
     p_norm: float = Field(default=1.0, description="TransE distance norm")
+    entity_norm: float | None = Field(
+        default=None, description="TransE: normalise entities in this norm (2: the paper's and "
+                                  "PyKEEN's model); None: in the distance norm, as PyG does")
     margin: float | None = Field(default=None, description="TransE ranking margin / RotatE gamma")
     loss: Literal["auto", "margin", "bce", "self_adversarial"] = Field(
         default="auto", description="auto: margin (TransE), bce (DistMult, ComplEx), "
@@ -53,7 +56,8 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
         raise StageFailed(f"{len(train)} training triples cannot feed {params.scaling.num_workers} "
                           "workers")
     margin = DEFAULT_MARGIN[params.model] if params.margin is None else params.margin
-    model_kwargs = {"transe": {"p_norm": params.p_norm, "margin": margin},
+    model_kwargs = {"transe": {"p_norm": params.p_norm, "margin": margin,
+                               **({"entity_norm": params.entity_norm} if params.entity_norm else {})},
                     "rotate": {"margin": margin}, "distmult": {}, "complex": {}}[params.model]
     config = {
         **params.model_dump(exclude={"scaling"}),

@@ -17,7 +17,8 @@ from knowledge.models import build_model
 from knowledge.scoring import candidate_scorer, score_heads, score_tails
 
 N, R, DIM = 30, 4, 16
-MODELS = [("transe", {"p_norm": 1.0}), ("transe", {"p_norm": 2.0}), ("distmult", {}),
+MODELS = [("transe", {"p_norm": 1.0}), ("transe", {"p_norm": 2.0}),
+          ("transe", {"p_norm": 1.0, "entity_norm": 2.0}), ("distmult", {}),
           ("complex", {}), ("rotate", {"margin": 3.0})]
 
 
