@@ -15,8 +15,9 @@ Per step of a batch of ``B`` positive triples:
   - ``bce`` (DistMult, ComplEx; Trouillon et al. 2016): binary cross-entropy with logits, positives
     labelled 1 and negatives 0, averaged over the ``B (1 + k)`` scores;
   - ``self_adversarial`` (RotatE; Sun et al. 2019): ``-log sigma(s_pos) - sum_i p_i log sigma(-s_neg_i)``
-    with ``p = softmax(alpha * s_neg)`` treated as constant, averaged; PyG's RotatE score already is
-    ``gamma - d(h o r, t)``.
+    with ``p = softmax(alpha * s_neg)`` treated as constant, averaged, on ``s = gamma - d``: PyG's
+    RotatE score already is ``gamma - d(h o r, t)``; other models get ``gamma`` added
+    (:func:`score_shift`), as PyKEEN's NSSA loss does.
 
 An epoch is one :class:`~pipeline.train.TrainSession` step: every worker takes a disjoint shard of
 a seeded permutation of the training triples, so N workers see each triple once per epoch. Every
@@ -86,6 +87,13 @@ def kge_loss(kind: str, pos: torch.Tensor, neg: torch.Tensor, margin: float,
     raise ValueError(f"unknown loss {kind!r}")
 
 
+def score_shift(model: str, loss: str, margin: float) -> float:
+    """What to add to the model's scores before the loss. The self-adversarial loss works on
+    ``gamma - d(h, r, t)`` (Sun et al. 2019; PyKEEN's NSSA adds its margin to any score): PyG's
+    RotatE already returns that, a distance model such as TransE returns ``-d``, so gamma is added."""
+    return margin if loss == "self_adversarial" and model != "rotate" else 0.0
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: one epoch per session step (see the module docstring)."""
     from pipeline.train import TrainSession
@@ -109,6 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if config["corruption"] == "bernoulli" else None
     n_shard = len(train) // world  # equal shards: DDP needs the same number of steps everywhere
     bsz, k = config["batch_size"], config["negatives"]
+    shift = score_shift(config["model"], config["loss"], config["margin"])
     state = session.data_state
     state.setdefault("best_mrr", -1.0)
     state.setdefault("bad_evals", 0)
@@ -123,7 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             pos = train[shard[start:start + bsz]]
             neg = corrupt(pos, k, config["num_entities"], head_prob)
             batch = torch.cat([pos, neg])
-            scores = session.model(batch[:, 0], batch[:, 1], batch[:, 2])
+            scores = session.model(batch[:, 0], batch[:, 1], batch[:, 2]) + shift
             loss = kge_loss(config["loss"], scores[: len(pos)], scores[len(pos):].view(len(pos), k),
                             config["margin"], config["adversarial_temperature"])
             optimizer.zero_grad(set_to_none=True)

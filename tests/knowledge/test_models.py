@@ -36,3 +36,18 @@ def test_entity_norm_changes_transe() -> None:
         assert not torch.allclose(a(h, r, t), b(h, r, t))
     with pytest.raises(ValueError, match="unknown KGE model 'transh'"):
         build_model("transh", 12, 3, 8)
+
+
+def test_self_adversarial_loss_sees_gamma_minus_distance() -> None:
+    """Sun et al. 2019's loss is on gamma - d: PyG's RotatE includes gamma, TransE's -d does not."""
+    from knowledge.embed import kge_loss, score_shift
+
+    assert score_shift("rotate", "self_adversarial", 9.0) == 0.0
+    assert score_shift("transe", "self_adversarial", 9.0) == 9.0
+    assert score_shift("transe", "margin", 9.0) == 0.0
+    d_pos, d_neg = torch.tensor([2.0]), torch.tensor([[12.0, 15.0]])
+    # A positive at distance 2, negatives at 12 and 15, gamma 9: well separated, so a loss near 0
+    # on gamma - d; on -d the positive's score -2 alone would cost -log sigma(-2) = 2.13
+    shifted = kge_loss("self_adversarial", 9.0 - d_pos, 9.0 - d_neg, 9.0, 1.0)
+    raw = kge_loss("self_adversarial", -d_pos, -d_neg, 9.0, 1.0)
+    assert shifted < 0.1 and raw > 1.0
