@@ -125,8 +125,9 @@ def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = N
     for n, p in planned.items():
         if p.action == "cached":
             outcomes[n].status = rows[n].status = "cached"
-            outcomes[n].metrics = store.manifest(p.key).get("metrics", {})
-            outcomes[n].wall_s = store.manifest(p.key).get("wall_s")
+            manifest = store.manifest(p.key)
+            outcomes[n].metrics = manifest.get("metrics", {})
+            outcomes[n].wall_s = manifest.get("wall_s")
         elif p.action == "excluded":
             rows[n].status = "excluded"
 
