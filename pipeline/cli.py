@@ -1,4 +1,4 @@
-"""``stele`` command line: run, plan, stages, show, demo.
+"""``stele`` command line: run, plan, stages, datasets, show, demo.
 
 Exit codes: 0 success; 1 a stage failed; 2 bad input (spec, override, unknown artifact), nothing ran;
 130 interrupted.
@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     _ray_args(p)
     p = sub.add_parser("stages", help="list registered stage types and their parameters")
     p.add_argument("name", nargs="?", help="only this stage type")
+    p = sub.add_parser("datasets", help="list registered media datasets and their parameters")
+    p.add_argument("name", nargs="?", help="only this dataset type")
     p = sub.add_parser("show", help="print an artifact's manifest")
     p.add_argument("artifact", help="artifact key (or a prefix of 6+ characters) or folder")
     p.add_argument("--store", help="artifact store (default: $STELE_STORE or ./stele-store)")
@@ -77,6 +79,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
     if args.cmd == "stages":
         return _stages(args.name, console)
+    if args.cmd == "datasets":
+        return _datasets(args.name, console)
     if args.cmd == "show":
         store = ArtifactStore(args.store or default_store_uri())
         key = store.resolve(args.artifact)
@@ -126,6 +130,16 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     return 0 if result.ok else 1
 
 
+def _param_table(rows: list[dict]) -> Table:
+    t = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
+    for col in ("  parameter", "type", "default", "description"):
+        t.add_column(col)
+    for row in rows:
+        t.add_row(f"  {row['name']}", row["type"], repr(row["default"]) if row["default"] != "required"
+                  else "[bold]required[/]", row["description"])
+    return t
+
+
 def _stages(name: str | None, console: Console) -> int:
     from .registry import REGISTRY
 
@@ -139,15 +153,31 @@ def _stages(name: str | None, console: Console) -> int:
                       f"cpus={st.resources.cpus:g} gpus={st.resources.gpus:g}[/]")
         if st.description:
             console.print(f"  {st.description}", highlight=False)
-        t = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
-        for col in ("  parameter", "type", "default", "description"):
-            t.add_column(col)
-        for row in st.parameters():
-            t.add_row(f"  {row['name']}", row["type"], repr(row["default"]) if row["default"] != "required"
-                      else "[bold]required[/]", row["description"])
         if st.params.model_fields:
-            console.print(t)
+            console.print(_param_table(st.parameters()))
     for plugin, error in REGISTRY.plugin_errors.items():
+        console.print(f"[red]plugin failed to load:[/] {plugin}: {error}")
+    return 0
+
+
+def _datasets(name: str | None, console: Console) -> int:
+    import inspect
+
+    from .datasets import DATASETS
+    from .registry import model_parameters
+
+    types = DATASETS.all()
+    if name:
+        if name not in types:
+            raise SpecError(DATASETS.unknown_message(name), file="stele datasets")
+        types = {name: types[name]}
+    for ds_name, cls in types.items():
+        console.print(f"[bold]{ds_name}[/] ({cls.modality})  [dim]{cls.__module__}.{cls.__qualname__}[/]")
+        doc = (inspect.getdoc(cls) or "").split("\n\n")[0]
+        if doc:
+            console.print(f"  {' '.join(doc.split())}", highlight=False)
+        console.print(_param_table(model_parameters(cls, skip=("type",))))
+    for plugin, error in DATASETS.plugin_errors.items():
         console.print(f"[red]plugin failed to load:[/] {plugin}: {error}")
     return 0
 

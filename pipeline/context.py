@@ -50,6 +50,7 @@ class StageContext:
     log: logging.Logger
     metrics: dict[str, Any] = field(default_factory=dict)
     _progress: Any = None           # the driver's ProgressHub actor, or None
+    _last_report: float = 0.0
 
     @property
     def input(self) -> Artifact:
@@ -76,6 +77,14 @@ class StageContext:
                 self._report(desc, done, total)
         self._report(desc, done, total)
         self.log.info("%s: %d%s done", desc or "progress", done, f"/{total}" if total else "")
+
+    def report_progress(self, desc: str, done: int, total: int | None = None) -> None:
+        """Set this stage's progress bar directly, for work that is not one Python loop over items
+        (e.g. batches streaming back from Ray Data); throttled like :meth:`progress`."""
+        now = time.monotonic()
+        if now - self._last_report > 0.25 or (total is not None and done >= total):
+            self._last_report = now
+            self._report(desc, done, total)
 
     def progress_reporter(self) -> "ProgressReporter | None":
         """A picklable handle other processes (Ray Train workers) can report this stage's

@@ -64,22 +64,29 @@ class StageType:
         return f"{self.fn.__module__}.{self.fn.__qualname__}"
 
     def parameters(self) -> list[dict[str, Any]]:
-        """Parameter name, type, default (or ``required``) and description, for ``stele stages``."""
-        rows = []
-        for name, f in self.params.model_fields.items():
-            ann = f.annotation
-            plain = isinstance(ann, type) and not typing.get_args(ann)
-            type_name = ann.__name__ if plain else str(ann).replace("typing.", "")
-            default = "required" if f.is_required() else f.get_default(call_default_factory=True)
-            if isinstance(default, BaseModel):
-                default = default.model_dump(mode="json")
-            rows.append({
-                "name": name,
-                "type": type_name.replace("pydantic.functional_serializers.", ""),
-                "default": default,
-                "description": f.description or "",
-            })
-        return rows
+        return model_parameters(self.params)
+
+
+def model_parameters(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Parameter name, type, default (or ``required``) and description of a pydantic model, for
+    ``stele stages`` and ``stele datasets``."""
+    rows = []
+    for name, f in model.model_fields.items():
+        if name in skip:
+            continue
+        ann = f.annotation
+        plain = isinstance(ann, type) and not typing.get_args(ann)
+        type_name = ann.__name__ if plain else str(ann).replace("typing.", "")
+        default = "required" if f.is_required() else f.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = default.model_dump(mode="json")
+        rows.append({
+            "name": name,
+            "type": type_name.replace("pydantic.functional_serializers.", ""),
+            "default": default,
+            "description": f.description or "",
+        })
+    return rows
 
 
 @dataclass

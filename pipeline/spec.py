@@ -22,6 +22,7 @@ Every error names the file, the line and the field (``demo.yaml:12: stages.embed
 from __future__ import annotations
 
 import graphlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,8 +106,9 @@ class Pipeline:
 
 # --------------------------------------------------------------------------------------------- YAML
 class _Loader(yaml.SafeLoader):
-    """SafeLoader plus ``!path rel/file``: a path relative to the pipeline file, made absolute, so
-    a pipeline runs from any working directory. No other tags: configs never execute code."""
+    """SafeLoader plus two path tags, made absolute so a pipeline runs from any working directory:
+    ``!path rel/file`` (relative to the pipeline file) and ``!data rel/file`` (relative to
+    ``$STELE_DATA``, the folder of full-size datasets). No other tags: configs never execute code."""
 
     base_dir = Path(".")
 
@@ -115,7 +117,22 @@ def _path_tag(loader: _Loader, node: yaml.Node) -> str:
     return str((loader.base_dir / loader.construct_scalar(node)).resolve())
 
 
+class _TagError(yaml.constructor.ConstructorError):
+    """A well-formed tag whose value cannot be resolved (not a YAML syntax problem)."""
+
+
+def _data_tag(loader: _Loader, node: yaml.Node) -> str:
+    rel = loader.construct_scalar(node)
+    root = os.environ.get("STELE_DATA")
+    if not root:
+        raise _TagError(
+            None, None, f"!data {rel}: STELE_DATA is not set (point it at the folder holding the "
+                        f"full-size datasets)", node.start_mark)
+    return str((Path(root).expanduser() / rel).resolve())
+
+
 _Loader.add_constructor("!path", _path_tag)
+_Loader.add_constructor("!data", _data_tag)
 
 
 def _load_yaml(text: str, file: str, base_dir: Path | None = None) -> tuple[Any, dict[tuple, int]]:
@@ -132,7 +149,8 @@ def _load_yaml(text: str, file: str, base_dir: Path | None = None) -> tuple[Any,
             problem += f" ({e.context} at line {context.line + 1})"
             if mark is None or mark.index >= len(text.rstrip()):  # hit the end: where it began helps
                 mark = context
-        raise SpecError(f"malformed YAML: {problem}", file=file,
+        what = "" if isinstance(e, _TagError) else "malformed YAML: "
+        raise SpecError(f"{what}{problem}", file=file,
                         line=mark.line + 1 if mark else None) from None
     finally:
         loader.dispose()

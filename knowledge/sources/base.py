@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import StageFailed
 from pipeline.fingerprint import files_fingerprint
+from pipeline.quarantine import Quarantine as _Quarantine
 from pipeline.registry import Registry
 
 SPLITS = ("train", "valid", "test")
@@ -69,38 +70,10 @@ class SourceError(StageFailed):
     """Unusable input, with file and line in the message."""
 
 
-class Quarantine:
-    """Collects unusable items of one source: raise on the first, or count and keep a sample."""
+class Quarantine(_Quarantine):
+    """:class:`pipeline.quarantine.Quarantine` raising :class:`SourceError`."""
 
-    KEEP = 20
-
-    def __init__(self, source: str, on_error: str = "raise"):
-        self.source, self.on_error = source, on_error
-        self.count = 0
-        self.by_reason: dict[str, int] = {}
-        self.examples: list[dict[str, Any]] = []
-        self._seen: set[tuple[str, str, str]] = set()
-
-    def bad(self, where: str, reason: str, text: str = "") -> None:
-        """Report one unusable item. ``where`` is ``file:line`` (or ``file`` / an item id).
-
-        A source may read a file more than once (for entities, then for triples): the same
-        ``(where, reason, text)`` is counted once.
-        """
-        if (where, reason, text) in self._seen:
-            return
-        self._seen.add((where, reason, text))
-        msg = f"{where}: {reason}" + (f": {text[:200]!r}" if text else "")
-        if self.on_error == "raise":
-            raise SourceError(f"source {self.source!r}: {msg} (set on_error: skip to quarantine such "
-                              f"items and keep going)")
-        self.count += 1
-        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
-        if len(self.examples) < self.KEEP:
-            self.examples.append({"where": where, "reason": reason, "text": text[:200]})
-
-    def summary(self) -> dict[str, Any]:
-        return {"count": self.count, "by_reason": self.by_reason, "examples": self.examples}
+    error = SourceError
 
 
 class KnowledgeSource(BaseModel):

@@ -137,3 +137,13 @@ def test_path_tag_is_relative_to_the_pipeline_file(tmp_path: Path, test_stages: 
 def test_unsafe_yaml_tags_are_refused(tmp_path: Path, test_stages: None) -> None:
     with pytest.raises(SpecError, match="malformed YAML"):
         parse_pipeline("stages:\n  a: !!python/object/apply:os.system ['true']\n")
+
+
+def test_data_tag_resolves_under_stele_data_or_says_it_is_unset(tmp_path, monkeypatch):
+    text = "name: t\nstages:\n  a:\n    uses: core.snapshot\n    with: {path: !data emoji/x}\n"
+    monkeypatch.setenv("STELE_DATA", str(tmp_path))
+    p = parse_pipeline(text, file="t.yaml")
+    assert p.stages["a"].params.path == str((tmp_path / "emoji" / "x").resolve())
+    monkeypatch.delenv("STELE_DATA")
+    with pytest.raises(SpecError, match=r"t.yaml:5: !data emoji/x: STELE_DATA is not set"):
+        parse_pipeline(text, file="t.yaml")

