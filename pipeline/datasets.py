@@ -28,12 +28,21 @@ A listing problem (a malformed caption line, a missing file named in an annotati
 ``on_error: skip``, because one bad image in a million should not stop an extraction run, and every
 skipped item is listed in the stage's ``rejected`` table.
 
+The readers that image and audio datasets have in common live here too, so that both report the same
+problems in the same words: :func:`read_media`, :func:`load_json`, :func:`text_lines`,
+:func:`read_records` (CSV/TSV/JSONL media-and-text files), :func:`text_list`, :func:`unique_ids`, and
+for Hugging Face tables the base class :class:`HFDataset` with :func:`open_hf_dataset`,
+:func:`hf_items` and :func:`hf_offline`.
+
 This module knows nothing about images or audio: the engine stays free of domain knowledge, and the
 vision, speech and fusion packages all share one item type.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +50,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticUndefined
 
 from .errors import StageFailed
 from .fingerprint import files_fingerprint
@@ -69,6 +79,12 @@ class DatasetError(StageFailed):
     """A dataset that cannot be read at all (missing folder, unparsable annotation file)."""
 
 
+class DatasetQuarantine(Quarantine):
+    """:class:`~pipeline.quarantine.Quarantine` raising :class:`DatasetError`."""
+
+    error = DatasetError
+
+
 class MediaDataset(BaseModel):
     """Base class of every media dataset; subclasses add their parameters as fields."""
 
@@ -84,6 +100,20 @@ class MediaDataset(BaseModel):
     def model_post_init(self, context: Any) -> None:
         if not self.type:
             self.type = self.name
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray ships the dataset to every worker: send the parameters, and reset what a private
+        # attribute with a default caches (an opened table), so that each worker opens it itself (a
+        # memory map of the same files). One without a default is built from the parameters at
+        # validation (spoken_captions' base dataset), which unpickling does not repeat: it travels.
+        state = super().__getstate__()
+        private = dict(state["__pydantic_private__"] or {})  # a copy: self keeps its caches
+        for name, attr in type(self).__private_attributes__.items():
+            default = attr.get_default()
+            if default is not PydanticUndefined:
+                private[name] = default
+        state["__pydantic_private__"] = private
+        return state
 
     def items(self, q: Quarantine) -> Iterator[Item]:
         """Every item, in a stable order; unusable records go to ``q`` with file and line."""
@@ -133,3 +163,214 @@ def build_dataset(spec: dict[str, Any]) -> MediaDataset:
     if not isinstance(spec, dict) or "type" not in spec:
         raise ValueError("a dataset needs a 'type:' (see `stele datasets`)")
     return DATASETS.get(spec["type"]).model_validate(spec)
+
+
+def read_media(path: Path, kind: str) -> bytes:
+    """The bytes of a media file; an ``OSError`` naming the ``kind`` (``image``, ``audio``) and
+    file otherwise, which the feature stage records as a rejected item."""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise OSError(f"cannot read {kind} {path}: {e.strerror or e}") from e
+
+
+def load_json(path: Path, kind: type) -> Any:
+    """A whole JSON document of the expected top-level type, or a :class:`DatasetError`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read: {e}") from None
+    if not isinstance(doc, kind):
+        raise DatasetError(f"{path}: expected a JSON {kind.__name__}, found {type(doc).__name__}")
+    return doc
+
+
+def text_lines(path: Path, q: Quarantine) -> Iterator[tuple[int, str]]:
+    """``(line number, text with its newline)`` of a UTF-8 file; an undecodable line goes to ``q``,
+    the rest of the file is still read. A UTF-8 byte-order mark (spreadsheet exports) is dropped."""
+    with open(path, "rb") as f:
+        for no, raw in enumerate(f, 1):
+            try:
+                yield no, raw.decode("utf-8-sig" if no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                q.bad(f"{path}:{no}", f"undecodable bytes ({e.reason} at byte {e.start})",
+                      raw.decode("utf-8", "replace"))
+
+
+def text_list(value: Any) -> list[str] | None:
+    """A text field (caption, transcript) as a list of stripped strings; None if it is neither a
+    string nor a list of strings. Empty strings stay: the feature stage records them."""
+    if isinstance(value, str):
+        return [value.strip()]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value]
+    return None
+
+
+def unique_ids(items: Iterator[Item], q: Quarantine) -> Iterator[Item]:
+    """Items with ids not seen before: ids name features and texts downstream, so a repeat would
+    silently merge two pieces of media. Each repeat goes to ``q`` as ``duplicate id``."""
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            q.bad(item.where, "duplicate id", item.id)
+            continue
+        seen.add(item.id)
+        yield item
+
+
+def read_records(path: Path, fmt: Literal["csv", "tsv", "jsonl"], media_column: str,
+                 text_column: str, q: Quarantine, *, params: str
+                 ) -> Iterator[tuple[str, str, list[str], dict[str, Any]]]:
+    """``(where, media path, texts, other columns)`` of each usable record of a file that names
+    media files and their texts.
+
+    CSV (``,``, quoted fields may span lines) or TSV (tab, no quoting) with a header row naming both
+    columns; or JSON lines, one object per line, whose ``text_column`` is a string or a list of
+    strings. ``where`` is ``file:line`` (a record's first line); the media path is stripped and
+    normalised (``./a//b.jpg`` -> ``a/b.jpg``), so two spellings of one file name one item. A bad
+    record goes to ``q``. A header without the columns raises a :class:`DatasetError` that says to
+    set ``params``: the dataset's parameters for the two columns (``"file_column / text_column"``).
+    """
+    media, txt = media_column, text_column
+    rows = _jsonl_rows(path, q) if fmt == "jsonl" else \
+        _table_rows(path, fmt == "tsv", (media, txt), q, params)
+    for where, row, line in rows:
+        if media not in row or txt not in row:  # JSON only: a table row has every header column
+            q.bad(where, f"missing field {media if media not in row else txt!r}", line)
+        elif not isinstance(row[media], str) or not row[media].strip():
+            q.bad(where, f"field {media!r} must be a non-empty path" if fmt == "jsonl" else
+                  f"empty {media!r}", line)
+        elif (texts := text_list(row[txt])) is None:  # JSON only: a table cell is a string
+            q.bad(where, f"field {txt!r} must be a string or a list of strings", line)
+        else:
+            meta = {k: v for k, v in row.items() if k not in (media, txt)}
+            yield where, Path(os.path.normpath(row[media].strip())).as_posix(), texts, meta
+
+
+def _jsonl_rows(path: Path, q: Quarantine) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """``(where, object, line)`` of each non-blank line that is a JSON object."""
+    for no, line in text_lines(path, q):
+        if not line.strip():
+            continue
+        where = f"{path}:{no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            q.bad(where, f"malformed JSON ({e.msg})", line)
+            continue
+        if not isinstance(row, dict):
+            q.bad(where, "expected a JSON object", line)
+            continue
+        yield where, row, line
+
+
+def _table_rows(path: Path, tsv: bool, required: tuple[str, ...], q: Quarantine, params: str
+                ) -> Iterator[tuple[str, dict[str, str], str]]:
+    """``(where, {column: value}, line)`` of each non-blank row after the header."""
+    first: list[int | None] = [None]  # first line of the record being read (may span lines)
+
+    def text() -> Iterator[str]:
+        for no, line in text_lines(path, q):
+            first[0] = first[0] or no
+            yield line
+
+    reader = csv.reader(text(), delimiter="\t" if tsv else ",",
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    header: list[str] | None = None
+    for row in reader:
+        where, line, first[0] = f"{path}:{first[0]}", ("\t" if tsv else ",").join(row), None
+        if not row:
+            continue
+        if header is None:
+            header = [h.strip() for h in row]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise DatasetError(f"{where}: header has no column {', '.join(map(repr, missing))} "
+                                   f"(columns: {header}); set {params}")
+            continue
+        if len(row) != len(header):
+            q.bad(where, f"expected {len(header)} columns, found {len(row)}", line)
+            continue
+        yield where, dict(zip(header, row)), line
+
+
+def hf_offline() -> bool:
+    """Whether Hugging Face downloads are switched off (``HF_HUB_OFFLINE`` or
+    ``HF_DATASETS_OFFLINE``): a Hub name then fails at once rather than after network retries."""
+    return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def open_hf_dataset(path: str, split: str | None) -> Any:
+    """One ``datasets.Dataset``: a ``save_to_disk`` folder, or a Hub name (a :class:`DatasetError`
+    at once when :func:`hf_offline`). ``split`` picks from a ``DatasetDict``; it may be left out
+    when there is one split, and must be for a table without splits."""
+    import datasets
+
+    p = Path(path)
+    try:
+        if p.is_dir():
+            if not ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
+                raise DatasetError(f"{p}: not a save_to_disk folder (no state.json or "
+                                   f"dataset_dict.json)")
+            ds = datasets.load_from_disk(str(p))
+        elif hf_offline():
+            raise DatasetError(f"{path!r} is not a local folder, and as a Hub dataset name it cannot "
+                               f"be fetched: HF_HUB_OFFLINE=1 is set")
+        else:
+            ds = datasets.load_dataset(path)
+    except (OSError, ValueError) as e:  # datasets' not-found and offline errors
+        raise DatasetError(f"{path}: cannot load the dataset: {type(e).__name__}: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        split = split or (next(iter(ds)) if len(ds) == 1 else None)
+        if split not in ds:
+            raise DatasetError(f"{path}: choose a split with split: (it has {', '.join(ds)})")
+        return ds[split]
+    if split:
+        raise DatasetError(f"{path}: one dataset without splits; remove split: {split}")
+    return ds
+
+
+def hf_items(ds: Any, name: str, text_column: str, id_column: str | None,
+             q: Quarantine) -> Iterator[Item]:
+    """An item per row of a ``datasets.Dataset``: media = the row number, id = the ``id_column``
+    value (else the row number), texts = ``text_column`` (a string or a list of strings). Only
+    those columns are read, so listing never touches the media. A bad row goes to ``q`` as
+    ``<name> row <i>``."""
+    cols = [text_column] + ([id_column] if id_column else [])
+    i = 0
+    for batch in ds.select_columns(cols).iter(batch_size=1000):
+        for row in zip(*(batch[c] for c in cols)):
+            where = f"{name} row {i}"
+            texts = text_list(row[0])
+            if texts is None:
+                q.bad(where, f"column {text_column!r} must be a string or a list of strings",
+                      repr(row[0]))
+            elif id_column and row[1] in (None, ""):
+                q.bad(where, f"empty {id_column!r}", repr(row))
+            else:
+                yield Item(id=str(row[1]) if id_column else str(i), media=str(i), texts=texts,
+                           where=where)
+            i += 1
+
+
+class HFDataset(MediaDataset):
+    """Base of the datasets that read a Hugging Face ``datasets`` table (``hf_images``,
+    ``hf_audio``): its parameters besides the media column, which subclasses add with ``load``."""
+
+    path: str = Field(description="save_to_disk folder, or a Hub dataset name")
+    split: str | None = Field(default=None, description="split of a DatasetDict (needed when it "
+                                                        "has several)")
+    text_column: str = "text"
+    id_column: str | None = None
+
+    def files(self) -> list[Path]:
+        p = Path(self.path)
+        # a Hub dataset: its revision, not local files, decides what is read
+        return sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []

@@ -190,11 +190,12 @@ class Listing:
 
     def __init__(self, dataset: Any, out: Path, writer: FeatureWriter, *, limit: int | None = None,
                  chunk: int = 256):
-        from .quarantine import Quarantine
+        from .datasets import DatasetQuarantine
 
         self.dataset, self.writer, self.limit, self.chunk = dataset, writer, limit, chunk
         self.items_writer = pq.ParquetWriter(Path(out) / "items.parquet", ITEM_SCHEMA)
-        self.quarantine = Quarantine(f"dataset {dataset.type}", dataset.on_error, sink=self._listing_bad)
+        self.quarantine = DatasetQuarantine(f"dataset {dataset.type}", dataset.on_error,
+                                            sink=self._listing_bad)
         self.items = self.texts = self.empty_texts = self.items_without_text = 0
 
     def _listing_bad(self, where: str, reason: str, text: str) -> None:

@@ -162,6 +162,9 @@ class TrainSession:
     data_state: dict[str, Any] = field(default_factory=dict)
     # Tensors the loop keeps across resumes besides the model (e.g. the best weights so far).
     extra: dict[str, Any] = field(default_factory=dict)
+    # Passed to DistributedDataParallel, e.g. find_unused_parameters for objectives that may
+    # leave a head unused in a batch (a dEA head on a batch without entities).
+    ddp_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         import ray.train
@@ -182,7 +185,8 @@ class TrainSession:
             with ckpt.as_directory() as d:
                 self._load(Path(d), torch)
             self.resumed_from = self.step
-        self.model = ray.train.torch.prepare_model(self.raw_model)
+        self.model = ray.train.torch.prepare_model(
+            self.raw_model, parallel_strategy_kwargs=self.ddp_kwargs or None)
         self.device = ray.train.torch.get_device()
 
     # -- loop --------------------------------------------------------------------------------
@@ -235,13 +239,13 @@ class TrainSession:
     # -- state ---------------------------------------------------------------------------------
     def _save(self, d: Path) -> None:
         import torch
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file, save_model
 
         torch.save(_rng_state(torch), d / f"rng_rank{self.rank}.pt")
         if self.rank != 0:  # Ray merges every rank's files into one checkpoint folder
             return
-        state = {k: v.detach().cpu().contiguous() for k, v in self.raw_model.state_dict().items()}
-        save_file(state, str(d / MODEL_FILE))
+        # save_model stores tied weights (an MLM head sharing the word embeddings) once
+        save_model(self.raw_model, str(d / MODEL_FILE))
         torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
         if self.scheduler is not None:
             torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
@@ -253,10 +257,10 @@ class TrainSession:
             "history": self.history, "stopped": self.stopped}))
 
     def _load(self, d: Path, torch: Any) -> None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file, load_model
 
         state = json.loads((d / STATE_FILE).read_text())
-        self.raw_model.load_state_dict(load_file(str(d / MODEL_FILE)))
+        load_model(self.raw_model, str(d / MODEL_FILE))
         self.optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
         if self.scheduler is not None and (d / "scheduler.pt").exists():
             self.scheduler.load_state_dict(torch.load(d / "scheduler.pt", weights_only=True))

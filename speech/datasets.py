@@ -42,10 +42,8 @@ listed and the feature stage records the empty text.
 
 from __future__ import annotations
 
-import csv
 import importlib.metadata
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,7 +52,9 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
-from pipeline.datasets import AudioClip, DatasetError, Item, MediaDataset, build_dataset, dataset
+from pipeline.datasets import (AudioClip, DatasetError, HFDataset, Item, MediaDataset, build_dataset,
+                               dataset, hf_items, open_hf_dataset, read_media, read_records,
+                               text_lines, unique_ids)
 from pipeline.quarantine import Quarantine
 
 from . import tts
@@ -62,52 +62,6 @@ from . import tts
 # "<s> text </s> (fileid)" or "text (fileid)": the id is the last parenthesised word of the line.
 _SPHINX_LINE = re.compile(r"^(?P<text>.*?)\s*\((?P<id>[^()\s]+)\)\s*$")
 _SPHINX_MARKS = re.compile(r"^\s*<s>|</s>\s*$")
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise OSError(f"cannot read audio {path}: {e.strerror or e}") from e
-
-
-def _lines(path: Path, q: Quarantine) -> Iterator[tuple[int, str]]:
-    """``(line number, text with its newline)``; an undecodable line goes to ``q``, the rest of the
-    file is still read. A UTF-8 byte-order mark (spreadsheet exports) is dropped."""
-    with open(path, "rb") as f:
-        for no, raw in enumerate(f, 1):
-            try:
-                yield no, raw.decode("utf-8-sig" if no == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                q.bad(f"{path}:{no}", f"undecodable bytes ({e.reason} at byte {e.start})",
-                      raw.decode("utf-8", "replace"))
-
-
-def _strings(value: Any) -> list[str] | None:
-    """A text field as a list of stripped strings; None if it is neither a string nor a list of
-    strings. Empty strings stay: the feature stage records them."""
-    if isinstance(value, str):
-        return [value.strip()]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return [v.strip() for v in value]
-    return None
-
-
-def _unique(items: Iterator[Item], q: Quarantine) -> Iterator[Item]:
-    """Items with ids not seen before: ids name features and texts downstream, so a repeat would
-    silently merge two clips."""
-    seen: set[str] = set()
-    for item in items:
-        if item.id in seen:
-            q.bad(item.where, "duplicate id", item.id)
-            continue
-        seen.add(item.id)
-        yield item
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 @dataset("audio_folder")
@@ -155,7 +109,7 @@ class AudioFolder(MediaDataset):
             return []  # the stage itself then fails with the message
 
     def load(self, media: str) -> bytes:
-        return _read(Path(self.root) / media)
+        return read_media(Path(self.root) / media, "audio")
 
     def _format(self, path: Path) -> str:
         if self.format != "auto":
@@ -173,8 +127,7 @@ class AudioFolder(MediaDataset):
         path = self._transcripts()
         root = Path(self.root)
         fmt = self._format(path)
-        records = self._sphinx(path, q) if fmt == "sphinx" else \
-            self._jsonl(path, q) if fmt == "jsonl" else self._table(path, fmt == "tsv", q)
+        records = self._sphinx(path, q) if fmt == "sphinx" else self._table(path, fmt, q)
         found: dict[str, Item] = {}
         missing: set[str] = set()
         for where, item_id, media, texts in records:
@@ -185,8 +138,14 @@ class AudioFolder(MediaDataset):
             found.setdefault(media, Item(id=item_id, media=media, where=where)).texts += texts
         yield from found.values()
 
+    def _table(self, path: Path, fmt: str, q: Quarantine) -> Iterator[tuple[str, str, str, list[str]]]:
+        """CSV, TSV or JSONL records; the item id is the normalised path, other columns are unused."""
+        for where, rel, texts, _ in read_records(path, fmt, self.file_column, self.text_column, q,
+                                                 params="file_column / text_column"):
+            yield where, rel, rel, texts
+
     def _sphinx(self, path: Path, q: Quarantine) -> Iterator[tuple[str, str, str, list[str]]]:
-        for no, line in _lines(path, q):
+        for no, line in text_lines(path, q):
             if not line.strip():
                 continue
             where = f"{path}:{no}"
@@ -197,66 +156,9 @@ class AudioFolder(MediaDataset):
             text = " ".join(_SPHINX_MARKS.sub("", m["text"]).split())
             yield where, m["id"], m["id"] + self.extension, [text]
 
-    def _jsonl(self, path: Path, q: Quarantine) -> Iterator[tuple[str, str, str, list[str]]]:
-        col, txt = self.file_column, self.text_column
-        for no, line in _lines(path, q):
-            if not line.strip():
-                continue
-            where = f"{path}:{no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                q.bad(where, f"malformed JSON ({e.msg})", line)
-                continue
-            if not isinstance(row, dict):
-                q.bad(where, "expected a JSON object", line)
-            elif col not in row or txt not in row:
-                q.bad(where, f"missing field {col if col not in row else txt!r}", line)
-            elif not isinstance(row[col], str) or not row[col].strip():
-                q.bad(where, f"field {col!r} must be a non-empty path", line)
-            elif (texts := _strings(row[txt])) is None:
-                q.bad(where, f"field {txt!r} must be a string or a list of strings", line)
-            else:
-                rel = Path(os.path.normpath(row[col].strip())).as_posix()
-                yield where, rel, rel, texts
-
-    def _table(self, path: Path, tsv: bool, q: Quarantine) -> Iterator[tuple[str, str, str, list[str]]]:
-        col, txt = self.file_column, self.text_column
-        first: list[int | None] = [None]  # first line of the record being read (may span lines)
-
-        def text() -> Iterator[str]:
-            for no, line in _lines(path, q):
-                first[0] = first[0] or no
-                yield line
-
-        reader = csv.reader(text(), delimiter="\t" if tsv else ",",
-                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-        header: list[str] | None = None
-        for row in reader:
-            where, line, first[0] = f"{path}:{first[0]}", ("\t" if tsv else ",").join(row), None
-            if not row:
-                continue
-            if header is None:
-                header = [h.strip() for h in row]
-                missing = [c for c in (col, txt) if c not in header]
-                if missing:
-                    raise DatasetError(f"{where}: header has no column "
-                                       f"{', '.join(map(repr, missing))} (columns: {header}); "
-                                       f"set file_column / text_column")
-                continue
-            if len(row) != len(header):
-                q.bad(where, f"expected {len(header)} columns, found {len(row)}", line)
-                continue
-            values = dict(zip(header, row))
-            if not values[col].strip():
-                q.bad(where, f"empty {col!r}", line)
-                continue
-            rel = Path(os.path.normpath(values[col].strip())).as_posix()
-            yield where, rel, rel, [values[txt].strip()]
-
 
 @dataset("hf_audio")
-class HFAudio(MediaDataset):
+class HFAudio(HFDataset):
     """A Hugging Face ``datasets`` table: a ``save_to_disk`` folder, or a Hub name (fails at once
     under ``HF_HUB_OFFLINE=1``). ``audio_column`` holds encoded files (bytes, or an ``Audio()``
     feature, read undecoded) or samples (a list of numbers with ``sampling_rate_column`` or
@@ -265,12 +167,7 @@ class HFAudio(MediaDataset):
     """
 
     modality: ClassVar[str] = "audio"
-    path: str = Field(description="save_to_disk folder, or a Hub dataset name")
-    split: str | None = Field(default=None, description="split of a DatasetDict (needed when it "
-                                                        "has several)")
     audio_column: str = "audio"
-    text_column: str = "text"
-    id_column: str | None = None
     sampling_rate_column: str = Field(
         default="sampling_rate",
         description="per-row rate of sample arrays, used when the table has it")
@@ -278,47 +175,6 @@ class HFAudio(MediaDataset):
                                       description="rate of sample arrays when no column gives it")
     _rows: Any = PrivateAttr(default=None)  # the audio column in Arrow form, opened on first load()
     _kind: str | None = PrivateAttr(default=None)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Ray ships the dataset to every worker: send the parameters, and let each worker open the
-        # table itself (a memory map of the same files).
-        state = super().__getstate__()
-        state["__pydantic_private__"] = {"_rows": None, "_kind": None}
-        return state
-
-    def files(self) -> list[Path]:
-        p = Path(self.path)
-        # a Hub dataset: its revision, not local files, decides what is read
-        return sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
-
-    def _open(self) -> Any:
-        import datasets
-
-        p = Path(self.path)
-        try:
-            if p.is_dir():
-                if not ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
-                    raise DatasetError(f"{p}: not a save_to_disk folder (no state.json or "
-                                       f"dataset_dict.json)")
-                ds = datasets.load_from_disk(str(p))
-            elif _offline():
-                raise DatasetError(f"{self.path!r} is not a local folder, and as a Hub dataset "
-                                   f"name it cannot be fetched: HF_HUB_OFFLINE=1 is set")
-            else:
-                ds = datasets.load_dataset(self.path)
-        except (OSError, ValueError) as e:  # datasets' not-found and offline errors
-            raise DatasetError(f"{self.path}: cannot load the dataset: {type(e).__name__}: {e}") \
-                from None
-        if isinstance(ds, datasets.DatasetDict):
-            split = self.split or (next(iter(ds)) if len(ds) == 1 else None)
-            if split not in ds:
-                raise DatasetError(f"{self.path}: choose a split with split: (it has "
-                                   f"{', '.join(ds)})")
-            return ds[split]
-        if self.split:
-            raise DatasetError(f"{self.path}: one dataset without splits; remove split: "
-                               f"{self.split}")
-        return ds
 
     def _audio_kind(self, ds: Any) -> str:
         """How the audio column stores audio, from its feature type alone (no row is read):
@@ -351,36 +207,20 @@ class HFAudio(MediaDataset):
         return f"{self.path}[{self.split}]" if self.split else self.path
 
     def items(self, q: Quarantine) -> Iterator[Item]:
-        return _unique(self._items(q), q)
+        return unique_ids(self._items(q), q)
 
     def _items(self, q: Quarantine) -> Iterator[Item]:
-        ds = self._open()
+        ds = open_hf_dataset(self.path, self.split)
         self._audio_kind(ds)  # a column that holds no audio fails the listing, not every load
-        cols = [self.text_column] + ([self.id_column] if self.id_column else [])
-        missing = [c for c in cols if c not in ds.column_names]
+        missing = [c for c in (self.text_column, self.id_column) if c and c not in ds.column_names]
         if missing:
             raise DatasetError(f"{self.path}: no column {', '.join(map(repr, missing))} (columns: "
                                f"{', '.join(ds.column_names)}); set text_column / id_column")
-        name = self._name()
-        i = 0
-        # Only the text and id columns: listing never reads audio.
-        for batch in ds.select_columns(cols).iter(batch_size=1000):
-            for row in zip(*(batch[c] for c in cols)):
-                where = f"{name} row {i}"
-                texts = _strings(row[0])
-                if texts is None:
-                    q.bad(where, f"column {self.text_column!r} must be a string or a list of "
-                                 f"strings", repr(row[0]))
-                elif self.id_column and row[1] in (None, ""):
-                    q.bad(where, f"empty {self.id_column!r}", repr(row))
-                else:
-                    yield Item(id=str(row[1]) if self.id_column else str(i), media=str(i),
-                               texts=texts, where=where)
-                i += 1
+        yield from hf_items(ds, self._name(), self.text_column, self.id_column, q)
 
     def load(self, media: str) -> bytes | AudioClip:
         if self._rows is None:
-            ds = self._open()
+            ds = open_hf_dataset(self.path, self.split)
             self._kind = self._audio_kind(ds)
             cols = [self.audio_column]
             if self._kind == "array" and self.sampling_rate_column in ds.column_names:
@@ -412,7 +252,7 @@ class HFAudio(MediaDataset):
             return value["bytes"]
         if value.get("path"):    # an Audio() feature naming a file
             path = Path(value["path"])
-            return _read(path if path.is_absolute() else Path(self.path) / path)
+            return read_media(path if path.is_absolute() else Path(self.path) / path, "audio")
         raise ValueError(f"{where}: column {self.audio_column!r} holds neither bytes nor a path")
 
 

@@ -33,9 +33,6 @@ malformed line, a missing image, a repeated id) go to the quarantine with their 
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,67 +40,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from pipeline.datasets import DatasetError, Item, MediaDataset, dataset
+from pipeline.datasets import (DatasetError, HFDataset, Item, MediaDataset, dataset, hf_items,
+                               load_json, open_hf_dataset, read_media, read_records, unique_ids)
 from pipeline.quarantine import Quarantine
 
 Split = Literal["train", "val", "test", "restval"]
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise OSError(f"cannot read image {path}: {e.strerror or e}") from e
-
-
-def _load_json(path: Path, kind: type) -> Any:
-    """A whole JSON document of the expected top-level type, or a :class:`DatasetError`."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: cannot read: {e}") from None
-    if not isinstance(doc, kind):
-        raise DatasetError(f"{path}: expected a JSON {kind.__name__}, found {type(doc).__name__}")
-    return doc
-
-
-def _unique(items: Iterator[Item], q: Quarantine) -> Iterator[Item]:
-    """Items with ids not seen before: ids name features and texts downstream, so a repeat would
-    silently merge two images."""
-    seen: set[str] = set()
-    for item in items:
-        if item.id in seen:
-            q.bad(item.where, "duplicate id", item.id)
-            continue
-        seen.add(item.id)
-        yield item
-
-
-def _strings(value: Any) -> list[str] | None:
-    """A caption field as a list of stripped strings; None if it is neither a string nor a list of
-    strings."""
-    if isinstance(value, str):
-        return [value.strip()]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return [v.strip() for v in value]
-    return None
-
-
-def _lines(path: Path, q: Quarantine) -> Iterator[tuple[int, str]]:
-    """``(line number, text with its newline)``; an undecodable line goes to ``q``, the rest of the
-    file is still read. A UTF-8 byte-order mark (spreadsheet exports) is dropped."""
-    with open(path, "rb") as f:
-        for no, raw in enumerate(f, 1):
-            try:
-                yield no, raw.decode("utf-8-sig" if no == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                q.bad(f"{path}:{no}", f"undecodable bytes ({e.reason} at byte {e.start})",
-                      raw.decode("utf-8", "replace"))
 
 
 @dataset("image_folder")
@@ -134,7 +75,7 @@ class ImageFolder(MediaDataset):
         return Path(self.root) if self.root else Path(self.captions).parent
 
     def load(self, media: str) -> bytes:
-        return _read(self._root() / media)
+        return read_media(self._root() / media, "image")
 
     def items(self, q: Quarantine) -> Iterator[Item]:
         path, root = Path(self.captions), self._root()
@@ -144,8 +85,9 @@ class ImageFolder(MediaDataset):
             raise DatasetError(f"{root}: no such images folder")
         found: dict[str, Item] = {}
         missing: set[str] = set()
-        for where, file, texts, meta in self._records(path, q):
-            rel = Path(os.path.normpath(file)).as_posix()
+        records = read_records(path, self._format(path), self.image_column, self.caption_column, q,
+                               params="image_column / caption_column")
+        for where, rel, texts, meta in records:
             if rel in missing or (rel not in found and not (root / rel).is_file()):
                 missing.add(rel)
                 q.bad(where, "image file not found", str(root / rel))
@@ -161,64 +103,6 @@ class ImageFolder(MediaDataset):
             with open(path, encoding="utf-8", errors="replace") as f:
                 fmt = "tsv" if "\t" in f.readline() else "csv"
         return fmt
-
-    def _records(self, path: Path, q: Quarantine) -> Iterator[tuple[str, str, list[str], dict]]:
-        """``(where, image path, captions, other columns)`` of each usable row."""
-        img, cap, fmt = self.image_column, self.caption_column, self._format(path)
-        if fmt == "jsonl":
-            for no, line in _lines(path, q):
-                if not line.strip():
-                    continue
-                where = f"{path}:{no}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    q.bad(where, f"malformed JSON ({e.msg})", line)
-                    continue
-                if not isinstance(row, dict):
-                    q.bad(where, "expected a JSON object", line)
-                elif img not in row or cap not in row:
-                    q.bad(where, f"missing field {img if img not in row else cap!r}", line)
-                elif not isinstance(row[img], str) or not row[img].strip():
-                    q.bad(where, f"field {img!r} must be a non-empty path", line)
-                elif (texts := _strings(row[cap])) is None:
-                    q.bad(where, f"field {cap!r} must be a string or a list of strings", line)
-                else:
-                    meta = {k: v for k, v in row.items() if k not in (img, cap)}
-                    yield where, row[img].strip(), texts, meta
-            return
-        tsv = fmt == "tsv"
-        first: list[int | None] = [None]  # first line of the record being read (may span lines)
-
-        def text() -> Iterator[str]:
-            for no, line in _lines(path, q):
-                first[0] = first[0] or no
-                yield line
-
-        reader = csv.reader(text(), delimiter="\t" if tsv else ",",
-                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-        header: list[str] | None = None
-        for row in reader:
-            where, line, first[0] = f"{path}:{first[0]}", ("\t" if tsv else ",").join(row), None
-            if not row:
-                continue
-            if header is None:
-                header = [h.strip() for h in row]
-                missing = [c for c in (img, cap) if c not in header]
-                if missing:
-                    raise DatasetError(f"{where}: header has no column "
-                                       f"{', '.join(map(repr, missing))} (columns: {header}); "
-                                       f"set image_column / caption_column")
-                continue
-            if len(row) != len(header):
-                q.bad(where, f"expected {len(header)} columns, found {len(row)}", line)
-                continue
-            values = dict(zip(header, row))
-            if not values[img].strip():
-                q.bad(where, f"empty {img!r}", line)
-                continue
-            meta = {k: v for k, v in values.items() if k not in (img, cap)}
-            yield where, values[img].strip(), [values[cap].strip()], meta
 
 
 @dataset("coco")
@@ -250,14 +134,14 @@ class Coco(MediaDataset):
         return [Path(self.annotations)]
 
     def load(self, media: str) -> bytes:
-        return _read(Path(self.images) / media)
+        return read_media(Path(self.images) / media, "image")
 
     def items(self, q: Quarantine) -> Iterator[Item]:
-        return _unique(self._items(q), q)
+        return unique_ids(self._items(q), q)
 
     def _items(self, q: Quarantine) -> Iterator[Item]:
         path, root = Path(self.annotations), Path(self.images)
-        doc = _load_json(path, dict)
+        doc = load_json(path, dict)
         if not isinstance(doc.get("images"), list):
             raise DatasetError(f"{path}: no 'images' list (is this a COCO captions file?)")
         if not root.is_dir():
@@ -323,14 +207,14 @@ class Karpathy(MediaDataset):
         return [Path(self.path)]
 
     def load(self, media: str) -> bytes:
-        return _read(Path(self.images) / media)
+        return read_media(Path(self.images) / media, "image")
 
     def items(self, q: Quarantine) -> Iterator[Item]:
-        return _unique(self._items(q), q)
+        return unique_ids(self._items(q), q)
 
     def _items(self, q: Quarantine) -> Iterator[Item]:
         path, root = Path(self.path), Path(self.images)
-        doc = _load_json(path, dict)
+        doc = load_json(path, dict)
         if not isinstance(doc.get("images"), list):
             raise DatasetError(f"{path}: no 'images' list (is this a Karpathy split file?)")
         if not root.is_dir():
@@ -362,13 +246,8 @@ class Karpathy(MediaDataset):
             yield Item(id=rel, media=rel, texts=[t.strip() for t in texts], meta=meta, where=where)
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 @dataset("hf_images")
-class HFImages(MediaDataset):
+class HFImages(HFDataset):
     """A Hugging Face ``datasets`` table: a ``save_to_disk`` folder, or a Hub name (fails at once
     under ``HF_HUB_OFFLINE=1``). ``image_column`` is an ``Image()`` feature or raw bytes;
     ``text_column`` a string or a list of strings. Item media = the row number; item id = the
@@ -376,81 +255,28 @@ class HFImages(MediaDataset):
     """
 
     modality: ClassVar[str] = "image"
-    path: str = Field(description="save_to_disk folder, or a Hub dataset name")
-    split: str | None = Field(default=None, description="split of a DatasetDict (needed when it "
-                                                        "has several)")
     image_column: str = "image"
-    text_column: str = "text"
-    id_column: str | None = None
     _images: Any = PrivateAttr(default=None)  # the image column, opened on first load()
 
-    def files(self) -> list[Path]:
-        p = Path(self.path)
-        # a Hub dataset: its revision, not local files, decides what is read
-        return sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
-
-    def _open(self) -> Any:
-        import datasets
-
-        p = Path(self.path)
-        try:
-            if p.is_dir():
-                if not ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
-                    raise DatasetError(f"{p}: not a save_to_disk folder (no state.json or "
-                                       f"dataset_dict.json)")
-                ds = datasets.load_from_disk(str(p))
-            elif _offline():
-                raise DatasetError(f"{self.path!r} is not a local folder, and as a Hub dataset "
-                                   f"name it cannot be fetched: HF_HUB_OFFLINE=1 is set")
-            else:
-                ds = datasets.load_dataset(self.path)
-        except (OSError, ValueError) as e:  # datasets' not-found and offline errors
-            raise DatasetError(f"{self.path}: cannot load the dataset: {type(e).__name__}: {e}") \
-                from None
-        if isinstance(ds, datasets.DatasetDict):
-            split = self.split or (next(iter(ds)) if len(ds) == 1 else None)
-            if split not in ds:
-                raise DatasetError(f"{self.path}: choose a split with split: (it has "
-                                   f"{', '.join(ds)})")
-            return ds[split]
-        if self.split:
-            raise DatasetError(f"{self.path}: one dataset without splits; remove split: "
-                               f"{self.split}")
-        return ds
-
     def items(self, q: Quarantine) -> Iterator[Item]:
-        return _unique(self._items(q), q)
+        return unique_ids(self._items(q), q)
 
     def _items(self, q: Quarantine) -> Iterator[Item]:
-        ds = self._open()
-        cols = [self.text_column] + ([self.id_column] if self.id_column else [])
-        missing = [c for c in [self.image_column, *cols] if c not in ds.column_names]
+        ds = open_hf_dataset(self.path, self.split)
+        missing = [c for c in (self.image_column, self.text_column, self.id_column)
+                   if c and c not in ds.column_names]
         if missing:
             raise DatasetError(f"{self.path}: no column {', '.join(map(repr, missing))} (columns: "
                                f"{', '.join(ds.column_names)}); set image_column / text_column / "
                                f"id_column")
         name = f"{self.path}[{self.split}]" if self.split else self.path
-        i = 0
-        # Only the text and id columns: listing never reads an image.
-        for batch in ds.select_columns(cols).iter(batch_size=1000):
-            for row in zip(*(batch[c] for c in cols)):
-                where = f"{name} row {i}"
-                texts = _strings(row[0])
-                if texts is None:
-                    q.bad(where, f"column {self.text_column!r} must be a string or a list of "
-                                 f"strings", repr(row[0]))
-                elif self.id_column and row[1] in (None, ""):
-                    q.bad(where, f"empty {self.id_column!r}", repr(row))
-                else:
-                    yield Item(id=str(row[1]) if self.id_column else str(i), media=str(i),
-                               texts=texts, where=where)
-                i += 1
+        yield from hf_items(ds, name, self.text_column, self.id_column, q)
 
     def load(self, media: str) -> bytes:
         if self._images is None:
             import datasets
 
-            ds = self._open().select_columns([self.image_column])
+            ds = open_hf_dataset(self.path, self.split).select_columns([self.image_column])
             if isinstance(ds.features[self.image_column], datasets.Image):
                 ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
             self._images = ds
@@ -458,7 +284,7 @@ class HFImages(MediaDataset):
         if isinstance(value, dict) and value.get("bytes"):  # an Image() with embedded bytes
             return value["bytes"]
         if isinstance(value, dict) and value.get("path"):   # an Image() naming a file
-            return _read(Path(value["path"]))
+            return read_media(Path(value["path"]), "image")
         if isinstance(value, bytes):
             return value
         raise ValueError(f"{self.path} row {media}: column {self.image_column!r} holds no image "
@@ -482,14 +308,14 @@ class Emoji(MediaDataset):
         return [Path(self.path) / "emoji.json"]
 
     def load(self, media: str) -> bytes:
-        return _read(Path(self.path) / "img" / media)
+        return read_media(Path(self.path) / "img" / media, "image")
 
     def items(self, q: Quarantine) -> Iterator[Item]:
-        return _unique(self._items(q), q)
+        return unique_ids(self._items(q), q)
 
     def _items(self, q: Quarantine) -> Iterator[Item]:
         path = Path(self.path) / "emoji.json"
-        for i, e in enumerate(_load_json(path, list)):
+        for i, e in enumerate(load_json(path, list)):
             where = f"{path}[{i}]"
             if not isinstance(e, dict) or not isinstance(e.get("name"), str):
                 q.bad(where, "expected an object with a string 'name'", repr(e))

@@ -9,8 +9,9 @@
   that is not a predefined split, so such rows get no split (unless a split column says one);
 - a local folder of data files: ``load_dataset(folder)``, whose splits come from the file names
   (``train.parquet``, ``valid.parquet``, ...);
-- otherwise a Hub dataset name (with ``hub_config``). With ``HF_HUB_OFFLINE=1`` set this fails at once
-  with a clear message instead of trying the network.
+- otherwise a Hub dataset name (with ``hub_config``). With ``HF_HUB_OFFLINE=1`` (or
+  ``HF_DATASETS_OFFLINE=1``) set this fails at once with a clear message instead of trying the
+  network.
 
 Mapping: each row is one triple from ``head_column``, ``relation_column``, ``tail_column`` (values
 turned to strings). ``Triple.split`` comes from ``split_column`` when the table has one, else from the
@@ -22,9 +23,10 @@ quarantined once. Entities and relations are not declared: ingest names them by 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
+
+from pipeline.datasets import hf_offline
 
 from .base import KnowledgeSource, Quarantine, SourceError, Triple, source
 
@@ -33,10 +35,6 @@ SPLIT_NAMES = {"train": "train", "validation": "valid", "valid": "valid", "dev":
 FILE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json",
                 ".jsonl": "json", ".ndjson": "json"}
 COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".zip"}
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 @source("hf")
@@ -76,7 +74,7 @@ class HFSource(KnowledgeSource):
             elif p.is_dir():
                 ds = datasets.load_dataset(str(p))
             else:
-                if _offline():
+                if hf_offline():
                     raise SourceError(f"{self.path!r} is not a local file or folder, and as a Hub "
                                       f"dataset name it cannot be fetched: HF_HUB_OFFLINE=1 is set")
                 ds = datasets.load_dataset(self.path, self.hub_config)
