@@ -144,8 +144,9 @@ def rss_child(n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=1000)
-    ap.add_argument("--clips", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--clips", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=32, help="images per model batch")
+    ap.add_argument("--audio-batch", type=int, default=64, help="clips per Ray Data batch")
     ap.add_argument("--repeats", type=int, default=3, help="plain-loop repeats (median)")
     ap.add_argument("--rss-sizes", default="1000,10000")
     ap.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
@@ -182,13 +183,13 @@ def main() -> None:
             m, wall = run_stage(speech_features, SpeechFeaturesParams, {
                 "dataset": {"type": "audio_folder", "root": str(transcripts.parent),
                             "transcripts": transcripts.name},
-                "actors": actors, "batch_size": args.batch}, tmp / f"sf{actors}")
+                "actors": actors, "batch_size": args.audio_batch}, tmp / f"sf{actors}")
             rate = args.clips / wall
             rows.append(("clips", f"stage x{actors}", rate, m.get("steady_per_s"), rate / plain_a))
         shutdown_ray()
 
     print(f"\n{os.cpu_count()} cores; {args.images} images (tf_efficientnet_lite0, grid 1+49 regions, "
-          f"batch {args.batch}); {args.clips} clips of 3 s (log-mel 80)")
+          f"batch {args.batch}); {args.clips} clips of 3 s (log-mel 80, batch {args.audio_batch})")
     print(f"{'what':8} {'how':12} {'items/s':>9} {'steady/s':>9} {'vs plain':>9}")
     for what, how, rate, steady, ratio in rows:
         print(f"{what:8} {how:12} {rate:9.1f} {steady or float('nan'):9.1f} {ratio:9.2f}")

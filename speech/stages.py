@@ -51,7 +51,8 @@ class SpeechFeaturesParams(BaseModel):
     min_peak: float = Field(default=1e-4, ge=0, description="quieter clips are rejected as silent")
     max_seconds: float | None = Field(default=600.0, gt=0,
                                       description="longer clips are rejected (bounded worker memory)")
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="clips per Ray Data batch (each clip "
+                                                          "is featurized alone)")
     actors: int = Field(default=1, ge=1)
     cpus_per_actor: float = Field(default=1.0, gt=0)
     gpus_per_actor: float | None = Field(default=None, ge=0,

@@ -11,7 +11,8 @@ that needs no detector build. Each region gets a box, so the fusion encoders' lo
 - ``pooled``: the backbone's own pooled vector (``forward_head(pre_logits=True)``), one region.
 
 With ``global_token`` the pooled vector comes first as region 0 with the box of the whole input, like
-ViLBERT's IMG token. Boxes are then mapped from the network input back to the original image (the
+ViLBERT's IMG token (the mean of the regions instead, for models whose pooled vector is wider than
+their feature map). Boxes are then mapped from the network input back to the original image (the
 eval transform resizes and centre-crops), so a box always says which part of the picture a region
 saw.
 
@@ -94,7 +95,16 @@ class RegionFeaturizer:
         self.device = device
         # bf16 on GPU only: CPU autocast is slower than float32 for convolutions on most CPUs.
         self.amp = amp and device.startswith("cuda")
-        self.dim = int(model.num_features)
+        # The sizes come from one dry run: a model's pooled vector can be wider than its feature
+        # map (MobileNetV3's head convolution: 288 channels, 1024 pooled).
+        with torch.inference_mode():
+            fm = self.model.forward_features(torch.zeros(1, *data_cfg["input_size"], device=device))
+            pooled_dim = self.model.forward_head(fm, pre_logits=True).shape[-1]
+            regions, _ = self._regions(fm)
+        # The global token is the model's own pooled vector when it lives in the regions' space
+        # (EfficientNet's average pool, ViT's CLS token); otherwise the mean of the regions.
+        self.pooled_is_global = regions is None or regions.shape[-1] == pooled_dim
+        self.dim = int(pooled_dim if regions is None else regions.shape[-1])
 
     def __repr__(self) -> str:
         return (f"RegionFeaturizer({type(self.model).__name__}, mode={self.mode}, grid={self.grid}, "
@@ -105,8 +115,9 @@ class RegionFeaturizer:
         x = torch.stack([self.transform(im) for im in images]).to(self.device)  # (B, 3, H, W)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             fm = self.model.forward_features(x)
-            pooled = self.model.forward_head(fm, pre_logits=True)  # (B, D)
             regions, boxes = self._regions(fm)                     # (B, R, D), (R, 4)
+            pooled = (self.model.forward_head(fm, pre_logits=True) if self.pooled_is_global
+                      else regions.mean(1))                         # (B, D)
         if self.global_token or regions is None:
             whole = np.array([[0, 0, 1, 1]], np.float32)
             regions = pooled[:, None] if regions is None else torch.cat([pooled[:, None], regions], 1)
@@ -122,7 +133,8 @@ class RegionFeaturizer:
             if fm.ndim != 4:
                 raise ValueError(f"mode 'grid' needs a CNN-style feature map (B, C, H, W); this "
                                  f"backbone gives {tuple(fm.shape)}: use mode 'patch'")
-            if fm.shape[1] != self.dim and fm.shape[-1] == self.dim:
+            channels = int(self.model.num_features)
+            if fm.shape[1] != channels and fm.shape[-1] == channels:
                 fm = fm.permute(0, 3, 1, 2)  # NHWC backbones (Swin, some ConvNeXt variants)
             if self.grid:
                 fm = F.adaptive_avg_pool2d(fm, self.grid)

@@ -136,10 +136,15 @@ class ImageFeaturizeActor:
 @stage("vision.features", version="1", cpus=0, fingerprint=_fingerprint)
 def features(ctx: StageContext, params: VisionFeaturesParams) -> dict:
     """Region features (grid / patch / pooled) of an image dataset with a timm backbone, on Ray Data."""
+    from .features import RegionFeaturizer
+
     model, cfg, info = _backbone(params)  # fails here, once, on a bad name or weights file
     for w in info.get("warnings", []):
         ctx.log.warning("%s", w)
-    dim = int(model.num_features)
+    try:
+        dim = RegionFeaturizer(model, cfg, params.mode, params.grid, params.global_token).dim
+    except ValueError as e:  # a mode the architecture does not have
+        raise StageFailed(f"vision.features: {params.backbone}: {e}") from None
     del model
     gpus = params.gpus_per_actor if params.gpus_per_actor is not None else min(1.0, cluster_gpus())
     device = "cuda" if gpus > 0 else "cpu"

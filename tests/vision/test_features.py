@@ -114,3 +114,16 @@ def test_wrong_mode_for_the_architecture_says_which_to_use(cnn, vit):
         RegionFeaturizer(*vit, mode="grid")(_images(1))
     with pytest.raises(ValueError, match="use mode 'grid'"):
         RegionFeaturizer(*cnn, mode="patch")(_images(1))
+
+
+def test_a_pooled_vector_wider_than_the_feature_map_gives_way_to_the_regions_mean():
+    # MobileNetV3's head convolution widens the pooled vector (1024) beyond the map (288 here)
+    torch.manual_seed(0)
+    m = timm.create_model("mobilenetv3_small_050", pretrained=False).eval()
+    cfg = {**timm.data.resolve_data_config(model=m), "input_size": (3, 64, 64)}
+    grid = RegionFeaturizer(m, cfg, mode="grid")
+    feats, _ = grid(_images(1))[0]
+    assert grid.dim == 288 and feats.shape == (1 + 4, 288)
+    np.testing.assert_allclose(feats[0], feats[1:].mean(0), rtol=1e-5, atol=1e-6)
+    pooled = RegionFeaturizer(m, cfg, mode="pooled")
+    assert pooled.dim == 1024 and pooled(_images(1))[0][0].shape == (1, 1024)
