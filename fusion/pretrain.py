@@ -7,9 +7,9 @@ A *recipe* says how one model family pretrains; it is one registered class (entr
     class Ernie(Recipe):
         needs = ("text", "entities")          # input artifact roles
         Options = ErnieOptions                # its own validated options
-        def prepare(self, inputs, options, examples, log): ...   # driver: small shared resources
+        def prepare(self, inputs, options, docs, backbone, max_length): ...  # driver, once
         def build(self, backbone, resources, options): ...       # worker: the model (has .loss)
-        def collate(self, backbone, examples, resources, options, max_length, generator): ...
+        def collate(self, backbone, examples, resources, options, max_length): ...  # a batch
 
 The model a recipe builds has ``loss(batch, generator) -> {"total": ..., <objective>: ...}``; the loop
 wraps it so DDP sees ``forward``, accumulates gradients over ``grad_accum`` micro-batches, clips them,
@@ -49,10 +49,12 @@ class Recipe:
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def prepare(self, inputs: dict[str, Path], options: BaseModel, examples: list[dict],
-                log: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Driver side, once: ``(resources shipped to every worker, counts for the manifest)``.
-        Resources must be small (tensors, lists): they travel in the training config."""
-        return {}, {}
+                backbone: Any, max_length: int) -> tuple[list, dict[str, Any], dict[str, Any]]:
+        """Driver side, once: ``(training examples, resources shipped to every worker, counts for
+        the manifest)``. ``examples`` are the linked documents; a recipe may turn them into its own
+        examples (sentence pairs, typed mentions). Resources travel in the training config: keep
+        them small (tensors, lists)."""
+        return examples, {}, {}
 
     def build(self, backbone: Any, resources: dict[str, Any], options: BaseModel) -> Any:
         raise NotImplementedError

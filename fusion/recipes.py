@@ -1,15 +1,22 @@
 """stele's pretraining recipes: how each fusion encoder gets its data and its objectives.
 
 ``mlm`` is the plain backbone with masked language modelling: the baseline every knowledge encoder
-is compared with, on the same data, steps and backbone.
+is compared with, on the same data, steps and backbone. ``ernie``, ``kbert`` and ``kadapter`` link
+the text's mentions (entity ids from ``knowledge.link``) to the KG artifacts they need; mentions of
+entities the KG or the embedding table lacks are counted in the manifest, never silently dropped.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from pipeline import StageFailed
 
 from .backbone import TextBackbone
 from .heads import MLMHead
@@ -55,3 +62,222 @@ class PlainMLM(Recipe):
     def collate(self, backbone: TextBackbone, examples: list[dict], resources: dict, options: Any,
                 max_length: int) -> dict[str, Any]:
         return encode_texts(backbone, [e["text"] for e in examples], max_length)
+
+
+# ------------------------------------------------------------------------- linking to the KG
+def _mentions_by_index(docs: list[dict], index: dict[str, int]) -> tuple[list[dict], int, int]:
+    """Documents with mentions as ``(start, end, idx)`` where the entity id has an index; returns
+    them and the counts of mentions kept and left out (no such entity)."""
+    out, kept, missing = [], 0, 0
+    for d in docs:
+        ms = []
+        for s, e, ent in d["mentions"]:
+            if ent in index:
+                ms.append((s, e, index[ent]))
+            else:
+                missing += 1
+        kept += len(ms)
+        out.append({**d, "mentions": ms})
+    return out, kept, missing
+
+
+def _kg_index(kg_path) -> tuple[Any, dict[str, int]]:  # noqa: ANN001
+    from knowledge.kg import KnowledgeGraph
+
+    kg = KnowledgeGraph.load(kg_path)
+    return kg, dict(zip(kg.entities["id"].to_pylist(), kg.entities["idx"].to_pylist()))
+
+
+# ---------------------------------------------------------------------------------------- ERNIE
+class ErnieOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k_layers: int | None = Field(default=None, ge=0,
+                                 description="aggregator (K-Encoder) layers; None: half the backbone's")
+
+
+@recipe("ernie")
+class ErnieRecipe(Recipe):
+    """ERNIE (Zhang et al. 2019): MLM + dEA, entity vectors from a ``knowledge.embed`` artifact.
+
+    Only the vectors of entities the text mentions are shipped to the workers (a compact table):
+    dEA predicts among the batch's entities, so no other vector is ever read.
+    """
+
+    needs = ("text", "entities")
+    Options = ErnieOptions
+
+    def prepare(self, inputs, options, docs, backbone, max_length):  # noqa: ANN001, ANN201
+        from safetensors.torch import load_file
+
+        table = load_file(str(inputs["entities"] / "embeddings.safetensors"))["entity"]
+        ents = pq.read_table(inputs["entities"] / "entities.parquet", columns=["idx", "id"])
+        index = dict(zip(ents["id"].to_pylist(), ents["idx"].to_pylist()))
+        docs, kept, missing = _mentions_by_index(docs, index)
+        used = sorted({m[2] for d in docs for m in d["mentions"]})
+        if not used:
+            raise StageFailed("ernie: no linked mention has an entity vector; are the text and the "
+                              "embeddings built from the same knowledge graph?")
+        compact = {old: new for new, old in enumerate(used)}
+        docs = [{**d, "mentions": [(s, e, compact[i]) for s, e, i in d["mentions"]]} for d in docs]
+        return docs, {"entity_table": table[used].contiguous()}, {
+            "mentions_with_vector": kept, "mentions_without_vector": missing,
+            "entities_used": len(used), "entity_dim": int(table.shape[1])}
+
+    def build(self, backbone, resources, options):  # noqa: ANN001, ANN201
+        from .ernie import Ernie, ErnieConfig
+
+        return Ernie(backbone, resources["entity_table"], ErnieConfig(num_k_layers=options.k_layers))
+
+    def collate(self, backbone, examples, resources, options, max_length):  # noqa: ANN001, ANN201
+        from .ernie import encode_batch
+
+        batch, _ = encode_batch([e["text"] for e in examples], [e["mentions"] for e in examples],
+                                backbone.tokenizer, max_length, len(resources["entity_table"]))
+        return {**batch, "n_tokens": int(batch["attention_mask"].sum())}
+
+
+# --------------------------------------------------------------------------------------- K-BERT
+class KBertOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(default=2, ge=0, description="triples injected per matched entity")
+    splits: list[str] = Field(default=["train"], description="KG splits whose triples are injected")
+
+
+@recipe("kbert")
+class KBertRecipe(Recipe):
+    """K-BERT (Liu et al. 2020): sentence trees with up to k triples per linked entity, MLM on the
+    trunk. Only triples whose head the text mentions are shipped to the workers."""
+
+    needs = ("text", "kg")
+    Options = KBertOptions
+
+    def prepare(self, inputs, options, docs, backbone, max_length):  # noqa: ANN001, ANN201
+        import pyarrow.compute as pc
+
+        kg, index = _kg_index(inputs["kg"])
+        docs, kept, missing = _mentions_by_index(docs, index)
+        heads = sorted({m[2] for d in docs for m in d["mentions"]})
+        t = kg.triples.filter(pc.is_in(kg.triples["split"], pa.array(options.splits)))
+        t = t.filter(pc.is_in(t["head"], pa.array(heads, pa.int32() if heads else pa.int64())))
+        names = kg.entities["name"].to_pylist()
+        resources = {"heads": t["head"].to_pylist(), "relations": t["relation"].to_pylist(),
+                     "tails": t["tail"].to_pylist(), "relation_names": kg.relations["name"].to_pylist(),
+                     "entity_names": names, "max_length": max_length}
+        return docs, resources, {"mentions_in_kg": kept, "mentions_not_in_kg": missing,
+                                 "triples_available": t.num_rows}
+
+    def build(self, backbone, resources, options):  # noqa: ANN001, ANN201
+        from .kbert import KBert, KBertConfig
+
+        self._layer = None
+        return KBert(backbone, KBertConfig(k=options.k, max_length=resources["max_length"]))
+
+    def collate(self, backbone, examples, resources, options, max_length):  # noqa: ANN001, ANN201
+        from .kbert import KnowledgeLayer, TripleLookup, collate_trees
+
+        if getattr(self, "_layer", None) is None or self._layer.max_length != max_length:
+            lookup = TripleLookup.from_indices(resources["heads"], resources["relations"],
+                                               resources["tails"], resources["relation_names"],
+                                               resources["entity_names"])
+            self._layer = KnowledgeLayer(backbone.tokenizer, lookup, k=options.k, max_length=max_length)
+        trees = [self._layer(e["text"], e["mentions"]) for e in examples]
+        batch = collate_trees(trees, backbone.tokenizer.pad_token_id)
+        return {**batch, "n_tokens": int(batch["attention_mask"].sum())}
+
+
+# ------------------------------------------------------------------------------------ K-Adapter
+class KAdapterOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    adapter: Literal["factual", "lexical"] = Field(
+        default="factual", description="factual: relation classification of linked entity pairs "
+                                       "sharing a KG relation; lexical: the linked entity's type "
+                                       "(WordNet lexname)")
+    adapter_size: int = Field(default=128, ge=8)
+    num_heads: int = Field(default=4, ge=1)
+    max_pairs_per_doc: int = Field(default=8, ge=1)
+    min_label_count: int = Field(default=2, ge=1, description="rarer labels are left out")
+
+
+class _TaskModel(nn.Module):
+    """A K-Adapter task head with the loop's ``loss(batch, generator)`` signature."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict:
+        return self.head.loss(batch)
+
+
+@recipe("kadapter")
+class KAdapterRecipe(Recipe):
+    """K-Adapter (Wang et al. 2021): a frozen backbone, one adapter trained per run on its task.
+
+    ``factual``: distant supervision, as the paper's factual adapter is trained on relation
+    classification: every sentence where two linked entities are a KG triple's head and tail is an
+    example labelled with that relation. ``lexical``: the paper's linguistic adapter learns
+    dependency heads, but no parser is available offline, so this one predicts a linked entity's
+    type (a WordNet lexname such as ``noun.animal``; ``countryinfo`` types such as ``country``).
+    """
+
+    needs = ("text", "kg")
+    Options = KAdapterOptions
+
+    def prepare(self, inputs, options, docs, backbone, max_length):  # noqa: ANN001, ANN201
+        from collections import Counter
+
+        from .kadapter import RelationExample, TypingExample
+
+        kg, index = _kg_index(inputs["kg"])
+        docs, kept, missing = _mentions_by_index(docs, index)
+        raw: list[tuple[str, tuple, str]] = []  # (text, spans, label name)
+        if options.adapter == "factual":
+            rel_names = kg.relations["name"].to_pylist()
+            facts: dict[tuple[int, int], str] = {}
+            for h, r, t in zip(*(kg.triples[c].to_pylist() for c in ("head", "relation", "tail"))):
+                facts.setdefault((h, t), rel_names[r])
+            for d in docs:
+                pairs = 0
+                for s1, e1, h in d["mentions"]:
+                    for s2, e2, t in d["mentions"]:
+                        if h != t and (h, t) in facts and pairs < options.max_pairs_per_doc:
+                            raw.append((d["text"], ((s1, e1), (s2, e2)), facts[(h, t)]))
+                            pairs += 1
+        else:
+            types = kg.entities["types"].to_pylist()
+            for d in docs:
+                for s, e, i in d["mentions"]:
+                    if types[i]:
+                        raw.append((d["text"], ((s, e),), types[i][0]))
+        counts = Counter(label for _, _, label in raw)
+        labels = sorted(label for label, c in counts.items() if c >= options.min_label_count)
+        label_idx = {label: k for k, label in enumerate(labels)}
+        if options.adapter == "factual":
+            examples = [RelationExample(text, spans[0], spans[1], label_idx[lab])
+                        for text, spans, lab in raw if lab in label_idx]
+        else:
+            examples = [TypingExample(text, spans[0], label_idx[lab])
+                        for text, spans, lab in raw if lab in label_idx]
+        return examples, {"labels": labels}, {
+            "mentions_in_kg": kept, "mentions_not_in_kg": missing, "task_examples": len(examples),
+            "labels": len(labels), "rare_label_examples": len(raw) - len(examples)}
+
+    def build(self, backbone, resources, options):  # noqa: ANN001, ANN201
+        from .kadapter import EntityTyper, KAdapter, KAdapterConfig, RelationClassifier
+
+        encoder = KAdapter(backbone.model, KAdapterConfig(
+            (options.adapter,), adapter_size=options.adapter_size, num_heads=options.num_heads))
+        head_cls = RelationClassifier if options.adapter == "factual" else EntityTyper
+        return _TaskModel(head_cls(encoder, len(resources["labels"])))
+
+    def collate(self, backbone, examples, resources, options, max_length):  # noqa: ANN001, ANN201
+        from .kadapter import relation_batch, typing_batch
+
+        if options.adapter == "factual":
+            batch, report = relation_batch(examples, backbone.tokenizer, max_length)
+        else:
+            batch, report = typing_batch(examples, backbone.tokenizer, max_length=max_length)
+        if batch is None:  # every example's spans were truncated away: a rare, empty step
+            raise StageFailed(f"kadapter: a batch with no usable example ({report}); raise "
+                              f"max_length")
+        return {**batch, "n_tokens": int(batch["attention_mask"].sum())}

@@ -68,17 +68,19 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
         raise StageFailed(f"fusion.pretrain: recipe {params.recipe!r} needs input role(s) "
                           f"{missing} (got {sorted(ctx.inputs) or 'none'})")
     options = rec.Options.model_validate(params.options)
-    examples = load_linked_docs(ctx.inputs["text"].path, params.limit_docs)
+    docs = load_linked_docs(ctx.inputs["text"].path, params.limit_docs)
+    backbone = load_backbone(params.backbone)  # fails here, once, on a bad folder
+    inputs = {role: a.path for role, a in ctx.inputs.items()}
+    examples, resources, prep_counts = rec.prepare(inputs, options, docs, backbone,
+                                                   params.max_length)
     need = params.batch_size * params.scaling.num_workers
     if len(examples) < need:
-        raise StageFailed(f"fusion.pretrain: {len(examples)} documents cannot fill one batch of "
-                          f"{params.batch_size} on each of {params.scaling.num_workers} worker(s)")
-    inputs = {role: a.path for role, a in ctx.inputs.items()}
-    resources, prep_counts = rec.prepare(inputs, options, examples, ctx.log)
-    backbone = load_backbone(params.backbone)  # fails here, once, on a bad folder
-    ctx.log.info("recipe %s on %s (%d layers, hidden %d); %d documents; %s", params.recipe,
-                 backbone.source, backbone.num_layers, backbone.hidden_size, len(examples),
-                 prep_counts)
+        raise StageFailed(f"fusion.pretrain: {len(examples)} training examples (from "
+                          f"{len(docs)} documents) cannot fill one batch of {params.batch_size} on "
+                          f"each of {params.scaling.num_workers} worker(s); {prep_counts}")
+    ctx.log.info("recipe %s on %s (%d layers, hidden %d); %d documents -> %d examples; %s",
+                 params.recipe, backbone.source, backbone.num_layers, backbone.hidden_size,
+                 len(docs), len(examples), prep_counts)
     config = {
         "recipe": params.recipe, "recipe_cls": rec_cls, "backbone": params.backbone,
         "options": options.model_dump(), "resources": resources, "examples": examples, "max_length": params.max_length,
@@ -114,7 +116,8 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     _plot(hist, objectives, ctx.out / "losses.png", params.recipe)
     _tensorboard(hist, ctx.out / "tb")
     return {
-        "recipe": params.recipe, "steps": result.step, "documents": len(examples),
+        "recipe": params.recipe, "steps": result.step, "documents": len(docs),
+        "examples": len(examples),
         **({f"loss_{o}_first": hist[0].get(f"loss_{o}") for o in objectives} if hist else {}),
         **{f"loss_{o}_last10": mean_loss(hist, f"loss_{o}") for o in objectives},
         "tokens_per_s": tokens_per_second(hist),

@@ -1,0 +1,134 @@
+"""The knowledge recipes wired to real artifact layouts: ERNIE, K-BERT and K-Adapter pretrain through
+``fusion.pretrain`` on a tiny KG, its entity vectors and linked text, and count what they leave out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fusion.backbone import random_backbone
+from fusion.stages import PretrainParams, pretrain
+from knowledge.kg import ENTITY_SCHEMA, RELATION_SCHEMA, TRIPLE_SCHEMA, KnowledgeGraph
+from knowledge.stages.link import DOC_SCHEMA, MENTION_SCHEMA
+from pipeline.context import StageContext
+from pipeline.registry import Resources
+from pipeline.store import Artifact
+
+# (id, name, type)
+ENTITIES = [("t:beijing", "beijing", "city"), ("t:china", "china", "country"),
+            ("t:paris", "paris", "city"), ("t:france", "france", "country"),
+            ("t:berlin", "berlin", "city"), ("t:germany", "germany", "country"),
+            ("t:apple", "apple", "company"), ("t:steve", "steve jobs", "person")]
+RELATIONS = ["capital", "founded by"]
+TRIPLES = [(0, 0, 1), (2, 0, 3), (4, 0, 5), (6, 1, 7)]  # head, relation, tail
+SENTENCES = ["beijing is the capital of china", "paris is the capital of france",
+             "berlin is the capital of germany", "apple was founded by steve jobs",
+             "he was born in paris", "the dog and the cat are animals"]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("artifacts")
+    kg_dir, emb_dir, link_dir, bb_dir = (root / n for n in ("kg", "emb", "link", "bb"))
+    for d in (kg_dir, emb_dir, link_dir):
+        d.mkdir()
+    n = len(ENTITIES)
+    KnowledgeGraph(
+        pa.table({"idx": list(range(n)), "id": [e[0] for e in ENTITIES],
+                  "name": [e[1] for e in ENTITIES], "aliases": [[] for _ in ENTITIES],
+                  "description": [""] * n, "types": [[e[2]] for e in ENTITIES],
+                  "source": ["t"] * n}, schema=ENTITY_SCHEMA),
+        pa.table({"idx": [0, 1], "id": ["t:capital", "t:founded"], "name": RELATIONS,
+                  "source": ["t", "t"]}, schema=RELATION_SCHEMA),
+        pa.table({"head": [t[0] for t in TRIPLES], "relation": [t[1] for t in TRIPLES],
+                  "tail": [t[2] for t in TRIPLES], "split": ["train"] * len(TRIPLES)},
+                 schema=TRIPLE_SCHEMA)).save(kg_dir)
+    # entity vectors for all but steve jobs: his mentions must be counted as lacking a vector
+    save_file({"entity": torch.randn(n - 1, 12), "relation": torch.randn(2, 12)},
+              str(emb_dir / "embeddings.safetensors"))
+    pq.write_table(pa.table({"idx": list(range(n - 1)), "id": [e[0] for e in ENTITIES[:-1]],
+                             "name": [e[1] for e in ENTITIES[:-1]]}), emb_dir / "entities.parquet")
+    docs = [(f"d{i}", SENTENCES[i % len(SENTENCES)]) for i in range(24)]
+    rows = []
+    for doc_id, text in docs:
+        for k, (eid, name, _) in enumerate(ENTITIES):
+            if name in text:
+                s = text.index(name)
+                rows.append((doc_id, s, s + len(name), name, k, eid))
+    rows.append(("d5", 4, 7, "dog", 99, "t:dog"))  # an entity the KG does not know
+    pq.write_table(pa.table({"doc_id": [d for d, _ in docs], "text": [t for _, t in docs],
+                             "n_mentions": [0] * len(docs)}, schema=DOC_SCHEMA),
+                   link_dir / "docs.parquet")
+    cols = list(zip(*rows))
+    pq.write_table(pa.table({"doc_id": list(cols[0]), "start": list(cols[1]), "end": list(cols[2]),
+                             "surface": list(cols[3]), "entity_idx": list(cols[4]),
+                             "entity_id": list(cols[5]), "score": [1.0] * len(rows),
+                             "n_candidates": [1] * len(rows)}, schema=MENTION_SCHEMA),
+                   link_dir / "mentions.parquet")
+    bb = random_backbone(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    bb.model.save_pretrained(str(bb_dir))
+    tokenizer.save_pretrained(str(bb_dir))
+    return {"kg": kg_dir, "entities": emb_dir, "text": link_dir, "backbone": bb_dir}
+
+
+def _run(tmp: Path, artifacts: dict[str, Path], roles: tuple[str, ...], **params) -> tuple[dict, list]:
+    out = tmp / "out"
+    out.mkdir()
+    ctx = StageContext(stage="pt", key="k", out=out,
+                       inputs={r: Artifact(r, artifacts[r], {}) for r in roles},
+                       resources=Resources(), state_uri=str(tmp / "state"),
+                       log=logging.getLogger("test.recipes"))
+    p = PretrainParams.model_validate({"backbone": str(artifacts["backbone"]), "steps": 30,
+                                       "batch_size": 4, "lr": 3e-3, "warmup_steps": 2,
+                                       "checkpoint_every": 30, "max_length": 32, **params})
+    metrics = pretrain(ctx, p)
+    return metrics, json.loads((out / "history.json").read_text())
+
+
+def _falls(hist: list[dict], key: str, window: int = 8) -> bool:
+    """The loss of the last steps is below that of the first ones (steps whose batch had nothing
+    to predict report exactly 0 and are left out)."""
+    vals = [h[key] for h in hist if h[key] != 0.0]
+    return sum(vals[-window:]) / window < sum(vals[:window]) / window
+
+
+def test_ernie_recipe_trains_mlm_and_dea(ray_local, tmp_path, artifacts):
+    metrics, hist = _run(tmp_path, artifacts, ("text", "entities"), recipe="ernie",
+                         options={"k_layers": 1})
+    assert metrics["entities_used"] == 7 and metrics["entity_dim"] == 12
+    assert metrics["mentions_without_vector"] == 4 + 1  # steve jobs in 4 documents, and the dog
+    assert {"loss_mlm", "loss_dea", "loss_total"} <= set(hist[0])
+    assert _falls(hist, "loss_dea") and _falls(hist, "loss_total")
+
+
+def test_kbert_recipe_injects_only_known_triples(ray_local, tmp_path, artifacts):
+    metrics, hist = _run(tmp_path, artifacts, ("text", "kg"), recipe="kbert", options={"k": 2})
+    assert metrics["mentions_not_in_kg"] == 1 and metrics["triples_available"] == 4
+    assert _falls(hist, "loss_mlm")
+
+
+@pytest.mark.parametrize("adapter,labels,examples", [("factual", 2, 16), ("lexical", 4, 36)])
+def test_kadapter_recipe_learns_its_task_on_a_frozen_backbone(ray_local, tmp_path, artifacts,
+                                                              adapter, labels, examples):
+    metrics, hist = _run(tmp_path, artifacts, ("text", "kg"), recipe="kadapter",
+                         options={"adapter": adapter, "adapter_size": 16, "num_heads": 2,
+                                  "min_label_count": 1})
+    # factual: (3 capital + 1 founded-by sentences) x 4 copies = 16 pairs; lexical: 9 typed
+    # mentions per 6 sentences (beijing, china, paris, france, berlin, germany, apple, steve jobs,
+    # paris again) x 4 copies = 36, of 4 types
+    assert metrics["labels"] == labels and metrics["task_examples"] == examples
+    assert _falls(hist, "loss_task")
+
+
+def test_a_recipe_without_its_inputs_says_which_roles(ray_local, tmp_path, artifacts):
+    from pipeline import StageFailed
+
+    with pytest.raises(StageFailed, match=r"needs input role\(s\) \['entities'\]"):
+        _run(tmp_path, artifacts, ("text",), recipe="ernie")
