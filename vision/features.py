@@ -22,6 +22,7 @@ input size, crop), so features equal what a plain timm loop computes on the same
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -97,14 +98,25 @@ class RegionFeaturizer:
         self.amp = amp and device.startswith("cuda")
         # The sizes come from one dry run: a model's pooled vector can be wider than its feature
         # map (MobileNetV3's head convolution: 288 channels, 1024 pooled).
-        with torch.inference_mode():
-            fm = self.model.forward_features(torch.zeros(1, *data_cfg["input_size"], device=device))
-            pooled_dim = self.model.forward_head(fm, pre_logits=True).shape[-1]
-            regions, _ = self._regions(fm)
+        fm, pooled_dim = self._probe()
+        regions, _ = self._regions(fm)
         # The global token is the model's own pooled vector when it lives in the regions' space
         # (EfficientNet's average pool, ViT's CLS token); otherwise the mean of the regions.
         self.pooled_is_global = regions is None or regions.shape[-1] == pooled_dim
         self.dim = int(pooled_dim if regions is None else regions.shape[-1])
+
+    @torch.inference_mode()
+    def _probe(self) -> tuple[torch.Tensor, int]:
+        """Feature-map shape and pooled width from a shape-only forward on the meta device (a real
+        first forward costs seconds of one-off kernel set-up on CPU); a real one as a fallback."""
+        x = torch.zeros(1, *self.data_cfg["input_size"])
+        try:
+            meta = copy.deepcopy(self.model).to("meta")
+            fm = meta.forward_features(x.to("meta"))
+            return fm, int(meta.forward_head(fm, pre_logits=True).shape[-1])
+        except (NotImplementedError, RuntimeError):  # an op without a meta kernel
+            fm = self.model.forward_features(x.to(self.device))
+            return fm, int(self.model.forward_head(fm, pre_logits=True).shape[-1])
 
     def __repr__(self) -> str:
         return (f"RegionFeaturizer({type(self.model).__name__}, mode={self.mode}, grid={self.grid}, "
