@@ -119,7 +119,9 @@ class ErnieRecipe(Recipe):
                               "embeddings built from the same knowledge graph?")
         compact = {old: new for new, old in enumerate(used)}
         docs = [{**d, "mentions": [(s, e, compact[i]) for s, e, i in d["mentions"]]} for d in docs]
-        return docs, {"entity_table": table[used].contiguous()}, {
+        id_of = {i: e for e, i in index.items()}
+        return docs, {"entity_table": table[used].contiguous(),
+                      "entity_ids": [id_of[i] for i in used]}, {
             "mentions_with_vector": kept, "mentions_without_vector": missing,
             "entities_used": len(used), "entity_dim": int(table.shape[1])}
 
@@ -196,6 +198,11 @@ class KAdapterOptions(BaseModel):
     num_heads: int = Field(default=4, ge=1)
     max_pairs_per_doc: int = Field(default=8, ge=1)
     min_label_count: int = Field(default=2, ge=1, description="rarer labels are left out")
+    held_out_share: float = Field(
+        default=0.0, ge=0, lt=1, description="leave out the entities (lexical) / entity pairs "
+        "(factual) that fusion.finetune holds out with test_share equal to this and the same "
+        "split_seed, so the adapter never trains on their labels")
+    split_seed: int = 0
 
 
 class _TaskModel(nn.Module):
@@ -226,11 +233,13 @@ class KAdapterRecipe(Recipe):
     def prepare(self, inputs, options, docs, backbone, max_length):  # noqa: ANN001, ANN201
         from collections import Counter
 
+        from .downstream import pair_key, split_of
         from .kadapter import RelationExample, TypingExample
 
         kg, index = _kg_index(inputs["kg"])
         docs, kept, missing = _mentions_by_index(docs, index)
-        raw: list[tuple[str, tuple, str]] = []  # (text, spans, label name)
+        ids = kg.entities["id"].to_pylist()
+        raw: list[tuple[str, tuple, str, str]] = []  # (text, spans, label name, split unit)
         if options.adapter == "factual":
             rel_names = kg.relations["name"].to_pylist()
             facts: dict[tuple[int, int], str] = {}
@@ -241,26 +250,33 @@ class KAdapterRecipe(Recipe):
                 for s1, e1, h in d["mentions"]:
                     for s2, e2, t in d["mentions"]:
                         if h != t and (h, t) in facts and pairs < options.max_pairs_per_doc:
-                            raw.append((d["text"], ((s1, e1), (s2, e2)), facts[(h, t)]))
+                            raw.append((d["text"], ((s1, e1), (s2, e2)), facts[(h, t)],
+                                        pair_key(ids[h], ids[t])))
                             pairs += 1
         else:
             types = kg.entities["types"].to_pylist()
             for d in docs:
                 for s, e, i in d["mentions"]:
                     if types[i]:
-                        raw.append((d["text"], ((s, e),), types[i][0]))
-        counts = Counter(label for _, _, label in raw)
+                        raw.append((d["text"], ((s, e),), types[i][0], ids[i]))
+        found = len(raw)
+        if options.held_out_share > 0:  # fusion.finetune's test entities / pairs: never trained on
+            raw = [r for r in raw
+                   if split_of(r[3], options.held_out_share, options.split_seed) == "train"]
+        held_out = found - len(raw)
+        counts = Counter(label for _, _, label, _ in raw)
         labels = sorted(label for label, c in counts.items() if c >= options.min_label_count)
         label_idx = {label: k for k, label in enumerate(labels)}
         if options.adapter == "factual":
             examples = [RelationExample(text, spans[0], spans[1], label_idx[lab])
-                        for text, spans, lab in raw if lab in label_idx]
+                        for text, spans, lab, _ in raw if lab in label_idx]
         else:
             examples = [TypingExample(text, spans[0], label_idx[lab])
-                        for text, spans, lab in raw if lab in label_idx]
+                        for text, spans, lab, _ in raw if lab in label_idx]
         return examples, {"labels": labels}, {
             "mentions_in_kg": kept, "mentions_not_in_kg": missing, "task_examples": len(examples),
-            "labels": len(labels), "rare_label_examples": len(raw) - len(examples)}
+            "labels": len(labels), "rare_label_examples": len(raw) - len(examples),
+            "held_out_examples": held_out}
 
     def build(self, backbone, resources, options):  # noqa: ANN001, ANN201
         from .kadapter import EntityTyper, KAdapter, KAdapterConfig, RelationClassifier

@@ -5,7 +5,11 @@ their linked mentions), ``entities`` (a ``knowledge.embed`` artifact: entity vec
 ``knowledge.ingest`` artifact: triples and names). Writes::
 
     model.safetensors   the trained model's weights (backbone, new layers, heads)
+    entity_table.safetensors, entity_ids.json
+                        ERNIE only: the entity vectors it read (a buffer, not in model.safetensors)
+                        and their entity ids, so fusion.finetune needs no knowledge.embed input
     tokenizer/          the backbone's tokenizer, so downstream stages need no other input
+    backbone_config.json  the backbone's architecture (fusion.finetune rebuilds it from this)
     recipe.json         recipe, backbone source, options, max_length
     history.json        per step: every objective's loss, lr, grad norm, tokens, seconds
     losses.png          loss curves per objective (the numbers: history.json)
@@ -55,7 +59,7 @@ class PretrainParams(BaseModel):
         return self
 
 
-@stage("fusion.pretrain", version="1", cpus=0)
+@stage("fusion.pretrain", version="2", cpus=0)
 def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     """Pretrain a fusion encoder (ERNIE, K-BERT, K-Adapter or the plain backbone) with Ray Train."""
     from .backbone import load_backbone
@@ -104,6 +108,11 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     wrapper = _Objective(rec.build(backbone, resources, options))
     load_model(wrapper, str(result.checkpoint_dir / "model.safetensors"))
     save_model(wrapper.model, str(ctx.out / "model.safetensors"))
+    if "entity_table" in resources:  # ERNIE's frozen vectors: a buffer kept out of model.safetensors
+        from safetensors.torch import save_file
+
+        save_file({"entity": resources["entity_table"]}, str(ctx.out / "entity_table.safetensors"))
+        (ctx.out / "entity_ids.json").write_text(json.dumps(resources["entity_ids"]))
     backbone.tokenizer.save_pretrained(str(ctx.out / "tokenizer"))
     backbone.model.config.to_json_file(str(ctx.out / "backbone_config.json"))
     (ctx.out / "recipe.json").write_text(json.dumps({
