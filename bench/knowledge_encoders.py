@@ -1,0 +1,156 @@
+"""Knowledge encoders compared on the same backbone, data and steps: plain MLM vs ERNIE vs K-BERT vs
+K-Adapter, pretraining tokens/s and downstream accuracy / micro-F1 / macro-F1, mean +- std over seeds.
+
+The data is ``pipelines/wiki_knowledge.yaml``'s (WordNet + countryinfo KG, TransE vectors, the linked
+Wikipedia summaries from ``$STELE_DATA``); this script writes one pipeline with every pretraining and
+fine-tuning stage and runs it with ``stele``:
+
+1. the shared stages (KG, TransE, links) once;
+2. each pretraining alone (``--until``), one after the other, so tokens/s are not measured while
+   another job shares the cores;
+3. every fine-tuning stage: 2 tasks x seeds x encoders. ``backbone`` is MiniLM fine-tuned with no
+   further pretraining; ``plain`` is MiniLM after the same MLM steps the others get (the fair
+   baseline). K-Adapter's factual adapter is evaluated on relations, its lexical adapter on typing,
+   and both were pretrained with fine-tuning's test entities / pairs held out (the same split), so
+   no adapter saw a test label.
+
+    STELE_DATA=/path/to/data python bench/knowledge_encoders.py                 # 200 steps, 3 seeds
+    STELE_DATA=/path/to/data python bench/knowledge_encoders.py --steps 20 --seeds 1 --docs 300
+
+The table is printed and written to ``<store>/knowledge_encoders.json``; cached stages are reused
+when the script runs again with the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STELE = str(Path(sys.executable).parent / "stele")
+ENCODERS = ("backbone", "plain", "ernie", "kbert", "kadapter")
+TASKS = {"entity_typing": "typing", "relation_classification": "relations"}
+
+
+def build_pipeline(args: argparse.Namespace) -> dict:
+    base = yaml.safe_load((ROOT / "pipelines" / "wiki_knowledge.yaml").read_text().replace(
+        "!data wiki/summaries_en.jsonl", str(Path(os.environ["STELE_DATA"]) / "wiki" / "summaries_en.jsonl")))
+    stages = {k: base["stages"][k] for k in ("kg", "transe", "links")}
+    stages["transe"]["with"]["epochs"] = args.transe_epochs
+    pre = {"steps": args.steps, "batch_size": args.batch, "max_length": args.max_length,
+           "limit_docs": args.docs, "warmup_steps": max(1, args.steps // 10),
+           "checkpoint_every": args.steps}
+    held = {"held_out_share": args.test_share, "split_seed": 0}
+    stages["plain"] = {"uses": "fusion.pretrain", "inputs": {"text": "links"},
+                       "with": {**pre, "recipe": "mlm", "lr": 5e-5}}
+    stages["ernie"] = {"uses": "fusion.pretrain", "inputs": {"text": "links", "entities": "transe"},
+                       "with": {**pre, "recipe": "ernie", "lr": 1e-4}}
+    stages["kbert"] = {"uses": "fusion.pretrain", "inputs": {"text": "links", "kg": "kg"},
+                       "with": {**pre, "recipe": "kbert", "options": {"k": 2}}}
+    for adapter in ("factual", "lexical"):
+        stages[f"kadapter_{adapter}"] = {
+            "uses": "fusion.pretrain", "inputs": {"text": "links", "kg": "kg"},
+            "with": {**pre, "recipe": "kadapter", "lr": 1e-4,
+                     "options": {"adapter": adapter, **held}}}
+    ft = {"steps": args.finetune_steps, "batch_size": 16, "max_length": args.max_length,
+          "limit_docs": args.docs, "test_share": args.test_share, "split_seed": 0}
+    for task, short in TASKS.items():
+        for seed in range(args.seeds):
+            for enc in ENCODERS:
+                inputs = {"text": "links", "kg": "kg"}
+                if enc != "backbone":
+                    inputs["encoder"] = ({"entity_typing": "kadapter_lexical",
+                                          "relation_classification": "kadapter_factual"}[task]
+                                         if enc == "kadapter" else enc)
+                lr = 1e-3 if enc == "kadapter" else 5e-5  # adapters + head on a frozen backbone
+                stages[f"ft_{short}_{enc}_s{seed}"] = {
+                    "uses": "fusion.finetune", "inputs": inputs,
+                    "with": {**ft, "task": task, "seed": seed, "lr": lr}}
+    return {"name": "knowledge_encoders", "stages": stages}
+
+
+def stele(*argv: str) -> None:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    subprocess.run([STELE, *argv, "--no-live"], check=True, env=env)
+
+
+def manifests(path: Path, store: str) -> dict[str, dict]:
+    from pipeline.runner import plan
+    from pipeline.spec import load_pipeline
+    from pipeline.store import ArtifactStore
+
+    st = ArtifactStore(store)
+    planned = plan(load_pipeline(str(path)), st)
+    return {name: st.manifest(p.key) for name, p in planned.items() if st.is_complete(p.key)}
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} +- {sd:.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", default=str(ROOT / "stele-store-bench"))
+    ap.add_argument("--steps", type=int, default=200, help="pretraining steps, every encoder")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--docs", type=int, default=2000, help="first N Wikipedia summaries")
+    ap.add_argument("--finetune-steps", type=int, default=300)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--test-share", type=float, default=0.2)
+    ap.add_argument("--transe-epochs", type=int, default=10)
+    args = ap.parse_args()
+    if not os.environ.get("STELE_DATA"):
+        sys.exit("set STELE_DATA to the folder holding wiki/summaries_en.jsonl and wordnet/")
+    spec = Path(args.store) / "knowledge_encoders.yaml"
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    spec.write_text(yaml.safe_dump(build_pipeline(args), sort_keys=False))
+    store = ["--store", args.store]
+    for name in ("links", "transe", "plain", "ernie", "kbert", "kadapter_factual", "kadapter_lexical"):
+        stele("run", str(spec), *store, "--until", name)
+    stele("run", str(spec), *store)
+
+    m = manifests(spec, args.store)
+    table: dict = {"settings": vars(args), "pretraining": {}, "downstream": {}}
+    print(f"\npretraining: {args.steps} steps x batch {args.batch} x {args.max_length} tokens, "
+          f"first {args.docs} summaries, MiniLM backbone, one worker, each run alone")
+    print(f"{'encoder':18} {'tokens/s':>9} {'first loss':>11} {'last-10 loss':>13}")
+    for name in ("plain", "ernie", "kbert", "kadapter_factual", "kadapter_lexical"):
+        x = m[name]["metrics"]
+        key = "total"
+        row = {"tokens_per_s": x["tokens_per_s"], "loss_first": x.get(f"loss_{key}_first"),
+               "loss_last10": x.get(f"loss_{key}_last10")}
+        table["pretraining"][name] = row
+        print(f"{name:18} {row['tokens_per_s']:9.0f} {row['loss_first']:11.3f} "
+              f"{row['loss_last10']:13.3f}")
+    for task, short in TASKS.items():
+        print(f"\n{task}: test split = held-out {'entities' if short == 'typing' else 'entity pairs'} "
+              f"({args.test_share:.0%}), {args.finetune_steps} fine-tuning steps, {args.seeds} seed(s)")
+        print(f"{'encoder':10} {'accuracy':>16} {'micro-F1':>16} {'macro-F1':>16}")
+        for enc in ENCODERS:
+            runs = [m[f"ft_{short}_{enc}_s{s}"]["metrics"] for s in range(args.seeds)
+                    if f"ft_{short}_{enc}_s{s}" in m]
+            cells = {k: [r[f"test_{k}"] for r in runs] for k in ("accuracy", "micro_f1", "macro_f1")}
+            table["downstream"].setdefault(task, {})[enc] = cells
+            print(f"{enc:10} {mean_std(cells['accuracy']):>16} {mean_std(cells['micro_f1']):>16} "
+                  f"{mean_std(cells['macro_f1']):>16}")
+        sizes = next(iter(r for k, r in m.items() if k.startswith(f"ft_{short}_")), None)
+        if sizes:
+            x = sizes["metrics"]
+            print(f"  ({x['train_examples']} training / {x['test_examples']} test examples, "
+                  f"{x['num_labels']} labels)")
+    (Path(args.store) / "knowledge_encoders.json").write_text(json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main()
