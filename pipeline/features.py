@@ -26,12 +26,54 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
+
+from .datasets import MediaDataset, build_dataset
+
+class FeatureStageParams(BaseModel):
+    """The parameters every feature stage shares; ``vision.features`` and ``speech.features`` add
+    their model's and set :attr:`modality`."""
+
+    model_config = ConfigDict(extra="forbid")
+    modality: ClassVar[str] = ""
+    modality_hint: ClassVar[str] = ""  # appended to the wrong-modality error
+
+    dataset: SerializeAsAny[MediaDataset] = Field(
+        description="a media dataset: {type: emoji, path: ...}; types: `stele datasets`")
+    batch_size: int = Field(default=32, ge=1)
+    actors: int = Field(default=1, ge=1)
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    gpus_per_actor: float | None = Field(default=None, ge=0,
+                                         description="default: 1 when the cluster has GPUs, else 0")
+    limit: int | None = Field(default=None, ge=1, description="only the first N items")
+    rows_per_shard: int = Field(default=2048, ge=1)
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _build(cls, v: Any) -> Any:
+        return build_dataset(v) if isinstance(v, dict) else v
+
+    @field_validator("dataset")
+    @classmethod
+    def _modality(cls, v: MediaDataset) -> MediaDataset:
+        if cls.modality and v.modality != cls.modality:
+            raise ValueError(f"dataset type {v.type!r} holds {v.modality} items, not "
+                             f"{cls.modality} items{cls.modality_hint}")
+        return v
+
+    def placement(self) -> tuple[float, str, int]:
+        """``(GPUs per actor, torch device, intra-op threads per actor)``."""
+        from .raydata import cluster_gpus, threads_for
+
+        gpus = self.gpus_per_actor if self.gpus_per_actor is not None else min(1.0, cluster_gpus())
+        return gpus, "cuda" if gpus > 0 else "cpu", threads_for(self.actors, self.cpus_per_actor)
+
 
 ITEM_SCHEMA = pa.schema([("id", pa.string()), ("media", pa.string()), ("texts", pa.list_(pa.string())),
                          ("meta", pa.string())])

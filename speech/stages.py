@@ -10,27 +10,25 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from pipeline import StageContext, StageFailed, stage
-from pipeline.datasets import MediaDataset, build_dataset
-from pipeline.features import extract, region_schema, region_table
+from pipeline.features import FeatureStageParams, extract, region_schema, region_table
 from pipeline.fingerprint import files_fingerprint
-from pipeline.raydata import cluster_gpus, threads_for
 
 from .io import AudioError, decode_audio
 
 AUDIO_COLUMNS = [("duration_s", pa.float32()), ("source_rate", pa.int32()), ("channels", pa.int32())]
 
 
-class SpeechFeaturesParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    dataset: SerializeAsAny[MediaDataset] = Field(
-        description="an audio dataset: {type: audio_folder, ...}; types: `stele datasets`")
+class SpeechFeaturesParams(FeatureStageParams):
+    modality: ClassVar[str] = "audio"
+    modality_hint: ClassVar[str] = (" (wrap an image-text set in spoken_captions to hear its "
+                                    "captions)")
     features: Literal["logmel", "ssl"] = Field(
         default="logmel", description="log-mel filterbank, or a wav2vec2/HuBERT/WavLM encoder")
     sample_rate: int = Field(default=16000, ge=1000, description="clips are resampled to this rate")
@@ -53,25 +51,6 @@ class SpeechFeaturesParams(BaseModel):
                                       description="longer clips are rejected (bounded worker memory)")
     batch_size: int = Field(default=64, ge=1, description="clips per Ray Data batch (each clip "
                                                           "is featurized alone)")
-    actors: int = Field(default=1, ge=1)
-    cpus_per_actor: float = Field(default=1.0, gt=0)
-    gpus_per_actor: float | None = Field(default=None, ge=0,
-                                         description="default: 1 when the cluster has GPUs, else 0")
-    limit: int | None = Field(default=None, ge=1, description="only the first N items")
-    rows_per_shard: int = Field(default=2048, ge=1)
-
-    @field_validator("dataset", mode="before")
-    @classmethod
-    def _build(cls, v: Any) -> Any:
-        return build_dataset(v) if isinstance(v, dict) else v
-
-    @field_validator("dataset")
-    @classmethod
-    def _audio(cls, v: MediaDataset) -> MediaDataset:
-        if v.modality != "audio":
-            raise ValueError(f"dataset type {v.type!r} holds {v.modality}, not audio (wrap an "
-                             f"image-text set in spoken_captions to hear its captions)")
-        return v
 
     @model_validator(mode="after")
     def _weights_exist(self) -> "SpeechFeaturesParams":
@@ -148,9 +127,7 @@ def features(ctx: StageContext, params: SpeechFeaturesParams) -> dict:
         ctx.log.warning("%s", n)
     dim = fz.dim
     del fz
-    gpus = params.gpus_per_actor if params.gpus_per_actor is not None else min(1.0, cluster_gpus())
-    device = "cuda" if gpus > 0 else "cpu"
-    threads = threads_for(params.actors, params.cpus_per_actor)
+    gpus, device, threads = params.placement()
 
     resampled: dict[int, int] = {}
     seconds = 0.0

