@@ -288,13 +288,12 @@ class Listing:
                 "listing_rejected": q["count"], "listing_rejected_by_reason": q["by_reason"]}
 
 
-def extract(ctx: Any, dataset: Any, actor_cls: type, actor_kwargs: dict[str, Any], *, actors: int,
-            cpus_per_actor: float, gpus_per_actor: float, batch_size: int, limit: int | None,
-            rows_per_shard: int, desc: str,
+def extract(ctx: Any, params: FeatureStageParams, actor_cls: type, *, stage_type: str, desc: str,
             on_batch: Callable[[pa.Table], None] | None = None) -> dict[str, Any]:
-    """The body every feature stage shares: list ``dataset`` into ``ctx.out``, stream the item
-    references through ``actor_cls`` actors (:func:`pipeline.raydata.stream_map`), write the shards
-    and the rejected table, and return the counts for the manifest.
+    """The body every feature stage shares: list ``params.dataset`` into ``ctx.out``, stream the
+    item references through ``actor_cls(params, device, threads)`` actors
+    (:func:`pipeline.raydata.stream_map`), write the shards and the rejected table, and return the
+    counts for the manifest.
 
     ``on_batch(table)`` sees each output table before it is written (for modality-specific counts).
     Raises :class:`~pipeline.errors.StageFailed` when no item at all was usable, naming the reasons.
@@ -304,17 +303,21 @@ def extract(ctx: Any, dataset: Any, actor_cls: type, actor_kwargs: dict[str, Any
     from .errors import StageFailed
     from .raydata import stream_map
 
-    writer = FeatureWriter(ctx.out, rows_per_shard)
+    gpus, device, threads = params.placement()
+    ctx.log.info("%s: %d actor(s) on %s, %d torch threads each", stage_type, params.actors, device,
+                 threads)
+    writer = FeatureWriter(ctx.out, params.rows_per_shard)
     # One block per model batch: Ray Data hands blocks to actors, so blocks larger than a batch
     # would leave actors idle on small datasets.
-    listing = Listing(dataset, ctx.out, writer, limit=limit, chunk=batch_size)
+    listing = Listing(params.dataset, ctx.out, writer, limit=params.limit, chunk=params.batch_size)
     done = first_rows = 0
     t0 = time.perf_counter()
     t_first = None
     try:
-        stream = stream_map(listing, actor_cls, fn_kwargs=actor_kwargs, actors=actors,
-                            cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
-                            batch_size=batch_size)
+        stream = stream_map(listing, actor_cls,
+                            fn_kwargs={"params": params, "device": device, "threads": threads},
+                            actors=params.actors, cpus_per_actor=params.cpus_per_actor,
+                            gpus_per_actor=gpus, batch_size=params.batch_size)
         for out in stream:
             if t_first is None:
                 t_first, first_rows = time.perf_counter(), out.num_rows
@@ -328,7 +331,8 @@ def extract(ctx: Any, dataset: Any, actor_cls: type, actor_kwargs: dict[str, Any
         writer.close()
     wall = time.perf_counter() - t0
     if writer.items == 0:
-        raise StageFailed(f"no usable item in dataset {dataset.type!r} ({listing.items} listed; "
+        raise StageFailed(f"{stage_type}: no usable item in dataset {params.dataset.type!r} "
+                          f"({listing.items} listed; "
                           f"rejected: {writer.rejected_by_reason})")
     steady = None
     if t_first is not None and done > first_rows and time.perf_counter() > t_first:
@@ -339,5 +343,5 @@ def extract(ctx: Any, dataset: Any, actor_cls: type, actor_kwargs: dict[str, Any
         "rejected": sum(writer.rejected_by_reason.values()),
         "rejected_by_reason": writer.rejected_by_reason, **listing.summary(),
         "wall_extract_s": wall, "items_per_s": done / wall if wall > 0 else None,
-        "steady_per_s": steady,
+        "steady_per_s": steady, "actors": params.actors, "device": device,
     }

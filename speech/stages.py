@@ -127,7 +127,6 @@ def features(ctx: StageContext, params: SpeechFeaturesParams) -> dict:
         ctx.log.warning("%s", n)
     dim = fz.dim
     del fz
-    gpus, device, threads = params.placement()
 
     resampled: dict[int, int] = {}
     seconds = 0.0
@@ -140,14 +139,8 @@ def features(ctx: StageContext, params: SpeechFeaturesParams) -> dict:
                 resampled[r] = resampled.get(r, 0) + 1
         seconds += sum(ok["duration_s"].to_pylist())
 
-    try:
-        counts = extract(ctx, params.dataset, AudioFeaturizeActor,
-                         {"params": params, "device": device, "threads": threads},
-                         actors=params.actors, cpus_per_actor=params.cpus_per_actor,
-                         gpus_per_actor=gpus, batch_size=params.batch_size, limit=params.limit,
-                         rows_per_shard=params.rows_per_shard, desc="clips", on_batch=count_audio)
-    except StageFailed as e:
-        raise StageFailed(f"speech.features: {e}") from None
+    counts = extract(ctx, params, AudioFeaturizeActor, stage_type="speech.features", desc="clips",
+                     on_batch=count_audio)
     frame_rate = (1000.0 / params.hop_ms / params.stack if params.features == "logmel"
                   else 16000 / 320)
     return {
@@ -156,5 +149,5 @@ def features(ctx: StageContext, params: SpeechFeaturesParams) -> dict:
         "audio_seconds": seconds, "frame_rate_hz": frame_rate,
         "features": params.features, "stack": params.stack, "global_token": params.global_token,
         "weights": params.weights or ("n/a" if params.features == "logmel" else "random"),
-        "warnings": notes, "actors": params.actors, "device": device,
+        "warnings": notes,
     }

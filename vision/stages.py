@@ -123,9 +123,8 @@ def features(ctx: StageContext, params: VisionFeaturesParams) -> dict:
     except ValueError as e:  # a mode the architecture does not have
         raise StageFailed(f"vision.features: {params.backbone}: {e}") from None
     del model
-    gpus, device, threads = params.placement()
-    ctx.log.info("backbone %s (%s), dim %d, data config %s, %d actor(s) on %s, %d threads each",
-                 params.backbone, info["weights"], dim, cfg, params.actors, device, threads)
+    ctx.log.info("backbone %s (%s), dim %d, data config %s", params.backbone, info["weights"], dim,
+                 cfg)
 
     modes: dict[str, int] = {}
 
@@ -133,17 +132,10 @@ def features(ctx: StageContext, params: VisionFeaturesParams) -> dict:
         for m in out.filter(pc.is_null(out["error"]))["mode"].to_pylist():
             modes[m] = modes.get(m, 0) + 1
 
-    try:
-        counts = extract(ctx, params.dataset, ImageFeaturizeActor,
-                         {"params": params, "device": device, "threads": threads},
-                         actors=params.actors, cpus_per_actor=params.cpus_per_actor,
-                         gpus_per_actor=gpus, batch_size=params.batch_size, limit=params.limit,
-                         rows_per_shard=params.rows_per_shard, desc="images", on_batch=count_modes)
-    except StageFailed as e:
-        raise StageFailed(f"vision.features: {e}") from None
+    counts = extract(ctx, params, ImageFeaturizeActor, stage_type="vision.features", desc="images",
+                     on_batch=count_modes)
     return {
         **counts, "dim": dim, "source_modes": modes,
         "backbone": params.backbone, "weights": info["weights"], "warnings": info.get("warnings", []),
         "mode": params.mode, "global_token": params.global_token, "data_config": cfg,
-        "actors": params.actors, "device": device,
     }
