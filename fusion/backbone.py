@@ -75,6 +75,21 @@ def load_backbone(name: str) -> TextBackbone:
     return TextBackbone(model, tokenizer, str(path))
 
 
+def artifact_backbone(path: str | Path) -> TextBackbone:
+    """The backbone architecture a ``fusion.pretrain`` artifact was trained from
+    (``backbone_config.json``, random weights: the artifact's ``model.safetensors`` replaces them)
+    and its ``tokenizer/``: the original backbone folder is not needed."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True,
+                                              use_fast=True)
+    config = AutoConfig.from_pretrained(str(path / "backbone_config.json"))
+    return TextBackbone(AutoModel.from_config(config, add_pooling_layer=False), tokenizer, str(path))
+
+
 def random_backbone(tokenizer: Any, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2,
                     intermediate_size: int = 64, max_position: int = 128, seed: int = 0) -> TextBackbone:
     """A tiny randomly initialised BERT over ``tokenizer``'s vocabulary (tests, smoke runs)."""

@@ -463,16 +463,19 @@ class Lxmert(nn.Module):
         h = media[:, 0] if self.config.global_token else _masked_mean(media, region_mask)
         return F.normalize(self.media_proj(h), dim=-1)                               # (B, P)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_text(self, text_batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Unit-length text vectors (B, P) from the language encoder alone, no cross layers:
-        ``encode_text(...) @ encode_media(...).T`` scores all pairs in one matmul."""
-        return self._text_vector(self.text_stream(input_ids, attention_mask, token_type_ids), attention_mask)
+        ``encode_text(t) @ encode_media(m).T`` scores all pairs in one matmul. ``text_batch``:
+        ``input_ids``, ``attention_mask`` (``token_type_ids``), as for :meth:`match_score`."""
+        attn = text_batch.get("attention_mask")
+        text = self.text_stream(text_batch["input_ids"], attn, text_batch.get("token_type_ids"))
+        return self._text_vector(text, attn)
 
-    def encode_media(self, features: torch.Tensor, boxes: torch.Tensor,
-                     region_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Unit-length media vectors (B, P) from the object-relationship encoder alone."""
-        return self._media_vector(self.media_stream(features, boxes, region_mask), region_mask)
+    def encode_media(self, media_batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Unit-length media vectors (B, P) from the object-relationship encoder alone.
+        ``media_batch``: ``features``, ``boxes`` (``region_mask``)."""
+        rm = media_batch.get("region_mask")
+        return self._media_vector(self.media_stream(media_batch["features"], media_batch["boxes"], rm), rm)
 
     def match_score(self, text_batch: Mapping[str, torch.Tensor],
                     media_batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -482,6 +485,34 @@ class Lxmert(nn.Module):
         out = self(text_batch["input_ids"], text_batch.get("attention_mask"), media_batch["features"],
                    media_batch["boxes"], media_batch.get("region_mask"), text_batch.get("token_type_ids"))
         return self.itm(out.pooled_output).squeeze(-1)                               # (B,)
+
+    # The same score in two parts, for scoring many pairs: the single-modality encoders do not
+    # depend on the pair, so retrieval runs them once per caption and once per image
+    # (``text_states``, ``media_states``) and only the cross layers once per pair (``score_states``).
+
+    @property
+    def has_match_head(self) -> bool:
+        """Whether :meth:`match_score` means anything: the ITM head is trained (``itm_weight`` > 0;
+        a contrastive-only dual encoder has none)."""
+        return bool(self.config.itm_weight)
+
+    def text_states(self, text_batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"states": (B, L, D) language-encoder output, "mask": (B, L)}``."""
+        ids = text_batch["input_ids"]
+        attn = text_batch.get("attention_mask")
+        attn = torch.ones_like(ids) if attn is None else attn
+        return {"states": self.text_stream(ids, attn, text_batch.get("token_type_ids")), "mask": attn}
+
+    def media_states(self, media_batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"states": (B, R, D) object-relationship output, "mask": (B, R)}``."""
+        f, rm = media_batch["features"], media_batch.get("region_mask")
+        rm = torch.ones(f.shape[:2], dtype=torch.long, device=f.device) if rm is None else rm
+        return {"states": self.media_stream(f, media_batch["boxes"], rm), "mask": rm}
+
+    def score_states(self, text: Mapping[str, torch.Tensor], media: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`match_score` from :meth:`text_states` and :meth:`media_states` of the pairs (B,)."""
+        lang, _ = self.cross(text["states"], text["mask"], media["states"], media["mask"])
+        return self.itm(self.pool(lang)).squeeze(-1)                                 # (B,)
 
     # -- pretraining --
 
@@ -536,7 +567,7 @@ class Lxmert(nn.Module):
 
         if cfg.contrastive_weight:
             if cfg.contrastive_on_clean:
-                t, m = self.encode_text(ids, attn, tt), self.encode_media(features, boxes, region_mask)
+                t, m = self.encode_text(batch), self.encode_media(batch)
             else:
                 t, m = self._text_vector(text, attn), self._media_vector(media, region_mask)
             scale = self.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP's cap on 1/temperature

@@ -183,6 +183,26 @@ class _Objective(torch.nn.Module):
         return self.model.loss(batch, self.generator)
 
 
+def load_pretrained(path: str | Path) -> tuple[Recipe, BaseModel, Any, torch.nn.Module, dict]:
+    """``(recipe, options, backbone, model in eval mode, recipe.json)`` of a ``fusion.pretrain``
+    artifact, for recipes whose model needs only the scalar resources ``recipe.json`` keeps (the
+    multimodal ones; ERNIE's entity table is loaded by ``fusion.finetune``)."""
+    import json
+
+    from safetensors.torch import load_model
+
+    from .backbone import artifact_backbone
+
+    path = Path(path)
+    meta = json.loads((path / "recipe.json").read_text())
+    rec = RECIPES.get(meta["recipe"])()
+    options = rec.Options.model_validate(meta["options"])
+    backbone = artifact_backbone(path)
+    model = rec.build(backbone, meta.get("resources_meta", {}), options)
+    load_model(model, str(path / "model.safetensors"))  # strict: every tensor, right shapes
+    return rec, options, backbone, model.eval(), meta
+
+
 def tokens_per_second(history: list[dict[str, Any]]) -> float | None:
     """Training throughput over the run, skipping step 1 (it includes warm-up allocations)."""
     rows = history[1:] or history

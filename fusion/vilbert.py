@@ -524,6 +524,51 @@ class ViLBert(nn.Module):
                                   media_batch.get("region_mask"))                  # (B, R', V)
         return F.relu(self.visual_pooler(v[:, 0]))                                 # (B, P)
 
+    # The same score in two parts, for scoring many pairs: the layers before the first co-attention
+    # see one modality only, so retrieval runs them once per caption and once per image
+    # (``text_states``, ``media_states``) and the rest once per pair (``score_states``).
+
+    def _first_connection(self) -> int:
+        return next((n for n, (kind, _) in enumerate(self.schedule) if kind == "coattention"),
+                    len(self.schedule))
+
+    def text_states(self, text_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"states": (B, L, D) text stream before the first co-attention, "mask": (B, L)}``."""
+        ids = text_batch["input_ids"]
+        attn = text_batch.get("attention_mask")
+        attn = torch.ones_like(ids) if attn is None else attn
+        t = self.embeddings(input_ids=ids, token_type_ids=text_batch.get("token_type_ids"))
+        t_attn = self._text_mask(t, attn)
+        for kind, i in self.schedule[:self._first_connection()]:
+            if kind == "text":
+                t = self.text_layers[i](t, t_attn)                                 # (B, L, D)
+        return {"states": t, "mask": attn}
+
+    def media_states(self, media_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"states": (B, R', V) visual stream before the first co-attention, "mask": (B, R')}``."""
+        features = media_batch["features"]
+        self._check_features(features)
+        rm = media_batch.get("region_mask")
+        rm = torch.ones(features.shape[:2], dtype=torch.long, device=features.device) if rm is None else rm
+        v, v_mask = self.visual_embeddings(features, media_batch["boxes"], rm)     # (B, R', V)
+        for kind, j in self.schedule[:self._first_connection()]:
+            if kind == "visual":
+                v = self.visual_layers[j](v, v_mask)
+        return {"states": v, "mask": v_mask}
+
+    def score_states(self, text: dict[str, torch.Tensor], media: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`match_score` from :meth:`text_states` and :meth:`media_states` of the pairs (B,)."""
+        t, attn, v, v_mask = text["states"], text["mask"], media["states"], media["mask"]
+        t_attn, t_mask = self._text_mask(t, attn), attn.bool()
+        for kind, i in self.schedule[self._first_connection():]:
+            if kind == "text":
+                t = self.text_layers[i](t, t_attn)
+            elif kind == "visual":
+                v = self.visual_layers[i](v, v_mask)
+            else:
+                t, v = self.coattention_layers[i](t, v, t_mask, v_mask)
+        return self._align_logit(F.relu(self.text_pooler(t[:, 0])), F.relu(self.visual_pooler(v[:, 0])))
+
     # -- pretraining --
 
     def corrupt(self, batch: dict[str, torch.Tensor],

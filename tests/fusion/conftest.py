@@ -3,6 +3,7 @@ a randomly initialised 2-layer BERT (hidden 32), built by the tests themselves (
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,53 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+COLOURS = ["red", "green", "blue"]
+NOUNS = ["dog", "cat", "animal", "river", "country", "city", "company", "music", "art", "science",
+         "people", "language", "president", "apple"]
+
+
+def make_feature_artifact(out: Path, dim: int = 16, seed: int = 0, global_token: bool = True,
+                          captions: dict[str, list[str]] | None = None,
+                          broken: tuple[str, ...] = ()) -> Path:
+    """A feature artifact (the ``pipeline.features`` layout) of 42 synthetic items, "the <colour>
+    <noun>", one per colour x noun: regions are the colour's vector, the noun's vector and noise
+    (plus their mean as a global token), so caption and media share something to learn. ``captions``
+    replaces items' texts; ``broken`` items are listed but their media was rejected (no features)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.features import ITEM_SCHEMA, FeatureWriter, region_schema, region_table
+
+    rng = np.random.default_rng(seed)
+    words = {w: rng.normal(size=dim) for w in COLOURS + NOUNS}
+    out.mkdir(parents=True, exist_ok=True)
+    writer = FeatureWriter(out)
+    items, rows = [], []
+    for c in COLOURS:
+        for n in NOUNS:
+            item = f"{c}-{n}"
+            texts = (captions or {}).get(item, [f"the {c} {n}"])
+            items.append({"id": item, "media": f"{item}.png", "texts": texts, "meta": "{}"})
+            if item in broken:
+                rows.append({"id": item, "error": "unidentifiable image"})
+                continue
+            regions = np.stack([words[c], words[n], rng.normal(size=dim)]) + 0.1 * rng.normal(size=(3, dim))
+            boxes = np.array([[0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 1, 1]], np.float32)
+            if global_token:
+                regions = np.concatenate([regions.mean(0, keepdims=True), regions])
+                boxes = np.concatenate([[[0, 0, 1, 1]], boxes]).astype(np.float32)
+            rows.append({"id": item, "features": regions, "boxes": boxes, "error": None})
+    writer.add(region_table(region_schema(dim), rows))
+    writer.close()
+    pq.write_table(pa.Table.from_pylist(items, schema=ITEM_SCHEMA), out / "items.parquet")
+    (out / "manifest.json").write_text(json.dumps({
+        "params": {"global_token": global_token, "dataset": {"type": "synthetic"}}}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def feature_artifact(tmp_path_factory) -> Path:
+    return make_feature_artifact(tmp_path_factory.mktemp("features"))

@@ -113,8 +113,8 @@ def test_shapes_and_dual_encoder():
     assert out.vision_output.shape == (4, 9, 32)
     assert out.pooled_output.shape == (4, 32)
     assert out.text_single.shape == (4, 6, 32) and out.media_single.shape == (4, 9, 32)
-    t = model.encode_text(b["input_ids"], b["attention_mask"])
-    m = model.encode_media(b["features"], b["boxes"], b["region_mask"])
+    t = model.encode_text(b)
+    m = model.encode_media(b)
     assert t.shape == m.shape == (4, 8)
     assert torch.allclose(t.norm(dim=-1), torch.ones(4)) and torch.allclose(m.norm(dim=-1), torch.ones(4))
     assert model.match_score(b, b).shape == (4,)
@@ -136,10 +136,10 @@ def test_padding_changes_nothing():
     assert torch.allclose(out.language_output[real_t], out2.language_output[real_t], atol=1e-6)
     assert torch.allclose(out.vision_output[real_r], out2.vision_output[real_r], atol=1e-6)
     assert torch.allclose(out.pooled_output, out2.pooled_output, atol=1e-6)
-    assert torch.allclose(model.encode_media(b["features"], b["boxes"], b["region_mask"]),
-                          model.encode_media(b2["features"], b2["boxes"], b2["region_mask"]), atol=1e-6)
-    assert torch.allclose(model.encode_text(b["input_ids"], b["attention_mask"]),
-                          model.encode_text(b2["input_ids"], b2["attention_mask"]), atol=1e-6)
+    assert torch.allclose(model.encode_media(b),
+                          model.encode_media(b2), atol=1e-6)
+    assert torch.allclose(model.encode_text(b),
+                          model.encode_text(b2), atol=1e-6)
 
 
 @torch.no_grad()

@@ -1,0 +1,146 @@
+"""Text-media pairs from a feature artifact: what the multimodal recipes train on and what
+``fusion.retrieval`` evaluates.
+
+A feature artifact (``vision.features``, ``speech.features``; layout in :mod:`pipeline.features`)
+holds each usable item's regions and ``items.parquet`` with every listed item's texts. A *pair* is
+one text of one item with that item's media: an image and each of its captions, a spoken clip and
+its transcript. Items whose media was rejected have no features and give no pair; they are counted
+(``items_without_features``), as are items without any text.
+
+The train/test split is by media item, from a hash of ``(split_seed, item id)``: it does not depend
+on the listing order or on which other items exist, so the same item is held out in pretraining
+and in evaluation, and a caption never trains while its image is tested. :func:`held_out`
+decides; the ``fusion.retrieval`` stage reads the model's ``held_out_share`` and ``split_seed`` so
+both sides agree without the user repeating them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+Split = Literal["train", "test", "all"]
+
+
+def held_out(item_id: str, share: float, seed: int = 0) -> bool:
+    """Whether ``item_id`` is in the held-out (test) share: ``sha1(seed:id)``'s first 8 bytes as a
+    fraction of 2^64, below ``share``."""
+    if share <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha1(f"{seed}:{item_id}".encode()).digest()[:8], "big")
+    return h / 2.0**64 < share
+
+
+def in_split(item_id: str, split: Split, share: float, seed: int) -> bool:
+    return split == "all" or held_out(item_id, share, seed) == (split == "test")
+
+
+@dataclass
+class MediaBank:
+    """Every item's regions, flat: ``features`` (sum R_i, F) float16, ``boxes`` (sum R_i, 4)
+    float32, item i's rows ``offsets[i]:offsets[i + 1]``. Flat numpy arrays so one ``ray.put``
+    shares them with every worker without a copy."""
+
+    ids: list[str]
+    features: np.ndarray
+    boxes: np.ndarray
+    offsets: np.ndarray
+    max_regions: int | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, ids: Sequence[str] | None = None,
+             max_regions: int | None = None) -> MediaBank:
+        """The items of the feature artifact at ``path`` (those in ``ids`` only, in artifact order),
+        keeping at most ``max_regions`` regions each (the first: a global token stays)."""
+        from pipeline.features import FeatureSet
+
+        want = None if ids is None else set(ids)
+        out_ids, feats, boxes, counts = [], [], [], []
+        for i, f, b in FeatureSet(Path(path)):
+            if want is not None and i not in want:
+                continue
+            n = len(f) if max_regions is None else min(len(f), max_regions)
+            out_ids.append(i)
+            feats.append(f[:n])
+            boxes.append(b[:n])
+            counts.append(n)
+        dim = FeatureSet(Path(path)).dim
+        return cls(out_ids,
+                   np.concatenate(feats) if feats else np.zeros((0, dim), np.float16),
+                   np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
+                   np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), max_regions)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, index: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Items ``index`` padded to their largest region count: ``features`` (B, R, F) float16,
+        ``boxes`` (B, R, 4), ``region_mask`` (B, R) bool."""
+        n = [int(self.offsets[i + 1] - self.offsets[i]) for i in index]
+        B, R = len(index), max(n, default=0)
+        features = torch.zeros(B, R, self.dim, dtype=torch.float16)
+        boxes = torch.zeros(B, R, 4, dtype=torch.float32)
+        region_mask = torch.zeros(B, R, dtype=torch.bool)
+        for b, (i, k) in enumerate(zip(index, n)):
+            s = int(self.offsets[i])
+            features[b, :k] = torch.from_numpy(np.ascontiguousarray(self.features[s:s + k]))
+            boxes[b, :k] = torch.from_numpy(np.ascontiguousarray(self.boxes[s:s + k]))
+            region_mask[b, :k] = True
+        return {"features": features, "boxes": boxes, "region_mask": region_mask}
+
+
+@dataclass
+class Captions:
+    """The texts of a feature artifact's items, one row per text: ``ids`` (``<item id>#<k>``),
+    ``texts``, ``media`` (the item's index in the :class:`MediaBank`)."""
+
+    ids: list[str]
+    texts: list[str]
+    media: list[int]
+
+
+def load_pairs(path: str | Path, split: Split = "all", held_out_share: float = 0.0,
+               split_seed: int = 0, max_regions: int | None = None,
+               limit: int | None = None) -> tuple[MediaBank, Captions, dict[str, Any]]:
+    """The media of one split and their captions, plus counts for the manifest. ``limit`` keeps
+    the first N media items of the split (in artifact order)."""
+    items = pq.read_table(Path(path) / "items.parquet", columns=["id", "texts"])
+    texts_of = dict(zip(items["id"].to_pylist(), items["texts"].to_pylist()))
+    featured = feature_ids(path)
+    chosen = [i for i in featured if in_split(i, split, held_out_share, split_seed)]
+    if limit is not None:
+        chosen = chosen[:limit]
+    bank = MediaBank.load(path, chosen, max_regions)
+    caps = Captions([], [], [])
+    without_text = 0
+    for m, item in enumerate(bank.ids):
+        texts = texts_of.get(item) or []
+        without_text += not texts
+        for k, t in enumerate(texts):
+            caps.ids.append(f"{item}#{k}")
+            caps.texts.append(t)
+            caps.media.append(m)
+    counts = {"items_listed": items.num_rows, "items_with_features": len(featured),
+              "items_without_features": items.num_rows - len(featured),
+              f"{split}_items": len(bank), f"{split}_items_without_text": without_text,
+              f"{split}_texts": len(caps.texts)}
+    return bank, caps, counts
+
+
+def feature_ids(path: str | Path) -> list[str]:
+    """The ids of a feature artifact's items that have features, without decoding any."""
+    from pipeline.features import FeatureSet
+
+    return [i for shard in FeatureSet(Path(path)).shards
+            for i in pq.read_table(shard, columns=["id"])["id"].to_pylist()]
