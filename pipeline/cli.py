@@ -1,4 +1,4 @@
-"""``stele`` command line: run, plan, stages, datasets, show, demo.
+"""``stele`` command line: run, plan, stages, datasets, show, report, demo.
 
 Exit codes: 0 success; 1 a stage failed; 2 bad input (spec, override, unknown artifact), nothing ran;
 130 interrupted.
@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact key (or a prefix of 6+ characters) or folder")
     p.add_argument("--store", help="artifact store (default: $STELE_STORE or ./stele-store)")
     p.add_argument("--verify", action="store_true", help="also check every file the manifest lists")
+    p = sub.add_parser("report", help="write one self-contained HTML page for a run")
+    p.add_argument("run", nargs="?", default="latest",
+                   help="run id (or a unique prefix), 'latest', or a pipeline YAML (its latest run)")
+    p.add_argument("--store", help="artifact store (default: $STELE_STORE, the pipeline's store:, "
+                   "or ./stele-store)")
+    p.add_argument("--out", help="where to write the page (default <store>/reports/<run-id>.html)")
     return ap
 
 
@@ -81,6 +87,10 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return _stages(args.name, console)
     if args.cmd == "datasets":
         return _datasets(args.name, console)
+    if args.cmd == "report":
+        from .report import report_command
+
+        return report_command(args.run, args.store, args.out, console)
     if args.cmd == "show":
         store = ArtifactStore(args.store or default_store_uri())
         key = store.resolve(args.artifact)
@@ -127,6 +137,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     result = run(pipeline, store, force=args.force, until=args.until, console=console,
                  live=False if args.no_live else None)
     print_summary(result, console)
+    from .report import report_after_run  # never raises: a report problem is only a warning
+
+    report_after_run(store, result.run_id, console)
     return 0 if result.ok else 1
 
 
