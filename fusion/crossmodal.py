@@ -5,7 +5,9 @@ Inputs: ``model`` (a ``fusion.pretrain`` artifact of a multimodal recipe), ``med
 artifact to search: its items are the media, their texts the captions; by default the items the
 model held out, ``split: test``), optionally ``first_stage`` (another ``fusion.pretrain`` artifact,
 e.g. a ``dual`` encoder, whose vectors rank candidates before re-ranking; default: the model's own
-single-stream vectors).
+single-stream vectors). Models with media queries (``media_lxmert``, ``media_dual``: spoken
+captions searching images) also take ``queries``, the query items' feature artifact; the queries
+then play the captions' role, labelled by their transcripts.
 
 Modes (the mode and ``k`` are written beside every number):
 
@@ -33,6 +35,7 @@ import base64
 import io
 import json
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,35 +119,41 @@ class Scorer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _text(self, texts: Sequence[str]) -> dict[str, Any]:
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True,
-                             return_tensors="pt")
+    def _queries(self, queries: Any, rows: slice) -> dict[str, Any]:
+        """A batch of queries ``rows``: tokenised captions, or media queries' regions."""
+        if queries.bank is not None:
+            b = queries.bank.batch(list(range(len(queries.ids))[rows]))
+            return {"query_features": b["features"].to(self.device),
+                    "query_boxes": b["boxes"].to(self.device),
+                    "query_mask": b["region_mask"].to(self.device)}
+        enc = self.tokenizer(queries.texts[rows], truncation=True, max_length=self.max_length,
+                             padding=True, return_tensors="pt")
         return {"input_ids": enc["input_ids"].to(self.device),
                 "attention_mask": enc["attention_mask"].to(self.device)}
 
     def _media(self, bank: Any, idx: Sequence[int]) -> dict[str, Any]:
         return {k: v.to(self.device) for k, v in bank.batch(list(idx)).items()}
 
-    def first_stage(self, texts: Sequence[str], bank: Any) -> Any:
+    def first_stage(self, queries: Any, bank: Any) -> Any:
         """(T, M) dual-encoder scores, float32 on the CPU."""
         import torch
 
         with torch.inference_mode(), self._autocast():
-            t = torch.cat([self.model.encode_text(self._text(texts[s])).float()
-                           for s in _batches(len(texts), self.encode_bs)])
+            t = torch.cat([self.model.encode_text(self._queries(queries, s)).float()
+                           for s in _batches(len(queries.ids), self.encode_bs)])
             m = torch.cat([self.model.encode_media(self._media(bank, range(len(bank))[s])).float()
                            for s in _batches(len(bank), self.encode_bs)])
         return (t @ m.T).cpu()
 
-    def states(self, texts: Sequence[str], bank: Any) -> tuple[dict, dict]:
+    def states(self, queries: Any, bank: Any) -> tuple[dict, dict]:
         import torch
 
         if not self.cross_encoder:
             raise ValueError(f"{type(self.model).__name__} has no cross-encoder score (a dual "
                              f"encoder): use mode 'dual'")
         with torch.inference_mode(), self._autocast():
-            t = _pad_cat([self.model.text_states(self._text(texts[s]))
-                          for s in _batches(len(texts), self.encode_bs)])
+            t = _pad_cat([self.model.text_states(self._queries(queries, s))
+                          for s in _batches(len(queries.ids), self.encode_bs)])
             m = _pad_cat([self.model.media_states(self._media(bank, range(len(bank))[s]))
                           for s in _batches(len(bank), self.encode_bs)])
         return t, m
@@ -181,13 +190,15 @@ def _score_worker_cls():  # noqa: ANN202
     class ScoreWorker:
         """One model replica: rebuilds the corpus' states itself, then scores pair shards."""
 
-        def __init__(self, model_dir: str, media_dir: str, settings: dict, device: str) -> None:
+        def __init__(self, model_dir: str, media_dir: str, queries_dir: str | None, settings: dict,
+                     device: str) -> None:
             import torch
 
             torch.set_num_threads(settings.pop("threads"))
-            corpus, scorer = _setup(Path(model_dir), Path(media_dir), settings, device)
+            corpus, scorer = _setup(Path(model_dir), Path(media_dir), settings, device,
+                                    Path(queries_dir) if queries_dir else None)
             self.scorer = scorer
-            self.states = scorer.states(corpus.captions.texts, corpus.bank)
+            self.states = scorer.states(corpus.captions, corpus.bank)
 
         def score(self, ti: np.ndarray, mi: np.ndarray) -> np.ndarray:
             return self.scorer.cross(*self.states, ti, mi)
@@ -195,19 +206,30 @@ def _score_worker_cls():  # noqa: ANN202
     return ScoreWorker
 
 
-def _setup(model_dir: Path, media_dir: Path, settings: dict, device: str) -> tuple[Corpus, Scorer]:
-    from .pairs import load_pairs
+def _setup(model_dir: Path, media_dir: Path, settings: dict, device: str,
+           queries_dir: Path | None = None) -> tuple[Corpus, Scorer]:
+    from .pairs import load_media_pairs, load_pairs
     from .pretrain import load_pretrained
 
     rec, options, backbone, model, meta = load_pretrained(model_dir)
     share = getattr(options, "held_out_share", 0.0)
     seed = getattr(options, "split_seed", 0)
-    bank, caps, counts = load_pairs(media_dir, settings["split"], share, seed,
-                                    getattr(options, "max_regions", None), settings["limit"])
-    want = meta.get("resources_meta", {}).get("feature_dim")
-    if want is not None and len(bank) and bank.dim != want:
-        raise StageFailed(f"mismatched feature dimensions: model {model_dir.name} was trained on "
-                          f"{want}-d features, media artifact {media_dir.name} has {bank.dim}-d")
+    max_regions = getattr(options, "max_regions", None)
+    if "query_media" in rec.needs:
+        if queries_dir is None:
+            raise StageFailed(f"the {meta['recipe']} model searches with media queries: give the "
+                              f"query items' feature artifact (input role 'queries', --queries)")
+        bank, caps, counts = load_media_pairs(queries_dir, media_dir, settings["split"], share, seed,
+                                              options.key, max_regions, settings["limit"])
+    else:
+        bank, caps, counts = load_pairs(media_dir, settings["split"], share, seed, max_regions,
+                                        settings["limit"])
+    res = meta.get("resources_meta", {})
+    for what, want, have, path in (("media", res.get("feature_dim"), bank, media_dir),
+                                   ("query", res.get("query_feature_dim"), caps.bank, queries_dir)):
+        if want is not None and have is not None and len(have) and have.dim != want:
+            raise StageFailed(f"mismatched feature dimensions: model {model_dir.name} was trained on "
+                              f"{want}-d {what} features, artifact {path.name} has {have.dim}-d")
     scorer = Scorer(model, backbone.tokenizer, settings["max_length"] or meta.get("max_length", 64),
                     device, settings["encode_batch_size"], settings["batch_size"])
     return Corpus(bank, caps, {**counts, "held_out_share": share, "split_seed": seed}), scorer
@@ -216,7 +238,8 @@ def _setup(model_dir: Path, media_dir: Path, settings: dict, device: str) -> tup
 # ----------------------------------------------------------------------------------- evaluate
 def evaluate(model_dir: Path, media_dir: Path, out: Path, params: RetrievalParams,
              first_stage_dir: Path | None = None, log: Any = None,
-             progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[str, int, int], None] | None = None,
+             queries_dir: Path | None = None) -> dict[str, Any]:
     """Run the protocol and write the artifact files into ``out``; returns the headline metrics."""
     import logging
 
@@ -228,7 +251,7 @@ def evaluate(model_dir: Path, media_dir: Path, out: Path, params: RetrievalParam
     device = "cuda" if params.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
     settings = {"split": params.split, "limit": params.limit, "max_length": params.max_length,
                 "encode_batch_size": params.encode_batch_size, "batch_size": params.batch_size}
-    corpus, scorer = _setup(model_dir, media_dir, settings, device)
+    corpus, scorer = _setup(model_dir, media_dir, settings, device, queries_dir)
     bank, caps = corpus.bank, corpus.captions
     T, M = len(caps.texts), len(bank)
     if T == 0 or M == 0:
@@ -248,9 +271,9 @@ def evaluate(model_dir: Path, media_dir: Path, out: Path, params: RetrievalParam
         fs_scorer = Scorer(fs_model, fs_backbone.tokenizer,
                            params.max_length or fs_meta.get("max_length", 64), device,
                            params.encode_batch_size)
-        first = fs_scorer.first_stage(caps.texts, bank)
+        first = fs_scorer.first_stage(caps, bank)
     else:
-        first = scorer.first_stage(caps.texts, bank)                       # (T, M)
+        first = scorer.first_stage(caps, bank)                             # (T, M)
     timing: dict[str, Any] = {"first_stage_s": time.perf_counter() - t0}
 
     if params.mode == "dual":
@@ -266,8 +289,8 @@ def evaluate(model_dir: Path, media_dir: Path, out: Path, params: RetrievalParam
                 (first.T.topk(km, dim=1).indices.numpy() * M + np.arange(M)[:, None]).ravel()])
             flat = np.unique(flat)                   # a pair both directions need is scored once
             ti, mi = flat // M, flat % M
-        scores = _score_pairs(scorer, model_dir, media_dir, settings, params, device, ti, mi,
-                              corpus, progress)
+        scores = _score_pairs(scorer, model_dir, media_dir, queries_dir, settings, params, device,
+                              ti, mi, corpus, progress)
         dense = torch.full((T, M), float("nan"))
         dense[torch.as_tensor(ti), torch.as_tensor(mi)] = torch.as_tensor(scores)
         timing["cross_s"] = time.perf_counter() - t1
@@ -312,12 +335,12 @@ def evaluate(model_dir: Path, media_dir: Path, out: Path, params: RetrievalParam
             "pairs_scored": pairs, "eval_s": round(timing["total_s"], 3)}
 
 
-def _score_pairs(scorer: Scorer, model_dir: Path, media_dir: Path, settings: dict,
-                 params: RetrievalParams, device: str, ti: np.ndarray, mi: np.ndarray,
+def _score_pairs(scorer: Scorer, model_dir: Path, media_dir: Path, queries_dir: Path | None,
+                 settings: dict, params: RetrievalParams, device: str, ti: np.ndarray, mi: np.ndarray,
                  corpus: Corpus, progress: Callable[[str, int, int], None] | None) -> np.ndarray:
     report = (lambda done, total: progress("pairs", done, total)) if progress else None
     if params.workers == 1:
-        states = scorer.states(corpus.captions.texts, corpus.bank)
+        states = scorer.states(corpus.captions, corpus.bank)
         return scorer.cross(*states, ti, mi, report)
     import os
 
@@ -327,7 +350,8 @@ def _score_pairs(scorer: Scorer, model_dir: Path, media_dir: Path, settings: dic
     threads = max(1, (os.cpu_count() or 1) // params.workers)
     actors = [worker.options(num_cpus=1 if params.gpus_per_worker == 0 else 0,
                              num_gpus=params.gpus_per_worker).remote(
-        str(model_dir), str(media_dir), {**settings, "threads": threads}, device)
+        str(model_dir), str(media_dir), str(queries_dir) if queries_dir else None,
+        {**settings, "threads": threads}, device)
         for _ in range(params.workers)]
     # Many small shards, handed out as actors free up: balanced when pair lengths differ.
     shards = _batches(len(ti), params.batch_size * 8)
@@ -436,7 +460,8 @@ def _examples(media_dir: Path, caps: Any, bank: Any, t2m: Any, m2t: Any, relevan
                 "thumbnail": thumbs.get(bank.ids[m]) if thumbs else None}
 
     def text_entry(t: int) -> dict:
-        return {"id": caps.ids[t], "text": caps.texts[t]}
+        entry = {"id": caps.ids[t], "text": caps.texts[t]}
+        return entry if caps.bank is None else {**entry, "kind": "audio"}
 
     out = []
     for d, scores, rel, q_entry, c_entry in (("text_to_media", t2m, relevant, text_entry, media_entry),
@@ -498,9 +523,69 @@ def retrieval(ctx: StageContext, params: RetrievalParams) -> dict:
         if role not in ctx.inputs:
             raise StageFailed(f"fusion.retrieval needs input role {role!r} (got "
                               f"{sorted(ctx.inputs) or 'none'})")
-    fs = ctx.inputs.get("first_stage")
+    fs, queries = ctx.inputs.get("first_stage"), ctx.inputs.get("queries")
     try:
         return evaluate(ctx.inputs["model"].path, ctx.inputs["media"].path, ctx.out, params,
-                        fs.path if fs else None, ctx.log, ctx.report_progress)
+                        fs.path if fs else None, ctx.log, ctx.report_progress,
+                        queries.path if queries else None)
     except ValueError as e:  # the protocol's own checks (duplicate ids, no positives at all)
         raise StageFailed(f"fusion.retrieval: {e}") from None
+
+
+# ----------------------------------------------------------------------------------- the CLI
+def add_eval_parser(sub: Any) -> None:
+    """``stele eval retrieval ...``: the stage's protocol on existing artifacts, outside a pipeline."""
+    p = sub.add_parser("eval", help="evaluate artifacts outside a pipeline (retrieval)")
+    tasks = p.add_subparsers(dest="task", required=True)
+    r = tasks.add_parser("retrieval", help="cross-modal retrieval with a fusion.pretrain model")
+    r.add_argument("--model", required=True, help="fusion.pretrain artifact (key prefix or folder)")
+    r.add_argument("--media", required=True, help="feature artifact to search (key prefix or folder)")
+    r.add_argument("--first-stage", help="another fusion.pretrain artifact ranking candidates first")
+    r.add_argument("--queries", help="media queries' feature artifact (media_lxmert, media_dual models)")
+    r.add_argument("--out", help="output folder (default ./retrieval-<mode>)")
+    r.add_argument("--store", help="artifact store for key prefixes (default: $STELE_STORE or ./stele-store)")
+    fields = RetrievalParams.model_fields
+    for name in ("mode", "k", "split", "limit", "batch_size", "workers", "gpus_per_worker", "examples"):
+        f = fields[name]
+        kind = {"k": int, "limit": int, "batch_size": int, "workers": int, "examples": int,
+                "gpus_per_worker": float}.get(name, str)
+        choices = typing.get_args(f.annotation) if typing.get_origin(f.annotation) is Literal else None
+        r.add_argument(f"--{name.replace('_', '-')}", type=kind, default=f.default, choices=choices,
+                       help=f.description)
+
+
+def eval_command(args: Any, console: Any) -> int:
+    from pipeline.store import ArtifactStore, default_store_uri
+
+    params = RetrievalParams(mode=args.mode, k=args.k, split=args.split, limit=args.limit,
+                             batch_size=args.batch_size, workers=args.workers,
+                             gpus_per_worker=args.gpus_per_worker, examples=args.examples)
+    store = ArtifactStore(args.store or default_store_uri())
+
+    def folder(ref: str) -> Path:  # an artifact folder as it is, else a key (prefix) in the store
+        p = Path(ref)
+        return p if p.is_dir() else Path(store.artifact_path(store.resolve(ref)))
+
+    out = Path(args.out or f"retrieval-{params.mode}")
+    if params.workers > 1:
+        from pipeline.ray_utils import init_ray
+
+        init_ray()
+    try:
+        m = evaluate(folder(args.model), folder(args.media), out, params,
+                     folder(args.first_stage) if args.first_stage else None,
+                     queries_dir=folder(args.queries) if args.queries else None)
+    except StageFailed as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        return 1
+    label = params.mode + (f", k={params.k}" if params.mode == "rerank" else "")
+    console.print(f"retrieval ({label}) over {m['captions']} captions x {m['media']} media, "
+                  f"{m['eval_s']:.1f} s, {m['pairs_scored']} pairs scored")
+    for d in DIRECTIONS:
+        console.print(f"  {d.replace('_', ' '):>14}: " + "  ".join(
+            f"R@{k} {m[f'{d}_R@{k}']:.1f}" for k in (1, 5, 10))
+            + f"  median rank {m[f'{d}_median_rank']:.1f}  mAP@10 {m[f'{d}_mAP@10']:.1f}")
+    console.print(f"  RSUM {m['rsum']:.1f} (first stage alone {m['first_stage_rsum']:.1f})")
+    console.print(f"written to {out}/ (metrics.json, ranks.parquet, recall_at_k.png, rank_hist.png, "
+                  f"examples.json)")
+    return 0

@@ -15,6 +15,9 @@ items of the same split.
 - ``dual``: the baseline. LXMERT's two single-modality encoders with no cross layers, trained with
   InfoNCE only: a CLIP-style dual encoder on exactly the same features and text backbone, whose
   dot product is its retrieval score.
+- ``media_lxmert`` / ``media_dual``: media queries instead of text (spoken captions <-> images):
+  LXMERT's cross encoder over two media streams (:mod:`fusion.bimedia`) and its dual encoder;
+  inputs ``query_media`` (the spoken captions' features) and ``media`` (the images').
 
 ``options.config`` overrides the model's config fields (``LxmertConfig`` / ``ViLBertConfig``),
 checked when the pipeline is loaded. One example is one media item; each batch gives each item
@@ -82,9 +85,8 @@ class MediaRecipe(Recipe):
         examples = [{"media": m, "texts": ts} for m, ts in sorted(by_media.items())]
         if not examples:
             raise StageFailed(f"fusion.pretrain: no training pair in {inputs['media']}: {counts}")
-        manifest = json.loads((Path(inputs["media"]) / "manifest.json").read_text())
-        global_token = bool(manifest.get("params", {}).get("global_token", False))
-        resources = {"feature_dim": bank.dim, "global_token": global_token, "bank": ray.put(bank)}
+        resources = {"feature_dim": bank.dim, "global_token": _global_token(inputs["media"]),
+                     "bank": ray.put(bank)}
         return examples, resources, {**counts, "train_media_with_text": len(examples)}
 
     def collate(self, backbone: TextBackbone, examples: list[dict], resources: dict[str, Any],
@@ -171,3 +173,95 @@ class ViLBertRecipe(MediaRecipe):
         config = dataclasses.replace(MINILM_CONFIG, **(placement | options.config | {
             "feature_dim": resources["feature_dim"], "add_img_token": not resources["global_token"]}))
         return ViLBert(backbone, config)
+
+
+# ------------------------------------------------------------------ media queries (speech <-> image)
+class BiMediaOptions(MediaOptions):
+    key: str = Field(default="base_id", description="query items' meta field naming their media item")
+
+    @field_validator("config")
+    @classmethod
+    def _config(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from .bimedia import BiMediaConfig
+
+        return _check_fields(v, BiMediaConfig, {"query_feat_dim", "media_feat_dim",
+                                                "query_global_token", "media_global_token"})
+
+
+@recipe("media_lxmert")
+class BiMediaRecipe(MediaRecipe):
+    """LXMERT's cross encoder over two media streams (:mod:`fusion.bimedia`): ``query_media`` items
+    (spoken captions) paired with the ``media`` item their ``meta[key]`` names (the image). The text
+    backbone is not used (the stage still records it)."""
+
+    needs = ("media", "query_media")
+    Options = BiMediaOptions
+
+    def prepare(self, inputs: dict[str, Path], options: BiMediaOptions, docs: list, backbone: Any,
+                max_length: int) -> tuple[list, dict[str, Any], dict[str, Any]]:
+        import ray
+
+        from .pairs import load_media_pairs
+
+        bank, queries, counts = load_media_pairs(inputs["query_media"], inputs["media"], "train",
+                                                 options.held_out_share, options.split_seed,
+                                                 options.key, options.max_regions, options.limit)
+        by_media: dict[int, list[int]] = {}
+        for q, m in enumerate(queries.media):
+            by_media.setdefault(m, []).append(q)
+        examples = [{"media": m, "queries": qs} for m, qs in sorted(by_media.items())]
+        if not examples:
+            raise StageFailed(f"fusion.pretrain: no (query, media) pair: {counts}")
+        resources = {"feature_dim": bank.dim, "query_feature_dim": queries.bank.dim,
+                     "global_token": _global_token(inputs["media"]),
+                     "query_global_token": _global_token(inputs["query_media"]),
+                     "bank": ray.put((bank, queries.bank))}
+        return examples, resources, {**counts, "train_media_with_query": len(examples)}
+
+    def build(self, backbone: Any, resources: dict[str, Any], options: BiMediaOptions) -> Any:
+        from .bimedia import BiMedia, BiMediaConfig
+
+        return BiMedia(BiMediaConfig(**(options.config | {
+            "query_feat_dim": resources["query_feature_dim"], "media_feat_dim": resources["feature_dim"],
+            "query_global_token": resources["query_global_token"],
+            "media_global_token": resources["global_token"]})))
+
+    def collate(self, backbone: Any, examples: list[dict], resources: dict[str, Any], options: Any,
+                max_length: int) -> dict[str, Any]:
+        banks = getattr(self, "_bank", None)
+        if banks is None:
+            import ray
+
+            banks = self._bank = ray.get(resources["bank"])
+        bank, qbank = banks
+        media = [e["media"] for e in examples]
+        rng = np.random.default_rng(media)
+        q = qbank.batch([e["queries"][rng.integers(len(e["queries"]))] for e in examples])
+        return {"query_features": q["features"], "query_boxes": q["boxes"], "query_mask": q["region_mask"],
+                "n_tokens": int(q["region_mask"].sum()), **bank.batch(media)}
+
+
+class BiMediaDualOptions(BiMediaOptions):
+    @field_validator("config")
+    @classmethod
+    def _no_cross(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if v.get("x_layers"):
+            raise ValueError("media_dual has no cross layers (x_layers must be 0)")
+        return v
+
+
+@recipe("media_dual")
+class BiMediaDualRecipe(BiMediaRecipe):
+    """The contrastive-only dual encoder of :class:`BiMediaRecipe`'s streams."""
+
+    Options = BiMediaDualOptions
+
+    def build(self, backbone: Any, resources: dict[str, Any], options: BiMediaOptions) -> Any:
+        from .bimedia import BiMedia, dual_config
+
+        return BiMedia(dual_config(super().build(backbone, resources, options).config))
+
+
+def _global_token(path: Path) -> bool:
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    return bool(manifest.get("params", {}).get("global_token", False))

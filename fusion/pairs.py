@@ -102,12 +102,15 @@ class MediaBank:
 
 @dataclass
 class Captions:
-    """The texts of a feature artifact's items, one row per text: ``ids`` (``<item id>#<k>``),
-    ``texts``, ``media`` (the item's index in the :class:`MediaBank`)."""
+    """The queries: one row per text of a feature artifact's items, ``ids`` (``<item id>#<k>``),
+    ``texts``, ``media`` (the index of the correct item in the :class:`MediaBank`). For media
+    queries (spoken captions searching images, :func:`load_media_pairs`), ``bank`` holds the
+    query items' own regions (row i = query i) and ``texts`` only label them."""
 
     ids: list[str]
     texts: list[str]
     media: list[int]
+    bank: MediaBank | None = None
 
 
 def load_pairs(path: str | Path, split: Split = "all", held_out_share: float = 0.0,
@@ -144,3 +147,44 @@ def feature_ids(path: str | Path) -> list[str]:
 
     return [i for shard in FeatureSet(Path(path)).shards
             for i in pq.read_table(shard, columns=["id"])["id"].to_pylist()]
+
+
+def load_media_pairs(query_path: str | Path, media_path: str | Path, split: Split = "all",
+                     held_out_share: float = 0.0, split_seed: int = 0, key: str = "base_id",
+                     max_regions: int | None = None, limit: int | None = None
+                     ) -> tuple[MediaBank, Captions, dict[str, Any]]:
+    """Media queries for media items: each item of the query artifact (e.g. ``speech.features`` of
+    ``spoken_captions``) whose ``meta[key]`` names an item of the media artifact (``base_id``: the
+    image whose caption was spoken) is a query for that item. The split is the *media* item's
+    (:func:`held_out`), so a held-out image's spoken captions are held out with it. Queries whose
+    key is missing or names no media item with features are counted, never silently dropped."""
+    import json
+
+    bank, _, counts = load_pairs(media_path, split, held_out_share, split_seed, max_regions, limit)
+    index = {m: i for i, m in enumerate(bank.ids)}
+    items = pq.read_table(Path(query_path) / "items.parquet", columns=["id", "texts", "meta"])
+    featured = set(feature_ids(query_path))
+    all_media = set(feature_ids(media_path))
+    wanted: dict[str, tuple[int, str]] = {}
+    no_key = unknown = no_features = other_split = 0
+    for qid, texts, meta in zip(items["id"].to_pylist(), items["texts"].to_pylist(),
+                                items["meta"].to_pylist()):
+        target = json.loads(meta or "{}").get(key)
+        if qid not in featured:
+            no_features += 1
+        elif target is None:
+            no_key += 1
+        elif target not in all_media:
+            unknown += 1
+        elif target not in index:
+            other_split += 1
+        else:
+            wanted[qid] = (index[target], (texts or [qid])[0])
+    qbank = MediaBank.load(query_path, list(wanted), max_regions)
+    caps = Captions(list(qbank.ids), [wanted[q][1] for q in qbank.ids], [wanted[q][0] for q in qbank.ids],
+                    qbank)
+    counts |= {"query_items_listed": items.num_rows, "queries": len(caps.ids),
+               "queries_without_features": no_features, f"queries_without_{key}": no_key,
+               "queries_for_unknown_media": unknown, "queries_of_other_split": other_split,
+               "media_without_query": len(bank) - len(set(caps.media))}
+    return bank, caps, counts

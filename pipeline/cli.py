@@ -1,4 +1,4 @@
-"""``stele`` command line: run, plan, stages, datasets, show, report, demo.
+"""``stele`` command line: run, plan, stages, datasets, show, report, eval, demo.
 
 Exit codes: 0 success; 1 a stage failed; 2 bad input (spec, override, unknown artifact), nothing ran;
 130 interrupted.
@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="artifact store (default: $STELE_STORE, the pipeline's store:, "
                    "or ./stele-store)")
     p.add_argument("--out", help="where to write the page (default <store>/reports/<run-id>.html)")
+    from fusion.crossmodal import add_eval_parser  # `stele eval retrieval`: the stage's protocol
+
+    add_eval_parser(sub)
     return ap
 
 
@@ -87,6 +90,10 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return _stages(args.name, console)
     if args.cmd == "datasets":
         return _datasets(args.name, console)
+    if args.cmd == "eval":
+        from fusion.crossmodal import eval_command
+
+        return eval_command(args, console)
     if args.cmd == "report":
         from .report import report_command
 

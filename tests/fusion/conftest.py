@@ -101,6 +101,40 @@ def make_feature_artifact(out: Path, dim: int = 16, seed: int = 0, global_token:
     return out
 
 
+def make_query_artifact(out: Path, dim: int = 12, seed: int = 1, per_item: int = 2) -> Path:
+    """A feature artifact of *media queries* for :func:`make_feature_artifact`'s items, as
+    ``speech.features`` of ``spoken_captions`` writes it: ``per_item`` "clips" per item, id
+    ``<item>#<k>``, meta ``base_id`` = the item; frames carry the colour and noun in another
+    space (dim 12) than the images'. Two more: one without ``base_id``, one naming no item."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.features import ITEM_SCHEMA, FeatureWriter, region_schema, region_table
+
+    rng = np.random.default_rng(seed)
+    words = {w: rng.normal(size=dim) for w in COLOURS + NOUNS}
+    out.mkdir(parents=True, exist_ok=True)
+    writer = FeatureWriter(out)
+    items, rows = [], []
+    targets = [(f"{c}-{n}", c, n) for c in COLOURS for n in NOUNS]
+    targets += [(None, "red", "dog"), ("purple-cow", "blue", "cat")]
+    for base, c, n in targets:
+        for k in range(per_item if base and base != "purple-cow" else 1):
+            qid = f"{base or 'orphan'}#{k}"
+            frames = np.stack([words[c], words[n]]) + 0.2 * rng.normal(size=(2, dim))
+            frames = np.concatenate([frames.mean(0, keepdims=True), frames])
+            spans = np.array([[0, 0, 1, 1], [0, 0, .5, 1], [.5, 0, 1, 1]], np.float32)
+            rows.append({"id": qid, "features": frames, "boxes": spans, "error": None})
+            meta = {} if base is None else {"base_id": base}
+            items.append({"id": qid, "media": qid, "texts": [f"the {c} {n}"], "meta": json.dumps(meta)})
+    writer.add(region_table(region_schema(dim), rows))
+    writer.close()
+    pq.write_table(pa.Table.from_pylist(items, schema=ITEM_SCHEMA), out / "items.parquet")
+    (out / "manifest.json").write_text(json.dumps({"params": {"global_token": True}}))
+    return out
+
+
 @pytest.fixture(scope="session")
 def feature_artifact(tmp_path_factory) -> Path:
     return make_feature_artifact(tmp_path_factory.mktemp("features"))

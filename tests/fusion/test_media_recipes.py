@@ -21,7 +21,10 @@ from pipeline.store import Artifact
 
 from .conftest import make_feature_artifact
 
-TINY_LXMERT = {"r_layers": 1, "x_layers": 1, "held_out_share": 0.25}
+# A 32-wide model at BERT's init (std 0.02) sits on the matching plateau (ITM loss log 2) for
+# thousands of steps on this data; a wider init (0.2) leaves it in a few hundred.
+TINY_LXMERT = {"r_layers": 1, "x_layers": 1, "held_out_share": 0.25,
+               "config": {"initializer_range": 0.2, "dropout": 0.0, "attention_dropout": 0.0}}
 TINY_VILBERT = {"held_out_share": 0.25, "config": {
     "visual_hidden_size": 32, "visual_heads": 2, "visual_intermediate_size": 64,
     "coattention_hidden_size": 32, "coattention_heads": 2}}
@@ -54,7 +57,7 @@ def trained(ray_local, tmp_path_factory, feature_artifact, backbone_dir) -> dict
     """One short run per recipe (module scope: Ray Train start-up is the cost)."""
     tmp = tmp_path_factory.mktemp("mm")
     runs = {}
-    for name, options, steps in (("lxmert", TINY_LXMERT, 120), ("dual", TINY_LXMERT | {"x_layers": 0}, 120),
+    for name, options, steps in (("lxmert", TINY_LXMERT, 400), ("dual", TINY_LXMERT | {"x_layers": 0}, 120),
                                  ("vilbert", TINY_VILBERT, 60)):
         metrics, out = _pretrain(tmp, feature_artifact, backbone_dir, name, recipe=name,
                                  options=options, steps=steps)
@@ -82,9 +85,8 @@ def test_each_recipe_trains_on_the_train_split_and_loads_back(trained, feature_a
         assert meta["recipe"] == name and meta["resources_meta"]["feature_dim"] == 16
         assert not model.training
     lx = trained["lxmert"][0]
-    # InfoNCE learns fast here; the ITM head does not in this few steps of a 32-wide model (it
-    # stays at log 2 for thousands of steps on this data), so it is not asserted.
     assert lx["loss_contrastive_last10"] < 0.5 * lx["loss_contrastive_first"]
+    assert lx["loss_itm_last10"] < 0.8 * lx["loss_itm_first"]          # matching is learned
     assert trained["dual"][0]["loss_contrastive_last10"] < 0.5 * trained["dual"][0]["loss_contrastive_first"]
     assert set(trained["dual"][0]) >= {"loss_contrastive_first"} and "loss_itm_first" not in trained["dual"][0]
     vb = trained["vilbert"][0]
@@ -127,9 +129,10 @@ def test_trained_models_retrieve_held_out_items_better_than_chance(trained, feat
         # chance R@1 is 1/42; the colour and the noun make it learnable, the held-out quarter too
         assert m["text_to_media_R@1"] > 100 * 5 / 42 and m["media_to_text_R@1"] > 100 * 5 / 42, (name, m)
     out = tmp_path / "rerank"
-    _eval(trained, feature_artifact, out, mode="rerank", k=8)
+    m = _eval(trained, feature_artifact, out, mode="rerank", k=8, split="all")
+    assert m["text_to_media_R@1"] > 100 * 5 / 42, m   # the cross-encoder's re-ranking, too
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["mode"] == "rerank" and metrics["k"] == 8 and metrics["split"] == "test"
+    assert metrics["mode"] == "rerank" and metrics["k"] == 8 and metrics["split"] == "all"
     assert metrics["counts"]["held_out_share"] == 0.25
     for f in ("ranks.parquet", "recall_at_k.png", "rank_hist.png", "examples.json"):
         assert (out / f).exists(), f
@@ -154,3 +157,19 @@ def test_bad_input_is_a_clear_error_or_a_counted_skip(trained, tmp_path):
     m = _eval(trained, quiet, tmp_path / "z", mode="dual", split="all")
     assert m["media_to_text_skipped_no_positive"] == 2 and m["text_to_media_skipped_no_positive"] == 0
     assert m["media"] == 42 and m["captions"] == 40
+
+
+def test_stele_eval_retrieval_cli(trained, feature_artifact, tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["eval", "retrieval", "--model", str(trained["lxmert"][1]), "--media",
+               str(feature_artifact), "--mode", "rerank", "--k", "5", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "retrieval (rerank, k=5)" in printed and "text to media: R@1" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["k"] == 5 and metrics["split"] == "test"
+    rc = main(["eval", "retrieval", "--model", str(trained["dual"][1]), "--media",
+               str(feature_artifact), "--mode", "all_pairs", "--out", str(tmp_path / "no")])
+    assert rc == 1 and "no cross-encoder" in capsys.readouterr().out
