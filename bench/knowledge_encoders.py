@@ -14,6 +14,13 @@ fine-tuning stage and runs it with ``stele``:
    and both were pretrained with fine-tuning's test entities / pairs held out (the same split), so
    no adapter saw a test label.
 
+Fine-tuning cost. One run is ``--finetune-steps`` batches of 16 plus scoring the test split, which
+grows with ``--docs`` (500 documents: 2,177 typing test examples at 64 wordpieces), so
+``--max-test-examples`` (default 1000) caps the test split to a sample fixed by the split seed: the
+same examples for every encoder and seed, reported next to what was available. Fine-tuning reads
+``--finetune-max-length`` wordpieces (default 64; spans beyond are left out and counted) and runs
+``--finetune-jobs`` stages at once (default 2, one thread each: Ray gives a 1-CPU task one thread).
+
     STELE_DATA=/path/to/data python bench/knowledge_encoders.py                 # 200 steps, 3 seeds
     STELE_DATA=/path/to/data python bench/knowledge_encoders.py --steps 20 --seeds 1 --docs 300
 
@@ -29,6 +36,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -59,8 +67,9 @@ def build_pipeline(args: argparse.Namespace) -> dict:
             "uses": "fusion.pretrain", "inputs": {"text": "links", "kg": "kg"},
             "with": {**pre, "recipe": "kadapter", "lr": 1e-4,
                      "options": {"adapter": adapter, **held}}}
-    ft = {"steps": args.finetune_steps, "batch_size": 16, "max_length": args.max_length,
-          "limit_docs": args.docs, "test_share": args.test_share, "split_seed": 0}
+    ft = {"steps": args.finetune_steps, "batch_size": 16, "max_length": args.finetune_max_length,
+          "limit_docs": args.docs, "test_share": args.test_share, "split_seed": 0,
+          "max_train_examples": args.max_train_examples, "max_test_examples": args.max_test_examples}
     for task, short in TASKS.items():
         for seed in range(args.seeds):
             for enc in ENCODERS:
@@ -72,13 +81,17 @@ def build_pipeline(args: argparse.Namespace) -> dict:
                 lr = 1e-3 if enc == "kadapter" else 5e-5  # adapters + head on a frozen backbone
                 stages[f"ft_{short}_{enc}_s{seed}"] = {
                     "uses": "fusion.finetune", "inputs": inputs,
-                    "with": {**ft, "task": task, "seed": seed, "lr": lr}}
+                    "with": {**ft, "task": task, "seed": seed, "lr": lr,
+                             "head_lr": args.finetune_head_lr}}
     return {"name": "knowledge_encoders", "stages": stages}
 
 
-def stele(*argv: str) -> None:
+def stele(*argv: str) -> float:
+    """Run ``stele``; returns the wall seconds."""
     env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    t0 = time.perf_counter()
     subprocess.run([STELE, *argv, "--no-live"], check=True, env=env)
+    return time.perf_counter() - t0
 
 
 def manifests(path: Path, store: str) -> dict[str, dict]:
@@ -106,6 +119,17 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--docs", type=int, default=2000, help="first N Wikipedia summaries")
     ap.add_argument("--finetune-steps", type=int, default=300)
+    ap.add_argument("--finetune-head-lr", type=float, default=1e-3,
+                    help="the new classification head's learning rate, the same for every "
+                         "encoder (their own: 5e-5, K-Adapter's adapter 1e-3)")
+    ap.add_argument("--finetune-max-length", type=int, default=64,
+                    help="fine-tuning wordpieces (pretraining: --max-length)")
+    ap.add_argument("--max-train-examples", type=int, default=None,
+                    help="cap on training examples per run (a fixed sample; default: all)")
+    ap.add_argument("--max-test-examples", type=int, default=1000,
+                    help="cap on test examples per run (a fixed sample, the same for every run)")
+    ap.add_argument("--finetune-jobs", type=int, default=2,
+                    help="fine-tuning stages at once (the local Ray's logical CPUs)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--test-share", type=float, default=0.2)
     ap.add_argument("--transe-epochs", type=int, default=10)
@@ -116,12 +140,16 @@ def main() -> None:
     spec.parent.mkdir(parents=True, exist_ok=True)
     spec.write_text(yaml.safe_dump(build_pipeline(args), sort_keys=False))
     store = ["--store", args.store]
+    wall = {}
     for name in ("links", "transe", "plain", "ernie", "kbert", "kadapter_factual", "kadapter_lexical"):
-        stele("run", str(spec), *store, "--until", name)
-    stele("run", str(spec), *store)
+        wall[name] = round(stele("run", str(spec), *store, "--until", name), 1)
+    wall["finetuning"] = round(stele("run", str(spec), *store, "--num-cpus",
+                                     str(args.finetune_jobs)), 1)
+    print(f"wall seconds (cached stages take ~0): {wall}")
 
     m = manifests(spec, args.store)
-    table: dict = {"settings": vars(args), "pretraining": {}, "downstream": {}}
+    table: dict = {"settings": vars(args), "wall_s": wall, "pretraining": {}, "downstream": {},
+                   "sizes": {}}
     print(f"\npretraining: {args.steps} steps x batch {args.batch} x {args.max_length} tokens, "
           f"first {args.docs} summaries, MiniLM backbone, one worker, each run alone")
     print(f"{'encoder':18} {'tokens/s':>9} {'first loss':>11} {'last-10 loss':>13}")
@@ -145,10 +173,26 @@ def main() -> None:
             print(f"{enc:10} {mean_std(cells['accuracy']):>16} {mean_std(cells['micro_f1']):>16} "
                   f"{mean_std(cells['macro_f1']):>16}")
         sizes = next(iter(r for k, r in m.items() if k.startswith(f"ft_{short}_")), None)
-        if sizes:
+        if sizes:  # the same for every encoder and seed (the stage's split and caps)
             x = sizes["metrics"]
-            print(f"  ({x['train_examples']} training / {x['test_examples']} test examples, "
+            table["sizes"][task] = {k: x[k] for k in (
+                "train_examples", "train_examples_available", "test_examples",
+                "test_examples_available", "train_units", "test_units", "num_labels")}
+            train_counts, test_counts = (x["label_counts"][k] for k in ("train", "test"))
+            majority = max(train_counts, key=train_counts.get)
+            table["sizes"][task]["majority_label_accuracy"] = (
+                test_counts.get(majority, 0) / sum(test_counts.values()))
+            print(f"  (majority training label {majority!r}: test accuracy "
+                  f"{table['sizes'][task]['majority_label_accuracy']:.3f})")
+            print(f"  ({x['train_examples']} of {x['train_examples_available']} training / "
+                  f"{x['test_examples']} of {x['test_examples_available']} test examples used, "
+                  f"{x['test_units']} test {'entities' if short == 'typing' else 'pairs'}, "
                   f"{x['num_labels']} labels)")
+        ft_s = [r["metrics"]["train_s"] + r["metrics"]["eval_s"] for k, r in m.items()
+                if k.startswith(f"ft_{short}_")]
+        if ft_s:
+            print(f"  train + eval seconds per run: {statistics.mean(ft_s):.0f} "
+                  f"(min {min(ft_s):.0f}, max {max(ft_s):.0f})")
     (Path(args.store) / "knowledge_encoders.json").write_text(json.dumps(table, indent=1))
 
 

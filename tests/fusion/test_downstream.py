@@ -276,6 +276,50 @@ def test_left_out_counts_by_reason(data, tokenizer):
     assert capped.left_out["pairs_over_max_per_doc"] == N_DOCS
 
 
+def test_caps_sample_each_split_the_same_way_and_report_what_was_available(data, tokenizer):
+    records = _docs_as_records(data["docs"], data["mentions"])
+    for task in ("entity_typing", "relation_classification"):
+        full = prepare_task(records, data["kg"], task, tokenizer, MAX_LENGTH, test_share=0.3)
+        capped = prepare_task(records, data["kg"], task, tokenizer, MAX_LENGTH, test_share=0.3,
+                              max_train=40, max_test=9)
+        assert (len(capped.train), len(capped.test)) == (40, 9)
+        assert capped.available == {"train": len(full.train), "test": len(full.test)}
+        assert full.available == capped.available and not full.unsampled
+        # a sample of each split, in its order; the rest is kept aside, not counted as left out
+        assert [ex.id for ex in capped.train] == [ex.id for ex in full.train if ex in capped.train]
+        assert [ex.id for ex in capped.test] == [ex.id for ex in full.test if ex in capped.test]
+        assert ({ex.id for ex in capped.train + capped.test + capped.unsampled}
+                == {ex.id for ex in full.train + full.test})
+        assert capped.left_out == full.left_out
+        assert {ex.key for ex in capped.train}.isdisjoint({ex.key for ex in capped.test})
+        # the split seed fixes the sample (nothing else does); a larger cap extends a smaller one
+        again = prepare_task(records, data["kg"], task, tokenizer, MAX_LENGTH, test_share=0.3,
+                             max_train=40, max_test=9)
+        assert [ex.id for ex in again.test] == [ex.id for ex in capped.test]
+        larger = prepare_task(records, data["kg"], task, tokenizer, MAX_LENGTH, test_share=0.3,
+                              max_train=40, max_test=15)
+        assert {ex.id for ex in capped.test} < {ex.id for ex in larger.test}
+        # a cap above the split's size changes nothing
+        roomy = prepare_task(records, data["kg"], task, tokenizer, MAX_LENGTH, test_share=0.3,
+                             max_train=10_000, max_test=10_000)
+        assert [ex.id for ex in roomy.test] == [ex.id for ex in full.test] and not roomy.unsampled
+
+
+def test_the_label_vocabulary_is_the_sampled_training_set_s(data, tokenizer):
+    records = _docs_as_records(data["docs"], data["mentions"])
+    full = prepare_task(records, data["kg"], "entity_typing", tokenizer, MAX_LENGTH, test_share=0.3)
+    d = prepare_task(records, data["kg"], "entity_typing", tokenizer, MAX_LENGTH, test_share=0.3,
+                     max_train=1)
+    label = d.train[0].label
+    assert len(d.train) == 1 and d.labels == [label]
+    # the test examples of the labels the model never saw are left out, and counted as such
+    other = sum(ex.label != label for ex in full.test)
+    assert 0 < other < len(full.test)
+    assert [ex.id for ex in d.test] == [ex.id for ex in full.test if ex.label == label]
+    assert d.left_out["test_examples_label_not_in_train"] == other
+    assert d.available == {"train": len(full.train), "test": len(full.test) - other}
+
+
 def test_a_test_label_unseen_in_training_is_left_out(data, tokenizer):
     records = _docs_as_records(data["docs"], data["mentions"])
     d = prepare_task(records, data["kg"], "entity_typing", tokenizer, MAX_LENGTH,
@@ -372,6 +416,27 @@ def test_kbert_hides_the_facts_a_relation_example_asks_about(tmp_path, artifacts
     # every synthetic fact links a task pair; the one extra fact (steve jobs has cat) does not
     assert metrics["kbert_triples_hidden_task_facts"] == data["kg"].triples.num_rows - 1
     assert metrics["kbert_triples_injected"] == 0
+
+
+def test_capped_run_reports_used_and_available_examples(tmp_path, artifacts):
+    inputs = {r: artifacts[r] for r in ("text", "kg")}
+    common = {"backbone": str(artifacts["backbone"]), "epochs": 1}
+    full, _ = _finetune(tmp_path, inputs, **common)
+    capped, out = _finetune(tmp_path, inputs, max_train_examples=30, max_test_examples=12, **common)
+    assert (capped["train_examples"], capped["test_examples"]) == (30, 12)
+    assert capped["train_examples_available"] == full["train_examples"] == full["train_examples_available"]
+    assert capped["test_examples_available"] == full["test_examples"] == full["test_examples_available"]
+    assert capped["steps"] == 2                      # one pass over 30 examples in batches of 16
+    assert pq.read_table(out / "predictions.parquet").num_rows == 12
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["params"]["max_test_examples"] == 12 and report["test"]["examples"] == 12
+
+
+def test_kbert_hides_the_facts_of_sampled_out_pairs_too(tmp_path, artifacts, pretrained, data):
+    inputs = {"encoder": pretrained["kbert"], "text": artifacts["text"], "kg": artifacts["kg"]}
+    metrics, _ = _finetune(tmp_path, inputs, task="relation_classification", epochs=1,
+                           max_train_examples=3, max_test_examples=3)
+    assert metrics["kbert_triples_hidden_task_facts"] == data["kg"].triples.num_rows - 1
 
 
 def test_a_linear_probe_trains_the_head_only(tmp_path, artifacts):
