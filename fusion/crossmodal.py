@@ -245,6 +245,7 @@ def evaluate(model_dir: Path, media_dir: Path, out: Path, params: RetrievalParam
 
     import torch
 
+    from .pretrain import load_pretrained
     from .retrieval import KS, direction_metrics, relevance_matrix, rerank
 
     log = log or logging.getLogger("stele.retrieval")

@@ -121,6 +121,11 @@ def test_rerank_with_k_all_equals_all_pairs(trained, feature_artifact, tmp_path)
     assert full["pairs_scored"] == 42 * 42 and re["pairs_scored"] == 42 * 42
     small = _eval(trained, feature_artifact, tmp_path / "c", mode="rerank", k=4, split="all")
     assert small["pairs_scored"] < 2 * 42 * 4 + 1
+    # another model's vectors as the first stage (a dual encoder re-ranked by the cross-encoder)
+    fs = evaluate(trained["lxmert"][1], feature_artifact, tmp_path / "d",
+                  RetrievalParams(mode="rerank", k=42, split="all"), first_stage_dir=trained["dual"][1])
+    assert {k: fs[k] for k in keys} == pytest.approx({k: full[k] for k in keys})   # k = all: exact
+    assert json.loads((tmp_path / "d" / "metrics.json").read_text())["first_stage"] == "first_stage input"
 
 
 def test_trained_models_retrieve_held_out_items_better_than_chance(trained, feature_artifact, tmp_path):
