@@ -224,15 +224,21 @@ def _setup(model_dir: Path, media_dir: Path, settings: dict, device: str,
     else:
         bank, caps, counts = load_pairs(media_dir, settings["split"], share, seed, max_regions,
                                         settings["limit"])
+    _check_dims(model_dir, meta, bank, caps, media_dir, queries_dir)
+    scorer = Scorer(model, backbone.tokenizer, settings["max_length"] or meta.get("max_length", 64),
+                    device, settings["encode_batch_size"], settings["batch_size"])
+    return Corpus(bank, caps, {**counts, "held_out_share": share, "split_seed": seed}), scorer
+
+
+def _check_dims(model_dir: Path, meta: dict, bank: Any, caps: Any, media_dir: Path,
+                queries_dir: Path | None) -> None:
+    """The widths the model was trained on (``recipe.json``) against the artifacts given."""
     res = meta.get("resources_meta", {})
     for what, want, have, path in (("media", res.get("feature_dim"), bank, media_dir),
                                    ("query", res.get("query_feature_dim"), caps.bank, queries_dir)):
         if want is not None and have is not None and len(have) and have.dim != want:
             raise StageFailed(f"mismatched feature dimensions: model {model_dir.name} was trained on "
                               f"{want}-d {what} features, artifact {path.name} has {have.dim}-d")
-    scorer = Scorer(model, backbone.tokenizer, settings["max_length"] or meta.get("max_length", 64),
-                    device, settings["encode_batch_size"], settings["batch_size"])
-    return Corpus(bank, caps, {**counts, "held_out_share": share, "split_seed": seed}), scorer
 
 
 # ----------------------------------------------------------------------------------- evaluate
@@ -269,6 +275,7 @@ def evaluate(model_dir: Path, media_dir: Path, out: Path, params: RetrievalParam
     t0 = time.perf_counter()
     if first_stage_dir is not None:
         _, _, fs_backbone, fs_model, fs_meta = load_pretrained(first_stage_dir)
+        _check_dims(first_stage_dir, fs_meta, bank, caps, media_dir, queries_dir)
         fs_scorer = Scorer(fs_model, fs_backbone.tokenizer,
                            params.max_length or fs_meta.get("max_length", 64), device,
                            params.encode_batch_size)

@@ -749,6 +749,7 @@ def finetune(ctx: StageContext, params: FinetuneParams) -> dict:
 
     from knowledge.kg import KnowledgeGraph
 
+    from .backbone import artifact_backbone
     from .pretrain import load_linked_docs
 
     for role in ("text", "kg"):
@@ -760,7 +761,7 @@ def finetune(ctx: StageContext, params: FinetuneParams) -> dict:
     recipe = meta.get("recipe", "plain")
     build = span_encoder_for(recipe)
     max_length = params.max_length or meta.get("max_length") or 128
-    backbone = _load_encoder_backbone(enc_art.path) if enc_art else _load_plain(params.backbone)
+    backbone = artifact_backbone(enc_art.path) if enc_art else _load_plain(params.backbone)
     kg = KnowledgeGraph.load(ctx.inputs["kg"].path)
     docs = load_linked_docs(ctx.inputs["text"].path, params.limit_docs)
     data = prepare_task(docs, kg, params.task, backbone.tokenizer, max_length,
@@ -867,22 +868,6 @@ def _load_plain(name: str) -> Any:
         return load_backbone(name)
     except (FileNotFoundError, ImportError, ValueError) as e:
         raise StageFailed(f"fusion.finetune: backbone {name!r}: {e}") from None
-
-
-def _load_encoder_backbone(path: Path) -> Any:
-    """The pretrain artifact's backbone architecture (random weights: the artifact's own replace
-    them) and its tokenizer; the original backbone folder is not needed."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from .backbone import TextBackbone
-
-    hf_logging.set_verbosity_error()
-    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True,
-                                              use_fast=True)
-    config = AutoConfig.from_pretrained(str(path / "backbone_config.json"))
-    model = AutoModel.from_config(config, add_pooling_layer=False)
-    return TextBackbone(model, tokenizer, str(path))
 
 
 # ------------------------------------------------------------------------------------ the loop

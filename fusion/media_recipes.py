@@ -89,13 +89,18 @@ class MediaRecipe(Recipe):
                      "bank": ray.put(bank)}
         return examples, resources, {**counts, "train_media_with_text": len(examples)}
 
-    def collate(self, backbone: TextBackbone, examples: list[dict], resources: dict[str, Any],
-                options: Any, max_length: int) -> dict[str, Any]:
-        bank = getattr(self, "_bank", None)
-        if bank is None:  # once per worker: the recipe object lives for the whole loop
+    def shared(self, resources: dict[str, Any]) -> Any:
+        """What ``prepare`` put in the object store, fetched once per worker (the recipe object
+        lives for the whole loop)."""
+        if getattr(self, "_shared", None) is None:
             import ray
 
-            bank = self._bank = ray.get(resources["bank"])
+            self._shared = ray.get(resources["bank"])
+        return self._shared
+
+    def collate(self, backbone: TextBackbone, examples: list[dict], resources: dict[str, Any],
+                options: Any, max_length: int) -> dict[str, Any]:
+        bank = self.shared(resources)
         media = [e["media"] for e in examples]
         rng = np.random.default_rng(media)
         texts = [e["texts"][rng.integers(len(e["texts"]))] for e in examples]
@@ -228,12 +233,7 @@ class BiMediaRecipe(MediaRecipe):
 
     def collate(self, backbone: Any, examples: list[dict], resources: dict[str, Any], options: Any,
                 max_length: int) -> dict[str, Any]:
-        banks = getattr(self, "_bank", None)
-        if banks is None:
-            import ray
-
-            banks = self._bank = ray.get(resources["bank"])
-        bank, qbank = banks
+        bank, qbank = self.shared(resources)
         media = [e["media"] for e in examples]
         rng = np.random.default_rng(media)
         q = qbank.batch([e["queries"][rng.integers(len(e["queries"]))] for e in examples])

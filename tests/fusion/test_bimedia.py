@@ -69,17 +69,13 @@ def test_loss_objectives_and_the_dual_encoder(queries, feature_artifact):
 
 
 @pytest.mark.slow
-def test_media_lxmert_trains_and_retrieves(ray_local, tmp_path, queries, feature_artifact, tokenizer):
-    from fusion.backbone import random_backbone
+def test_media_lxmert_trains_and_retrieves(ray_local, tmp_path, queries, feature_artifact, backbone_dir):
     from fusion.crossmodal import RetrievalParams, evaluate
     from fusion.stages import PretrainParams, pretrain
     from pipeline.context import StageContext
     from pipeline.registry import Resources
     from pipeline.store import Artifact
 
-    bb = tmp_path / "bb"
-    random_backbone(tokenizer).model.save_pretrained(str(bb))
-    tokenizer.save_pretrained(str(bb))
     out = tmp_path / "model"
     out.mkdir()
     ctx = StageContext(stage="av", key="av", out=out, resources=Resources(), state_uri=str(tmp_path / "s"),
@@ -88,7 +84,7 @@ def test_media_lxmert_trains_and_retrieves(ray_local, tmp_path, queries, feature
                        log=logging.getLogger("test.bimedia"))
     config = {k: v for k, v in TINY.items() if not k.endswith("feat_dim")} | {"initializer_range": 0.2}
     metrics = pretrain(ctx, PretrainParams.model_validate({
-        "recipe": "media_lxmert", "backbone": str(bb), "steps": 300, "batch_size": 8, "lr": 3e-3,
+        "recipe": "media_lxmert", "backbone": str(backbone_dir), "steps": 300, "batch_size": 8, "lr": 3e-3,
         "warmup_steps": 5, "checkpoint_every": 1000, "options": {"held_out_share": 0.25,
                                                                   "config": config}}))
     assert metrics["loss_contrastive_last10"] < 0.5 * metrics["loss_contrastive_first"]

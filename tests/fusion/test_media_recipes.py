@@ -30,17 +30,6 @@ TINY_VILBERT = {"held_out_share": 0.25, "config": {
     "coattention_hidden_size": 32, "coattention_heads": 2}}
 
 
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory, tokenizer) -> Path:
-    from fusion.backbone import random_backbone
-
-    d = tmp_path_factory.mktemp("tiny-bert")
-    bb = random_backbone(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    bb.model.save_pretrained(str(d))
-    tokenizer.save_pretrained(str(d))
-    return d
-
-
 def _pretrain(tmp: Path, media: Path, backbone_dir: Path, name: str, **params) -> tuple[dict, Path]:
     out = tmp / name
     out.mkdir()

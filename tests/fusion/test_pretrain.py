@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import BaseModel
 
-from fusion.backbone import load_backbone, random_backbone
+from fusion.backbone import load_backbone
 from fusion.pretrain import RECIPES, lr_lambda, recipe, shard_order
 from fusion.recipes import PlainMLM
 from fusion.stages import PretrainParams, pretrain
@@ -28,15 +28,6 @@ SENTENCES = [
     "london is a city in england", "berlin is the capital of germany",
     "the dog and the cat are animals", "he was born in paris",
 ]
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory, tokenizer) -> Path:
-    d = tmp_path_factory.mktemp("tiny-bert")
-    bb = random_backbone(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    bb.model.save_pretrained(str(d))
-    tokenizer.save_pretrained(str(d))
-    return d
 
 
 @pytest.fixture(scope="module")
