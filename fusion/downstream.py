@@ -741,7 +741,8 @@ class FinetuneParams(BaseModel):
     seed: int = Field(default=0, description="head initialisation, dropout, data order")
 
 
-@stage("fusion.finetune", version="1", cpus=1)
+@stage("fusion.finetune", version="1", cpus=1,
+       headline=("encoder", "task", "test_accuracy", "test_macro_f1", "test_examples"))
 def finetune(ctx: StageContext, params: FinetuneParams) -> dict:
     """Fine-tune an encoder (plain backbone or a fusion.pretrain artifact) on entity typing or relation
     classification, and evaluate it on held-out entities / entity pairs."""

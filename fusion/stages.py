@@ -60,7 +60,8 @@ class PretrainParams(BaseModel):
         return self
 
 
-@stage("fusion.pretrain", version="2", cpus=0)
+@stage("fusion.pretrain", version="2", cpus=0, pool="train",
+       headline=("recipe", "steps", "loss_total_first", "loss_total_last10", "tokens_per_s"))
 def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     """Pretrain a fusion encoder (ERNIE, K-BERT, K-Adapter, LXMERT, ViLBERT, a dual encoder or the plain
     backbone) with Ray Train."""

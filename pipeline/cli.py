@@ -7,9 +7,11 @@ Exit codes: 0 success; 1 a stage failed; 2 bad input (spec, override, unknown ar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -66,6 +68,24 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs for a local Ray (default max(4, cores))")
     p.add_argument("--no-live", action="store_true", help="print one line per change, no live table")
+    p.add_argument("--pool", action="append", default=[], metavar="NAME=N",
+                   help="run at most N stages of pool NAME at a time (overrides the pipeline's "
+                   "pools:); repeatable")
+
+
+def _with_pools(pipeline: Any, items: list[str]) -> Any:
+    """``--pool train=2`` on top of the pipeline's ``pools:``."""
+    pools = dict(pipeline.pools)
+    used = {s.resources.pool for s in pipeline.stages.values()}
+    for item in items:
+        name, _, size = item.partition("=")
+        if not size.strip().isdigit() or int(size) < 1:
+            raise SpecError(f"{item!r}: expected NAME=N with N >= 1", file="--pool")
+        if name not in used:
+            raise SpecError(f"no stage is in pool {name!r}; pools the stages use: "
+                            f"{', '.join(sorted(p for p in used if p)) or 'none'}", file="--pool")
+        pools[name] = int(size)
+    return dataclasses.replace(pipeline, pools=pools)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +137,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
                             "pip install -e .)", file=str(DEMO))
         args.pipeline, args.overrides, args.until = str(DEMO), [], None
     pipeline = load_pipeline(args.pipeline, args.overrides)
+    if getattr(args, "pool", None):
+        pipeline = _with_pools(pipeline, args.pool)
     store = ArtifactStore(args.store or default_store_uri(pipeline.store))
     from .runner import plan, print_summary, run
 

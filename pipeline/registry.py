@@ -41,6 +41,10 @@ class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cpus: float = 1.0
     gpus: float = 0.0
+    # A named pool that the pipeline may cap (``pools: {train: 1}``): stages in one pool run at most
+    # that many at a time. Ray's CPU counts cannot express this for stages that ask for ``cpus: 0``
+    # and start their own workers (every pretraining would start at once); an uncapped pool is free.
+    pool: str | None = None
 
 
 class NoParams(BaseModel):
@@ -58,6 +62,9 @@ class StageType:
     # Optional: extra content to hash into the key (e.g. sizes and mtimes of files a stage reads from
     # outside the store), so that changed data invalidates the cache even when parameters do not change.
     fingerprint: Callable[[BaseModel], Any] | None = None
+    # The metrics a run summary shows for this type, in order (fnmatch patterns: ``loss_*_last10``);
+    # empty: the first few scalar metrics. Every metric stays in the manifest and the report.
+    headline: tuple[str, ...] = ()
 
     @property
     def qualname(self) -> str:
@@ -166,8 +173,8 @@ def _params_model(fn: Callable[..., Any]) -> type[BaseModel]:
 
 
 def stage(name: str, *, version: str = "1", cpus: float = 1.0, gpus: float = 0.0,
-          fingerprint: Callable[[Any], Any] | None = None,
-          registry: Registry | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+          pool: str | None = None, fingerprint: Callable[[Any], Any] | None = None,
+          headline: tuple[str, ...] = (), registry: Registry | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(ctx, params)`` as stage type ``name`` (see the module docstring)."""
     if not name or any(not part.isidentifier() for part in name.split(".")):
         raise ValueError(f"stage type name {name!r} must be dotted identifiers, e.g. 'knowledge.embed'")
@@ -176,8 +183,8 @@ def stage(name: str, *, version: str = "1", cpus: float = 1.0, gpus: float = 0.0
         doc = inspect.getdoc(fn) or ""
         st = StageType(
             name=name, fn=fn, params=_params_model(fn), version=str(version),
-            resources=Resources(cpus=cpus, gpus=gpus), description=" ".join(doc.split("\n\n")[0].split()),
-            fingerprint=fingerprint)
+            resources=Resources(cpus=cpus, gpus=gpus, pool=pool), description=" ".join(doc.split("\n\n")[0].split()),
+            fingerprint=fingerprint, headline=tuple(headline))
         (registry or REGISTRY).register(name, st)
         return fn
 

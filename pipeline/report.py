@@ -830,10 +830,10 @@ def render_html(report: RunReport) -> str:
         r=report, colours=STATUS_COLOURS, headline=_headline_text)
 
 
-def _headline_text(metrics: dict[str, Any]) -> str:
+def _headline_text(metrics: dict[str, Any], type_name: str = "") -> str:
     from .runner import _headline  # the run summary's own choice of headline metrics
 
-    return _headline(metrics)
+    return _headline(metrics, type_name)
 
 
 def summary_text(report: RunReport) -> str:
@@ -844,7 +844,7 @@ def summary_text(report: RunReport) -> str:
     w_type = max([len("type"), *(len(s.type) for s in report.stages)])
     lines.append(f"  {'stage':<{w_name}}  {'type':<{w_type}}  {'status':<11}  {'wall':>9}  metrics")
     for s in report.stages:
-        extra = _headline_text(s.metrics) if s.metrics else (
+        extra = _headline_text(s.metrics, s.type) if s.metrics else (
             f"{s.error_type}: {s.error}" if s.status == "failed" else s.error)
         lines.append(f"  {s.name:<{w_name}}  {s.type:<{w_type}}  {s.status:<11}  "
                      f"{fmt_seconds(s.wall_s):>9}  {extra}".rstrip())

@@ -1,7 +1,8 @@
 """Run a validated pipeline on Ray: plan (keys and cache state), schedule, summarise.
 
 Each stage becomes one Ray task with the stage's resources; a stage is submitted as soon as all its
-inputs are finished, so independent stages run concurrently. The driver itself holds no resources.
+inputs are finished (and its pool, if the pipeline caps it, has room), so independent stages run
+concurrently. The driver itself holds no resources.
 A failing stage stops its descendants only; everything else still runs.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -134,6 +136,12 @@ def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = N
     remote = _remote_execute()
     hub = start_progress_hub() if todo else None
     running: dict[Any, str] = {}
+    in_pool: Counter[str] = Counter()  # running stages per capped pool
+
+    def pool_full(n: str) -> bool:
+        pool = pipeline.stages[n].resources.pool
+        return pool in pipeline.pools and in_pool[pool] >= pipeline.pools[pool]
+
     started_at = now_iso()
     display = RunDisplay(rows, console=console, live=live)
     with display:
@@ -153,8 +161,11 @@ def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = N
                         display.set(n, "skipped", outcomes[n].error)
                 for n in [n for n in pipeline.stages if n in todo]:
                     s = pipeline.stages[n]
-                    if all(outcomes[up].status in ("ran", "cached") for up in s.inputs.values()):
+                    if all(outcomes[up].status in ("ran", "cached") for up in s.inputs.values()) \
+                            and not pool_full(n):
                         todo.discard(n)
+                        if s.resources.pool:
+                            in_pool[s.resources.pool] += 1
                         ref = remote.options(
                             num_cpus=s.resources.cpus, num_gpus=s.resources.gpus,
                             name=f"stele:{n}",
@@ -169,6 +180,8 @@ def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = N
                 done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
                 for ref in done:
                     n = running.pop(ref)
+                    if pipeline.stages[n].resources.pool:
+                        in_pool[pipeline.stages[n].resources.pool] -= 1
                     _finish(outcomes[n], ref, display)
                 if hub is not None:
                     try:
@@ -221,7 +234,7 @@ def print_summary(result: RunResult, console: Console) -> None:
                   f"(store {result.store}, run {result.run_id})")
     for o in result.outcomes.values():
         if o.status in ("ran", "cached") and o.metrics:
-            console.print(f"  {escape(o.name)}: {escape(_headline(o.metrics))}", style="dim",
+            console.print(f"  {escape(o.name)}: {escape(_headline(o.metrics, o.type))}", style="dim",
                           highlight=False)
     for o in result.outcomes.values():
         if o.status == "failed":
@@ -240,13 +253,22 @@ def print_summary(result: RunResult, console: Console) -> None:
                           highlight=False)
 
 
-def _headline(metrics: dict[str, Any], limit: int = 6) -> str:
-    """The first few scalar metrics of a stage, for the run summary (all of them are in its manifest)."""
-    parts = []
-    for k, v in metrics.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float, str)) or v is None:
-            continue
-        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-        if len(parts) == limit:
-            break
-    return ", ".join(parts)
+def _headline(metrics: dict[str, Any], type_name: str = "", limit: int = 6) -> str:
+    """A stage's headline metrics for the run summary: those its type names (``headline=`` of
+    :func:`~pipeline.registry.stage`), else its first few scalars. All of them are in its manifest."""
+    from fnmatch import fnmatchcase
+
+    from .registry import REGISTRY
+
+    try:
+        wanted = REGISTRY.get(type_name).headline if type_name else ()
+    except KeyError:  # a record of a stage type no longer installed
+        wanted = ()
+    scalars = {k: v for k, v in metrics.items()
+               if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    if wanted:
+        keys = list(dict.fromkeys(k for pat in wanted for k in scalars if fnmatchcase(k, pat)))
+    else:
+        keys = list(scalars)[:limit]
+    return ", ".join(f"{k}={scalars[k]:.4g}" if isinstance(scalars[k], float) else f"{k}={scalars[k]}"
+                     for k in keys)

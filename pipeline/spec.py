@@ -13,6 +13,10 @@ A pipeline file::
         uses: knowledge.embed
         inputs: [ingest]             # upstream stage names (or a mapping role -> stage name)
         resources: {cpus: 0, gpus: 1}
+    pools: {train: 1}                # optional: at most one stage of pool `train` at a time
+
+A stage's ``resources`` override its type's defaults field by field (``fusion.pretrain`` defaults to
+``{cpus: 0, pool: train}``); pools no pipeline caps are unlimited.
 
 Every error names the file, the line and the field (``demo.yaml:12: stages.embed.with.dim: ...``).
 ``--set stage.param=value`` overrides parameters; the value is read as YAML (``3`` is an int,
@@ -24,12 +28,12 @@ from __future__ import annotations
 import graphlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from .errors import SpecError
 from .registry import REGISTRY, Registry, Resources, StageType
@@ -55,6 +59,7 @@ class PipelineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | None = None
     store: str | None = None
+    pools: dict[str, PositiveInt] = Field(default_factory=dict)
     stages: dict[str, StageSpec] = Field(min_length=1)
 
     @field_validator("stages")
@@ -85,6 +90,7 @@ class Pipeline:
     name: str
     store: str | None
     stages: dict[str, Stage]  # in a topological order
+    pools: dict[str, int] = field(default_factory=dict)  # pool -> most stages running at once
 
     def ancestors(self, name: str) -> set[str]:
         seen: set[str] = set()
@@ -313,13 +319,20 @@ def parse_pipeline(text: str, *, file: str = "<string>", overrides: list[str] | 
         except ValidationError as e:
             raise _pydantic_error(loc, ("stages", name, "with"), e, "parameter", st.params) from None
         stages[name] = Stage(name=name, type=st, params=params, inputs=inputs[name],
-                             resources=s.resources or st.resources,
+                             resources=st.resources.model_copy(
+                                 update=s.resources.model_dump(exclude_unset=True))
+                             if s.resources else st.resources,
                              line=lines.get(("stages", name, "with"), lines.get(("stages", name))))
+
+    used = {s.resources.pool for s in stages.values()}
+    for pool in spec.pools:
+        if pool not in used:  # most likely a typo, which would otherwise cap nothing
+            raise loc.error(("pools", pool), f"no stage is in pool {pool!r}; pools the stages use: "
+                            f"{', '.join(sorted(p for p in used if p)) or 'none'}")
 
     store = spec.store
     if store and base_dir is not None and "://" not in store and not Path(store).is_absolute():
         store = str((base_dir / store).resolve())
     name = spec.name or (Path(file).stem if file != "<string>" else "pipeline")
     return Pipeline(path=Path(file) if file != "<string>" else None, source=file, name=name,
-                    store=store,
-                    stages=stages)
+                    store=store, stages=stages, pools=dict(spec.pools))

@@ -27,7 +27,7 @@ class EvaluateParams(BaseModel):
     device: str = Field(default="auto", description="'auto' (CUDA when available), 'cpu', 'cuda:0'")
 
 
-@stage("knowledge.evaluate", version="1", cpus=1)
+@stage("knowledge.evaluate", version="1", cpus=1, headline=("mrr", "hits@1", "hits@10", "mr"))
 def evaluate(ctx: StageContext, params: EvaluateParams) -> dict:
     """Rank every split triple's head and tail among all entities (filtered and raw, realistic ties):
     MRR, MR, Hits@1/3/10 overall, per side and per relation."""

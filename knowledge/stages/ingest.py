@@ -46,7 +46,8 @@ def _fingerprint(params: IngestParams) -> list[Any]:
     return [s.fingerprint() for s in params.sources]
 
 
-@stage("knowledge.ingest", version="1", fingerprint=_fingerprint)
+@stage("knowledge.ingest", version="1", fingerprint=_fingerprint,
+       headline=("entities", "relations", "triples", "quarantined", "components"))
 def ingest(ctx: StageContext, params: IngestParams) -> dict:
     """Merge knowledge sources into one KnowledgeGraph (entities, relations, split triples)."""
     graph, report = build_graph(

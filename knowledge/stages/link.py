@@ -236,7 +236,8 @@ class _Writer:
         self.docs.close()
 
 
-@stage("knowledge.link", version="1", fingerprint=_fingerprint)
+@stage("knowledge.link", version="1", fingerprint=_fingerprint,
+       headline=("documents", "mentions", "linked_entities", "ambiguous_share"))
 def link(ctx: StageContext, params: LinkParams) -> dict:
     """Find the KG's entity names and aliases in a text corpus (mentions with exact character
     offsets, for ERNIE-style alignment)."""

@@ -126,3 +126,42 @@ def test_kill_minus_9_at_random_moments(tmp_path: Path, plugin_env: dict[str, st
             assert st["status"] == ("cached" if name in before else "ran"), (name, proc.stdout)
             assert before.get(name, after[name]) == after[name]
     assert kills >= 20
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, plugin_env: dict[str, str]) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(PIPELINE.replace("sleep: 0.1}", "sleep: 0.6}"))  # c, d, e, f: seconds each
+    store_dir = tmp_path / "store"
+    store = ArtifactStore(store_dir)
+    args = ["run", str(pipeline), "--store", str(store_dir), "--set", "a.text=C1", "--no-live"]
+    proc = subprocess.Popen([STELE, *args], env=plugin_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (store_dir / "artifacts").exists() or len(check_store(store, expected_outputs("C1"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before Ctrl-C"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted: finished stages are kept" in err
+    record = json.loads(sorted((store_dir / "runs").glob("*.json"),
+                               key=lambda p: p.stat().st_mtime)[-1].read_text())
+    statuses = {n: s["status"] for n, s in record["stages"].items()}
+    assert "interrupted" in statuses.values(), statuses
+    before = check_store(store, expected_outputs("C1"))
+    # What the record calls ran is complete (a stage may also have committed just as Ctrl-C came).
+    assert {n for n, s in statuses.items() if s == "ran"} <= set(before), (statuses, before)
+    # Ctrl-C takes Ray down with the runner: nothing of the run is left behind.
+    deadline = time.monotonic() + 30
+    while _session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _session_processes(proc.pid)
+
+    again = stele(*args, env=plugin_env, check=True)
+    record = json.loads(sorted((store_dir / "runs").glob("*.json"),
+                               key=lambda p: p.stat().st_mtime)[-1].read_text())
+    after = check_store(store, expected_outputs("C1"))
+    assert set(after) == set("abcdef"), again.stdout
+    for name, st in record["stages"].items():
+        assert st["status"] == ("cached" if name in before else "ran"), (name, again.stdout)

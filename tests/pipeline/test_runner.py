@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from pipeline.cli import _with_pools
 from pipeline.runner import plan, print_summary, run
 from pipeline.spec import parse_pipeline
 from pipeline.store import ArtifactStore
@@ -23,9 +24,11 @@ stages:
 """
 
 
-def _run(text: str, store: ArtifactStore, overrides: list[str] | None = None, **kw):
+def _run(text: str, store: ArtifactStore, overrides: list[str] | None = None,
+         pools: list[str] | None = None, **kw):
     console = Console(record=True, width=200)
-    result = run(parse_pipeline(text, overrides=overrides), store, console=console, live=False, **kw)
+    pipeline = _with_pools(parse_pipeline(text, overrides=overrides), pools or [])
+    result = run(pipeline, store, console=console, live=False, **kw)
     print_summary(result, console)
     return result, console.export_text()
 
@@ -67,6 +70,31 @@ def test_independent_stages_run_concurrently(tmp_path: Path, ray_local: None) ->
     # Each takes ~0.8 s; run one after the other, their intervals could not overlap.
     assert a["started_unix"] < b["finished_unix"] and b["started_unix"] < a["finished_unix"]
     assert a["metrics"]["pid"] != b["metrics"]["pid"]  # two workers at once
+
+
+POOLED = """\
+pools: {slow: 1}
+stages:
+  a: {uses: test.write, with: {text: A, sleep: 0.4, parts: 2}, resources: {pool: slow}}
+  b: {uses: test.write, with: {text: B, sleep: 0.4, parts: 2}, resources: {pool: slow}}
+  c: {uses: test.write, with: {text: C, sleep: 0.4, parts: 2}, resources: {pool: slow}}
+  d: {uses: test.write, inputs: [a], with: {text: D}}
+"""
+
+
+def test_a_capped_pool_runs_its_stages_one_at_a_time(tmp_path: Path, ray_local: None) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    r, _ = _run(POOLED, store)
+    assert _statuses(r) == dict.fromkeys("abcd", "ran")
+    man = {n: store.manifest(o.key) for n, o in r.outcomes.items()}
+    spans = sorted((man[n]["started_unix"], man[n]["finished_unix"]) for n in "abc")
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end, spans  # a pool of 1: no two of a, b, c overlap
+    # The same stages with the pool widened by the CLI's --pool run side by side again.
+    r2, _ = _run(POOLED.replace("sleep: 0.4", "sleep: 0.41"), store, pools=["slow=3"])
+    man2 = {n: store.manifest(o.key) for n, o in r2.outcomes.items()}
+    spans2 = sorted((man2[n]["started_unix"], man2[n]["finished_unix"]) for n in "abc")
+    assert any(start < end for (_, end), (start, _) in zip(spans2, spans2[1:])), spans2  # overlap
 
 
 def test_failure_stops_descendants_only(tmp_path: Path, ray_local: None) -> None:
@@ -116,3 +144,14 @@ def test_artifact_has_manifest_and_log(tmp_path: Path, ray_local: None) -> None:
     assert "wrote 2 parts" in log  # the stage's print() went to its own log
     assert "parts: 2/2 done" in log  # and ctx.progress left a line there too
     assert store.verify(art.key) == []
+
+
+def test_summary_headline_is_what_the_stage_type_names(test_stages: None) -> None:
+    from pipeline.runner import _headline
+
+    metrics = {"hits@3": 0.5, "mr": 3.0, "hits@10": 0.75, "mrr": 0.4, "hits@1": 0.25, "note": True}
+    # knowledge.evaluate names mrr, hits@1, hits@10, mr: in that order, whatever the manifest's order.
+    assert _headline(metrics, "knowledge.evaluate") == "mrr=0.4, hits@1=0.25, hits@10=0.75, mr=3"
+    # A type that names none: its first scalar metrics (booleans are not headline numbers).
+    assert _headline(metrics, "test.write", limit=2) == "hits@3=0.5, mr=3"
+    assert _headline(metrics, "gone.type", limit=1) == "hits@3=0.5"  # an uninstalled type's record

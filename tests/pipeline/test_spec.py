@@ -59,6 +59,22 @@ stages:
     assert p.stages["b"].resources.cpus == 2 and p.stages["b"].resources.gpus == 0.5
 
 
+def test_resources_override_the_type_field_by_field(test_stages: None) -> None:
+    from pipeline.registry import REGISTRY
+
+    pretrain_default = REGISTRY.get("fusion.pretrain").resources
+    assert pretrain_default.cpus == 0 and pretrain_default.pool == "train"
+    p = parse_pipeline("""
+pools: {train: 1}
+stages:
+  a: {uses: fusion.pretrain, with: {recipe: mlm}, resources: {gpus: 1}}
+  b: {uses: test.write, resources: {pool: train}}
+""")
+    # Asking for a GPU keeps the type's cpus: 0 and pool, instead of resetting them to the defaults.
+    assert p.stages["a"].resources.model_dump() == {"cpus": 0, "gpus": 1, "pool": "train"}
+    assert p.stages["b"].resources.pool == "train" and p.pools == {"train": 1}
+
+
 BAD = {
     "malformed_yaml": ("stages:\n  a:\n    uses: test.write\n    with: {text: [unclosed\n", [],
                        r"p.yaml:4: malformed YAML"),
@@ -82,6 +98,10 @@ BAD = {
                        r"--set: t.dim=abc: Input should be a valid integer"),
     "unknown_top_level_field": ("stages:\n  t: {uses: test.write}\nstagez: {}\n", [],
                                 r"p.yaml:3: stagez: unknown field 'stagez'"),
+    "pool_size_zero": ("pools: {slow: 0}\nstages:\n  a: {uses: test.write, resources: {pool: slow}}\n",
+                       [], r"p.yaml:1: pools.slow: Input should be greater than 0"),
+    "pool_nobody_uses": ("pools: {slwo: 1}\nstages:\n  a: {uses: test.write, resources: {pool: slow}}\n",
+                         [], r"p.yaml:1: pools.slwo: no stage is in pool 'slwo'; pools the stages use: slow"),
     "not_a_mapping": ("- just\n- a list\n", [], r"p.yaml:1: a pipeline is a mapping"),
 }
 
