@@ -43,7 +43,8 @@ TEMPLATES = ["a {c} {o} in the {p}", "in the {p} there is a {c} {o}", "the {o} i
 FILLER = "a in the there is and that near ,".split()
 
 
-def make_corpus(out: Path, n_media: int, per_item: int, dim: int = 32, seed: int = 0) -> Path:
+def make_corpus(out: Path, n_media: int, per_item: int, dim: int = 32, noise: float = 0.3,
+                seed: int = 0) -> Path:
     """A feature artifact (``pipeline.features`` layout) of the synthetic corpus."""
     import numpy as np
     import pyarrow as pa
@@ -60,7 +61,7 @@ def make_corpus(out: Path, n_media: int, per_item: int, dim: int = 32, seed: int
     boxes = np.array([[0, 0, 1, 1], [0, 0, .5, .5], [.5, 0, 1, .5], [0, .5, 1, 1]], np.float32)
     for c, o, p in combos:
         item = f"{c}-{o}-{p}"
-        regions = np.stack([vec[c], vec[o], vec[p]]) + 0.3 * rng.normal(size=(3, dim))
+        regions = np.stack([vec[c], vec[o], vec[p]]) + noise * rng.normal(size=(3, dim))
         regions = np.concatenate([regions.mean(0, keepdims=True), regions])
         rows.append({"id": item, "features": regions, "boxes": boxes, "error": None})
         items.append({"id": item, "media": item, "meta": "{}",
@@ -114,6 +115,9 @@ def main() -> None:
     ap.add_argument("--media", type=int, default=1000)
     ap.add_argument("--captions-per-item", type=int, default=5)
     ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--noise", type=float, default=0.3,
+                    help="standard deviation of the noise on each region's word vector (unit variance): "
+                    "higher makes items harder to tell apart, for the first stage and the cross-encoder")
     ap.add_argument("--ks", default="16,32,64")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=1024, help="pairs per cross-encoder batch")
@@ -127,7 +131,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="stele-retrieval-cost-"))
-    corpus = make_corpus(tmp / "corpus", args.media, args.captions_per_item)
+    corpus = make_corpus(tmp / "corpus", args.media, args.captions_per_item, noise=args.noise)
     backbone = make_backbone(tmp / "backbone")
     init_ray()
     t0 = time.perf_counter()
@@ -166,7 +170,7 @@ def main() -> None:
               f"{r['pairs_scored']:>10,} {r['t2m_R@1']:9.1f} {r['m2t_R@1']:9.1f} "
               f"{r['t2m_R@1_minus_all_pairs']:+10.1f} {r['m2t_R@1_minus_all_pairs']:+10.1f}")
     Path(args.out).write_text(json.dumps({"rows": rows, "train": train, "load_avg": load,
-                                          "threads": args.threads}, indent=1))
+                                          "threads": args.threads, "args": vars(args)}, indent=1))
 
 
 if __name__ == "__main__":
