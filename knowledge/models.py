@@ -45,8 +45,16 @@ def _transe_entity_norm() -> type:
         def forward(self, head_index, rel_type, tail_index):  # noqa: ANN001, ANN201
             import torch.nn.functional as F
 
-            head = F.normalize(self.node_emb(head_index), p=self.entity_norm, dim=-1)
-            tail = F.normalize(self.node_emb(tail_index), p=self.entity_norm, dim=-1)
+            table = self.node_emb.weight
+            if len(table) <= 2 * head_index.numel():
+                # A batch gathers more rows than the table has (Kinships: 104 entities, 8,704 rows
+                # per step of 256 x 17 triples): normalise the table once and gather from it. The
+                # same values and gradients, ~3x less work per training step on small graphs.
+                ent = F.normalize(table, p=self.entity_norm, dim=-1)
+                head, tail = ent[head_index], ent[tail_index]
+            else:
+                head = F.normalize(self.node_emb(head_index), p=self.entity_norm, dim=-1)
+                tail = F.normalize(self.node_emb(tail_index), p=self.entity_norm, dim=-1)
             rel = self.rel_emb(rel_type)
             return -((head + rel) - tail).norm(p=self.p_norm, dim=-1)
 

@@ -38,6 +38,26 @@ def test_entity_norm_changes_transe() -> None:
         build_model("transh", 12, 3, 8)
 
 
+def test_entity_norm_of_the_table_or_of_the_rows_is_the_same_model() -> None:
+    """A batch gathering at least as many rows as the table has normalises the table first, a
+    smaller one the gathered rows: the same scores and gradients either way."""
+    torch.manual_seed(0)
+    model = build_model("transe", 12, 3, 8, p_norm=1.0, entity_norm=2.0)
+    g = torch.Generator().manual_seed(1)
+    h, r, t = (torch.randint(n, (40,), generator=g) for n in (12, 3, 12))
+
+    def scores_and_grad(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad()
+        s = torch.cat([model(h[i:i + batch], r[i:i + batch], t[i:i + batch]) for i in range(0, 40, batch)])
+        s.square().sum().backward()
+        return s.detach(), model.node_emb.weight.grad.clone()
+
+    table_path = scores_and_grad(40)  # 2 x 40 gathered rows >= 12 entities
+    rows_path = scores_and_grad(5)    # 2 x 5 < 12
+    torch.testing.assert_close(table_path[0], rows_path[0])
+    torch.testing.assert_close(table_path[1], rows_path[1])
+
+
 def test_self_adversarial_loss_sees_gamma_minus_distance() -> None:
     """Sun et al. 2019's loss is on gamma - d: PyG's RotatE includes gamma, TransE's -d does not."""
     from knowledge.embed import kge_loss, score_shift
