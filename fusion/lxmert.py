@@ -44,7 +44,11 @@ Pretraining (paper section 3, plus a contrastive first stage), all from one forw
   ``region_labels``, the detector's class (cross-entropy on ids, or KL to a class distribution).
 * Image-text matching: each text is replaced, with probability 0.5, by another text of the batch;
   a binary head on the pooled output says whether the pair matches (the reference's 2-way
-  ``seq_relationship`` is the same model: its logit difference is this head's logit).
+  ``seq_relationship`` is the same model: its logit difference is this head's logit). The other
+  text is uniform over the batch (the paper), or with ``itm_hard_negatives`` drawn with probability
+  ``softmax_j(scale * <m_i, t_j>)`` over the batch's other texts, the in-batch contrastive
+  similarity (ALBEF's hard negatives, Li et al. 2021): random mismatches are easy (another colour,
+  object and place at once), so the head learns to tell apart only what ranking does not need.
 * In-batch contrastive InfoNCE (CLIP/ALBEF's ITC, not in LXMERT): the *single-stream* outputs, text
   [CLS] (or mean) and media mean (or the global token), projected and L2-normalised, with a
   learnable temperature. It makes :meth:`Lxmert.encode_text` / :meth:`Lxmert.encode_media` a dual
@@ -112,6 +116,7 @@ class LxmertConfig:
     mlm_prob: float = 0.15
     region_mask_prob: float = 0.15
     itm_mismatch_prob: float = 0.5
+    itm_hard_negatives: bool = False     # mismatches drawn by contrastive similarity (ALBEF), not uniform
     region_loss: str = "smooth_l1"       # feature regression: "smooth_l1" (reference) or "mse"
     contrastive_on_clean: bool = False   # InfoNCE on an extra pass over uncorrupted inputs
     mlm_weight: float = 1.0
@@ -341,6 +346,22 @@ def itm_pairs(batch_size: int, generator: torch.Generator | None = None, prob: f
     return torch.where(swap, (i + shift) % batch_size, i), ~swap
 
 
+def hard_negative_pairs(text: torch.Tensor, media: torch.Tensor, matched: torch.Tensor,
+                        scale: torch.Tensor | float, generator: torch.Generator | None = None
+                        ) -> torch.Tensor:
+    """``text_index (B,)``: matched items keep their own text; each mismatched item ``i`` gets text
+    ``j != i`` drawn with probability ``softmax_j(scale * <m_i, t_j>)`` (ALBEF's hard negatives)
+    from the L2-normalised single-stream vectors. No gradient flows through the draw."""
+    i = torch.arange(len(matched), device=matched.device)
+    if len(matched) < 2:
+        return i
+    with torch.no_grad():
+        logits = (scale * media.float() @ text.float().T).float()                   # (B media, B texts)
+        logits.fill_diagonal_(float("-inf"))
+        drawn = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
+    return torch.where(matched, i, drawn)
+
+
 def info_nce(text: torch.Tensor, media: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """Symmetric in-batch InfoNCE (CLIP): ``s_ij = scale * <t_i, m_j>`` for L2-normalised rows,
     positives on the diagonal, mean of the text->media and media->text cross-entropies."""
@@ -565,13 +586,17 @@ class Lxmert(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
 
-        if cfg.contrastive_weight:
+        hard = bool(cfg.itm_weight and cfg.itm_hard_negatives)
+        if cfg.contrastive_weight or hard:
             if cfg.contrastive_on_clean:
                 t, m = self.encode_text(batch), self.encode_media(batch)
             else:
                 t, m = self._text_vector(text, attn), self._media_vector(media, region_mask)
             scale = self.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP's cap on 1/temperature
-            losses["contrastive"], weights["contrastive"] = info_nce(t, m, scale), cfg.contrastive_weight
+            if cfg.contrastive_weight:
+                losses["contrastive"], weights["contrastive"] = info_nce(t, m, scale), cfg.contrastive_weight
+            if hard:
+                text_idx = hard_negative_pairs(t, m, c.matched, scale, generator)
 
         # cross-encoder on the ITM pairing: item i = (text text_idx[i], media i)
         lang, vis = self.cross(text[text_idx], attn[text_idx], media, region_mask)   # (B, L, D), (B, R, D)

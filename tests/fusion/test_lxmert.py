@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import transformers
 
 from fusion.lxmert import (
-    LXMERT_VARIANTS, Lxmert, LxmertConfig, collate_regions, create_lxmert, from_hf, info_nce, itm_pairs,
+    LXMERT_VARIANTS, Lxmert, LxmertConfig, collate_regions, create_lxmert, from_hf, hard_negative_pairs, info_nce, itm_pairs,
     load_hf_lxmert_state, lxmert_backbone, lxmert_tiny,
 )
 from fusion.objectives import IGNORE
@@ -208,6 +208,24 @@ def test_itm_mismatch_rate():
     assert abs(rate - 0.5) < 4 * math.sqrt(0.25 / idx.numel()), rate
     i1, m1 = itm_pairs(1, g)
     assert i1.tolist() == [0] and m1.tolist() == [True]
+
+
+def test_hard_negatives_follow_the_contrastive_similarity():
+    # 4 items; media 0's most similar other text is 1 (cosine 0.8), then 2 (0.0), 3 (-1.0)
+    t = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
+    m = t.clone()
+    matched = torch.tensor([False, True, True, True])
+    g = torch.Generator().manual_seed(0)
+    drawn = torch.stack([hard_negative_pairs(t, m, matched, 5.0, g) for _ in range(2000)])
+    assert (drawn[:, 1:] == torch.arange(1, 4)).all()             # matched items keep their text
+    assert (drawn[:, 0] != 0).all()                                # a mismatch is never the own text
+    share = torch.bincount(drawn[:, 0], minlength=4).float() / len(drawn)
+    expected = torch.softmax(torch.tensor([0.8, 0.0, -1.0]) * 5.0, 0)   # over texts 1, 2, 3
+    assert torch.allclose(share[1:], expected, atol=0.03), share
+    # in the loss: with hard negatives on, ITM still trains and mismatches are other items' texts
+    model = lxmert_tiny(itm_hard_negatives=True, contrastive_weight=0.0)  # draws without InfoNCE too
+    losses = model.loss(big_batch(B=8, L=10, R=12), torch.Generator().manual_seed(1))
+    assert set(losses) == {"mlm", "region_feat", "itm", "total"} and torch.isfinite(losses["itm"])
 
 
 def test_info_nce_matches_hand_formula():
