@@ -356,7 +356,7 @@ def hard_negative_pairs(text: torch.Tensor, media: torch.Tensor, matched: torch.
     if len(matched) < 2:
         return i
     with torch.no_grad():
-        logits = (scale * media.float() @ text.float().T).float()                   # (B media, B texts)
+        logits = scale * media.float() @ text.float().T                             # (B media, B texts)
         logits.fill_diagonal_(float("-inf"))
         drawn = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
     return torch.where(matched, i, drawn)

@@ -7,11 +7,9 @@ Exit codes: 0 success; 1 a stage failed; 2 bad input (spec, override, unknown ar
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -73,21 +71,6 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
                    "pools:); repeatable")
 
 
-def _with_pools(pipeline: Any, items: list[str]) -> Any:
-    """``--pool train=2`` on top of the pipeline's ``pools:``."""
-    pools = dict(pipeline.pools)
-    used = {s.resources.pool for s in pipeline.stages.values()}
-    for item in items:
-        name, _, size = item.partition("=")
-        if not size.strip().isdigit() or int(size) < 1:
-            raise SpecError(f"{item!r}: expected NAME=N with N >= 1", file="--pool")
-        if name not in used:
-            raise SpecError(f"no stage is in pool {name!r}; pools the stages use: "
-                            f"{', '.join(sorted(p for p in used if p)) or 'none'}", file="--pool")
-        pools[name] = int(size)
-    return dataclasses.replace(pipeline, pools=pools)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(soft_wrap=True)
@@ -103,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
-    from .spec import load_pipeline
+    from .spec import load_pipeline, with_pools
     from .store import ArtifactStore, default_store_uri
 
     if args.cmd == "stages":
@@ -138,7 +121,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         args.pipeline, args.overrides, args.until = str(DEMO), [], None
     pipeline = load_pipeline(args.pipeline, args.overrides)
     if getattr(args, "pool", None):
-        pipeline = _with_pools(pipeline, args.pool)
+        pipeline = with_pools(pipeline, args.pool)
     store = ArtifactStore(args.store or default_store_uri(pipeline.store))
     from .runner import plan, print_summary, run
 

@@ -25,6 +25,7 @@ Every error names the file, the line and the field (``demo.yaml:12: stages.embed
 
 from __future__ import annotations
 
+import dataclasses
 import graphlib
 import os
 import re
@@ -108,6 +109,27 @@ class Pipeline:
             if any(p == name or p in out for p in s.inputs.values()):
                 out.add(s.name)
         return out
+
+
+def _unused_pool(pool: str, stages: dict[str, Stage]) -> str | None:
+    """Why capping ``pool`` would cap nothing (no stage is in it: most likely a typo), else None."""
+    used = sorted({s.resources.pool for s in stages.values() if s.resources.pool})
+    if pool in used:
+        return None
+    return f"no stage is in pool {pool!r}; pools the stages use: {', '.join(used) or 'none'}"
+
+
+def with_pools(pipeline: Pipeline, items: list[str]) -> Pipeline:
+    """``--pool train=2`` (``NAME=N``, repeatable) on top of the pipeline's ``pools:``."""
+    pools = dict(pipeline.pools)
+    for item in items:
+        name, _, size = item.partition("=")
+        if not size.strip().isdigit() or int(size) < 1:
+            raise SpecError(f"{item!r}: expected NAME=N with N >= 1", file="--pool")
+        if problem := _unused_pool(name, pipeline.stages):
+            raise SpecError(problem, file="--pool")
+        pools[name] = int(size)
+    return dataclasses.replace(pipeline, pools=pools)
 
 
 # --------------------------------------------------------------------------------------------- YAML
@@ -324,11 +346,9 @@ def parse_pipeline(text: str, *, file: str = "<string>", overrides: list[str] | 
                              if s.resources else st.resources,
                              line=lines.get(("stages", name, "with"), lines.get(("stages", name))))
 
-    used = {s.resources.pool for s in stages.values()}
     for pool in spec.pools:
-        if pool not in used:  # most likely a typo, which would otherwise cap nothing
-            raise loc.error(("pools", pool), f"no stage is in pool {pool!r}; pools the stages use: "
-                            f"{', '.join(sorted(p for p in used if p)) or 'none'}")
+        if problem := _unused_pool(pool, stages):
+            raise loc.error(("pools", pool), problem)
 
     store = spec.store
     if store and base_dir is not None and "://" not in store and not Path(store).is_absolute():

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import transformers
 
 from fusion.lxmert import (
-    LXMERT_VARIANTS, Lxmert, LxmertConfig, collate_regions, create_lxmert, from_hf, hard_negative_pairs, info_nce, itm_pairs,
-    load_hf_lxmert_state, lxmert_backbone, lxmert_tiny,
+    LXMERT_VARIANTS, Lxmert, LxmertConfig, collate_regions, create_lxmert, from_hf, hard_negative_pairs,
+    info_nce, itm_pairs, load_hf_lxmert_state, lxmert_backbone, lxmert_tiny,
 )
 from fusion.objectives import IGNORE
 

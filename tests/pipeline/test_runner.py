@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from pipeline.cli import _with_pools
 from pipeline.runner import plan, print_summary, run
-from pipeline.spec import parse_pipeline
+from pipeline.spec import parse_pipeline, with_pools
 from pipeline.store import ArtifactStore
 
 DAG = """\
@@ -27,7 +26,7 @@ stages:
 def _run(text: str, store: ArtifactStore, overrides: list[str] | None = None,
          pools: list[str] | None = None, **kw):
     console = Console(record=True, width=200)
-    pipeline = _with_pools(parse_pipeline(text, overrides=overrides), pools or [])
+    pipeline = with_pools(parse_pipeline(text, overrides=overrides), pools or [])
     result = run(pipeline, store, console=console, live=False, **kw)
     print_summary(result, console)
     return result, console.export_text()
