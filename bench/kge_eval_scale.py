@@ -25,6 +25,7 @@ Goal: stele <= 0.1 x PyKEEN's best evaluation time, with <= 2 GB peak RSS.
 
     python bench/kge_eval_scale.py                      # full size (minutes, several GB for PyKEEN)
     python bench/kge_eval_scale.py --entities 10000 --train 19800 --test 200 --pykeen-batch 32
+    python bench/kge_eval_scale.py --devices cpu,cuda --pykeen-batch ''   # stele on a GPU vs its CPU
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def make_data(args: argparse.Namespace, root: Path) -> None:
 
 
 # -- children -------------------------------------------------------------------------------------
-def child_stele(root: Path, batch_size: int, threads: int) -> dict:
+def child_stele(root: Path, batch_size: int, threads: int, device: str = "cpu") -> dict:
     import torch
     from safetensors.torch import load_file
 
@@ -98,11 +99,13 @@ def child_stele(root: Path, batch_size: int, threads: int) -> dict:
     known = torch.cat([tr["train"], tr["test"]])
     t0 = time.perf_counter()
     res = rank_metrics(model, tr["test"], known, cfg["entities"], batch_size=batch_size,
-                       device="cpu", num_relations=cfg["relations"])
-    eval_s = time.perf_counter() - t0
+                       device=device, num_relations=cfg["relations"])
+    eval_s = time.perf_counter() - t0  # the metrics are host floats: the GPU work is done
     n = len(tr["test"])
     ranks = res["ranks"]["filtered"]
-    return {"eval_s": eval_s,
+    gpu = {"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20,
+           "gpu_name": torch.cuda.get_device_name()} if device.startswith("cuda") else {}
+    return {"eval_s": eval_s, **gpu,
             "metrics": {side: {k: res["filtered"][side][k] for k in METRICS}
                         for side in ("both", "head", "tail")},
             "ranks_head": ranks[:n].tolist(), "ranks_tail": ranks[n:].tolist()}
@@ -142,12 +145,12 @@ def child_pykeen(root: Path, batch_size: int, threads: int) -> dict:
             "ranks_tail": ranks["tail"].astype(float).tolist()}
 
 
-def run_child(which: str, root: Path, batch_size: int, threads: int) -> dict:
+def run_child(which: str, root: Path, batch_size: int, threads: int, device: str = "cpu") -> dict:
     """Run one evaluation in a fresh process; peak RSS from ``wait4`` (that child alone)."""
-    out = root / f"{which}-{batch_size}.json"
-    cmd = [sys.executable, __file__, "--child", which, "--data", str(root),
+    out = root / f"{which}-{device}-{batch_size}.json"
+    cmd = [sys.executable, __file__, "--child", which, "--data", str(root), "--devices", device,
            "--child-batch", str(batch_size), "--threads", str(threads), "--child-out", str(out)]
-    log = root / f"{which}-{batch_size}.log"
+    log = root / f"{which}-{device}-{batch_size}.log"
     t0 = time.perf_counter()
     with open(log, "wb") as err_file:  # a file, not a pipe: nobody reads a pipe while we wait4
         proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONWARNINGS="ignore"),
@@ -176,7 +179,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stele-batch", type=int, default=256)
     p.add_argument("--pykeen-batch", default="8,32,64",
-                   help="comma-separated PyKEEN batch sizes; the best time is the reference")
+                   help="comma-separated PyKEEN batch sizes; the best time is the reference "
+                        "('' for none: stele alone, e.g. where PyKEEN is not installed)")
+    p.add_argument("--devices", default="cpu",
+                   help="comma-separated devices stele evaluates on (cpu, cuda); the first one is "
+                        "compared with PyKEEN (on the CPU), the others with the first")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", help="also write the results here")
     # internal: one evaluation in a child process
@@ -187,8 +194,10 @@ def main() -> None:
     args = p.parse_args()
 
     if args.child:
-        fn = child_stele if args.child == "stele" else child_pykeen
-        res = fn(Path(args.data), args.child_batch, args.threads)
+        if args.child == "stele":
+            res = child_stele(Path(args.data), args.child_batch, args.threads, args.devices)
+        else:
+            res = child_pykeen(Path(args.data), args.child_batch, args.threads)
         res["self_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         Path(args.child_out).write_text(json.dumps(res))
         return
@@ -200,21 +209,39 @@ def main() -> None:
         print(f"graph: {args.entities} entities, {args.relations} relations, ~{args.train} train, "
               f"{args.test} test triples; TransE dim {args.dim}, p={args.p_norm:g}; "
               f"{args.threads} threads (data in {time.perf_counter() - t0:.1f} s)")
-        runs = {"stele": [(args.stele_batch, run_child("stele", root, args.stele_batch,
-                                                       args.threads))]}
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+        runs = {("stele" if i == 0 else f"stele-{d}"):
+                [(args.stele_batch, run_child("stele", root, args.stele_batch, args.threads, d))]
+                for i, d in enumerate(devices)}
         runs["pykeen"] = [(b, run_child("pykeen", root, b, args.threads))
-                          for b in (int(x) for x in args.pykeen_batch.split(","))]
+                          for b in (int(x) for x in args.pykeen_batch.split(",") if x.strip())]
 
-    print(f"\n{'':8} {'batch':>6} {'eval s':>8} {'wall s':>8} {'peak RSS MB':>12}  filtered both MRR")
+    print(f"\n{'':11} {'batch':>6} {'eval s':>8} {'wall s':>8} {'peak RSS MB':>12}  filtered both MRR")
     for name, rs in runs.items():
         for b, r in rs:
             if "error" in r:
-                print(f"{name:8} {b:>6} {'failed':>8} {r['wall_s']:8.1f} {r['peak_rss_mb']:12.0f}  "
+                print(f"{name:11} {b:>6} {'failed':>8} {r['wall_s']:8.1f} {r['peak_rss_mb']:12.0f}  "
                       f"{r['error']}")
             else:
-                print(f"{name:8} {b:>6} {r['eval_s']:8.2f} {r['wall_s']:8.1f} "
-                      f"{r['peak_rss_mb']:12.0f}  {r['metrics']['both']['mrr']:.6f}")
+                gpu = f"  ({r['gpu_name']}, peak {r['gpu_peak_mb']:.0f} MB allocated)" if "gpu_name" in r else ""
+                print(f"{name:11} {b:>6} {r['eval_s']:8.2f} {r['wall_s']:8.1f} "
+                      f"{r['peak_rss_mb']:12.0f}  {r['metrics']['both']['mrr']:.6f}{gpu}")
     st = runs["stele"][0][1]
+    for name, rs in runs.items():  # other devices against the first
+        if name in ("stele", "pykeen") or "error" in rs[0][1] or "error" in st:
+            continue
+        other = rs[0][1]
+        worst = max(abs(st["metrics"][side][k] - other["metrics"][side][k])
+                    / (max(abs(st["metrics"][side][k]), 1.0) if k == "mr" else 1.0)
+                    for side in ("both", "head", "tail") for k in METRICS)
+        diff = sum(x != y for side in ("head", "tail")
+                   for x, y in zip(st[f"ranks_{side}"], other[f"ranks_{side}"]))
+        print(f"{name} vs {devices[0]}: eval time {other['eval_s'] / st['eval_s']:.3f}x, "
+              f"max metric diff {worst:.2e}, per-triple ranks differing {diff} of "
+              f"{2 * len(st['ranks_head'])}")
+    if not runs["pykeen"]:
+        print("no PyKEEN runs (--pykeen-batch ''): no ratios to PyKEEN")
+        return
     ok = [(b, r) for b, r in runs["pykeen"] if "error" not in r]
     if "error" in st or not ok:
         sys.exit("an evaluation failed; no ratios")

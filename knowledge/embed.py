@@ -61,10 +61,10 @@ def corrupt(pos: torch.Tensor, k: int, num_entities: int,
             head_prob: torch.Tensor | None) -> torch.Tensor:
     """``(B, 3)`` positives -> ``(B * k, 3)`` negatives, row ``i * k + j`` corrupting positive ``i``."""
     neg = pos.repeat_interleave(k, dim=0)
-    n = len(neg)
-    p = head_prob[neg[:, 1]] if head_prob is not None else torch.full((n,), 0.5)
-    head = torch.rand(n) < p
-    rand = torch.randint(num_entities, (n,))
+    n, device = len(neg), pos.device
+    p = head_prob[neg[:, 1]] if head_prob is not None else torch.full((n,), 0.5, device=device)
+    head = torch.rand(n, device=device) < p
+    rand = torch.randint(num_entities, (n,), device=device)
     neg[:, 0] = torch.where(head, rand, neg[:, 0])
     neg[:, 2] = torch.where(head, neg[:, 2], rand)
     return neg
@@ -94,6 +94,31 @@ def score_shift(model: str, loss: str, margin: float) -> float:
     return margin if loss == "self_adversarial" and model != "rotate" else 0.0
 
 
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: torch.Tensor,
+                order: torch.Tensor, *, batch_size: int, negatives: int, num_entities: int,
+                head_prob: torch.Tensor | None, loss: str, margin: float, temperature: float,
+                shift: float = 0.0) -> float:
+    """One pass over ``train[order]`` ((n, 3) triples, on the model's device) in batches of
+    ``batch_size`` positives, each with ``negatives`` corruptions; one optimiser step per batch.
+    Returns the mean batch loss."""
+    model.train()
+    total = torch.zeros((), device=train.device)
+    batches = 0
+    for start in range(0, len(order), batch_size):
+        pos = train[order[start:start + batch_size]]
+        neg = corrupt(pos, negatives, num_entities, head_prob)
+        batch = torch.cat([pos, neg])
+        scores = model(batch[:, 0], batch[:, 1], batch[:, 2]) + shift
+        value = kge_loss(loss, scores[: len(pos)], scores[len(pos):].view(len(pos), negatives),
+                         margin, temperature)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        total += value.detach()  # summed on the device: no host sync per step on a GPU
+        batches += 1
+    return total.item() / max(batches, 1)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: one epoch per session step (see the module docstring)."""
     from pipeline.train import TrainSession
@@ -110,10 +135,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     session = TrainSession(model, optimizer, None, config)
     rank, world = session.rank, session.world_size
 
-    train = torch.as_tensor(np.asarray(config["train"]), dtype=torch.long)
-    valid = torch.as_tensor(np.asarray(config["valid"]), dtype=torch.long)
-    known = torch.as_tensor(np.asarray(config["known"]), dtype=torch.long)
-    head_prob = torch.as_tensor(np.asarray(config["head_prob"]), dtype=torch.float) \
+    # Everything a step touches lives where the model does: prepare_model put it on the worker's
+    # GPU when Ray Train runs with use_gpu.
+    device = session.device
+    train = torch.as_tensor(np.asarray(config["train"]), dtype=torch.long, device=device)
+    valid = torch.as_tensor(np.asarray(config["valid"]), dtype=torch.long, device=device)
+    known = torch.as_tensor(np.asarray(config["known"]), dtype=torch.long, device=device)
+    head_prob = torch.as_tensor(np.asarray(config["head_prob"]), dtype=torch.float, device=device) \
         if config["corruption"] == "bernoulli" else None
     n_shard = len(train) // world  # equal shards: DDP needs the same number of steps everywhere
     bsz, k = config["batch_size"], config["negatives"]
@@ -126,26 +154,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch)
         shard = torch.randperm(len(train), generator=g)[: n_shard * world].view(n_shard, world)[:, rank]
-        session.model.train()
-        total, batches = 0.0, 0
-        for start in range(0, n_shard, bsz):
-            pos = train[shard[start:start + bsz]]
-            neg = corrupt(pos, k, config["num_entities"], head_prob)
-            batch = torch.cat([pos, neg])
-            scores = session.model(batch[:, 0], batch[:, 1], batch[:, 2]) + shift
-            loss = kge_loss(config["loss"], scores[: len(pos)], scores[len(pos):].view(len(pos), k),
-                            config["margin"], config["adversarial_temperature"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-            batches += 1
-        metrics: dict[str, float] = {"loss": total / max(batches, 1),
-                                     "epoch_s": time.perf_counter() - t0}  # training only
+        loss = train_epoch(session.model, optimizer, train, shard.to(device), batch_size=bsz,
+                           negatives=k, num_entities=config["num_entities"], head_prob=head_prob,
+                           loss=config["loss"], margin=config["margin"],
+                           temperature=config["adversarial_temperature"], shift=shift)
+        metrics: dict[str, float] = {"loss": loss, "epoch_s": time.perf_counter() - t0}  # training only
 
         if config["eval_every"] and (epoch % config["eval_every"] == 0
                                      or epoch == config["epochs"]) and len(valid):
-            decision = torch.zeros(2)  # (valid MRR, stop?) decided on rank 0, shared with all
+            decision = torch.zeros(2, device=device)  # (valid MRR, stop?): rank 0 decides for all
             if rank == 0:
                 model.eval()
                 res = rank_metrics(model, valid, known, config["num_entities"],
@@ -159,7 +176,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 else:
                     state["bad_evals"] += 1
                 stop = config["patience"] > 0 and state["bad_evals"] >= config["patience"]
-                decision = torch.tensor([mrr, float(stop)])
+                decision = torch.tensor([mrr, float(stop)], device=device)
                 metrics["valid_hits@10"] = res["filtered"]["both"]["hits@10"]
             if world > 1:
                 torch.distributed.broadcast(decision, src=0)

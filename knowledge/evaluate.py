@@ -193,7 +193,9 @@ def rank_metrics(model_or_scorers: Any, test: Tensor, known: Tensor, num_entitie
         ``filtered_optimistic``, ``filtered_pessimistic``, ``raw_optimistic``, ``raw_pessimistic``.
     """
     device = None if device is None else resolve_device(device)
-    test = torch.as_tensor(test, dtype=torch.long)
+    # The test triples may come on a GPU (a training loop's validation split): chunks go to
+    # ``device`` one at a time and the ranks come back to the host, so keep the index on the host.
+    test = torch.as_tensor(test, dtype=torch.long).cpu()
     known = torch.as_tensor(known, dtype=torch.long)
     if num_relations is None:
         num_relations = int(max(test[:, REL].max().item() if len(test) else -1,

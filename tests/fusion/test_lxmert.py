@@ -15,6 +15,8 @@ from fusion.lxmert import (
 )
 from fusion.objectives import IGNORE
 
+from .cuda_checks import check_dropout_step_on_cuda, check_on_cuda, needs_cuda
+
 ATOL = 1e-5
 HF_SIZES = dict(vocab_size=100, hidden_size=32, num_attention_heads=2, intermediate_size=64, l_layers=2,
                 x_layers=2, r_layers=2, visual_feat_dim=16, num_object_labels=7, num_attr_labels=5,
@@ -327,3 +329,14 @@ def test_variants_registry_and_paper_size():
     assert grid.visual_embedding.feat.in_features == 1280
     with pytest.raises(KeyError, match="unknown LXMERT variant"):
         create_lxmert("nope")
+
+
+# ------------------------------------------------------------------------------ GPU
+
+
+@needs_cuda
+def test_cuda_outputs_equal_cpu_and_bf16_trains():
+    torch.manual_seed(0)
+    b = big_batch(B=8, L=10, R=12)
+    check_on_cuda(lxmert_tiny(), b, lambda m, x: run(m, x)._asdict())
+    check_dropout_step_on_cuda(lxmert_tiny(itm_hard_negatives=True), b)

@@ -15,6 +15,8 @@ from fusion.objectives import IGNORE
 from fusion.vilbert import (MINILM_CONFIG, PAPER_CONFIG, VILBERT_VARIANTS, ViLBert, ViLBertConfig,
                             collate, collate_media, create_vilbert, location_features, register_variant)
 
+from .cuda_checks import check_dropout_step_on_cuda, check_on_cuda, needs_cuda
+
 FEAT = 16
 TEXTS = ["a dog in the city", "the cat was born in paris", "red and blue art", "music in berlin now"]
 
@@ -465,3 +467,21 @@ def test_minilm_variant(minilm_path):
         torch.testing.assert_close(alone[i][real], want[i][real], atol=1e-5, rtol=0)
     losses = model.loss(b, torch.Generator().manual_seed(0))
     assert torch.isfinite(losses["total"])
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+
+
+@needs_cuda
+def test_cuda_outputs_equal_cpu_and_bf16_trains(tokenizer):
+    b = batch_of(tokenizer)
+    b["region_classes"] = torch.softmax(torch.randn(len(TEXTS), b["features"].shape[1], 5), -1)
+
+    def outputs(model, x):
+        out = model(x["input_ids"], x["attention_mask"], x["features"], x["boxes"], x["region_mask"])
+        return {"text_hidden": out.text_hidden, "visual_hidden": out.visual_hidden,
+                "pooled_text": out.pooled_text, "pooled_visual": out.pooled_visual}
+
+    check_on_cuda(tiny(tokenizer, num_region_classes=5), b, outputs)
+    check_dropout_step_on_cuda(tiny(tokenizer, num_region_classes=5, contrastive_weight=0.5).train(), b)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import timm
@@ -127,3 +129,23 @@ def test_a_pooled_vector_wider_than_the_feature_map_gives_way_to_the_regions_mea
     np.testing.assert_allclose(feats[0], feats[1:].mean(0), rtol=1e-5, atol=1e-6)
     pooled = RegionFeaturizer(m, cfg, mode="pooled")
     assert pooled.dim == 1024 and pooled(_images(1))[0][0].shape == (1, 1024)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backbone,mode", [("cnn", "grid"), ("vit", "patch")])
+def test_cuda_features_match_cpu(backbone, mode, request):
+    """On a GPU (float32, and the bf16 autocast the stage uses there by default) the regions and
+    boxes are the CPU's: per-region cosine >= 0.999 in float32 (cuDNN's TF32 convolutions) and
+    >= 0.99 in bf16."""
+    import copy
+
+    model, cfg = request.getfixturevalue(backbone)
+    images = _images()
+    want = RegionFeaturizer(copy.deepcopy(model), cfg, mode=mode)(images)
+    for amp, floor in ((False, 0.999), (True, 0.99)):
+        got = RegionFeaturizer(copy.deepcopy(model), cfg, mode=mode, device="cuda", amp=amp)(images)
+        for (f_cpu, b_cpu), (f_gpu, b_gpu) in zip(want, got):
+            assert f_gpu.shape == f_cpu.shape and f_gpu.dtype == np.float32
+            np.testing.assert_array_equal(b_gpu, b_cpu)
+            cos = (f_cpu * f_gpu).sum(1) / (np.linalg.norm(f_cpu, axis=1) * np.linalg.norm(f_gpu, axis=1))
+            assert cos.min() >= floor, (amp, cos.min())

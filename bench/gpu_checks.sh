@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU checks in one short run, for a machine with one CUDA GPU (how a lent H100 is used: one
+# prepared script, ~5 min). Needs torch, transformers, timm, torch-geometric and pytest; Ray is not
+# needed (the Ray-orchestrated paths are covered by the CPU suite). Logs go to $OUT (or a temp dir).
+#
+#   bash bench/gpu_checks.sh
+#
+# 1. the CUDA tests: fusion encoders (float32 equals CPU, bf16 loss/gradients), the KGE epoch on
+#    the GPU, filtered evaluation on the GPU equals the CPU, timm features on the GPU equal the CPU;
+# 2. LXMERT forward+backward throughput, stele vs transformers, paper configuration, bf16, with MFU,
+#    at batch 8 (the CPU benchmark's batch) and batch 128;
+# 3. filtered evaluation at scale (100k entities, 2k test triples): stele on the CPU vs on the GPU.
+set -u -o pipefail
+out=${OUT:-$(mktemp -d -t stele-gpu-XXXX)}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+status=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import sys, torch, transformers, timm, torch_geometric as g; print('python', sys.version.split()[0], \
+'torch', torch.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__, 'pyg', g.__version__)"
+
+echo "== 1. CUDA tests"
+python3 -m pytest -q -p no:cacheprovider -k cuda -rs \
+  tests/fusion/test_lxmert.py tests/fusion/test_vilbert.py tests/knowledge/test_embed.py \
+  tests/knowledge/test_evaluate.py tests/vision/test_features.py 2>&1 | tee "$out/tests.log" || status=1
+
+echo "== 2. LXMERT throughput, bf16"
+for b in 8 128; do
+  python3 bench/fusion_throughput.py --device cuda --bf16 --configs paper --batch "$b" \
+    --steps 30 --warmup 5 --rounds 2 2>&1 | tee "$out/lxmert_b$b.log" || status=1
+done
+
+echo "== 3. KGE filtered evaluation at scale, CPU vs GPU"
+python3 bench/kge_eval_scale.py --devices cpu,cuda --pykeen-batch '' --threads "$(nproc)" \
+  --json "$out/kge_eval_scale.json" 2>&1 | tee "$out/kge_eval_scale.log" || status=1
+exit $status

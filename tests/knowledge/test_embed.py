@@ -1,0 +1,53 @@
+"""The KGE training loop itself (knowledge/embed.py), without Ray: corruption and one epoch, on the
+CPU and, where there is one, on a GPU (the device Ray Train's ``prepare_model`` puts the model on)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from knowledge.embed import corrupt, train_epoch
+from knowledge.evaluate import rank_metrics
+from knowledge.models import build_model
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs CUDA"))]
+
+
+def test_corrupt_replaces_exactly_one_side_with_the_bernoulli_share() -> None:
+    torch.manual_seed(0)
+    pos = torch.tensor([[0, 0, 1], [2, 1, 3]])
+    neg = corrupt(pos, 2000, 50, torch.tensor([0.9, 0.1]))
+    assert neg.shape == (4000, 3) and (neg[:, 1] == pos[:, 1].repeat_interleave(2000)).all()
+    src = pos.repeat_interleave(2000, dim=0)
+    head_changed = neg[:, 0] != src[:, 0]
+    tail_changed = neg[:, 2] != src[:, 2]
+    assert not (head_changed & tail_changed).any()
+    # relation 0 corrupts the head 90% of the time, relation 1 10% (a random entity can equal the
+    # original one, 1 in 50, so the observed share is a little lower)
+    assert 0.85 < head_changed[:2000].float().mean() < 0.91
+    assert 0.07 < head_changed[2000:].float().mean() < 0.12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_epoch_learns_a_planted_graph(device: str) -> None:
+    """Two relations, i -> i+1 and i -> i+2 along a chain of 30 entities (a chain: a translation
+    cannot close a ring): after 40 epochs TransE ranks the true entities well above chance
+    (a random model's filtered MRR is ~0.14; seeds 0-2 reached 0.46-0.59 at 30 epochs), wherever
+    it trains."""
+    n = 30
+    i = torch.arange(n - 2)
+    triples = torch.cat([torch.stack([i, torch.zeros_like(i), i + 1], 1),
+                         torch.stack([i, torch.ones_like(i), i + 2], 1)]).to(device)
+    torch.manual_seed(0)
+    model = build_model("transe", n, 2, 16, p_norm=1.0).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    losses = [train_epoch(model, opt, triples, torch.randperm(len(triples), device=device),
+                          batch_size=16, negatives=8, num_entities=n, head_prob=None,
+                          loss="margin", margin=1.0, temperature=1.0)
+              for _ in range(40)]
+    assert losses[-1] < 0.4 * losses[0], losses
+    assert all(p.device.type == device for p in model.parameters())
+    model.eval()
+    mrr = rank_metrics(model, triples, triples, n)["filtered"]["both"]["mrr"]
+    assert mrr > 0.35, mrr
