@@ -91,7 +91,7 @@ def make_backbone(out: Path) -> Path:
 
 
 def pretrain(tmp: Path, corpus: Path, backbone: Path, steps: int,
-             hard_negatives: bool = False) -> tuple[Path, dict]:
+             hard_negatives: bool = False, on_dual: bool = False) -> tuple[Path, dict]:
     from fusion.stages import PretrainParams, pretrain as run_pretrain
     from pipeline.context import StageContext
     from pipeline.registry import Resources
@@ -108,7 +108,7 @@ def pretrain(tmp: Path, corpus: Path, backbone: Path, steps: int,
         # BERT's 0.02 init keeps a 64-wide model on the ITM plateau for long; 0.2 leaves it early
         "options": {"r_layers": 1, "x_layers": 1, "held_out_share": 0.0,
                     "config": {"initializer_range": 0.2, "dropout": 0.0, "attention_dropout": 0.0,
-                               "itm_hard_negatives": hard_negatives}}})
+                               "itm_hard_negatives": hard_negatives, "itm_on_dual": on_dual}}})
     return out, run_pretrain(ctx, params)
 
 
@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--ks", default="16,32,64")
     ap.add_argument("--itm-hard-negatives", action="store_true",
                     help="ITM mismatches drawn by contrastive similarity (ALBEF), not uniformly")
+    ap.add_argument("--itm-on-dual", action="store_true",
+                    help="match logit = ITM head + w * dual-encoder cosine (LXMERT's itm_on_dual)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=1024, help="pairs per cross-encoder batch")
     ap.add_argument("--out", default="retrieval_cost.json")
@@ -139,7 +141,7 @@ def main() -> None:
     backbone = make_backbone(tmp / "backbone")
     init_ray()
     t0 = time.perf_counter()
-    model, train = pretrain(tmp, corpus, backbone, args.steps, args.itm_hard_negatives)
+    model, train = pretrain(tmp, corpus, backbone, args.steps, args.itm_hard_negatives, args.itm_on_dual)
     shutdown_ray()
     print(f"pretrained {args.steps} steps in {time.perf_counter() - t0:.0f} s: itm loss "
           f"{train['loss_itm_first']:.3f} -> {train['loss_itm_last10']:.3f}, contrastive "

@@ -117,6 +117,7 @@ class LxmertConfig:
     region_mask_prob: float = 0.15
     itm_mismatch_prob: float = 0.5
     itm_hard_negatives: bool = False     # mismatches drawn by contrastive similarity (ALBEF), not uniform
+    itm_on_dual: bool = False            # match logit = ITM head + w * dual-encoder cosine (w learnt, 0 at init)
     region_loss: str = "smooth_l1"       # feature regression: "smooth_l1" (reference) or "mse"
     contrastive_on_clean: bool = False   # InfoNCE on an extra pass over uncorrupted inputs
     mlm_weight: float = 1.0
@@ -412,6 +413,8 @@ class Lxmert(nn.Module):
         self.region_feat = nn.Linear(D, cfg.visual_feat_dim)         # feature regression
         self.region_label = nn.Linear(D, cfg.num_region_labels) if cfg.num_region_labels else None
         self.itm = nn.Linear(D, 1)                                   # match logit
+        # itm_on_dual: the weight of the (detached) dual-encoder cosine in the match logit
+        self.itm_dual = nn.Parameter(torch.full((), 1 / cfg.temperature)) if cfg.itm_on_dual else None
         self.text_proj = nn.Linear(D, cfg.projection_dim)            # dual-encoder projections
         self.media_proj = nn.Linear(D, cfg.projection_dim)
         self.logit_scale = nn.Parameter(torch.empty(()))             # log(1 / temperature)
@@ -503,9 +506,23 @@ class Lxmert(nn.Module):
         """Cross-encoder ITM logit (B,) of pair ``(text_batch[i], media_batch[i])``;
         ``sigmoid(score)`` is P(match). ``text_batch``: ``input_ids``, ``attention_mask``
         (``token_type_ids``); ``media_batch``: ``features``, ``boxes`` (``region_mask``)."""
-        out = self(text_batch["input_ids"], text_batch.get("attention_mask"), media_batch["features"],
-                   media_batch["boxes"], media_batch.get("region_mask"), text_batch.get("token_type_ids"))
-        return self.itm(out.pooled_output).squeeze(-1)                               # (B,)
+        attn, rm = text_batch.get("attention_mask"), media_batch.get("region_mask")
+        out = self(text_batch["input_ids"], attn, media_batch["features"], media_batch["boxes"], rm,
+                   text_batch.get("token_type_ids"))
+        return self._match_logit(out.pooled_output, out.text_single, attn, out.media_single, rm)
+
+    def _match_logit(self, pooled: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor | None,
+                     media: torch.Tensor, region_mask: torch.Tensor | None) -> torch.Tensor:
+        """The ITM logit (B,) of each pair from the pooled cross-encoder output; with
+        ``itm_on_dual``, plus ``w * cos(t, m)`` of the pair's dual-encoder vectors (from the
+        single-stream outputs ``text``, ``media``), gradients stopped at the vectors."""
+        logit = self.itm(pooled).squeeze(-1)                                         # (B,)
+        if self.itm_dual is None:
+            return logit
+        with torch.no_grad():
+            cos = (self._text_vector(text, attention_mask)
+                   * self._media_vector(media, region_mask)).sum(-1)                 # (B,)
+        return logit + self.itm_dual * cos
 
     # The same score in two parts, for scoring many pairs: the single-modality encoders do not
     # depend on the pair, so retrieval runs them once per caption and once per image
@@ -533,7 +550,8 @@ class Lxmert(nn.Module):
     def score_states(self, text: Mapping[str, torch.Tensor], media: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """:meth:`match_score` from :meth:`text_states` and :meth:`media_states` of the pairs (B,)."""
         lang, _ = self.cross(text["states"], text["mask"], media["states"], media["mask"])
-        return self.itm(self.pool(lang)).squeeze(-1)                                 # (B,)
+        return self._match_logit(self.pool(lang), text["states"], text["mask"],
+                                 media["states"], media["mask"])                     # (B,)
 
     # -- pretraining --
 
@@ -617,7 +635,8 @@ class Lxmert(nn.Module):
                 losses["region_label"] = self._region_label_loss(h, batch["region_labels"][chosen])
                 weights["region_label"] = cfg.region_label_weight
         if cfg.itm_weight:
-            logit = self.itm(self.pool(lang)).squeeze(-1)                            # (B,)
+            logit = self._match_logit(self.pool(lang), text[text_idx], attn[text_idx], media,
+                                      region_mask)                                   # (B,)
             losses["itm"] = F.binary_cross_entropy_with_logits(logit.float(), c.matched.float())
             weights["itm"] = cfg.itm_weight
         losses["total"] = sum(weights[k] * losses[k] for k in weights)
@@ -636,7 +655,7 @@ class Lxmert(nn.Module):
         return F.cross_entropy(logits[keep], labels[keep])
 
     def num_parameters(self, encoder_only: bool = False) -> int:
-        heads = ("mlm_head.", "region_", "itm.", "text_proj.", "media_proj.", "logit_scale")
+        heads = ("mlm_head.", "region_", "itm.", "itm_dual", "text_proj.", "media_proj.", "logit_scale")
         return sum(p.numel() for n, p in self.named_parameters()
                    if not (encoder_only and n.startswith(heads)))
 

@@ -340,3 +340,30 @@ def test_cuda_outputs_equal_cpu_and_bf16_trains():
     b = big_batch(B=8, L=10, R=12)
     check_on_cuda(lxmert_tiny(), b, lambda m, x: run(m, x)._asdict())
     check_dropout_step_on_cuda(lxmert_tiny(itm_hard_negatives=True), b)
+
+
+def test_itm_on_dual_starts_from_the_dual_encoder_ranking():
+    """With ``itm_on_dual`` the match logit is the ITM head plus w * the dual-encoder cosine
+    (w = 1 / temperature at init): with a zero head it ranks exactly as the dual encoder, the
+    pairwise and the cached-states paths agree, and the ITM loss trains w and the head but never
+    the dual-encoder vectors (the cosine is detached)."""
+    torch.manual_seed(0)
+    model = lxmert_tiny(itm_on_dual=True).eval()
+    assert model.itm_dual.item() == pytest.approx(1 / 0.07)
+    b = big_batch(B=6, L=10, R=12)
+    text = {k: b[k] for k in ("input_ids", "attention_mask")}
+    media = {k: b[k] for k in ("features", "boxes", "region_mask")}
+    with torch.no_grad():
+        model.itm.weight.zero_()
+        dual = model.encode_text(text) @ model.encode_media(media).T                # (6, 6)
+        pairwise = model.match_score(text, media)                                   # the diagonal
+        cached = model.score_states(model.text_states(text), model.media_states(media))
+    torch.testing.assert_close(pairwise, model.itm_dual * dual.diagonal() + model.itm.bias, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cached, pairwise, atol=1e-5, rtol=0)
+
+    model = lxmert_tiny(itm_on_dual=True, mlm_weight=0, region_feat_weight=0, contrastive_weight=0)
+    model.loss(big_batch(B=8, L=10, R=12), torch.Generator().manual_seed(0))["total"].backward()
+    assert model.itm_dual.grad is not None and model.itm_dual.grad != 0
+    assert model.itm.weight.grad is not None
+    assert model.text_proj.weight.grad is None and model.media_proj.weight.grad is None
+    assert "itm_dual" not in {n for n, _ in lxmert_tiny().named_parameters()}  # off: the paper's model
