@@ -45,7 +45,7 @@ class EmbedParams(BaseModel):
     scaling: ScalingParams = ScalingParams()
 
 
-@stage("knowledge.embed", version="1", cpus=0,
+@stage("knowledge.embed", version="1", cpus=0, pool="train",
        headline=("best_valid_mrr", "best_epoch", "epochs", "stopped_early", "final_loss"))
 def embed(ctx: StageContext, params: EmbedParams) -> dict:
     """Train KG embeddings (PyG models, stele's loop) with early stopping on validation MRR."""
