@@ -9,6 +9,8 @@ import torch
 
 from knowledge.models import build_model, load_model, model_spec, save_model
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs CUDA"))]
 CASES = [("transe", {"p_norm": 1.0}), ("transe", {"p_norm": 1.0, "entity_norm": 2.0}),
          ("distmult", {}), ("complex", {}), ("rotate", {"margin": 9.0})]
 
@@ -75,17 +77,18 @@ def test_self_adversarial_loss_sees_gamma_minus_distance() -> None:
 
 @pytest.mark.parametrize(("p", "q"), [(1.0, 2.0), (1.0, 1.0), (2.0, 2.0), (2.0, 1.0), (3.0, 3.0)])
 @pytest.mark.parametrize("rows", [40, 4], ids=["table-normalised", "rows-normalised"])
-def test_transe_fused_distance_equals_autograd(p: float, q: float, rows: int) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_transe_fused_distance_equals_autograd(p: float, q: float, rows: int, device: str) -> None:
     """stele's TransE (a hand-written backward for p = 1, 2) gives the scores and gradients of
     autograd over the textbook formula -||n_q(E[h]) + W[r] - n_q(E[t])||_p, both when the batch
     normalises the whole table (12 entities, 2 x 40 rows) and when it normalises its rows."""
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    model = build_model("transe", 12, 3, 8, p_norm=p, entity_norm=q)
+    model = build_model("transe", 12, 3, 8, p_norm=p, entity_norm=q).to(device)
     g = torch.Generator().manual_seed(1)
-    h, r, t = (torch.randint(n, (rows,), generator=g) for n in (12, 3, 12))
-    weights = torch.randn(rows, generator=g)
+    h, r, t = (torch.randint(n, (rows,), generator=g).to(device) for n in (12, 3, 12))
+    weights = torch.randn(rows, generator=g).to(device)
 
     def reference() -> torch.Tensor:
         e, w = model.node_emb.weight, model.rel_emb.weight
@@ -102,7 +105,8 @@ def test_transe_fused_distance_equals_autograd(p: float, q: float, rows: int) ->
     torch.testing.assert_close(grads[1], model.rel_emb.weight.grad)
 
 
-def test_rotate_fused_distance_equals_pyg() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotate_fused_distance_equals_pyg(device: str) -> None:
     """stele's RotatE (a hand-written backward) gives the scores and gradients of PyG's own
     RotatE forward on the same weights."""
     from torch_geometric.nn.kge import RotatE
@@ -111,9 +115,10 @@ def test_rotate_fused_distance_equals_pyg() -> None:
     model = build_model("rotate", 12, 3, 8, margin=9.0)
     ref = RotatE(12, 3, 8, margin=9.0)
     ref.load_state_dict(model.state_dict())
+    model, ref = model.to(device), ref.to(device)
     g = torch.Generator().manual_seed(1)
-    h, r, t = (torch.randint(n, (50,), generator=g) for n in (12, 3, 12))
-    weights = torch.randn(50, generator=g)
+    h, r, t = (torch.randint(n, (50,), generator=g).to(device) for n in (12, 3, 12))
+    weights = torch.randn(50, generator=g).to(device)
     got, want = model(h, r, t), ref(h, r, t)
     (got * weights).sum().backward()
     (want * weights).sum().backward()
