@@ -146,11 +146,12 @@ def _rotation_distance() -> type:
             gre, gim = re.mul_(u), im.mul_(u)             # dL/d re, dL/d im (the buffers are spent)
             ent, rel = ctx.shapes
             zeros = lambda shape: torch.zeros(shape, dtype=gre.dtype, device=gre.device)  # noqa: E731
-            g_re, g_im = zeros(ent), zeros(ent)
-            g_re.index_add_(0, h, c * gre + s * gim).index_add_(0, t, gre, alpha=-1)
-            g_im.index_add_(0, h, c * gim - s * gre).index_add_(0, t, gim, alpha=-1)
-            g_cos = zeros(rel).index_add_(0, r, hr * gre + hi * gim)
-            g_sin = zeros(rel).index_add_(0, r, hr * gim - hi * gre)
+            g_re = zeros(ent).index_add_(0, h, (c * gre).addcmul_(s, gim))          # Re(conj(w) g)
+            g_re.index_add_(0, t, gre, alpha=-1)
+            g_im = zeros(ent).index_add_(0, h, (c * gim).addcmul_(s, gre, value=-1))  # Im(conj(w) g)
+            g_im.index_add_(0, t, gim, alpha=-1)
+            g_cos = zeros(rel).index_add_(0, r, (hr * gre).addcmul_(hi, gim))
+            g_sin = zeros(rel).index_add_(0, r, (hr * gim).addcmul_(hi, gre, value=-1))
             return g_re, g_im, g_cos, g_sin, None, None, None
 
     return RotationDistance
