@@ -102,6 +102,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train:
     ``batch_size`` positives, each with ``negatives`` corruptions; one optimiser step per batch.
     Returns the mean batch loss."""
     model.train()
+    # a constrained model (TransE with projected entities) is projected after every step
+    constrain = getattr(getattr(model, "module", model), "apply_constraints", None)  # DDP-wrapped
     total = torch.zeros((), device=train.device)
     batches = 0
     for start in range(0, len(order), batch_size):
@@ -114,6 +116,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train:
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()
+        if constrain is not None:
+            constrain()
         total += value.detach()  # summed on the device: no host sync per step on a GPU
         batches += 1
     return total.item() / max(batches, 1)

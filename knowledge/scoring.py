@@ -9,6 +9,7 @@ Ranking-based evaluation needs, for a query ``(h, r, ?)``, the score of ``(h, r,
 model       score f(h, r, t) (PyG's ``forward``, higher is better)                 full-candidate form
 ==========  =====================================================================  ==================
 TransE      ``-|| n(e_h) + w_r - n(e_t) ||_p``,  n(x) = x / max(||x||_p, 1e-12)    ``-cdist(q, n(E), p)``
+            (``entity_norm``: projected entities, n = identity)
 DistMult    ``<e_h, w_r, e_t>``                                                    ``q @ E^T``
 ComplEx     ``Re <e_h, w_r, conj(e_t)>``                                           ``q @ [E_re, E_im]^T``
 RotatE      ``gamma - || e_h o w_r - e_t ||_2`` (w_r = exp(i theta_r), norm over   ``gamma - cdist(q,
@@ -86,8 +87,11 @@ class CandidateScorer:
 
 def _transe(model, exact: bool) -> CandidateScorer:
     p = float(model.p_norm)
-    q = float(getattr(model, "entity_norm", p))  # entity normalisation (PyG's TransE: q = p)
-    ent = F.normalize(model.node_emb.weight, p=q, dim=-1)                 # (N, d)
+    ent = model.node_emb.weight                                           # (N, d)
+    if not getattr(model, "project", False):
+        # PyG's TransE normalises inside the score (q = p); with projected entities (stele's
+        # entity_norm) the stored vectors are scored as they are, as its forward does
+        ent = F.normalize(ent, p=p, dim=-1)
     rel = model.rel_emb.weight                                            # (R, d)
     return CandidateScorer(
         candidates=ent,

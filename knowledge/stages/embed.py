@@ -23,8 +23,9 @@ class EmbedParams(BaseModel):
     dim: int = Field(default=128, ge=1, description="embedding size (complex dims for ComplEx/RotatE)")
     p_norm: float = Field(default=1.0, description="TransE distance norm")
     entity_norm: float | None = Field(
-        default=None, description="TransE: normalise entities in this norm (2: the paper's and "
-                                  "PyKEEN's model); None: in the distance norm, as PyG does")
+        default=None, description="TransE: keep entities on the unit sphere of this norm, projected "
+                                  "after every step (2: the paper's and PyKEEN's model); None: "
+                                  "normalised in the distance norm inside the score, as PyG does")
     margin: float | None = Field(default=None, description="TransE ranking margin / RotatE gamma")
     loss: Literal["auto", "margin", "bce", "self_adversarial"] = Field(
         default="auto", description="auto: margin (TransE), bce (DistMult, ComplEx), "

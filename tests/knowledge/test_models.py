@@ -41,10 +41,11 @@ def test_entity_norm_changes_transe() -> None:
 
 
 def test_entity_norm_of_the_table_or_of_the_rows_is_the_same_model() -> None:
-    """A batch gathering at least as many rows as the table has normalises the table first, a
-    smaller one the gathered rows: the same scores and gradients either way."""
+    """PyG's TransE (entities normalised inside the score): a batch gathering at least as many rows
+    as the table has normalises the table first, a smaller one the gathered rows: the same scores
+    and gradients either way."""
     torch.manual_seed(0)
-    model = build_model("transe", 12, 3, 8, p_norm=1.0, entity_norm=2.0)
+    model = build_model("transe", 12, 3, 8, p_norm=1.0)
     g = torch.Generator().manual_seed(1)
     h, r, t = (torch.randint(n, (40,), generator=g) for n in (12, 3, 12))
 
@@ -75,13 +76,14 @@ def test_self_adversarial_loss_sees_gamma_minus_distance() -> None:
     assert shifted < 0.1 and raw > 1.0
 
 
-@pytest.mark.parametrize(("p", "q"), [(1.0, 2.0), (1.0, 1.0), (2.0, 2.0), (2.0, 1.0), (3.0, 3.0)])
+@pytest.mark.parametrize(("p", "q"), [(1.0, None), (2.0, None), (3.0, None), (1.0, 2.0), (2.0, 1.0)])
 @pytest.mark.parametrize("rows", [40, 4], ids=["table-normalised", "rows-normalised"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_transe_fused_distance_equals_autograd(p: float, q: float, rows: int, device: str) -> None:
+def test_transe_fused_distance_equals_autograd(p: float, q: float | None, rows: int, device: str) -> None:
     """stele's TransE (a hand-written backward for p = 1, 2) gives the scores and gradients of
-    autograd over the textbook formula -||n_q(E[h]) + W[r] - n_q(E[t])||_p, both when the batch
-    normalises the whole table (12 entities, 2 x 40 rows) and when it normalises its rows."""
+    autograd over the textbook formulas: PyG's -||n_p(E[h]) + W[r] - n_p(E[t])||_p (q None), both
+    when the batch normalises the whole table (12 entities, 2 x 40 rows) and when it normalises its
+    rows; with projected entities (q given) -||E[h] + W[r] - E[t]||_p on the stored vectors."""
     import torch.nn.functional as F
 
     torch.manual_seed(0)
@@ -92,7 +94,9 @@ def test_transe_fused_distance_equals_autograd(p: float, q: float, rows: int, de
 
     def reference() -> torch.Tensor:
         e, w = model.node_emb.weight, model.rel_emb.weight
-        return -(F.normalize(e[h], p=q, dim=-1) + w[r] - F.normalize(e[t], p=q, dim=-1)).norm(p=p, dim=-1)
+        if q is None:
+            return -(F.normalize(e[h], p=p, dim=-1) + w[r] - F.normalize(e[t], p=p, dim=-1)).norm(p=p, dim=-1)
+        return -(e[h] + w[r] - e[t]).norm(p=p, dim=-1)
 
     got = model(h, r, t)
     (got * weights).sum().backward()
@@ -125,3 +129,30 @@ def test_rotate_fused_distance_equals_pyg(device: str) -> None:
     torch.testing.assert_close(got, want)
     for (name, a), b in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_projected_transe_keeps_entities_on_the_sphere() -> None:
+    """TransE with ``entity_norm`` (PyKEEN's and the paper's model): entity vectors start on the
+    unit q-sphere, leave it with an optimiser step and come back with ``apply_constraints``, which
+    ``knowledge.embed.train_epoch`` calls after every step; the full-candidate scorer agrees."""
+    from knowledge.embed import train_epoch
+    from knowledge.scoring import score_tails
+
+    torch.manual_seed(0)
+    model = build_model("transe", 12, 3, 8, p_norm=1.0, entity_norm=2.0)
+    norms = lambda: model.node_emb.weight.norm(dim=-1)  # noqa: E731
+    torch.testing.assert_close(norms(), torch.ones(12))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    triples = torch.tensor([[0, 0, 1], [2, 1, 3], [4, 2, 5], [6, 0, 7]])
+    model(triples[:, 0], triples[:, 1], triples[:, 2]).sum().backward()
+    opt.step()
+    assert (norms() - 1).abs().max() > 1e-3                      # the step left the sphere
+    model.apply_constraints()
+    torch.testing.assert_close(norms(), torch.ones(12))
+    train_epoch(model, opt, triples, torch.arange(4), batch_size=2, negatives=3, num_entities=12,
+                head_prob=None, loss="margin", margin=1.0, temperature=1.0)
+    torch.testing.assert_close(norms(), torch.ones(12))          # projected after every step
+    with torch.no_grad():
+        h, r = torch.tensor([0, 2]), torch.tensor([0, 1])
+        want = torch.stack([model(h, r, torch.full((2,), e)) for e in range(12)], 1)
+        torch.testing.assert_close(score_tails(model, h, r, exact=True), want)
