@@ -244,6 +244,7 @@ def save_model(path: str | Path, model: Any) -> None:
 
 def load_model(path: str | Path, device: str = "cpu"):
     """Rebuild a model saved by :func:`save_model` (no pickle: JSON + safetensors)."""
+    import torch
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -251,4 +252,11 @@ def load_model(path: str | Path, device: str = "cpu"):
     model = build_model(spec["model"], spec["num_entities"], spec["num_relations"], spec["dim"],
                         **spec["kwargs"])
     model.load_state_dict(load_file(str(path / MODEL_WEIGHTS), device=device))
+    if getattr(model, "project", False):
+        # An artifact written before TransE projected its entities (they were normalised inside
+        # the score) is projected here, so it scores as it was trained; an artifact of the
+        # projected model is left bit-exact.
+        norms = torch.linalg.vector_norm(model.node_emb.weight.detach(), model.entity_norm, dim=-1)
+        if (norms - 1).abs().max() > 1e-4:
+            model.apply_constraints()
     return model.to(device).eval()

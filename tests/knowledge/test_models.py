@@ -156,3 +156,22 @@ def test_projected_transe_keeps_entities_on_the_sphere() -> None:
         h, r = torch.tensor([0, 2]), torch.tensor([0, 1])
         want = torch.stack([model(h, r, torch.full((2,), e)) for e in range(12)], 1)
         torch.testing.assert_close(score_tails(model, h, r, exact=True), want)
+
+
+def test_an_artifact_of_in_score_normalised_transe_loads_projected(tmp_path: Path) -> None:
+    """An ``entity_norm`` TransE saved before projection existed (raw, non-unit entity vectors,
+    normalised inside its score) loads with its entities projected: its scores are what its old
+    forward computed."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = build_model("transe", 12, 3, 8, p_norm=1.0, entity_norm=2.0)
+    with torch.no_grad():
+        model.node_emb.weight.mul_(3.0)                            # off the sphere, as old ones were
+    save_model(tmp_path, model)
+    again = load_model(tmp_path)
+    h, r, t = torch.arange(12), torch.zeros(12, dtype=torch.long), torch.arange(12).flip(0)
+    e, w = model.node_emb.weight, model.rel_emb.weight
+    old_score = -(F.normalize(e[h], dim=-1) + w[r] - F.normalize(e[t], dim=-1)).norm(p=1, dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(again(h, r, t), old_score)
