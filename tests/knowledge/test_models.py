@@ -79,13 +79,19 @@ def test_self_adversarial_loss_sees_gamma_minus_distance() -> None:
 @pytest.mark.parametrize(("p", "q"), [(1.0, None), (2.0, None), (3.0, None), (1.0, 2.0), (2.0, 1.0)])
 @pytest.mark.parametrize("rows", [40, 4], ids=["table-normalised", "rows-normalised"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_transe_fused_distance_equals_autograd(p: float, q: float | None, rows: int, device: str) -> None:
+@pytest.mark.parametrize("chunk_floats", [None, 24], ids=["one-chunk", "3-row-chunks"])
+def test_transe_fused_distance_equals_autograd(p: float, q: float | None, rows: int, device: str,
+                                               chunk_floats: int | None,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """stele's TransE (a hand-written backward for p = 1, 2) gives the scores and gradients of
     autograd over the textbook formulas: PyG's -||n_p(E[h]) + W[r] - n_p(E[t])||_p (q None), both
     when the batch normalises the whole table (12 entities, 2 x 40 rows) and when it normalises its
-    rows; with projected entities (q given) -||E[h] + W[r] - E[t]||_p on the stored vectors."""
+    rows; with projected entities (q given) -||E[h] + W[r] - E[t]||_p on the stored vectors. On
+    CPU also in chunks of 3 rows (8 dims), the last one ragged, as a large batch is computed."""
     import torch.nn.functional as F
 
+    if chunk_floats:
+        monkeypatch.setattr("knowledge.models.CPU_CHUNK_FLOATS", chunk_floats)
     torch.manual_seed(0)
     model = build_model("transe", 12, 3, 8, p_norm=p, entity_norm=q).to(device)
     g = torch.Generator().manual_seed(1)
@@ -110,11 +116,15 @@ def test_transe_fused_distance_equals_autograd(p: float, q: float | None, rows: 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_rotate_fused_distance_equals_pyg(device: str) -> None:
+@pytest.mark.parametrize("chunk_floats", [None, 48], ids=["one-chunk", "3-row-chunks"])
+def test_rotate_fused_distance_equals_pyg(device: str, chunk_floats: int | None,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """stele's RotatE (a hand-written backward) gives the scores and gradients of PyG's own
-    RotatE forward on the same weights."""
+    RotatE forward on the same weights; on CPU also in chunks of 3 rows (2 x 8 coordinates)."""
     from torch_geometric.nn.kge import RotatE
 
+    if chunk_floats:
+        monkeypatch.setattr("knowledge.models.CPU_CHUNK_FLOATS", chunk_floats)
     torch.manual_seed(0)
     model = build_model("rotate", 12, 3, 8, margin=9.0)
     ref = RotatE(12, 3, 8, margin=9.0)
