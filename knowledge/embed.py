@@ -18,6 +18,9 @@ Per step of a batch of ``B`` positive triples:
     with ``p = softmax(alpha * s_neg)`` treated as constant, averaged, on ``s = gamma - d``: PyG's
     RotatE score already is ``gamma - d(h o r, t)``; other models get ``gamma`` added
     (:func:`score_shift`), as PyKEEN's NSSA loss does.
+* **Regulariser** (optional, ``regularization`` > 0; Trouillon et al. 2016's L2 penalty on the
+  embeddings a batch uses, as PyKEEN's ``LpRegularizer(normalize=True)`` computes it, which
+  PyKEEN's ComplEx applies by default with weight 0.01): :func:`lp_regularization`.
 
 An epoch is one :class:`~pipeline.train.TrainSession` step: every worker takes a disjoint shard of
 a seeded permutation of the training triples, so N workers see each triple once per epoch. Every
@@ -87,6 +90,36 @@ def kge_loss(kind: str, pos: torch.Tensor, neg: torch.Tensor, margin: float,
     raise ValueError(f"unknown loss {kind!r}")
 
 
+def lp_regularization(model: torch.nn.Module, pos: torch.Tensor, neg: torch.Tensor,
+                      p: float = 2.0) -> torch.Tensor:
+    """``sum over (pos, neg) and over (h, r, t) of mean_rows ||x||_p / E||z||_p``: PyKEEN's
+    ``LpRegularizer(p, normalize=True)`` term for the rows a batch of positives ``pos`` (B, 3) and
+    negatives ``neg`` (B k, 3) looks up, ``z`` a standard normal vector of the embedding's size (its
+    expected norm makes the weight independent of ``dim``). A row's vector is all of its tables
+    (ComplEx: real and imaginary parts, so ``||x||_2`` is the complex vector's norm)."""
+    import math
+
+    m = getattr(model, "module", model)  # DDP-wrapped
+    ent = [getattr(m, n).weight for n in ("node_emb", "node_emb_im") if hasattr(m, n)]
+    rel = [getattr(m, n).weight for n in ("rel_emb", "rel_emb_im") if hasattr(m, n)]
+    d = m.hidden_channels
+    expected = (2 ** (p / 2) * math.gamma((p + 1) / 2) / math.sqrt(math.pi) * d) ** (1 / p)
+
+    def norms(tables: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+        # the norms of the whole table, then indexed, when the batch looks up more rows than it
+        # has (small graphs); else the norms of the looked-up rows
+        if len(tables[0]) <= idx.numel():
+            full = sum(w.abs().pow(p).sum(-1) for w in tables) ** (1 / p)
+            return full[idx]
+        return sum(w[idx].abs().pow(p).sum(-1) for w in tables) ** (1 / p)
+
+    total = pos.new_zeros((), dtype=ent[0].dtype)
+    for batch in (pos, neg):
+        total = total + norms(ent, batch[:, 0]).mean() + norms(ent, batch[:, 2]).mean() \
+            + norms(rel, batch[:, 1]).mean()
+    return total / expected
+
+
 def score_shift(model: str, loss: str, margin: float) -> float:
     """What to add to the model's scores before the loss. The self-adversarial loss works on
     ``gamma - d(h, r, t)`` (Sun et al. 2019; PyKEEN's NSSA adds its margin to any score): PyG's
@@ -97,10 +130,12 @@ def score_shift(model: str, loss: str, margin: float) -> float:
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: torch.Tensor,
                 order: torch.Tensor, *, batch_size: int, negatives: int, num_entities: int,
                 head_prob: torch.Tensor | None, loss: str, margin: float, temperature: float,
-                shift: float = 0.0) -> float:
+                shift: float = 0.0, regularization: float = 0.0,
+                regularization_p: float = 2.0) -> float:
     """One pass over ``train[order]`` ((n, 3) triples, on the model's device) in batches of
-    ``batch_size`` positives, each with ``negatives`` corruptions; one optimiser step per batch.
-    Returns the mean batch loss."""
+    ``batch_size`` positives, each with ``negatives`` corruptions; one optimiser step per batch,
+    on the loss plus ``regularization`` x :func:`lp_regularization`. Returns the mean batch loss
+    (regulariser included)."""
     model.train()
     # a constrained model (TransE with projected entities) is projected after every step
     constrain = getattr(getattr(model, "module", model), "apply_constraints", None)  # DDP-wrapped
@@ -113,6 +148,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train:
         scores = model(batch[:, 0], batch[:, 1], batch[:, 2]) + shift
         value = kge_loss(loss, scores[: len(pos)], scores[len(pos):].view(len(pos), negatives),
                          margin, temperature)
+        if regularization:
+            value = value + regularization * lp_regularization(model, pos, neg, regularization_p)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()
@@ -161,7 +198,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss = train_epoch(session.model, optimizer, train, shard.to(device), batch_size=bsz,
                            negatives=k, num_entities=config["num_entities"], head_prob=head_prob,
                            loss=config["loss"], margin=config["margin"],
-                           temperature=config["adversarial_temperature"], shift=shift)
+                           temperature=config["adversarial_temperature"], shift=shift,
+                           regularization=config.get("regularization", 0.0),
+                           regularization_p=config.get("regularization_p", 2.0))
         metrics: dict[str, float] = {"loss": loss, "epoch_s": time.perf_counter() - t0}  # training only
 
         if config["eval_every"] and (epoch % config["eval_every"] == 0

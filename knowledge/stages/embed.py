@@ -37,6 +37,10 @@ class EmbedParams(BaseModel):
     optimizer: Literal["adam", "adagrad"] = "adam"
     lr: float = Field(default=0.01, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
+    regularization: float = Field(
+        default=0.0, ge=0, description="weight of the Lp penalty on the embeddings each batch looks "
+                                       "up (PyKEEN's LpRegularizer; its ComplEx uses 0.01)")
+    regularization_p: float = Field(default=2.0, gt=0, description="p of that penalty's norm")
     epochs: int = Field(default=100, ge=1)
     eval_every: int = Field(default=10, ge=0, description="epochs between validation MRR (0: never)")
     patience: int = Field(default=3, ge=0, description="evaluations without improvement before "

@@ -51,3 +51,54 @@ def test_train_epoch_learns_a_planted_graph(device: str) -> None:
     model.eval()
     mrr = rank_metrics(model, triples, triples, n)["filtered"]["both"]["mrr"]
     assert mrr > 0.35, mrr
+
+
+@pytest.mark.parametrize("name", ["complex", "distmult"])
+def test_lp_regularization_is_pykeens_lp_regularizer(name: str) -> None:
+    """``lp_regularization`` is the term PyKEEN's ``LpRegularizer(p=2, normalize=True)`` adds for
+    the rows a batch looks up (ComplEx: its complex vectors; one update per lookup of h, r and t,
+    positives and negatives apart), value and gradients; 4 positives look up fewer rows than the
+    12-entity table (norms of the rows), their 32 negatives more (norms of the table, indexed)."""
+    from pykeen.regularizers import LpRegularizer
+
+    from knowledge.embed import lp_regularization
+
+    torch.manual_seed(0)
+    model = build_model(name, 12, 3, 8)
+    pos = torch.stack([torch.randint(12, (4,)), torch.randint(3, (4,)), torch.randint(12, (4,))], 1)
+    neg = corrupt(pos, 8, 12, None)
+    got = lp_regularization(model, pos, neg)
+    got.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    def rows(prefix: str, idx: torch.Tensor) -> torch.Tensor:
+        re = getattr(model, prefix).weight[idx]
+        return torch.complex(re, getattr(model, prefix + "_im").weight[idx]) if name == "complex" else re
+
+    reg = LpRegularizer(weight=1.0, p=2.0, normalize=True)
+    want = sum(reg(rows(prefix, batch[:, col]))
+               for batch in (pos, neg) for prefix, col in (("node_emb", 0), ("rel_emb", 1), ("node_emb", 2)))
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_train_epoch_with_regularization_shrinks_the_embeddings() -> None:
+    """The same seeded epochs with and without the regulariser: with it the entity embeddings end up
+    with a smaller norm."""
+    triples = torch.stack([torch.arange(20), torch.zeros(20, dtype=torch.long), (torch.arange(20) + 1) % 20], 1)
+
+    def run(weight: float) -> tuple[float, float]:
+        torch.manual_seed(0)
+        model = build_model("complex", 20, 1, 8)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        for _ in range(10):
+            loss = train_epoch(model, opt, triples, torch.randperm(20), batch_size=10, negatives=4,
+                               num_entities=20, head_prob=None, loss="bce", margin=1.0,
+                               temperature=1.0, regularization=weight)
+        return loss, float(model.node_emb.weight.norm())
+
+    plain, regularised = run(0.0), run(1.0)
+    assert regularised[1] < 0.9 * plain[1], (plain, regularised)
