@@ -9,9 +9,10 @@ scores: tests/knowledge/test_evaluate.py).
 
 Reported per run: training wall time (PyKEEN's ``train_seconds``; stele's training loop time, summed
 per epoch, and the whole embed stage including Ray Train start-up), the median epoch of each (robust
-to bursts of load on a shared machine), test MRR and Hits@10, and the ratios. The same model on both sides: PyKEEN's ComplEx adds an L2 regulariser (weight 0.01) by
-default, so stele's ComplEx gets the same (``regularization: 0.01``; ``--complex-regularization 0``
-drops it on both sides); PyKEEN's TransE projects entity vectors after each step, which stele's
+to bursts of load on a shared machine), test MRR and Hits@10, and the ratios. The same model on both sides: PyKEEN's ComplEx starts from a standard complex normal and
+adds an L2 regulariser (weight 0.01), so stele's ComplEx gets the same (``init: normal``,
+``regularization: 0.01``; ``--complex-init default`` gives stele its PyG default, Xavier, and
+``--complex-regularization 0`` drops the regulariser on both sides); PyKEEN's TransE projects entity vectors after each step, which stele's
 does with ``--entity-norm 2`` (without it: PyG's TransE, entities normalised inside the score).
 
     pip install -e '.[bench]'
@@ -96,7 +97,7 @@ def run_stele(cfg: dict, work: Path) -> dict:
              "loss": cfg["loss"], "adversarial_temperature": cfg["temperature"],
              "negatives": cfg["negatives"], "batch_size": cfg["batch_size"], "lr": cfg["lr"],
              "epochs": cfg["epochs"], "eval_every": 0, "patience": 0, "seed": cfg["seed"],
-             "regularization": cfg.get("regularization", 0.0),
+             "regularization": cfg.get("regularization", 0.0), "init": cfg.get("init", "default"),
              "scaling": {"cpus_per_worker": cfg["threads"]}}
     spec = {"name": "bench", "stages": {
         "kg": {"uses": "knowledge.ingest",
@@ -141,6 +142,8 @@ def main() -> None:
                          "same model in both")
     ap.add_argument("--complex-regularization", type=float, default=0.01,
                     help="ComplEx's L2 regulariser weight, both sides (PyKEEN's default 0.01)")
+    ap.add_argument("--complex-init", choices=["normal", "default"], default="normal",
+                    help="stele's ComplEx initialisation: normal = PyKEEN's, default = PyG's Xavier")
     ap.add_argument("--entity-norm", type=float, default=None,
                     help="stele's TransE: normalise entities in this norm (2 = PyKEEN's model)")
     ap.add_argument("--pykeen-benchmark", action="store_true",
@@ -164,7 +167,8 @@ def main() -> None:
                                     threads=args.threads, seed=args.seed,
                                     entity_norm=args.entity_norm,
                                     regularization=args.complex_regularization
-                                    if model == "complex" else 0.0))
+                                    if model == "complex" else 0.0,
+                                    init=args.complex_init if model == "complex" else "default"))
     work = Path(tempfile.mkdtemp(prefix="stele-kge-bench-"))
     rows = []
     for cfg in configs:  # interleaved: PyKEEN then stele for each setting

@@ -90,6 +90,25 @@ def kge_loss(kind: str, pos: torch.Tensor, neg: torch.Tensor, margin: float,
     raise ValueError(f"unknown loss {kind!r}")
 
 
+def init_embeddings(model: torch.nn.Module, kind: str) -> None:
+    """Initial embeddings: ``default`` leaves the PyG model's own (Xavier for DistMult and ComplEx,
+    uniform for TransE and RotatE); ``normal`` draws every table from a standard normal, for the
+    complex models a standard complex normal (real and imaginary parts each N(0, 1/2)): Trouillon et
+    al. (2016)'s code and PyKEEN's ComplEx. The choice matters: ComplEx on Nations reached filtered
+    MRR 0.713 from Xavier and 0.512 from the normal (PyKEEN 0.478), BENCHMARKS.md."""
+    if kind == "default":
+        return
+    if kind != "normal":
+        raise ValueError(f"unknown initialisation {kind!r}; known: default, normal")
+    std = 0.5 ** 0.5 if hasattr(model, "node_emb_im") else 1.0
+    with torch.no_grad():
+        for emb in model.modules():
+            if isinstance(emb, torch.nn.Embedding):
+                emb.weight.normal_(0.0, std)
+    if hasattr(model, "apply_constraints"):  # TransE with projected entities: back on the sphere
+        model.apply_constraints()
+
+
 def lp_regularization(model: torch.nn.Module, pos: torch.Tensor, neg: torch.Tensor,
                       p: float = 2.0) -> torch.Tensor:
     """``sum over (pos, neg) and over (h, r, t) of mean_rows ||x||_p / E||z||_p``: PyKEEN's
@@ -105,18 +124,19 @@ def lp_regularization(model: torch.nn.Module, pos: torch.Tensor, neg: torch.Tens
     d = m.hidden_channels
     expected = (2 ** (p / 2) * math.gamma((p + 1) / 2) / math.sqrt(math.pi) * d) ** (1 / p)
 
-    def norms(tables: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
-        # the norms of the whole table, then indexed, when the batch looks up more rows than it
-        # has (small graphs); else the norms of the looked-up rows
+    def mean_norm(tables: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
         if len(tables[0]) <= idx.numel():
-            full = sum(w.abs().pow(p).sum(-1) for w in tables) ** (1 / p)
-            return full[idx]
-        return sum(w[idx].abs().pow(p).sum(-1) for w in tables) ** (1 / p)
+            # a batch looking up more rows than the table has (small graphs): the norms of the
+            # table, weighted by how often each row is looked up (gathering them by index would
+            # backpropagate through index_put_, slow on CPU)
+            full = sum(w.abs().pow(p).sum(-1) for w in tables) ** (1 / p)              # (E,)
+            return torch.bincount(idx, minlength=len(full)).to(full.dtype) @ full / idx.numel()
+        return (sum(w.index_select(0, idx).abs().pow(p).sum(-1) for w in tables) ** (1 / p)).mean()
 
     total = pos.new_zeros((), dtype=ent[0].dtype)
     for batch in (pos, neg):
-        total = total + norms(ent, batch[:, 0]).mean() + norms(ent, batch[:, 2]).mean() \
-            + norms(rel, batch[:, 1]).mean()
+        total = total + mean_norm(ent, batch[:, 0]) + mean_norm(ent, batch[:, 2]) \
+            + mean_norm(rel, batch[:, 1])
     return total / expected
 
 
@@ -171,6 +191,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(config["init_seed"])  # the same initial weights on every rank
     model = build_model(config["model"], config["num_entities"], config["num_relations"],
                         config["dim"], **config["model_kwargs"])
+    init_embeddings(model, config.get("init", "default"))
     opt_cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}[config["optimizer"]]
     optimizer = opt_cls(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     session = TrainSession(model, optimizer, None, config)

@@ -29,17 +29,22 @@ def model_classes() -> dict[str, type]:
     return {"transe": TransE, "distmult": DistMult, "complex": ComplEx, "rotate": RotatE}
 
 
-# Rows per chunk of a fused distance on CPU: about 2 MB of float32 per (chunk, d) buffer, which stays
-# in the core's cache. Measured on the PyKEEN benchmarking step (20,480 rows x 256): forward+backward
-# 23.5 ms over whole (n, d) buffers, 7.0-8.2 ms in chunks of 1,024-4,096 rows.
+# Chunks of a fused distance on CPU: about 2 MB of float32 per (chunk, d) buffer, rebuilt in the
+# backward. Measured on the PyKEEN benchmarking step (20,480 rows x 256 dims, L1): forward+backward
+# 23.5 ms over whole (n, d) buffers, 7.0 ms in chunks of 2,048 rows. A batch of at most 4 MB (the
+# default 256 x 17 rows of 128 dims) is one chunk and keeps its rows for the backward: rebuilding
+# them cost RotatE 30% on Kinships.
 CPU_CHUNK_FLOATS = 1 << 19
+CPU_WHOLE_FLOATS = 1 << 20
 
 
 def _chunks(n: int, d: int, device: Any) -> list[slice]:
-    """Row slices of a fused distance: cache-sized chunks on CPU, one slice on an accelerator
-    (whose memory bandwidth makes the whole buffer cheap and every extra launch costly)."""
-    rows = n if device.type != "cpu" else max(1, CPU_CHUNK_FLOATS // max(d, 1))
-    return [slice(s, min(s + rows, n)) for s in range(0, n, rows)] or [slice(0, 0)]
+    """Row slices of a fused distance: cache-sized chunks of a large batch on CPU, else one slice
+    (an accelerator's memory bandwidth makes the whole buffer cheap and every extra launch costly)."""
+    if device.type != "cpu" or n * d <= CPU_WHOLE_FLOATS:
+        return [slice(0, n)]
+    rows = max(1, CPU_CHUNK_FLOATS // max(d, 1))
+    return [slice(s, min(s + rows, n)) for s in range(0, n, rows)]
 
 
 @functools.cache  # built on first use so importing this module does not import torch
@@ -55,14 +60,14 @@ def _translation_distance() -> type:
     class TranslationDistance(torch.autograd.Function):
         """``-|| H[h] + W[r] - T[t] ||_p`` for p = 1 or 2, with a hand-written backward.
 
-        The same values and gradients as autograd over ``(H[h] + W[r] - T[t]).norm(p, -1)``,
-        computed in cache-sized chunks of rows (:func:`_chunks`): the forward keeps only the
-        distances, the backward rebuilds each chunk's ``x = H[h] + W[r] - T[t]`` and scatters its
-        gradient ``-g * sign(x)`` (p = 1) or ``-g * x / ||x||`` (p = 2) into each table with
-        ``index_add_``. On CPU a TransE step is memory-bound on these rows (PyKEEN's benchmarking
-        configuration: 20,480 x 256 per step, 21 MB per buffer); autograd's chain allocates and
-        walks whole ``(n, d)`` buffers about a dozen times, a chunk of 2 MB never leaves the
-        cache. ``H`` and ``T`` may be the same tensor.
+        The same values and gradients as autograd over ``(H[h] + W[r] - T[t]).norm(p, -1)``, in
+        cache-sized chunks of rows (:func:`_chunks`): the backward takes each chunk's
+        ``x = H[h] + W[r] - T[t]`` (kept from the forward when the batch is one chunk, rebuilt
+        otherwise) and scatters its gradient ``-g * sign(x)`` (p = 1) or ``-g * x / ||x||`` (p = 2)
+        into each table with ``index_add_``. On CPU a TransE step is memory-bound on these rows
+        (PyKEEN's benchmarking configuration: 20,480 x 256 per step, 21 MB per buffer); autograd's
+        chain allocates and walks whole ``(n, d)`` buffers about a dozen times, a 2 MB chunk stays
+        in the cache. ``H`` and ``T`` may be the same tensor.
         """
 
         @staticmethod
@@ -70,25 +75,28 @@ def _translation_distance() -> type:
             # columns of a (n, 3) batch are strided: contiguous indices made chunked index_select
             # and index_add_ 2x faster
             h, r, t = h.contiguous(), r.contiguous(), t.contiguous()
+            chunks = _chunks(len(h), head.shape[1], head.device)
+            keep = len(chunks) == 1  # one chunk: keep its rows for the backward, else rebuild them
             dist = head.new_empty(len(h))
-            for sl in _chunks(len(h), head.shape[1], head.device):
+            for sl in chunks:
                 x = rows(head, rel, tail, h[sl], r[sl], t[sl])
                 # abs().sum, not vector_norm(x, 1): the latter took 9x as long on CPU (0.8 vs
                 # 0.09 ms at 4,352 x 128), allocation included
-                dist[sl] = x.abs_().sum(-1) if p == 1 else torch.linalg.vector_norm(x, 2, -1)
-            ctx.save_for_backward(head, rel, tail, dist, h, r, t)
+                dist[sl] = ((x.abs() if keep else x.abs_()).sum(-1) if p == 1
+                            else torch.linalg.vector_norm(x, 2, -1))
+            ctx.save_for_backward(head, rel, tail, dist, h, r, t, *([x] if keep else []))
             ctx.p = p
             return -dist
 
         @staticmethod
         @once_differentiable
         def backward(ctx, grad):  # noqa: ANN001, ANN205
-            head, rel, tail, dist, h, r, t = ctx.saved_tensors
+            head, rel, tail, dist, h, r, t, *kept = ctx.saved_tensors
             need = ctx.needs_input_grad
             g_head, g_rel, g_tail = (torch.zeros_like(w) if need[i] else None
                                      for i, w in enumerate((head, rel, tail)))
             for sl in _chunks(len(h), head.shape[1], head.device):
-                x = rows(head, rel, tail, h[sl], r[sl], t[sl])
+                x = kept[0] if kept else rows(head, rel, tail, h[sl], r[sl], t[sl])
                 if ctx.p == 1:
                     gx = x.sign_().mul_(grad[sl].neg().unsqueeze(1))                   # (c, d)
                 else:
@@ -196,28 +204,32 @@ def _rotation_distance() -> type:
         With ``z = re + i im`` the rotated head minus the tail and ``u = g / ||z||``: the head gets
         ``conj(c + i s) * u z``, the tail ``-u z``, and the relation's ``(cos, sin)`` tables get
         ``(Re, Im)`` of ``conj(h) * u z`` (autograd takes them on to the phases). The same values
-        and gradients as autograd over PyG's forward, in cache-sized chunks of rows that the
-        backward rebuilds (as :func:`_translation_distance` does).
+        and gradients as autograd over PyG's forward, in cache-sized chunks of rows (kept or
+        rebuilt for the backward as in :func:`_translation_distance`).
         """
 
         @staticmethod
         def forward(ctx, re_table, im_table, cos_table, sin_table, h, r, t):  # noqa: ANN001, ANN205
             tables = (re_table, im_table, cos_table, sin_table)
             h, r, t = h.contiguous(), r.contiguous(), t.contiguous()  # as in TranslationDistance
+            chunks = _chunks(len(h), re_table.shape[1], re_table.device)
             dist = re_table.new_empty(len(h))
-            for sl in _chunks(len(h), 2 * re_table.shape[1], re_table.device):
-                *_, re, im = rows(*tables, h[sl], r[sl], t[sl])
+            for sl in chunks:
+                buffers = rows(*tables, h[sl], r[sl], t[sl])
+                re, im = buffers[-2:]
                 dist[sl] = (re.square().sum(-1) + im.square().sum(-1)).sqrt_()
-            ctx.save_for_backward(*tables, dist, h, r, t)
+            # one chunk: keep its buffers for the backward, else rebuild them there
+            ctx.save_for_backward(*tables, dist, h, r, t, *(buffers if len(chunks) == 1 else ()))
             return dist
 
         @staticmethod
         @once_differentiable
         def backward(ctx, grad):  # noqa: ANN001, ANN205
-            *tables, dist, h, r, t = ctx.saved_tensors
+            *tables, dist, h, r, t = ctx.saved_tensors[:8]
+            kept = ctx.saved_tensors[8:]
             g_re, g_im, g_cos, g_sin = (torch.zeros_like(w) for w in tables)
-            for sl in _chunks(len(h), 2 * tables[0].shape[1], tables[0].device):
-                hr, hi, c, s, re, im = rows(*tables, h[sl], r[sl], t[sl])
+            for sl in _chunks(len(h), tables[0].shape[1], tables[0].device):
+                hr, hi, c, s, re, im = kept or rows(*tables, h[sl], r[sl], t[sl])
                 u = (grad[sl] / dist[sl].clamp_min(1e-12)).unsqueeze(1)               # (c, 1)
                 gre, gim = re.mul_(u), im.mul_(u)           # dL/d re, dL/d im (buffers are spent)
                 g_re.index_add_(0, h[sl], (c * gre).addcmul_(s, gim))              # Re(conj(w) g)

@@ -119,6 +119,14 @@ def region_table(schema: pa.Schema, rows: list[dict[str, Any]]) -> pa.Table:
     return pa.table({k: cols[k] for k in schema.names}, schema=schema)
 
 
+def usable(table: pa.Table) -> pa.Table:
+    """The rows of a featurizer's output whose ``error`` is null: the table itself (no copy) when
+    every row worked, the common case; a filtered copy otherwise."""
+    if table["error"].null_count == table.num_rows:
+        return table
+    return table.filter(pc.is_null(table["error"]))
+
+
 class FeatureWriter:
     """Splits featurizer output into feature shards and rejected rows, writing as it goes (bounded
     memory): shards of ``rows_per_shard`` rows under ``out/features/``."""
@@ -143,10 +151,12 @@ class FeatureWriter:
             self.rejected.write_table(pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA))
 
     def add(self, table: pa.Table) -> None:
-        failed = table.filter(pc.is_valid(table["error"]))
-        self.reject([{"id": i, "where": i, "kind": "media", "reason": e}
-                     for i, e in zip(failed["id"].to_pylist(), failed["error"].to_pylist())])
-        ok = table.filter(pc.is_null(table["error"])).drop_columns(["error"])
+        ok = usable(table)
+        if ok.num_rows < table.num_rows:
+            failed = table.filter(pc.is_valid(table["error"]))
+            self.reject([{"id": i, "where": i, "kind": "media", "reason": e}
+                         for i, e in zip(failed["id"].to_pylist(), failed["error"].to_pylist())])
+        ok = ok.drop_columns(["error"])
         start = 0
         while start < ok.num_rows:
             if self._writer is None:

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from pipeline import StageContext, StageFailed, stage
-from pipeline.features import FeatureStageParams, extract, region_schema, region_table
+from pipeline.features import FeatureStageParams, extract, region_schema, region_table, usable
 from pipeline.fingerprint import files_fingerprint
 
 from .io import AudioError, decode_audio
@@ -134,7 +133,7 @@ def features(ctx: StageContext, params: SpeechFeaturesParams) -> dict:
 
     def count_audio(out: pa.Table) -> None:
         nonlocal seconds
-        ok = out.filter(pc.is_null(out["error"]))
+        ok = usable(out)
         for r in ok["source_rate"].to_pylist():
             if r != params.sample_rate:
                 resampled[r] = resampled.get(r, 0) + 1

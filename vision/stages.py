@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
 from pipeline import StageContext, StageFailed, stage
-from pipeline.features import FeatureStageParams, extract, region_schema, region_table
+from pipeline.features import FeatureStageParams, extract, region_schema, region_table, usable
 from pipeline.fingerprint import files_fingerprint, tree_files
 
 from .io import DEFAULT_MAX_PIXELS, MediaError, decode_image
@@ -130,7 +129,7 @@ def features(ctx: StageContext, params: VisionFeaturesParams) -> dict:
     modes: dict[str, int] = {}
 
     def count_modes(out: pa.Table) -> None:
-        for m in out.filter(pc.is_null(out["error"]))["mode"].to_pylist():
+        for m in usable(out)["mode"].to_pylist():
             modes[m] = modes.get(m, 0) + 1
 
     counts = extract(ctx, params, ImageFeaturizeActor, stage_type="vision.features", desc="images",

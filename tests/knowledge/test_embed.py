@@ -102,3 +102,28 @@ def test_train_epoch_with_regularization_shrinks_the_embeddings() -> None:
 
     plain, regularised = run(0.0), run(1.0)
     assert regularised[1] < 0.9 * plain[1], (plain, regularised)
+
+
+def test_init_embeddings_normal_is_a_standard_complex_normal() -> None:
+    """``init: normal``: every ComplEx table re, im ~ N(0, 1/2), so |x|^2 averages 1 per complex
+    coordinate (Trouillon et al.'s and PyKEEN's initialisation); DistMult's tables N(0, 1);
+    projected TransE stays on its sphere; ``default`` keeps the PyG model's own weights."""
+    from knowledge.embed import init_embeddings
+
+    torch.manual_seed(0)
+    model = build_model("complex", 500, 40, 64)
+    before = model.node_emb.weight.detach().clone()
+    init_embeddings(model, "default")
+    assert torch.equal(before, model.node_emb.weight)
+    init_embeddings(model, "normal")
+    power = model.node_emb.weight.square() + model.node_emb_im.weight.square()
+    assert abs(power.mean().item() - 1.0) < 0.05
+    assert abs(model.rel_emb_im.weight.std().item() - 0.5 ** 0.5) < 0.05
+    distmult = build_model("distmult", 500, 40, 64)
+    init_embeddings(distmult, "normal")
+    assert abs(distmult.node_emb.weight.std().item() - 1.0) < 0.05
+    transe = build_model("transe", 50, 4, 16, entity_norm=2.0)
+    init_embeddings(transe, "normal")
+    torch.testing.assert_close(transe.node_emb.weight.norm(dim=-1), torch.ones(50))
+    with pytest.raises(ValueError, match="unknown initialisation 'glorot'"):
+        init_embeddings(transe, "glorot")

@@ -92,6 +92,7 @@ def test_transe_fused_distance_equals_autograd(p: float, q: float | None, rows: 
 
     if chunk_floats:
         monkeypatch.setattr("knowledge.models.CPU_CHUNK_FLOATS", chunk_floats)
+        monkeypatch.setattr("knowledge.models.CPU_WHOLE_FLOATS", 0)
     torch.manual_seed(0)
     model = build_model("transe", 12, 3, 8, p_norm=p, entity_norm=q).to(device)
     g = torch.Generator().manual_seed(1)
@@ -116,15 +117,16 @@ def test_transe_fused_distance_equals_autograd(p: float, q: float | None, rows: 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("chunk_floats", [None, 48], ids=["one-chunk", "3-row-chunks"])
+@pytest.mark.parametrize("chunk_floats", [None, 24], ids=["one-chunk", "3-row-chunks"])
 def test_rotate_fused_distance_equals_pyg(device: str, chunk_floats: int | None,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """stele's RotatE (a hand-written backward) gives the scores and gradients of PyG's own
-    RotatE forward on the same weights; on CPU also in chunks of 3 rows (2 x 8 coordinates)."""
+    RotatE forward on the same weights; on CPU also in chunks of 3 rows."""
     from torch_geometric.nn.kge import RotatE
 
     if chunk_floats:
         monkeypatch.setattr("knowledge.models.CPU_CHUNK_FLOATS", chunk_floats)
+        monkeypatch.setattr("knowledge.models.CPU_WHOLE_FLOATS", 0)
     torch.manual_seed(0)
     model = build_model("rotate", 12, 3, 8, margin=9.0)
     ref = RotatE(12, 3, 8, margin=9.0)
