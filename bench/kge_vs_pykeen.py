@@ -44,6 +44,9 @@ import torch
 from pykeen.pipeline import pipeline
 from pykeen.training.callbacks import TrainingCallback
 cfg = json.loads(sys.argv[1])
+if cfg.get("pykeen_malloc_tuning"):  # the glibc settings stele's training workers use
+    from pipeline.ray_utils import tune_malloc
+    assert tune_malloc()
 
 class EpochEnds(TrainingCallback):
     ends = []
@@ -142,6 +145,9 @@ def main() -> None:
                          "same model in both")
     ap.add_argument("--complex-regularization", type=float, default=0.01,
                     help="ComplEx's L2 regulariser weight, both sides (PyKEEN's default 0.01)")
+    ap.add_argument("--pykeen-malloc-tuning", action="store_true",
+                    help="give PyKEEN's process the glibc malloc settings of stele's workers "
+                         "(pipeline.ray_utils.tune_malloc)")
     ap.add_argument("--complex-init", choices=["normal", "default"], default="normal",
                     help="stele's ComplEx initialisation: normal = PyKEEN's, default = PyG's Xavier")
     ap.add_argument("--entity-norm", type=float, default=None,
@@ -169,6 +175,8 @@ def main() -> None:
                                     regularization=args.complex_regularization
                                     if model == "complex" else 0.0,
                                     init=args.complex_init if model == "complex" else "default"))
+    for cfg in configs:
+        cfg["pykeen_malloc_tuning"] = args.pykeen_malloc_tuning
     work = Path(tempfile.mkdtemp(prefix="stele-kge-bench-"))
     rows = []
     for cfg in configs:  # interleaved: PyKEEN then stele for each setting

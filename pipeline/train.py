@@ -171,6 +171,9 @@ class TrainSession:
         import ray.train.torch
         import torch
 
+        from .ray_utils import tune_malloc
+
+        tune_malloc()  # a training step reallocates the same large tensors: keep them mapped
         self.train = TrainConfig.model_validate(self.config.get("_train", {}))
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()

@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from pipeline import StageContext, StageFailed, stage
 from pipeline.features import FeatureStageParams, extract, region_schema, region_table, usable
 from pipeline.fingerprint import files_fingerprint
+from pipeline.ray_utils import tune_malloc
 
 from .io import AudioError, decode_audio
 
@@ -91,6 +92,7 @@ class AudioFeaturizeActor:
         from .features import with_global
 
         torch.set_num_threads(threads)
+        tune_malloc()  # every batch reallocates the same activations: keep them mapped
         self.p, self.with_global = params, with_global
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the stage process already logged any weights warning

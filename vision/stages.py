@@ -19,6 +19,7 @@ from pydantic import Field
 from pipeline import StageContext, StageFailed, stage
 from pipeline.features import FeatureStageParams, extract, region_schema, region_table, usable
 from pipeline.fingerprint import files_fingerprint, tree_files
+from pipeline.ray_utils import tune_malloc
 
 from .io import DEFAULT_MAX_PIXELS, MediaError, decode_image
 
@@ -85,6 +86,7 @@ class ImageFeaturizeActor:
         from .features import RegionFeaturizer
 
         torch.set_num_threads(threads)
+        tune_malloc()  # every batch reallocates the same activations: keep them mapped
         self.p = params
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the stage process already logged any weights warning
