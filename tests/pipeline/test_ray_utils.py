@@ -31,3 +31,17 @@ def test_tune_malloc_applies_on_glibc_and_can_be_turned_off() -> None:
         pytest.skip("not glibc")
     assert _run({}) == "True"
     assert _run({"STELE_MALLOC_TUNING": "0"}) == "False"
+
+
+def test_embedded_ray_workers_run_at_normal_priority(ray_local: None) -> None:
+    """Ray would start workers at nice 15, below every nice-0 process on the machine: the embedded
+    Ray that init_ray starts runs them at the driver's priority."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == os.nice(0)
