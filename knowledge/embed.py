@@ -124,20 +124,21 @@ def lp_regularization(model: torch.nn.Module, pos: torch.Tensor, neg: torch.Tens
     d = m.hidden_channels
     expected = (2 ** (p / 2) * math.gamma((p + 1) / 2) / math.sqrt(math.pi) * d) ** (1 / p)
 
-    def mean_norm(tables: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
-        if len(tables[0]) <= idx.numel():
-            # a batch looking up more rows than the table has (small graphs): the norms of the
-            # table, weighted by how often each row is looked up (gathering them by index would
-            # backpropagate through index_put_, slow on CPU)
-            full = sum(w.abs().pow(p).sum(-1) for w in tables) ** (1 / p)              # (E,)
-            return torch.bincount(idx, minlength=len(full)).to(full.dtype) @ full / idx.numel()
-        return (sum(w.index_select(0, idx).abs().pow(p).sum(-1) for w in tables) ** (1 / p)).mean()
+    def norms(tables: list[torch.Tensor], idx: torch.Tensor | None = None) -> torch.Tensor:
+        rows = [w if idx is None else w.index_select(0, idx) for w in tables]
+        return sum(x.abs().pow(p).sum(-1) for x in rows) ** (1 / p)
 
-    total = pos.new_zeros((), dtype=ent[0].dtype)
-    for batch in (pos, neg):
-        total = total + mean_norm(ent, batch[:, 0]) + mean_norm(ent, batch[:, 2]) \
-            + mean_norm(rel, batch[:, 1])
-    return total / expected
+    def term(tables: list[torch.Tensor], cols: tuple[int, ...]) -> torch.Tensor:
+        lookups = [batch[:, c] for batch in (pos, neg) for c in cols]
+        if len(tables[0]) <= len(pos):
+            # a table no larger than the batch (small graphs): its norms once, weighted by how
+            # often each row is looked up (a dozen autograd ops instead of a gather per lookup)
+            weights = sum(torch.bincount(i, minlength=len(tables[0])).to(tables[0].dtype) / i.numel()
+                          for i in lookups)
+            return weights @ norms(tables)
+        return sum(norms(tables, i).mean() for i in lookups)
+
+    return (term(ent, (0, 2)) + term(rel, (1,))) / expected
 
 
 def score_shift(model: str, loss: str, margin: float) -> float:
