@@ -95,7 +95,8 @@ def init_embeddings(model: torch.nn.Module, kind: str) -> None:
     uniform for TransE and RotatE); ``normal`` draws every table from a standard normal, for the
     complex models a standard complex normal (real and imaginary parts each N(0, 1/2)): Trouillon et
     al. (2016)'s code and PyKEEN's ComplEx. The choice matters: ComplEx on Nations reached filtered
-    MRR 0.713 from Xavier and 0.512 from the normal (PyKEEN 0.478), BENCHMARKS.md."""
+    MRR 0.713 from Xavier and 0.512 from the normal (PyKEEN 0.478; 100 epochs, regulariser 0.01,
+    BENCHMARKS.md)."""
     if kind == "default":
         return
     if kind != "normal":
