@@ -55,10 +55,10 @@ def stream_map(tables: Iterable[pa.Table], fn_cls: type, *, fn_kwargs: dict[str,
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     ctx.verbose_stats_logs = False
-    refs = [ray.put(t) for t in tables if t.num_rows]
-    if not refs:
+    ds = _dataset(tables)
+    if ds is None:
         return
-    ds = ray.data.from_arrow_refs(refs).map_batches(
+    ds = ds.map_batches(
         fn_cls, fn_constructor_kwargs=fn_kwargs or {}, batch_size=batch_size,
         batch_format="pyarrow", zero_copy_batch=True,
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -66,6 +66,37 @@ def stream_map(tables: Iterable[pa.Table], fn_cls: type, *, fn_kwargs: dict[str,
     for out in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         if out.num_rows:
             yield out
+
+
+def _dataset(tables: Iterable[pa.Table]) -> Any:
+    """The tables as a Ray Data dataset (None when they hold no row), each put into the object store
+    as it comes, so the caller keeps only references.
+
+    The block metadata is computed here, in this process, as Ray's own ``from_blocks`` does:
+    ``ray.data.from_arrow_refs`` runs a remote task per block for it, and on a fresh Ray that task
+    first waits for a worker process to start, before the stage's actors can start theirs."""
+    import ray
+    import ray.data
+
+    try:  # Ray's internals behind from_blocks (DeveloperAPI): a pinned Ray keeps them
+        from ray.data._internal.logical.interfaces import LogicalPlan
+        from ray.data._internal.logical.operators.from_operators import FromBlocks
+        from ray.data._internal.stats import DatasetStats
+        from ray.data.block import BlockMetadataWithSchema
+        from ray.data.dataset import MaterializedDataset
+    except ImportError:  # another Ray: the public constructor
+        refs = [ray.put(t) for t in tables if t.num_rows]
+        return ray.data.from_arrow_refs(refs) if refs else None
+    refs, metas = [], []
+    for t in tables:
+        if t.num_rows:
+            refs.append(ray.put(t))
+            metas.append(BlockMetadataWithSchema.from_block(t))
+    if not refs:
+        return None
+    ctx = ray.data.DataContext.get_current().copy()
+    return MaterializedDataset(LogicalPlan(FromBlocks(refs, metas), ctx), ctx,
+                               DatasetStats(metadata={"FromBlocks": metas}, parent=None))
 
 
 def chunked(rows: Iterable[dict[str, Any]], size: int, schema: pa.Schema) -> Iterator[pa.Table]:
