@@ -36,9 +36,10 @@ def tune_malloc() -> bool:
 
     glibc serves an allocation above a dynamic threshold (128 KB at start) with ``mmap`` and frees
     it with ``munmap``, and trims the heap's free top, so torch's CPU tensors of a few MB are
-    page-faulted in afresh at every step. Measured on the KGE benchmarking step (TransE, Kinships,
-    512 x 39 triples x 256 dims, 2 threads): an epoch took 432-481 ms with glibc's defaults and
-    222-296 ms with these settings (chunked fused distance: 237-271 -> 179-189 ms). This sets the
+    page-faulted in afresh at every step. Measured on the KGE benchmarking step (TransE, Kinships
+    sizes, 512 x 39 triples x 256 dims, 2 threads, session 5's fused distance): an epoch took 400 ms
+    with glibc's defaults and 222-296 ms with these settings; a torch profile of a default-config
+    Kinships epoch, 300 -> 153 ms of CPU, mostly in ``index_select``'s fresh outputs. This sets the
     mmap threshold to 32 MB (glibc's maximum) and the trim threshold to 256 MB: up to that much
     freed memory stays with the process. ``STELE_MALLOC_TUNING=0`` turns it off; a no-op (False)
     where the C library is not glibc."""
