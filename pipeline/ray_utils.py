@@ -81,14 +81,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
             ray.init(address=address, **{**common, **kwargs})
         else:
             # Workers of an embedded Ray import what the driver can import (plugins on the driver's
-            # sys.path included); on a cluster, code must be installed on the nodes.
+            # sys.path included); on a cluster, code must be installed on the nodes. Through the
+            # environment Ray's processes inherit, not a runtime_env: workers of a job with its own
+            # runtime_env cannot use the idle workers Ray starts with the cluster, so each actor
+            # waited for a fresh process while those sat idle.
             path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+            os.environ["PYTHONPATH"] = path
             n = num_cpus or local_num_cpus()
             # Stage tasks that drive Ray Train hold no CPU, so more workers start at once than
             # Ray's default startup concurrency (the physical cores) expects; it would print a
             # warning about it on the console for every run.
             os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(n))
-            kwargs.setdefault("runtime_env", {"env_vars": {"PYTHONPATH": path}})
             # address="local": always a private instance, never silently joining another
             # process's Ray that happens to run on this machine.
             kwargs.setdefault("include_dashboard", False)
