@@ -92,20 +92,20 @@ def kge_loss(kind: str, pos: torch.Tensor, neg: torch.Tensor, margin: float,
 
 def init_embeddings(model: torch.nn.Module, kind: str) -> None:
     """Initial embeddings: ``default`` leaves the PyG model's own (Xavier for DistMult and ComplEx,
-    uniform for TransE and RotatE); ``normal`` draws every table from a standard normal, for the
-    complex models a standard complex normal (real and imaginary parts each N(0, 1/2)): Trouillon et
-    al. (2016)'s code and PyKEEN's ComplEx. The choice matters: ComplEx on Nations reached filtered
-    MRR 0.713 from Xavier and 0.512 from the normal (PyKEEN 0.478; 100 epochs, regulariser 0.01,
-    BENCHMARKS.md)."""
+    uniform for TransE and RotatE); ``normal`` draws every real number of every table from a standard
+    normal, for ComplEx the real and the imaginary part alike (so ``|x_i|^2`` averages 2): what
+    Trouillon et al. (2016)'s code does (``randn`` for both parts) and what PyKEEN's ComplEx does
+    (``normal_`` on the real view of its complex tables). The choice matters: ComplEx on Nations
+    reached filtered MRR 0.713 from Xavier and 0.512 from a complex normal of half that variance
+    (PyKEEN 0.478; 100 epochs, regulariser 0.01, BENCHMARKS.md)."""
     if kind == "default":
         return
     if kind != "normal":
         raise ValueError(f"unknown initialisation {kind!r}; known: default, normal")
-    std = 0.5 ** 0.5 if hasattr(model, "node_emb_im") else 1.0
     with torch.no_grad():
         for emb in model.modules():
             if isinstance(emb, torch.nn.Embedding):
-                emb.weight.normal_(0.0, std)
+                emb.weight.normal_(0.0, 1.0)
     if hasattr(model, "apply_constraints"):  # TransE with projected entities: back on the sphere
         model.apply_constraints()
 
