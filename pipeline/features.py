@@ -127,6 +127,10 @@ def usable(table: pa.Table) -> pa.Table:
     return table.filter(pc.is_null(table["error"]))
 
 
+# Columns written without Parquet min/max statistics (see FeatureWriter.add).
+UNSTATISTICAL = ("features", "boxes")
+
+
 class FeatureWriter:
     """Splits featurizer output into feature shards and rejected rows, writing as it goes (bounded
     memory): shards of ``rows_per_shard`` rows under ``out/features/``."""
@@ -162,8 +166,12 @@ class FeatureWriter:
             if self._writer is None:
                 path = self.dir / f"part-{self.shards:05d}.parquet"
                 # No dictionary encoding: float features never repeat, and trying costs 2.3x the
-                # write time (measured: 63 vs 27 ms per 64 clips of 300 log-mel frames).
-                self._writer = pq.ParquetWriter(path, ok.schema, use_dictionary=False)
+                # write time (measured: 63 vs 27 ms per 64 clips of 300 log-mel frames). No
+                # min/max statistics for the feature and box values, which no reader filters on:
+                # they cost another 27 -> 17 ms per such batch.
+                self._writer = pq.ParquetWriter(
+                    path, ok.schema, use_dictionary=False,
+                    write_statistics=[n for n in ok.schema.names if n not in UNSTATISTICAL])
                 self.shards += 1
                 self._in_shard = 0
             take = min(ok.num_rows - start, self.rows_per_shard - self._in_shard)

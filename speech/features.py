@@ -63,13 +63,47 @@ class LogMel:
     def __repr__(self) -> str:
         return f"LogMel(win={self.win}, hop={self.hop}, stack={self.stack}, dim={self.dim})"
 
-    @torch.inference_mode()
+    # Samples per batched transform (16 MB of float32 input): bounds the (B, freq, frames) power
+    # spectrogram whatever the clip lengths.
+    MAX_BATCH_SAMPLES = 1 << 22
+
     def __call__(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n = samples.size
-        x = torch.from_numpy(samples)
-        if n < self.win:  # shorter than one window: one frame over the zero-padded clip
-            x = torch.nn.functional.pad(x, (0, self.win - n))
-        mel = torch.log(self.mel(x) + 1e-6).T                       # (T, n_mels)
+        return self.many([samples])[0]
+
+    @torch.inference_mode()
+    def many(self, clips: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``[(frames, boxes)]`` for each clip, computed in a few batched transforms.
+
+        One call per clip costs more in dispatch than in arithmetic at these sizes (a 3 s clip is
+        300 frames). Clips of similar length are zero-padded on the right into one (B, L) batch:
+        with no centre padding, frame k of a clip reads only its samples ``[k hop, k hop + win)``,
+        so the frames inside the clip are those of the clip alone and the padded tail's frames are
+        dropped."""
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(clips)
+        order = sorted(range(len(clips)), key=lambda i: clips[i].size)
+        group: list[int] = []
+        for i in order:  # ascending lengths: the last clip in a group is its longest
+            if group and (len(group) + 1) * max(clips[i].size, self.win) > self.MAX_BATCH_SAMPLES:
+                self._batch(clips, group, out)
+                group = []
+            group.append(i)
+        if group:
+            self._batch(clips, group, out)
+        return out  # type: ignore[return-value]
+
+    def _batch(self, clips: list[np.ndarray], group: list[int], out: list) -> None:
+        length = max(clips[group[-1]].size, self.win)  # a clip shorter than a window: zero-padded
+        x = torch.zeros(len(group), length)
+        for row, i in enumerate(group):
+            x[row, :clips[i].size] = torch.from_numpy(np.asarray(clips[i], dtype=np.float32))
+        mel = torch.log(self.mel(x) + 1e-6).transpose(1, 2).contiguous()  # (B, T, n_mels)
+        for row, i in enumerate(group):
+            n = clips[i].size
+            frames = 1 + (max(n, self.win) - self.win) // self.hop
+            out[i] = self._stacked(mel[row, :frames], n)
+
+    def _stacked(self, mel: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(T, n_mels) frames of an ``n``-sample clip -> stacked frames and their boxes."""
         t = mel.shape[0] // self.stack * self.stack or mel.shape[0]  # drop a partial last stack
         if self.stack > 1 and mel.shape[0] >= self.stack:
             mel = mel[:t].reshape(t // self.stack, -1)                # (T / stack, n_mels * stack)
@@ -128,6 +162,10 @@ class SSLEncoder:
 
     def __repr__(self) -> str:
         return f"SSLEncoder(layer={self.layer}, dim={self.dim}, weights={self.weights})"
+
+    def many(self, clips: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One clip at a time: padding a batch would change the group-normalised convolutions."""
+        return [self(x) for x in clips]
 
     @torch.inference_mode()
     def __call__(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

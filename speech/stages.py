@@ -101,6 +101,7 @@ class AudioFeaturizeActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows: list[dict[str, Any]] = []
+        clips, good = [], []
         for item_id, media in zip(batch["id"].to_pylist(), batch["media"].to_pylist()):
             try:
                 clip = decode_audio(self.p.dataset.load(media), sample_rate=self.p.sample_rate,
@@ -108,12 +109,13 @@ class AudioFeaturizeActor:
             except (AudioError, OSError, ValueError) as e:
                 rows.append({"id": item_id, "error": str(e) or type(e).__name__})
                 continue
-            frames, boxes = self.fz(clip.samples)
+            clips.append(clip.samples)
+            good.append({"id": item_id, "duration_s": clip.duration_s,
+                         "source_rate": clip.source_rate, "channels": clip.channels, "error": None})
+        for row, (frames, boxes) in zip(good, self.fz.many(clips) if clips else []):
             if self.p.global_token:
                 frames, boxes = self.with_global(frames, boxes)
-            rows.append({"id": item_id, "features": frames, "boxes": boxes,
-                         "duration_s": clip.duration_s, "source_rate": clip.source_rate,
-                         "channels": clip.channels, "error": None})
+            rows.append({**row, "features": frames, "boxes": boxes})
         return region_table(self.schema, rows)
 
 

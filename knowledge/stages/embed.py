@@ -23,8 +23,8 @@ class EmbedParams(BaseModel):
     dim: int = Field(default=128, ge=1, description="embedding size (complex dims for ComplEx/RotatE)")
     init: Literal["default", "normal"] = Field(
         default="default", description="initial embeddings: the PyG model's own (Xavier / uniform), "
-                                       "or a standard (complex) normal, as Trouillon et al. and "
-                                       "PyKEEN's ComplEx")
+                                       "or every real number N(0, 1) (ComplEx: real and imaginary "
+                                       "parts alike), as Trouillon et al. and PyKEEN's ComplEx")
     p_norm: float = Field(default=1.0, description="TransE distance norm")
     entity_norm: float | None = Field(
         default=None, description="TransE: keep entities on the unit sphere of this norm, projected "
