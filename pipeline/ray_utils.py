@@ -64,6 +64,28 @@ def local_num_cpus() -> int:
     return int(env) if env else max(4, os.cpu_count() or 1)
 
 
+def _extra_sys_path() -> list[str]:
+    """The driver's ``sys.path`` entries that a fresh interpreter would not have (the standard
+    library and site-packages left out, so that a subprocess of another Python is not handed
+    this one's packages)."""
+    import site
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    standard = {os.path.realpath(p) for p in (*(paths.get(k) for k in ("stdlib", "platstdlib",
+                                                                        "purelib", "platlib")),
+                                               *site.getsitepackages()) if p}
+    out = []
+    for p in sys.path:
+        if not p or not os.path.isdir(p) or p in out:
+            continue
+        real = os.path.realpath(p)
+        if real in standard or os.path.dirname(real) in standard and real.endswith("lib-dynload"):
+            continue
+        out.append(p)
+    return out
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> dict:
     """Join the cluster at ``address`` / ``RAY_ADDRESS``, or start an embedded local Ray.
 
@@ -85,8 +107,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
             # environment Ray's processes inherit, not a runtime_env: workers of a job with its own
             # runtime_env cannot use the idle workers Ray starts with the cluster, so each actor
             # waited for a fresh process while those sat idle.
-            path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
-            os.environ["PYTHONPATH"] = path
+            os.environ["PYTHONPATH"] = os.pathsep.join(_extra_sys_path())
             n = num_cpus or local_num_cpus()
             # Stage tasks that drive Ray Train hold no CPU, so more workers start at once than
             # Ray's default startup concurrency (the physical cores) expects; it would print a

@@ -45,3 +45,28 @@ def test_embedded_ray_workers_run_at_normal_priority(ray_local: None) -> None:
         return os.nice(0)
 
     assert ray.get(niceness.remote()) == os.nice(0)
+
+
+def test_workers_get_the_drivers_extra_path_through_the_environment(ray_local: None,
+                                                                    plugin_site) -> None:
+    """A directory put on the driver's sys.path (here the test plugin's) reaches the workers
+    through the inherited PYTHONPATH, not a job runtime_env (which keeps Ray's idle workers from
+    being used); the standard library and site-packages stay out of it."""
+    import os
+    import sysconfig
+
+    import ray
+
+    entries = os.environ["PYTHONPATH"].split(os.pathsep)
+    assert str(plugin_site) in entries
+    assert sysconfig.get_paths()["stdlib"] not in entries
+    assert sysconfig.get_paths()["purelib"] not in entries
+    assert not (ray.get_runtime_context().runtime_env or {}).get("env_vars")
+
+    @ray.remote(num_cpus=0)
+    def plugin_file() -> str:
+        import stele_testplugin
+
+        return stele_testplugin.__file__
+
+    assert ray.get(plugin_file.remote()).startswith(str(plugin_site))
