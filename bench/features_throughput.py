@@ -8,8 +8,9 @@ log-mel; 10,000 by default, since at ~1,000 clips/s fewer would time little but 
 
 * ``plain``     one process: read bytes, decode (the same ``vision.io``/``speech.io`` code), timm's
   eval transform and forward / ``LogMel.many``, batch by batch; torch uses every core. Nothing is
-  written. The stage's actors run with ``pipeline.ray_utils.tune_malloc`` (glibc keeps large buffers mapped);
-  ``--tune-plain`` gives the plain loop the same, so the two differ only in Ray Data's overhead.
+  written. The stage's actors run with ``pipeline.ray_utils.tune_malloc`` (glibc keeps large
+  buffers mapped); ``--tune-plain`` gives the plain loop the same, so the two differ only in Ray
+  Data's overhead.
 * ``stage xN``  ``vision.features`` / ``speech.features`` called in this process on an embedded Ray,
   N actors: listing, Ray Data streaming, Parquet shards written. Wall time includes Ray Data's
   start-up and the actors' model loading; ``steady`` is the rate after the first batch came back.

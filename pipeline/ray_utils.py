@@ -80,7 +80,7 @@ def _extra_sys_path() -> list[str]:
         if not p or not os.path.isdir(p) or p in out:
             continue
         real = os.path.realpath(p)
-        if real in standard or os.path.dirname(real) in standard and real.endswith("lib-dynload"):
+        if real in standard or (os.path.dirname(real) in standard and real.endswith("lib-dynload")):
             continue
         out.append(p)
     return out
