@@ -205,9 +205,14 @@ def main() -> None:
     print(f"\n{os.cpu_count()} cores; {args.images} images (tf_efficientnet_lite0, grid 1+49 regions, "
           f"batch {args.batch}); {args.clips} clips of 3 s (log-mel 80, batch {args.audio_batch}); "
           f"plain loops {'with' if args.tune_plain else 'without'} tune_malloc")
-    print(f"{'what':8} {'how':12} {'items/s':>9} {'steady/s':>9} {'vs plain':>9}")
+    # start-up = what the wall time holds beyond the items at the steady rate (Ray Data's executor,
+    # the actors' processes, imports and models)
+    print(f"{'what':8} {'how':12} {'items/s':>9} {'steady/s':>9} {'vs plain':>9} {'start-up s':>10}")
     for what, how, rate, steady, ratio in rows:
-        print(f"{what:8} {how:12} {rate:9.1f} {steady or float('nan'):9.1f} {ratio:9.2f}")
+        n = args.images if what == "images" else args.clips
+        fixed = n / rate - n / steady if steady else float("nan")
+        print(f"{what:8} {how:12} {rate:9.1f} {steady or float('nan'):9.1f} {ratio:9.2f} "
+              f"{fixed:10.1f}")
 
     print("\ndriver peak RSS (vision.features, mobilenetv3_small_050 pooled, fresh process per size)")
     for n in map(int, args.rss_sizes.split(",")):
