@@ -12,8 +12,9 @@ Two featurizers, one output shape (frames (T, D), spans (T, 4)):
 Frame k spans ``[k * hop, k * hop + window)`` samples (no centre padding, so a span is exactly the
 audio the frame saw); spans are normalised by the clip's duration and stored as the box
 ``(t_start / T, 0, t_end / T, 1)``. With a global token, region 0 is the mean frame with span (0, 1).
-Each clip is featurized alone: padding a batch would change wav2vec 2.0's group-normalised
-convolutions and so the features.
+``LogMel`` featurizes a batch of clips in zero-padded transforms (exact: without centre padding a
+frame reads only its clip's samples); ``SSLEncoder`` featurizes each clip alone, since padding a
+batch would change wav2vec 2.0's group-normalised convolutions and so the features.
 """
 
 from __future__ import annotations
