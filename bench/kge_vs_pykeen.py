@@ -9,11 +9,13 @@ scores: tests/knowledge/test_evaluate.py).
 
 Reported per run: training wall time (PyKEEN's ``train_seconds``; stele's training loop time, summed
 per epoch, and the whole embed stage including Ray Train start-up), the median epoch of each (robust
-to bursts of load on a shared machine), test MRR and Hits@10, and the ratios. The same model on both sides: PyKEEN's ComplEx starts from a standard complex normal and
+to bursts of load on a shared machine), test MRR and Hits@10, and the ratios. The same model on
+both sides: PyKEEN's ComplEx draws the real and imaginary parts of its embeddings from N(0, 1) and
 adds an L2 regulariser (weight 0.01), so stele's ComplEx gets the same (``init: normal``,
 ``regularization: 0.01``; ``--complex-init default`` gives stele its PyG default, Xavier, and
-``--complex-regularization 0`` drops the regulariser on both sides); PyKEEN's TransE projects entity vectors after each step, which stele's
-does with ``--entity-norm 2`` (without it: PyG's TransE, entities normalised inside the score).
+``--complex-regularization 0`` drops the regulariser on both sides); PyKEEN's TransE projects
+entity vectors after each step, which stele's does with ``--entity-norm 2`` (without it: PyG's
+TransE, entities normalised inside the score).
 
     pip install -e '.[bench]'
     python bench/kge_vs_pykeen.py                        # Nations, Kinships, UMLS x TransE, RotatE, ComplEx
