@@ -9,7 +9,9 @@ Per step of a batch of ``B`` positive triples:
   less often and so produces fewer false negatives. Negatives are not filtered (as in PyKEEN's and
   the papers' default sLCWA training).
 * **One forward pass** over the ``B (1 + k)`` triples (DDP needs one forward per backward), scores
-  ``s = f(h, r, t)`` from the model (higher is better).
+  ``s = f(h, r, t)`` from the model (higher is better). A model with ``scores_corruptions`` (stele's
+  TransE) takes the positives and the drawn corruptions as they are and builds each corruption
+  from its positive's parts (:func:`knowledge.models._corruption_distance`); others get the triples.
 * **Loss**, the one each family is known to train well with:
   - ``margin`` (TransE; Bordes et al. 2013): ``mean(max(0, gamma - s_pos + s_neg))``;
   - ``bce`` (DistMult, ComplEx; Trouillon et al. 2016): binary cross-entropy with logits, positives
@@ -42,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .models import corruption_triples
+
 DEFAULT_LOSS = {"transe": "margin", "distmult": "bce", "complex": "bce", "rotate": "self_adversarial"}
 
 
@@ -60,17 +64,21 @@ def bernoulli_head_prob(train: np.ndarray, num_relations: int) -> torch.Tensor:
     return probs
 
 
+def draw_corruptions(pos: torch.Tensor, k: int, num_entities: int,
+                     head_prob: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` corruptions of each of ``B`` positives ``(B, 3)``: ``(entities, new_head)``, both
+    ``(B, k)``, a uniformly random entity and whether it replaces the head (probability
+    ``head_prob[r]``, else 1/2) or the tail (:func:`knowledge.models.corruption_triples`)."""
+    b, device = len(pos), pos.device
+    p = head_prob[pos[:, 1]].unsqueeze(1) if head_prob is not None else 0.5
+    new_head = torch.rand(b, k, device=device) < p
+    return torch.randint(num_entities, (b, k), device=device), new_head
+
+
 def corrupt(pos: torch.Tensor, k: int, num_entities: int,
             head_prob: torch.Tensor | None) -> torch.Tensor:
     """``(B, 3)`` positives -> ``(B * k, 3)`` negatives, row ``i * k + j`` corrupting positive ``i``."""
-    neg = pos.repeat_interleave(k, dim=0)
-    n, device = len(neg), pos.device
-    p = head_prob[neg[:, 1]] if head_prob is not None else torch.full((n,), 0.5, device=device)
-    head = torch.rand(n, device=device) < p
-    rand = torch.randint(num_entities, (n,), device=device)
-    neg[:, 0] = torch.where(head, rand, neg[:, 0])
-    neg[:, 2] = torch.where(head, neg[:, 2], rand)
-    return neg
+    return corruption_triples(pos, *draw_corruptions(pos, k, num_entities, head_prob))
 
 
 def kge_loss(kind: str, pos: torch.Tensor, neg: torch.Tensor, margin: float,
@@ -164,11 +172,19 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train:
     constrain = getattr(getattr(model, "module", model), "apply_constraints", None)  # DDP-wrapped
     total = torch.zeros((), device=train.device)
     batches = 0
+    # a model that scores a batch of corruptions itself (TransE: from per-positive parts) gets them
+    # as drawn, others the triples they stand for
+    fused = getattr(getattr(model, "module", model), "scores_corruptions", False)
     for start in range(0, len(order), batch_size):
         pos = train[order[start:start + batch_size]]
-        neg = corrupt(pos, negatives, num_entities, head_prob)
-        batch = torch.cat([pos, neg])
-        scores = model(batch[:, 0], batch[:, 1], batch[:, 2]) + shift
+        drawn = draw_corruptions(pos, negatives, num_entities, head_prob)
+        neg = None if fused and not regularization else corruption_triples(pos, *drawn)
+        if fused:
+            scores = model(pos[:, 0], pos[:, 1], pos[:, 2], corruptions=drawn)
+        else:
+            batch = torch.cat([pos, neg])
+            scores = model(batch[:, 0], batch[:, 1], batch[:, 2])
+        scores = scores + shift
         value = kge_loss(loss, scores[: len(pos)], scores[len(pos):].view(len(pos), negatives),
                          margin, temperature)
         if regularization:

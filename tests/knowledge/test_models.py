@@ -187,3 +187,51 @@ def test_an_artifact_of_in_score_normalised_transe_loads_projected(tmp_path: Pat
     old_score = -(F.normalize(e[h], dim=-1) + w[r] - F.normalize(e[t], dim=-1)).norm(p=1, dim=-1)
     with torch.no_grad():
         torch.testing.assert_close(again(h, r, t), old_score)
+
+
+@pytest.mark.parametrize(("p", "q"), [(1.0, None), (1.0, 2.0), (2.0, 2.0), (2.0, None)])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk_floats", [None, 24], ids=["one-chunk", "3-row-chunks"])
+def test_transe_scores_corruptions_as_their_triples(p: float, q: float | None, device: str,
+                                                    chunk_floats: int | None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``model(h, r, t, corruptions=(entities, new_head))`` (the fused per-positive distance for
+    L1, the triples otherwise) gives the scores and gradients of scoring the positives followed by
+    the triples the corruptions stand for, row ``B + i k + j`` for positive ``i``'s corruption ``j``,
+    with the same entity on both sides of a triple, repeated entities and relations included."""
+    from knowledge.embed import draw_corruptions
+    from knowledge.models import corruption_triples
+
+    if chunk_floats:
+        monkeypatch.setattr("knowledge.models.CPU_CHUNK_FLOATS", chunk_floats)
+        monkeypatch.setattr("knowledge.models.CPU_WHOLE_FLOATS", 0)
+    torch.manual_seed(0)
+    model = build_model("transe", 12, 3, 8, p_norm=p, entity_norm=q).to(device)
+    g = torch.Generator().manual_seed(2)
+    pos = torch.stack([torch.randint(n, (6,), generator=g) for n in (12, 3, 12)], 1).to(device)
+    pos[0, 2] = pos[0, 0]                                                   # h == t
+    torch.manual_seed(3)
+    drawn = draw_corruptions(pos, 5, 12, torch.tensor([0.2, 0.5, 0.9], device=device))
+    assert drawn[1].any() and not drawn[1].all()                           # both sides corrupted
+    weights = torch.randn(6 * 6, generator=g).to(device)
+
+    got = model(pos[:, 0], pos[:, 1], pos[:, 2], corruptions=drawn)
+    (got * weights).sum().backward()
+    grads = [model.node_emb.weight.grad.clone(), model.rel_emb.weight.grad.clone()]
+    model.zero_grad()
+    batch = torch.cat([pos, corruption_triples(pos, *drawn)])
+    want = model(batch[:, 0], batch[:, 1], batch[:, 2])
+    (want * weights).sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grads[0], model.node_emb.weight.grad)
+    torch.testing.assert_close(grads[1], model.rel_emb.weight.grad)
+
+
+def test_corruption_triples_layout() -> None:
+    from knowledge.models import corruption_triples
+
+    pos = torch.tensor([[0, 0, 1], [2, 1, 3]])
+    entities = torch.tensor([[7, 8], [9, 5]])
+    new_head = torch.tensor([[True, False], [False, True]])
+    assert corruption_triples(pos, entities, new_head).tolist() == [
+        [7, 0, 1], [0, 0, 8], [2, 1, 9], [5, 1, 3]]
