@@ -144,6 +144,7 @@ class SSLEncoder:
             raise ValueError(f"unknown encoder architecture {architecture!r}; known: "
                              f"{', '.join(SSL_ARCHITECTURES)}")
         self.model = getattr(M, architecture)(**(config or {}))
+        self.warnings: list[str] = []
         if weights:
             missing, unexpected = self.model.load_state_dict(load_state_dict(weights), strict=False)
             if missing or unexpected:
@@ -157,6 +158,7 @@ class SSLEncoder:
                    f"information about speech (fine for tests only); set weights: to a local file")
             warnings.warn(msg, stacklevel=2)
             log.warning(msg)
+            self.warnings.append(msg)  # for the manifest
         self.model.eval().to(device)
         self.layer, self.normalize, self.device = layer, normalize, device
         self.dim = int(self.model.encoder.transformer.layers[0].attention.k_proj.out_features)

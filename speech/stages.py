@@ -119,19 +119,21 @@ class AudioFeaturizeActor:
         return region_table(self.schema, rows)
 
 
+def _describe(ctx: StageContext, params: SpeechFeaturesParams) -> tuple[int, list[str]]:
+    """The stage's own featurizer, built once here so a bad architecture or weights file fails with
+    a clear message: ``(dim, warnings)`` for the manifest (collected by the featurizer itself, not
+    with ``warnings.catch_warnings``, which is not thread-safe: this runs beside Ray Data)."""
+    fz = _featurizer(params)
+    notes = list(getattr(fz, "warnings", []))
+    for n in notes:
+        ctx.log.warning("%s", n)
+    return fz.dim, notes
+
+
 @stage("speech.features", version="1", cpus=0, fingerprint=_fingerprint,
        headline=("items", "rejected", "regions_per_item", "audio_seconds", "items_per_s"))
 def features(ctx: StageContext, params: SpeechFeaturesParams) -> dict:
     """Log-mel or wav2vec2/HuBERT frame features of an audio dataset, with time spans, on Ray Data."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fz = _featurizer(params)  # fails here, once, on a bad architecture or weights file
-    notes = [str(w.message) for w in caught]
-    for n in notes:
-        ctx.log.warning("%s", n)
-    dim = fz.dim
-    del fz
-
     resampled: dict[int, int] = {}
     seconds = 0.0
 
@@ -143,8 +145,10 @@ def features(ctx: StageContext, params: SpeechFeaturesParams) -> dict:
                 resampled[r] = resampled.get(r, 0) + 1
         seconds += sum(ok["duration_s"].to_pylist())
 
+    # the featurizer is checked here while the actors start (extract's ``check``)
     counts = extract(ctx, params, AudioFeaturizeActor, stage_type="speech.features", desc="clips",
-                     on_batch=count_audio)
+                     on_batch=count_audio, check=lambda: _describe(ctx, params))
+    dim, notes = counts.pop("checked")
     frame_rate = (1000.0 / params.hop_ms / params.stack if params.features == "logmel"
                   else 16000 / 320)
     return {

@@ -111,31 +111,37 @@ class ImageFeaturizeActor:
         return region_table(self.schema, rows)
 
 
-@stage("vision.features", version="1", cpus=0, fingerprint=_fingerprint,
-       headline=("items", "rejected", "regions_per_item", "dim", "items_per_s"))
-def features(ctx: StageContext, params: VisionFeaturesParams) -> dict:
-    """Region features (grid / patch / pooled) of an image dataset with a timm backbone, on Ray Data."""
+def _describe(ctx: StageContext, params: VisionFeaturesParams) -> tuple[int, dict, dict]:
+    """The stage's own look at its backbone: built once here, so a bad name, weights file or mode
+    fails with a clear message; logged; ``(dim, data config, weights info)`` for the manifest."""
     from .features import RegionFeaturizer
 
-    model, cfg, info = _backbone(params)  # fails here, once, on a bad name or weights file
+    model, cfg, info = _backbone(params)
     for w in info.get("warnings", []):
         ctx.log.warning("%s", w)
     try:
         dim = RegionFeaturizer(model, cfg, params.mode, params.grid, params.global_token).dim
     except ValueError as e:  # a mode the architecture does not have
         raise StageFailed(f"vision.features: {params.backbone}: {e}") from None
-    del model
     ctx.log.info("backbone %s (%s), dim %d, data config %s", params.backbone, info["weights"], dim,
                  cfg)
+    return dim, cfg, info
 
+
+@stage("vision.features", version="1", cpus=0, fingerprint=_fingerprint,
+       headline=("items", "rejected", "regions_per_item", "dim", "items_per_s"))
+def features(ctx: StageContext, params: VisionFeaturesParams) -> dict:
+    """Region features (grid / patch / pooled) of an image dataset with a timm backbone, on Ray Data."""
     modes: dict[str, int] = {}
 
     def count_modes(out: pa.Table) -> None:
         for m in usable(out)["mode"].to_pylist():
             modes[m] = modes.get(m, 0) + 1
 
+    # the backbone is checked here while the actors start (extract's ``check``)
     counts = extract(ctx, params, ImageFeaturizeActor, stage_type="vision.features", desc="images",
-                     on_batch=count_modes)
+                     on_batch=count_modes, check=lambda: _describe(ctx, params))
+    dim, cfg, info = counts.pop("checked")
     return {
         **counts, "dim": dim, "source_modes": modes,
         "backbone": params.backbone, "weights": info["weights"], "warnings": info.get("warnings", []),

@@ -140,3 +140,16 @@ def test_an_image_dataset_is_refused_at_validation(tmp_path):
     with pytest.raises(ValueError, match="not audio items.*spoken_captions"):
         SpeechFeaturesParams.model_validate(
             {"dataset": {"type": "image_folder", "captions": str(tmp_path / "c.csv")}})
+
+
+def test_weights_that_do_not_fit_fail_in_the_stages_words(ray_local, tmp_path, folder):
+    """The stage checks its encoder while the actors start (which fail on it too): the error raised
+    is the stage's own, naming the file, not Ray's actor death; no shard is written."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"nope": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match=r"bad\.safetensors do not fit torchaudio's wav2vec2_model"):
+        _run(tmp_path, folder, features="ssl", encoder="wav2vec2_model", encoder_config=TINY_W2V,
+             weights=str(tmp_path / "bad.safetensors"), limit=2)
+    assert not list((tmp_path / "out" / "features").glob("*.parquet"))

@@ -161,3 +161,18 @@ def test_an_audio_dataset_is_refused_at_validation(tmp_path):
     with pytest.raises(ValueError, match="holds audio items, not image items"):
         VisionFeaturesParams.model_validate({"dataset": {"type": "audio_folder",
                                                          "root": str(tmp_path)}})
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"backbone": "no_such_net"}, r"vision\.features: backbone 'no_such_net'"),
+    ({"weights": "missing.safetensors"}, r"vision\.features: .*missing\.safetensors"),
+    ({"backbone": "resnet18", "mode": "patch"}, r"vision\.features: resnet18: .*use mode 'grid'"),
+], ids=["unknown-backbone", "missing-weights", "mode-it-lacks"])
+def test_a_bad_backbone_fails_in_the_stages_words_and_writes_nothing(ray_local, tmp_path, folder,
+                                                                      params, message):
+    """The stage checks its backbone while the actors start (which fail on it too): its own error
+    is the one raised, not Ray's, and no feature shard is written."""
+    with pytest.raises(StageFailed, match=message):
+        _run(tmp_path, dataset={"type": "image_folder", "captions": str(folder / "captions.csv")},
+             limit=2, **params)
+    assert not list((tmp_path / "out" / "features").glob("*.parquet"))
