@@ -376,7 +376,7 @@ def extract(ctx: Any, params: FeatureStageParams, actor_cls: type, *, stage_type
         writer.close()
         if pool is not None:
             pool.shutdown()
-    # no batch came back: the check's answer (or error) now
+    # the check's answer (waited for at the first batch; if none came back, now)
     checked = None if check is None else checking.result() if checking is not None else check()
     wall = time.perf_counter() - t0
     if writer.items == 0:
