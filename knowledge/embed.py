@@ -168,13 +168,14 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train:
     on the loss plus ``regularization`` x :func:`lp_regularization`. Returns the mean batch loss
     (regulariser included)."""
     model.train()
+    inner = getattr(model, "module", model)  # DDP-wrapped
     # a constrained model (TransE with projected entities) is projected after every step
-    constrain = getattr(getattr(model, "module", model), "apply_constraints", None)  # DDP-wrapped
-    total = torch.zeros((), device=train.device)
-    batches = 0
+    constrain = getattr(inner, "apply_constraints", None)
     # a model that scores a batch of corruptions itself (TransE: from per-positive parts) gets them
     # as drawn, others the triples they stand for
-    fused = getattr(getattr(model, "module", model), "scores_corruptions", False)
+    fused = getattr(inner, "scores_corruptions", False)
+    total = torch.zeros((), device=train.device)
+    batches = 0
     for start in range(0, len(order), batch_size):
         pos = train[order[start:start + batch_size]]
         drawn = draw_corruptions(pos, negatives, num_entities, head_prob)

@@ -346,7 +346,7 @@ def extract(ctx: Any, params: FeatureStageParams, actor_cls: type, *, stage_type
     def listed() -> Iterator[pa.Table]:
         # The check starts once the listing is in the object store, as Ray Data starts the
         # actors: started earlier, its imports hold the GIL that this thread's imports and Ray
-        # Data's start-up need (the first batch came 0.5 s later).
+        # Data's start-up need (the first batch came back about 1 s later).
         nonlocal checking
         yield from listing
         if pool is not None:

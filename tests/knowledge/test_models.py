@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,31 @@ def test_self_adversarial_loss_sees_gamma_minus_distance() -> None:
     assert shifted < 0.1 and raw > 1.0
 
 
+def _chunk_rows(monkeypatch: pytest.MonkeyPatch, chunk_floats: int | None) -> None:
+    """With ``chunk_floats``, the fused distances work in chunks of that many floats on CPU, as a
+    large batch is computed (``None``: the batch as one chunk)."""
+    if chunk_floats:
+        monkeypatch.setattr("knowledge.models.CPU_CHUNK_FLOATS", chunk_floats)
+        monkeypatch.setattr("knowledge.models.CPU_WHOLE_FLOATS", 0)
+
+
+def _assert_same_scores_and_grads(model, got: Callable[[], torch.Tensor],
+                                  want: Callable[[], torch.Tensor], weights: torch.Tensor) -> None:
+    """``got()`` and ``want()`` give the same scores and the same gradients of ``weights . scores``
+    in the TransE model's entity and relation tables."""
+    tables = (model.node_emb.weight, model.rel_emb.weight)
+    scores = []
+    grads = []
+    for fn in (got, want):
+        model.zero_grad()
+        scores.append(fn())
+        (scores[-1] * weights).sum().backward()
+        grads.append([w.grad.clone() for w in tables])
+    torch.testing.assert_close(scores[0], scores[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize(("p", "q"), [(1.0, None), (2.0, None), (3.0, None), (1.0, 2.0), (2.0, 1.0)])
 @pytest.mark.parametrize("rows", [40, 4], ids=["table-normalised", "rows-normalised"])
 @pytest.mark.parametrize("device", DEVICES)
@@ -90,9 +116,7 @@ def test_transe_fused_distance_equals_autograd(p: float, q: float | None, rows: 
     CPU also in chunks of 3 rows (8 dims), the last one ragged, as a large batch is computed."""
     import torch.nn.functional as F
 
-    if chunk_floats:
-        monkeypatch.setattr("knowledge.models.CPU_CHUNK_FLOATS", chunk_floats)
-        monkeypatch.setattr("knowledge.models.CPU_WHOLE_FLOATS", 0)
+    _chunk_rows(monkeypatch, chunk_floats)
     torch.manual_seed(0)
     model = build_model("transe", 12, 3, 8, p_norm=p, entity_norm=q).to(device)
     g = torch.Generator().manual_seed(1)
@@ -105,15 +129,7 @@ def test_transe_fused_distance_equals_autograd(p: float, q: float | None, rows: 
             return -(F.normalize(e[h], p=p, dim=-1) + w[r] - F.normalize(e[t], p=p, dim=-1)).norm(p=p, dim=-1)
         return -(e[h] + w[r] - e[t]).norm(p=p, dim=-1)
 
-    got = model(h, r, t)
-    (got * weights).sum().backward()
-    grads = [model.node_emb.weight.grad.clone(), model.rel_emb.weight.grad.clone()]
-    model.zero_grad()
-    want = reference()
-    (want * weights).sum().backward()
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(grads[0], model.node_emb.weight.grad)
-    torch.testing.assert_close(grads[1], model.rel_emb.weight.grad)
+    _assert_same_scores_and_grads(model, lambda: model(h, r, t), reference, weights)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -124,9 +140,7 @@ def test_rotate_fused_distance_equals_pyg(device: str, chunk_floats: int | None,
     RotatE forward on the same weights; on CPU also in chunks of 3 rows."""
     from torch_geometric.nn.kge import RotatE
 
-    if chunk_floats:
-        monkeypatch.setattr("knowledge.models.CPU_CHUNK_FLOATS", chunk_floats)
-        monkeypatch.setattr("knowledge.models.CPU_WHOLE_FLOATS", 0)
+    _chunk_rows(monkeypatch, chunk_floats)
     torch.manual_seed(0)
     model = build_model("rotate", 12, 3, 8, margin=9.0)
     ref = RotatE(12, 3, 8, margin=9.0)
@@ -202,9 +216,7 @@ def test_transe_scores_corruptions_as_their_triples(p: float, q: float | None, d
     from knowledge.embed import draw_corruptions
     from knowledge.models import corruption_triples
 
-    if chunk_floats:
-        monkeypatch.setattr("knowledge.models.CPU_CHUNK_FLOATS", chunk_floats)
-        monkeypatch.setattr("knowledge.models.CPU_WHOLE_FLOATS", 0)
+    _chunk_rows(monkeypatch, chunk_floats)
     torch.manual_seed(0)
     model = build_model("transe", 12, 3, 8, p_norm=p, entity_norm=q).to(device)
     g = torch.Generator().manual_seed(2)
@@ -215,16 +227,10 @@ def test_transe_scores_corruptions_as_their_triples(p: float, q: float | None, d
     assert drawn[1].any() and not drawn[1].all()                           # both sides corrupted
     weights = torch.randn(6 * 6, generator=g).to(device)
 
-    got = model(pos[:, 0], pos[:, 1], pos[:, 2], corruptions=drawn)
-    (got * weights).sum().backward()
-    grads = [model.node_emb.weight.grad.clone(), model.rel_emb.weight.grad.clone()]
-    model.zero_grad()
     batch = torch.cat([pos, corruption_triples(pos, *drawn)])
-    want = model(batch[:, 0], batch[:, 1], batch[:, 2])
-    (want * weights).sum().backward()
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(grads[0], model.node_emb.weight.grad)
-    torch.testing.assert_close(grads[1], model.rel_emb.weight.grad)
+    _assert_same_scores_and_grads(
+        model, lambda: model(pos[:, 0], pos[:, 1], pos[:, 2], corruptions=drawn),
+        lambda: model(batch[:, 0], batch[:, 1], batch[:, 2]), weights)
 
 
 def test_corruption_triples_layout() -> None:
