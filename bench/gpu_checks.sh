@@ -10,7 +10,9 @@
 #    equals the CPU, timm features on the GPU equal the CPU;
 # 2. LXMERT forward+backward throughput, stele vs transformers, paper configuration, bf16, with MFU,
 #    at batch 8 (the CPU benchmark's batch) and batch 128;
-# 3. filtered evaluation at scale (100k entities, 2k test triples): stele on the CPU vs on the GPU.
+# 3. filtered evaluation at scale (100k entities, 2k test triples): stele on the CPU vs on the GPU;
+# 4. one TransE training step on the GPU, autograd vs stele's fused triples vs per-positive parts,
+#    at the benchmarking, default and FB15k-237 sizes.
 set -u -o pipefail
 out=${OUT:-$(mktemp -d -t stele-gpu-XXXX)}
 mkdir -p "$out"
@@ -34,4 +36,10 @@ done
 echo "== 3. KGE filtered evaluation at scale, CPU vs GPU"
 python3 bench/kge_eval_scale.py --devices cpu,cuda --pykeen-batch '' --threads "$(nproc)" \
   --json "$out/kge_eval_scale.json" 2>&1 | tee "$out/kge_eval_scale.log" || status=1
+
+echo "== 4. TransE training step on the GPU"
+for sizes in "" "--dim 128 --batch 256 --negatives 16" \
+             "--entities 14541 --relations 237 --dim 256 --batch 1024 --negatives 64"; do
+  python3 bench/kge_step.py --device cuda $sizes 2>&1 | tee -a "$out/kge_step.log" || status=1
+done
 exit $status

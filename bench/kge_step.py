@@ -14,6 +14,7 @@ times ``--steps`` steps per variant (fresh random positives and corruptions per 
 the median step; the table gives each variant's median over rounds and its ratio to ``autograd``.
 
     python bench/kge_step.py [--entities 104] [--dim 256] [--batch 512] [--negatives 38]
+    python bench/kge_step.py --device cuda     # on a GPU: one chunk, timed with synchronisation
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    from pipeline.ray_utils import tune_malloc
+    if args.device == "cpu":  # the allocator stele's CPU workers run with
+        from pipeline.ray_utils import tune_malloc
 
-    tune_malloc()
+        tune_malloc()
     import torch
 
     from knowledge.embed import draw_corruptions
@@ -46,12 +49,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     n_e, n_r, b, k = args.entities, args.relations, args.batch, args.negatives
-    model = build_model("transe", n_e, n_r, args.dim, p_norm=1.0, entity_norm=2.0)
+    dev = torch.device(args.device)
+    model = build_model("transe", n_e, n_r, args.dim, p_norm=1.0, entity_norm=2.0).to(dev)
     ent, rel = model.node_emb.weight, model.rel_emb.weight
 
     def draw() -> tuple:
         pos = torch.stack([torch.randint(n, (b,)) for n in (n_e, n_r, n_e)], 1)
-        return pos, draw_corruptions(pos, k, n_e, None)
+        return pos.to(dev), tuple(x.to(dev) for x in draw_corruptions(pos, k, n_e, None))
+
+    def sync() -> None:  # a GPU step is only done when its kernels are
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     def triples(pos: torch.Tensor, drawn: tuple) -> torch.Tensor:
         return torch.cat([pos, corruption_triples(pos, *drawn)])
@@ -68,7 +76,7 @@ def main() -> None:
         return model(pos[:, 0], pos[:, 1], pos[:, 2], corruptions=drawn)
 
     variants = {"autograd": autograd, "triples": fused_triples, "parts": parts}
-    weights = torch.randn(b * (1 + k))
+    weights = torch.randn(b * (1 + k), device=dev)
 
     # the three give the same scores and gradients
     pos, drawn = draw()
@@ -90,12 +98,15 @@ def main() -> None:
             steps = []
             for _ in range(args.steps + 3):
                 pos, drawn = draw()
+                sync()
                 t0 = time.perf_counter()
                 model.zero_grad(set_to_none=True)
                 (fn(pos, drawn) * weights).sum().backward()
+                sync()
                 steps.append(time.perf_counter() - t0)
             times[name].append(median(steps[3:]))  # 3 warm-up steps
-    print(f"\n{n_e} entities, dim {args.dim}, batch {b} x (1 + {k}) rows, L1, {args.threads} threads; "
+    print(f"\n{n_e} entities, dim {args.dim}, batch {b} x (1 + {k}) rows, L1, "
+          f"{args.device if dev.type != 'cpu' else f'{args.threads} threads'}; "
           f"median step (ms) per round, then the median over rounds")
     base = median(times["autograd"])
     for name, ts in times.items():

@@ -143,28 +143,30 @@ def test_init_embeddings_normal_matches_trouillon_and_pykeen() -> None:
         init_embeddings(transe, "glorot")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("loss", ["margin", "self_adversarial"])
-def test_train_epoch_scores_corruptions_from_parts_as_from_triples(loss: str) -> None:
+def test_train_epoch_scores_corruptions_from_parts_as_from_triples(loss: str, device: str) -> None:
     """TransE gets the drawn corruptions (``scores_corruptions``); with that switched off it gets
     the triples they stand for. The same seeded epochs (Bernoulli corruption, the regulariser on
     in the last) give the same losses and weights both ways."""
     g = torch.Generator().manual_seed(0)
     triples = torch.stack([torch.randint(15, (40,), generator=g), torch.randint(3, (40,), generator=g),
-                           torch.randint(15, (40,), generator=g)], 1)
+                           torch.randint(15, (40,), generator=g)], 1).to(device)
 
     def run(fused: bool) -> tuple[list[float], torch.Tensor]:
         torch.manual_seed(0)
-        model = build_model("transe", 15, 3, 8, p_norm=1.0, entity_norm=2.0)
+        model = build_model("transe", 15, 3, 8, p_norm=1.0, entity_norm=2.0).to(device)
         model.scores_corruptions = fused
         # SGD: Adam would blow the rounding of gradients that cancel (an entity on both sides of
         # a triple) up to whole steps
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        losses = [train_epoch(model, opt, triples, torch.randperm(40), batch_size=16, negatives=5,
-                              num_entities=15, head_prob=torch.tensor([0.2, 0.5, 0.9]), loss=loss,
+        losses = [train_epoch(model, opt, triples, torch.randperm(40, device=device), batch_size=16,
+                              negatives=5, num_entities=15,
+                              head_prob=torch.tensor([0.2, 0.5, 0.9], device=device), loss=loss,
                               margin=2.0, temperature=1.0, shift=2.0 if loss != "margin" else 0.0,
                               regularization=0.1 if epoch == 2 else 0.0)
                   for epoch in range(3)]
-        return losses, model.node_emb.weight.detach().clone()
+        return losses, model.node_emb.weight.detach().cpu()
 
     (parts_losses, parts_w), (triple_losses, triple_w) = run(True), run(False)
     np.testing.assert_allclose(parts_losses, triple_losses, rtol=1e-5)
