@@ -11,6 +11,8 @@ log-mel; 10,000 by default, since at ~1,000 clips/s fewer would time little but 
   written. The stage's actors run with ``pipeline.ray_utils.tune_malloc`` (glibc keeps large
   buffers mapped); ``--tune-plain`` gives the plain loop the same, so the two differ only in Ray
   Data's overhead.
+* ``plain + write``  (clips) the plain loop that also writes the stage's shards, in its own
+  process: what the output costs, apart from Ray Data (its ratio is to the plain loop too).
 * ``stage xN``  ``vision.features`` / ``speech.features`` called in this process on an embedded Ray,
   N actors: listing, Ray Data streaming, Parquet shards written. Wall time includes Ray Data's
   start-up and the actors' model loading; ``steady`` is the rate after the first batch came back.
@@ -121,20 +123,35 @@ def plain_images(captions: Path, weights: str, batch: int) -> float:
     return len(names) / (time.perf_counter() - t)
 
 
-def plain_clips(transcripts: Path, batch: int) -> float:
+def plain_clips(transcripts: Path, batch: int, write_to: Path | None = None) -> float:
     """Read, decode and log-mel ``batch`` clips at a time (stele's batched ``LogMel.many``, as the
-    stage's actors do), float16 frames with a global frame; nothing is written."""
+    stage's actors do), float16 frames with a global frame. Nothing is written, unless
+    ``write_to``: then each batch becomes the stage's rows and shards (``region_table``,
+    ``FeatureWriter``), in this process, as a plain loop that keeps its output would."""
+    from pipeline.features import FeatureWriter, region_schema, region_table
     from speech.features import LogMel, with_global
     from speech.io import decode_audio
+    from speech.stages import AUDIO_COLUMNS
 
     names = [r["file"] for r in csv.DictReader(open(transcripts))]
     t = time.perf_counter()
     lm = LogMel()
+    writer = FeatureWriter(write_to) if write_to is not None else None
+    schema = region_schema(lm.dim, AUDIO_COLUMNS)
     for s in range(0, len(names), batch):
-        clips = [decode_audio((transcripts.parent / n).read_bytes()).samples
-                 for n in names[s:s + batch]]
-        for f, b in lm.many(clips):
-            with_global(f, b)[0].astype(np.float16)
+        clips = [decode_audio((transcripts.parent / n).read_bytes()) for n in names[s:s + batch]]
+        rows = []
+        frames = lm.many([c.samples for c in clips])
+        for name, clip, (f, b) in zip(names[s:s + batch], clips, frames):
+            f, b = with_global(f, b)
+            rows.append({"id": name, "features": f, "boxes": b, "duration_s": clip.duration_s,
+                         "source_rate": clip.source_rate, "channels": clip.channels})
+            if writer is None:
+                f.astype(np.float16)
+        if writer is not None:
+            writer.add(region_table(schema, rows))
+    if writer is not None:
+        writer.close()
     return len(names) / (time.perf_counter() - t)
 
 
@@ -217,6 +234,9 @@ def main() -> None:
             rows.append(("images", f"stage x{actors}", rate, m.get("steady_per_s"), rate / plain))
         plain_a = median(plain_clips(transcripts, args.audio_batch) for _ in range(args.repeats))
         rows.append(("clips", "plain loop", plain_a, None, 1.0))
+        plain_w = median(plain_clips(transcripts, args.audio_batch, tmp / f"pw{k}")
+                         for k in range(args.repeats))
+        rows.append(("clips", "plain + write", plain_w, None, plain_w / plain_a))
         for actors in (1, 2):
             m, wall = run_stage(speech_features, SpeechFeaturesParams, {
                 "dataset": {"type": "audio_folder", "root": str(transcripts.parent),
@@ -238,11 +258,11 @@ def main() -> None:
           f"plain loops {'with' if args.tune_plain else 'without'} tune_malloc")
     # start-up = what the wall time holds beyond the items at the steady rate (Ray Data's executor,
     # the actors' processes, imports and models)
-    print(f"{'what':8} {'how':12} {'items/s':>9} {'steady/s':>9} {'vs plain':>9} {'start-up s':>10}")
+    print(f"{'what':8} {'how':14} {'items/s':>9} {'steady/s':>9} {'vs plain':>9} {'start-up s':>10}")
     for what, how, rate, steady, ratio in rows:
         n = args.images if what == "images" else args.clips
         fixed = n / rate - n / steady if steady else float("nan")
-        print(f"{what:8} {how:12} {rate:9.1f} {steady or float('nan'):9.1f} {ratio:9.2f} "
+        print(f"{what:8} {how:14} {rate:9.1f} {steady or float('nan'):9.1f} {ratio:9.2f} "
               f"{fixed:10.1f}")
 
     print("\ndriver peak RSS (vision.features, mobilenetv3_small_050 pooled, fresh process per size)")

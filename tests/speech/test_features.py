@@ -1,4 +1,5 @@
-"""speech.features.LogMel: batched log-mel frames equal torchaudio's, clip by clip."""
+"""speech.features: batched log-mel frames equal torchaudio's, clip by clip; the SSL encoder on a
+GPU equals the CPU."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import pytest
 import torch
 import torchaudio.transforms as T
 
-from speech.features import LogMel
+from speech.features import LogMel, SSLEncoder
+
+from .tiny import TINY_W2V
 
 # shorter than a window, exactly one window, one sample more, a few seconds, an odd length
 LENGTHS = [200, 400, 401, 48000, 19745, 16000, 12345]
@@ -53,3 +56,26 @@ def test_many_equals_each_clip_alone(stack: int, budget: int, monkeypatch) -> No
         assert boxes[:, 2].max() <= 1 or len(x) < 400
     single = lm(clips[3])
     np.testing.assert_array_equal(single[0], out[3][0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ssl_encoder_on_cuda_equals_cpu(tmp_path) -> None:
+    """The same weights file on both devices: the GPU's frames (brought back as float32 numpy)
+    equal the CPU's, with TF32 off so that the comparison is of placement, not precision."""
+    from safetensors.torch import save_file
+
+    with pytest.warns(UserWarning, match="RANDOM"):
+        random = SSLEncoder("wav2vec2_model", config=TINY_W2V)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in random.model.state_dict().items()}, str(path))
+    x = _clips()[3]  # 3 s
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        cpu = SSLEncoder("wav2vec2_model", str(path), config=TINY_W2V)(x)
+        gpu = SSLEncoder("wav2vec2_model", str(path), device="cuda", config=TINY_W2V)(x)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert gpu[0].dtype == np.float32 and gpu[0].shape == cpu[0].shape
+    np.testing.assert_allclose(gpu[0], cpu[0], atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(gpu[1], cpu[1])

@@ -1,0 +1,35 @@
+"""pipeline.raydata.stream_map: every row through the actors once, one model call at a time."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pyarrow as pa
+
+
+class Recorder:
+    """An actor that notices when two of its calls overlap (the stage's featurizers are not
+    thread-safe: one torch model, one set of buffers)."""
+
+    def __init__(self) -> None:
+        self.busy = threading.Lock()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        alone = self.busy.acquire(blocking=False)
+        time.sleep(0.05)  # long enough for a second call in flight to start, were it allowed
+        if alone:
+            self.busy.release()
+        return pa.table({"id": batch["id"], "alone": [alone] * batch.num_rows})
+
+
+def test_stream_map_overlaps_ray_work_but_never_two_calls(ray_local: None) -> None:
+    """With two Ray tasks per actor, the rows all come back once and no call overlaps another."""
+    from pipeline.raydata import stream_map
+
+    ids = [f"item{i}" for i in range(40)]
+    tables = [pa.table({"id": ids[i:i + 8]}) for i in range(0, 40, 8)]
+    out = pa.concat_tables(stream_map(iter(tables), Recorder, actors=1, batch_size=4,
+                                      calls_per_actor=2))
+    assert sorted(out["id"].to_pylist()) == sorted(ids)
+    assert all(out["alone"].to_pylist()), "two calls of one actor ran at once"
