@@ -23,13 +23,26 @@ class Recorder:
         return pa.table({"id": batch["id"], "alone": [alone] * batch.num_rows})
 
 
-def test_stream_map_overlaps_ray_work_but_never_two_calls(ray_local: None) -> None:
-    """With two Ray tasks per actor, the rows all come back once and no call overlaps another."""
+def test_stream_map_returns_every_row_once_and_never_runs_two_calls_at_once(
+        ray_local: None, monkeypatch) -> None:
+    """With two Ray tasks per actor (asked of Ray Data's actor pool), the rows all come back once
+    and no call overlaps another."""
+    import ray.data
+
     from pipeline.raydata import stream_map
 
+    asked: dict = {}
+    pool = ray.data.ActorPoolStrategy
+
+    def spy(**kwargs):
+        asked.update(kwargs)
+        return pool(**kwargs)
+
+    monkeypatch.setattr(ray.data, "ActorPoolStrategy", spy)
     ids = [f"item{i}" for i in range(40)]
     tables = [pa.table({"id": ids[i:i + 8]}) for i in range(0, 40, 8)]
     out = pa.concat_tables(stream_map(iter(tables), Recorder, actors=1, batch_size=4,
                                       calls_per_actor=2))
+    assert asked["max_concurrent_calls_per_actor"] == asked["max_tasks_in_flight_per_actor"] == 2
     assert sorted(out["id"].to_pylist()) == sorted(ids)
     assert all(out["alone"].to_pylist()), "two calls of one actor ran at once"

@@ -69,13 +69,14 @@ def test_ssl_encoder_on_cuda_equals_cpu(tmp_path) -> None:
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in random.model.state_dict().items()}, str(path))
     x = _clips()[3]  # 3 s
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        cpu = SSLEncoder("wav2vec2_model", str(path), config=TINY_W2V)(x)
-        gpu = SSLEncoder("wav2vec2_model", str(path), device="cuda", config=TINY_W2V)(x)
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            cpu = SSLEncoder("wav2vec2_model", str(path), config=TINY_W2V)(x)
+            gpu = SSLEncoder("wav2vec2_model", str(path), device="cuda", config=TINY_W2V)(x)
     finally:
-        torch.backends.cudnn.allow_tf32 = tf32
-    assert gpu[0].dtype == np.float32 and gpu[0].shape == cpu[0].shape
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    assert gpu[0].shape == cpu[0].shape
     np.testing.assert_allclose(gpu[0], cpu[0], atol=1e-4, rtol=1e-4)
     np.testing.assert_array_equal(gpu[1], cpu[1])
