@@ -81,15 +81,33 @@ REJECTED_SCHEMA = pa.schema([("id", pa.string()), ("where", pa.string()), ("kind
                              ("reason", pa.string())])
 
 
-def region_schema(dim: int, extra: list[tuple[str, pa.DataType]] = ()) -> pa.Schema:
-    """Schema of the rows a featurizer returns: features plus ``error`` (null when it worked)."""
-    return pa.schema([
+# Schema metadata key of a featurizer's description of itself (see region_schema).
+DESCRIBE_KEY = b"stele.describe"
+
+
+def region_schema(dim: int, extra: list[tuple[str, pa.DataType]] = (),
+                  describe: dict[str, Any] | None = None) -> pa.Schema:
+    """Schema of the rows a featurizer returns: features plus ``error`` (null when it worked).
+
+    ``describe`` (JSON-able: ``dim``, ``warnings`` and what else the manifest should say about the
+    model) rides along as schema metadata on every output table, so the stage learns what its
+    actors built from their first batch, without building the model itself (:func:`extract`)."""
+    schema = pa.schema([
         ("id", pa.string()), ("n_regions", pa.int32()),
         ("features", pa.list_(pa.list_(pa.float16(), dim))),
         ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
         *extra,
         ("error", pa.string()),
     ])
+    if describe is not None:
+        schema = schema.with_metadata({DESCRIBE_KEY: json.dumps({"dim": dim, **describe})})
+    return schema
+
+
+def described(table: pa.Table) -> dict[str, Any] | None:
+    """The featurizer's ``describe`` carried by one of its output tables (None when absent)."""
+    meta = table.schema.metadata or {}
+    return json.loads(meta[DESCRIBE_KEY]) if DESCRIBE_KEY in meta else None
 
 
 def region_table(schema: pa.Schema, rows: list[dict[str, Any]]) -> pa.Table:
@@ -160,7 +178,7 @@ class FeatureWriter:
             failed = table.filter(pc.is_valid(table["error"]))
             self.reject([{"id": i, "where": i, "kind": "media", "reason": e}
                          for i, e in zip(failed["id"].to_pylist(), failed["error"].to_pylist())])
-        ok = ok.drop_columns(["error"])
+        ok = ok.drop_columns(["error"]).replace_schema_metadata(None)  # the manifest says it
         start = 0
         while start < ok.num_rows:
             if self._writer is None:
@@ -308,24 +326,25 @@ class Listing:
 
 def extract(ctx: Any, params: FeatureStageParams, actor_cls: type, *, stage_type: str, desc: str,
             on_batch: Callable[[pa.Table], None] | None = None,
-            check: Callable[[], Any] | None = None) -> dict[str, Any]:
+            explain: Callable[[], Any] | None = None) -> dict[str, Any]:
     """The body every feature stage shares: list ``params.dataset`` into ``ctx.out``, stream the
     item references through ``actor_cls(params, device, threads)`` actors
     (:func:`pipeline.raydata.stream_map`), write the shards and the rejected table, and return the
     counts for the manifest.
 
     ``on_batch(table)`` sees each output table before it is written (for modality-specific counts).
-    ``check()`` is the stage's validation of its model in this process (a bad name or weights file
-    fails there, in the stage's words). It runs in a thread while the actors start, since they
-    import torch and build the same model meanwhile: in a fresh stage process the two would
-    otherwise queue (``vision.features``: 3.6 s of imports and backbone here before the actors'
-    own 3-4 s). Its value comes back as ``counts["checked"]``; its error wins over the actors'
-    (the same failure, in Ray's words), and the first batch waits for it, so a failed check
-    writes nothing.
+    What the actors built (``dim``, data config, weights, ``warnings``: their
+    :func:`region_schema` ``describe``) comes back with their first batch as
+    ``counts["described"]``; its warnings are logged then. The stage's own process never builds
+    the model when all goes well: in a fresh ``stele run`` its torch and timm imports would share
+    the cores with the actor's (start-up 8.1-9.1 s with such a check, 6.7-6.9 s without; 300
+    images, BENCHMARKS.md). ``explain()`` builds it here only when the stream fails: a bad name,
+    weights file or mode then fails again in the stage's own words, which win over Ray's report
+    of the actor's death; when ``explain()`` succeeds (the failure was not the model's), Ray's
+    error is raised.
     Raises :class:`~pipeline.errors.StageFailed` when no item at all was usable, naming the reasons.
     """
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
     from .errors import StageFailed
     from .raydata import stream_map
@@ -340,44 +359,42 @@ def extract(ctx: Any, params: FeatureStageParams, actor_cls: type, *, stage_type
     done = first_rows = 0
     t0 = time.perf_counter()
     t_first = None
-    pool = ThreadPoolExecutor(1, thread_name_prefix=f"{stage_type}-check") if check else None
-    checking = None
+    description: dict[str, Any] | None = None
 
-    def listed() -> Iterator[pa.Table]:
-        # The check starts once the listing is in the object store, as Ray Data starts the
-        # actors: started earlier, its imports hold the GIL that this thread's imports and Ray
-        # Data's start-up need (the first batch came back about 1 s later).
-        nonlocal checking
-        yield from listing
-        if pool is not None:
-            checking = pool.submit(check)
+    def explained(stream: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        # Only the stream's own failures (Ray's), not the writer's, are worth a model build here.
+        try:
+            yield from stream
+        except Exception:
+            if explain is None:
+                raise
+            try:
+                explain()
+            except Exception as clear:
+                raise clear from None
+            raise
 
     try:
-        stream = stream_map(listed(), actor_cls,
+        stream = stream_map(listing, actor_cls,
                             fn_kwargs={"params": params, "device": device, "threads": threads},
                             actors=params.actors, cpus_per_actor=params.cpus_per_actor,
                             gpus_per_actor=gpus, batch_size=params.batch_size)
-        for out in stream:
+        for out in explained(stream):
             if t_first is None:
-                if checking is not None:
-                    checking.result()  # a failed check stops the stage before anything is written
                 t_first, first_rows = time.perf_counter(), out.num_rows
+                description = described(out) or {}
+                for w in description.get("warnings", []):
+                    ctx.log.warning("%s", w)
+                ctx.log.info("%s: the actors built %s", stage_type,
+                             {k: v for k, v in description.items() if k != "warnings"})
             if on_batch is not None:
                 on_batch(out)
             writer.add(out)
             done += out.num_rows
             # stream_map has listed every item before the first batch comes back: the total is known.
             ctx.report_progress(desc, done, listing.items)
-    except Exception:
-        if checking is not None and checking.exception() is not None:  # waits for the check
-            raise checking.exception() from None
-        raise
     finally:
         writer.close()
-        if pool is not None:
-            pool.shutdown()
-    # the check's answer (waited for at the first batch; if none came back, now)
-    checked = None if check is None else checking.result() if checking is not None else check()
     wall = time.perf_counter() - t0
     if writer.items == 0:
         raise StageFailed(f"{stage_type}: no usable item in dataset {params.dataset.type!r} "
@@ -393,5 +410,5 @@ def extract(ctx: Any, params: FeatureStageParams, actor_cls: type, *, stage_type
         "rejected_by_reason": writer.rejected_by_reason, **listing.summary(),
         "wall_extract_s": wall, "items_per_s": done / wall if wall > 0 else None,
         "steady_per_s": steady, "actors": params.actors, "device": device,
-        **({"checked": checked} if check is not None else {}),
+        "described": description or {},
     }

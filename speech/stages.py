@@ -95,9 +95,10 @@ class AudioFeaturizeActor:
         tune_malloc()  # every batch reallocates the same activations: keep them mapped
         self.p, self.with_global = params, with_global
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the stage process already logged any weights warning
+            warnings.simplefilter("ignore")  # in ``fz.warnings``, which the stage logs once
             self.fz = _featurizer(params, device)
-        self.schema = region_schema(self.fz.dim, AUDIO_COLUMNS)
+        self.schema = region_schema(self.fz.dim, AUDIO_COLUMNS,
+                                    describe={"warnings": list(getattr(self.fz, "warnings", []))})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows: list[dict[str, Any]] = []
@@ -119,17 +120,6 @@ class AudioFeaturizeActor:
         return region_table(self.schema, rows)
 
 
-def _describe(ctx: StageContext, params: SpeechFeaturesParams) -> tuple[int, list[str]]:
-    """The stage's own featurizer, built once here so a bad architecture or weights file fails with
-    a clear message: ``(dim, warnings)`` for the manifest (collected by the featurizer itself, not
-    with ``warnings.catch_warnings``, which is not thread-safe: this runs beside Ray Data)."""
-    fz = _featurizer(params)
-    notes = list(getattr(fz, "warnings", []))
-    for n in notes:
-        ctx.log.warning("%s", n)
-    return fz.dim, notes
-
-
 @stage("speech.features", version="1", cpus=0, fingerprint=_fingerprint,
        headline=("items", "rejected", "regions_per_item", "audio_seconds", "items_per_s"))
 def features(ctx: StageContext, params: SpeechFeaturesParams) -> dict:
@@ -145,17 +135,16 @@ def features(ctx: StageContext, params: SpeechFeaturesParams) -> dict:
                 resampled[r] = resampled.get(r, 0) + 1
         seconds += sum(ok["duration_s"].to_pylist())
 
-    # the featurizer is checked here while the actors start (extract's ``check``)
     counts = extract(ctx, params, AudioFeaturizeActor, stage_type="speech.features", desc="clips",
-                     on_batch=count_audio, check=lambda: _describe(ctx, params))
-    dim, notes = counts.pop("checked")
+                     on_batch=count_audio, explain=lambda: _featurizer(params))
+    built = counts.pop("described")
     frame_rate = (1000.0 / params.hop_ms / params.stack if params.features == "logmel"
                   else 16000 / 320)
     return {
-        **counts, "dim": dim,
+        **counts, "dim": built["dim"],
         "resampled_from": {str(k): v for k, v in sorted(resampled.items())},
         "audio_seconds": seconds, "frame_rate_hz": frame_rate,
         "features": params.features, "stack": params.stack, "global_token": params.global_token,
         "weights": params.weights or ("n/a" if params.features == "logmel" else "random"),
-        "warnings": notes,
+        "warnings": built["warnings"],
     }

@@ -77,22 +77,34 @@ def _backbone(p: VisionFeaturesParams) -> tuple[Any, dict, dict]:
     return model, cfg, info
 
 
+def _featurizer(p: VisionFeaturesParams, device: str = "cpu") -> tuple[Any, dict, dict]:
+    """``(RegionFeaturizer, data config, weights info)``: what each actor builds, and what the stage
+    process builds only to say why the actors could not (``extract``'s ``explain``)."""
+    from .features import RegionFeaturizer
+
+    model, cfg, info = _backbone(p)
+    try:
+        fz = RegionFeaturizer(model, cfg, p.mode, p.grid, p.global_token, device)
+    except ValueError as e:  # a mode the architecture does not have
+        raise StageFailed(f"vision.features: {p.backbone}: {e}") from None
+    return fz, cfg, info
+
+
 class ImageFeaturizeActor:
-    """One Ray Data actor: its own backbone; ``(id, media)`` batch in, region rows out."""
+    """One Ray Data actor: its own backbone; ``(id, media)`` batch in, region rows out. Its output
+    tables describe the backbone (dim, data config, weights and their warnings) for the manifest."""
 
     def __init__(self, params: VisionFeaturesParams, device: str, threads: int):
         import torch
-
-        from .features import RegionFeaturizer
 
         torch.set_num_threads(threads)
         tune_malloc()  # every batch reallocates the same activations: keep them mapped
         self.p = params
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the stage process already logged any weights warning
-            model, cfg, _ = _backbone(params)
-        self.fz = RegionFeaturizer(model, cfg, params.mode, params.grid, params.global_token, device)
-        self.schema = region_schema(self.fz.dim, IMAGE_COLUMNS)
+            warnings.simplefilter("ignore")  # in ``info``, which the stage logs once
+            self.fz, cfg, info = _featurizer(params, device)
+        self.schema = region_schema(self.fz.dim, IMAGE_COLUMNS, describe={
+            "data_config": cfg, "weights": info["weights"], "warnings": info.get("warnings", [])})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows: list[dict[str, Any]] = []
@@ -111,23 +123,6 @@ class ImageFeaturizeActor:
         return region_table(self.schema, rows)
 
 
-def _describe(ctx: StageContext, params: VisionFeaturesParams) -> tuple[int, dict, dict]:
-    """The stage's own look at its backbone: built once here, so a bad name, weights file or mode
-    fails with a clear message; logged; ``(dim, data config, weights info)`` for the manifest."""
-    from .features import RegionFeaturizer
-
-    model, cfg, info = _backbone(params)
-    for w in info.get("warnings", []):
-        ctx.log.warning("%s", w)
-    try:
-        dim = RegionFeaturizer(model, cfg, params.mode, params.grid, params.global_token).dim
-    except ValueError as e:  # a mode the architecture does not have
-        raise StageFailed(f"vision.features: {params.backbone}: {e}") from None
-    ctx.log.info("backbone %s (%s), dim %d, data config %s", params.backbone, info["weights"], dim,
-                 cfg)
-    return dim, cfg, info
-
-
 @stage("vision.features", version="1", cpus=0, fingerprint=_fingerprint,
        headline=("items", "rejected", "regions_per_item", "dim", "items_per_s"))
 def features(ctx: StageContext, params: VisionFeaturesParams) -> dict:
@@ -138,12 +133,12 @@ def features(ctx: StageContext, params: VisionFeaturesParams) -> dict:
         for m in usable(out)["mode"].to_pylist():
             modes[m] = modes.get(m, 0) + 1
 
-    # the backbone is checked here while the actors start (extract's ``check``)
     counts = extract(ctx, params, ImageFeaturizeActor, stage_type="vision.features", desc="images",
-                     on_batch=count_modes, check=lambda: _describe(ctx, params))
-    dim, cfg, info = counts.pop("checked")
+                     on_batch=count_modes, explain=lambda: _featurizer(params))
+    built = counts.pop("described")
     return {
-        **counts, "dim": dim, "source_modes": modes,
-        "backbone": params.backbone, "weights": info["weights"], "warnings": info.get("warnings", []),
-        "mode": params.mode, "global_token": params.global_token, "data_config": cfg,
+        **counts, "dim": built["dim"], "source_modes": modes,
+        "backbone": params.backbone, "weights": built["weights"], "warnings": built["warnings"],
+        "mode": params.mode, "global_token": params.global_token,
+        "data_config": built["data_config"],
     }

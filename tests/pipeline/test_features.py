@@ -1,11 +1,18 @@
-"""pipeline.features: the feature-shard writer and reader, without Ray."""
+"""pipeline.features: the feature-shard writer and reader (without Ray), and what ``extract`` learns
+from its actors and says when they fail (on Ray, with stand-in featurizers)."""
 
 from __future__ import annotations
 
-import numpy as np
-import pyarrow.parquet as pq
+import logging
 
-from pipeline.features import FeatureSet, FeatureWriter, region_schema, region_table
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import StageFailed
+from pipeline.features import (FeatureSet, FeatureStageParams, FeatureWriter, extract, region_schema,
+                               region_table)
 
 
 def _rows(ids: list[str], dim: int = 6) -> list[dict]:
@@ -55,3 +62,74 @@ def test_feature_values_carry_no_parquet_statistics(tmp_path) -> None:
     stats = {md.column(j).path_in_schema.split(".")[0]: md.column(j).is_stats_set
              for j in range(md.num_columns)}
     assert stats == {"id": True, "n_regions": True, "features": False, "boxes": False}
+
+
+class Describing:
+    """A stand-in featurizer: 3-d features for every item, and a description of itself."""
+
+    def __init__(self, params: FeatureStageParams, device: str, threads: int) -> None:
+        self.schema = region_schema(3, describe={"weights": "w.safetensors",
+                                                 "warnings": ["the weights are a stand-in"]})
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return region_table(self.schema, [{"id": i, "features": np.ones((2, 3)),
+                                           "boxes": np.zeros((2, 4)), "error": None}
+                                          for i in batch["id"].to_pylist()])
+
+
+class Broken:
+    """A stand-in featurizer that cannot be built, as an actor with a bad weights file."""
+
+    def __init__(self, params: FeatureStageParams, device: str, threads: int) -> None:
+        raise ValueError("stand-in model cannot load")
+
+
+def _extract(tmp_path, actor_cls, explain=None):
+    from pipeline.context import StageContext
+    from pipeline.registry import Resources
+
+    for k in range(5):
+        (tmp_path / f"{k}.png").write_bytes(b"not read by the stand-ins")
+    (tmp_path / "c.csv").write_text("image,caption\n" + "".join(f"{k}.png,item {k}\n"
+                                                                for k in range(5)))
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StageContext(stage="f", key="k", out=out, inputs={}, resources=Resources(),
+                       state_uri=str(tmp_path / "state"), log=logging.getLogger("test.extract"))
+    params = FeatureStageParams.model_validate(
+        {"dataset": {"type": "image_folder", "captions": str(tmp_path / "c.csv")}, "batch_size": 2})
+    return extract(ctx, params, actor_cls, stage_type="test.features", desc="items",
+                   explain=explain), out
+
+
+def test_extract_learns_what_the_actors_built_from_their_output(ray_local, tmp_path, caplog):
+    """The description rides on every output table: the stage gets it with the first batch and
+    logs its warnings, without building anything itself; the shards do not carry it."""
+    built_here = []
+    with caplog.at_level(logging.WARNING, logger="test.extract"):
+        counts, out = _extract(tmp_path, Describing, explain=lambda: built_here.append(1))
+    assert counts["items"] == 5 and not built_here
+    assert counts["described"] == {"dim": 3, "weights": "w.safetensors",
+                                   "warnings": ["the weights are a stand-in"]}
+    assert "the weights are a stand-in" in caplog.text
+    assert pq.read_schema(out / "features" / "part-00000.parquet").metadata is None
+
+
+def test_an_actor_that_cannot_start_fails_in_the_stages_words(ray_local, tmp_path):
+    """When the actors die building their model, ``explain`` builds it in the stage's process and
+    its error is the one raised; nothing is written."""
+    def explain():
+        raise StageFailed("test.features: weights w.safetensors do not fit")
+
+    with pytest.raises(StageFailed, match="do not fit") as e:
+        _extract(tmp_path, Broken, explain=explain)
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # not chained to Ray's report
+    assert not list((tmp_path / "out" / "features").glob("*.parquet"))
+
+
+def test_an_actor_failure_explain_cannot_reproduce_is_reported_as_ray_saw_it(ray_local, tmp_path):
+    """A model that builds here (the failure was not the model's) leaves Ray's error standing."""
+    import ray.exceptions
+
+    with pytest.raises(ray.exceptions.RayError, match="stand-in model cannot load"):
+        _extract(tmp_path, Broken, explain=lambda: None)

@@ -134,8 +134,8 @@ def test_an_image_dataset_is_refused_at_validation(tmp_path):
 
 
 def test_weights_that_do_not_fit_fail_in_the_stages_words(ray_local, tmp_path, folder):
-    """The stage checks its encoder while the actors start (which fail on it too): the error raised
-    is the stage's own, naming the file, not Ray's actor death; no shard is written."""
+    """The actors fail to load the weights; the stage then builds the encoder in its own process,
+    whose error (naming the file) is the one raised, not Ray's actor death; no shard is written."""
     import torch
     from safetensors.torch import save_file
 

@@ -104,11 +104,21 @@ def _plain_loop(folder: Path, weights: Path, names: list[str]) -> dict[str, np.n
 
 @pytest.mark.parametrize("actors", [1, 2])
 def test_stage_equals_plain_loop_and_records_every_bad_image(ray_local, tmp_path, folder, weights,
-                                                             actors):
+                                                             actors, monkeypatch):
+    import vision.stages
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the stage process built a backbone: only its actors should")
+
+    monkeypatch.setattr(vision.stages, "_featurizer", not_here)  # this process only, not the actors
     metrics, out = _run(tmp_path, dataset={"type": "image_folder", "captions": str(folder / "captions.csv")},
                         weights=str(weights), batch_size=3, actors=actors, max_pixels=50_000,
                         rows_per_shard=4)
     assert metrics["items"] == len(GOOD) and metrics["dim"] == 1280
+    # what the actors built, as they described it
+    assert metrics["weights"] == str(weights.resolve()) and metrics["warnings"] == []
+    cfg = timm.data.resolve_data_config(model=timm.create_model("tf_efficientnet_lite0"))
+    assert metrics["data_config"] == json.loads(json.dumps(cfg))
     assert metrics["regions"] == len(GOOD) * 50
     fs = FeatureSet(out)
     assert len(fs.shards) == 2  # 6 items, 4 rows per shard
@@ -170,8 +180,8 @@ def test_an_audio_dataset_is_refused_at_validation(tmp_path):
 ], ids=["unknown-backbone", "missing-weights", "mode-it-lacks"])
 def test_a_bad_backbone_fails_in_the_stages_words_and_writes_nothing(ray_local, tmp_path, folder,
                                                                       params, message):
-    """The stage checks its backbone while the actors start (which fail on it too): its own error
-    is the one raised, not Ray's, and no feature shard is written."""
+    """The actors fail to build the backbone; the stage then builds it in its own process, whose
+    error is the one raised, not Ray's report of the actors' death; no feature shard is written."""
     with pytest.raises(StageFailed, match=message):
         _run(tmp_path, dataset={"type": "image_folder", "captions": str(folder / "captions.csv")},
              limit=2, **params)
