@@ -17,9 +17,11 @@ log-mel; 10,000 by default, since at ~1,000 clips/s fewer would time little but 
   after one untimed small stage (Ray Data's first use in a session), N actors: listing, Ray Data
   streaming, Parquet shards written. Wall time includes starting the stage's actors and their
   model loading; ``steady`` is the rate after the first batch came back.
-* ``stage x1, fresh process``  the 1-actor image stage in a fresh subprocess (Ray started there
-  before the clock): the stage process imports torch and timm and builds the backbone itself, as
-  in a ``stele run``, where this process had them from the plain loop.
+* ``fresh``     a job from scratch on each side, each in a fresh subprocess: ``plain, fresh`` is the
+  plain loop with its own imports (torch, timm or torchaudio) on the clock; ``x1 fresh`` the 1-actor
+  stage with its imports (stele's; the actor's torch and model) on the clock, Ray started before
+  it (a ``stele run`` on a running cluster). ``x1 fresh`` is given as a ratio to ``plain, fresh``,
+  ``plain, fresh`` to the plain loop.
 * ``rss``       each size in a fresh subprocess (``ru_maxrss`` only grows): peak RSS of the process
   that runs the stage (the driver here), with a small pooled backbone so 10k images take seconds.
 
@@ -173,19 +175,48 @@ def rss_child(n: int) -> None:
                       "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def stage_child(captions: Path, weights: str, batch: int) -> None:
-    """The 1-actor image stage in this (fresh) process: prints its metrics as JSON."""
+def plain_child(kind: str, listing: Path, batch: int) -> None:
+    """A plain loop in this (fresh) process, its imports on the clock: prints its wall time."""
+    t = time.perf_counter()
+    if kind == "images":
+        plain_images(listing, WEIGHTS, batch)
+    else:
+        plain_clips(listing, batch)
+    print(json.dumps({"wall_s": time.perf_counter() - t}))
+
+
+def stage_child(kind: str, listing: Path, batch: int) -> None:
+    """The 1-actor stage in this (fresh) process, stele's imports on the clock, Ray started before:
+    prints its metrics as JSON."""
     from pipeline.ray_utils import init_ray, shutdown_ray
-    from vision.stages import VisionFeaturesParams, features
 
     init_ray()
     time.sleep(3)  # Ray's own worker processes settle before the clock starts
+    t = time.perf_counter()
+    if kind == "images":
+        from vision.stages import VisionFeaturesParams as params_cls
+        from vision.stages import features as fn
+
+        params = {"dataset": {"type": "image_folder", "captions": str(listing)},
+                  "weights": WEIGHTS, "batch_size": batch, "actors": 1}
+    else:
+        from speech.stages import SpeechFeaturesParams as params_cls
+        from speech.stages import features as fn
+
+        params = {"dataset": {"type": "audio_folder", "root": str(listing.parent),
+                              "transcripts": listing.name}, "actors": 1, "batch_size": batch}
     with tempfile.TemporaryDirectory() as tmp:
-        m, wall = run_stage(features, VisionFeaturesParams, {
-            "dataset": {"type": "image_folder", "captions": str(captions)},
-            "weights": weights, "batch_size": batch, "actors": 1}, Path(tmp) / "out")
+        m, _ = run_stage(fn, params_cls, params, Path(tmp) / "out")
+    wall = time.perf_counter() - t
     shutdown_ray()
     print(json.dumps({"items": m["items"], "wall_s": wall, "steady_per_s": m["steady_per_s"]}))
+
+
+def fresh(role: str, kind: str, listing: Path, batch: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, f"--{role}-child", kind, str(listing),
+                          "--batch", str(batch)], capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()[-1]
+    return json.loads(out)
 
 
 def main() -> None:
@@ -200,13 +231,15 @@ def main() -> None:
     ap.add_argument("--tune-plain", action="store_true",
                     help="plain loops with the stage actors' glibc malloc settings (tune_malloc)")
     ap.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--stage-child", help=argparse.SUPPRESS)
+    ap.add_argument("--stage-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--plain-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
         rss_child(args.rss_child)
         return
-    if args.stage_child:
-        stage_child(Path(args.stage_child), WEIGHTS, args.batch)
+    if args.stage_child or args.plain_child:
+        kind, listing = args.stage_child or args.plain_child
+        (stage_child if args.stage_child else plain_child)(kind, Path(listing), args.batch)
         return
     logging.basicConfig(level=logging.WARNING)
     from pipeline.ray_utils import init_ray, shutdown_ray
@@ -229,7 +262,7 @@ def main() -> None:
         init_ray()
         # Untimed: the first Ray Data stage of a Ray session pays for Ray Data's own start (its
         # internal actors), which would otherwise fall on whichever row runs first. The fresh
-        # process row below includes it, as a `stele run` does.
+        # stage rows below include it, as a `stele run` does.
         run_stage(vision_features, VisionFeaturesParams, {
             "dataset": {"type": "image_folder", "captions": str(captions)},
             "weights": WEIGHTS, "batch_size": args.batch, "actors": 1, "limit": args.batch},
@@ -254,13 +287,16 @@ def main() -> None:
             rate = args.clips / wall
             rows.append(("clips", f"stage x{actors}", rate, m.get("steady_per_s"), rate / plain_a))
         shutdown_ray()
-        # after this process's Ray is down: the child starts its own
-        out = subprocess.run([sys.executable, __file__, "--stage-child", str(captions),
-                              "--batch", str(args.batch)], capture_output=True, text=True,
-                             check=True).stdout.strip().splitlines()[-1]
-        r = json.loads(out)
-        rate = args.images / r["wall_s"]
-        rows.insert(3, ("images", "x1 fresh", rate, r["steady_per_s"], rate / plain))
+        # after this process's Ray is down: each child starts its own
+        for kind, listing, batch, warm in (("images", captions, args.batch, plain),
+                                           ("clips", transcripts, args.audio_batch, plain_a)):
+            n = args.images if kind == "images" else args.clips
+            p = n / fresh("plain", kind, listing, batch)["wall_s"]
+            r = fresh("stage", kind, listing, batch)
+            at = max(i for i, row in enumerate(rows) if row[0] == kind) + 1
+            rows[at:at] = [(kind, "plain, fresh", p, None, p / warm),
+                           (kind, "x1 fresh", n / r["wall_s"], r["steady_per_s"],
+                            n / r["wall_s"] / p)]
 
     print(f"\n{os.cpu_count()} cores; {args.images} images (tf_efficientnet_lite0, grid 1+49 regions, "
           f"batch {args.batch}); {args.clips} clips of 3 s (log-mel 80, batch {args.audio_batch}); "
