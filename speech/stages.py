@@ -73,6 +73,8 @@ def _fingerprint(p: SpeechFeaturesParams) -> list[Any]:
 
 
 def _featurizer(p: SpeechFeaturesParams, device: str = "cpu") -> Any:
+    """What each actor builds, and what the stage process builds only to say why the actors could
+    not (``extract``'s ``explain``)."""
     from .features import LogMel, SSLEncoder
 
     if p.features == "logmel":
@@ -84,7 +86,8 @@ def _featurizer(p: SpeechFeaturesParams, device: str = "cpu") -> Any:
 
 
 class AudioFeaturizeActor:
-    """One Ray Data actor: its own featurizer; ``(id, media)`` batch in, frame rows out."""
+    """One Ray Data actor: its own featurizer; ``(id, media)`` batch in, frame rows out. Its output
+    tables describe the featurizer (dim, weights warnings) for the manifest."""
 
     def __init__(self, params: SpeechFeaturesParams, device: str, threads: int):
         import torch
