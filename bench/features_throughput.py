@@ -131,6 +131,8 @@ def plain_clips(transcripts: Path, batch: int, write_to: Path | None = None) -> 
     stage's actors do), float16 frames with a global frame. Nothing is written, unless
     ``write_to``: then each batch becomes the stage's rows and shards (``region_table``,
     ``FeatureWriter``), in this process, as a plain loop that keeps its output would."""
+    import torch
+
     from pipeline.features import FeatureWriter, region_schema, region_table
     from speech.features import LogMel, with_global
     from speech.io import decode_audio
@@ -148,7 +150,7 @@ def plain_clips(transcripts: Path, batch: int, write_to: Path | None = None) -> 
         for name, clip, (f, b) in zip(names[s:s + batch], clips, frames):
             f, b = with_global(f, b)
             if writer is None:
-                f.astype(np.float16)
+                torch.from_numpy(f).half().numpy()  # as the stage does (and the image loop)
             else:
                 rows.append({"id": name, "features": f, "boxes": b, "duration_s": clip.duration_s,
                              "source_rate": clip.source_rate, "channels": clip.channels})

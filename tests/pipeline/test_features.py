@@ -133,3 +133,19 @@ def test_an_actor_failure_explain_cannot_reproduce_is_reported_as_ray_saw_it(ray
 
     with pytest.raises(ray.exceptions.RayError, match="stand-in model cannot load"):
         _extract(tmp_path, Broken, explain=lambda: None)
+
+
+def test_float16_conversion_matches_numpy_bit_for_bit() -> None:
+    """The feature column is converted by torch (vectorised); it must round as numpy does,
+    including overflow to inf, NaN, subnormals and halfway cases."""
+    import warnings
+
+    f = (np.random.default_rng(1).standard_normal((5, 6)) * 3e4).astype(np.float32)
+    f[0] = [7e4, -7e4, np.nan, 1e-7, 65519.99, 2049.0]  # 2049: halfway, rounds to even
+    t = region_table(region_schema(6), [{"id": "a", "features": f, "boxes": np.zeros((5, 4)),
+                                         "error": None}])
+    got = t["features"].combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False).reshape(5, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy warns on the overflow it performs
+        want = f.astype(np.float16)
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
