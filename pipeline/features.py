@@ -349,8 +349,8 @@ def extract(ctx: Any, params: FeatureStageParams, actor_cls: type, *, stage_type
     :func:`region_schema` ``describe``) comes back with their first batch as
     ``counts["described"]``; its warnings are logged then. The stage's own process never builds
     the model when all goes well: in a fresh ``stele run`` its torch and timm imports would share
-    the cores with the actor's (start-up 8.1-9.1 s with such a check, 6.7-6.9 s without; 300
-    images, BENCHMARKS.md). ``explain()`` builds it here only when the stream fails: a bad name,
+    the cores with the actor's (300 images, fresh processes: start-up 16.9-17.4 s with such a
+    check, 14.8-15.7 s without; BENCHMARKS.md, session 10). ``explain()`` builds it here only when the stream fails: a bad name,
     weights file or mode then fails again in the stage's own words, which win over Ray's report
     of the actor's death; when ``explain()`` succeeds (the failure was not the model's), Ray's
     error is raised.
