@@ -7,8 +7,8 @@ Both are stored the same way, so the encoders do not care which modality they ge
 
     features/part-00000.parquet   id           string
                                   n_regions    int32
-                                  features     list<fixed_size_list<float16, dim>>   (R, dim)
-                                  boxes        list<fixed_size_list<float32, 4>>     (R, 4)
+                                  features     large_binary: (R, dim) float16, one blob per item
+                                  boxes        large_binary: (R, 4) float32, one blob per item
                                   + modality columns (width/height, or duration_s/sample_rate)
     items.parquet                 id, media, texts (list<string>), meta (JSON): every listed item
     rejected.parquet              id, where, kind (listing | media | text), reason: nothing usable
@@ -17,7 +17,15 @@ Both are stored the same way, so the encoders do not care which modality they ge
 Boxes are normalised ``(x1, y1, x2, y2)`` in [0, 1] of the original image; for audio they are
 ``(t_start / T, 0, t_end / T, 1)`` so that time spans are "boxes" too. When the stage wrote a global
 token (``global_token`` in the manifest), it is region 0 with the box of the whole visible input.
-float16 halves the size of the largest table; the encoders compute in float32 or bf16 anyway.
+
+A tensor column holds each item's array as raw little-endian bytes, row-major, and says what they
+are in its field metadata (``stele.tensor``: ``{"dtype": "<f2", "shape": [null, dim]}``), as the
+bottom-up-attention TSVs of ViLBERT and LXMERT store base64 blobs beside ``num_boxes``. Not nested
+float lists: Parquet writes those value by value with two repetition levels each, 12-16x slower
+to write and 5x slower to read (44.8 against 3.8 ms per batch of 32 images of 50 x 1280 values;
+BENCHMARKS.md, session 11), and one stage process writes what every actor computes.
+:class:`FeatureSet` reads them back as numpy arrays without a copy.
+float16 halves the size of the largest column; the encoders compute in float32 or bf16 anyway.
 """
 
 from __future__ import annotations
@@ -85,6 +93,61 @@ REJECTED_SCHEMA = pa.schema([("id", pa.string()), ("where", pa.string()), ("kind
 DESCRIBE_KEY = b"stele.describe"
 
 
+# Field metadata key of a tensor column (see tensor_field).
+TENSOR_KEY = b"stele.tensor"
+
+
+def tensor_field(name: str, dtype: Any, width: int) -> pa.Field:
+    """A column of per-row ``(n, width)`` arrays of ``dtype``, each stored as one blob."""
+    spec = {"dtype": np.dtype(dtype).newbyteorder("<").str, "shape": [None, int(width)]}
+    return pa.field(name, pa.large_binary(), metadata={TENSOR_KEY: json.dumps(spec)})
+
+
+def tensor_spec(field: pa.Field, where: str = "") -> tuple[np.dtype, int]:
+    """``(dtype, width)`` of a :func:`tensor_field`; a clear error for any other column."""
+    meta = field.metadata or {}
+    if TENSOR_KEY not in meta:
+        raise ValueError(f"{where}column {field.name!r} is {field.type}, not a stele tensor column "
+                         f"(no {TENSOR_KEY.decode()} metadata): features written by an older stele "
+                         f"(nested float lists) must be extracted again")
+    spec = json.loads(meta[TENSOR_KEY])
+    return np.dtype(spec["dtype"]), int(spec["shape"][-1])
+
+
+def pack_rows(arrays: list[np.ndarray], counts: list[int], dtype: np.dtype,
+              width: int) -> pa.LargeBinaryArray:
+    """One blob per row: ``arrays`` (the non-empty rows, in order) concatenated as ``dtype``; a row
+    whose count is 0 gets an empty blob. Built from two buffers, without a per-row copy."""
+    if arrays:
+        flat = np.concatenate([a.reshape(-1) for a in arrays])
+        flat = _half(flat) if dtype == np.float16 else flat.astype(dtype, copy=False)
+    else:
+        flat = np.zeros(0, dtype)
+    flat = np.ascontiguousarray(flat, dtype=dtype.newbyteorder("<"))
+    offsets = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(np.asarray(counts, np.int64) * (width * dtype.itemsize), out=offsets[1:])
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(counts),
+                                            [None, pa.py_buffer(offsets), pa.py_buffer(flat)])
+
+
+def unpack_rows(column: pa.Array, dtype: np.dtype, width: int) -> list[np.ndarray]:
+    """The ``(n, width)`` arrays of a tensor column (one chunk, possibly sliced): read-only views
+    into its data buffer, no copy."""
+    if column.null_count:
+        raise ValueError(f"tensor column has {column.null_count} null row(s)")
+    offsets = np.frombuffer(column.buffers()[1], np.int64, len(column) + 1, column.offset * 8)
+    data = column.buffers()[2]
+    data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    row = width * dtype.itemsize
+    out = []
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        if (b - a) % row:
+            raise ValueError(f"a blob of {b - a} bytes is not a whole number of {width}-wide "
+                             f"{dtype.name} rows")
+        out.append(data[a:b].view(dtype).reshape(-1, width))
+    return out
+
+
 def region_schema(dim: int, extra: list[tuple[str, pa.DataType]] = (),
                   describe: dict[str, Any] | None = None) -> pa.Schema:
     """Schema of the rows a featurizer returns: features plus ``error`` (null when it worked).
@@ -94,8 +157,8 @@ def region_schema(dim: int, extra: list[tuple[str, pa.DataType]] = (),
     actors built from their first batch, without building the model itself (:func:`extract`)."""
     schema = pa.schema([
         ("id", pa.string()), ("n_regions", pa.int32()),
-        ("features", pa.list_(pa.list_(pa.float16(), dim))),
-        ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
+        tensor_field("features", np.float16, dim),
+        tensor_field("boxes", np.float32, 4),
         *extra,
         ("error", pa.string()),
     ])
@@ -112,8 +175,8 @@ def described(table: pa.Table) -> dict[str, Any] | None:
 
 def region_table(schema: pa.Schema, rows: list[dict[str, Any]]) -> pa.Table:
     """Arrow table from ``{"id", "features": (R, D) array, "boxes": (R, 4) array, ..., "error"}``
-    dicts; a failed row has ``error`` set and no features."""
-    dim = schema.field("features").type.value_type.list_size
+    dicts; a failed row has ``error`` set and no features (empty blobs, ``n_regions`` 0)."""
+    dim = tensor_spec(schema.field("features"))[1]
     cols: dict[str, list] = {name: [] for name in schema.names}
     feats, boxes, counts = [], [], []
     for r in rows:
@@ -126,13 +189,8 @@ def region_table(schema: pa.Schema, rows: list[dict[str, Any]]) -> pa.Table:
         for name in schema.names:
             if name not in ("features", "boxes", "n_regions"):
                 cols[name].append(r.get(name))
-    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-    flat_f = _half(np.concatenate(feats).reshape(-1)) if feats else np.zeros(0, np.float16)
-    flat_b = np.concatenate(boxes).reshape(-1) if boxes else np.zeros(0, np.float32)
-    cols["features"] = pa.ListArray.from_arrays(
-        offsets, pa.FixedSizeListArray.from_arrays(pa.array(flat_f, pa.float16()), dim))
-    cols["boxes"] = pa.ListArray.from_arrays(
-        offsets, pa.FixedSizeListArray.from_arrays(pa.array(flat_b, pa.float32()), 4))
+    cols["features"] = pack_rows(feats, counts, np.dtype(np.float16), dim)
+    cols["boxes"] = pack_rows(boxes, counts, np.dtype(np.float32), 4)
     cols["n_regions"] = counts
     return pa.table({k: cols[k] for k in schema.names}, schema=schema)
 
@@ -146,7 +204,7 @@ def _half(values: np.ndarray) -> np.ndarray:
         return values
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).half().numpy()
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(-1)).half().numpy()
 
 
 def usable(table: pa.Table) -> pa.Table:
@@ -195,10 +253,10 @@ class FeatureWriter:
         while start < ok.num_rows:
             if self._writer is None:
                 path = self.dir / f"part-{self.shards:05d}.parquet"
-                # No dictionary encoding: float features never repeat, and trying costs 2.3x the
-                # write time (measured: 63 vs 27 ms per 64 clips of 300 log-mel frames). No
-                # min/max statistics for the feature and box values, which no reader filters on:
-                # they cost another 27 -> 17 ms per such batch.
+                # No dictionary encoding: feature blobs never repeat, and hashing each one to
+                # find out is wasted work. No min/max statistics for the blobs: no reader
+                # filters on them, and a binary column's min and max are whole values, copied
+                # into the footer of every row group.
                 self._writer = pq.ParquetWriter(
                     path, ok.schema, use_dictionary=False,
                     write_statistics=[n for n in ok.schema.names if n not in UNSTATISTICAL])
@@ -236,13 +294,24 @@ class FeatureSet:
     @property
     def dim(self) -> int:
         schema = pq.read_schema(self.shards[0])
-        return schema.field("features").type.value_type.list_size
+        return tensor_spec(schema.field("features"), f"{self.shards[0]}: ")[1]
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-        """``(id, features (R, dim) float16, boxes (R, 4) float32)`` of every item."""
+        """``(id, features (R, dim) float16, boxes (R, 4) float32)`` of every item: read-only
+        views into the batch just read (``np.array(f)`` to keep a writable copy)."""
         for shard in self.shards:
-            for batch in pq.ParquetFile(shard).iter_batches(columns=["id", "features", "boxes"]):
-                yield from _unpack(batch)
+            file = pq.ParquetFile(shard)
+            f_spec = tensor_spec(file.schema_arrow.field("features"), f"{shard}: ")
+            b_spec = tensor_spec(file.schema_arrow.field("boxes"), f"{shard}: ")
+            for batch in file.iter_batches(columns=["id", "n_regions", "features", "boxes"]):
+                feats = unpack_rows(batch.column("features"), *f_spec)
+                boxes = unpack_rows(batch.column("boxes"), *b_spec)
+                n = batch.column("n_regions").to_pylist()
+                for i, f, b, r in zip(batch.column("id").to_pylist(), feats, boxes, n):
+                    if len(f) != r or len(b) != r:
+                        raise ValueError(f"{shard}: item {i!r} has n_regions {r} but "
+                                         f"{len(f)} feature and {len(b)} box rows")
+                    yield i, f, b
 
     def load(self, ids: list[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{id: (features, boxes)}`` for ``ids`` (all items when None)."""
@@ -254,18 +323,6 @@ class FeatureSet:
 
     def rejected(self) -> pa.Table:
         return pq.read_table(self.path / "rejected.parquet")
-
-
-def _unpack(batch: pa.RecordBatch) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    feats, boxes = batch.column("features"), batch.column("boxes")
-    dim = feats.type.value_type.list_size
-    # flatten() honours a sliced batch (``.values`` would not); offsets stay absolute, so rebase.
-    f_all = feats.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-    b_all = boxes.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, 4)
-    off = feats.offsets.to_numpy()
-    off = off - off[0]
-    for k, i in enumerate(batch.column("id").to_pylist()):
-        yield i, f_all[off[k]:off[k + 1]], b_all[off[k]:off[k + 1]]
 
 
 ITEM_REF_SCHEMA = pa.schema([("id", pa.string()), ("media", pa.string())])

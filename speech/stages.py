@@ -123,7 +123,7 @@ class AudioFeaturizeActor:
         return region_table(self.schema, rows)
 
 
-@stage("speech.features", version="1", cpus=0, fingerprint=_fingerprint,
+@stage("speech.features", version="2", cpus=0, fingerprint=_fingerprint,
        headline=("items", "rejected", "regions_per_item", "audio_seconds", "items_per_s"))
 def features(ctx: StageContext, params: SpeechFeaturesParams) -> dict:
     """Log-mel or wav2vec2/HuBERT frame features of an audio dataset, with time spans, on Ray Data."""
