@@ -21,10 +21,11 @@ token (``global_token`` in the manifest), it is region 0 with the box of the who
 A tensor column holds each item's array as raw little-endian bytes, row-major, and says what they
 are in its field metadata (``stele.tensor``: ``{"dtype": "<f2", "shape": [null, dim]}``), as the
 bottom-up-attention TSVs of ViLBERT and LXMERT store base64 blobs beside ``num_boxes``. Not nested
-float lists: Parquet writes those value by value with two repetition levels each, 12-16x slower
-to write and 5x slower to read (44.8 against 3.8 ms per batch of 32 images of 50 x 1280 values;
-BENCHMARKS.md, session 11), and one stage process writes what every actor computes.
-:class:`FeatureSet` reads them back as numpy arrays without a copy.
+float lists: Parquet encodes those value by value, with two repetition levels each (in memory, 32
+images of 50 x 1280 values: 44.8 against 3.8 ms; from rows to file and back, 2.6-2.8x the write
+and 2.0-2.1x the read time: ``bench/feature_layout.py``, BENCHMARKS.md), and one stage process
+writes what every actor computes. :class:`FeatureSet` reads them back as numpy arrays without a
+copy.
 float16 halves the size of the largest column; the encoders compute in float32 or bf16 anyway.
 """
 
@@ -299,11 +300,16 @@ class FeatureSet:
     def __iter__(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         """``(id, features (R, dim) float16, boxes (R, 4) float32)`` of every item: read-only
         views into the batch just read (``np.array(f)`` to keep a writable copy)."""
+        import pyarrow.dataset as ds
+
         for shard in self.shards:
-            file = pq.ParquetFile(shard)
-            f_spec = tensor_spec(file.schema_arrow.field("features"), f"{shard}: ")
-            b_spec = tensor_spec(file.schema_arrow.field("boxes"), f"{shard}: ")
-            for batch in file.iter_batches(columns=["id", "n_regions", "features", "boxes"]):
+            # The dataset scanner, one row group at a time: ParquetFile.iter_batches decodes the
+            # same blobs in twice the time (12.7 against 6.8 ms per 64 clips).
+            file = ds.dataset(shard, format="parquet")
+            f_spec = tensor_spec(file.schema.field("features"), f"{shard}: ")
+            b_spec = tensor_spec(file.schema.field("boxes"), f"{shard}: ")
+            for batch in file.to_batches(columns=["id", "n_regions", "features", "boxes"],
+                                         use_threads=False):
                 feats = unpack_rows(batch.column("features"), *f_spec)
                 boxes = unpack_rows(batch.column("boxes"), *b_spec)
                 n = batch.column("n_regions").to_pylist()
