@@ -171,7 +171,7 @@ def rss_child(n: int) -> None:
         m, wall = run_stage(features, VisionFeaturesParams, {
             "dataset": {"type": "image_folder", "captions": str(captions)},
             "backbone": "mobilenetv3_small_050", "mode": "pooled", "global_token": False,
-            "crop_pct": 1.0, "batch_size": 128}, Path(tmp) / "out")
+            "crop_pct": 1.0, "batch_size": 128, "actors": 1}, Path(tmp) / "out")
     print(json.dumps({"n": n, "items": m["items"], "wall_s": wall,
                       "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

@@ -23,19 +23,19 @@ are in its field metadata (``stele.tensor``: ``{"dtype": "<f2", "shape": [null, 
 bottom-up-attention TSVs of ViLBERT and LXMERT store base64 blobs beside ``num_boxes``. Not nested
 float lists: Parquet encodes those value by value, with two repetition levels each (in memory, 32
 images of 50 x 1280 values: 44.8 against 3.8 ms; from rows to file and back, 2.6-2.8x the write
-and 2.0-2.1x the read time: ``bench/feature_layout.py``, BENCHMARKS.md), and one stage process
+and 1.9-2.3x the read time: ``bench/feature_layout.py``, BENCHMARKS.md), and one stage process
 writes what every actor computes. :class:`FeatureSet` reads them back as numpy arrays without a
-copy.
-float16 halves the size of the largest column; the encoders compute in float32 or bf16 anyway.
+copy. float16 halves the size of the largest column; the encoders compute in float32 or bf16 anyway.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -56,7 +56,9 @@ class FeatureStageParams(BaseModel):
     dataset: SerializeAsAny[MediaDataset] = Field(
         description="a media dataset: {type: emoji, path: ...}; types: `stele datasets`")
     batch_size: int = Field(default=32, ge=1)
-    actors: int = Field(default=1, ge=1)
+    actors: int | Literal["auto"] = Field(
+        default="auto", description="Ray Data actors, each with its own model; auto: one per GPU "
+                                    "when the cluster has GPUs, else one per core, at most 8")
     cpus_per_actor: float = Field(default=1.0, gt=0)
     gpus_per_actor: float | None = Field(default=None, ge=0,
                                          description="default: 1 when the cluster has GPUs, else 0")
@@ -76,12 +78,32 @@ class FeatureStageParams(BaseModel):
                              f"{cls.modality} items{cls.modality_hint}")
         return v
 
-    def placement(self) -> tuple[float, str, int]:
-        """``(GPUs per actor, torch device, intra-op threads per actor)``."""
+    @field_validator("actors")
+    @classmethod
+    def _at_least_one(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("actors must be at least 1 (or auto)")
+        return v
+
+    def placement(self) -> tuple[int, float, str, int]:
+        """``(actors, GPUs per actor, torch device, intra-op threads per actor)``.
+
+        ``actors: auto`` fills the GPUs (one actor per ``gpus_per_actor``); without GPUs, one actor
+        per core of this node, each with a share of the cores as torch threads: on 2 cores two
+        1-thread actors beat one 2-thread actor (images 0.87-0.90x against 0.75-0.80x of the plain
+        loop end to end, clips 0.77-1.03x against 0.69-0.89x; BENCHMARKS.md, session 11). At most 8
+        on CPU, each with more threads then: every actor holds its own torch and model."""
+        import os
+
         from .raydata import cluster_gpus, threads_for
 
-        gpus = self.gpus_per_actor if self.gpus_per_actor is not None else min(1.0, cluster_gpus())
-        return gpus, "cuda" if gpus > 0 else "cpu", threads_for(self.actors, self.cpus_per_actor)
+        n_gpus = cluster_gpus()
+        gpus = self.gpus_per_actor if self.gpus_per_actor is not None else min(1.0, n_gpus)
+        actors = self.actors
+        if actors == "auto":
+            actors = (max(1, math.floor(n_gpus / gpus + 1e-9)) if gpus > 0
+                      else max(1, min(8, os.cpu_count() or 1)))
+        return actors, gpus, "cuda" if gpus > 0 else "cpu", threads_for(actors, self.cpus_per_actor)
 
 
 ITEM_SCHEMA = pa.schema([("id", pa.string()), ("media", pa.string()), ("texts", pa.list_(pa.string())),
@@ -205,7 +227,7 @@ def _half(values: np.ndarray) -> np.ndarray:
         return values
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(-1)).half().numpy()
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).half().numpy()
 
 
 def usable(table: pa.Table) -> pa.Table:
@@ -352,6 +374,7 @@ class Listing:
         self.quarantine = DatasetQuarantine(f"dataset {dataset.type}", dataset.on_error,
                                             sink=self._listing_bad)
         self.items = self.texts = self.empty_texts = self.items_without_text = 0
+        self.chunks = 0  # tables yielded: the blocks, one model batch each
 
     def _listing_bad(self, where: str, reason: str, text: str) -> None:
         self.writer.reject([{"id": None, "where": where, "kind": "listing",
@@ -388,6 +411,7 @@ class Listing:
     def _flush(self, rows: list, refs: list) -> pa.Table:
         self.items_writer.write_table(pa.Table.from_pylist(rows, schema=ITEM_SCHEMA))
         table = pa.Table.from_pylist(refs, schema=ITEM_REF_SCHEMA)
+        self.chunks += 1
         rows.clear()
         refs.clear()
         return table
@@ -424,8 +448,8 @@ def extract(ctx: Any, params: FeatureStageParams, actor_cls: type, *, stage_type
     from .errors import StageFailed
     from .raydata import stream_map
 
-    gpus, device, threads = params.placement()
-    ctx.log.info("%s: %d actor(s) on %s, %d torch threads each", stage_type, params.actors, device,
+    actors, gpus, device, threads = params.placement()
+    ctx.log.info("%s: %d actor(s) on %s, %d torch threads each", stage_type, actors, device,
                  threads)
     writer = FeatureWriter(ctx.out, params.rows_per_shard)
     # One block per model batch: Ray Data hands blocks to actors, so blocks larger than a batch
@@ -452,7 +476,7 @@ def extract(ctx: Any, params: FeatureStageParams, actor_cls: type, *, stage_type
     try:
         stream = stream_map(listing, actor_cls,
                             fn_kwargs={"params": params, "device": device, "threads": threads},
-                            actors=params.actors, cpus_per_actor=params.cpus_per_actor,
+                            actors=actors, cpus_per_actor=params.cpus_per_actor,
                             gpus_per_actor=gpus, batch_size=params.batch_size)
         for out in explained(stream):
             if t_first is None:
@@ -484,6 +508,6 @@ def extract(ctx: Any, params: FeatureStageParams, actor_cls: type, *, stage_type
         "rejected": sum(writer.rejected_by_reason.values()),
         "rejected_by_reason": writer.rejected_by_reason, **listing.summary(),
         "wall_extract_s": wall, "items_per_s": done / wall if wall > 0 else None,
-        "steady_per_s": steady, "actors": params.actors, "device": device,
+        "steady_per_s": steady, "actors": min(actors, listing.chunks), "device": device,
         "described": description or {},
     }

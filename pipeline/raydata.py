@@ -41,8 +41,8 @@ def cluster_gpus() -> float:
 def stream_map(tables: Iterable[pa.Table], fn_cls: type, *, fn_kwargs: dict[str, Any] | None = None,
                actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
                batch_size: int = 32, calls_per_actor: int = 4) -> Iterator[pa.Table]:
-    """``fn_cls(**fn_kwargs)(batch)`` over every row of ``tables`` with ``actors`` Ray actors;
-    yields the output tables as they finish (in no particular order).
+    """``fn_cls(**fn_kwargs)(batch)`` over every row of ``tables`` with ``actors`` Ray actors (no
+    more than there are tables); yields the output tables as they finish (in no particular order).
 
     ``batch_size`` rows go to each call: that is the model's batch. ``fn_cls.__call__`` receives and
     returns a ``pyarrow.Table`` (rows it cannot process should come back flagged, not vanish: the
@@ -69,6 +69,8 @@ def stream_map(tables: Iterable[pa.Table], fn_cls: type, *, fn_kwargs: dict[str,
     ds = _dataset(tables)
     if ds is None:
         return
+    # One block is one model batch, and an actor without a block would only cost its start.
+    actors = min(actors, ds.num_blocks())
     ds = ds.map_batches(
         fn_cls, fn_constructor_kwargs=fn_kwargs or {}, batch_size=batch_size,
         batch_format="pyarrow", zero_copy_batch=True,

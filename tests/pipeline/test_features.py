@@ -88,6 +88,29 @@ def test_reading_a_shard_of_another_layout_or_a_torn_blob_fails_clearly(tmp_path
         unpack_rows(pa.array([b"\0" * 10], pa.large_binary()), np.dtype("<f2"), 6)
 
 
+@pytest.mark.parametrize("cores, gpus, per_actor, want", [
+    (2, 0, None, (2, 0, "cpu", 1)),      # two 1-thread actors on 2 cores
+    (1, 0, None, (1, 0, "cpu", 1)),
+    (64, 0, None, (8, 0, "cpu", 8)),     # at most 8 on CPU, with more threads each
+    (16, 4, None, (4, 1.0, "cuda", 4)),  # one per GPU
+    (16, 2, 0.5, (4, 0.5, "cuda", 4)),   # two per GPU
+])
+def test_actors_auto_fills_the_gpus_or_shares_the_cores(monkeypatch, tmp_path, cores, gpus,
+                                                        per_actor, want) -> None:
+    import pipeline.raydata
+
+    monkeypatch.setattr(pipeline.raydata, "cluster_gpus", lambda: float(gpus))
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    (tmp_path / "c.csv").write_text("image,caption\n")
+    spec = {"dataset": {"type": "image_folder", "captions": str(tmp_path / "c.csv")},
+            "gpus_per_actor": per_actor}
+    params = FeatureStageParams.model_validate(spec)
+    assert params.actors == "auto" and params.placement() == want
+    assert FeatureStageParams.model_validate({**spec, "actors": 3}).placement()[0] == 3
+    with pytest.raises(ValueError, match="at least 1"):
+        FeatureStageParams.model_validate({**spec, "actors": 0})
+
+
 def test_feature_values_carry_no_parquet_statistics(tmp_path) -> None:
     """Min/max of feature and box values serve no reader and cost a third of the write time; the
     id column keeps its statistics."""

@@ -46,3 +46,23 @@ def test_stream_map_returns_every_row_once_and_never_runs_two_calls_at_once(
     assert asked["max_concurrent_calls_per_actor"] == asked["max_tasks_in_flight_per_actor"] == 2
     assert sorted(out["id"].to_pylist()) == sorted(ids)
     assert all(out["alone"].to_pylist()), "two calls of one actor ran at once"
+
+
+def test_stream_map_starts_no_more_actors_than_there_are_blocks(ray_local: None, monkeypatch) -> None:
+    """Two blocks, four actors asked: two start (a third would only pay its start-up)."""
+    import ray.data
+
+    from pipeline.raydata import stream_map
+
+    asked: dict = {}
+    pool = ray.data.ActorPoolStrategy
+
+    def spy(**kwargs):
+        asked.update(kwargs)
+        return pool(**kwargs)
+
+    monkeypatch.setattr(ray.data, "ActorPoolStrategy", spy)
+    tables = [pa.table({"id": ["a", "b"]}), pa.table({"id": ["c"]})]
+    out = pa.concat_tables(stream_map(iter(tables), Recorder, actors=4, batch_size=2))
+    assert asked["size"] == 2
+    assert sorted(out["id"].to_pylist()) == ["a", "b", "c"]
