@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import importlib.metadata
 import inspect
+import types
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -74,6 +75,21 @@ class StageType:
         return model_parameters(self.params)
 
 
+def type_name(ann: Any) -> str:
+    """A parameter's type as a YAML author reads it: ``int | 'auto'``, ``'grid' | 'patch'``,
+    ``float | None``, ``tuple[int, int, int]``."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Union or origin is types.UnionType:
+        return " | ".join(type_name(a) for a in args)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if ann is type(None):
+        return "None"
+    if isinstance(ann, type) and not args:
+        return ann.__name__
+    return str(ann).replace("typing.", "").replace("pydantic.functional_serializers.", "")
+
+
 def model_parameters(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Parameter name, type, default (or ``required``) and description of a pydantic model, for
     ``stele stages`` and ``stele datasets``."""
@@ -81,15 +97,12 @@ def model_parameters(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list
     for name, f in model.model_fields.items():
         if name in skip:
             continue
-        ann = f.annotation
-        plain = isinstance(ann, type) and not typing.get_args(ann)
-        type_name = ann.__name__ if plain else str(ann).replace("typing.", "")
         default = "required" if f.is_required() else f.get_default(call_default_factory=True)
         if isinstance(default, BaseModel):
             default = default.model_dump(mode="json")
         rows.append({
             "name": name,
-            "type": type_name.replace("pydantic.functional_serializers.", ""),
+            "type": type_name(f.annotation),
             "default": default,
             "description": f.description or "",
         })

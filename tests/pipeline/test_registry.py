@@ -62,6 +62,18 @@ def test_bad_declarations() -> None:
         stage("x.z", registry=reg)(lambda ctx, params: None)
 
 
+def test_parameter_types_read_as_yaml_values() -> None:
+    from typing import Literal
+
+    from pipeline.registry import type_name
+
+    assert type_name(int | Literal["auto"]) == "int | 'auto'"
+    assert type_name(Literal["center", "squash"] | None) == "'center' | 'squash' | None"
+    assert type_name(float | None) == "float | None"
+    assert type_name(tuple[int, int, int]) == "tuple[int, int, int]"
+    assert type_name(P) == "P"
+
+
 def test_unknown_type_suggests() -> None:
     reg = Registry(_loaded=True)
     stage("knowledge.embed", registry=reg)(lambda ctx: None)
