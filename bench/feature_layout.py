@@ -48,7 +48,7 @@ def _rows(batch: int, regions: int, dim: int, seed: int) -> list[dict]:
 def nested_table(rows: list[dict], dim: int) -> pa.Table:
     counts = [len(r["features"]) for r in rows]
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-    f = _half(np.concatenate([r["features"] for r in rows]))  # stele's conversion, as below
+    f = _half(np.concatenate([r["features"] for r in rows]).reshape(-1))  # stele's conversion
     b = np.concatenate([r["boxes"] for r in rows]).reshape(-1)
     return pa.table({
         "id": [r["id"] for r in rows], "n_regions": pa.array(counts, pa.int32()),

@@ -141,11 +141,9 @@ def pack_rows(arrays: list[np.ndarray], counts: list[int], dtype: np.dtype,
               width: int) -> pa.LargeBinaryArray:
     """One blob per row: ``arrays`` (the non-empty rows, in order) concatenated as ``dtype``; a row
     whose count is 0 gets an empty blob. Built from two buffers, without a per-row copy."""
-    if arrays:
-        flat = np.concatenate([a.reshape(-1) for a in arrays])
-        flat = _half(flat) if dtype == np.float16 else flat.astype(dtype, copy=False)
-    else:
-        flat = np.zeros(0, dtype)
+    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, dtype)
+    if dtype == np.float16:
+        flat = _half(flat)
     flat = np.ascontiguousarray(flat, dtype=dtype.newbyteorder("<"))
     offsets = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(np.asarray(counts, np.int64) * (width * dtype.itemsize), out=offsets[1:])

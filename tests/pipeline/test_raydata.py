@@ -6,6 +6,7 @@ import threading
 import time
 
 import pyarrow as pa
+import pytest
 
 
 class Recorder:
@@ -23,22 +24,28 @@ class Recorder:
         return pa.table({"id": batch["id"], "alone": [alone] * batch.num_rows})
 
 
-def test_stream_map_returns_every_row_once_and_never_runs_two_calls_at_once(
-        ray_local: None, monkeypatch) -> None:
-    """With two Ray tasks per actor (asked of Ray Data's actor pool), the rows all come back once
-    and no call overlaps another."""
+@pytest.fixture
+def asked(monkeypatch) -> dict:
+    """The keyword arguments stream_map passes to Ray Data's actor pool (filled when it runs)."""
     import ray.data
 
-    from pipeline.raydata import stream_map
-
-    asked: dict = {}
+    kwargs: dict = {}
     pool = ray.data.ActorPoolStrategy
 
-    def spy(**kwargs):
-        asked.update(kwargs)
-        return pool(**kwargs)
+    def spy(**kw):
+        kwargs.update(kw)
+        return pool(**kw)
 
     monkeypatch.setattr(ray.data, "ActorPoolStrategy", spy)
+    return kwargs
+
+
+def test_stream_map_returns_every_row_once_and_never_runs_two_calls_at_once(
+        ray_local: None, asked: dict) -> None:
+    """With two Ray tasks per actor (asked of Ray Data's actor pool), the rows all come back once
+    and no call overlaps another."""
+    from pipeline.raydata import stream_map
+
     ids = [f"item{i}" for i in range(40)]
     tables = [pa.table({"id": ids[i:i + 8]}) for i in range(0, 40, 8)]
     out = pa.concat_tables(stream_map(iter(tables), Recorder, actors=1, batch_size=4,
@@ -48,20 +55,10 @@ def test_stream_map_returns_every_row_once_and_never_runs_two_calls_at_once(
     assert all(out["alone"].to_pylist()), "two calls of one actor ran at once"
 
 
-def test_stream_map_starts_no_more_actors_than_there_are_blocks(ray_local: None, monkeypatch) -> None:
+def test_stream_map_starts_no_more_actors_than_there_are_blocks(ray_local: None, asked: dict) -> None:
     """Two blocks, four actors asked: two start (a third would only pay its start-up)."""
-    import ray.data
-
     from pipeline.raydata import stream_map
 
-    asked: dict = {}
-    pool = ray.data.ActorPoolStrategy
-
-    def spy(**kwargs):
-        asked.update(kwargs)
-        return pool(**kwargs)
-
-    monkeypatch.setattr(ray.data, "ActorPoolStrategy", spy)
     tables = [pa.table({"id": ["a", "b"]}), pa.table({"id": ["c"]})]
     out = pa.concat_tables(stream_map(iter(tables), Recorder, actors=4, batch_size=2))
     assert asked["size"] == 2
