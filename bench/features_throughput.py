@@ -22,6 +22,11 @@ log-mel; 10,000 by default, since at ~1,000 clips/s fewer would time little but 
   stage with its imports (stele's; the actor's torch and model) on the clock, Ray started before
   it (a ``stele run`` on a running cluster). ``x1 fresh`` is given as a ratio to ``plain, fresh``,
   ``plain, fresh`` to the plain loop.
+* ``cpu``       CPU time per item on each side of the in-process rows, by process: the plain loop's
+  own; the stage's process (listing, Ray Data's executor, the shards' writer), its actors, and Ray's
+  own processes (raylet, GCS, Ray Data's internal actors). On a machine whose cores the plain loop
+  already fills, whatever the stage spends beside its actors comes out of the actors' share: this
+  is the table that says how much.
 * ``rss``       each size in a fresh subprocess (``ru_maxrss`` only grows): peak RSS of the process
   that runs the stage (the driver here), with a small pooled backbone so 10k images take seconds.
 
@@ -39,9 +44,11 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 import numpy as np
 
@@ -91,6 +98,102 @@ def make_clips(root: Path, n: int, seconds: float = 3.0) -> Path:
             sf.write(root / f"{i:05d}.wav", x.astype(np.float32), 16000)
             w.writerow([f"{i:05d}.wav", f"clip {i}"])
     return root / "transcripts.csv"
+
+
+def _own_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _role(cmdline: list[str]) -> str | None:
+    """Which of Ray's processes this is: a stage actor (Ray Data's ``MapWorker``), Ray's own
+    (raylet, GCS, idle workers, Ray Data's internal actors, log monitor, ...), or neither."""
+    line = " ".join(cmdline or ())
+    if "MapWorker" in line:
+        return "actors"
+    if "ray::" in line or "/ray/" in line:
+        return "ray"
+    return None
+
+
+class CpuMeter:
+    """CPU seconds spent during a ``with`` block, by role: ``process`` (this one: the plain loop, or
+    the stage's own process), ``actors`` and ``ray`` (:func:`_role`). Other processes (the
+    machine's other tenants) are not counted.
+
+    This process is measured exactly (``getrusage``, less the sampling thread's own CPU); the others
+    are sampled with psutil every ``every`` seconds, since the stage's actors exit with it: each
+    actor's last ``every`` seconds (at most) are missed, and a process that starts and ends between
+    two samples is not seen."""
+
+    def __init__(self, every: float = 0.1):
+        self.every = every
+        self.cpu: dict[str, float] = {}
+        self._seen: dict[int, Any] = {}  # pid -> (role, psutil.Process), or None: not Ray's
+        self._base: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._sampling = 0.0
+
+    def _sample(self, into: dict[int, float]) -> None:
+        import psutil
+
+        for pid in psutil.pids():
+            if pid not in self._seen:  # a new process: classify it once
+                try:
+                    proc = psutil.Process(pid)
+                    role = _role(proc.cmdline())
+                except psutil.Error:
+                    continue
+                self._seen[pid] = (role, proc) if role and pid != os.getpid() else None
+            if self._seen[pid] is not None:
+                role, proc = self._seen[pid]
+                try:
+                    if role == "ray":  # a worker becomes an actor later (it renames itself)
+                        role = _role(proc.cmdline()) or role
+                        self._seen[pid] = (role, proc)
+                    t = proc.cpu_times()
+                except psutil.Error:  # it ended since
+                    continue
+                into[pid] = t.user + t.system
+
+    def _run(self) -> None:
+        t = time.thread_time()
+        while not self._stop.wait(self.every):
+            self._sample(self._last)
+        self._sampling = time.thread_time() - t
+
+    def __enter__(self) -> "CpuMeter":
+        self._sample(self._base)
+        self._own = _own_cpu()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample(self._last)
+        self.cpu = {"process": _own_cpu() - self._own - self._sampling, "actors": 0.0, "ray": 0.0}
+        for pid, t in self._last.items():
+            self.cpu[self._seen[pid][0]] += t - self._base.get(pid, 0.0)
+
+
+def idle_ray(timeout: float = 60.0) -> None:
+    """Waits until the last stage's actors have exited (Ray ends them after the stage returns, and
+    an exiting torch process still takes CPU), so that the next measurement starts on a quiet
+    machine."""
+    import psutil
+
+    def actors() -> bool:
+        for proc in psutil.process_iter(["cmdline"]):
+            if _role(proc.info["cmdline"]) == "actors":
+                return True
+        return False
+
+    end = time.monotonic() + timeout
+    while actors() and time.monotonic() < end:
+        time.sleep(0.2)
 
 
 def run_stage(fn, params_cls, params: dict, out: Path) -> tuple[dict, float]:
@@ -253,40 +356,52 @@ def main() -> None:
         from pipeline.ray_utils import tune_malloc
 
         tune_malloc()  # this process: the plain loops (and the stage's writer, which runs here)
-    rows = []
+    rows, cpu = [], []
+
+    def plain_rows(what: str, loop, n: int) -> float:
+        with CpuMeter() as meter:
+            t = time.perf_counter()
+            rate = median(loop() for _ in range(args.repeats))
+        cpu.append((what, "plain loop", n * args.repeats, meter.cpu, time.perf_counter() - t))
+        rows.append((what, "plain loop", rate, None, 1.0))
+        return rate
+
+    def stage_rows(what: str, fn, params_cls, params: dict, n: int, plain: float) -> None:
+        for actors in (1, 2):
+            idle_ray()
+            with CpuMeter() as meter:
+                m, wall = run_stage(fn, params_cls, {**params, "actors": actors},
+                                    tmp / f"{what}{actors}")
+            cpu.append((what, f"stage x{actors}", n, meter.cpu, wall))
+            rows.append((what, f"stage x{actors}", n / wall, m.get("steady_per_s"),
+                         n / wall / plain))
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         captions = make_images(tmp / "img", args.images)
         transcripts = make_clips(tmp / "wav", args.clips)
-        plain = median(plain_images(captions, WEIGHTS, args.batch) for _ in range(args.repeats))
-        rows.append(("images", "plain loop", plain, None, 1.0))
+        images = {"dataset": {"type": "image_folder", "captions": str(captions)},
+                  "weights": WEIGHTS, "batch_size": args.batch}
+        clips = {"dataset": {"type": "audio_folder", "root": str(transcripts.parent),
+                             "transcripts": transcripts.name}, "batch_size": args.audio_batch}
+        # The plain loops first, before Ray starts: its processes' background work is the stage's.
+        plain = plain_rows("images", lambda: plain_images(captions, WEIGHTS, args.batch),
+                           args.images)
+        plain_a = plain_rows("clips", lambda: plain_clips(transcripts, args.audio_batch),
+                             args.clips)
+        plain_w = median(plain_clips(transcripts, args.audio_batch, tmp / f"pw{k}")
+                         for k in range(args.repeats))
+        rows.append(("clips", "plain + write", plain_w, None, plain_w / plain_a))
         init_ray()
         # Untimed: the first Ray Data stage of a Ray session pays for Ray Data's own start (its
         # internal actors), which would otherwise fall on whichever row runs first. The fresh
         # stage rows below include it, as a `stele run` does.
-        run_stage(vision_features, VisionFeaturesParams, {
-            "dataset": {"type": "image_folder", "captions": str(captions)},
-            "weights": WEIGHTS, "batch_size": args.batch, "actors": 1, "limit": args.batch},
-            tmp / "warm-up")
-        for actors in (1, 2):
-            m, wall = run_stage(vision_features, VisionFeaturesParams, {
-                "dataset": {"type": "image_folder", "captions": str(captions)},
-                "weights": WEIGHTS, "batch_size": args.batch, "actors": actors},
-                tmp / f"vf{actors}")
-            rate = args.images / wall
-            rows.append(("images", f"stage x{actors}", rate, m.get("steady_per_s"), rate / plain))
-        plain_a = median(plain_clips(transcripts, args.audio_batch) for _ in range(args.repeats))
-        rows.append(("clips", "plain loop", plain_a, None, 1.0))
-        plain_w = median(plain_clips(transcripts, args.audio_batch, tmp / f"pw{k}")
-                         for k in range(args.repeats))
-        rows.append(("clips", "plain + write", plain_w, None, plain_w / plain_a))
-        for actors in (1, 2):
-            m, wall = run_stage(speech_features, SpeechFeaturesParams, {
-                "dataset": {"type": "audio_folder", "root": str(transcripts.parent),
-                            "transcripts": transcripts.name},
-                "actors": actors, "batch_size": args.audio_batch}, tmp / f"sf{actors}")
-            rate = args.clips / wall
-            rows.append(("clips", f"stage x{actors}", rate, m.get("steady_per_s"), rate / plain_a))
+        run_stage(vision_features, VisionFeaturesParams,
+                  {**images, "actors": 1, "limit": args.batch}, tmp / "warm-up")
+        stage_rows("images", vision_features, VisionFeaturesParams, images, args.images, plain)
+        stage_rows("clips", speech_features, SpeechFeaturesParams, clips, args.clips, plain_a)
+        for table in (rows, cpu):  # images first, each kind's rows in their order
+            table.sort(key=lambda r: r[0] != "images")
         shutdown_ray()
         # after this process's Ray is down: each child starts its own
         for kind, listing, batch, warm in (("images", captions, args.batch, plain),
@@ -310,6 +425,13 @@ def main() -> None:
         fixed = n / rate - n / steady if steady else float("nan")
         print(f"{what:8} {how:14} {rate:9.1f} {steady or float('nan'):9.1f} {ratio:9.2f} "
               f"{fixed:10.1f}")
+
+    print("\nCPU ms per item by process (in-process rows; cores = CPU s / wall s)")
+    print(f"{'what':8} {'how':14} {'process':>8} {'actors':>8} {'ray':>8} {'total':>8} {'cores':>6}")
+    for what, how, n, c, wall in cpu:
+        total = sum(c.values())
+        print(f"{what:8} {how:14} {1e3 * c['process'] / n:8.2f} {1e3 * c['actors'] / n:8.2f} "
+              f"{1e3 * c['ray'] / n:8.2f} {1e3 * total / n:8.2f} {total / wall:6.2f}")
 
     print("\ndriver peak RSS (vision.features, mobilenetv3_small_050 pooled, fresh process per size)")
     for n in map(int, args.rss_sizes.split(",")):
