@@ -208,7 +208,9 @@ def run_stage(fn, params_cls, params: dict, out: Path) -> tuple[dict, float]:
     return metrics, time.perf_counter() - t
 
 
-def plain_images(captions: Path, weights: str, batch: int) -> float:
+def plain_images(captions: Path, weights: str, batch: int, after_first: bool = False) -> float:
+    """Images per second of the plain loop; ``after_first``: from its first batch's end (its steady
+    rate, as the stage's ``steady_per_s``), else from before the model is built."""
     import timm.data
     import torch
 
@@ -225,14 +227,18 @@ def plain_images(captions: Path, weights: str, batch: int) -> float:
             fm = model.forward_features(torch.stack([tf(im) for im in imgs]))
             pooled = model.forward_head(fm, pre_logits=True)
             torch.cat([pooled[:, None], fm.flatten(2).transpose(1, 2)], 1).half().numpy()
-    return len(names) / (time.perf_counter() - t)
+            if after_first and s == 0:
+                t = time.perf_counter()
+    return (len(names) - (batch if after_first else 0)) / (time.perf_counter() - t)
 
 
-def plain_clips(transcripts: Path, batch: int, write_to: Path | None = None) -> float:
+def plain_clips(transcripts: Path, batch: int, write_to: Path | None = None,
+                after_first: bool = False) -> float:
     """Read, decode and log-mel ``batch`` clips at a time (stele's batched ``LogMel.many``, as the
     stage's actors do), float16 frames with a global frame. Nothing is written, unless
     ``write_to``: then each batch becomes the stage's rows and shards (``region_table``,
-    ``FeatureWriter``), in this process, as a plain loop that keeps its output would."""
+    ``FeatureWriter``), in this process, as a plain loop that keeps its output would.
+    ``after_first``: the rate from the first batch's end."""
     import torch
 
     from pipeline.features import FeatureWriter, region_schema, region_table
@@ -258,9 +264,11 @@ def plain_clips(transcripts: Path, batch: int, write_to: Path | None = None) -> 
                              "source_rate": clip.source_rate, "channels": clip.channels})
         if writer is not None:
             writer.add(region_table(schema, rows))
+        if after_first and s == 0:
+            t = time.perf_counter()
     if writer is not None:
         writer.close()
-    return len(names) / (time.perf_counter() - t)
+    return (len(names) - (batch if after_first else 0)) / (time.perf_counter() - t)
 
 
 def rss_child(n: int) -> None:

@@ -60,6 +60,9 @@ class FeatureStageParams(BaseModel):
         default="auto", description="Ray Data actors, each with its own model; auto: one per GPU "
                                     "when the cluster has GPUs, else one per core, at most 8")
     cpus_per_actor: float = Field(default=1.0, gt=0)
+    threads: int | Literal["auto"] = Field(
+        default="auto", description="torch intra-op threads per actor; auto: the node's cores "
+                                    "shared among the actors (at least cpus_per_actor)")
     gpus_per_actor: float | None = Field(default=None, ge=0,
                                          description="default: 1 when the cluster has GPUs, else 0")
     limit: int | None = Field(default=None, ge=1, description="only the first N items")
@@ -78,11 +81,11 @@ class FeatureStageParams(BaseModel):
                              f"{cls.modality} items{cls.modality_hint}")
         return v
 
-    @field_validator("actors")
+    @field_validator("actors", "threads")
     @classmethod
-    def _at_least_one(cls, v: int | str) -> int | str:
+    def _at_least_one(cls, v: int | str, info: Any) -> int | str:
         if isinstance(v, int) and v < 1:
-            raise ValueError("actors must be at least 1 (or auto)")
+            raise ValueError(f"{info.field_name} must be at least 1 (or auto)")
         return v
 
     def placement(self) -> tuple[int, float, str, int]:
@@ -103,7 +106,9 @@ class FeatureStageParams(BaseModel):
         if actors == "auto":
             actors = (max(1, math.floor(n_gpus / gpus + 1e-9)) if gpus > 0
                       else max(1, min(8, os.cpu_count() or 1)))
-        return actors, gpus, "cuda" if gpus > 0 else "cpu", threads_for(actors, self.cpus_per_actor)
+        threads = (threads_for(actors, self.cpus_per_actor) if self.threads == "auto"
+                   else self.threads)
+        return actors, gpus, "cuda" if gpus > 0 else "cpu", threads
 
 
 ITEM_SCHEMA = pa.schema([("id", pa.string()), ("media", pa.string()), ("texts", pa.list_(pa.string())),

@@ -107,8 +107,12 @@ def test_actors_auto_fills_the_gpus_or_shares_the_cores(monkeypatch, tmp_path, c
     params = FeatureStageParams.model_validate(spec)
     assert params.actors == "auto" and params.placement() == want
     assert FeatureStageParams.model_validate({**spec, "actors": 3}).placement()[0] == 3
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="actors must be at least 1"):
         FeatureStageParams.model_validate({**spec, "actors": 0})
+    # threads: a number the user gives wins over the share of the cores
+    assert FeatureStageParams.model_validate({**spec, "threads": 1}).placement() == (*want[:3], 1)
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        FeatureStageParams.model_validate({**spec, "threads": 0})
 
 
 def test_feature_values_carry_no_parquet_statistics(tmp_path) -> None:
