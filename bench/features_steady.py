@@ -36,19 +36,25 @@ from features_throughput import (WEIGHTS, idle_ray, make_clips, make_images, pla
                                  plain_images, run_stage)
 
 
-def plain_child(kind: str, listing: Path, threads: int) -> None:
-    """The plain loop's steady rate in this (fresh) process, with ``threads`` torch threads."""
+def plain_child(kind: str, listing: Path, threads: int, tune: bool) -> None:
+    """The plain loop's steady rate in this (fresh) process, with ``threads`` torch threads (and
+    the actors' glibc malloc settings when ``tune``)."""
     import torch
 
+    if tune:
+        from pipeline.ray_utils import tune_malloc
+
+        tune_malloc()
     torch.set_num_threads(threads)
     rate = (plain_images(listing, WEIGHTS, 32, after_first=True) if kind == "images"
             else plain_clips(listing, 64, after_first=True))
     print(json.dumps({"rate": rate}))
 
 
-def plain(kind: str, listing: Path, threads: int) -> float:
+def plain(kind: str, listing: Path, threads: int, tune: bool) -> float:
     out = subprocess.run([sys.executable, __file__, "--plain-child", kind, str(listing),
-                          str(threads)], capture_output=True, text=True, check=True)
+                          str(threads)] + (["--tune-plain"] if tune else []),
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["rate"]
 
 
@@ -58,11 +64,13 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", default="1,2", help="torch threads per side, comma-separated")
+    ap.add_argument("--tune-plain", action="store_true",
+                    help="plain loops with the stage actors' glibc malloc settings (tune_malloc)")
     ap.add_argument("--plain-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.plain_child:
         kind, listing, threads = args.plain_child
-        plain_child(kind, Path(listing), int(threads))
+        plain_child(kind, Path(listing), int(threads), args.tune_plain)
         return
     if args.images < 8 * 32 or args.clips < 8 * 64:
         # A steady rate is measured from the first batch back to the last: with a few batches,
@@ -98,7 +106,7 @@ def main() -> None:
             for th in threads if r % 2 == 0 else threads[::-1]:
                 for kind, (listing, fn, params_cls, params) in kinds.items():
                     idle_ray()
-                    rate = plain(kind, listing, th)
+                    rate = plain(kind, listing, th, args.tune_plain)
                     m, _ = run_stage(fn, params_cls, {**params, "actors": 1, "threads": th},
                                      tmp / f"{kind}-{r}-{th}")
                     pairs.setdefault((kind, th), []).append((rate, m["steady_per_s"]))
@@ -108,7 +116,9 @@ def main() -> None:
         shutdown_ray()
 
     print(f"\n{args.images} images (tf_efficientnet_lite0 grid, batch 32), {args.clips} clips "
-          f"(log-mel, batch 64); {args.rounds} rounds; medians, ratio range in brackets")
+          f"(log-mel, batch 64); {args.rounds} rounds; plain loops "
+          f"{'with' if args.tune_plain else 'without'} tune_malloc; medians, ratio range in "
+          "brackets")
     print(f"{'what':7} {'threads':>7} {'plain/s':>9} {'stage/s':>9} {'ratio':>6}  range")
     for (kind, th), ps in pairs.items():
         ratios = [s / p for p, s in ps]
