@@ -3,7 +3,7 @@ alternated rounds, at 1 and 2 torch threads on each side.
 
 ``features_throughput.py`` times each side once, end to end; on a small, shared machine that mixes
 two things: the actor's fixed start-up (a process that imports torch, timm and builds its model,
-7-13 s here) and the noise of the machine (the plain clip loop moved 421-724 clips/s within one
+7-15 s here) and the noise of the machine (the plain clip loop moved 421-724 clips/s within one
 session). This script measures the throughput alone, and as pairs: each round runs the plain loop
 and then the stage on the same items, with the same number of torch threads, and the ratio of
 the pair is taken; the table gives the median of the rounds and their range.
@@ -33,7 +33,7 @@ from pathlib import Path
 from statistics import median
 
 from features_throughput import (WEIGHTS, idle_ray, make_clips, make_images, plain_clips,
-                                 plain_images, run_stage)
+                                 plain_images, run_stage, stage_spec)
 
 
 def plain_child(kind: str, listing: Path, threads: int, tune: bool) -> None:
@@ -79,10 +79,6 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from pipeline.ray_utils import init_ray, shutdown_ray
-    from speech.stages import SpeechFeaturesParams
-    from speech.stages import features as speech_features
-    from vision.stages import VisionFeaturesParams
-    from vision.stages import features as vision_features
 
     threads = [int(t) for t in args.threads.split(",")]
     pairs: dict[tuple[str, int], list[tuple[float, float]]] = {}
@@ -90,15 +86,8 @@ def main() -> None:
         tmp = Path(tmp)
         captions = make_images(tmp / "img", args.images)
         transcripts = make_clips(tmp / "wav", args.clips)
-        kinds = {
-            "images": (captions, vision_features,
-                       VisionFeaturesParams,
-                       {"dataset": {"type": "image_folder", "captions": str(captions)},
-                        "weights": WEIGHTS, "batch_size": 32}),
-            "clips": (transcripts, speech_features, SpeechFeaturesParams,
-                      {"dataset": {"type": "audio_folder", "root": str(transcripts.parent),
-                                   "transcripts": transcripts.name}, "batch_size": 64}),
-        }
+        kinds = {"images": (captions, *stage_spec("images", captions, 32)),
+                 "clips": (transcripts, *stage_spec("clips", transcripts, 64))}
         init_ray()
         for kind, (_, fn, params_cls, params) in kinds.items():  # untimed: Ray Data's first use
             run_stage(fn, params_cls, {**params, "actors": 1, "limit": 64}, tmp / f"warm-{kind}")

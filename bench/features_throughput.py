@@ -196,6 +196,22 @@ def idle_ray(timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+def stage_spec(kind: str, listing: Path, batch: int) -> tuple[Any, type, dict]:
+    """``(stage function, its params class, params)`` of the stage that featurizes ``listing``
+    (``make_images``' captions or ``make_clips``' transcripts), ``batch`` items per batch."""
+    if kind == "images":
+        from vision.stages import VisionFeaturesParams, features
+
+        return features, VisionFeaturesParams, {
+            "dataset": {"type": "image_folder", "captions": str(listing)},
+            "weights": WEIGHTS, "batch_size": batch}
+    from speech.stages import SpeechFeaturesParams, features
+
+    return features, SpeechFeaturesParams, {
+        "dataset": {"type": "audio_folder", "root": str(listing.parent),
+                    "transcripts": listing.name}, "batch_size": batch}
+
+
 def run_stage(fn, params_cls, params: dict, out: Path) -> tuple[dict, float]:
     from pipeline.context import StageContext
     from pipeline.registry import Resources
@@ -305,20 +321,9 @@ def stage_child(kind: str, listing: Path, batch: int) -> None:
     init_ray()
     time.sleep(3)  # Ray's own worker processes settle before the clock starts
     t = time.perf_counter()
-    if kind == "images":
-        from vision.stages import VisionFeaturesParams as params_cls
-        from vision.stages import features as fn
-
-        params = {"dataset": {"type": "image_folder", "captions": str(listing)},
-                  "weights": WEIGHTS, "batch_size": batch, "actors": 1}
-    else:
-        from speech.stages import SpeechFeaturesParams as params_cls
-        from speech.stages import features as fn
-
-        params = {"dataset": {"type": "audio_folder", "root": str(listing.parent),
-                              "transcripts": listing.name}, "actors": 1, "batch_size": batch}
+    fn, params_cls, params = stage_spec(kind, listing, batch)
     with tempfile.TemporaryDirectory() as tmp:
-        m, _ = run_stage(fn, params_cls, params, Path(tmp) / "out")
+        m, _ = run_stage(fn, params_cls, {**params, "actors": 1}, Path(tmp) / "out")
     wall = time.perf_counter() - t
     shutdown_ray()
     print(json.dumps({"items": m["items"], "wall_s": wall, "steady_per_s": m["steady_per_s"]}))
@@ -355,10 +360,6 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.WARNING)
     from pipeline.ray_utils import init_ray, shutdown_ray
-    from speech.stages import SpeechFeaturesParams
-    from speech.stages import features as speech_features
-    from vision.stages import VisionFeaturesParams
-    from vision.stages import features as vision_features
 
     if args.tune_plain:
         from pipeline.ray_utils import tune_malloc
@@ -374,7 +375,8 @@ def main() -> None:
         rows.append((what, "plain loop", rate, None, 1.0))
         return rate
 
-    def stage_rows(what: str, fn, params_cls, params: dict, n: int, plain: float) -> None:
+    def stage_rows(what: str, listing: Path, batch: int, n: int, plain: float) -> None:
+        fn, params_cls, params = stage_spec(what, listing, batch)
         for actors in (1, 2):
             idle_ray()
             with CpuMeter() as meter:
@@ -388,10 +390,6 @@ def main() -> None:
         tmp = Path(tmp)
         captions = make_images(tmp / "img", args.images)
         transcripts = make_clips(tmp / "wav", args.clips)
-        images = {"dataset": {"type": "image_folder", "captions": str(captions)},
-                  "weights": WEIGHTS, "batch_size": args.batch}
-        clips = {"dataset": {"type": "audio_folder", "root": str(transcripts.parent),
-                             "transcripts": transcripts.name}, "batch_size": args.audio_batch}
         # The plain loops first, before Ray starts: its processes' background work is the stage's.
         plain = plain_rows("images", lambda: plain_images(captions, WEIGHTS, args.batch),
                            args.images)
@@ -404,10 +402,10 @@ def main() -> None:
         # Untimed: the first Ray Data stage of a Ray session pays for Ray Data's own start (its
         # internal actors), which would otherwise fall on whichever row runs first. The fresh
         # stage rows below include it, as a `stele run` does.
-        run_stage(vision_features, VisionFeaturesParams,
-                  {**images, "actors": 1, "limit": args.batch}, tmp / "warm-up")
-        stage_rows("images", vision_features, VisionFeaturesParams, images, args.images, plain)
-        stage_rows("clips", speech_features, SpeechFeaturesParams, clips, args.clips, plain_a)
+        fn, params_cls, params = stage_spec("images", captions, args.batch)
+        run_stage(fn, params_cls, {**params, "actors": 1, "limit": args.batch}, tmp / "warm-up")
+        stage_rows("images", captions, args.batch, args.images, plain)
+        stage_rows("clips", transcripts, args.audio_batch, args.clips, plain_a)
         for table in (rows, cpu):  # images first, each kind's rows in their order
             table.sort(key=lambda r: r[0] != "images")
         shutdown_ray()
