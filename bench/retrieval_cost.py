@@ -79,7 +79,7 @@ def make_backbone(out: Path) -> Path:
     """A random 2-layer BERT (hidden 64) over a WordPiece vocabulary of the corpus' words."""
     from transformers import BertTokenizer
 
-    from fusion.backbone import random_backbone
+    from fusion.models.backbone import random_backbone
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(COLOURS + OBJECTS + PLACES + FILLER))
     tok = BertTokenizer(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
@@ -92,7 +92,7 @@ def make_backbone(out: Path) -> Path:
 
 def pretrain(tmp: Path, corpus: Path, backbone: Path, steps: int,
              hard_negatives: bool = False, on_dual: bool = False) -> tuple[Path, dict]:
-    from fusion.stages import PretrainParams, pretrain as run_pretrain
+    from fusion.pretrain.stage import PretrainParams, pretrain as run_pretrain
     from pipeline.context import StageContext
     from pipeline.registry import Resources
     from pipeline.store import Artifact
@@ -132,7 +132,7 @@ def main() -> None:
 
     import torch
 
-    from fusion.crossmodal import RetrievalParams, evaluate
+    from fusion.retrieval.stage import RetrievalParams, evaluate
     from pipeline.ray_utils import init_ray, shutdown_ray
 
     logging.basicConfig(level=logging.WARNING)

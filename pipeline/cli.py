@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="artifact store (default: $STELE_STORE, the pipeline's store:, "
                    "or ./stele-store)")
     p.add_argument("--out", help="where to write the page (default <store>/reports/<run-id>.html)")
-    from fusion.crossmodal import add_eval_parser  # `stele eval retrieval`: the stage's protocol
+    from fusion.retrieval.cli import add_eval_parser  # `stele eval retrieval`: the stage's protocol
 
     add_eval_parser(sub)
     return ap
@@ -94,7 +94,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.cmd == "datasets":
         return _datasets(args.name, console)
     if args.cmd == "eval":
-        from fusion.crossmodal import eval_command
+        from fusion.retrieval.cli import eval_command
 
         return eval_command(args, console)
     if args.cmd == "report":

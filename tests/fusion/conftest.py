@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fusion.backbone import TextBackbone, random_backbone
+from fusion.models.backbone import TextBackbone, random_backbone
 
 WORDS = """tim cook is visiting beijing now apple ceo capital china city of the a an and in on was
 born company founded by steve jobs paris france london england berlin germany river country

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from fusion.bimedia import BiMedia, BiMediaConfig, dual_config
+from fusion.models.bimedia import BiMedia, BiMediaConfig, dual_config
 from fusion.pairs import load_media_pairs
 
 from .conftest import make_query_artifact
@@ -70,8 +70,8 @@ def test_loss_objectives_and_the_dual_encoder(queries, feature_artifact):
 
 @pytest.mark.slow
 def test_media_lxmert_trains_and_retrieves(ray_local, tmp_path, queries, feature_artifact, backbone_dir):
-    from fusion.crossmodal import RetrievalParams, evaluate
-    from fusion.stages import PretrainParams, pretrain
+    from fusion.retrieval.stage import RetrievalParams, evaluate
+    from fusion.pretrain.stage import PretrainParams, pretrain
     from pipeline.context import StageContext
     from pipeline.registry import Resources
     from pipeline.store import Artifact

@@ -17,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fusion.backbone import random_backbone
-from fusion.downstream import (LEFT_OUT, SPAN_ENCODERS, FinetuneParams, classification_metrics,
-                               finetune, pair_key, prepare_task, span_encoder_for, split_of)
-from fusion.stages import PretrainParams, pretrain
+from fusion.models.backbone import random_backbone
+from fusion.finetune.tasks import LEFT_OUT, classification_metrics, pair_key, prepare_task, split_of
+from fusion.finetune.encoders import SPAN_ENCODERS, span_encoder_for
+from fusion.finetune.stage import FinetuneParams, finetune
+from fusion.pretrain.stage import PretrainParams, pretrain
 from knowledge.kg import ENTITY_SCHEMA, RELATION_SCHEMA, TRIPLE_SCHEMA, KnowledgeGraph
 from knowledge.stages.link import DOC_SCHEMA, MENTION_SCHEMA
 from pipeline import StageFailed
@@ -331,10 +332,10 @@ def test_a_test_label_unseen_in_training_is_left_out(data, tokenizer):
 
 # ---------------------------------------------------------------------------------- the stage
 def test_every_recipe_has_a_span_encoder():
-    from fusion.pretrain import RECIPES
-    from fusion.recipes import PlainMLM
+    from fusion.pretrain.loop import RECIPES
+    from fusion.pretrain.recipes import PlainMLM
 
-    builtin = {n for n, c in RECIPES.all().items() if c.__module__ == "fusion.recipes"}
+    builtin = {n for n, c in RECIPES.all().items() if c.__module__ == "fusion.pretrain.recipes"}
     assert builtin == set(PRETRAIN_OPTIONS) and builtin <= set(SPAN_ENCODERS)
     assert "plain" in SPAN_ENCODERS
 

@@ -9,10 +9,9 @@ import warnings
 import pytest
 import torch
 
-from fusion.backbone import random_backbone
-from fusion.ernie import (ERNIE_VARIANTS, NO_ENTITY, Ernie, ErnieConfig, MentionCounts, collate,
-                          create_ernie, dea_mask, encode_batch, encode_text, register_variant)
-from fusion.objectives import IGNORE
+from fusion.models.backbone import random_backbone
+from fusion.models.ernie import ERNIE_VARIANTS, NO_ENTITY, Ernie, ErnieConfig, MentionCounts, collate, create_ernie, dea_mask, encode_batch, encode_text, register_variant
+from fusion.models.objectives import IGNORE
 
 NUM_ENTITIES, ENTITY_DIM = 30, 16
 TEXTS = ["Tim Cook is visiting Beijing now", "Steve Jobs founded Apple in California",
@@ -394,7 +393,7 @@ def test_minilm_variant(minilm_path):
     model = create_ernie("ernie_minilm", entities, path=str(minilm_path)).eval()
     assert (model.config.num_t_layers, model.config.num_k_layers) == (3, 3)
     assert model.config.hidden_size == 384
-    from fusion.backbone import load_backbone
+    from fusion.models.backbone import load_backbone
 
     tok = load_backbone(str(minilm_path)).tokenizer
     batch, counts = encode_batch(["Tim Cook is visiting Beijing now"], [[(0, 8, 3), (21, 28, 7)]],

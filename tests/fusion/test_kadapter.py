@@ -7,10 +7,8 @@ import random
 import pytest
 import torch
 
-from fusion.backbone import load_backbone, random_backbone
-from fusion.kadapter import (EntityTyper, KAdapter, KAdapterConfig, RelationClassifier, RelationExample,
-                             TypingExample, default_layers, kadapter_minilm, kadapter_tiny, relation_batch,
-                             typing_batch)
+from fusion.models.backbone import load_backbone, random_backbone
+from fusion.models.kadapter import EntityTyper, KAdapter, KAdapterConfig, RelationClassifier, RelationExample, TypingExample, default_layers, kadapter_minilm, kadapter_tiny, relation_batch, typing_batch
 
 H = 32  # the tiny backbone's hidden size
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion.backbone import random_backbone
-from fusion.kbert import (KBERT_VARIANTS, KBert, KBertConfig, KnowledgeLayer, TripleLookup,
-                          collate_trees, create_kbert, kbert_minilm, register_variant, visible_bias)
-from fusion.objectives import IGNORE
+from fusion.models.backbone import random_backbone
+from fusion.models.kbert import KBERT_VARIANTS, KBert, KBertConfig, KnowledgeLayer, TripleLookup, collate_trees, create_kbert, kbert_minilm, register_variant, visible_bias
+from fusion.models.objectives import IGNORE
 
 TEXT = "Tim Cook is visiting Beijing now"
 MENTIONS = [(0, 8, 0), (21, 28, 1)]        # "Tim Cook" -> entity 0, "Beijing" -> entity 1

@@ -9,11 +9,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from fusion.lxmert import (
-    LXMERT_VARIANTS, Lxmert, LxmertConfig, collate_regions, create_lxmert, from_hf, hard_negative_pairs,
-    info_nce, itm_pairs, load_hf_lxmert_state, lxmert_backbone, lxmert_tiny,
-)
-from fusion.objectives import IGNORE
+from fusion.models.lxmert import LXMERT_VARIANTS, Lxmert, LxmertConfig, collate_regions, create_lxmert, from_hf, hard_negative_pairs, info_nce, itm_pairs, load_hf_lxmert_state, lxmert_backbone, lxmert_tiny
+from fusion.models.objectives import IGNORE
 
 from .cuda_checks import check_dropout_step_on_cuda, check_on_cuda, needs_cuda
 
@@ -301,7 +298,7 @@ def test_backbone_language_stream_is_the_backbone(backbone, tokenizer):
 
 
 def test_minilm_language_stream(minilm_path):
-    from fusion.backbone import load_backbone, mean_pool
+    from fusion.models.backbone import load_backbone, mean_pool
 
     bb = load_backbone(str(minilm_path))
     model = LXMERT_VARIANTS["lxmert_minilm"](path=str(minilm_path), r_layers=1, x_layers=1).eval()

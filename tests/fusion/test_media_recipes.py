@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusion.crossmodal import RetrievalParams, evaluate
-from fusion.pretrain import load_pretrained
-from fusion.stages import PretrainParams, pretrain
+from fusion.retrieval.stage import RetrievalParams, evaluate
+from fusion.pretrain.loop import load_pretrained
+from fusion.pretrain.stage import PretrainParams, pretrain
 from pipeline import StageFailed
 from pipeline.context import StageContext
 from pipeline.registry import Resources

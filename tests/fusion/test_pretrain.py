@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import BaseModel
 
-from fusion.backbone import load_backbone
-from fusion.pretrain import RECIPES, lr_lambda, recipe, shard_order
-from fusion.recipes import PlainMLM
-from fusion.stages import PretrainParams, pretrain
+from fusion.models.backbone import load_backbone
+from fusion.pretrain.loop import RECIPES, lr_lambda, recipe, shard_order
+from fusion.pretrain.recipes import PlainMLM
+from fusion.pretrain.stage import PretrainParams, pretrain
 from knowledge.stages.link import DOC_SCHEMA, MENTION_SCHEMA
 from pipeline.context import StageContext
 from pipeline.registry import Resources

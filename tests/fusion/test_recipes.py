@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fusion.backbone import random_backbone
-from fusion.stages import PretrainParams, pretrain
+from fusion.models.backbone import random_backbone
+from fusion.pretrain.stage import PretrainParams, pretrain
 from knowledge.kg import ENTITY_SCHEMA, RELATION_SCHEMA, TRIPLE_SCHEMA, KnowledgeGraph
 from knowledge.stages.link import DOC_SCHEMA, MENTION_SCHEMA
 from pipeline.context import StageContext

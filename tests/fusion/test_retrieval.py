@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.retrieval import (average_precision_at, first_hit_ranks, relevance_matrix, rerank,
-                              retrieval_metrics)
+from fusion.retrieval.metrics import average_precision_at, first_hit_ranks, relevance_matrix, rerank, retrieval_metrics
 
 # 4 captions (rows) x 3 images (columns); image a has captions t0 and t1, b has t2, c has t3.
 TEXTS, MEDIA = ["t0", "t1", "t2", "t3"], ["a", "b", "c"]

@@ -10,10 +10,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fusion.backbone import load_backbone, random_backbone
-from fusion.objectives import IGNORE
-from fusion.vilbert import (MINILM_CONFIG, PAPER_CONFIG, VILBERT_VARIANTS, ViLBert, ViLBertConfig,
-                            collate, collate_media, create_vilbert, location_features, register_variant)
+from fusion.models.backbone import load_backbone, random_backbone
+from fusion.models.objectives import IGNORE
+from fusion.models.vilbert import MINILM_CONFIG, PAPER_CONFIG, VILBERT_VARIANTS, ViLBert, ViLBertConfig, collate, collate_media, create_vilbert, location_features, register_variant
 
 from .cuda_checks import check_dropout_step_on_cuda, check_on_cuda, needs_cuda
 

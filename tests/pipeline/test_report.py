@@ -113,7 +113,7 @@ def _seed_embedding(store: ArtifactStore, key: str, kg_key: str, params: dict) -
 
 def _fabricated_stages(store: ArtifactStore, emb_key: str) -> dict[str, dict]:
     """fusion.pretrain -> fusion.finetune, and fusion.retrieval, in their stages' file formats."""
-    from fusion.downstream import classification_metrics
+    from fusion.finetune.tasks import classification_metrics
 
     out: dict[str, dict] = {}
     pre_key = artifact_key("fusion.pretrain", "2", {"recipe": "ernie"}, {"entities": emb_key})

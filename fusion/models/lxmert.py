@@ -36,7 +36,7 @@ reference's training steps/s on 2 cores, for hidden 128 and for the paper size a
 Pretraining (paper section 3, plus a contrastive first stage), all from one forward pass by
 :meth:`Lxmert.loss`:
 
-* MLM: 15% of the words, 80/10/10 (:func:`fusion.objectives.mlm_mask`), head tied to the word
+* MLM: 15% of the words, 80/10/10 (:func:`fusion.models.objectives.mlm_mask`), head tied to the word
   embeddings. As in the reference code, words and regions are masked in every pair, matched or not.
 * Masked region modelling: 15% of the real regions have their features set to zero; the cross
   output of each predicts the original features (smooth L1 or MSE, averaged over the masked
@@ -65,7 +65,7 @@ Pretraining (paper section 3, plus a contrastive first stage), all from one forw
 
 Variants: ``lxmert_paper`` (768, 9/5/5, 12 heads, ~208M parameters with 2048-d features),
 ``lxmert_tiny`` (tests), and ``lxmert_backbone`` / ``lxmert_minilm`` whose language stream is a
-BERT-family :class:`~fusion.backbone.TextBackbone` (its embeddings and its layers 0..N-1 become the
+BERT-family :class:`~fusion.models.backbone.TextBackbone` (its embeddings and its layers 0..N-1 become the
 embeddings and language layers 0..N-1; vision and cross layers start random).
 """
 
@@ -82,9 +82,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.backbone import TextBackbone, load_backbone, mean_pool
-from fusion.heads import MLMHead
-from fusion.objectives import IGNORE, mlm_mask
+from fusion.models.backbone import TextBackbone, load_backbone, mean_pool
+from fusion.models.heads import MLMHead
+from fusion.models.objectives import IGNORE, mlm_mask
 
 # ----------------------------------------------------------------------------------------------
 # config

@@ -50,7 +50,7 @@ class PretrainParams(BaseModel):
 
     @model_validator(mode="after")
     def _recipe(self) -> "PretrainParams":
-        from .pretrain import RECIPES  # imports torch: only pipelines that pretrain pay for it
+        from fusion.pretrain.loop import RECIPES  # imports torch: only pipelines that pretrain pay for it
 
         try:
             rec = RECIPES.get(self.recipe)
@@ -65,8 +65,8 @@ class PretrainParams(BaseModel):
 def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     """Pretrain a fusion encoder (ERNIE, K-BERT, K-Adapter, LXMERT, ViLBERT, a dual encoder or the plain
     backbone) with Ray Train."""
-    from .backbone import load_backbone
-    from .pretrain import RECIPES, load_linked_docs, mean_loss, tokens_per_second, train_loop_per_worker
+    from fusion.models.backbone import load_backbone
+    from fusion.pretrain.loop import RECIPES, load_linked_docs, mean_loss, tokens_per_second, train_loop_per_worker
 
     rec_cls = RECIPES.get(params.recipe)
     rec = rec_cls()
@@ -107,7 +107,7 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     # The checkpoint holds the loop's wrapper around the recipe's model: keep the model itself.
     from safetensors.torch import load_model, save_model
 
-    from .pretrain import _Objective
+    from fusion.pretrain.loop import _Objective
 
     wrapper = _Objective(rec.build(backbone, resources, options))
     load_model(wrapper, str(result.checkpoint_dir / "model.safetensors"))

@@ -1,9 +1,9 @@
 """LXMERT's cross-modality encoder over two media streams: spoken captions <-> images (any two).
 
-A spoken caption has no words to tokenise, so the language encoder of :mod:`fusion.lxmert` cannot
+A spoken caption has no words to tokenise, so the language encoder of :mod:`fusion.models.lxmert` cannot
 read it; everything else in LXMERT is modality-agnostic. This model keeps LXMERT's structure and
-its building blocks (:class:`~fusion.lxmert.VisualEmbedding`, :class:`~fusion.lxmert.Layer`,
-:class:`~fusion.lxmert.CrossLayer` with one shared cross-attention used in both directions) and
+its building blocks (:class:`~fusion.models.lxmert.VisualEmbedding`, :class:`~fusion.models.lxmert.Layer`,
+:class:`~fusion.models.lxmert.CrossLayer` with one shared cross-attention used in both directions) and
 replaces the token embeddings by a second region embedding::
 
     query frames  (B, Q, F_q), spans -> (LN(W_f f) + LN(W_b b)) / 2 -> N_Q layers --+
@@ -16,7 +16,7 @@ Audio frames arrive as regions whose boxes are time spans ``(t0/T, 0, t1/T, 1)``
 (:mod:`speech.features`); with the speech stage's ``global_token`` position 0 is the clip's mean
 frame, the natural pooling position (the role of LXMERT's [CLS]).
 
-Objectives, all from one forward pass (:meth:`BiMedia.loss`), as in :class:`fusion.lxmert.Lxmert`
+Objectives, all from one forward pass (:meth:`BiMedia.loss`), as in :class:`fusion.models.lxmert.Lxmert`
 minus the words: matching (each query paired with another item's media of the batch with
 probability 0.5; binary head), in-batch InfoNCE on the single-stream vectors (which makes
 :meth:`encode_text` / :meth:`encode_media` a dual encoder for the retrieval first stage), and
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lxmert import CrossLayer, Layer, LxmertConfig, VisualEmbedding, info_nce, itm_pairs, key_mask, mask_regions
+from fusion.models.lxmert import CrossLayer, Layer, LxmertConfig, VisualEmbedding, info_nce, itm_pairs, key_mask, mask_regions
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""``fusion.retrieval`` and ``stele eval retrieval``: cross-modal retrieval with a pretrained fusion
-encoder, both directions, under the protocol of :mod:`fusion.retrieval`.
+"""``fusion.retrieval``: cross-modal retrieval with a pretrained fusion encoder, both directions,
+under the protocol of :mod:`fusion.retrieval.metrics`.
 
 Inputs: ``model`` (a ``fusion.pretrain`` artifact of a multimodal recipe), ``media`` (the feature
 artifact to search: its items are the media, their texts the captions; by default the items the
@@ -14,13 +14,11 @@ Modes (the mode and ``k`` are written beside every number):
 - ``dual``: the first stage alone, ``encode_text(t) · encode_media(m)`` for all pairs (one matmul);
 - ``all_pairs``: the cross-encoder's score for every (caption, media) pair: exact, quadratic;
 - ``rerank``: each query's top ``k`` by the first stage re-scored by the cross-encoder, the rest
-  kept below in first-stage order (:func:`fusion.retrieval.rerank`); pairs both directions need
-  are scored once. With ``k`` >= the candidate count it equals ``all_pairs``.
+  kept below in first-stage order (:func:`fusion.retrieval.metrics.rerank`); pairs both directions
+  need are scored once. With ``k`` >= the candidate count it equals ``all_pairs``.
 
-A cross-encoder's single-modality layers do not depend on the pair: captions and media are encoded
-once (the model's ``text_states`` / ``media_states``) and only the fusion layers run per pair
-(``score_states``), in batches of ``batch_size`` pairs, on ``workers`` Ray actors (GPUs with
-``gpus_per_worker``) or in the stage's own process (``workers: 1``).
+Pairs are scored by :mod:`fusion.retrieval.scorer`, on ``workers`` Ray actors or in the stage's
+own process (``workers: 1``).
 
 Writes ``metrics.json`` (both directions: R@1/5/10, RSUM, median/mean rank, mAP@10, the first
 stage's numbers, recall@K curves, counts, timings), ``ranks.parquet`` (per query: rank of the first
@@ -35,18 +33,15 @@ import base64
 import io
 import json
 import time
-import typing
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from fusion.retrieval.scorer import DIRECTIONS, Corpus, Scorer, batches, check_dims, score_worker_cls, setup
 from pipeline import StageContext, StageFailed, stage
-
-DIRECTIONS = ("text_to_media", "media_to_text")
 
 
 class RetrievalParams(BaseModel):
@@ -67,180 +62,6 @@ class RetrievalParams(BaseModel):
     thumbnails: bool = Field(default=True, description="image thumbnails in examples.json")
 
 
-# ----------------------------------------------------------------------------------- scoring
-def _batches(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def _gather(states: dict[str, Any], idx: Any) -> dict[str, Any]:
-    """Rows ``idx`` of padded states, trimmed to the longest real sequence among them (states are
-    kept padded to the corpus maximum; padding beyond it only costs time)."""
-    out = {k: v[idx] for k, v in states.items()}
-    n = int(out["mask"].sum(1).max()) if len(out["mask"]) else 0
-    return {k: v[:, :max(n, 1)] for k, v in out.items()}
-
-
-def _pad_cat(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Concatenate per-batch states along the batch, padding dim 1 to the largest."""
-    import torch
-
-    width = max(p["mask"].shape[1] for p in parts)
-    out = {}
-    for key in parts[0]:
-        padded = []
-        for p in parts:
-            v = p[key]
-            if v.shape[1] < width:
-                v = torch.cat([v, v.new_zeros((v.shape[0], width - v.shape[1], *v.shape[2:]))], 1)
-            padded.append(v)
-        out[key] = torch.cat(padded)
-    return out
-
-
-class Scorer:
-    """One model on one device: first-stage vectors, cached single-stream states, pair scores."""
-
-    def __init__(self, model: Any, tokenizer: Any, max_length: int, device: str = "cpu",
-                 encode_batch_size: int = 128, batch_size: int = 256):
-        import torch
-
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.tokenizer, self.max_length = tokenizer, max_length
-        self.encode_bs, self.pair_bs = encode_batch_size, batch_size
-        self.cross_encoder = hasattr(model, "score_states") and getattr(model, "has_match_head", True)
-
-    def _autocast(self):  # noqa: ANN202
-        import contextlib
-
-        import torch
-
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _queries(self, queries: Any, rows: slice) -> dict[str, Any]:
-        """A batch of queries ``rows``: tokenised captions, or media queries' regions."""
-        if queries.bank is not None:
-            b = queries.bank.batch(list(range(len(queries.ids))[rows]))
-            return {"query_features": b["features"].to(self.device),
-                    "query_boxes": b["boxes"].to(self.device),
-                    "query_mask": b["region_mask"].to(self.device)}
-        enc = self.tokenizer(queries.texts[rows], truncation=True, max_length=self.max_length,
-                             padding=True, return_tensors="pt")
-        return {"input_ids": enc["input_ids"].to(self.device),
-                "attention_mask": enc["attention_mask"].to(self.device)}
-
-    def _media(self, bank: Any, idx: Sequence[int]) -> dict[str, Any]:
-        return {k: v.to(self.device) for k, v in bank.batch(list(idx)).items()}
-
-    def first_stage(self, queries: Any, bank: Any) -> Any:
-        """(T, M) dual-encoder scores, float32 on the CPU."""
-        import torch
-
-        with torch.inference_mode(), self._autocast():
-            t = torch.cat([self.model.encode_text(self._queries(queries, s)).float()
-                           for s in _batches(len(queries.ids), self.encode_bs)])
-            m = torch.cat([self.model.encode_media(self._media(bank, range(len(bank))[s])).float()
-                           for s in _batches(len(bank), self.encode_bs)])
-        return (t @ m.T).cpu()
-
-    def states(self, queries: Any, bank: Any) -> tuple[dict, dict]:
-        import torch
-
-        if not self.cross_encoder:
-            raise ValueError(f"{type(self.model).__name__} has no cross-encoder score (a dual "
-                             f"encoder): use mode 'dual'")
-        with torch.inference_mode(), self._autocast():
-            t = _pad_cat([self.model.text_states(self._queries(queries, s))
-                          for s in _batches(len(queries.ids), self.encode_bs)])
-            m = _pad_cat([self.model.media_states(self._media(bank, range(len(bank))[s]))
-                          for s in _batches(len(bank), self.encode_bs)])
-        return t, m
-
-    def cross(self, text_states: dict, media_states: dict, ti: np.ndarray, mi: np.ndarray,
-              progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Cross-encoder scores of the pairs ``(ti[j], mi[j])``, float32."""
-        import torch
-
-        out = np.empty(len(ti), dtype=np.float32)
-        with torch.inference_mode(), self._autocast():
-            for s in _batches(len(ti), self.pair_bs):
-                t = _gather(text_states, torch.as_tensor(ti[s], device=self.device))
-                m = _gather(media_states, torch.as_tensor(mi[s], device=self.device))
-                out[s] = self.model.score_states(t, m).float().cpu().numpy()
-                if progress is not None:
-                    progress(s.stop, len(ti))
-        return out
-
-
-@dataclass
-class Corpus:
-    """The media of one split and their captions (see :func:`fusion.pairs.load_pairs`)."""
-
-    bank: Any
-    captions: Any
-    counts: dict[str, Any]
-
-
-def _score_worker_cls():  # noqa: ANN202
-    import ray
-
-    @ray.remote
-    class ScoreWorker:
-        """One model replica: rebuilds the corpus' states itself, then scores pair shards."""
-
-        def __init__(self, model_dir: str, media_dir: str, queries_dir: str | None, settings: dict,
-                     device: str) -> None:
-            import torch
-
-            torch.set_num_threads(settings.pop("threads"))
-            corpus, scorer = _setup(Path(model_dir), Path(media_dir), settings, device,
-                                    Path(queries_dir) if queries_dir else None)
-            self.scorer = scorer
-            self.states = scorer.states(corpus.captions, corpus.bank)
-
-        def score(self, ti: np.ndarray, mi: np.ndarray) -> np.ndarray:
-            return self.scorer.cross(*self.states, ti, mi)
-
-    return ScoreWorker
-
-
-def _setup(model_dir: Path, media_dir: Path, settings: dict, device: str,
-           queries_dir: Path | None = None) -> tuple[Corpus, Scorer]:
-    from .pairs import load_media_pairs, load_pairs
-    from .pretrain import load_pretrained
-
-    rec, options, backbone, model, meta = load_pretrained(model_dir)
-    share = getattr(options, "held_out_share", 0.0)
-    seed = getattr(options, "split_seed", 0)
-    max_regions = getattr(options, "max_regions", None)
-    if "query_media" in rec.needs:
-        if queries_dir is None:
-            raise StageFailed(f"the {meta['recipe']} model searches with media queries: give the "
-                              f"query items' feature artifact (input role 'queries', --queries)")
-        bank, caps, counts = load_media_pairs(queries_dir, media_dir, settings["split"], share, seed,
-                                              options.key, max_regions, settings["limit"])
-    else:
-        bank, caps, counts = load_pairs(media_dir, settings["split"], share, seed, max_regions,
-                                        settings["limit"])
-    _check_dims(model_dir, meta, bank, caps, media_dir, queries_dir)
-    scorer = Scorer(model, backbone.tokenizer, settings["max_length"] or meta.get("max_length", 64),
-                    device, settings["encode_batch_size"], settings["batch_size"])
-    return Corpus(bank, caps, {**counts, "held_out_share": share, "split_seed": seed}), scorer
-
-
-def _check_dims(model_dir: Path, meta: dict, bank: Any, caps: Any, media_dir: Path,
-                queries_dir: Path | None) -> None:
-    """The widths the model was trained on (``recipe.json``) against the artifacts given."""
-    res = meta.get("resources_meta", {})
-    for what, want, have, path in (("media", res.get("feature_dim"), bank, media_dir),
-                                   ("query", res.get("query_feature_dim"), caps.bank, queries_dir)):
-        if want is not None and have is not None and len(have) and have.dim != want:
-            raise StageFailed(f"mismatched feature dimensions: model {model_dir.name} was trained on "
-                              f"{want}-d {what} features, artifact {path.name} has {have.dim}-d")
-
-
 # ----------------------------------------------------------------------------------- evaluate
 def evaluate(model_dir: Path, media_dir: Path, out: Path, params: RetrievalParams,
              first_stage_dir: Path | None = None, log: Any = None,
@@ -251,14 +72,14 @@ def evaluate(model_dir: Path, media_dir: Path, out: Path, params: RetrievalParam
 
     import torch
 
-    from .pretrain import load_pretrained
-    from .retrieval import KS, direction_metrics, relevance_matrix, rerank
+    from fusion.pretrain.loop import load_pretrained
+    from fusion.retrieval.metrics import KS, direction_metrics, relevance_matrix, rerank
 
     log = log or logging.getLogger("stele.retrieval")
     device = "cuda" if params.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
     settings = {"split": params.split, "limit": params.limit, "max_length": params.max_length,
                 "encode_batch_size": params.encode_batch_size, "batch_size": params.batch_size}
-    corpus, scorer = _setup(model_dir, media_dir, settings, device, queries_dir)
+    corpus, scorer = setup(model_dir, media_dir, settings, device, queries_dir)
     bank, caps = corpus.bank, corpus.captions
     T, M = len(caps.texts), len(bank)
     if T == 0 or M == 0:
@@ -275,7 +96,7 @@ def evaluate(model_dir: Path, media_dir: Path, out: Path, params: RetrievalParam
     t0 = time.perf_counter()
     if first_stage_dir is not None:
         _, _, fs_backbone, fs_model, fs_meta = load_pretrained(first_stage_dir)
-        _check_dims(first_stage_dir, fs_meta, bank, caps, media_dir, queries_dir)
+        check_dims(first_stage_dir, fs_meta, bank, caps, media_dir, queries_dir)
         fs_scorer = Scorer(fs_model, fs_backbone.tokenizer,
                            params.max_length or fs_meta.get("max_length", 64), device,
                            params.encode_batch_size)
@@ -354,7 +175,7 @@ def _score_pairs(scorer: Scorer, model_dir: Path, media_dir: Path, queries_dir: 
 
     import ray
 
-    worker = _score_worker_cls()
+    worker = score_worker_cls()
     threads = max(1, (os.cpu_count() or 1) // params.workers)
     actors = [worker.options(num_cpus=1 if params.gpus_per_worker == 0 else 0,
                              num_gpus=params.gpus_per_worker).remote(
@@ -362,7 +183,7 @@ def _score_pairs(scorer: Scorer, model_dir: Path, media_dir: Path, queries_dir: 
         {**settings, "threads": threads}, device)
         for _ in range(params.workers)]
     # Many small shards, handed out as actors free up: balanced when pair lengths differ.
-    shards = _batches(len(ti), params.batch_size * 8)
+    shards = batches(len(ti), params.batch_size * 8)
     out = np.empty(len(ti), dtype=np.float32)
     pending: dict[Any, slice] = {}
     queue = list(shards)
@@ -539,62 +360,3 @@ def retrieval(ctx: StageContext, params: RetrievalParams) -> dict:
                         queries.path if queries else None)
     except ValueError as e:  # the protocol's own checks (duplicate ids, no positives at all)
         raise StageFailed(f"fusion.retrieval: {e}") from None
-
-
-# ----------------------------------------------------------------------------------- the CLI
-def add_eval_parser(sub: Any) -> None:
-    """``stele eval retrieval ...``: the stage's protocol on existing artifacts, outside a pipeline."""
-    p = sub.add_parser("eval", help="evaluate artifacts outside a pipeline (retrieval)")
-    tasks = p.add_subparsers(dest="task", required=True)
-    r = tasks.add_parser("retrieval", help="cross-modal retrieval with a fusion.pretrain model")
-    r.add_argument("--model", required=True, help="fusion.pretrain artifact (key prefix or folder)")
-    r.add_argument("--media", required=True, help="feature artifact to search (key prefix or folder)")
-    r.add_argument("--first-stage", help="another fusion.pretrain artifact ranking candidates first")
-    r.add_argument("--queries", help="media queries' feature artifact (media_lxmert, media_dual models)")
-    r.add_argument("--out", help="output folder (default ./retrieval-<mode>)")
-    r.add_argument("--store", help="artifact store for key prefixes (default: $STELE_STORE or ./stele-store)")
-    fields = RetrievalParams.model_fields
-    for name in ("mode", "k", "split", "limit", "batch_size", "workers", "gpus_per_worker", "examples"):
-        f = fields[name]
-        kind = {"k": int, "limit": int, "batch_size": int, "workers": int, "examples": int,
-                "gpus_per_worker": float}.get(name, str)
-        choices = typing.get_args(f.annotation) if typing.get_origin(f.annotation) is Literal else None
-        r.add_argument(f"--{name.replace('_', '-')}", type=kind, default=f.default, choices=choices,
-                       help=f.description)
-
-
-def eval_command(args: Any, console: Any) -> int:
-    from pipeline.store import ArtifactStore, default_store_uri
-
-    params = RetrievalParams(mode=args.mode, k=args.k, split=args.split, limit=args.limit,
-                             batch_size=args.batch_size, workers=args.workers,
-                             gpus_per_worker=args.gpus_per_worker, examples=args.examples)
-    store = ArtifactStore(args.store or default_store_uri())
-
-    def folder(ref: str) -> Path:  # an artifact folder as it is, else a key (prefix) in the store
-        p = Path(ref)
-        return p if p.is_dir() else Path(store.artifact_path(store.resolve(ref)))
-
-    out = Path(args.out or f"retrieval-{params.mode}")
-    if params.workers > 1:
-        from pipeline.ray_utils import init_ray
-
-        init_ray()
-    try:
-        m = evaluate(folder(args.model), folder(args.media), out, params,
-                     folder(args.first_stage) if args.first_stage else None,
-                     queries_dir=folder(args.queries) if args.queries else None)
-    except StageFailed as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
-        return 1
-    label = params.mode + (f", k={params.k}" if params.mode == "rerank" else "")
-    console.print(f"retrieval ({label}) over {m['captions']} captions x {m['media']} media, "
-                  f"{m['eval_s']:.1f} s, {m['pairs_scored']} pairs scored")
-    for d in DIRECTIONS:
-        console.print(f"  {d.replace('_', ' '):>14}: " + "  ".join(
-            f"R@{k} {m[f'{d}_R@{k}']:.1f}" for k in (1, 5, 10))
-            + f"  median rank {m[f'{d}_median_rank']:.1f}  mAP@10 {m[f'{d}_mAP@10']:.1f}")
-    console.print(f"  RSUM {m['rsum']:.1f} (first stage alone {m['first_stage_rsum']:.1f})")
-    console.print(f"written to {out}/ (metrics.json, ranks.parquet, recall_at_k.png, rank_hist.png, "
-                  f"examples.json)")
-    return 0

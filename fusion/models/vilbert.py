@@ -81,9 +81,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.backbone import TextBackbone, load_backbone, random_backbone
-from fusion.heads import MLMHead
-from fusion.objectives import IGNORE, mlm_mask
+from fusion.models.backbone import TextBackbone, load_backbone, random_backbone
+from fusion.models.heads import MLMHead
+from fusion.models.objectives import IGNORE, mlm_mask
 
 WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)  # the IMG token's box
 

@@ -18,10 +18,10 @@ from torch import nn
 
 from pipeline import StageFailed
 
-from .backbone import TextBackbone
-from .heads import MLMHead
-from .objectives import mlm_mask
-from .pretrain import Recipe, recipe
+from fusion.models.backbone import TextBackbone
+from fusion.models.heads import MLMHead
+from fusion.models.objectives import mlm_mask
+from fusion.pretrain.loop import Recipe, recipe
 
 
 class BackboneMLM(nn.Module):
@@ -126,12 +126,12 @@ class ErnieRecipe(Recipe):
             "entities_used": len(used), "entity_dim": int(table.shape[1])}
 
     def build(self, backbone, resources, options):  # noqa: ANN001, ANN201
-        from .ernie import Ernie, ErnieConfig
+        from fusion.models.ernie import Ernie, ErnieConfig
 
         return Ernie(backbone, resources["entity_table"], ErnieConfig(num_k_layers=options.k_layers))
 
     def collate(self, backbone, examples, resources, options, max_length):  # noqa: ANN001, ANN201
-        from .ernie import encode_batch
+        from fusion.models.ernie import encode_batch
 
         batch, _ = encode_batch([e["text"] for e in examples], [e["mentions"] for e in examples],
                                 backbone.tokenizer, max_length, len(resources["entity_table"]))
@@ -169,13 +169,13 @@ class KBertRecipe(Recipe):
                                  "triples_available": t.num_rows}
 
     def build(self, backbone, resources, options):  # noqa: ANN001, ANN201
-        from .kbert import KBert, KBertConfig
+        from fusion.models.kbert import KBert, KBertConfig
 
         self._layer = None
         return KBert(backbone, KBertConfig(k=options.k, max_length=resources["max_length"]))
 
     def collate(self, backbone, examples, resources, options, max_length):  # noqa: ANN001, ANN201
-        from .kbert import KnowledgeLayer, TripleLookup, collate_trees
+        from fusion.models.kbert import KnowledgeLayer, TripleLookup, collate_trees
 
         if getattr(self, "_layer", None) is None or self._layer.max_length != max_length:
             lookup = TripleLookup.from_indices(resources["heads"], resources["relations"],
@@ -233,8 +233,8 @@ class KAdapterRecipe(Recipe):
     def prepare(self, inputs, options, docs, backbone, max_length):  # noqa: ANN001, ANN201
         from collections import Counter
 
-        from .downstream import pair_key, split_of
-        from .kadapter import RelationExample, TypingExample
+        from fusion.finetune.tasks import pair_key, split_of
+        from fusion.models.kadapter import RelationExample, TypingExample
 
         kg, index = _kg_index(inputs["kg"])
         docs, kept, missing = _mentions_by_index(docs, index)
@@ -279,7 +279,7 @@ class KAdapterRecipe(Recipe):
             "held_out_examples": held_out}
 
     def build(self, backbone, resources, options):  # noqa: ANN001, ANN201
-        from .kadapter import EntityTyper, KAdapter, KAdapterConfig, RelationClassifier
+        from fusion.models.kadapter import EntityTyper, KAdapter, KAdapterConfig, RelationClassifier
 
         encoder = KAdapter(backbone.model, KAdapterConfig(
             (options.adapter,), adapter_size=options.adapter_size, num_heads=options.num_heads))
@@ -287,7 +287,7 @@ class KAdapterRecipe(Recipe):
         return _TaskModel(head_cls(encoder, len(resources["labels"])))
 
     def collate(self, backbone, examples, resources, options, max_length):  # noqa: ANN001, ANN201
-        from .kadapter import relation_batch, typing_batch
+        from fusion.models.kadapter import relation_batch, typing_batch
 
         if options.adapter == "factual":
             batch, report = relation_batch(examples, backbone.tokenizer, max_length)

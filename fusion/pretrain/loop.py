@@ -114,7 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (one call per worker); see the module docstring."""
     from pipeline.train import TrainSession
 
-    from .backbone import load_backbone
+    from fusion.models.backbone import load_backbone
 
     torch.set_num_threads(config["threads_per_worker"])
     rec = config["recipe_cls"]()  # the class itself: plugins need no registry lookup in workers
@@ -191,7 +191,7 @@ def load_pretrained(path: str | Path) -> tuple[Recipe, BaseModel, Any, torch.nn.
 
     from safetensors.torch import load_model
 
-    from .backbone import artifact_backbone
+    from fusion.models.backbone import artifact_backbone
 
     path = Path(path)
     meta = json.loads((path / "recipe.json").read_text())

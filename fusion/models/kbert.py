@@ -64,8 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.backbone import TextBackbone, load_backbone, random_backbone
-from fusion.objectives import IGNORE, mlm_mask
+from fusion.models.backbone import TextBackbone, load_backbone, random_backbone
+from fusion.models.objectives import IGNORE, mlm_mask
 
 # ---------------------------------------------------------------------------------------------------
 # Knowledge layer: text + mentions + KG -> sentence tree
@@ -371,7 +371,7 @@ class KBert(nn.Module):
 
     def mlm_inputs(self, batch: Mapping[str, torch.Tensor],
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(corrupted input_ids, labels)`` (B, L): :func:`fusion.objectives.mlm_mask` restricted to
+        """``(corrupted input_ids, labels)`` (B, L): :func:`fusion.models.objectives.mlm_mask` restricted to
         the trunk, special tokens and padding excluded (see :meth:`loss` for why not the branches)."""
         maskable = batch["trunk"] & ~batch["special"] & batch["attention_mask"].bool()   # (B, L)
         return mlm_mask(batch["input_ids"], maskable, self.tokenizer.mask_token_id, self.vocab_size,

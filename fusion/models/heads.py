@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .objectives import IGNORE
+from fusion.models.objectives import IGNORE
 
 
 class MLMHead(nn.Module):

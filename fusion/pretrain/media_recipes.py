@@ -7,16 +7,16 @@ media stream reads regions with boxes, and audio frames are regions whose boxes 
 hash of the item id, ``held_out_share`` / ``split_seed``); ``fusion.retrieval`` evaluates the held-out
 items of the same split.
 
-- ``lxmert``: :func:`fusion.lxmert.lxmert_backbone`: the backbone's layers as the language encoder,
+- ``lxmert``: :func:`fusion.models.lxmert.lxmert_backbone`: the backbone's layers as the language encoder,
   ``r_layers`` object-relationship and ``x_layers`` cross-modality layers; MLM, masked-region
   feature regression, image-text matching and InfoNCE.
-- ``vilbert``: :class:`fusion.vilbert.ViLBert` with the MiniLM placement (connections before the
+- ``vilbert``: :class:`fusion.models.vilbert.ViLBert` with the MiniLM placement (connections before the
   upper half of the text layers); MLM, masked-region regression, alignment.
 - ``dual``: the baseline. LXMERT's two single-modality encoders with no cross layers, trained with
   InfoNCE only: a CLIP-style dual encoder on exactly the same features and text backbone, whose
   dot product is its retrieval score.
 - ``media_lxmert`` / ``media_dual``: media queries instead of text (spoken captions <-> images):
-  LXMERT's cross encoder over two media streams (:mod:`fusion.bimedia`) and its dual encoder;
+  LXMERT's cross encoder over two media streams (:mod:`fusion.models.bimedia`) and its dual encoder;
   inputs ``query_media`` (the spoken captions' features) and ``media`` (the images').
 
 ``options.config`` overrides the model's config fields (``LxmertConfig`` / ``ViLBertConfig``),
@@ -38,8 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline import StageFailed
 
-from .backbone import TextBackbone
-from .pretrain import Recipe, recipe
+from fusion.models.backbone import TextBackbone
+from fusion.pretrain.loop import Recipe, recipe
 
 
 class MediaOptions(BaseModel):
@@ -75,7 +75,7 @@ class MediaRecipe(Recipe):
                 max_length: int) -> tuple[list, dict[str, Any], dict[str, Any]]:
         import ray
 
-        from .pairs import load_pairs
+        from fusion.pairs import load_pairs
 
         bank, caps, counts = load_pairs(inputs["media"], "train", options.held_out_share,
                                         options.split_seed, options.max_regions, options.limit)
@@ -118,7 +118,7 @@ class LxmertOptions(MediaOptions):
     @field_validator("config")
     @classmethod
     def _config(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from .lxmert import LxmertConfig
+        from fusion.models.lxmert import LxmertConfig
 
         return _check_fields(v, LxmertConfig, {"vocab_size", "hidden_size", "num_heads",
                                                "intermediate_size", "l_layers", "r_layers",
@@ -130,7 +130,7 @@ class LxmertRecipe(MediaRecipe):
     Options = LxmertOptions
 
     def build(self, backbone: TextBackbone, resources: dict[str, Any], options: LxmertOptions) -> Any:
-        from .lxmert import lxmert_backbone
+        from fusion.models.lxmert import lxmert_backbone
 
         return lxmert_backbone(backbone, r_layers=options.r_layers, x_layers=options.x_layers,
                                **({"text_pool": "mean"} | options.config
@@ -159,7 +159,7 @@ class ViLBertOptions(MediaOptions):
     @field_validator("config")
     @classmethod
     def _config(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from .vilbert import ViLBertConfig
+        from fusion.models.vilbert import ViLBertConfig
 
         return _check_fields(v, ViLBertConfig, {"feature_dim", "add_img_token", "hidden_size",
                                                 "intermediate_size", "num_layers", "vocab_size"})
@@ -170,7 +170,7 @@ class ViLBertRecipe(MediaRecipe):
     Options = ViLBertOptions
 
     def build(self, backbone: TextBackbone, resources: dict[str, Any], options: ViLBertOptions) -> Any:
-        from .vilbert import MINILM_CONFIG, ViLBert
+        from fusion.models.vilbert import MINILM_CONFIG, ViLBert
 
         # MiniLM's pattern (connections before the upper half of the text layers, one visual layer
         # after each); a given global token is the IMG token, else the model adds one.
@@ -187,7 +187,7 @@ class BiMediaOptions(MediaOptions):
     @field_validator("config")
     @classmethod
     def _config(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from .bimedia import BiMediaConfig
+        from fusion.models.bimedia import BiMediaConfig
 
         return _check_fields(v, BiMediaConfig, {"query_feat_dim", "media_feat_dim",
                                                 "query_global_token", "media_global_token"})
@@ -195,7 +195,7 @@ class BiMediaOptions(MediaOptions):
 
 @recipe("media_lxmert")
 class BiMediaRecipe(MediaRecipe):
-    """LXMERT's cross encoder over two media streams (:mod:`fusion.bimedia`): ``query_media`` items
+    """LXMERT's cross encoder over two media streams (:mod:`fusion.models.bimedia`): ``query_media`` items
     (spoken captions) paired with the ``media`` item their ``meta[key]`` names (the image). The text
     backbone is not used (the stage still records it)."""
 
@@ -206,7 +206,7 @@ class BiMediaRecipe(MediaRecipe):
                 max_length: int) -> tuple[list, dict[str, Any], dict[str, Any]]:
         import ray
 
-        from .pairs import load_media_pairs
+        from fusion.pairs import load_media_pairs
 
         bank, queries, counts = load_media_pairs(inputs["query_media"], inputs["media"], "train",
                                                  options.held_out_share, options.split_seed,
@@ -224,7 +224,7 @@ class BiMediaRecipe(MediaRecipe):
         return examples, resources, {**counts, "train_media_with_query": len(examples)}
 
     def build(self, backbone: Any, resources: dict[str, Any], options: BiMediaOptions) -> Any:
-        from .bimedia import BiMedia, BiMediaConfig
+        from fusion.models.bimedia import BiMedia, BiMediaConfig
 
         return BiMedia(BiMediaConfig(**(options.config | {
             "query_feat_dim": resources["query_feature_dim"], "media_feat_dim": resources["feature_dim"],
@@ -257,7 +257,7 @@ class BiMediaDualRecipe(BiMediaRecipe):
     Options = BiMediaDualOptions
 
     def build(self, backbone: Any, resources: dict[str, Any], options: BiMediaOptions) -> Any:
-        from .bimedia import BiMedia, dual_config
+        from fusion.models.bimedia import BiMedia, dual_config
 
         return BiMedia(dual_config(super().build(backbone, resources, options).config))
 

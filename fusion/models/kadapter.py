@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fusion.backbone import TextBackbone, first_wordpieces
+from fusion.models.backbone import TextBackbone, first_wordpieces
 
 Span = tuple[int, int]  # character offsets [start, end) into the text
 

@@ -56,8 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.backbone import TextBackbone, first_wordpieces, load_backbone, random_backbone
-from fusion.objectives import IGNORE, mlm_mask
+from fusion.models.backbone import TextBackbone, first_wordpieces, load_backbone, random_backbone
+from fusion.models.objectives import IGNORE, mlm_mask
 
 NO_ENTITY = -1
 

