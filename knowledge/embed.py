@@ -38,6 +38,7 @@ table (PyTorch-BigGraph style) instead — see BENCHMARKS.md for the measured co
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -200,58 +201,90 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train:
     return total.item() / max(batches, 1)
 
 
+@dataclass(frozen=True)
+class EmbedJob:
+    """What each worker of :func:`train_loop_per_worker` needs, built once by ``knowledge.embed``."""
+
+    model: str                       # transe | distmult | complex | rotate
+    dim: int
+    model_kwargs: dict[str, Any]     # build_model's model-specific arguments
+    init: str                        # default | normal (:func:`init_embeddings`)
+    num_entities: int
+    num_relations: int
+    train: np.ndarray                # (N, 3) int64 (head, relation, tail) indices
+    valid: np.ndarray                # (M, 3)
+    known: np.ndarray                # (K, 3) every split: the filter of the validation ranking
+    head_prob: np.ndarray            # (num_relations,) Bernoulli corruption probabilities
+    corruption: str                  # uniform | bernoulli
+    loss: str                        # margin | bce | self_adversarial
+    margin: float
+    adversarial_temperature: float
+    negatives: int
+    batch_size: int
+    optimizer: str                   # adam | adagrad
+    lr: float
+    weight_decay: float
+    regularization: float
+    regularization_p: float
+    epochs: int
+    eval_every: int
+    eval_batch_size: int
+    patience: int
+    seed: int
+    threads_per_worker: int
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: one epoch per session step (see the module docstring)."""
+    """Ray Train worker: one epoch per session step (see the module docstring); its settings are
+    ``config["job"]``, an :class:`EmbedJob`."""
     from pipeline.train import TrainSession
 
     from .evaluate import rank_metrics
     from .models import build_model
 
-    torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    torch.manual_seed(config["init_seed"])  # the same initial weights on every rank
-    model = build_model(config["model"], config["num_entities"], config["num_relations"],
-                        config["dim"], **config["model_kwargs"])
-    init_embeddings(model, config.get("init", "default"))
-    opt_cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}[config["optimizer"]]
-    optimizer = opt_cls(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    job: EmbedJob = config["job"]
+    torch.set_num_threads(job.threads_per_worker)
+    torch.manual_seed(job.seed)  # the same initial weights on every rank
+    model = build_model(job.model, job.num_entities, job.num_relations, job.dim, **job.model_kwargs)
+    init_embeddings(model, job.init)
+    opt_cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}[job.optimizer]
+    optimizer = opt_cls(model.parameters(), lr=job.lr, weight_decay=job.weight_decay)
     session = TrainSession(model, optimizer, None, config)
     rank, world = session.rank, session.world_size
 
     # Everything a step touches lives where the model does: prepare_model put it on the worker's
     # GPU when Ray Train runs with use_gpu.
     device = session.device
-    train = torch.as_tensor(np.asarray(config["train"]), dtype=torch.long, device=device)
-    valid = torch.as_tensor(np.asarray(config["valid"]), dtype=torch.long, device=device)
-    known = torch.as_tensor(np.asarray(config["known"]), dtype=torch.long, device=device)
-    head_prob = torch.as_tensor(np.asarray(config["head_prob"]), dtype=torch.float, device=device) \
-        if config["corruption"] == "bernoulli" else None
+    train = torch.as_tensor(np.asarray(job.train), dtype=torch.long, device=device)
+    valid = torch.as_tensor(np.asarray(job.valid), dtype=torch.long, device=device)
+    known = torch.as_tensor(np.asarray(job.known), dtype=torch.long, device=device)
+    head_prob = torch.as_tensor(np.asarray(job.head_prob), dtype=torch.float, device=device) \
+        if job.corruption == "bernoulli" else None
     n_shard = len(train) // world  # equal shards: DDP needs the same number of steps everywhere
-    bsz, k = config["batch_size"], config["negatives"]
-    shift = score_shift(config["model"], config["loss"], config["margin"])
+    bsz, k = job.batch_size, job.negatives
+    shift = score_shift(job.model, job.loss, job.margin)
     state = session.data_state
     state.setdefault("best_mrr", -1.0)
     state.setdefault("bad_evals", 0)
 
     for epoch in session.steps():
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(job.seed * 1_000_003 + epoch)
         shard = torch.randperm(len(train), generator=g)[: n_shard * world].view(n_shard, world)[:, rank]
         loss = train_epoch(session.model, optimizer, train, shard.to(device), batch_size=bsz,
-                           negatives=k, num_entities=config["num_entities"], head_prob=head_prob,
-                           loss=config["loss"], margin=config["margin"],
-                           temperature=config["adversarial_temperature"], shift=shift,
-                           regularization=config.get("regularization", 0.0),
-                           regularization_p=config.get("regularization_p", 2.0))
+                           negatives=k, num_entities=job.num_entities, head_prob=head_prob,
+                           loss=job.loss, margin=job.margin,
+                           temperature=job.adversarial_temperature, shift=shift,
+                           regularization=job.regularization,
+                           regularization_p=job.regularization_p)
         metrics: dict[str, float] = {"loss": loss, "epoch_s": time.perf_counter() - t0}  # training only
 
-        if config["eval_every"] and (epoch % config["eval_every"] == 0
-                                     or epoch == config["epochs"]) and len(valid):
+        if job.eval_every and (epoch % job.eval_every == 0 or epoch == job.epochs) and len(valid):
             decision = torch.zeros(2, device=device)  # (valid MRR, stop?): rank 0 decides for all
             if rank == 0:
                 model.eval()
-                res = rank_metrics(model, valid, known, config["num_entities"],
-                                   batch_size=config["eval_batch_size"],
-                                   num_relations=config["num_relations"])
+                res = rank_metrics(model, valid, known, job.num_entities,
+                                   batch_size=job.eval_batch_size, num_relations=job.num_relations)
                 mrr = res["filtered"]["both"]["mrr"]
                 if mrr > state["best_mrr"]:
                     state["best_mrr"], state["best_epoch"], state["bad_evals"] = mrr, epoch, 0
@@ -259,7 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                           for n, p in model.state_dict().items()})
                 else:
                     state["bad_evals"] += 1
-                stop = config["patience"] > 0 and state["bad_evals"] >= config["patience"]
+                stop = job.patience > 0 and state["bad_evals"] >= job.patience
                 decision = torch.tensor([mrr, float(stop)], device=device)
                 metrics["valid_hits@10"] = res["filtered"]["both"]["hits@10"]
             if world > 1:

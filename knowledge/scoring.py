@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.registry import Registry
+
 QueryFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -85,6 +87,20 @@ class CandidateScorer:
         return self._score(self.head_query(r, t))
 
 
+# Full-candidate scorers by the PyG KGE class they handle (its class name).
+SCORERS: Registry[Callable[..., CandidateScorer]] = Registry(
+    group="stele.kge_scorers", kind="KGE candidate scorer",
+    qualname=lambda fn: f"{fn.__module__}.{fn.__qualname__}")
+
+
+def kge_scorer(pyg_class: str) -> Callable[[Callable[..., CandidateScorer]], Callable[..., CandidateScorer]]:
+    """Register ``fn(model, exact) -> CandidateScorer`` for the PyG KGE class named ``pyg_class``."""
+    def deco(fn: Callable[..., CandidateScorer]) -> Callable[..., CandidateScorer]:
+        return SCORERS.register(pyg_class, fn)
+    return deco
+
+
+@kge_scorer("TransE")
 def _transe(model, exact: bool) -> CandidateScorer:
     p = float(model.p_norm)
     ent = model.node_emb.weight                                           # (N, d)
@@ -100,6 +116,7 @@ def _transe(model, exact: bool) -> CandidateScorer:
         kind="distance", p=p, exact=exact)
 
 
+@kge_scorer("DistMult")
 def _distmult(model, exact: bool) -> CandidateScorer:
     ent, rel = model.node_emb.weight, model.rel_emb.weight
     return CandidateScorer(
@@ -114,6 +131,7 @@ def _cmul(a_re: Tensor, a_im: Tensor, b_re: Tensor, b_im: Tensor) -> Tensor:
     return torch.cat([a_re * b_re - a_im * b_im, a_re * b_im + a_im * b_re], dim=-1)
 
 
+@kge_scorer("ComplEx")
 def _complex(model, exact: bool) -> CandidateScorer:
     # Re(<h, r, conj(t)>) = <h * r, t> = <conj(r) * t, h> over [re, im] vectors
     e_re, e_im = model.node_emb.weight, model.node_emb_im.weight
@@ -125,6 +143,7 @@ def _complex(model, exact: bool) -> CandidateScorer:
         kind="dot")
 
 
+@kge_scorer("RotatE")
 def _rotate(model, exact: bool) -> CandidateScorer:
     # |h * w_r - t| = |conj(w_r) * t - h| since |w_r| = 1: rotate the head forward, or the tail back
     e_re, e_im = model.node_emb.weight, model.node_emb_im.weight
@@ -137,19 +156,17 @@ def _rotate(model, exact: bool) -> CandidateScorer:
         kind="distance", p=2.0, offset=float(model.margin), exact=exact)
 
 
-_BUILDERS: dict[str, Callable[..., CandidateScorer]] = {
-    "TransE": _transe, "DistMult": _distmult, "ComplEx": _complex, "RotatE": _rotate,
-}
 
 
 def candidate_scorer(model, exact: bool = False) -> CandidateScorer:
     """Build the full-candidate scorer of a PyG KGE model (the candidate table is computed once here,
     so build it once per evaluation, under ``torch.no_grad()`` unless gradients are wanted)."""
+    builders = SCORERS.all()
     for cls in type(model).__mro__:
-        if cls.__name__ in _BUILDERS and cls.__module__.startswith("torch_geometric.nn.kge"):
-            return _BUILDERS[cls.__name__](model, exact)
+        if cls.__name__ in builders and cls.__module__.startswith("torch_geometric.nn.kge"):
+            return builders[cls.__name__](model, exact)
     raise TypeError(f"no full-candidate scorer for {type(model).__name__}; known: "
-                    f"{', '.join(_BUILDERS)}")
+                    f"{', '.join(builders)}")
 
 
 def score_tails(model, h: Tensor, r: Tensor, exact: bool = False) -> Tensor:

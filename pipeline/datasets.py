@@ -29,7 +29,7 @@ A listing problem (a malformed caption line, a missing file named in an annotati
 skipped item is listed in the stage's ``rejected`` table.
 
 The readers that image and audio datasets have in common live here too, so that both report the same
-problems in the same words: :func:`read_media`, :func:`load_json`, :func:`text_lines`,
+problems in the same words: :func:`read_media`, :func:`load_json`,
 :func:`read_records` (CSV/TSV/JSONL media-and-text files), :func:`text_list`, :func:`unique_ids`, and
 for Hugging Face tables the base class :class:`HFDataset` with :func:`open_hf_dataset`,
 :func:`hf_items` and :func:`hf_offline`.
@@ -55,6 +55,7 @@ from pydantic_core import PydanticUndefined
 from .errors import StageFailed
 from .fingerprint import files_fingerprint
 from .quarantine import Quarantine
+from .readers import json_objects, read_lines
 from .registry import Registry
 
 
@@ -190,18 +191,6 @@ def load_json(path: Path, kind: type) -> Any:
     return doc
 
 
-def text_lines(path: Path, q: Quarantine) -> Iterator[tuple[int, str]]:
-    """``(line number, text with its newline)`` of a UTF-8 file; an undecodable line goes to ``q``,
-    the rest of the file is still read. A UTF-8 byte-order mark (spreadsheet exports) is dropped."""
-    with open(path, "rb") as f:
-        for no, raw in enumerate(f, 1):
-            try:
-                yield no, raw.decode("utf-8-sig" if no == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                q.bad(f"{path}:{no}", f"undecodable bytes ({e.reason} at byte {e.start})",
-                      raw.decode("utf-8", "replace"))
-
-
 def text_list(value: Any) -> list[str] | None:
     """A text field (caption, transcript) as a list of stripped strings; None if it is neither a
     string nor a list of strings. Empty strings stay: the feature stage records them."""
@@ -238,7 +227,7 @@ def read_records(path: Path, fmt: Literal["csv", "tsv", "jsonl"], media_column: 
     set ``params``: the dataset's parameters for the two columns (``"file_column / text_column"``).
     """
     media, txt = media_column, text_column
-    rows = _jsonl_rows(path, q) if fmt == "jsonl" else \
+    rows = json_objects(path, q) if fmt == "jsonl" else \
         _table_rows(path, fmt == "tsv", (media, txt), q, params)
     for where, row, line in rows:
         if media not in row or txt not in row:  # JSON only: a table row has every header column
@@ -253,30 +242,13 @@ def read_records(path: Path, fmt: Literal["csv", "tsv", "jsonl"], media_column: 
             yield where, Path(os.path.normpath(row[media].strip())).as_posix(), texts, meta
 
 
-def _jsonl_rows(path: Path, q: Quarantine) -> Iterator[tuple[str, dict[str, Any], str]]:
-    """``(where, object, line)`` of each non-blank line that is a JSON object."""
-    for no, line in text_lines(path, q):
-        if not line.strip():
-            continue
-        where = f"{path}:{no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            q.bad(where, f"malformed JSON ({e.msg})", line)
-            continue
-        if not isinstance(row, dict):
-            q.bad(where, "expected a JSON object", line)
-            continue
-        yield where, row, line
-
-
 def _table_rows(path: Path, tsv: bool, required: tuple[str, ...], q: Quarantine, params: str
                 ) -> Iterator[tuple[str, dict[str, str], str]]:
     """``(where, {column: value}, line)`` of each non-blank row after the header."""
     first: list[int | None] = [None]  # first line of the record being read (may span lines)
 
     def text() -> Iterator[str]:
-        for no, line in text_lines(path, q):
+        for no, line in read_lines(path, q, keep_ends=True):
             first[0] = first[0] or no
             yield line
 

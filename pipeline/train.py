@@ -2,7 +2,8 @@
 
 Three layers, as in Ray's own examples:
 
-* the stage (a thin driver) calls :func:`fit` with a ``train_loop_per_worker`` and a :class:`TrainConfig`;
+* the stage (a thin driver) calls :func:`fit` with a ``train_loop_per_worker``, the loop's own frozen
+  typed settings (the *job*: a dataclass the loop reads as ``config["job"]``) and a :class:`TrainConfig`;
 * :func:`fit` builds the ``TorchTrainer`` (DDP over N workers: gloo on CPU, nccl on GPU), with
   ``RunConfig(storage_path=ctx.state_uri)``, ``CheckpointConfig`` and ``FailureConfig(max_failures)``;
 * inside each worker, :class:`TrainSession` owns the bookkeeping: seeding, DDP wrapping, checkpoints
@@ -63,13 +64,15 @@ def _gpu_available() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def fit(train_loop_per_worker: Callable[[dict], None], loop_config: dict[str, Any],
+def fit(train_loop_per_worker: Callable[[dict], None], job: Any,
         train: TrainConfig, *, storage_uri: str, name: str = "train",
         datasets: dict[str, Any] | None = None, progress: Any = None,
         progress_desc: str = "step") -> "FitResult":
     """Run (or resume) a training loop with Ray Train; returns the final checkpoint and history.
 
-    ``storage_uri`` should be the stage's ``ctx.state_uri``: a second call with the same
+    ``job`` is what the loop needs of the stage, typed and frozen (a ``@dataclass(frozen=True)``);
+    each worker finds it as ``config["job"]``, beside the harness's own keys that
+    :class:`TrainSession` reads. ``storage_uri`` should be the stage's ``ctx.state_uri``: a second call with the same
     ``storage_uri`` and ``name`` continues from the latest checkpoint instead of starting over.
     ``progress`` (``ctx.progress_reporter()``) shows rank 0's steps in the live display.
     """
@@ -77,8 +80,8 @@ def fit(train_loop_per_worker: Callable[[dict], None], loop_config: dict[str, An
     from ray.train.torch import TorchTrainer
 
     use_gpu = _gpu_available() if train.use_gpu is None else train.use_gpu
-    config = dict(loop_config, _train=train.model_dump(), _progress=progress,
-                  _progress_desc=progress_desc)
+    config = {"job": job, "_train": train.model_dump(), "_progress": progress,
+              "_progress_desc": progress_desc}
     trainer = _trainer_class(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config=config,

@@ -54,8 +54,9 @@ from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from pipeline.datasets import (AudioClip, DatasetError, HFDataset, Item, MediaDataset, build_dataset,
                                dataset, hf_items, open_hf_dataset, read_media, read_records,
-                               text_lines, unique_ids)
+                               unique_ids)
 from pipeline.quarantine import Quarantine
+from pipeline.readers import read_lines
 
 from . import tts
 
@@ -145,7 +146,7 @@ class AudioFolder(MediaDataset):
             yield where, rel, rel, texts
 
     def _sphinx(self, path: Path, q: Quarantine) -> Iterator[tuple[str, str, str, list[str]]]:
-        for no, line in text_lines(path, q):
+        for no, line in read_lines(path, q):
             if not line.strip():
                 continue
             where = f"{path}:{no}"

@@ -36,6 +36,8 @@ import timm
 import torch
 from timm.models import get_pretrained_cfg, load_state_dict
 
+from pipeline.registry import Registry
+
 logger = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
@@ -66,17 +68,16 @@ class PackageWeights:
     load: Callable[[], StateDict]  # returns the state dict in timm's key names
 
 
-PACKAGE_WEIGHTS: dict[str, PackageWeights] = {}
+PACKAGE_WEIGHTS: Registry[PackageWeights] = Registry(
+    group="stele.weights", kind="package weights",
+    qualname=lambda pw: f"{pw.load.__module__}.{pw.load.__qualname__}")
 
 
 def register_package_weights(package: str, *, model: str, install: str, marker_key: str):
     """Register the decorated function as the converter of ``package``'s weights onto timm's ``model``."""
 
     def register(load: Callable[[], StateDict]) -> Callable[[], StateDict]:
-        if package in PACKAGE_WEIGHTS:
-            warnings.warn(f"package weights {package!r} registered again; the new converter replaces the old",
-                          stacklevel=2)
-        PACKAGE_WEIGHTS[package] = PackageWeights(package, model, install, marker_key, load)
+        PACKAGE_WEIGHTS.register(package, PackageWeights(package, model, install, marker_key, load))
         return load
 
     return register
@@ -120,7 +121,7 @@ def _from_path(name: str, path: Path, timm_kwargs: dict, info: dict) -> torch.nn
         return _from_folder(name, path, timm_kwargs, info)
     if not path.is_file():
         hint = (f" (for the weights inside the pip package, write weights='{PACKAGE_PREFIX}{path}')"
-                if str(path) in PACKAGE_WEIGHTS else "")
+                if str(path) in PACKAGE_WEIGHTS.all() else "")
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist{hint}. weights is None, 'random', "
                                 f"a file ({', '.join(WEIGHT_SUFFIXES)}), a timm model folder, "
                                 f"'{PACKAGE_PREFIX}<name>' or 'hub'.")
@@ -233,7 +234,7 @@ def _mismatch_message(name: str, source: str, diff: _KeyDiff, own: StateDict, st
              few(diff.unexpected, "keys of the weights the model does not have"),
              few([f"{k} {tuple(found[k])} vs {tuple(own[k].shape)}" for k in diff.mismatched],
                  "tensors of another shape (weights vs model)")]
-    package = next((p for p in PACKAGE_WEIGHTS.values() if p.marker_key in state_dict), None)
+    package = next((p for p in PACKAGE_WEIGHTS.all().values() if p.marker_key in state_dict), None)
     if package is not None:
         lines.append(f"\n  these are the {package.package} package's weights in its own layout: pass "
                      f"name={package.model!r}, weights='{PACKAGE_PREFIX}{package.package}' to convert them")
@@ -272,10 +273,10 @@ def _similar_models_that_fit(name: str, found: dict[str, torch.Size], timm_kwarg
 # ----------------------------------------------------------------------------------------------------------
 
 def _from_package(name: str, package: str, timm_kwargs: dict, info: dict) -> torch.nn.Module:
-    entry = PACKAGE_WEIGHTS.get(package)
+    entry = PACKAGE_WEIGHTS.all().get(package)
     if entry is None:
         raise WeightsError(f"no converter for package weights {package!r}; known: "
-                           f"{', '.join(PACKAGE_PREFIX + p for p in sorted(PACKAGE_WEIGHTS))}")
+                           f"{', '.join(PACKAGE_PREFIX + p for p in PACKAGE_WEIGHTS.all())}")
     if name != entry.model:
         raise WeightsError(f"{PACKAGE_PREFIX}{package} holds weights for timm's {entry.model!r}, not {name!r}: "
                            f"pass name={entry.model!r}")
@@ -360,7 +361,7 @@ def _from_hub(name: str, timm_kwargs: dict, info: dict) -> torch.nn.Module:
         source = cfg.hf_hub_id or cfg.url
         url = hub.ENDPOINT if cfg.hf_hub_id else cfg.url
     offline_advice = ("pass a local weights file or folder, or 'package:...' "
-                      f"(known: {', '.join(sorted(PACKAGE_WEIGHTS))})")
+                      f"(known: {', '.join(PACKAGE_WEIGHTS.all())})")
     if not hub.HF_HUB_OFFLINE and not _reachable(url):
         raise WeightsError(f"weights='hub' for {name!r} needs {urlparse(url).netloc}, which is unreachable. If "
                            f"{source} is in the Hugging Face cache, set HF_HUB_OFFLINE=1 to use it; otherwise "

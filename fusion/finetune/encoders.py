@@ -22,7 +22,6 @@ artifact. Each returns, per example, the vector at the *first wordpiece* of each
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from fusion.finetune.tasks import Span, TaskExample
 from pipeline import StageFailed
+from pipeline.registry import Registry
 
 # -------------------------------------------------------------------------------- span encoders
 # Plain classes around torch modules (not nn.Module subclasses), so that importing this module, as
@@ -240,26 +240,25 @@ class EncoderSource:
     counts: dict[str, int] = field(default_factory=dict)  # what the builder hid or left out
 
 
-SPAN_ENCODERS: dict[str, Callable[[EncoderSource], SpanEncoder]] = {}
+# Builders ``(EncoderSource) -> SpanEncoder`` by recipe name; plugins register theirs with
+# ``@span_encoder`` in a module of the ``stele.span_encoders`` entry-point group.
+SPAN_ENCODERS: Registry[Callable[[EncoderSource], SpanEncoder]] = Registry(
+    group="stele.span_encoders", kind="span encoder", qualname=lambda fn: f"{fn.__module__}.{fn.__qualname__}")
 
 
 def span_encoder(name: str) -> Callable:
     """Register a span-encoder builder ``(EncoderSource) -> SpanEncoder`` under a recipe name."""
     def deco(fn: Callable[[EncoderSource], SpanEncoder]) -> Callable[[EncoderSource], SpanEncoder]:
-        if name in SPAN_ENCODERS:
-            warnings.warn(f"span encoder {name!r} registered again; the new one replaces it",
-                          stacklevel=2)
-        SPAN_ENCODERS[name] = fn
-        return fn
+        return SPAN_ENCODERS.register(name, fn)
     return deco
 
 
 def span_encoder_for(recipe: str) -> Callable[[EncoderSource], SpanEncoder]:
     """The builder registered for ``recipe``, or for the nearest recipe class it derives from (a
     plugin recipe that subclasses ``PlainMLM`` fine-tunes as ``mlm``)."""
-    if recipe in SPAN_ENCODERS:
-        return SPAN_ENCODERS[recipe]
-    from fusion.pretrain import recipes  # noqa: F401 - registers the built-in recipes
+    builders = SPAN_ENCODERS.all()
+    if recipe in builders:
+        return builders[recipe]
     from fusion.pretrain.loop import RECIPES
 
     try:
@@ -267,10 +266,10 @@ def span_encoder_for(recipe: str) -> Callable[[EncoderSource], SpanEncoder]:
     except KeyError as e:
         raise StageFailed(f"fusion.finetune: {e.args[0]}") from None
     for base in cls.__mro__:
-        if getattr(base, "name", None) in SPAN_ENCODERS:
-            return SPAN_ENCODERS[base.name]
+        if getattr(base, "name", None) in builders:
+            return builders[base.name]
     raise StageFailed(f"fusion.finetune: no span encoder for recipe {recipe!r}; known: "
-                      f"{', '.join(SPAN_ENCODERS)} (register one with @span_encoder)")
+                      f"{', '.join(builders)} (register one with @span_encoder)")
 
 
 def _recipe_options(src: EncoderSource) -> Any:

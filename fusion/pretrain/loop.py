@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -110,34 +111,55 @@ def lr_lambda(warmup: int, total: int):
 
 
 # ------------------------------------------------------------------------------------ the loop
+@dataclass(frozen=True)
+class PretrainJob:
+    """What each worker of :func:`train_loop_per_worker` needs, built once by ``fusion.pretrain``."""
+
+    recipe_cls: type[Recipe]   # the class itself: plugins need no registry lookup in workers
+    backbone: str              # local folder or package:..., loaded by every worker
+    options: BaseModel         # the recipe's validated options
+    resources: dict[str, Any]  # what the recipe's prepare() built once (entity table, vocabularies)
+    examples: list[Any]
+    max_length: int
+    batch_size: int            # examples per micro-batch per worker
+    steps: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float
+    seed: int
+    threads_per_worker: int
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point (one call per worker); see the module docstring."""
+    """Ray Train entry point (one call per worker; its settings are ``config["job"]``, a
+    :class:`PretrainJob`); see the module docstring."""
     from pipeline.train import TrainSession
 
     from fusion.models.backbone import load_backbone
 
-    torch.set_num_threads(config["threads_per_worker"])
-    rec = config["recipe_cls"]()  # the class itself: plugins need no registry lookup in workers
-    options = rec.Options.model_validate(config["options"])
-    torch.manual_seed(config["seed"])  # the new layers' initialisation is the same on every rank
-    backbone = load_backbone(config["backbone"])
-    model = rec.build(backbone, config["resources"], options)
+    job: PretrainJob = config["job"]
+    torch.set_num_threads(job.threads_per_worker)
+    rec, options = job.recipe_cls(), job.options
+    torch.manual_seed(job.seed)  # the new layers' initialisation is the same on every rank
+    backbone = load_backbone(job.backbone)
+    model = rec.build(backbone, job.resources, options)
     objective = _Objective(model)
     trainable = [p for p in objective.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=config["lr"], weight_decay=config["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config["warmup_steps"], config["steps"]))
+    opt = torch.optim.AdamW(trainable, lr=job.lr, weight_decay=job.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(job.warmup_steps, job.steps))
     session = TrainSession(objective, opt, sched, config, data_state={"epoch": 0, "cursor": 0},
                            ddp_kwargs={"find_unused_parameters": True})
-    examples = config["examples"]
-    bs, accum = config["batch_size"], session.train.grad_accum
-    gen = torch.Generator().manual_seed(config["seed"] * 1000 + session.rank)
+    examples = job.examples
+    bs, accum = job.batch_size, session.train.grad_accum
+    gen = torch.Generator().manual_seed(job.seed * 1000 + session.rank)
     if session.resumed_from:  # the masking stream continues where it was, not from the start
-        gen.manual_seed(config["seed"] * 1000 + session.rank + 7919 * session.step)
+        gen.manual_seed(job.seed * 1000 + session.rank + 7919 * session.step)
 
     def micro_batches() -> Iterator[list[dict]]:
         while True:
             st = session.data_state
-            order = shard_order(len(examples), st["epoch"], config["seed"], session.rank,
+            order = shard_order(len(examples), st["epoch"], job.seed, session.rank,
                                 session.world_size)
             while st["cursor"] + bs <= len(order):
                 idx = order[st["cursor"]:st["cursor"] + bs]
@@ -151,8 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         totals: dict[str, float] = {}
         tokens = 0
         for _ in range(accum):
-            batch = rec.collate(backbone, next(batches), config["resources"], options,
-                                config["max_length"])
+            batch = rec.collate(backbone, next(batches), job.resources, options, job.max_length)
             tokens += int(batch.pop("n_tokens"))
             batch = {k: v.to(session.device) if hasattr(v, "to") else v for k, v in batch.items()}
             objective.generator = gen
@@ -161,7 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             (losses["total"] / accum).backward()
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config["max_grad_norm"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, job.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

@@ -66,7 +66,8 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     """Pretrain a fusion encoder (ERNIE, K-BERT, K-Adapter, LXMERT, ViLBERT, a dual encoder or the plain
     backbone) with Ray Train."""
     from fusion.models.backbone import load_backbone
-    from fusion.pretrain.loop import RECIPES, load_linked_docs, mean_loss, tokens_per_second, train_loop_per_worker
+    from fusion.pretrain.loop import (RECIPES, PretrainJob, load_linked_docs, mean_loss,
+                                      tokens_per_second, train_loop_per_worker)
 
     rec_cls = RECIPES.get(params.recipe)
     rec = rec_cls()
@@ -89,19 +90,17 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     ctx.log.info("recipe %s on %s (%d layers, hidden %d); %d documents -> %d examples; %s",
                  params.recipe, backbone.source, backbone.num_layers, backbone.hidden_size,
                  len(docs), len(examples), prep_counts)
-    config = {
-        "recipe": params.recipe, "recipe_cls": rec_cls, "backbone": params.backbone,
-        "options": options.model_dump(), "resources": resources, "examples": examples, "max_length": params.max_length,
-        "batch_size": params.batch_size, "steps": params.steps, "lr": params.lr,
-        "warmup_steps": params.warmup_steps, "weight_decay": params.weight_decay,
-        "max_grad_norm": params.max_grad_norm, "seed": params.seed,
-        "threads_per_worker": max(1, int(params.scaling.cpus_per_worker),
-                                  (os.cpu_count() or 1) // params.scaling.num_workers),
-    }
+    job = PretrainJob(
+        recipe_cls=rec_cls, backbone=params.backbone, options=options, resources=resources,
+        examples=examples, max_length=params.max_length, batch_size=params.batch_size,
+        steps=params.steps, lr=params.lr, warmup_steps=params.warmup_steps,
+        weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, seed=params.seed,
+        threads_per_worker=max(1, int(params.scaling.cpus_per_worker),
+                               (os.cpu_count() or 1) // params.scaling.num_workers))
     train = TrainConfig(**params.scaling.model_dump(), max_steps=params.steps,
                         checkpoint_every=params.checkpoint_every, grad_accum=params.grad_accum,
                         seed=params.seed)
-    result = fit(train_loop_per_worker, config, train, storage_uri=ctx.state_uri, name="pretrain",
+    result = fit(train_loop_per_worker, job, train, storage_uri=ctx.state_uri, name="pretrain",
                  progress=ctx.progress_reporter(), progress_desc="step")
 
     # The checkpoint holds the loop's wrapper around the recipe's model: keep the model itself.

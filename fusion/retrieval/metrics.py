@@ -1,6 +1,6 @@
 """Cross-modal retrieval metrics and the re-ranking protocol, for any scores.
 
-The protocol (DESIGN.md, "Retrieval protocol"): both directions, text -> media and media -> text;
+The protocol: both directions, text -> media and media -> text;
 a query with several correct items (an image with five captions) counts a hit at K if *any* correct
 item is in its top K; R@1/5/10, RSUM (the six recalls summed), median and mean rank of the first
 correct item, and mAP@10 over all correct items.
@@ -12,13 +12,13 @@ convention as the KG evaluator). mAP@10 orders tied items pessimistically (wrong
 
 Re-ranking: cross-encoders score one pair at a time, so all-pairs scoring is quadratic. The practical
 protocol ranks every candidate with a dual encoder and re-scores only the top ``k`` with the
-cross-encoder (:func:`rerank`); ``k`` and the first stage must be reported with every number, and with
+cross-encoder (:func:`top_candidates`, then :func:`rerank`); ``k`` and the first stage must be reported with every number, and with
 ``k`` = all candidates it equals all-pairs scoring exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -92,31 +92,34 @@ def direction_metrics(scores: torch.Tensor, relevant: torch.Tensor,
 
 
 def retrieval_metrics(text_to_media: torch.Tensor, relevant: torch.Tensor,
-                      ks: Sequence[int] = KS) -> dict:
-    """Both directions from one (T, M) score matrix (text rows, media columns) and its relevance;
-    media -> text uses the transpose. RSUM sums R@1/5/10 of both directions."""
+                      media_to_text: torch.Tensor | None = None, ks: Sequence[int] = KS) -> dict:
+    """Both directions of one evaluation: ``text_to_media`` (T, M) scores (text rows, media columns)
+    with its (T, M) relevance, and ``media_to_text`` (M, T), by default the transpose (re-ranking
+    gives each direction its own scores). RSUM sums R@1/5/10 of both directions."""
+    m2t_scores = text_to_media.T if media_to_text is None else media_to_text
     t2m, t2m_ranks = direction_metrics(text_to_media, relevant, ks)
-    m2t, m2t_ranks = direction_metrics(text_to_media.T, relevant.T, ks)
+    m2t, m2t_ranks = direction_metrics(m2t_scores, relevant.T, ks)
     rsum = sum(d[f"R@{k}"] for d in (t2m, m2t) for k in KS if f"R@{k}" in d)
     return {"text_to_media": t2m, "media_to_text": m2t, "rsum": rsum,
             "ranks": {"text_to_media": t2m_ranks, "media_to_text": m2t_ranks}}
 
 
-def rerank(first_stage: torch.Tensor, k: int,
-           cross_score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Scores whose ranking is: each query's top ``k`` by ``first_stage`` re-ordered by
-    ``cross_score(query_idx, candidate_idx)`` (1-D index tensors of the pairs to score), then the
-    other candidates in first-stage order. With ``k`` >= the number of candidates the ranking is
-    exactly the cross-encoder's on all pairs."""
-    q, c = first_stage.shape
-    k = min(k, c)
-    top = first_stage.topk(k, dim=1).indices                             # (Q, k)
-    qi = torch.arange(q).repeat_interleave(k)
-    cross = cross_score(qi, top.reshape(-1)).reshape(q, k).float()        # (Q, k)
+def top_candidates(first_stage: torch.Tensor, k: int) -> torch.Tensor:
+    """(Q, min(k, C)) indices of each query's top ``k`` candidates by the first-stage scores: the
+    pairs a cross-encoder re-scores."""
+    return first_stage.topk(min(k, first_stage.shape[1]), dim=1).indices
+
+
+def rerank(first_stage: torch.Tensor, candidates: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """Scores whose ranking is: each query's ``candidates`` (Q, k) re-ordered by their ``cross``
+    scores (Q, k), then the other candidates in ``first_stage`` (Q, C) order. With the candidates
+    of :func:`top_candidates` and ``k`` >= C the ranking is exactly the cross-encoder's on all
+    pairs."""
+    cross = cross.float()
     # Everything re-scored ranks above everything that was not: shift the first stage below the
     # smallest cross score of its row.
     fs = first_stage.float()
     below = fs - fs.max(1, keepdim=True).values + cross.min(1, keepdim=True).values - 1.0
     out = below.clone()
-    out.scatter_(1, top, cross)
+    out.scatter_(1, candidates, cross)
     return out

@@ -143,11 +143,11 @@ def score_worker_cls():  # noqa: ANN202
     class ScoreWorker:
         """One model replica: rebuilds the corpus' states itself, then scores pair shards."""
 
-        def __init__(self, model_dir: str, media_dir: str, queries_dir: str | None, settings: dict,
-                     device: str) -> None:
+        def __init__(self, model_dir: str, media_dir: str, queries_dir: str | None,
+                     settings: ScoreSettings, threads: int, device: str) -> None:
             import torch
 
-            torch.set_num_threads(settings.pop("threads"))
+            torch.set_num_threads(threads)
             corpus, scorer = setup(Path(model_dir), Path(media_dir), settings, device,
                                     Path(queries_dir) if queries_dir else None)
             self.scorer = scorer
@@ -159,7 +159,18 @@ def score_worker_cls():  # noqa: ANN202
     return ScoreWorker
 
 
-def setup(model_dir: Path, media_dir: Path, settings: dict, device: str,
+@dataclass(frozen=True)
+class ScoreSettings:
+    """What :func:`setup` needs of the stage's parameters; the same in the stage and its actors."""
+
+    split: str                 # train | test | all: which items of the model's split
+    limit: int | None          # only the first N media items
+    max_length: int | None     # None: the model's pretraining max_length
+    encode_batch_size: int
+    batch_size: int            # pairs per cross-encoder batch
+
+
+def setup(model_dir: Path, media_dir: Path, settings: ScoreSettings, device: str,
            queries_dir: Path | None = None) -> tuple[Corpus, Scorer]:
     from fusion.pairs import load_media_pairs, load_pairs
     from fusion.pretrain.loop import load_pretrained
@@ -172,14 +183,14 @@ def setup(model_dir: Path, media_dir: Path, settings: dict, device: str,
         if queries_dir is None:
             raise StageFailed(f"the {meta['recipe']} model searches with media queries: give the "
                               f"query items' feature artifact (input role 'queries', --queries)")
-        bank, caps, counts = load_media_pairs(queries_dir, media_dir, settings["split"], share, seed,
-                                              options.key, max_regions, settings["limit"])
+        bank, caps, counts = load_media_pairs(queries_dir, media_dir, settings.split, share, seed,
+                                              options.key, max_regions, settings.limit)
     else:
-        bank, caps, counts = load_pairs(media_dir, settings["split"], share, seed, max_regions,
-                                        settings["limit"])
+        bank, caps, counts = load_pairs(media_dir, settings.split, share, seed, max_regions,
+                                        settings.limit)
     check_dims(model_dir, meta, bank, caps, media_dir, queries_dir)
-    scorer = Scorer(model, backbone.tokenizer, settings["max_length"] or meta.get("max_length", 64),
-                    device, settings["encode_batch_size"], settings["batch_size"])
+    scorer = Scorer(model, backbone.tokenizer, settings.max_length or meta.get("max_length", 64),
+                    device, settings.encode_batch_size, settings.batch_size)
     return Corpus(bank, caps, {**counts, "held_out_share": share, "split_seed": seed}), scorer
 
 

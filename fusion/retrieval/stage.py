@@ -40,7 +40,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from fusion.retrieval.scorer import DIRECTIONS, Corpus, Scorer, batches, check_dims, score_worker_cls, setup
+from fusion.retrieval.scorer import (DIRECTIONS, Corpus, Scorer, ScoreSettings, batches, check_dims,
+                                     score_worker_cls, setup)
 from pipeline import StageContext, StageFailed, stage
 
 
@@ -73,12 +74,12 @@ def evaluate(model_dir: Path, media_dir: Path, out: Path, params: RetrievalParam
     import torch
 
     from fusion.pretrain.loop import load_pretrained
-    from fusion.retrieval.metrics import KS, direction_metrics, relevance_matrix, rerank
+    from fusion.retrieval.metrics import KS, relevance_matrix, rerank, retrieval_metrics, top_candidates
 
     log = log or logging.getLogger("stele.retrieval")
     device = "cuda" if params.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-    settings = {"split": params.split, "limit": params.limit, "max_length": params.max_length,
-                "encode_batch_size": params.encode_batch_size, "batch_size": params.batch_size}
+    settings = ScoreSettings(split=params.split, limit=params.limit, max_length=params.max_length,
+                             encode_batch_size=params.encode_batch_size, batch_size=params.batch_size)
     corpus, scorer = setup(model_dir, media_dir, settings, device, queries_dir)
     bank, caps = corpus.bank, corpus.captions
     T, M = len(caps.texts), len(bank)
@@ -112,10 +113,10 @@ def evaluate(model_dir: Path, media_dir: Path, out: Path, params: RetrievalParam
         if params.mode == "all_pairs":
             ti, mi = (a.ravel() for a in np.meshgrid(np.arange(T), np.arange(M), indexing="ij"))
         else:
-            kt, km = min(params.k, M), min(params.k, T)
+            cand_t2m, cand_m2t = top_candidates(first, params.k), top_candidates(first.T, params.k)
             flat = np.concatenate([
-                (np.arange(T)[:, None] * M + first.topk(kt, dim=1).indices.numpy()).ravel(),
-                (first.T.topk(km, dim=1).indices.numpy() * M + np.arange(M)[:, None]).ravel()])
+                (np.arange(T)[:, None] * M + cand_t2m.numpy()).ravel(),
+                (cand_m2t.numpy() * M + np.arange(M)[:, None]).ravel()])
             flat = np.unique(flat)                   # a pair both directions need is scored once
             ti, mi = flat // M, flat % M
         scores = _score_pairs(scorer, model_dir, media_dir, queries_dir, settings, params, device,
@@ -127,8 +128,8 @@ def evaluate(model_dir: Path, media_dir: Path, out: Path, params: RetrievalParam
         if params.mode == "all_pairs":
             t2m, m2t = dense, dense.T
         else:
-            t2m = rerank(first, params.k, lambda q, c: dense[q, c])
-            m2t = rerank(first.T, params.k, lambda q, c: dense.T[q, c])
+            t2m = rerank(first, cand_t2m, dense.gather(1, cand_t2m))
+            m2t = rerank(first.T, cand_m2t, dense.T.gather(1, cand_m2t))
     timing["total_s"] = time.perf_counter() - t0
     timing["pairs_scored"] = pairs
     timing["pairs_per_s"] = pairs / timing["cross_s"] if pairs and timing.get("cross_s") else None
@@ -138,15 +139,11 @@ def evaluate(model_dir: Path, media_dir: Path, out: Path, params: RetrievalParam
                               "split": params.split, "queries": {}, "counts": {
                                   **corpus.counts, "captions": T, "media": M,
                                   "pairs_total": T * M}, "timing": timing}
-    ranks: dict[str, np.ndarray] = {}
-    first_ranks: dict[str, np.ndarray] = {}
-    for d, scores_d, first_d, rel_d in (("text_to_media", t2m, first, relevant),
-                                        ("media_to_text", m2t, first.T, relevant.T)):
-        result[d], ranks[d] = direction_metrics(scores_d, rel_d)
-        fs_metrics, first_ranks[d] = direction_metrics(first_d, rel_d)
-        result[f"first_stage_{d}"] = fs_metrics
-    result["rsum"] = sum(result[d][f"R@{k}"] for d in DIRECTIONS for k in KS)
-    result["first_stage_rsum"] = sum(result[f"first_stage_{d}"][f"R@{k}"] for d in DIRECTIONS for k in KS)
+    final, first_metrics = retrieval_metrics(t2m, relevant, m2t), retrieval_metrics(first, relevant)
+    ranks, first_ranks = final["ranks"], first_metrics["ranks"]
+    for d in DIRECTIONS:
+        result[d], result[f"first_stage_{d}"] = final[d], first_metrics[d]
+    result["rsum"], result["first_stage_rsum"] = final["rsum"], first_metrics["rsum"]
     result["recall_curve"] = _recall_curve(ranks, max(T, M))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +162,7 @@ def evaluate(model_dir: Path, media_dir: Path, out: Path, params: RetrievalParam
 
 
 def _score_pairs(scorer: Scorer, model_dir: Path, media_dir: Path, queries_dir: Path | None,
-                 settings: dict, params: RetrievalParams, device: str, ti: np.ndarray, mi: np.ndarray,
+                 settings: ScoreSettings, params: RetrievalParams, device: str, ti: np.ndarray, mi: np.ndarray,
                  corpus: Corpus, progress: Callable[[str, int, int], None] | None) -> np.ndarray:
     report = (lambda done, total: progress("pairs", done, total)) if progress else None
     if params.workers == 1:
@@ -180,7 +177,7 @@ def _score_pairs(scorer: Scorer, model_dir: Path, media_dir: Path, queries_dir: 
     actors = [worker.options(num_cpus=1 if params.gpus_per_worker == 0 else 0,
                              num_gpus=params.gpus_per_worker).remote(
         str(model_dir), str(media_dir), str(queries_dir) if queries_dir else None,
-        {**settings, "threads": threads}, device)
+        settings, threads, device)
         for _ in range(params.workers)]
     # Many small shards, handed out as actors free up: balanced when pair lengths differ.
     shards = batches(len(ti), params.batch_size * 8)

@@ -26,7 +26,6 @@ Third-party packages add sources through the ``stele.sources`` entry-point group
 
 from __future__ import annotations
 
-import gzip
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.errors import StageFailed
 from pipeline.fingerprint import files_fingerprint
 from pipeline.quarantine import Quarantine as _Quarantine
+from pipeline.readers import read_lines  # noqa: F401 - re-exported: sources read files with it
 from pipeline.registry import Registry
 
 SPLITS = ("train", "valid", "test")
@@ -140,24 +140,3 @@ def build_source(spec: dict[str, Any]) -> KnowledgeSource:
         raise ValueError("each source needs a 'type:' (see `stele sources`)")
     cls = SOURCES.get(spec["type"])
     return cls.model_validate(spec)
-
-
-def read_lines(path: str | Path, q: Quarantine) -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` of a UTF-8 text file (``.gz`` too), without the newline.
-
-    A line that is not valid UTF-8 goes to the quarantine with its file and line; the rest of the
-    file is still read.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SourceError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        for no, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                q.bad(f"{path}:{no}", f"undecodable bytes ({e.reason} at byte {e.start})",
-                      raw.decode("utf-8", "replace"))
-                continue
-            yield no, line.rstrip("\r\n")

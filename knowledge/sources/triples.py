@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.readers import json_objects
 
 from .base import Entity, KnowledgeSource, Quarantine, Relation, SourceError, Triple, read_lines, source
 
@@ -72,18 +73,7 @@ class TriplesSource(KnowledgeSource):
             if any(isinstance(c, int) for c in cols):
                 raise SourceError(f"{path}: JSONL needs column names, e.g. columns: "
                                   "{head: h, relation: r, tail: t}")
-            for no, line in read_lines(path, q):
-                if not line.strip():
-                    continue
-                where = f"{path}:{no}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    q.bad(where, f"malformed JSON ({e.msg})", line)
-                    continue
-                if not isinstance(row, dict):
-                    q.bad(where, "expected a JSON object", line)
-                    continue
+            for where, row, line in json_objects(path, q):
                 yield from self._triple([row.get(c) for c in cols], where, split, line, q)
             return
         delim = "\t" if fmt == "tsv" else ","

