@@ -17,7 +17,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline import StageContext, StageFailed, stage
-from pipeline.features import FeatureStageParams, extract, region_schema, region_table, usable
+from pipeline.feature_stage import FeatureStageParams, extract
+from pipeline.features import region_schema, region_table, usable
 from pipeline.fingerprint import files_fingerprint, tree_files
 from pipeline.ray_utils import tune_malloc
 

@@ -12,7 +12,7 @@ from pydantic import PrivateAttr
 
 from pipeline.datasets import (DatasetError, Item, MediaDataset, hf_offline, read_media, read_records,
                                text_list, unique_ids)
-from pipeline.features import Listing
+from pipeline.feature_stage import Listing
 from pipeline.quarantine import Quarantine
 from pipeline.readers import read_lines
 

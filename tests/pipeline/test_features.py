@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import StageFailed
-from pipeline.features import (FeatureSet, FeatureStageParams, FeatureWriter, extract, region_schema,
-                               region_table, tensor_spec, unpack_rows)
+from pipeline.feature_stage import FeatureStageParams, extract
+from pipeline.features import FeatureSet, FeatureWriter, region_schema, region_table, tensor_spec, unpack_rows
 
 
 def _rows(ids: list[str], dim: int = 6) -> list[dict]:
