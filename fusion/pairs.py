@@ -7,39 +7,24 @@ one text of one item with that item's media: an image and each of its captions, 
 its transcript. Items whose media was rejected have no features and give no pair; they are counted
 (``items_without_features``), as are items without any text.
 
-The train/test split is by media item, from a hash of ``(split_seed, item id)``: it does not depend
-on the listing order or on which other items exist, so the same item is held out in pretraining
-and in evaluation, and a caption never trains while its image is tested. :func:`held_out`
-decides; the ``fusion.retrieval`` stage reads the model's ``held_out_share`` and ``split_seed`` so
+The train/test split is by media item (:mod:`fusion.splits`, the unit's key is the item id): the
+same item is held out in pretraining and in evaluation, and a caption never trains while its image
+is tested; the ``fusion.retrieval`` stage reads the model's ``held_out_share`` and ``split_seed`` so
 both sides agree without the user repeating them.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-Split = Literal["train", "test", "all"]
-
-
-def held_out(item_id: str, share: float, seed: int = 0) -> bool:
-    """Whether ``item_id`` is in the held-out (test) share: ``sha1(seed:id)``'s first 8 bytes as a
-    fraction of 2^64, below ``share``."""
-    if share <= 0:
-        return False
-    h = int.from_bytes(hashlib.sha1(f"{seed}:{item_id}".encode()).digest()[:8], "big")
-    return h / 2.0**64 < share
-
-
-def in_split(item_id: str, split: Split, share: float, seed: int) -> bool:
-    return split == "all" or held_out(item_id, share, seed) == (split == "test")
+from fusion.splits import Split, in_split
 
 
 @dataclass

@@ -12,10 +12,9 @@ examples, same split, same labels; only the encoder differs):
   whose entities are a KG triple's head and tail is an example labelled with that relation (the
   first triple's, as the recipe), at most ``max_pairs_per_doc`` per document.
 
-Held-out split. By *entity* for typing and by *entity pair* for relations (unordered, so a pair and
-its reverse land on the same side): ``blake2b(split_seed, key)`` mapped to [0, 1) below
-``test_share`` is test. A test entity (pair) is never seen in training, so the score measures
-generalisation to new entities, not memorised ones; the split depends on neither the model nor the
+Held-out split (:mod:`fusion.splits`): by *entity* for typing and by *entity pair* for relations
+(unordered, so a pair and its reverse land on the same side). A test entity (pair) is never seen in
+training, so the score measures generalisation to new entities, not memorised ones; the split depends on neither the model nor the
 training seed, so a seed sweep varies the initialisation and the data order only.
 
 Caps (``max_train_examples``, ``max_test_examples``, default none): after the split, a sample of at
@@ -39,11 +38,12 @@ a type, labels rarer than ``min_label_count``, test labels never seen in trainin
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from fusion.splits import hash_rank, pair_key, split_of
 
 Span = tuple[int, int]                 # character offsets [start, end) into the text
 Mention = tuple[int, int, str]         # (start, end, KG entity id)
@@ -119,13 +119,6 @@ class TaskData:
     available: dict[str, int] = field(default_factory=dict)  # split -> usable examples before caps
 
 
-def split_of(key: str, test_share: float, split_seed: int = 0) -> str:
-    """``"test"`` or ``"train"`` for a split unit, from a hash of the key (stable across processes
-    and machines, unlike Python's ``hash``)."""
-    digest = hashlib.blake2b(f"{split_seed}\x1f{key}".encode(), digest_size=8).digest()
-    return "test" if int.from_bytes(digest, "big") / 2.0 ** 64 < test_share else "train"
-
-
 def sample_examples(examples: Sequence[TaskExample], cap: int | None, split_seed: int = 0
                     ) -> tuple[list[TaskExample], list[TaskExample]]:
     """At most ``cap`` of the examples (in their order) and the rest: those whose
@@ -134,16 +127,8 @@ def sample_examples(examples: Sequence[TaskExample], cap: int | None, split_seed
     sample (paired comparisons), and a larger cap only adds examples to a smaller cap's sample."""
     if cap is None or len(examples) <= cap:
         return list(examples), []
-    def rank(ex: TaskExample) -> bytes:
-        return hashlib.blake2b(f"{split_seed}\x1fsample\x1f{ex.id}".encode(), digest_size=8).digest()
-    chosen = {ex.id for ex in sorted(examples, key=rank)[:cap]}
+    chosen = {ex.id for ex in sorted(examples, key=lambda ex: hash_rank(f"sample\x1f{ex.id}", split_seed))[:cap]}
     return ([ex for ex in examples if ex.id in chosen], [ex for ex in examples if ex.id not in chosen])
-
-
-def pair_key(head: str, tail: str) -> str:
-    """The split unit of a relation example: the unordered entity pair."""
-    a, b = sorted((head, tail))
-    return f"{a}\x1f{b}"
 
 
 def _usable_mentions(docs: Iterable[dict], kg_index: dict[str, int], left: Counter, info: Counter

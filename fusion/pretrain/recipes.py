@@ -233,7 +233,7 @@ class KAdapterRecipe(Recipe):
     def prepare(self, inputs, options, docs, backbone, max_length):  # noqa: ANN001, ANN201
         from collections import Counter
 
-        from fusion.finetune.tasks import pair_key, split_of
+        from fusion.splits import pair_key, split_of
         from fusion.models.kadapter import RelationExample, TypingExample
 
         kg, index = _kg_index(inputs["kg"])

@@ -60,7 +60,7 @@ class PretrainParams(BaseModel):
         return self
 
 
-@stage("fusion.pretrain", version="2", cpus=0, pool="train",
+@stage("fusion.pretrain", version="3", cpus=0, pool="train",
        headline=("recipe", "steps", "loss_total_first", "loss_total_last10", "tokens_per_s"))
 def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     """Pretrain a fusion encoder (ERNIE, K-BERT, K-Adapter, LXMERT, ViLBERT, a dual encoder or the plain

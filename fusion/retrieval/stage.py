@@ -341,7 +341,7 @@ class _Thumbnails:
 
 
 # ----------------------------------------------------------------------------------- the stage
-@stage("fusion.retrieval", version="1", cpus=1,
+@stage("fusion.retrieval", version="2", cpus=1,
        headline=("mode", "k", "captions", "media", "text_to_media_R@1", "media_to_text_R@1", "rsum"))
 def retrieval(ctx: StageContext, params: RetrievalParams) -> dict:
     """Cross-modal retrieval with a pretrained multimodal encoder: both directions, R@1/5/10, RSUM,

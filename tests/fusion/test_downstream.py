@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from fusion.models.backbone import random_backbone
-from fusion.finetune.tasks import LEFT_OUT, classification_metrics, pair_key, prepare_task, split_of
+from fusion.finetune.tasks import LEFT_OUT, classification_metrics, prepare_task
+from fusion.splits import pair_key, split_of
 from fusion.finetune.encoders import SPAN_ENCODERS, span_encoder_for
 from fusion.finetune.stage import FinetuneParams, finetune
 from fusion.pretrain.stage import PretrainParams, pretrain

@@ -4,22 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusion.pairs import MediaBank, held_out, in_split, load_pairs
+from fusion.pairs import MediaBank, load_pairs
 
 from .conftest import make_feature_artifact
-
-
-def test_split_is_a_stable_hash_of_the_id():
-    ids = [f"item{i}" for i in range(4000)]
-    test = [i for i in ids if held_out(i, 0.2, seed=0)]
-    assert 0.18 < len(test) / len(ids) < 0.22                      # the share holds
-    assert test == [i for i in ids if held_out(i, 0.2, seed=0)]     # reproducible
-    assert set(test) != {i for i in ids if held_out(i, 0.2, seed=1)}  # the seed matters
-    # independent of which other items exist: a subset splits the same way
-    assert [i for i in ids[::7] if held_out(i, 0.2)] == [i for i in test if i in set(ids[::7])]
-    assert not any(held_out(i, 0.0) for i in ids)
-    assert all(in_split(i, "train", 0.2, 0) != in_split(i, "test", 0.2, 0) for i in ids[:100])
-    assert all(in_split(i, "all", 0.2, 0) for i in ids[:100])
 
 
 def test_bank_pads_items_to_their_largest_region_count(tmp_path):
