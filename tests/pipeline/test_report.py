@@ -7,7 +7,9 @@ spend ~30 s starting Ray Train, so its artifact is put into the store under the 
 for it (a random TransE model, exactly the files ``knowledge.evaluate`` reads, plus a history): the
 run then finds it *cached*, as it would after an earlier run, and evaluates it for real. Stage types
 too heavy for a test (``fusion.pretrain``, ``fusion.finetune``) and ``fusion.retrieval`` get
-fabricated artifacts in their stages' file formats, added to a copy of the run's record.
+fabricated artifacts in their stages' file formats, added to a copy of the run's record. Their
+sections come from the packages that own the types (``stele.report`` entry points); a made-up
+``acme.count`` type gets one from a plugin installed for the test.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import pytest
 
 from pipeline import report as rpt
 from pipeline.store import ArtifactStore, artifact_key
+
+from ..conftest import make_plugin_site
 
 PIPE = """\
 name: reported
@@ -385,7 +389,7 @@ def test_summary_text_lists_every_stage(reported, page) -> None:
     assert "ValueError: asked to fail" in text and "mrr=" in text
 
 
-def test_a_new_stage_type_adds_one_renderer_and_a_broken_one_costs_only_its_section(
+def test_a_new_stage_type_adds_one_section_and_a_broken_one_costs_only_its_section(
         reported, monkeypatch) -> None:
     def write_section(sv: rpt.StageView) -> None:
         sv.add(rpt.Section("Output", [rpt.kv_table("out.txt", {
@@ -394,8 +398,9 @@ def test_a_new_stage_type_adds_one_renderer_and_a_broken_one_costs_only_its_sect
     def broken(sv: rpt.StageView) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(rpt.RENDERERS, "test.write", write_section)
-    monkeypatch.setitem(rpt.RENDERERS, "knowledge.ingest", broken)
+    rpt.SECTIONS.load_plugins()  # first, so that loading them does not undo the patches below
+    monkeypatch.setitem(rpt.SECTIONS.types, "test.write", write_section)
+    monkeypatch.setitem(rpt.SECTIONS.types, "knowledge.ingest", broken)
     report = rpt.build_report(reported["store"], reported["record"])
     views = {s.name: s for s in report.stages}
     assert views["a"].sections[0].tables[0].rows == [["text", "A"]]
@@ -406,6 +411,53 @@ def test_a_new_stage_type_adds_one_renderer_and_a_broken_one_costs_only_its_sect
     fig = kg.figure("stats.png")
     assert fig is not None and {t.source for t in fig.numbers} >= {"stats.json"}
     assert "<section class=\"stage\" id=\"stage-kg\"" in rpt.render_html(report)
+
+
+ACME_SECTION = """\
+from pipeline.report import Section, StageView, kv_table, report_section
+
+
+@report_section("acme.count")
+def _count(sv: StageView) -> None:
+    sv.add(Section("Acme counts", [kv_table("counts", sv.read_json("counts.json"), "counts.json")]))
+"""
+
+
+def test_a_third_party_stage_type_gets_its_section_through_an_entry_point(
+        reported, tmp_path: Path, monkeypatch) -> None:
+    """A section for a stage type stele knows nothing about, from a separately installed plugin
+    (``stele.report`` entry point); a plugin that fails to import costs only its own sections."""
+    for name, src in (("acme_report", ACME_SECTION), ("broken_report", "raise ImportError('no acme')\n")):
+        (tmp_path / f"{name}.py").write_text(src)
+        site = make_plugin_site(tmp_path / name, tmp_path / f"{name}.py", name=name, group="stele.report")
+        monkeypatch.syspath_prepend(str(site))
+    sections = rpt.SECTIONS
+    sections.load_plugins()  # stele's own; then load again, with the two plugins installed
+    assert {"knowledge.ingest", "knowledge.embed", "knowledge.evaluate", "knowledge.link",
+            "vision.features", "speech.features", "fusion.pretrain", "fusion.finetune",
+            "fusion.retrieval"} <= set(sections.types)
+    monkeypatch.setattr(sections, "types", dict(sections.types))
+    monkeypatch.setattr(sections, "plugin_errors", {})
+    monkeypatch.setattr(sections, "_loaded", False)
+
+    store = reported["store"]
+    key = artifact_key("acme.count", "1", {}, {})
+    _commit(store, key, "acme", "acme.count", {"counts.json": {"widgets": 3, "gadgets": 4}},
+            {"widgets": 3}, {})
+    record = dict(reported["record"], stages=dict(reported["record"]["stages"]))
+    record["stages"]["acme"] = {"name": "acme", "type": "acme.count", "key": key, "status": "cached",
+                                "wall_s": 1.5, "error_type": "", "error": "", "traceback": "",
+                                "log": "", "metrics": {"widgets": 3}}
+    report = rpt.build_report(store, record)
+    views = {s.name: s for s in report.stages}
+    assert [sec.title for sec in views["acme"].sections] == ["Acme counts"]
+    assert views["acme"].sections[0].tables[0].rows == [["widgets", 3], ["gadgets", 4]]
+    assert views["acme"].notes == []
+    assert [sec.title for sec in views["kg"].sections] == ["Knowledge graph statistics"]
+    [(plugin, error)] = sections.plugin_errors.items()
+    assert plugin == "broken_report = broken_report" and error == "ImportError: no acme"
+    page = rpt.render_html(report)
+    assert 'data-stage="acme"' in page and "Acme counts" in page
 
 
 def test_table_subsampling_says_so() -> None:
@@ -455,7 +507,7 @@ def test_stele_run_writes_the_report_and_survives_a_report_failure(reported, cap
     def broken(*a: Any, **k: Any) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(rpt, "build_report", broken)
+    monkeypatch.setattr("pipeline.report.output.build_report", broken)  # what write_report calls
     rc = main(["run", str(reported["spec"]), "--store", store, "--no-live"])
     printed = capsys.readouterr().out
     assert rc == 1 and "warning: report not written: RuntimeError: disk full" in printed

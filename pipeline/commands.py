@@ -1,0 +1,83 @@
+"""Subcommands of ``stele`` contributed by packages: ``stele NAME ...`` for work that belongs to a
+package's own stage types (running its protocol on existing artifacts, say) and not to the engine.
+
+A command is one decorated class with two methods::
+
+    from pipeline.commands import command
+
+    @command("hello", help="say hello")
+    class Hello:
+        def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+            parser.add_argument("--name", default="world")
+
+        def run(self, args: argparse.Namespace, console: rich.console.Console) -> int:
+            console.print(f"hello {args.name}")
+            return 0   # the exit code
+
+``add_arguments`` fills the command's own parser (sub-subcommands included); ``run`` gets the parsed
+arguments and the console to print on, and returns the exit code. Packages make their commands known
+through the ``stele.commands`` entry-point group, the way stage types come through ``stele.stages``:
+an entry point names a module that registers its commands when imported. A plugin that fails to
+import costs only its commands: ``stele`` still starts and ``stele --help`` names the failure. The
+built-in commands (``run``, ``plan``, ...) keep their names; a plugin command of the same name is
+not added.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from .registry import Registry
+
+
+class Command(Protocol):
+    """What ``@command`` registers: an instance of the decorated class."""
+
+    name: str
+    help: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace, console: Any) -> int: ...
+
+
+COMMANDS: Registry[Command] = Registry(
+    group="stele.commands", kind="command",
+    qualname=lambda cmd: f"{type(cmd).__module__}.{type(cmd).__qualname__}")
+
+C = TypeVar("C", bound=type)
+
+
+def command(name: str, *, help: str = "") -> Callable[[C], C]:  # noqa: A002 - argparse's word
+    """Register the decorated class (instantiated without arguments) as ``stele NAME``."""
+    if not name or name.startswith("-") or any(c.isspace() for c in name):
+        raise ValueError(f"command name {name!r}: one word, not starting with '-'")
+
+    def deco(cls: C) -> C:
+        cls.name, cls.help = name, help
+        COMMANDS.register(name, cls())
+        return cls
+
+    return deco
+
+
+def add_command_parsers(sub: Any, reserved: set[str]) -> None:
+    """A subparser for every registered command whose name is not ``reserved`` (the built-ins).
+    The parsed arguments carry the command as ``stele_command``, for the dispatch to call."""
+    for name, cmd in COMMANDS.all().items():
+        if name in reserved:
+            continue
+        p = sub.add_parser(name, help=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(stele_command=cmd)
+
+
+def failed_plugins() -> str:
+    """The command plugins that failed to import, for the end of ``stele --help``; empty if none."""
+    COMMANDS.load_plugins()
+    if not COMMANDS.plugin_errors:
+        return ""
+    return "command plugins that failed to load: " + "; ".join(
+        f"{k} ({v})" for k, v in COMMANDS.plugin_errors.items())

@@ -1,0 +1,249 @@
+"""Assembling a run report: the run records of a store and everything the page shows, read from the
+store (no HTML here).
+
+:func:`build_report` reads each stage's manifest and log, embeds every PNG of its artifact, lets the
+stage type's registered section (:mod:`.sections`) add its tables, and gives every figure no section
+explained the numbers of the artifact's JSON files. Artifacts are read through the store's
+filesystem, file by file, so a report on a remote store downloads the small JSON/PNG/CSV files it
+shows, never model weights.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import StoreError
+from ..store import LOG, MANIFEST, ArtifactStore
+from .dag import Dag, layout_dag, resolve_inputs, topological
+from .page import MAX_FIGURE_BYTES, Figure, StageView, Table, data_uri, is_scalar, json_tables
+from .sections import SECTIONS
+
+log = logging.getLogger("stele.report")
+
+LOG_TAIL_LINES = 40
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    pipeline: str
+    pipeline_file: str | None
+    store: str
+    started_at: str
+    finished_at: str
+    stages: list[StageView]
+    dag: Dag
+    by_type: list[Table]
+    generated_at: str = ""
+    version: str = ""
+
+    def count(self, status: str) -> int:
+        return sum(s.status == status for s in self.stages)
+
+    @property
+    def counts(self) -> str:
+        order = ("ran", "cached", "failed", "skipped", "interrupted", "excluded")
+        return ", ".join(f"{self.count(s)} {s}" for s in order if self.count(s)) or "no stages"
+
+    @property
+    def wall_s(self) -> float | None:
+        try:
+            fmt = "%Y-%m-%dT%H:%M:%S%z"
+            return (dt.datetime.strptime(self.finished_at, fmt)
+                    - dt.datetime.strptime(self.started_at, fmt)).total_seconds()
+        except (TypeError, ValueError):
+            return None
+
+
+# ---------------------------------------------------------------------------------- run records
+def list_runs(store: ArtifactStore) -> list[str]:
+    """Run ids in the store, oldest first (ids start with the start time, so they sort by it)."""
+    base = store._join("runs")
+    if not store.fs.exists(base):
+        return []
+    return sorted(posixpath.basename(p)[:-5] for p in store.fs.ls(base, detail=False)
+                  if p.endswith(".json"))
+
+
+def read_run(store: ArtifactStore, run_id: str) -> dict[str, Any]:
+    with store.fs.open(store._join("runs", f"{run_id}.json"), "r") as f:
+        return json.load(f)
+
+
+def resolve_run(store: ArtifactStore, ref: str, pipeline_file: Path | None = None,
+                pipeline_name: str | None = None) -> dict[str, Any]:
+    """The run record for ``ref``: ``latest``, a run id or a unique prefix of one; with
+    ``pipeline_file`` (and its name), the latest run of that pipeline."""
+    runs = list_runs(store)
+    if not runs:
+        raise StoreError(f"no runs recorded in {store.uri}")
+    if pipeline_file is not None:
+        want = str(pipeline_file.resolve())
+        by_name = None
+        for rid in reversed(runs):
+            rec = read_run(store, rid)
+            f = rec.get("pipeline_file")
+            if f and str(Path(f).resolve()) == want:
+                return rec
+            if by_name is None and pipeline_name and rec.get("pipeline") == pipeline_name:
+                by_name = rec
+        if by_name is not None:  # run from another working directory: same pipeline name
+            return by_name
+        raise StoreError(f"no run of {pipeline_file} in {store.uri}")
+    if ref == "latest":
+        return read_run(store, runs[-1])
+    hits = [r for r in runs if r.startswith(ref)]
+    if ref in runs:
+        hits = [ref]
+    if not hits:
+        raise StoreError(f"no run {ref!r} in {store.uri} (latest: {runs[-1]})")
+    if len(hits) > 1:
+        raise StoreError(f"run {ref!r} is ambiguous in {store.uri}: {', '.join(hits[:8])}")
+    return read_run(store, hits[0])
+
+
+# ---------------------------------------------------------------------------------- building
+def build_report(store: ArtifactStore, record: dict[str, Any]) -> RunReport:
+    """Everything the page shows, read from the store; no HTML yet."""
+    stages: list[StageView] = []
+    for name, o in record.get("stages", {}).items():
+        sv = StageView(name=name, type=o.get("type", ""), key=o.get("key", ""),
+                       status=o.get("status", ""), wall_s=o.get("wall_s"),
+                       metrics=o.get("metrics") or {}, error_type=o.get("error_type", ""),
+                       error=o.get("error", ""), traceback=o.get("traceback", ""),
+                       log_path=o.get("log", ""), _store=store)
+        if sv.status in ("ran", "cached") and sv.key:
+            try:
+                sv.manifest = store.manifest(sv.key)
+            except StoreError:
+                sv.notes.append("its artifact is no longer in the store (deleted after the run?)")
+        if sv.manifest is not None:
+            sv.metrics = sv.manifest.get("metrics", sv.metrics) or {}
+        stages.append(sv)
+
+    spec_inputs = _pipeline_file_inputs(record.get("pipeline_file"))
+    resolve_inputs(stages, spec_inputs)
+    stages = topological(stages, list(spec_inputs))
+    SECTIONS.load_plugins()
+    for plugin, error in SECTIONS.plugin_errors.items():
+        log.warning("report: section plugin %s failed to load: %s", plugin, error)
+    for sv in stages:
+        _log_tail(sv, store)
+        _figures(sv)
+        fn = SECTIONS.types.get(sv.type)
+        if fn is not None and sv.manifest is not None:
+            try:
+                fn(sv)
+            except Exception as e:  # noqa: BLE001 - one odd artifact must not cost the whole page
+                log.warning("report: %s section of stage %s failed: %s", sv.type, sv.name, e)
+                sv.notes.append(f"the {sv.type} section could not be built: "
+                                f"{type(e).__name__}: {e}")
+        _fallback_numbers(sv)
+
+    try:
+        import importlib.metadata
+
+        version = importlib.metadata.version("stele")
+    except Exception:  # noqa: BLE001
+        version = "unknown"
+    return RunReport(
+        run_id=record.get("run_id", "?"), pipeline=record.get("pipeline", "?"),
+        pipeline_file=record.get("pipeline_file"), store=store.uri,
+        started_at=record.get("started_at", ""), finished_at=record.get("finished_at", ""),
+        stages=stages, dag=layout_dag(stages), by_type=_by_type(stages),
+        generated_at=dt.datetime.now().astimezone().strftime("%Y-%m-%dT%H:%M:%S%z"),
+        version=version)
+
+
+def _pipeline_file_inputs(path: str | None) -> dict[str, dict[str, str]]:
+    """Stage -> {role: upstream} from the pipeline file, in the file's order; empty when the file is
+    gone or no longer valid (the report then relies on the manifests alone)."""
+    if not path:
+        return {}
+    try:
+        from ..spec import load_pipeline
+
+        return {n: dict(s.inputs) for n, s in load_pipeline(path).stages.items()}
+    except Exception as e:  # noqa: BLE001 - the DAG is still drawn, from the manifests
+        log.info("report: pipeline file %s unreadable (%s)", path, e)
+        return {}
+
+
+def _log_tail(sv: StageView, store: ArtifactStore) -> None:
+    path = None
+    if sv.manifest is not None and sv.has(LOG):
+        path = f"{store.artifact_path(sv.key)}/{LOG}"
+    elif sv.log_path:
+        path = sv.log_path
+    if not path:
+        return
+    try:
+        with store.fs.open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            text = f.read().decode(errors="replace")
+        sv.log_tail = "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
+    except Exception as e:  # noqa: BLE001 - e.g. a failed attempt's folder was cleaned up
+        sv.notes.append(f"log {path} unreadable: {e}")
+
+
+def _figures(sv: StageView) -> None:
+    for rel in sorted(sv.files):
+        if not rel.lower().endswith(".png"):
+            continue
+        try:
+            png = sv.read_bytes(rel, MAX_FIGURE_BYTES)
+        except Exception as e:  # noqa: BLE001
+            sv.notes.append(f"figure {rel} not embedded: {e}")
+            continue
+        if not png.startswith(b"\x89PNG\r\n\x1a\n"):
+            sv.notes.append(f"figure {rel} is not a PNG file; not embedded")
+            continue
+        sv.figures.append(Figure(rel, data_uri(png)))
+
+
+def _fallback_numbers(sv: StageView) -> None:
+    """Figures no renderer explained get every JSON file of the artifact (small enough to read) as
+    tables: the numbers behind a plot are in the files the stage wrote beside it."""
+    unexplained = [f for f in sv.figures if not f.numbers]
+    if not unexplained:
+        return
+    tables: list[Table] = []
+    for rel in sorted(sv.files):
+        if rel.endswith(".json") and rel != MANIFEST:
+            try:
+                tables += json_tables(sv.read_json(rel), rel, rel)
+            except Exception as e:  # noqa: BLE001
+                sv.notes.append(f"{rel} unreadable: {e}")
+    if not tables and sv.metrics:
+        tables = json_tables(sv.metrics, "metrics (manifest)", "manifest.json")
+    for f in unexplained:
+        f.numbers = list(tables)
+        if not tables:
+            f.numbers_note = "the artifact holds no JSON file with the numbers of this figure"
+
+
+def _by_type(stages: list[StageView]) -> list[Table]:
+    """Per stage type, its stages side by side on their scalar metrics (seed sweeps, model
+    comparisons, downstream results)."""
+    out: list[Table] = []
+    types: dict[str, list[StageView]] = {}
+    for sv in stages:
+        if sv.metrics and sv.status in ("ran", "cached"):
+            types.setdefault(sv.type, []).append(sv)
+    for t, svs in types.items():
+        cols: list[str] = []
+        for sv in svs:
+            cols += [k for k, v in sv.metrics.items() if is_scalar(v) and k not in cols]
+        out.append(Table(t, ["stage", *cols],
+                         [[sv.name, *[sv.metrics.get(c) for c in cols]] for sv in svs],
+                         "each stage's manifest.json"))
+    return out
+
