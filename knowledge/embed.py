@@ -2,37 +2,33 @@
 
 Per step of a batch of ``B`` positive triples:
 
-* **Negatives.** ``k`` corruptions per positive, all drawn at once: each replaces the head or the tail
-  by a uniformly random entity. Which side: a fair coin (``uniform``) or, with ``bernoulli``
-  (Wang et al. 2014, TransH), the head with probability ``tph_r / (tph_r + hpt_r)`` for relation
-  ``r`` (tails per head, heads per tail), which corrupts the "many" side of 1-N / N-1 relations
-  less often and so produces fewer false negatives. Negatives are not filtered (as in PyKEEN's and
-  the papers' default sLCWA training).
+* **Negatives.** ``k`` unfiltered corruptions per positive (sLCWA, as PyKEEN and the papers), each
+  a uniform random entity in place of the head or the tail: the side by a fair coin (``uniform``) or,
+  with ``bernoulli`` (Wang et al. 2014, TransH), the head with probability ``tph_r / (tph_r + hpt_r)``
+  (tails per head, heads per tail), which corrupts the "many" side of 1-N / N-1 relations less often
+  and so yields fewer false negatives.
 * **One forward pass** over the ``B (1 + k)`` triples (DDP needs one forward per backward), scores
-  ``s = f(h, r, t)`` from the model (higher is better). A model with ``scores_corruptions`` (stele's
-  TransE) takes the positives and the drawn corruptions as they are and builds each corruption
-  from its positive's parts (:func:`knowledge.models._corruption_distance`); others get the triples.
+  ``s = f(h, r, t)`` (higher is better). A model with ``scores_corruptions`` (stele's TransE) builds
+  each corruption from its positive's parts (:func:`knowledge.models._corruption_distance`).
 * **Loss**, the one each family is known to train well with:
   - ``margin`` (TransE; Bordes et al. 2013): ``mean(max(0, gamma - s_pos + s_neg))``;
   - ``bce`` (DistMult, ComplEx; Trouillon et al. 2016): binary cross-entropy with logits, positives
     labelled 1 and negatives 0, averaged over the ``B (1 + k)`` scores;
   - ``self_adversarial`` (RotatE; Sun et al. 2019): ``-log sigma(s_pos) - sum_i p_i log sigma(-s_neg_i)``
-    with ``p = softmax(alpha * s_neg)`` treated as constant, averaged, on ``s = gamma - d``: PyG's
-    RotatE score already is ``gamma - d(h o r, t)``; other models get ``gamma`` added
-    (:func:`score_shift`), as PyKEEN's NSSA loss does.
-* **Regulariser** (optional, ``regularization`` > 0; Trouillon et al. 2016's L2 penalty on the
-  embeddings a batch uses, as PyKEEN's ``LpRegularizer(normalize=True)`` computes it, which
-  PyKEEN's ComplEx applies by default with weight 0.01): :func:`lp_regularization`.
+    with ``p = softmax(alpha * s_neg)`` treated as constant, on ``s = gamma - d``: PyG's RotatE
+    score already is ``gamma - d(h o r, t)``; other models get ``gamma`` added (:func:`score_shift`),
+    as PyKEEN's NSSA loss does.
+* **Regulariser** (``regularization`` > 0): Trouillon et al. 2016's L2 penalty on the embeddings a
+  batch uses, as PyKEEN's ``LpRegularizer(normalize=True)`` (its ComplEx default, weight 0.01):
+  :func:`lp_regularization`.
 
-An epoch is one :class:`~pipeline.train.TrainSession` step: every worker takes a disjoint shard of
-a seeded permutation of the training triples, so N workers see each triple once per epoch. Every
-``eval_every`` epochs rank 0 computes the filtered validation MRR (``knowledge.evaluate``) and the
-run stops after ``patience`` evaluations without improvement, keeping the best weights.
-
-DDP all-reduces the full gradient of every embedding table at every step (dense gradients), i.e.
-``(num_entities + num_relations) * dim * 4`` bytes per step and worker: fine up to a few million
-parameters on CPU and a few hundred million on GPUs with NVLink; beyond that, partition the entity
-table (PyTorch-BigGraph style) instead — see BENCHMARKS.md for the measured cost.
+An epoch is one :class:`~pipeline.train.TrainSession` step, each worker on a disjoint shard of a
+seeded permutation of the training triples; every ``eval_every`` epochs rank 0 computes the filtered
+validation MRR, and ``patience`` evaluations without improvement stop the run with the best weights.
+DDP all-reduces every table's dense gradient at every step,
+``(num_entities + num_relations) * dim * 4`` bytes per worker: fine up to a few million parameters
+on CPU; beyond that, partition the entity table (PyTorch-BigGraph style) instead (BENCHMARKS.md,
+"DDP cost of KG embeddings").
 """
 
 from __future__ import annotations
@@ -104,10 +100,9 @@ def init_embeddings(model: torch.nn.Module, kind: str) -> None:
     uniform for TransE and RotatE); ``normal`` draws every real number of every table from a standard
     normal, for ComplEx the real and the imaginary part alike (so ``|x_i|^2`` averages 2): what
     Trouillon et al. (2016)'s code does (``randn`` for both parts) and what PyKEEN's ComplEx does
-    (``normal_`` on the real view of its complex tables). The choice matters: ComplEx on Nations
-    reached filtered MRR 0.713 from Xavier, 0.512 from a complex normal of half this variance and
-    0.454 from this one (PyKEEN 0.478; Kinships 0.695 vs 0.696, UMLS 0.646 vs 0.636; 100 epochs,
-    regulariser 0.01, BENCHMARKS.md)."""
+    (``normal_`` on the real view of its complex tables). The choice matters for ComplEx: from
+    the other starts its MRR lands far from PyKEEN's, from this one close to it (BENCHMARKS.md,
+    "KG embedding training", Tables S6 and S7)."""
     if kind == "default":
         return
     if kind != "normal":

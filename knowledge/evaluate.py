@@ -23,12 +23,11 @@ Protocol (what every number here means):
   ``MR = mean(rank_i)``, ``Hits@k = mean(rank_i <= k)``.
 
 Implementation: test triples go in chunks of ``batch_size``; a chunk's ``(b, N)`` score matrix comes
-from the full-candidate scorers of :mod:`knowledge.scoring` (never ``(b, N, d)``), so memory is
-``O(batch_size * num_entities)``. Raw counts are two comparisons against the true score. The filter is
-built once: the known triples sorted by ``(h, r)`` key (values: tails) and by ``(r, t)`` key (values:
-heads), i.e. two CSR tables; a chunk looks its keys up with ``searchsorted``, gathers the scores of
-the other true candidates with one index operation, and subtracts their contribution from the raw
-counts. No Python loop over triples; the same code runs on CPU and CUDA.
+from :mod:`knowledge.scoring` (never ``(b, N, d)``), so memory is ``O(batch_size * num_entities)``.
+Raw counts are two comparisons against the true score. The filter is two CSR tables built once (the
+known triples by ``(h, r)`` key, values tails, and by ``(r, t)`` key, values heads): a chunk finds
+its keys with ``searchsorted``, gathers the scores of the other true candidates in one index
+operation and subtracts their contribution. No Python loop over triples; CPU and CUDA alike.
 """
 
 from __future__ import annotations
@@ -134,8 +133,8 @@ def _scorers(model_or_scorers: Any, device: torch.device | None, exact: bool
 def _count_rows(mask: Tensor) -> Tensor:
     """``mask.sum(1)`` of a ``(b, N)`` bool mask as int64. Summing bools casts them to int64
     first (8 bytes written per candidate); read as uint8 into an int32 accumulator the mask is
-    read once: 1.7x faster per comparison at 256 x 100k candidates, a fifth off an evaluation
-    at that scale."""
+    read once, and those int64 copies were a large share of a large evaluation's profile
+    (BENCHMARKS.md, "Link-prediction evaluation at scale")."""
     return mask.view(torch.uint8).sum(1, dtype=torch.int32).long()
 
 

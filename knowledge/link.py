@@ -1,50 +1,31 @@
 """Dictionary entity linking: find the KG's entity names in text, with exact character offsets.
 
-What this feeds. ERNIE (Zhang et al., 2019, "ERNIE: Enhanced Language Representation with Informative
-Entities", ACL) aligns the first wordpiece of each entity mention with that entity's KG embedding; its
-mentions came from TAGME (Ferragina & Scaglione, 2010), an anchor-text linker over Wikipedia. stele's
-knowledge graphs (WordNet, countryinfo, ...) have no anchor statistics, so this module is the
-dictionary-based equivalent: a gazetteer of every entity's name and aliases, matched in one pass with an
-Aho-Corasick automaton (pyahocorasick), producing ``(start, end, surface, entity_idx, entity_id, score,
-n_candidates)`` per mention. Offsets are Python ``str`` indices (code points) into the ORIGINAL text, so a
-tokenizer's ``return_offsets_mapping`` lines wordpieces up with entities directly.
+ERNIE (Zhang et al., 2019, ACL) aligns the first wordpiece of each entity mention with that entity's
+KG embedding; its mentions came from TAGME (Ferragina & Scaglione, 2010), an anchor-text linker over
+Wikipedia. stele's graphs have no anchor statistics, so this is the dictionary equivalent: every
+entity's name and aliases in one Aho-Corasick automaton (pyahocorasick), matched in one pass, giving
+``(start, end, surface, entity_idx, entity_id, score, n_candidates)`` per mention. Offsets index the
+ORIGINAL ``str``, so a tokenizer's ``return_offsets_mapping`` lines wordpieces up with entities.
 
-The choices, and why:
-
-* **Normalisation** (Unicode NFKC, case folding, typographic apostrophes to ``'``, every whitespace run
-  to one space) is applied to names and text alike, so "CÔTE  D’IVOIRE" finds "Côte d'Ivoire". The
-  normaliser keeps a piecewise map from normalised offsets back to original ones (see
-  :class:`Normalized`), because normalising changes lengths (collapsed whitespace, "ﬁ" -> "fi",
-  "e" + combining acute -> "é") and a span that is off by one would misalign every later wordpiece.
-* **Word boundaries**: a match must not begin or end inside a word ("Paris" is not linked inside
-  "Parisian"). Where a name begins or ends with a non-word character ("C++") that side needs no
-  boundary. Aho-Corasick reports every key occurrence, so boundaries are checked on its output.
-* **Leftmost-longest, non-overlapping** selection: among the boundary-respecting matches, scan left to
-  right and take the longest one starting at each position, skipping anything that overlaps a mention
-  already taken. Longest wins because the longer name is the more specific one ("New York City" is not
-  "New York" followed by "City"), and non-overlap because one character can align with only one entity
-  embedding in ERNIE's fusion layer. The boundary check runs before the choice, so when "New York City"
-  fails its boundary (in "New York Cityscape") the shorter "New York" can still be linked. This is also
-  why pyahocorasick's ``iter_long`` is not used: it commits to the longest key before any boundary check.
-* **Noise control**: surfaces shorter than ``min_length`` (normalised characters) and surfaces on a stop
-  list never enter the automaton, so "a", "I" and "in" (all WordNet lemmas) do not link.
-* **Ambiguity** (one surface, several entities) is resolved by a prior, as TAGME resolves it by
-  "commonness" (how often an anchor points to each page). Without anchor counts the best cheap proxy is
-  how connected an entity is: ``prior="degree"`` weights each candidate by ``1 + its degree in the
-  train triples`` (add-one, so entities without train edges keep a chance; valid/test triples are left
-  out so linking leaks nothing from evaluation splits). Well-connected entities are the common senses
-  ("bank" the institution has more edges than "bank" the aircraft manoeuvre) and they are also the ones
-  whose embeddings were trained on most data, i.e. the most useful to inject. ``prior="uniform"`` gives
-  every candidate the same weight. Ties go to the candidate whose primary ``name`` is the surface (as
-  opposed to one of its aliases), then to the lower index. The mention's ``score`` is the chosen
-  entity's prior probability among the candidates and ``n_candidates`` how many there were, so a
-  consumer can drop ambiguous links (score < threshold) without re-linking.
-
-Word boundaries assume a space-delimited script: in unsegmented text (Chinese, Japanese, Thai) every
-character is a word character, so a name inside a run of them is never matched.
-
-No context is used to disambiguate (TAGME also votes with the other mentions of the document); that is
-a later, separable step that can re-rank the candidates :meth:`Gazetteer.candidates` returns.
+* **Normalisation** (NFKC, case folding, typographic apostrophes to ``'``, whitespace runs to one
+  space) of names and text alike, so "CÔTE  D’IVOIRE" finds "Côte d'Ivoire"; :class:`Normalized`
+  maps offsets back, as normalising changes lengths ("ﬁ" -> "fi") and one wrong offset would
+  misalign every later wordpiece.
+* **Word boundaries**: no match begins or ends inside a word ("Paris" not in "Parisian"), except on
+  a side where the name has a non-word character ("C++"). So space-delimited scripts only: in
+  Chinese, Japanese or Thai a name inside a run of word characters never matches.
+* **Leftmost-longest, non-overlapping** among the boundary-respecting matches: the longer name is the
+  more specific ("New York City" is not "New York" + "City"), and a character aligns with one
+  embedding in ERNIE's fusion layer. Boundaries are checked first, so "New York" still links in
+  "New York Cityscape" (pyahocorasick's ``iter_long`` would commit to the longest key before).
+* **Noise control**: surfaces shorter than ``min_length`` or on a stop list ("a", "I" and "in" are
+  WordNet lemmas) never enter the automaton.
+* **Ambiguity** is resolved by a prior, as TAGME does by "commonness": ``prior="degree"`` weights a
+  candidate by ``1 + its degree in the train triples`` (well-connected entities are the common senses
+  and the best-trained embeddings; valid/test triples stay out so nothing leaks from evaluation).
+  ``score`` is the chosen entity's prior among its ``n_candidates``, so a consumer can drop ambiguous
+  links without re-linking. No context is used (TAGME also votes with the other mentions); a later
+  step can re-rank :meth:`Gazetteer.candidates`.
 """
 
 from __future__ import annotations
@@ -228,7 +209,10 @@ class Gazetteer:
         """``entries``: ``(idx, id, name, aliases)`` per entity. ``degree``: per-entity weight source for
         ``prior="degree"`` (indexed by idx; missing means 0). ``stopwords``: surfaces never linked
         (compared after normalisation); ``None`` for none. ``max_candidates``: surfaces naming more
-        entities than this are left out as hopelessly ambiguous."""
+        entities than this are left out as hopelessly ambiguous. ``prior``: ``"degree"`` weighs a
+        surface's candidates by ``1 + degree`` (add-one, so entities without train edges keep a
+        chance), ``"uniform"`` alike; ties go to the entity whose primary name the surface is, then
+        to the lower index."""
         if prior not in ("degree", "uniform"):
             raise ValueError(f"prior must be 'degree' or 'uniform', got {prior!r}")
         if min_length < 1:

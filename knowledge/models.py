@@ -4,9 +4,9 @@ A model is embeddings plus a scoring function (PyG's ``forward(head, rel, tail) 
 better); training (``knowledge.embed``) and evaluation (``knowledge.evaluate``) only use that interface
 (plus an optional ``apply_constraints()`` after each optimiser step) and the full-candidate scorers
 in ``knowledge.scoring``. TransE and RotatE are PyG's classes with their distance computed by a
-``torch.autograd.Function`` with a hand-written backward (the same values and gradients; a training
-step about 5x (TransE) and 3.5x (RotatE) faster than with PyG's forward under autograd in a bare CPU
-loop, where these element-wise steps are memory-bound; BENCHMARKS.md). TransE also scores a
+``torch.autograd.Function`` with a hand-written backward (the same values and gradients; a CPU
+training step, memory-bound on these element-wise passes, takes a fraction of the time of PyG's
+forward under autograd: ``bench/kge_step.py``, BENCHMARKS.md). TransE also scores a
 training batch of positives and their corruptions from per-positive parts
 (:func:`_corruption_distance`, ``forward(..., corruptions=)``).
 
@@ -32,10 +32,11 @@ def model_classes() -> dict[str, type]:
 
 
 # Chunks of a fused distance on CPU: about 2 MB of float32 per (chunk, d) buffer, rebuilt in the
-# backward. Measured on the PyKEEN benchmarking step (20,480 rows x 256 dims, L1): forward+backward
-# 23.5 ms over whole (n, d) buffers, 7.0 ms in chunks of 2,048 rows. A batch of at most 4 MB (the
-# default 256 x 17 rows of 128 dims) is one chunk and keeps its rows for the backward: rebuilt, they
-# made a Kinships RotatE run 30% slower (26.7 vs 20.6 s, one run each).
+# backward; a large step (PyKEEN's benchmarking configuration, 20,480 rows x 256 dims) runs several
+# times faster in chunks than over whole (n, d) buffers, which fall out of the cache. A batch of at
+# most 4 MB (the default 256 x 17 rows of 128 dims) is one chunk and keeps its rows for the
+# backward: rebuilding them there made training slower (BENCHMARKS.md, "PyKEEN's benchmarking
+# configuration" and "Figures moved out of docstrings").
 CPU_CHUNK_FLOATS = 1 << 19
 CPU_WHOLE_FLOATS = 1 << 20
 
@@ -79,8 +80,8 @@ def _translation_distance() -> type:
             dist = head.new_empty(len(h))
             for sl in chunks:
                 x = rows(head, rel, tail, h[sl], r[sl], t[sl])
-                # abs().sum, not vector_norm(x, 1): the latter took 9x as long on CPU (0.8 vs
-                # 0.09 ms at 4,352 x 128), allocation included
+                # abs().sum, not vector_norm(x, 1): the latter is much slower on CPU, allocation
+                # included (BENCHMARKS.md, "Figures moved out of docstrings")
                 dist[sl] = ((x.abs() if keep else x.abs_()).sum(-1) if p == 1
                             else torch.linalg.vector_norm(x, 2, -1))
             ctx.save_for_backward(head, rel, tail, dist, h, r, t, *([x] if keep else []))
@@ -146,9 +147,9 @@ def _corruption_distance() -> type:
         rebuilding ``x`` from the tables: as int8 (a quarter of ``x``'s bytes) when a large batch
         goes in cache-sized chunks, in place as floats when the batch is one chunk. Entity gradients
         collect in a ``(2 |E|, d)`` buffer, rows added with ``+`` in the first half and ``-`` in the
-        second, so no row is multiplied by its sign. Forward+backward of PyKEEN's benchmarking step
-        (512 x 39 rows, 256 dims, Kinships' 104 entities, 2 threads): 8.2 ms against 12.0 ms
-        for :func:`_translation_distance` (``bench/kge_step.py``, BENCHMARKS.md).
+        second, so no row is multiplied by its sign. Fewer gathers and scatters make its
+        forward+backward faster than :func:`_translation_distance`'s on the same triples
+        (``bench/kge_step.py``; BENCHMARKS.md, "PyKEEN's benchmarking configuration").
         """
 
         @staticmethod
@@ -219,8 +220,8 @@ def _transe() -> type:
           they are. With the L1 distance and ``q = 2`` this is PyKEEN's default TransE.
 
         Normalising inside the score instead (``n_q`` with its Jacobian) is a different
-        optimisation: on UMLS it reached filtered MRR 0.61 where projection reached 0.66, PyKEEN's
-        0.64-0.66 (BENCHMARKS.md).
+        optimisation, and on UMLS a worse one: projection matches PyKEEN's MRR, in-score
+        normalisation falls short of it (BENCHMARKS.md, "KG embedding training", Table 3).
         """
 
         def __init__(self, *args: Any, entity_norm: float | None = None, **kwargs: Any):

@@ -27,13 +27,8 @@ with the queries (``o`` is the element-wise complex product, ``[a, b]`` concaten
   unitary: ``||e_h o w_r - e_t|| = ||e_h - e_t o conj(w_r)||``.
 
 Memory is ``O(b N)`` for the score matrix (plus the ``O(N d)`` candidate table, built once), never
-``O(b N d)``.
-
-Precision trade-off: for ``p = 2``, ``torch.cdist`` by default uses the expansion
-``||q||^2 + ||c||^2 - 2 q.c`` (one GEMM, ~6x faster on CPU than the direct kernel), whose cancellation
-error is about ``eps * ||q||^2`` (~1e-7 here) on the squared distance. That is below the float32 noise of
-the model's own forward but can swap near-ties with a direct computation; ``exact=True`` uses the
-direct difference kernel instead.
+``O(b N d)``. L2 distances go through one GEMM by default; ``exact=True`` trades that speed for the
+direct kernel (:class:`CandidateScorer`).
 """
 
 from __future__ import annotations
@@ -55,6 +50,13 @@ class CandidateScorer:
     """A model seen as ``score(query, candidate)``: queries built per batch, candidates built once.
 
     ``kind="dot"``: ``score = q @ C^T``. ``kind="distance"``: ``score = offset - ||q - c||_p``.
+
+    Precision trade-off: for ``p = 2``, ``torch.cdist`` by default uses the expansion
+    ``||q||^2 + ||c||^2 - 2 q.c`` (one GEMM, several times faster on CPU than the direct kernel;
+    BENCHMARKS.md, "Link-prediction evaluation at scale"), whose cancellation error is about
+    ``eps * ||q||^2`` (~1e-7 here) on the squared distance. That is below the float32 noise of the
+    model's own forward but can swap near-ties with a direct computation; ``exact=True`` uses the
+    direct difference kernel instead.
     """
 
     candidates: Tensor                  # (N, k)

@@ -1,10 +1,10 @@
 """The media-dataset interface and its registry (entry-point group ``stele.datasets``).
 
 A media dataset lists *items*: an id, a reference to one piece of media (an image or an audio clip),
-one or more texts (captions, transcripts, names) and free metadata. Listing is cheap and happens once,
-streamed; reading the media happens later, inside Ray Data workers, through :meth:`MediaDataset.load`.
-So a dataset of any size never passes through one process's memory, and the same dataset object works
-on every node of a cluster (it is a pydantic model: it pickles as its parameters)::
+one or more texts (captions, transcripts, names) and free metadata. Listing is cheap, streamed and
+done once; the media are read later, inside Ray Data workers, through :meth:`MediaDataset.load`, so
+no dataset passes through one process's memory, and the same object (a pydantic model: it pickles as
+its parameters) works on every node of a cluster::
 
     @dataset("acme")
     class AcmeImages(MediaDataset):
@@ -19,23 +19,14 @@ on every node of a cluster (it is a pydantic model: it pickles as its parameters
         def load(self, media):
             return (Path(self.root) / media).read_bytes()
 
-``load`` returns the encoded file (``bytes``) or, for audio that is already decoded, an
-:class:`AudioClip`. Decoding, validation and conversion belong to the feature stages (``vision``,
-``speech``), so every dataset gets the same bad-media handling for free.
-
-A listing problem (a malformed caption line, a missing file named in an annotation) goes to the
-:class:`~pipeline.quarantine.Quarantine` with its file and line; media stages default to
-``on_error: skip``, because one bad image in a million should not stop an extraction run, and every
-skipped item is listed in the stage's ``rejected`` table.
-
-The readers that image and audio datasets have in common live here too, so that both report the same
-problems in the same words: :func:`read_media`, :func:`load_json`,
-:func:`read_records` (CSV/TSV/JSONL media-and-text files), :func:`text_list`, :func:`unique_ids`, and
-for Hugging Face tables the base class :class:`HFDataset` with :func:`open_hf_dataset`,
-:func:`hf_items` and :func:`hf_offline`.
-
-This module knows nothing about images or audio: the engine stays free of domain knowledge, and the
-vision, speech and fusion packages all share one item type.
+``load`` returns the encoded file (``bytes``) or a decoded :class:`AudioClip`; decoding belongs to
+the feature stages, so every dataset gets the same bad-media handling, and the engine stays free of
+domain knowledge. Listing problems go to the :class:`~pipeline.quarantine.Quarantine` with file and
+line; media stages default to ``on_error: skip`` (one bad file in a million should not stop a run)
+and list every skipped item in their ``rejected`` table. The readers datasets share live here, so
+all report a problem in the same words: :func:`read_media`, :func:`load_json`, :func:`read_records`,
+:func:`text_list`, :func:`unique_ids`; for Hugging Face tables :class:`HFDataset`,
+:func:`open_hf_dataset`, :func:`hf_items` and :func:`hf_offline`.
 """
 
 from __future__ import annotations

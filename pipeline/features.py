@@ -150,9 +150,9 @@ def region_table(schema: pa.Schema, rows: list[dict[str, Any]]) -> pa.Table:
 
 def _half(values: np.ndarray) -> np.ndarray:
     """``values`` as float16, converted by torch: vectorised (F16C), where numpy's ``astype``
-    converts one value at a time (1.4 against 10.9 ms for a batch of 64 clips x 302 log-mel frames
-    x 80, a tenth of the actor's call). Both round to nearest even. Only featurizers call this,
-    and they have torch loaded; the stage process never does."""
+    converts one value at a time, at a noticeable share of a featurizer's call (BENCHMARKS.md,
+    "Feature extraction on Ray Data vs a plain PyTorch loop"). Both round to nearest even. Only
+    featurizers call this, and they have torch loaded; the stage process never does."""
     if values.dtype == np.float16:
         return values
     import torch
@@ -256,7 +256,7 @@ class FeatureSet:
 
         for shard in self.shards:
             # The dataset scanner, one row group at a time: ParquetFile.iter_batches decodes the
-            # same blobs in twice the time (12.7 against 6.8 ms per 64 clips).
+            # same blobs more slowly (BENCHMARKS.md, "feature blobs instead of nested float lists").
             file = ds.dataset(shard, format="parquet")
             f_spec = tensor_spec(file.schema.field("features"), f"{shard}: ")
             b_spec = tensor_spec(file.schema.field("boxes"), f"{shard}: ")

@@ -1,6 +1,6 @@
 """Where unusable input goes: counted by reason, with the first examples kept for the manifest.
 
-Every reader in stele (knowledge sources, the entity linker, media datasets, feature stages) reports
+Every reader in stele (graph sources, document readers, media datasets, feature stages) reports
 each unusable item here with where it came from (``file:line``, a row, an item id) and why. With
 ``on_error: raise`` the first one stops the stage with that message; with ``on_error: skip`` items are
 counted and the first ones kept. Nothing is dropped without a record.

@@ -1,4 +1,5 @@
-"""Ray start-up with the settings DESIGN.md's measured traps call for, shared by the CLI and stages."""
+"""Ray start-up with the process settings that local training and feature workers need (worker
+niceness, Ray Train's polling, glibc's malloc thresholds), shared by the CLI and stages."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ _LOCAL_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     # Ray starts workers at nice 15 to keep a driver responsive; in stele the workers are the job
     # (training, featurizing) and at nice 15 every nice-0 process (Ray's own daemons, the stage
-    # driver writing shards) preempts them. Kinships TransE epochs (PyKEEN's benchmarking config):
-    # median 0.23 s drifting to 0.32 s within a run at nice 15, a steady 0.19 s at nice 0. Ray's
-    # job API runs drivers at nice 0 for the same reason.
+    # driver writing shards) preempts them: epochs get slower and drift within a run (BENCHMARKS.md,
+    # "Process settings of stele's Ray workers"). Ray's job API runs drivers at nice 0 for the same
+    # reason.
     "RAY_worker_niceness": "0",
 }
 
@@ -36,13 +37,11 @@ def tune_malloc() -> bool:
 
     glibc serves an allocation above a dynamic threshold (128 KB at start) with ``mmap`` and frees
     it with ``munmap``, and trims the heap's free top, so torch's CPU tensors of a few MB are
-    page-faulted in afresh at every step. Measured on the KGE benchmarking step (TransE, Kinships
-    sizes, 512 x 39 triples x 256 dims, 2 threads, session 5's fused distance): an epoch took 400 ms
-    with glibc's defaults and 222-296 ms with these settings; a torch profile of a default-config
-    Kinships epoch, 300 -> 153 ms of CPU, mostly in ``index_select``'s fresh outputs. This sets the
-    mmap threshold to 32 MB (glibc's maximum) and the trim threshold to 256 MB: up to that much
-    freed memory stays with the process. ``STELE_MALLOC_TUNING=0`` turns it off; a no-op (False)
-    where the C library is not glibc."""
+    page-faulted in afresh at every step (a profile puts most of the cost in the fresh outputs of
+    gathers such as ``index_select``; timings: BENCHMARKS.md, "Process settings of stele's Ray
+    workers"). This sets the mmap threshold to 32 MB (glibc's maximum) and the trim threshold to
+    256 MB: up to that much freed memory stays with the process. ``STELE_MALLOC_TUNING=0`` turns it
+    off; a no-op (False) where the C library is not glibc."""
     import ctypes
     import ctypes.util
 

@@ -50,14 +50,14 @@ def stream_map(tables: Iterable[pa.Table], fn_cls: type, *, fn_kwargs: dict[str,
 
     ``calls_per_actor`` Ray tasks run at once in each actor, but ``fn_cls.__call__`` only ever in
     one of them, on one thread (Ray Data's ``max_concurrent_calls_per_actor`` without
-    ``enable_true_multi_threading``; the featurizers are not thread-safe): Ray's own per-task work (fetching the input block, putting the output table
-    into the object store) overlaps the model's next call instead of following it, as Ray's docs
-    advise for a GPU fed by CPU batching. Measured on the 1-actor log-mel stage (5,000 clips, 2
-    cores, four alternated rounds after a warm-up): 757 -> 837 clips/s in steady state with 4
-    instead of 1, faster in every round. No more tasks than that are in flight on an actor (Ray
-    Data's default is twice as many): the actor that is up first would take them all before
-    the others start, and a queue behind the running calls measured the same within the noise
-    (826 clips/s with it, 805 without, each ahead in some of three alternated rounds).
+    ``enable_true_multi_threading``; the featurizers are not thread-safe): Ray's own per-task work
+    (fetching the input block, putting the output table into the object store) overlaps the model's
+    next call instead of following it, as Ray's docs advise for a GPU fed by CPU batching; a
+    1-actor feature stage ran faster in every round with 4 than with 1. No more tasks than that are
+    in flight on an actor (Ray Data's default is twice as many): the actor that is up first would
+    take them all before the others start, and a queue behind the running calls gained nothing
+    measurable (BENCHMARKS.md, "Feature extraction on Ray Data vs a plain PyTorch loop",
+    ``calls_per_actor``).
     """
     import ray
     import ray.data

@@ -1,4 +1,4 @@
-"""The one Ray Train harness every training stage uses (KG embeddings, fusion pretraining).
+"""The one Ray Train harness every training stage uses, whatever it trains.
 
 Three layers, as in Ray's own examples:
 
@@ -49,7 +49,7 @@ class ScalingParams(BaseModel):
 
 class TrainConfig(ScalingParams):
     """Training-loop settings the harness needs, on top of where it runs. A "step" is whatever the
-    loop reports once for (an optimizer step for fusion pretraining, an epoch for KG embeddings)."""
+    loop reports once for (an optimizer step for one loop, a whole epoch for another)."""
 
     max_steps: int = Field(default=1000, ge=1, description="steps to run")
     checkpoint_every: int = Field(default=100, ge=1, description="steps between checkpoints")
@@ -72,8 +72,9 @@ def fit(train_loop_per_worker: Callable[[dict], None], job: Any,
 
     ``job`` is what the loop needs of the stage, typed and frozen (a ``@dataclass(frozen=True)``);
     each worker finds it as ``config["job"]``, beside the harness's own keys that
-    :class:`TrainSession` reads. ``storage_uri`` should be the stage's ``ctx.state_uri``: a second call with the same
-    ``storage_uri`` and ``name`` continues from the latest checkpoint instead of starting over.
+    :class:`TrainSession` reads. ``storage_uri`` should be the stage's ``ctx.state_uri``: a second
+    call with the same ``storage_uri`` and ``name`` continues from the latest checkpoint instead of
+    starting over.
     ``progress`` (``ctx.progress_reporter()``) shows rank 0's steps in the live display.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -116,9 +117,9 @@ def _trainer_class(base: type) -> type:
 
     Ray Train 2.60's cleaner (which frees placement groups if the controller dies) polls the State
     API, which needs the dashboard; an embedded Ray started without one (``init_ray``) makes every
-    poll time out after 10 s, and each ``fit`` then waits ~12 s for the cleaner to stop. Measured:
-    a 3-step fit went from 24 s to 11 s without it (2 cores, embedded Ray). Ray itself frees the placement groups of a
-    finished job, so on a local Ray the cleaner buys nothing.
+    poll time out after 10 s, and each ``fit`` then waits for the cleaner's own timeout to stop it:
+    a fixed cost of seconds per run (BENCHMARKS.md, "Ray Train's fixed cost per fit"). Ray itself
+    frees the placement groups of a finished job, so on a local Ray the cleaner buys nothing.
     """
     if os.environ.get("STELE_RAY_STATE_API", "1") != "0":
         return base

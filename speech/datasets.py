@@ -1,41 +1,22 @@
 """Audio datasets: recordings with transcripts, and image-text sets turned into speech.
 
-``audio_folder``: audio files under ``root`` plus a transcript file, in one of these formats:
-
-* CSV or TSV with a header row naming ``file_column`` and ``text_column``; JSON lines whose
-  ``text_column`` is a string or a list of strings. Rows naming the same file add texts to it::
-
-      file,text                                {"file": "a.wav", "text": ["hello", "hallo"]}
-      clips/a.wav,hello there
-
-* CMU Sphinx ``transcription`` files (the format of Sphinx's test and training sets), one utterance a
-  line, the text optionally between ``<s>`` and ``</s>``, the file id in parentheses at the end::
-
-      <s> he was not an ill disposed young man </s> (sense_and_sensibility_01_austen_64kb-0880)
-      <s> ten of clubs  </s> (001)
-
-  The file id is the audio path relative to ``root`` without its extension: ``<root>/<fileid>.wav``
-  (``extension``). A transcript named ``transcription`` or ``*.transcription`` (CMU's
-  ``cards.transcription``) is read as Sphinx, and is found by itself when ``transcripts`` is not given.
-
-``hf_audio``: a Hugging Face ``datasets`` table saved with ``save_to_disk`` (or a Hub name, which
-fails at once under ``HF_HUB_OFFLINE=1``). The audio column holds
-encoded files (raw bytes, or ``{"bytes": ..., "path": ...}`` as the ``Audio()`` feature stores them) or
-decoded samples (a list of numbers, with a ``sampling_rate`` column or parameter; or ``{"array": ...,
-"sampling_rate": ...}``). ``Audio()`` decoding needs torchcodec and FFmpeg (DESIGN.md, known traps), so
-it is never used: rows are read in Arrow form, which hands over the stored bytes undecoded, and the
-speech stage decodes them with soundfile.
-
-``spoken_captions``: any other dataset (``base: {type: emoji, path: ...}``), its captions spoken by
-espeak-ng (:mod:`speech.tts`). Each caption becomes one audio item ``<base id>#<k>`` whose meta
-names the base item (``base_id``, ``base_media``, ``base_type``), so image and speech features can be
-joined later. Listing only writes down what to say; synthesis happens in ``load``, inside the Ray Data
-workers, and is deterministic (same caption and parameters, same samples).
+* ``audio_folder`` (:class:`AudioFolder`): audio files under ``root`` plus a transcript file: CSV or
+  TSV with a header, JSON lines (a text or a list of texts per file), or CMU Sphinx
+  ``transcription`` files (the format of Sphinx's test and training sets).
+* ``hf_audio`` (:class:`HFAudio`): a Hugging Face ``datasets`` table of encoded files or decoded
+  samples. ``Audio()`` decoding is never used, since it needs torchcodec and a system FFmpeg: rows
+  are read in Arrow form, which hands the stored bytes over undecoded, and the speech stage decodes
+  them with soundfile.
+* ``spoken_captions`` (:class:`SpokenCaptions`): any other dataset's captions spoken by espeak-ng
+  (:mod:`speech.tts`), one audio item per caption whose meta names its base item, so image and
+  speech features can be joined later. Listing only writes down what to say; synthesis happens in
+  ``load``, inside the Ray Data workers, and is deterministic (same caption and parameters, same
+  samples).
 
 Transcript files are metadata, so they are read whole; items are then streamed out in file order.
-Audio files are only checked to exist here: ``load`` returns the encoded file (or decoded samples) and
-the speech stage decodes, so every dataset shares one bad-audio path. Records that cannot become an
-item (a malformed line, a missing audio file, a repeated id) go to the quarantine with their
+Audio files are only checked to exist here: ``load`` returns the encoded file (or decoded samples)
+and the speech stage decodes, so every dataset shares one bad-audio path. Records that cannot become
+an item (a malformed line, a missing audio file, a repeated id) go to the quarantine with their
 ``file:line`` (``path[split] row i`` for tables). An empty transcript is not malformed: its item is
 listed and the feature stage records the empty text.
 """
@@ -68,6 +49,23 @@ _SPHINX_MARKS = re.compile(r"^\s*<s>|</s>\s*$")
 @dataset("audio_folder")
 class AudioFolder(MediaDataset):
     """Audio files under ``root`` named by a transcript file (CSV, TSV, JSONL or CMU Sphinx).
+
+    * CSV or TSV with a header row naming ``file_column`` and ``text_column``; JSON lines whose
+      ``text_column`` is a string or a list of strings. Rows naming the same file add texts to it::
+
+          file,text                                {"file": "a.wav", "text": ["hello", "hallo"]}
+          clips/a.wav,hello there
+
+    * CMU Sphinx ``transcription`` files, one utterance a line, the text optionally between ``<s>``
+      and ``</s>``, the file id in parentheses at the end::
+
+          <s> he was not an ill disposed young man </s> (sense_and_sensibility_01_austen_64kb-0880)
+          <s> ten of clubs  </s> (001)
+
+      The file id is the audio path relative to ``root`` without its extension:
+      ``<root>/<fileid>.wav`` (``extension``). A transcript named ``transcription`` or
+      ``*.transcription`` (CMU's ``cards.transcription``) is read as Sphinx, and is found by itself
+      when ``transcripts`` is not given.
 
     Item id = the file as the transcript writes it (the Sphinx file id, or the normalised relative
     path); texts = the transcripts of that file in file order; media = the path relative to ``root``.
@@ -165,6 +163,8 @@ class HFAudio(HFDataset):
     feature, read undecoded) or samples (a list of numbers with ``sampling_rate_column`` or
     ``sampling_rate``; or ``{"array", "sampling_rate"}``); ``text_column`` a string or a list of
     strings. Item media = the row number; item id = the ``id_column`` value, else the row number.
+    Encoded files are raw bytes or ``{"bytes": ..., "path": ...}`` as the ``Audio()`` feature stores
+    them (see the module docstring for why they are read undecoded).
     """
 
     modality: ClassVar[str] = "audio"

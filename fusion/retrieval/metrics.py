@@ -12,8 +12,8 @@ convention as the KG evaluator). mAP@10 orders tied items pessimistically (wrong
 
 Re-ranking: cross-encoders score one pair at a time, so all-pairs scoring is quadratic. The practical
 protocol ranks every candidate with a dual encoder and re-scores only the top ``k`` with the
-cross-encoder (:func:`top_candidates`, then :func:`rerank`); ``k`` and the first stage must be reported with every number, and with
-``k`` = all candidates it equals all-pairs scoring exactly.
+cross-encoder (:func:`top_candidates`, then :func:`rerank`); ``k`` and the first stage must be
+reported with every number, and with ``k`` = all candidates it equals all-pairs scoring exactly.
 """
 
 from __future__ import annotations

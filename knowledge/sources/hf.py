@@ -17,8 +17,9 @@ Mapping: each row is one triple from ``head_column``, ``relation_column``, ``tai
 turned to strings). ``Triple.split`` comes from ``split_column`` when the table has one, else from the
 dataset's own split names; ``train`` / ``validation`` (or ``valid``, ``dev``) / ``test`` map to
 train / valid / test (an empty split value: no split). A row with an empty or missing field, or
-an unknown split value, is quarantined as ``path[split] row i`` (``i`` 0-based, as in ``dataset[i]``); a whole split with an unknown name is
-quarantined once. Entities and relations are not declared: ingest names them by their ids.
+an unknown split value, is quarantined as ``path[split] row i`` (``i`` 0-based, as in
+``dataset[i]``); a whole split with an unknown name is quarantined once. Entities and relations are
+not declared: ingest names them by their ids.
 """
 
 from __future__ import annotations
