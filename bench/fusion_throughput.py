@@ -2,7 +2,7 @@
 
 Same configuration and the same random weights: the driver builds one ``transformers.LxmertModel``
 per configuration (seed 0) and saves its weights; each implementation then runs in a fresh process
-(so peak RSS is its own), loading them (stele through ``fusion.models.lxmert.load_hf_lxmert_state``), and
+(so peak RSS is its own), loading them (stele through ``fusion.models.hf_weights.load_hf_lxmert_state``), and
 times forward + backward steps in training mode (dropout on) on the same random batch: text of 20
 tokens with per-item padding (lengths 10..20), 36 regions with boxes, 2048-d features. The loss is
 the same for both: the mean squares of language_output, vision_output and pooled_output. No
@@ -90,7 +90,8 @@ def worker(spec: dict) -> dict:
     from safetensors.torch import load_file
 
     sys.path.insert(0, str(ROOT))
-    from fusion.models.lxmert import Lxmert, LxmertConfig, load_hf_lxmert_state
+    from fusion.models.hf_weights import config_from_hf, load_hf_lxmert_state
+    from fusion.models.lxmert import Lxmert
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -100,7 +101,7 @@ def worker(spec: dict) -> dict:
         model = transformers.LxmertModel(cfg)
         model.load_state_dict(state)
     else:
-        model = Lxmert(LxmertConfig.from_hf(cfg))
+        model = Lxmert(config_from_hf(cfg))
         missing, unexpected = model.load_state_dict(load_hf_lxmert_state(state), strict=False)
         assert not unexpected and all(k.startswith(("mlm_head", "region_", "itm", "text_proj", "media_proj",
                                                     "logit_scale")) for k in missing), (missing, unexpected)

@@ -12,6 +12,7 @@ wordpiece of its mention (:func:`first_wordpieces`), K-BERT injects triples afte
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,36 @@ def random_backbone(tokenizer: Any, hidden_size: int = 32, num_layers: int = 2, 
         torch.manual_seed(seed)
         model = BertModel(cfg, add_pooling_layer=False)
     return TextBackbone(model, tokenizer, "random")
+
+
+def resolve_text_sizes(config: Any, backbone: TextBackbone, checked: Sequence[str] = (),
+                       source: str = "the backbone", **derived: Any) -> Any:
+    """A fusion model's config (a dataclass) with its text stream's fields filled from ``backbone``:
+    ``hidden_size``, ``intermediate_size``, ``num_layers``, ``vocab_size``, ``mask_token_id`` (the
+    tokenizer's unless set) and ``initializer_range`` (unless set), plus ``derived``. A size the
+    config sets that the result contradicts (those four, and ``checked``) is an error."""
+    bc = backbone.model.config
+    mask_id = backbone.tokenizer.mask_token_id if config.mask_token_id is None else config.mask_token_id
+    if mask_id is None:
+        raise ValueError("the tokenizer has no mask token; MLM needs one (or set mask_token_id)")
+    out = dataclasses.replace(
+        config, hidden_size=bc.hidden_size, intermediate_size=bc.intermediate_size,
+        num_layers=bc.num_hidden_layers, vocab_size=bc.vocab_size, mask_token_id=int(mask_id),
+        initializer_range=(bc.initializer_range if config.initializer_range is None
+                           else config.initializer_range), **derived)
+    for f in ("hidden_size", "intermediate_size", "num_layers", "vocab_size", *checked):
+        asked = getattr(config, f)
+        if asked is not None and asked != getattr(out, f):
+            raise ValueError(f"config {f}={asked} but {source} gives {getattr(out, f)}")
+    return out
+
+
+def backbone_mask(config: Any, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A (B, L) padding mask in the backbone's own attention format, for calling its layers one by
+    one (bool for sdpa, additive for eager, None if no padding); ``x`` (B, L, D) its inputs."""
+    from transformers.masking_utils import create_bidirectional_mask  # lazy, as the loaders
+
+    return create_bidirectional_mask(config=config, inputs_embeds=x, attention_mask=attention_mask)
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

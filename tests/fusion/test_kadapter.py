@@ -7,10 +7,16 @@ import random
 import pytest
 import torch
 
-from fusion.models.backbone import load_backbone, random_backbone
-from fusion.models.kadapter import EntityTyper, KAdapter, KAdapterConfig, RelationClassifier, RelationExample, TypingExample, default_layers, kadapter_minilm, kadapter_tiny, relation_batch, typing_batch
+from fusion.models.backbone import TextBackbone, load_backbone, random_backbone
+from fusion.models.kadapter import EntityTyper, KAdapter, KAdapterConfig, RelationClassifier, RelationExample, TypingExample, default_layers, relation_batch, typing_batch
 
 H = 32  # the tiny backbone's hidden size
+
+
+def kadapter_tiny(backbone: TextBackbone, adapters=("factual", "lexical")) -> KAdapter:
+    """Adapter width 16, 2 heads, over a hidden-32 random backbone."""
+    return KAdapter(backbone.model, KAdapterConfig(tuple(adapters), adapter_size=16, num_heads=2,
+                                                   intermediate_size=32))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -285,8 +291,9 @@ def test_builders_count_and_skip_bad_inputs(tokenizer):
 
 def test_minilm_variant_runs_one_sentence(minilm_path):
     bb = load_backbone(str(minilm_path))
-    model = kadapter_minilm(bb).eval()
+    model = KAdapter(bb.model).eval()          # the defaults: width 128, 4 heads, feed-forward 512
     assert model.layers == (1, 4, 6) and model.cfg.adapter_size == 128
+    assert (model.cfg.num_heads, model.cfg.intermediate_size) == (4, 512)
     enc = bb.tokenizer(["Tim Cook is visiting Beijing now."], return_tensors="pt")
     features = model(enc["input_ids"], enc["attention_mask"])
     assert features.shape == (1, enc["input_ids"].shape[1], 384 * 3)

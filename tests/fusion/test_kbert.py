@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion.models.backbone import random_backbone
-from fusion.models.kbert import KBERT_VARIANTS, KBert, KBertConfig, KnowledgeLayer, TripleLookup, collate_trees, create_kbert, kbert_minilm, register_variant, visible_bias
+from fusion.models.backbone import load_backbone, random_backbone
+from fusion.models.kbert import KBert, KBertConfig, KnowledgeLayer, TripleLookup, collate_trees, visible_bias
 from fusion.models.objectives import IGNORE
 
 TEXT = "Tim Cook is visiting Beijing now"
@@ -40,6 +40,13 @@ PAPER_VISIBLE = """
     now      111..111.....11
     [SEP]    111..111.....11
 """
+
+
+def kbert_tiny(tokenizer, seed: int = 0, **config) -> KBert:
+    """A random 2-layer BERT, hidden 32, over ``tokenizer``; trees up to 64 tokens."""
+    backbone = random_backbone(tokenizer, hidden_size=32, num_layers=2, num_heads=2,
+                               intermediate_size=64, max_position=128, seed=seed)
+    return KBert(backbone, KBertConfig(**{"max_length": 64, **config}))
 
 
 def grid(table: str) -> torch.Tensor:
@@ -321,26 +328,16 @@ def test_config_checks(tokenizer, backbone):
 
 
 def test_tiny_variant(tokenizer):
-    assert set(KBERT_VARIANTS) >= {"kbert_tiny", "kbert_minilm"}
-    model = create_kbert("kbert_tiny", tokenizer=tokenizer, k=1)
+    model = kbert_tiny(tokenizer, k=1)
     assert "hidden_size=32" in repr(model) and "k=1" in repr(model)
     tree = model.knowledge_layer(TripleLookup(TRIPLES))(TEXT, MENTIONS)
     assert tree.injected == 2
     out = model.encode(collate_trees([tree]))
     assert out.hidden.shape == (1, len(tree), 32) and out.pooled.shape == (1, 32)
-    with pytest.raises(KeyError, match="kbert_tiny"):
-        create_kbert("kbert_huge")
-
-
-def test_registering_a_variant_again_warns():
-    fn = KBERT_VARIANTS["kbert_tiny"]
-    with pytest.warns(UserWarning, match="registered again"):
-        register_variant(fn)
-    assert KBERT_VARIANTS["kbert_tiny"] is fn
 
 
 def test_minilm_variant(minilm_path):
-    model = kbert_minilm(str(minilm_path)).eval()
+    model = KBert(load_backbone(str(minilm_path))).eval()   # the MLM head is new: MiniLM ships none
     layer = model.knowledge_layer(TripleLookup(TRIPLES))
     tree = layer(TEXT, MENTIONS)
     assert model.tokenizer.convert_ids_to_tokens(tree.input_ids.tolist())[:5] == [

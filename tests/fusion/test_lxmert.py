@@ -9,8 +9,12 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from fusion.models.lxmert import LXMERT_VARIANTS, Lxmert, LxmertConfig, collate_regions, create_lxmert, from_hf, hard_negative_pairs, info_nce, itm_pairs, load_hf_lxmert_state, lxmert_backbone, lxmert_tiny
-from fusion.models.objectives import IGNORE
+from fusion.models.hf_weights import config_from_hf, from_hf, load_hf_lxmert_state
+from fusion.models.layers import Attention, key_mask
+from fusion.models.hf_weights import lxmert_backbone
+from fusion.models.lxmert import Lxmert, LxmertConfig
+from fusion.models.objectives import IGNORE, hard_negative_pairs, info_nce, itm_pairs
+from fusion.models.regions import collate_regions
 
 from .cuda_checks import check_dropout_step_on_cuda, check_on_cuda, needs_cuda
 
@@ -18,6 +22,17 @@ ATOL = 1e-5
 HF_SIZES = dict(vocab_size=100, hidden_size=32, num_attention_heads=2, intermediate_size=64, l_layers=2,
                 x_layers=2, r_layers=2, visual_feat_dim=16, num_object_labels=7, num_attr_labels=5,
                 num_qa_labels=3)
+
+
+def lxmert_tiny(tokenizer=None, **config) -> Lxmert:
+    """Hidden 32, 2 heads, 2/2/2 layers, 16-d features; vocabulary and [MASK] from ``tokenizer``
+    when given."""
+    sizes = dict(vocab_size=100, hidden_size=32, num_heads=2, intermediate_size=64, l_layers=2,
+                 r_layers=2, x_layers=2, visual_feat_dim=16, max_position=128, mask_token_id=4)
+    if tokenizer is not None:
+        sizes |= dict(vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    return Lxmert(LxmertConfig(**(sizes | config)))
 
 
 def inputs(B: int = 3, L: int = 7, R: int = 5, feat: int = 16, vocab: int = 100, seed: int = 0) -> dict:
@@ -93,7 +108,7 @@ def test_key_map_covers_every_reference_parameter():
     # every reference tensor lands somewhere (query/key/value three-to-one)
     n_ref = sum(p.numel() for p in hf.parameters())
     assert sum(v.numel() for v in state.values()) == n_ref
-    model = Lxmert(LxmertConfig.from_hf(hf.config))
+    model = Lxmert(config_from_hf(hf.config))
     assert model.num_parameters(encoder_only=True) == n_ref
     # a reference with more layers than the model: the extra layer's keys are left over, not dropped
     bigger = transformers.LxmertModel(transformers.LxmertConfig(**{**HF_SIZES, "l_layers": 3}))
@@ -148,6 +163,32 @@ def test_item_without_regions_is_finite():
     b["region_mask"][1] = 0
     out = run(model, b)
     assert all(torch.isfinite(t).all() for t in out)
+
+
+@torch.no_grad()
+def test_attention_to_a_context_is_one_direction_of_both_ways():
+    """``layers.Attention`` with a context (queries from x, keys and values from y) computes one
+    half of LXMERT's shared cross-attention; the query/key/value layout with the same weights
+    (ViLBERT's) computes the same, as cross- and as self-attention."""
+    torch.manual_seed(0)
+    att = Attention(32, 2).eval()
+    x, y = torch.randn(3, 5, 32), torch.randn(3, 7, 32)
+    xm, ym = torch.ones(3, 5, dtype=torch.long), torch.ones(3, 7, dtype=torch.long)
+    xm[1, 3:] = 0
+    ym[0, 4:] = 0
+    x_to_y, y_to_x = att.both_ways(x, key_mask(xm), y, key_mask(ym))
+    torch.testing.assert_close(att(x, key_mask(ym), context=y), x_to_y, atol=1e-6, rtol=0)
+    torch.testing.assert_close(att(y, key_mask(xm), context=x), y_to_x, atol=1e-6, rtol=0)
+    split = Attention(32, 2, fused=False).eval()
+    for name, w, b in zip(("query", "key", "value"), att.qkv.weight.chunk(3), att.qkv.bias.chunk(3)):
+        getattr(split, name).weight.copy_(w)
+        getattr(split, name).bias.copy_(b)
+    split.out.load_state_dict(att.out.state_dict())
+    split.norm.load_state_dict(att.norm.state_dict())
+    torch.testing.assert_close(split(x, key_mask(ym), context=y), x_to_y, atol=1e-6, rtol=0)
+    torch.testing.assert_close(split(x, key_mask(xm)), att(x, key_mask(xm)), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="fused"):
+        Attention(32, 2, context_dim=16)
 
 
 def test_collate_regions():
@@ -301,7 +342,7 @@ def test_minilm_language_stream(minilm_path):
     from fusion.models.backbone import load_backbone, mean_pool
 
     bb = load_backbone(str(minilm_path))
-    model = LXMERT_VARIANTS["lxmert_minilm"](path=str(minilm_path), r_layers=1, x_layers=1).eval()
+    model = lxmert_backbone(bb, r_layers=1, x_layers=1, visual_feat_dim=1280, text_pool="mean").eval()
     enc = bb.tokenizer(["a cat on a red sofa", "two dogs"], padding=True, return_tensors="pt")
     with torch.no_grad():
         want = bb.model(**enc).last_hidden_state
@@ -313,19 +354,17 @@ def test_minilm_language_stream(minilm_path):
     assert model.config.text_pool == "mean" and model.config.visual_feat_dim == 1280
 
 
-def test_variants_registry_and_paper_size():
-    assert {"lxmert_paper", "lxmert_tiny", "lxmert_backbone", "lxmert_minilm"} <= set(LXMERT_VARIANTS)
+def test_paper_size():
+    """The config's defaults are the paper's model: as large as the reference's."""
     with torch.device("meta"):   # sizes only: no memory, no init time
-        paper = create_lxmert("lxmert_paper")
+        paper = Lxmert(LxmertConfig())
         ref = transformers.LxmertModel(transformers.LxmertConfig())
-        grid = create_lxmert("lxmert_paper", visual_feat_dim=1280)
+        grid = Lxmert(LxmertConfig(visual_feat_dim=1280))
     n = paper.num_parameters(encoder_only=True)
     assert n == sum(p.numel() for p in ref.parameters())
     assert 200e6 < n < 215e6
     assert (paper.config.l_layers, paper.config.r_layers, paper.config.x_layers) == (9, 5, 5)
     assert grid.visual_embedding.feat.in_features == 1280
-    with pytest.raises(KeyError, match="unknown LXMERT variant"):
-        create_lxmert("nope")
 
 
 # ------------------------------------------------------------------------------ GPU

@@ -4,7 +4,6 @@ padding masks, masking rates, training, and the MiniLM text stream against the p
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import replace
 
 import pytest
@@ -12,12 +11,37 @@ import torch
 
 from fusion.models.backbone import load_backbone, random_backbone
 from fusion.models.objectives import IGNORE
-from fusion.models.vilbert import MINILM_CONFIG, PAPER_CONFIG, VILBERT_VARIANTS, ViLBert, ViLBertConfig, collate, collate_media, create_vilbert, location_features, register_variant
+from fusion.models.regions import collate, collate_media, location_features
+from fusion.models.vilbert import MINILM_CONFIG, ViLBert, ViLBertConfig
 
 from .cuda_checks import check_dropout_step_on_cuda, check_on_cuda, needs_cuda
 
 FEAT = 16
 TEXTS = ["a dog in the city", "the cat was born in paris", "red and blue art", "music in berlin now"]
+
+
+# The paper's base model (reference config/bert_base_6layer_6conect.json): BERT-base text stream,
+# 6 visual layers at 1024, co-attention at 1024 with 8 heads, connections before text layers 6..11,
+# Faster R-CNN features (2048-d) and Visual Genome's 1600 classes + background.
+PAPER_CONFIG = ViLBertConfig(
+    feature_dim=2048, visual_hidden_size=1024, visual_heads=8, visual_intermediate_size=1024,
+    coattention_hidden_size=1024, coattention_heads=8, visual_layers=6,
+    t_biattention_id=(6, 7, 8, 9, 10, 11), v_biattention_id=(0, 1, 2, 3, 4, 5),
+    num_region_classes=1601)
+
+
+TINY_CONFIG = ViLBertConfig(
+    feature_dim=16, visual_hidden_size=32, visual_heads=2, visual_intermediate_size=64,
+    coattention_hidden_size=32, coattention_heads=2, visual_layers=1,
+    t_biattention_id=(1,), v_biattention_id=(0,))
+
+
+def vilbert_tiny(tokenizer, **config) -> ViLBert:
+    """A random 2-layer BERT (hidden 32), one connection before text layer 1, one visual layer
+    (32), 16-d features."""
+    backbone = random_backbone(tokenizer, hidden_size=32, num_layers=2, num_heads=2,
+                               intermediate_size=64, max_position=128)
+    return ViLBert(backbone, replace(TINY_CONFIG, **config))
 
 
 def se_bound(count: int, n: int, p: float, k: float = 3.0) -> bool:
@@ -42,7 +66,7 @@ def batch_of(tokenizer, **kw):
 
 def tiny(tokenizer, **config) -> ViLBert:
     torch.manual_seed(0)
-    return create_vilbert("vilbert_tiny", tokenizer=tokenizer, **config).eval()
+    return vilbert_tiny(tokenizer, **config).eval()
 
 
 def small_visual(cfg: ViLBertConfig, **kw) -> ViLBertConfig:
@@ -382,8 +406,7 @@ def mean_losses(model, batch, seeds=range(6)):
 
 def test_training_reduces_the_loss(tokenizer):
     torch.manual_seed(0)
-    model = create_vilbert("vilbert_tiny", tokenizer=tokenizer, num_region_classes=4,
-                           contrastive_weight=1.0)
+    model = vilbert_tiny(tokenizer, num_region_classes=4, contrastive_weight=1.0)
     b = batch_of(tokenizer)
     b["region_classes"] = torch.softmax(3 * torch.randn(4, b["features"].shape[1], 4), -1)
     before = mean_losses(model, b)
@@ -402,7 +425,7 @@ def test_training_reduces_the_loss(tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
-# backbone reuse, registry
+# backbone reuse, MiniLM
 
 
 def test_backbone_weights_kept_and_copied(backbone, tokenizer):
@@ -429,25 +452,8 @@ def test_text_stream_is_the_backbone_before_the_first_connection(backbone, token
         torch.testing.assert_close(alone[i][real], want[i][real], atol=1e-5, rtol=0)
 
 
-def test_registry(tokenizer):
-    assert {"vilbert_tiny", "vilbert_minilm", "vilbert_paper"} <= set(VILBERT_VARIANTS)
-    with pytest.raises(KeyError, match="vilbert_tiny"):
-        create_vilbert("nope")
-    original = VILBERT_VARIANTS["vilbert_tiny"]
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-
-            @register_variant
-            def vilbert_tiny(**kw):  # noqa: F811 (re-registering on purpose)
-                return original(**kw)
-        assert any("registered again" in str(w.message) for w in caught)
-    finally:
-        VILBERT_VARIANTS["vilbert_tiny"] = original
-
-
 def test_minilm_variant(minilm_path):
-    model = create_vilbert("vilbert_minilm", feature_dim=FEAT, path=str(minilm_path)).eval()
+    model = ViLBert(load_backbone(str(minilm_path)), replace(MINILM_CONFIG, feature_dim=FEAT)).eval()
     c = model.config
     assert (c.hidden_size, c.num_layers, c.visual_hidden_size, c.visual_layers) == (384, 6, 512, 3)
     assert c.t_biattention_id == (3, 4, 5) and c.v_biattention_id == (0, 1, 2)
