@@ -2,13 +2,13 @@
 
 The public API for writing stages::
 
-    from pipeline import stage, StageContext
+    from pipeline import Input, StageContext, stage
 """
 
 from .context import StageContext
 from .errors import SpecError, StageFailed, SteleError, StoreError
-from .registry import REGISTRY, Resources, StageType, stage
+from .registry import REGISTRY, Input, Resources, StageType, stage
 from .store import Artifact, ArtifactStore
 
-__all__ = ["REGISTRY", "Artifact", "ArtifactStore", "Resources", "SpecError", "StageContext",
+__all__ = ["REGISTRY", "Artifact", "ArtifactStore", "Input", "Resources", "SpecError", "StageContext",
            "StageFailed", "StageType", "SteleError", "StoreError", "stage"]

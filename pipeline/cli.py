@@ -1,4 +1,6 @@
-"""``stele`` command line: run, plan, stages, datasets, show, report, eval, demo.
+"""``stele`` command line: run, plan, stages, datasets, show, report, demo, and packages' commands.
+
+Packages contribute commands (stele's own ``eval``) through the ``stele.commands`` entry points.
 
 Exit codes: 0 success; 1 a stage failed; 2 bad input (spec, override, unknown artifact), nothing ran;
 130 interrupted.
@@ -56,9 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="artifact store (default: $STELE_STORE, the pipeline's store:, "
                    "or ./stele-store)")
     p.add_argument("--out", help="where to write the page (default <store>/reports/<run-id>.html)")
-    from fusion.retrieval.cli import add_eval_parser  # `stele eval retrieval`: the stage's protocol
+    from .commands import add_command_parsers, failed_plugins  # the ones packages contribute
 
-    add_eval_parser(sub)
+    add_command_parsers(sub, reserved=set(sub.choices))
+    ap.epilog = failed_plugins() or None
     return ap
 
 
@@ -93,10 +96,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return _stages(args.name, console)
     if args.cmd == "datasets":
         return _datasets(args.name, console)
-    if args.cmd == "eval":
-        from fusion.retrieval.cli import eval_command
-
-        return eval_command(args, console)
+    if getattr(args, "stele_command", None) is not None:  # a command a package contributes
+        return args.stele_command.run(args, console)
     if args.cmd == "report":
         from .report import report_command
 
@@ -180,6 +181,21 @@ def _stages(name: str | None, console: Console) -> int:
             console.print(f"  {st.description}", highlight=False)
         if st.params.model_fields:
             console.print(_param_table(st.parameters()))
+        if st.inputs is None:  # a type written before input roles were declared
+            console.print("  [dim]input roles: not declared (not checked before a run)[/]")
+        elif not st.inputs:
+            console.print("  [dim]input roles: none (takes no inputs)[/]")
+        else:
+            from rich.markup import escape
+
+            t = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
+            for col in ("  input role", "takes", "", "description"):
+                t.add_column(col, no_wrap=col != "description")
+            for r in st.input_roles():
+                t.add_row(f"  {r['role']}", " | ".join(r["takes"]) or "any",
+                          "[bold]required[/]" if r["required"] else "optional",
+                          escape(r["description"]))
+            console.print(t)
     for plugin, error in REGISTRY.plugin_errors.items():
         console.print(f"[red]plugin failed to load:[/] {plugin}: {error}")
     return 0

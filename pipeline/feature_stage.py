@@ -27,7 +27,7 @@ class FeatureStageParams(BaseModel):
     modality_hint: ClassVar[str] = ""  # appended to the wrong-modality error
 
     dataset: SerializeAsAny[MediaDataset] = Field(
-        description="a media dataset: {type: emoji, path: ...}; types: `stele datasets`")
+        description="a media dataset: {type: <dataset type>, ...}; types: `stele datasets`")
     batch_size: int = Field(default=32, ge=1)
     actors: int | Literal["auto"] = Field(
         default="auto", description="Ray Data actors, each with its own model; auto: one per GPU "

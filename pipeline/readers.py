@@ -1,10 +1,10 @@
 """The one line reader: text files line by line, what cannot be read goes to the quarantine.
 
-Every reader of user text files (knowledge sources, the entity linker's documents, media datasets'
-caption files) goes through :func:`read_lines`, so they all treat bytes the same way: UTF-8, gzip
-by the ``.gz`` suffix, a byte-order mark at the start of the file dropped (spreadsheet exports
-write one; left in, it would become part of the first id), an undecodable line quarantined with its
-``file:line`` while the rest of the file is still read. :func:`json_objects` adds the JSON-lines
+Every reader of user text files (graph sources, documents, media datasets' caption files) goes
+through :func:`read_lines`, so they all treat bytes the same way: UTF-8, gzip by the ``.gz``
+suffix, a byte-order mark at the start of the file dropped (spreadsheet exports write one; left in,
+it would become part of the first id), an undecodable line quarantined with its ``file:line``
+while the rest of the file is still read. :func:`json_objects` adds the JSON-lines
 layer (one object per line) on top.
 """
 

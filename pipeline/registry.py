@@ -6,12 +6,24 @@ A stage type is one function registered under a dotted name::
         model: str = "transe"
         dim: int = 100
 
-    @stage("knowledge.embed", version="1", cpus=1)
+    @stage("acme.embed", version="1", cpus=1)
     def embed(ctx: StageContext, params: EmbedParams) -> dict | None:
         ...  # read ctx.inputs, write into ctx.out, return metrics
 
 The parameter model is taken from the annotation of the second argument. ``version`` is part of every
 artifact key of the type: bump it when the code changes what the stage writes.
+
+``inputs`` declares the type's input roles, part of its contract: the role a pipeline names in
+``inputs: {role: stage}``, the stage types whose artifacts it takes, whether it is required::
+
+    @stage("acme.score", inputs={
+        "model": Input("acme.train", "the trained model to score with"),
+        "items": Input(("acme.images", "acme.sounds"), "what to score", required=False)})
+
+``stele plan`` and ``stele run`` check every stage's inputs against it before anything starts
+(unknown role, missing required role, an upstream stage of a type the role does not take); the
+engine compares type names only. ``inputs={}``: the type takes no input. Left out (``None``): the
+roles are not declared and not checked (stage types written before roles were declared).
 
 Packages (stele's own included) make their stage types known through the ``stele.stages`` entry-point
 group; an entry point names a module that registers its stages when imported. Keep heavy imports (torch,
@@ -26,6 +38,7 @@ import inspect
 import types
 import typing
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, TypeVar
 
@@ -52,6 +65,37 @@ class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _valid_type_name(name: str) -> bool:
+    return bool(name) and all(part.isidentifier() for part in name.split("."))
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input role of a stage type (see ``inputs`` in the module docstring).
+
+    ``takes``: the stage type(s) whose artifacts the role accepts, by name (``"acme.images"`` or
+    a tuple of names; an empty tuple: any type). ``help``: one line for ``stele stages``.
+    ``required``: a pipeline that leaves the role out is rejected before anything runs.
+    """
+
+    takes: str | tuple[str, ...]
+    help: str = ""
+    required: bool = True
+
+    def __post_init__(self) -> None:
+        takes = (self.takes,) if isinstance(self.takes, str) else tuple(self.takes)
+        for t in takes:
+            if not isinstance(t, str) or not _valid_type_name(t):
+                raise ValueError(f"Input takes stage type names (dotted identifiers), got {t!r}")
+        object.__setattr__(self, "takes", takes)
+
+    def accepts(self, type_name: str) -> bool:
+        return not self.takes or type_name in self.takes
+
+    def describe_takes(self) -> str:
+        return " | ".join(self.takes) or "any"
+
+
 @dataclass(frozen=True)
 class StageType:
     name: str
@@ -66,6 +110,8 @@ class StageType:
     # The metrics a run summary shows for this type, in order (fnmatch patterns: ``loss_*_last10``);
     # empty: the first few scalar metrics. Every metric stays in the manifest and the report.
     headline: tuple[str, ...] = ()
+    # Input roles (role -> Input), checked before a pipeline runs; None: not declared, not checked.
+    inputs: dict[str, Input] | None = None
 
     @property
     def qualname(self) -> str:
@@ -73,6 +119,12 @@ class StageType:
 
     def parameters(self) -> list[dict[str, Any]]:
         return model_parameters(self.params)
+
+    def input_roles(self) -> list[dict[str, Any]]:
+        """Role, accepted types, required or not and description of each input, for
+        ``stele stages`` (empty when the type takes no input or declares none: see ``inputs``)."""
+        return [{"role": role, "takes": list(i.takes), "required": i.required,
+                 "description": i.help} for role, i in (self.inputs or {}).items()]
 
 
 def type_name(ann: Any) -> str:
@@ -185,19 +237,35 @@ def _params_model(fn: Callable[..., Any]) -> type[BaseModel]:
     return model
 
 
+def _input_roles(name: str, inputs: Mapping[str, Input] | None) -> dict[str, Input] | None:
+    if inputs is None:
+        return None
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"stage type {name!r}: inputs is a mapping role -> Input, got {inputs!r}")
+    for role, spec in inputs.items():
+        if not isinstance(role, str) or not role.isidentifier():
+            raise ValueError(f"stage type {name!r}: input role {role!r} must be an identifier")
+        if not isinstance(spec, Input):
+            raise TypeError(f"stage type {name!r}: input role {role!r} must be an Input(...), "
+                            f"got {spec!r}")
+    return dict(inputs)
+
+
 def stage(name: str, *, version: str = "1", cpus: float = 1.0, gpus: float = 0.0,
           pool: str | None = None, fingerprint: Callable[[Any], Any] | None = None,
-          headline: tuple[str, ...] = (), registry: Registry | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+          headline: tuple[str, ...] = (), inputs: Mapping[str, Input] | None = None,
+          registry: Registry | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(ctx, params)`` as stage type ``name`` (see the module docstring)."""
-    if not name or any(not part.isidentifier() for part in name.split(".")):
-        raise ValueError(f"stage type name {name!r} must be dotted identifiers, e.g. 'knowledge.embed'")
+    if not _valid_type_name(name):
+        raise ValueError(f"stage type name {name!r} must be dotted identifiers, e.g. 'acme.embed'")
+    roles = _input_roles(name, inputs)
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         doc = inspect.getdoc(fn) or ""
         st = StageType(
             name=name, fn=fn, params=_params_model(fn), version=str(version),
             resources=Resources(cpus=cpus, gpus=gpus, pool=pool), description=" ".join(doc.split("\n\n")[0].split()),
-            fingerprint=fingerprint, headline=tuple(headline))
+            fingerprint=fingerprint, headline=tuple(headline), inputs=roles)
         (registry or REGISTRY).register(name, st)
         return fn
 

@@ -6,19 +6,23 @@ A pipeline file::
     store: ./stele-store             # optional; relative to this file; --store / STELE_STORE override
     stages:
       ingest:
-        uses: knowledge.ingest       # a registered stage type
+        uses: acme.ingest            # a registered stage type
         # (`!path data/x.tsv` is a path relative to this file)
         with: {sources: [...]}       # its parameters, validated by the type's pydantic model
       embed:
-        uses: knowledge.embed
-        inputs: [ingest]             # upstream stage names (or a mapping role -> stage name)
+        uses: acme.embed
+        inputs: {data: ingest}       # role -> upstream stage ([ingest]: the name is the role)
         resources: {cpus: 0, gpus: 1}
     pools: {train: 1}                # optional: at most one stage of pool `train` at a time
 
-A stage's ``resources`` override its type's defaults field by field (``fusion.pretrain`` defaults to
-``{cpus: 0, pool: train}``); pools no pipeline caps are unlimited.
+A stage's ``resources`` override its type's defaults field by field (a training stage type may
+default to ``{cpus: 0, pool: train}``); pools no pipeline caps are unlimited.
 
 Every error names the file, the line and the field (``demo.yaml:12: stages.embed.with.dim: ...``).
+Inputs are checked against the input roles each stage type declares (``stele stages`` lists them):
+an unknown role, a missing required role, or an upstream stage of a type the role does not take is
+an error before anything runs, every such mistake of the file at once. In the list form
+(``inputs: [a, b]``) each upstream stage's name is also its role.
 ``--set stage.param=value`` overrides parameters; the value is read as YAML (``3`` is an int,
 ``[a, b]`` a list) and nested parameters use more dots (``--set embed.optimizer.lr=0.01``).
 """
@@ -26,6 +30,7 @@ Every error names the file, the line and the field (``demo.yaml:12: stages.embed
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import graphlib
 import os
 import re
@@ -37,7 +42,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from .errors import SpecError
-from .registry import REGISTRY, Registry, Resources, StageType
+from .registry import REGISTRY, Input, Registry, Resources, StageType
 
 _STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 SET_FILE = "--set"
@@ -225,6 +230,67 @@ class _Locator:
         return SpecError(message, file=self.file, field=_dotted(path) or None)
 
 
+class SpecErrors(SpecError):
+    """Several mistakes found together: one ``file:line: field: message`` line each; ``file``,
+    ``line``, ``field`` and ``message`` are the first one's."""
+
+    def __init__(self, errors: list[SpecError]):
+        self.errors = errors
+        first = errors[0]
+        super().__init__(first.message, file=first.file, line=first.line, field=first.field)
+
+    def __str__(self) -> str:
+        return "\n".join(SpecError.__str__(e) for e in self.errors)
+
+
+def _roles_line(st: StageType) -> str:
+    roles = st.inputs or {}
+    if not roles:
+        return f"{st.name} takes no inputs"
+    return f"roles of {st.name}: " + ", ".join(
+        f"{r} ({i.describe_takes()}{'' if i.required else ', optional'})" for r, i in roles.items())
+
+
+def _check_roles(name: str, listed: list[str] | None, roles: dict[str, str],
+                 types: dict[str, StageType], loc: _Locator) -> list[SpecError]:
+    """The stage's inputs against the roles its type declares (nothing to check when it declares
+    none). Only stage type names are compared: the engine knows no domain."""
+    st = types[name]
+    if st.inputs is None:
+        return []
+    declared: dict[str, Input] = st.inputs
+    errors, suggested = [], set()
+    for role, up in roles.items():
+        where = ("stages", name, "inputs", listed.index(up) if listed is not None else role)
+        up_type = types[up].name
+        spec = declared.get(role)
+        if spec is None:
+            close = difflib.get_close_matches(role, list(declared), n=1)
+            if not close:  # a free role that takes the upstream's type is the likely meaning
+                close = [r for r, d in declared.items() if r not in roles and d.accepts(up_type)][:1]
+            suggested.update(close)
+            if listed is not None:
+                hint = (f"name the role: inputs: {{{close[0]}: {up}}}" if close
+                        else _roles_line(st))
+                msg = (f"unknown input role {role!r} of {st.name} (in a list, the stage's name is "
+                       f"its role); {hint}")
+            else:
+                msg = f"unknown input role {role!r} of {st.name}"
+                if close:
+                    msg += f" (did you mean {close[0]!r}?)"
+                msg += f"; {_roles_line(st)}"
+            errors.append(loc.error(where, msg))
+        elif not spec.accepts(up_type):
+            errors.append(loc.error(where, f"input role {role!r} of {st.name} takes "
+                                           f"{spec.describe_takes()}; stage {up!r} is {up_type}"))
+    for role, spec in declared.items():
+        if spec.required and role not in roles and role not in suggested:
+            msg = f"missing required input role {role!r} of {st.name} (takes {spec.describe_takes()})"
+            errors.append(loc.error(("stages", name, "inputs"),
+                                    msg + (f": {spec.help}" if spec.help else "")))
+    return errors
+
+
 def _pydantic_error(loc: _Locator, base: tuple, err: ValidationError, what: str,
                     model: type[BaseModel] | None = None) -> SpecError:
     e = err.errors()[0]
@@ -331,6 +397,13 @@ def parse_pipeline(text: str, *, file: str = "<string>", overrides: list[str] | 
         cycle = e.args[1]
         raise loc.error(("stages", cycle[0], "inputs"),
                         "cycle in stage inputs: " + " -> ".join(cycle)) from None
+
+    # Input roles, as each stage type declares them: every mistake of the file at once.
+    role_errors = [e for name, s in spec.stages.items()
+                   for e in _check_roles(name, None if isinstance(s.inputs, dict) else s.inputs,
+                                         inputs[name], types, loc)]
+    if role_errors:
+        raise (role_errors[0] if len(role_errors) == 1 else SpecErrors(role_errors))
 
     # Parameters, validated by each type's own model.
     stages: dict[str, Stage] = {}

@@ -42,7 +42,7 @@ def _fingerprint(params: SnapshotParams) -> str:
     return files_fingerprint(_listing(params), root=Path(params.path))
 
 
-@stage("core.snapshot", version="1", fingerprint=_fingerprint)
+@stage("core.snapshot", version="1", fingerprint=_fingerprint, inputs={})
 def snapshot(ctx: StageContext, params: SnapshotParams) -> dict:
     """Copy local files into the store, with SHA-256 checksums, so downstream stages (and other
     nodes of a cluster) read a frozen copy, and edited files re-run everything that used them."""

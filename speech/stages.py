@@ -125,7 +125,7 @@ class AudioFeaturizeActor:
 
 
 @stage("speech.features", version="2", cpus=0, fingerprint=_fingerprint,
-       headline=("items", "rejected", "regions_per_item", "audio_seconds", "items_per_s"))
+       headline=("items", "rejected", "regions_per_item", "audio_seconds", "items_per_s"), inputs={})
 def features(ctx: StageContext, params: SpeechFeaturesParams) -> dict:
     """Log-mel or wav2vec2/HuBERT frame features of an audio dataset, with time spans, on Ray Data."""
     resampled: dict[int, int] = {}

@@ -279,21 +279,13 @@ def _recipe_options(src: EncoderSource) -> Any:
 
 
 def _pretrained(src: EncoderSource, resources: dict[str, Any]) -> Any:
-    """The recipe's pretraining model, rebuilt by the recipe's own ``build`` and loaded from the
-    artifact (safetensors' ``load_model`` restores tied weights such as the MLM decoder)."""
-    from safetensors.torch import load_model
+    """The recipe's pretraining model, as every consumer of a pretrain artifact rebuilds it."""
+    from fusion.pretrain.loop import build_pretrained
 
-    from fusion.pretrain import recipes  # noqa: F401 - registers the built-in recipes
-    from fusion.pretrain.loop import RECIPES
-
-    rec = RECIPES.get(src.recipe)()
-    model = rec.build(src.backbone, resources, _recipe_options(src))
-    missing, unexpected = load_model(model, str(src.path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise StageFailed(f"fusion.finetune: {src.path}/model.safetensors does not fit recipe "
-                          f"{src.recipe!r} with options {src.options}: missing {sorted(missing)[:5]}, "
-                          f"unexpected {sorted(unexpected)[:5]}")
-    return model
+    try:
+        return build_pretrained(src.path, src.backbone, resources)[2]
+    except StageFailed as e:
+        raise StageFailed(f"fusion.finetune: {e}") from None
 
 
 @span_encoder("plain")

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fusion.finetune.classifier import SpanClassifier, TrainSettings, mean_or_none, predict, train_classifier
 from fusion.finetune.encoders import EncoderSource, load_plain, span_encoder_for
 from fusion.finetune.tasks import TaskData, classification_metrics, prepare_task
-from pipeline import StageContext, StageFailed, stage
+from pipeline import Input, StageContext, StageFailed, stage
 
 
 # -------------------------------------------------------------------------------------- the stage
@@ -77,7 +77,13 @@ class FinetuneParams(BaseModel):
 
 
 @stage("fusion.finetune", version="1", cpus=1,
-       headline=("encoder", "task", "test_accuracy", "test_macro_f1", "test_examples"))
+       headline=("encoder", "task", "test_accuracy", "test_macro_f1", "test_examples"),
+       inputs={"text": Input("knowledge.link", "documents with linked mentions"),
+               "kg": Input("knowledge.ingest", "entity types and triples: the task's labels"),
+               "encoder": Input("fusion.pretrain", "the pretrained encoder (default: the "
+                                                   "backbone parameter)", required=False),
+               "entities": Input("knowledge.embed", "entity vectors, for an ERNIE encoder "
+                                                    "without its own table", required=False)})
 def finetune(ctx: StageContext, params: FinetuneParams) -> dict:
     """Fine-tune an encoder (plain backbone or a fusion.pretrain artifact) on entity typing or relation
     classification, and evaluate it on held-out entities / entity pairs."""

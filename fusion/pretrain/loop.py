@@ -204,23 +204,45 @@ class _Objective(torch.nn.Module):
         return self.model.loss(batch, self.generator)
 
 
-def load_pretrained(path: str | Path) -> tuple[Recipe, BaseModel, Any, torch.nn.Module, dict]:
-    """``(recipe, options, backbone, model in eval mode, recipe.json)`` of a ``fusion.pretrain``
-    artifact, for recipes whose model needs only the scalar resources ``recipe.json`` keeps (the
-    multimodal ones; ERNIE's entity table is loaded by ``fusion.finetune``)."""
+def build_pretrained(path: str | Path, backbone: Any, resources: dict[str, Any]
+                     ) -> tuple[Recipe, BaseModel, torch.nn.Module]:
+    """``(recipe, options, model)`` of a ``fusion.pretrain`` artifact: the model rebuilt by its
+    recipe's own ``build`` (from ``recipe.json``'s recipe and options, ``backbone`` and
+    ``resources``) and loaded from ``model.safetensors`` (every tensor, right shapes; safetensors'
+    ``load_model`` restores tied weights such as the MLM decoder). The one way every consumer of a
+    pretrain artifact gets its model back."""
     import json
 
     from safetensors.torch import load_model
 
-    from fusion.models.backbone import artifact_backbone
+    from pipeline import StageFailed
 
     path = Path(path)
     meta = json.loads((path / "recipe.json").read_text())
     rec = RECIPES.get(meta["recipe"])()
     options = rec.Options.model_validate(meta["options"])
+    model = rec.build(backbone, resources, options)
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise StageFailed(f"{path}/model.safetensors does not fit recipe {meta['recipe']!r} with "
+                          f"options {meta['options']}: missing {sorted(missing)[:5]}, "
+                          f"unexpected {sorted(unexpected)[:5]}")
+    return rec, options, model
+
+
+def load_pretrained(path: str | Path) -> tuple[Recipe, BaseModel, Any, torch.nn.Module, dict]:
+    """``(recipe, options, backbone, model in eval mode, recipe.json)`` of a ``fusion.pretrain``
+    artifact, for recipes whose model needs only the scalar resources ``recipe.json`` keeps (the
+    multimodal ones; ``fusion.finetune`` gives ERNIE its entity table through
+    :func:`build_pretrained`)."""
+    import json
+
+    from fusion.models.backbone import artifact_backbone
+
+    path = Path(path)
+    meta = json.loads((path / "recipe.json").read_text())
     backbone = artifact_backbone(path)
-    model = rec.build(backbone, meta.get("resources_meta", {}), options)
-    load_model(model, str(path / "model.safetensors"))  # strict: every tensor, right shapes
+    rec, options, model = build_pretrained(path, backbone, meta.get("resources_meta", {}))
     return rec, options, backbone, model.eval(), meta
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline import StageContext, StageFailed, stage
+from pipeline import Input, StageContext, StageFailed, stage
 from pipeline.train import ScalingParams, TrainConfig, fit
 
 
@@ -61,7 +61,16 @@ class PretrainParams(BaseModel):
 
 
 @stage("fusion.pretrain", version="3", cpus=0, pool="train",
-       headline=("recipe", "steps", "loss_total_first", "loss_total_last10", "tokens_per_s"))
+       headline=("recipe", "steps", "loss_total_first", "loss_total_last10", "tokens_per_s"),
+       # Which roles a run needs is the recipe's `needs` (checked when the stage starts).
+       inputs={"text": Input("knowledge.link", "documents with linked mentions (text recipes)",
+                             required=False),
+               "entities": Input("knowledge.embed", "entity vectors (ernie)", required=False),
+               "kg": Input("knowledge.ingest", "triples and names (kbert, kadapter)", required=False),
+               "media": Input(("vision.features", "speech.features"), "regions and captions (lxmert, "
+                              "vilbert, dual, media_*)", required=False),
+               "query_media": Input(("vision.features", "speech.features"), "the queries' features, e.g. "
+                                    "spoken captions (media_lxmert, media_dual)", required=False)})
 def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     """Pretrain a fusion encoder (ERNIE, K-BERT, K-Adapter, LXMERT, ViLBERT, a dual encoder or the plain
     backbone) with Ray Train."""

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fusion.retrieval.scorer import (DIRECTIONS, Corpus, Scorer, ScoreSettings, batches, check_dims,
                                      score_worker_cls, setup)
-from pipeline import StageContext, StageFailed, stage
+from pipeline import Input, StageContext, StageFailed, stage
 
 
 class RetrievalParams(BaseModel):
@@ -342,7 +342,14 @@ class _Thumbnails:
 
 # ----------------------------------------------------------------------------------- the stage
 @stage("fusion.retrieval", version="2", cpus=1,
-       headline=("mode", "k", "captions", "media", "text_to_media_R@1", "media_to_text_R@1", "rsum"))
+       headline=("mode", "k", "captions", "media", "text_to_media_R@1", "media_to_text_R@1", "rsum"),
+       inputs={"model": Input("fusion.pretrain", "a multimodal pretrained encoder"),
+               "media": Input(("vision.features", "speech.features"), "the items to search, with "
+                              "their captions"),
+               "first_stage": Input("fusion.pretrain", "an encoder (e.g. dual) ranking the "
+                                    "candidates before re-ranking", required=False),
+               "queries": Input(("vision.features", "speech.features"), "the query items, for a "
+                                "model with media queries", required=False)})
 def retrieval(ctx: StageContext, params: RetrievalParams) -> dict:
     """Cross-modal retrieval with a pretrained multimodal encoder: both directions, R@1/5/10, RSUM,
     median/mean rank, mAP@10; modes dual, all_pairs, rerank (k)."""

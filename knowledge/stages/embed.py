@@ -8,7 +8,7 @@ from typing import Literal
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import StageContext, StageFailed, stage
+from pipeline import Input, StageContext, StageFailed, stage
 from pipeline.train import ScalingParams, TrainConfig, fit
 
 from ..kg import KnowledgeGraph
@@ -55,7 +55,8 @@ class EmbedParams(BaseModel):
 
 
 @stage("knowledge.embed", version="1", cpus=0, pool="train",
-       headline=("best_valid_mrr", "best_epoch", "epochs", "stopped_early", "final_loss"))
+       headline=("best_valid_mrr", "best_epoch", "epochs", "stopped_early", "final_loss"),
+       inputs={"kg": Input("knowledge.ingest", "the graph to embed (train and valid triples)")})
 def embed(ctx: StageContext, params: EmbedParams) -> dict:
     """Train KG embeddings (PyG models, stele's loop) with early stopping on validation MRR."""
     from ..embed import DEFAULT_LOSS, EmbedJob, bernoulli_head_prob, train_loop_per_worker  # torch: lazily

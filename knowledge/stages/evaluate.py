@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import StageContext, StageFailed, stage
+from pipeline import Input, StageContext, StageFailed, stage
 
 HEADLINE = ("mrr", "mr", "hits@1", "hits@3", "hits@10")
 
@@ -27,7 +27,9 @@ class EvaluateParams(BaseModel):
     device: str = Field(default="auto", description="'auto' (CUDA when available), 'cpu', 'cuda:0'")
 
 
-@stage("knowledge.evaluate", version="1", cpus=1, headline=("mrr", "hits@1", "hits@10", "mr"))
+@stage("knowledge.evaluate", version="1", cpus=1, headline=("mrr", "hits@1", "hits@10", "mr"),
+       inputs={"kg": Input("knowledge.ingest", "the graph whose split triples are ranked"),
+               "model": Input("knowledge.embed", "the trained embeddings to evaluate")})
 def evaluate(ctx: StageContext, params: EvaluateParams) -> dict:
     """Rank every split triple's head and tail among all entities (filtered and raw, realistic ties):
     MRR, MR, Hits@1/3/10 overall, per side and per relation."""

@@ -47,7 +47,7 @@ def _fingerprint(params: IngestParams) -> list[Any]:
 
 
 @stage("knowledge.ingest", version="1", fingerprint=_fingerprint,
-       headline=("entities", "relations", "triples", "quarantined", "components"))
+       headline=("entities", "relations", "triples", "quarantined", "components"), inputs={})
 def ingest(ctx: StageContext, params: IngestParams) -> dict:
     """Merge knowledge sources into one KnowledgeGraph (entities, relations, split triples)."""
     graph, report = build_graph(

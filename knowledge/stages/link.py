@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline import StageContext, StageFailed, stage
+from pipeline import Input, StageContext, StageFailed, stage
 from pipeline.fingerprint import files_fingerprint, tree_files
 
 from ..kg import KnowledgeGraph
@@ -237,7 +237,9 @@ class _Writer:
 
 
 @stage("knowledge.link", version="1", fingerprint=_fingerprint,
-       headline=("documents", "mentions", "linked_entities", "ambiguous_share"))
+       headline=("documents", "mentions", "linked_entities", "ambiguous_share"),
+       inputs={"kg": Input("knowledge.ingest", "the graph whose entity names and aliases are "
+                                               "found in the text")})
 def link(ctx: StageContext, params: LinkParams) -> dict:
     """Find the KG's entity names and aliases in a text corpus (mentions with exact character
     offsets, for ERNIE-style alignment)."""

@@ -46,7 +46,9 @@ def trained(ray_local, tmp_path_factory, feature_artifact, backbone_dir) -> dict
     """One short run per recipe (module scope: Ray Train start-up is the cost)."""
     tmp = tmp_path_factory.mktemp("mm")
     runs = {}
-    for name, options, steps in (("lxmert", TINY_LXMERT, 400), ("dual", TINY_LXMERT | {"x_layers": 0}, 120),
+    # LXMERT's matching loss drops in one jump whose step depends on which items train (between
+    # 250 and 650 steps on the splits seen): 800 leaves room.
+    for name, options, steps in (("lxmert", TINY_LXMERT, 800), ("dual", TINY_LXMERT | {"x_layers": 0}, 120),
                                  ("vilbert", TINY_VILBERT, 60)):
         metrics, out = _pretrain(tmp, feature_artifact, backbone_dir, name, recipe=name,
                                  options=options, steps=steps)

@@ -1,4 +1,5 @@
-"""The `stele` console script as a user types it: run, plan, show, stages, errors, exit codes."""
+"""The `stele` console script as a user types it: run, plan, show, stages, errors, exit codes, and
+the subcommands packages contribute (``stele.commands``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import stele
+from ..conftest import make_plugin_site, stele
 
 PIPE = """\
 name: cli
@@ -81,3 +82,134 @@ def test_snapshot_stage_tracks_file_content(tmp_path: Path, plugin_env: dict[str
     missing = f"stages:\n  snap: {{uses: core.snapshot, with: {{path: {tmp_path / 'nope'}}}}}\n"
     with pytest.raises(SpecError, match=r"<string>:2: stages.snap.with: .*nope does not exist"):
         run(parse_pipeline(missing), store, live=False)  # found while planning: nothing runs
+
+
+KG_STAGES = """\
+stages:
+  kg:
+    uses: knowledge.ingest
+    with: {sources: [{type: pykeen, dataset: nations}]}
+  emb:
+    uses: knowledge.embed
+"""
+ROLE_MISTAKES = {
+    "unknown_role": ("    inputs: {graph: kg}\n",
+                     ":7: stages.emb.inputs.graph: unknown input role 'graph' of knowledge.embed "
+                     "(did you mean 'kg'?)"),
+    "missing_required_role": ("    with: {dim: 8}\n",
+                              ":5: stages.emb.inputs: missing required input role 'kg' of "
+                              "knowledge.embed (takes knowledge.ingest)"),
+    "wrong_upstream_type": ("    inputs: {kg: kg}\n  ev:\n    uses: knowledge.evaluate\n"
+                            "    inputs: {kg: kg, model: kg}\n",
+                            ":10: stages.ev.inputs.model: input role 'model' of knowledge.evaluate "
+                            "takes knowledge.embed; stage 'kg' is knowledge.ingest"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROLE_MISTAKES))
+def test_plan_checks_input_roles_before_anything_starts(case: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from pipeline.cli import main
+
+    extra, expected = ROLE_MISTAKES[case]
+    p = tmp_path / "p.yaml"
+    p.write_text(KG_STAGES + extra)
+    store = tmp_path / "store"
+    code = main(["plan", str(p), "--store", str(store)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"error: {p}{expected}" in lines[0], err
+    assert main(["run", str(p), "--store", str(store)]) == 2  # the same, before Ray starts
+    assert f"error: {p}{expected}" in capsys.readouterr().err
+    assert not store.exists()
+
+
+def test_stages_lists_input_roles(capsys: pytest.CaptureFixture) -> None:
+    from pipeline.cli import main
+
+    assert main(["stages", "knowledge.evaluate"]) == 0
+    out = capsys.readouterr().out
+    assert "input role" in out and "takes" in out
+    rows = {ln.split()[0]: ln.split() for ln in out.splitlines()
+            if ln.strip().startswith(("kg ", "model "))}
+    assert rows["kg"][1:3] == ["knowledge.ingest", "required"], out
+    assert rows["model"][1:3] == ["knowledge.embed", "required"], out
+    assert main(["stages", "knowledge.embed"]) == 0
+    out = capsys.readouterr().out
+    assert any(ln.split()[:3] == ["kg", "knowledge.ingest", "required"]
+               for ln in out.splitlines()), out
+    assert main(["stages", "fusion.retrieval"]) == 0
+    out = capsys.readouterr().out
+    assert any(ln.split()[:5] == ["first_stage", "fusion.pretrain", "optional", "an", "encoder"]
+               for ln in out.splitlines()), out
+    assert main(["stages", "knowledge.ingest"]) == 0
+    assert "input roles: none" in capsys.readouterr().out
+
+
+def _help(main, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines by terminal width
+
+
+def test_a_registered_command_is_a_subcommand(tmp_path: Path, monkeypatch, capsys) -> None:
+    from pipeline.cli import main
+    from pipeline.commands import COMMANDS, command
+
+    COMMANDS.load_plugins()
+    monkeypatch.setattr(COMMANDS, "types", dict(COMMANDS.types))
+
+    @command("hello", help="say hello (a test command)")
+    class Hello:
+        def add_arguments(self, parser) -> None:
+            parser.add_argument("--name", default="world")
+            parser.add_argument("--fail", action="store_true")
+
+        def run(self, args, console) -> int:
+            console.print(f"hello {args.name}")
+            return 3 if args.fail else 0
+
+    @command("report", help="a plugin may not take a built-in's name")
+    class Report:
+        def add_arguments(self, parser) -> None:
+            pass
+
+        def run(self, args, console) -> int:
+            raise AssertionError("the built-in report command must run")
+
+    assert isinstance(COMMANDS.types["hello"], Hello) and COMMANDS.types["hello"].name == "hello"
+    shown = _help(main, capsys)
+    assert "hello say hello (a test command)" in shown and "eval evaluate artifacts" in shown
+    assert "a plugin may not take" not in shown
+    assert main(["hello", "--name", "stele"]) == 0
+    assert capsys.readouterr().out == "hello stele\n"
+    assert main(["hello", "--fail"]) == 3
+    with pytest.raises(SystemExit) as e:
+        main(["hello", "--nope"])
+    assert e.value.code == 2
+    capsys.readouterr()
+    assert main(["report", "--store", str(tmp_path / "empty")]) == 2  # the built-in: no runs
+    assert "no runs recorded" in capsys.readouterr().err
+
+
+def test_a_command_plugin_that_fails_to_import_does_not_break_stele(tmp_path: Path, monkeypatch,
+                                                                     capsys) -> None:
+    from pipeline.cli import main
+    from pipeline.commands import COMMANDS
+
+    (tmp_path / "broken_cmd.py").write_text("raise ImportError('missing dependency')\n")
+    site = make_plugin_site(tmp_path, tmp_path / "broken_cmd.py", name="broken_cmd",
+                            group="stele.commands")
+    monkeypatch.syspath_prepend(str(site))
+    COMMANDS.load_plugins()
+    monkeypatch.setattr(COMMANDS, "plugin_errors", {})
+    monkeypatch.setattr(COMMANDS, "_loaded", False)
+
+    shown = _help(main, capsys)
+    assert "command plugins that failed to load: broken_cmd = broken_cmd (ImportError: missing " \
+           "dependency)" in shown
+    assert "eval evaluate artifacts" in shown  # the other packages' commands are still there
+    assert main(["report", "--store", str(tmp_path / "empty")]) == 2
+    assert "no runs recorded" in capsys.readouterr().err

@@ -120,3 +120,59 @@ def test_broken_plugin_is_reported_not_fatal(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "plugins that failed to load: broken_stele" in proc.stderr
     assert isinstance(proc, subprocess.CompletedProcess)
+
+
+def test_input_roles_are_declared_with_the_type() -> None:
+    from pipeline.registry import Input
+
+    reg = Registry(_loaded=True)
+
+    @stage("demo.reader", registry=reg, inputs={
+        "kg": Input("knowledge.ingest", "the graph"),
+        "media": Input(("vision.features", "speech.features"), "features", required=False)})
+    def reader(ctx) -> None: ...
+
+    st = reg.get("demo.reader")
+    assert st.inputs["media"].takes == ("vision.features", "speech.features")
+    assert st.inputs["kg"].takes == ("knowledge.ingest",)
+    assert st.inputs["kg"].accepts("knowledge.ingest")
+    assert not st.inputs["kg"].accepts("knowledge.link") and Input(()).accepts("anything.at_all")
+    assert st.input_roles() == [
+        {"role": "kg", "takes": ["knowledge.ingest"], "required": True, "description": "the graph"},
+        {"role": "media", "takes": ["vision.features", "speech.features"], "required": False,
+         "description": "features"}]
+    stage("demo.legacy", registry=reg)(reader)
+    assert reg.get("demo.legacy").inputs is None  # not declared: not checked
+
+
+def test_bad_input_role_declarations() -> None:
+    from pipeline.registry import Input
+
+    reg = Registry(_loaded=True)
+    with pytest.raises(ValueError, match="stage type names"):
+        Input("not a type")
+    with pytest.raises(ValueError, match="must be an identifier"):
+        stage("x.a", registry=reg, inputs={"no-dash": Input("x.b")})(lambda ctx: None)
+    with pytest.raises(TypeError, match=r"must be an Input\(...\)"):
+        stage("x.a", registry=reg, inputs={"kg": "knowledge.ingest"})(lambda ctx: None)
+    with pytest.raises(TypeError, match="mapping role -> Input"):
+        stage("x.a", registry=reg, inputs=[Input("x.b")])(lambda ctx: None)
+
+
+def test_builtin_stage_types_declare_their_input_roles() -> None:
+    """stele's own types all declare their roles, and every type a role takes exists."""
+    from pipeline.registry import REGISTRY
+
+    types = REGISTRY.all()
+    ours = ("pipeline", "knowledge", "vision", "speech", "fusion")
+    builtin = {n: st for n, st in types.items() if st.fn.__module__.split(".")[0] in ours}
+    assert {"core.snapshot", "knowledge.embed", "fusion.pretrain", "fusion.retrieval"} <= set(builtin)
+    for name, st in builtin.items():
+        assert st.inputs is not None, f"{name} declares no input roles"
+        for role, spec in st.inputs.items():
+            assert spec.help, f"{name}.{role} has no description"
+            for t in spec.takes:
+                assert t in types, f"{name}.{role} takes unknown stage type {t!r}"
+    assert builtin["knowledge.evaluate"].inputs["model"].takes == ("knowledge.embed",)
+    # a recipe's needs are checked when the stage starts: at the stage level every role is optional
+    assert not any(i.required for i in builtin["fusion.pretrain"].inputs.values())

@@ -167,3 +167,97 @@ def test_data_tag_resolves_under_stele_data_or_says_it_is_unset(tmp_path, monkey
     monkeypatch.delenv("STELE_DATA")
     with pytest.raises(SpecError, match=r"t.yaml:5: !data emoji/x: STELE_DATA is not set"):
         parse_pipeline(text, file="t.yaml")
+
+
+# ---------------------------------------------------------------------------------- input roles
+def _role_registry():
+    """Stage types with declared input roles (and one without), in a registry of their own."""
+    from pipeline.registry import Input, Registry, stage
+
+    reg = Registry(_loaded=True)
+    stage("t.source", registry=reg, inputs={})(lambda ctx: None)
+    stage("t.other", registry=reg, inputs={})(lambda ctx: None)
+    stage("t.legacy", registry=reg)(lambda ctx: None)  # roles not declared: not checked
+    stage("t.sink", registry=reg, inputs={
+        "graph": Input("t.source", "what it reads"),
+        "extra": Input(("t.source", "t.other"), "either", required=False),
+        "anything": Input((), "any type", required=False)})(lambda ctx: None)
+    return reg
+
+
+ROLES_OK = """\
+stages:
+  src: {uses: t.source}
+  oth: {uses: t.other}
+  leg: {uses: t.legacy, inputs: {whatever: src, more: oth}}
+  a: {uses: t.sink, inputs: {graph: src}}
+  b: {uses: t.sink, inputs: {graph: src, extra: oth, anything: leg}}
+  graph: {uses: t.source}
+  c: {uses: t.sink, inputs: [graph]}
+"""
+
+
+def test_declared_input_roles_accept_their_types() -> None:
+    p = parse_pipeline(ROLES_OK, file="r.yaml", registry=_role_registry())
+    assert p.stages["b"].inputs == {"graph": "src", "extra": "oth", "anything": "leg"}
+    assert p.stages["c"].inputs == {"graph": "graph"}  # a list entry is its own role
+    assert p.stages["leg"].inputs == {"whatever": "src", "more": "oth"}  # undeclared: unchecked
+
+
+ROLES_BAD = {
+    "unknown_role": ("  a: {uses: t.sink, inputs: {grph: src}}\n",
+                     "r.yaml:4: stages.a.inputs.grph: unknown input role 'grph' of t.sink (did you "
+                     "mean 'graph'?); roles of t.sink: graph (t.source), extra (t.source | t.other, "
+                     "optional), anything (any, optional)"),
+    "unknown_role_by_type": ("  a: {uses: t.sink, inputs: {kg: src}}\n",
+                             "r.yaml:4: stages.a.inputs.kg: unknown input role 'kg' of t.sink (did "
+                             "you mean 'graph'?)"),
+    "list_entry_is_its_role": ("  a: {uses: t.sink, inputs: [src]}\n",
+                               "r.yaml:4: stages.a.inputs[0]: unknown input role 'src' of t.sink (in "
+                               "a list, the stage's name is its role); name the role: "
+                               "inputs: {graph: src}"),
+    "missing_required": ("  a:\n    uses: t.sink\n    inputs: {extra: oth}\n",
+                         "r.yaml:6: stages.a.inputs: missing required input role 'graph' of t.sink "
+                         "(takes t.source): what it reads"),
+    "missing_required_no_inputs": ("  a: {uses: t.sink}\n",
+                                   "r.yaml:4: stages.a.inputs: missing required input role 'graph'"),
+    "wrong_type": ("  a: {uses: t.sink, inputs: {graph: oth}}\n",
+                   "r.yaml:4: stages.a.inputs.graph: input role 'graph' of t.sink takes t.source; "
+                   "stage 'oth' is t.other"),
+    "takes_no_inputs": ("  a: {uses: t.source, inputs: {graph: src}}\n",
+                        "r.yaml:4: stages.a.inputs.graph: unknown input role 'graph' of t.source; "
+                        "t.source takes no inputs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROLES_BAD))
+def test_input_role_mistakes_name_file_line_and_field(case: str) -> None:
+    extra, expected = ROLES_BAD[case]
+    text = "stages:\n  src: {uses: t.source}\n  oth: {uses: t.other}\n" + extra
+    with pytest.raises(SpecError) as e:
+        parse_pipeline(text, file="r.yaml", registry=_role_registry())
+    assert str(e.value).startswith(expected), str(e.value)
+    assert "\n" not in str(e.value)  # one mistake, one line
+
+
+def test_every_input_role_mistake_is_reported_at_once() -> None:
+    text = ("stages:\n  src: {uses: t.source}\n  oth: {uses: t.other}\n"
+            "  a: {uses: t.sink, inputs: {graph: oth}}\n"
+            "  b: {uses: t.sink, inputs: {grph: src}}\n"
+            "  c: {uses: t.sink}\n")
+    with pytest.raises(SpecError) as e:
+        parse_pipeline(text, file="r.yaml", registry=_role_registry())
+    lines = str(e.value).splitlines()
+    assert [ln.split(": ")[0] for ln in lines] == ["r.yaml:4", "r.yaml:5", "r.yaml:6"], lines
+    assert "stages.a.inputs.graph" in lines[0] and "stages.b.inputs.grph" in lines[1]
+    assert "stages.c.inputs: missing required input role 'graph'" in lines[2]
+    # the misspelt role of b is not reported a second time as a missing 'graph'
+    assert (e.value.file, e.value.line, e.value.field) == ("r.yaml", 4, "stages.a.inputs.graph")
+
+
+def test_shipped_pipelines_satisfy_their_input_roles(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("STELE_DATA", str(tmp_path))
+    pipelines = sorted((Path(__file__).parents[2] / "pipelines").glob("*.yaml"))
+    assert pipelines
+    for p in pipelines:
+        load_pipeline(p)  # raises on any role mistake
