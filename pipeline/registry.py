@@ -50,7 +50,7 @@ T = TypeVar("T")
 
 class Resources(BaseModel):
     """What one stage task asks Ray for. Stages that only drive Ray Data or Ray Train jobs should ask
-    for ``cpus: 0`` so the orchestrating task never starves its own workers (DESIGN.md, Ray traps)."""
+    for ``cpus: 0`` so the orchestrating task never starves its own workers."""
 
     model_config = ConfigDict(extra="forbid")
     cpus: float = 1.0
