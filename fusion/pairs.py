@@ -42,20 +42,23 @@ class MediaBank:
     @classmethod
     def load(cls, path: str | Path, ids: Sequence[str] | None = None,
              max_regions: int | None = None) -> MediaBank:
-        """The items of the feature artifact at ``path`` (those in ``ids`` only, in artifact order),
-        keeping at most ``max_regions`` regions each (the first: a global token stays)."""
+        """The items of the feature artifact at ``path``: those in ``ids``, in that order (ids without
+        features are left out), or all of them in the shards' order, keeping at most
+        ``max_regions`` regions each (the first: a global token stays). The shards' order is the
+        order the feature stage's actors finished in, which differs between runs: callers that
+        train or rank pass ``ids`` in the listing's order."""
         from pipeline.features import FeatureSet
 
         want = None if ids is None else set(ids)
-        out_ids, feats, boxes, counts = [], [], [], []
+        rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for i, f, b in FeatureSet(Path(path)):
-            if want is not None and i not in want:
-                continue
-            n = len(f) if max_regions is None else min(len(f), max_regions)
-            out_ids.append(i)
-            feats.append(f[:n])
-            boxes.append(b[:n])
-            counts.append(n)
+            if want is None or i in want:
+                n = len(f) if max_regions is None else min(len(f), max_regions)
+                rows[i] = (f[:n], b[:n])
+        out_ids = list(rows) if ids is None else [i for i in ids if i in rows]
+        feats = [rows[i][0] for i in out_ids]
+        boxes = [rows[i][1] for i in out_ids]
+        counts = [len(f) for f in feats]
         dim = FeatureSet(Path(path)).dim
         return cls(out_ids,
                    np.concatenate(feats) if feats else np.zeros((0, dim), np.float16),
@@ -101,12 +104,13 @@ class Captions:
 def load_pairs(path: str | Path, split: Split = "all", held_out_share: float = 0.0,
                split_seed: int = 0, max_regions: int | None = None,
                limit: int | None = None) -> tuple[MediaBank, Captions, dict[str, Any]]:
-    """The media of one split and their captions, plus counts for the manifest. ``limit`` keeps
-    the first N media items of the split (in artifact order)."""
+    """The media of one split and their captions, plus counts for the manifest, in the order the
+    dataset listed the items (``items.parquet``), so that two runs over the same items train and
+    rank alike. ``limit`` keeps the first N media items of the split."""
     items = pq.read_table(Path(path) / "items.parquet", columns=["id", "texts"])
     texts_of = dict(zip(items["id"].to_pylist(), items["texts"].to_pylist()))
-    featured = feature_ids(path)
-    chosen = [i for i in featured if in_split(i, split, held_out_share, split_seed)]
+    featured = set(feature_ids(path))
+    chosen = [i for i in texts_of if i in featured and in_split(i, split, held_out_share, split_seed)]
     if limit is not None:
         chosen = chosen[:limit]
     bank = MediaBank.load(path, chosen, max_regions)
@@ -140,8 +144,8 @@ def load_media_pairs(query_path: str | Path, media_path: str | Path, split: Spli
                      ) -> tuple[MediaBank, Captions, dict[str, Any]]:
     """Media queries for media items: each item of the query artifact (e.g. ``speech.features`` of
     ``spoken_captions``) whose ``meta[key]`` names an item of the media artifact (``base_id``: the
-    image whose caption was spoken) is a query for that item. The split is the *media* item's
-    (:func:`held_out`), so a held-out image's spoken captions are held out with it. Queries whose
+    image whose caption was spoken) is a query for that item. The split is the *media* item's,
+    so a held-out image's spoken captions are held out with it. Queries whose
     key is missing or names no media item with features are counted, never silently dropped."""
     import json
 

@@ -38,3 +38,21 @@ def test_bank_of_an_empty_selection(feature_artifact):
     bank = MediaBank.load(feature_artifact, ids=[])
     assert len(bank) == 0 and bank.dim == 16
     assert bank.batch([])["features"].shape == (0, 0, 16)
+
+
+def test_pairs_follow_the_listing_not_the_order_features_were_written(tmp_path):
+    """A feature stage's actors finish in any order, so its shards' row order differs between runs
+    of the same items; the pairs (what trains, what is ranked) follow items.parquet."""
+    import pyarrow.parquet as pq
+
+    art = make_feature_artifact(tmp_path / "a")
+    listed = pq.read_table(art / "items.parquet", columns=["id"])["id"].to_pylist()
+    for shard in sorted((art / "features").glob("*.parquet")):  # rows written in reverse
+        t = pq.read_table(shard)
+        pq.write_table(t.take(list(range(t.num_rows))[::-1]), shard)
+    bank, caps, _ = load_pairs(art, "all")
+    assert bank.ids == listed
+    assert caps.ids == [f"{i}#0" for i in listed]
+    assert MediaBank.load(art, ids=listed[::-1][:3]).ids == listed[::-1][:3]     # the order asked for
+    first = MediaBank.load(art, ids=listed[:1])
+    assert np.array_equal(first.features, bank.features[: first.offsets[1]])     # same rows
