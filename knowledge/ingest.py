@@ -38,6 +38,7 @@ class _Merged:
     triples: list[tuple[str, str, str, str | None, str]] = field(default_factory=list)
     implied_entities: int = 0
     implied_relations: int = 0
+    triples_by_source: list[int] = field(default_factory=list)  # accepted, in the sources' order
 
     def add_entity(self, e: Entity, src: str) -> None:
         old = self.entities.get(e.id)
@@ -69,6 +70,7 @@ def read_sources(sources: list[KnowledgeSource]) -> tuple[_Merged, dict[str, Qua
                                      e.description, list(e.types)), ns)
         for r in src.relations(q):
             merged.add_relation(Relation(f"{ns}:{r.id}", r.name or r.id), ns)
+        n = len(merged.triples)
         for t in src.triples(q):
             if t.split is not None and t.split not in SPLITS:
                 q.bad(t.where or t.head, f"unknown split {t.split!r} (expected one of {SPLITS})")
@@ -82,7 +84,26 @@ def read_sources(sources: list[KnowledgeSource]) -> tuple[_Merged, dict[str, Qua
                 merged.add_relation(Relation(r, name=t.relation), ns)
                 merged.implied_relations += 1
             merged.triples.append((h, r, tl, t.split, t.where))
+        merged.triples_by_source.append(len(merged.triples) - n)
     return merged, quarantines
+
+
+def no_triples_error(sources: list[KnowledgeSource], merged: _Merged,
+                     quarantines: dict[str, Quarantine]) -> SourceError:
+    """The error of an ingest whose graph has no triple at all, on one line: each source that gave
+    none and why (its file is empty, holds only a header, every line was quarantined: with the
+    reasons), and the triples ingest itself quarantined (held-out triples train does not know).
+    Without it the empty graph would be a success, and the run fail later in a stage that cannot
+    tell why."""
+    why = []
+    for src, n in zip(sources, merged.triples_by_source):
+        if not n:
+            why.append(f"source {src.ns!r}: {src.why_no_triples(quarantines[src.ns])}")
+    q = quarantines.get("ingest")
+    if q is not None and q.count:
+        why.append(f"ingest: all {len(merged.triples)} triple(s) quarantined ({q.reasons()})")
+    return SourceError("the knowledge graph has no triples: " + ("; ".join(why) or "no source "
+                                                                 "gave any"))
 
 
 def align(merged: _Merged, mode: str, mapping_file: str | None, q: Quarantine) -> dict[str, str]:
@@ -229,6 +250,8 @@ def build_graph(sources: list[KnowledgeSource], *, split_mode: str = "auto", val
                       f"{ent_ids[h]} {rel_ids[r]} {ent_ids[t]}")
                 keep[i] = False
         arr, codes = arr[keep], codes[keep]
+    if not len(arr):
+        raise no_triples_error(sources, merged, quarantines)
 
     graph = KnowledgeGraph(
         entities=pa.table({

@@ -151,10 +151,17 @@ def dataset(name: str):
 
 
 def build_dataset(spec: dict[str, Any]) -> MediaDataset:
-    """A validated dataset from its pipeline entry (``{type: coco, annotations: ...}``)."""
+    """A validated dataset from its pipeline entry (``{type: coco, annotations: ...}``). An
+    unknown or missing type is a ``ValueError`` (with a did-you-mean), so that inside a stage's
+    parameters it becomes a validation error of the pipeline (``file:line: field: message``,
+    exit 2)."""
     if not isinstance(spec, dict) or "type" not in spec:
         raise ValueError("a dataset needs a 'type:' (see `stele datasets`)")
-    return DATASETS.get(spec["type"]).model_validate(spec)
+    try:
+        cls = DATASETS.get(spec["type"])
+    except KeyError as e:
+        raise ValueError(f"{e.args[0]}; see `stele datasets`") from None
+    return cls.model_validate(spec)
 
 
 def read_media(path: Path, kind: str) -> bytes:

@@ -75,6 +75,11 @@ class Quarantine(_Quarantine):
 
     error = SourceError
 
+    def reasons(self) -> str:
+        """The reasons of the quarantined items and how often each occurred, on one line:
+        ``'empty field(s): relation' x2, 'expected 3 columns, found 4' x1``."""
+        return ", ".join(f"{r!r} x{n}" for r, n in self.by_reason.items())
+
 
 class KnowledgeSource(BaseModel):
     """Base class of every source; subclasses add their parameters as fields."""
@@ -103,6 +108,16 @@ class KnowledgeSource(BaseModel):
 
     def triples(self, q: Quarantine) -> Iterator[Triple]:
         raise NotImplementedError
+
+    def why_no_triples(self, q: Quarantine) -> str:
+        """Why this source gave no triple, for the error of an ingest whose graph has none; ``q`` is
+        the source's quarantine. Sources that know their files better (empty, only a header)
+        override it."""
+        files = ", ".join(map(str, self.files()))
+        files = f"{files}: " if files else ""
+        if q.count:
+            return f"{files}no triples, {q.count} item(s) quarantined ({q.reasons()})"
+        return f"{files}no triples"
 
     def fingerprint(self) -> Any:
         """Content that decides the cache key besides the parameters: by default the sizes and
@@ -135,8 +150,13 @@ def source(name: str):
 
 
 def build_source(spec: dict[str, Any]) -> KnowledgeSource:
-    """A validated source from its pipeline entry (``{type: triples, path: ...}``)."""
+    """A validated source from its pipeline entry (``{type: triples, path: ...}``). An unknown
+    or missing type is a ``ValueError`` (with a did-you-mean), so that inside a stage's parameters
+    it becomes a validation error of the pipeline (``file:line: field: message``, exit 2)."""
     if not isinstance(spec, dict) or "type" not in spec:
         raise ValueError("each source needs a 'type:' (see `stele sources`)")
-    cls = SOURCES.get(spec["type"])
+    try:
+        cls = SOURCES.get(spec["type"])
+    except KeyError as e:  # a ValueError: a pipeline's validation reports it as file:line, exit 2
+        raise ValueError(f"{e.args[0]}; see `stele sources`") from None
     return cls.model_validate(spec)

@@ -36,7 +36,7 @@ from typing import Any, Literal
 from xml.etree.ElementTree import ParseError
 
 import networkx as nx
-from pydantic import PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from .base import (Entity, KnowledgeSource, Quarantine, Relation, SourceError, Triple, read_lines,
                    source)
@@ -47,14 +47,20 @@ DEFAULT_RELATION = "related_to"
 
 @source("networkx")
 class NetworkXSource(KnowledgeSource):
-    path: str | None = None
-    format: Literal["graphml", "gml", "edgelist"] | None = None
-    callable: str | None = None
-    directed: bool = True
-    relation_attr: str = "relation"
-    name_attr: str | None = None
-    description_attr: str = "description"
-    types_attr: str = "type"
+    """A networkx graph: GraphML, GML or edge-list files, or a function returning one."""
+
+    path: str | None = Field(default=None, description="GraphML / GML / edge-list file")
+    format: Literal["graphml", "gml", "edgelist"] | None = Field(
+        default=None, description="default: from the file's suffix")
+    callable: str | None = Field(default=None,
+                                 description="'package.module:function' returning a graph")
+    directed: bool = Field(default=True, description="edge lists: whether edges are directed")
+    relation_attr: str = Field(default="relation",
+                               description="edge attribute naming the relation (else related_to)")
+    name_attr: str | None = Field(default=None,
+                                  description="node attribute naming the entity (default name, label)")
+    description_attr: str = Field(default="description", description="node attribute: description")
+    types_attr: str = Field(default="type", description="node attribute: type(s)")
 
     _graph: Any = PrivateAttr(default=None)
 

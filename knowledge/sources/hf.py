@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from pydantic import Field
+
 from pipeline.datasets import hf_offline
 
 from .base import KnowledgeSource, Quarantine, SourceError, Triple, source
@@ -40,12 +42,15 @@ COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".zip"}
 
 @source("hf")
 class HFSource(KnowledgeSource):
-    path: str
-    hub_config: str | None = None
+    """A Hugging Face datasets table (local folder or files, or a Hub name) of triples."""
+
+    path: str = Field(description="save_to_disk folder, data file or folder, or a Hub dataset name")
+    hub_config: str | None = Field(default=None, description="a Hub dataset's configuration")
     head_column: str = "head"
     relation_column: str = "relation"
     tail_column: str = "tail"
-    split_column: str = "split"
+    split_column: str = Field(default="split",
+                              description="used when the table has it; else the dataset's splits")
 
     def files(self) -> list[Path]:
         p = Path(self.path)

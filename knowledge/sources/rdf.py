@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 from rdflib import RDF, RDFS, SKOS, BNode, Graph, Literal as RDFLiteral, URIRef
 from rdflib.exceptions import ParserError
 from rdflib.plugins.parsers.notation3 import BadSyntax
@@ -65,9 +65,12 @@ def local_name(iri: str) -> str:
 
 @source("rdf")
 class RDFSource(KnowledgeSource):
-    path: str
-    format: Literal["nt", "turtle"] | None = None
-    language: str = "en"
+    """RDF files (N-Triples, Turtle), parsed with rdflib; names from rdfs:label."""
+
+    path: str = Field(description=".nt / .ttl file (optionally .gz)")
+    format: Literal["nt", "turtle"] | None = Field(default=None,
+                                                   description="default: from the file's suffix")
+    language: str = Field(default="en", description="language of the names and descriptions kept")
 
     _graph: Graph | None = PrivateAttr(default=None)
 

@@ -5,8 +5,10 @@ are chosen by ``columns`` (positions for TSV/CSV without a header; names for JSO
 ``header: true``). Optional label files (``entity_labels``, ``relation_labels``: TSV ``id, name``
 and, for entities, optional further columns of aliases) give readable names.
 
-Bad rows (wrong column count, empty fields, undecodable bytes, malformed JSON) are reported with
-file and line: an error by default, counted and sampled with ``on_error: skip``.
+Bad rows (a column count other than the header's, or without a header the first row's; empty
+fields, undecodable bytes, malformed JSON) are reported with file and line: an error by default,
+counted and sampled with ``on_error: skip``. Files that give no triple at all (empty, only a header,
+every line quarantined) are named by :meth:`TriplesSource.why_no_triples` when ingest fails.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ class TriplesSource(KnowledgeSource):
     path: str | None = Field(default=None, description="one file of triples (all train unless split)")
     splits: dict[Literal["train", "valid", "test"], str] | None = Field(
         default=None, description="one file per split: {train: ..., valid: ..., test: ...}")
-    format: Literal["auto", "tsv", "csv", "jsonl"] = "auto"
+    format: Literal["auto", "tsv", "csv", "jsonl"] = Field(
+        default="auto", description="auto: from the suffix (.tsv/.txt, .csv, .jsonl/.json)")
     header: bool = Field(default=False, description="TSV/CSV: the first line names the columns")
-    columns: Columns = Columns()
+    columns: Columns = Field(default=Columns(), description="0-based positions, or names (with a "
+                                                            "header, and for JSONL)")
     entity_labels: str | None = Field(default=None, description="TSV: id, name[, alias, ...]")
     relation_labels: str | None = Field(default=None, description="TSV: id, name")
 
@@ -78,6 +82,11 @@ class TriplesSource(KnowledgeSource):
             return
         delim = "\t" if fmt == "tsv" else ","
         index: tuple[int, ...] | None = None
+        # Every row has as many columns as the header (header: true) or, without one, as the first
+        # row that can be read: a row that differs (a stray tab, a missing cell) is quarantined,
+        # not read by position as if nothing were wrong. A file whose every row has more columns
+        # than ``columns`` uses is fine.
+        width: int | None = None
         for no, line in read_lines(path, q):
             if not line.strip():
                 continue
@@ -86,15 +95,39 @@ class TriplesSource(KnowledgeSource):
             where = f"{path}:{no}"
             if self.header and index is None:
                 index = self._header_index(row, cols, where)
+                width = len(row)
                 continue
             if index is None:
                 if not all(isinstance(c, int) for c in cols):
                     raise SourceError(f"{path}: column names {cols} need header: true")
                 index = tuple(int(c) for c in cols)
+            if width is not None and len(row) != width:
+                q.bad(where, f"expected {width} columns, found {len(row)}", line)
+                continue
             if max(index) >= len(row):
                 q.bad(where, f"expected at least {max(index) + 1} columns, found {len(row)}", line)
                 continue
+            width = len(row)
             yield from self._triple([row[i] for i in index], where, split, line, q)
+
+    def why_no_triples(self, q: Quarantine) -> str:
+        """Per file: empty, only a header, or how many lines were all quarantined (and why)."""
+        parts = [(None, self.path)] if self.path else list((self.splits or {}).items())
+        out = []
+        for _, path in parts:
+            path = Path(path)
+            fmt = _format_of(path) if self.format == "auto" else self.format
+            count = Quarantine(str(path), "skip")  # undecodable lines are lines too
+            lines = sum(1 for _, line in read_lines(path, count) if line.strip()) + count.count
+            header = int(self.header and fmt != "jsonl")
+            if lines == 0:
+                out.append(f"{path}: file empty")
+            elif lines <= header:
+                out.append(f"{path}: only a header")
+            else:
+                out.append(f"{path}: all {lines - header} lines quarantined")
+        why = ", ".join(out)
+        return f"{why} ({q.reasons()})" if q.count else why
 
     @staticmethod
     def _header_index(row: list[str], cols: tuple, where: str) -> tuple[int, ...]:

@@ -37,17 +37,20 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from .base import Entity, KnowledgeSource, Quarantine, Relation, SourceError, Triple, source
 
 
 @source("wikidata")
 class WikidataSource(KnowledgeSource):
-    path: str
-    language: str = "en"
-    properties: list[str] | None = None
-    max_entities: int | None = None
+    """A Wikidata (Wikibase) JSON dump, streamed: labels, aliases, descriptions, item claims."""
+
+    path: str = Field(description="the dump (.json, .json.gz, .json.bz2)")
+    language: str = Field(default="en", description="language of labels, aliases, descriptions")
+    properties: list[str] | None = Field(default=None,
+                                         description="property ids to keep (default: all)")
+    max_entities: int | None = Field(default=None, description="stop after this many items")
 
     _reported: set = PrivateAttr(default_factory=set)
     _property_names: dict[str, str] | None = PrivateAttr(default=None)

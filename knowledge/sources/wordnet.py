@@ -72,7 +72,10 @@ def default_path() -> Path:
 
 @source("wordnet")
 class WordNetSource(KnowledgeSource):
-    path: str | None = None
+    """Princeton WordNet from its database files (WNDB): synsets, their pointers, glosses."""
+
+    path: str | None = Field(default=None, description="WNDB folder (default: $STELE_DATA/wordnet, "
+                                                       "NLTK's, /usr/share/wordnet)")
     # A field named `relations` would shadow the method, so it is `relations_` with that alias.
     relations_: Literal["all", "wn18rr"] = Field(
         default="all", alias="relations",

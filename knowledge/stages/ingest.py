@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny
 
 from pipeline import StageContext, stage
 
 from ..ingest import build_graph, plot_stats
 from ..sources.base import KnowledgeSource, build_source
+
+
+def _build_source(v: Any) -> Any:
+    """One ``sources:`` entry -> its source, validated by the source type's own model. Runs per
+    entry, so that a mistake points at the entry (``sources[1]``, ``sources[1].header``) and its
+    line: an unknown or missing type is a ``ValueError`` with a did-you-mean, and the source's own
+    validation errors keep their field, under the entry's."""
+    return build_source(v) if isinstance(v, dict) else v
+
+
+_Source = Annotated[SerializeAsAny[KnowledgeSource], BeforeValidator(_build_source)]
 
 
 class SplitParams(BaseModel):
@@ -24,8 +35,8 @@ class SplitParams(BaseModel):
 
 class IngestParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    sources: list[SerializeAsAny[KnowledgeSource]] = Field(
-        min_length=1, description="[{type: pykeen, dataset: nations}, ...]; types: README, 'Add a knowledge source'")
+    sources: list[_Source] = Field(
+        min_length=1, description="[{type: pykeen, dataset: nations}, ...]; types: `stele sources`")
     split: SplitParams = SplitParams()
     align: Literal["none", "names"] = Field(
         default="none", description="merge same-named entities of different sources")
@@ -34,19 +45,12 @@ class IngestParams(BaseModel):
         default="drop", description="duplicate triples: drop (counted in the manifest) or raise")
     on_error: Literal["raise", "skip"] = "raise"
 
-    @field_validator("sources", mode="before")
-    @classmethod
-    def _build(cls, v: Any) -> Any:
-        if not isinstance(v, list):
-            return v
-        return [build_source(s) if isinstance(s, dict) else s for s in v]
-
 
 def _fingerprint(params: IngestParams) -> list[Any]:
     return [s.fingerprint() for s in params.sources]
 
 
-@stage("knowledge.ingest", version="1", fingerprint=_fingerprint,
+@stage("knowledge.ingest", version="2", fingerprint=_fingerprint,
        headline=("entities", "relations", "triples", "quarantined", "components"), inputs={})
 def ingest(ctx: StageContext, params: IngestParams) -> dict:
     """Merge knowledge sources into one KnowledgeGraph (entities, relations, split triples)."""

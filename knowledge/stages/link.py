@@ -236,7 +236,7 @@ class _Writer:
         self.docs.close()
 
 
-@stage("knowledge.link", version="1", fingerprint=_fingerprint,
+@stage("knowledge.link", version="2", fingerprint=_fingerprint,
        headline=("documents", "mentions", "linked_entities", "ambiguous_share"),
        inputs={"kg": Input("knowledge.ingest", "the graph whose entity names and aliases are "
                                                "found in the text")})

@@ -147,3 +147,69 @@ stages:
     # A random ranking of 14 entities gives MRR ~0.23; trained TransE on Nations gets ~0.45.
     assert mrr["one"] > 0.35 and mrr["two"] > 0.35
     assert abs(mrr["one"] - mrr["two"]) < 0.08, mrr
+
+
+@pytest.mark.parametrize("content,header,why", [
+    ("", False, "kg.tsv: file empty"),
+    ("\n\n", False, "kg.tsv: file empty"),
+    ("h\tr\tt\n", True, "kg.tsv: only a header"),
+    ("a\tr\nb\t\tc\n", False,
+     "kg.tsv: all 2 lines quarantined ('expected at least 3 columns, found 2' x1, "
+     "'empty field(s): relation' x1)"),
+])
+def test_no_triples_at_all_fails_ingest_naming_the_source(tmp_path: Path, content: str,
+                                                          header: bool, why: str) -> None:
+    f = tmp_path / "kg.tsv"
+    f.write_text(content)
+    spec = {"type": "triples", "path": str(f), "header": header, "on_error": "skip",
+            **({"columns": {"head": "h", "relation": "r", "tail": "t"}} if header else {})}
+    with pytest.raises(SourceError) as e:
+        build_graph([build_source(spec)], on_error="skip")
+    msg = str(e.value)
+    assert "\n" not in msg and "no triples" in msg, msg
+    assert f"source 'triples': {tmp_path}/{why}" in msg, msg
+
+
+def test_no_triples_names_every_empty_source_and_ingest_quarantine(tmp_path: Path) -> None:
+    empty = tsv(tmp_path / "empty.tsv", [])
+    spec_empty = {"type": "triples", "path": empty, "namespace": "one"}
+    # the other source's triples are all valid ones that train does not know: ingest drops them
+    train = tsv(tmp_path / "train.tsv", [])
+    valid = tsv(tmp_path / "valid.tsv", ["a\tr\tb"])
+    spec_split = {"type": "triples", "splits": {"train": train, "valid": valid}, "namespace": "two"}
+    with pytest.raises(SourceError) as e:
+        build_graph([build_source(spec_empty), build_source(spec_split)], on_error="skip")
+    msg = str(e.value)
+    assert "\n" not in msg and "source 'one'" in msg and "empty.tsv: file empty" in msg, msg
+    assert "source 'two'" not in msg, msg  # it had triples: ingest's quarantine says where they went
+    assert "ingest: all 1 triple(s) quarantined" in msg and "valid triple uses what train" in msg, msg
+
+
+def test_one_empty_source_beside_others_is_fine(tmp_path: Path) -> None:
+    a = build_source({"type": "triples", "path": tsv(tmp_path / "a.tsv", ["a\tr\tb"]),
+                      "namespace": "a"})
+    b = build_source({"type": "triples", "path": tsv(tmp_path / "b.tsv", []), "namespace": "b"})
+    g, rep = build_graph([a, b], valid=0, test=0)
+    assert rep.stats["triples"] == 1
+
+
+def test_no_triples_from_a_plugin_source_names_it_and_its_quarantine(tmp_path: Path) -> None:
+    from knowledge.sources import KnowledgeSource
+
+    class Odd(KnowledgeSource):  # not registered: a source that quarantines everything it reads
+        name = "odd"
+
+        def triples(self, q):
+            q.bad("odd:1", "not a triple", "x")
+            yield from ()
+
+    class Quiet(KnowledgeSource):
+        name = "quiet"
+
+        def triples(self, q):
+            return iter(())
+
+    with pytest.raises(SourceError) as e:
+        build_graph([Odd(on_error="skip"), Quiet()])
+    assert str(e.value) == ("the knowledge graph has no triples: source 'odd': no triples, 1 item(s) "
+                            "quarantined ('not a triple' x1); source 'quiet': no triples")

@@ -59,7 +59,7 @@ BAD_LINES = ("a\tr\tb\n"
              ).encode() + b"\xff\xfe\tr\tb\n"    # line 4: undecodable bytes
 
 
-@pytest.mark.parametrize("line,reason", [(2, "expected at least 3 columns, found 2"),
+@pytest.mark.parametrize("line,reason", [(2, "expected 3 columns, found 2"),
                                          (3, "empty field(s): relation"),
                                          (4, "undecodable bytes")])
 def test_bad_lines_raise_with_file_and_line(tmp_path: Path, line: int, reason: str) -> None:
@@ -78,7 +78,7 @@ def test_bad_lines_skipped_are_counted_with_examples(tmp_path: Path) -> None:
                             "skip")
     assert len(triples) == 1 and q.count == 3
     assert [e["where"] for e in q.summary()["examples"]] == [f"{f}:2", f"{f}:3", f"{f}:4"]
-    assert set(q.summary()["by_reason"]) == {"expected at least 3 columns, found 2",
+    assert set(q.summary()["by_reason"]) == {"expected 3 columns, found 2",
                                              "empty field(s): relation",
                                              "undecodable bytes (invalid start byte at byte 0)"}
 
@@ -88,7 +88,8 @@ def test_missing_file_and_bad_params(tmp_path: Path) -> None:
         read(build_source({"type": "triples", "path": str(tmp_path / "nope.tsv")}))
     with pytest.raises(ValueError, match="either 'path' or 'splits'"):
         build_source({"type": "triples"})
-    with pytest.raises(KeyError, match="unknown knowledge source 'tripels'"):
+    # a ValueError, so that a pipeline's parameter validation reports it as file:line, exit 2
+    with pytest.raises(ValueError, match=r"unknown knowledge source 'tripels' \(did you mean 'triples'"):
         build_source({"type": "tripels"})
 
 
@@ -113,3 +114,57 @@ def test_countryinfo_facts() -> None:
     assert ("FRA", "capital", "city/Paris") in facts and ("FRA", "borders", "DEU") in facts
     assert ("FRA", "currency", "currency/EUR") in facts and ("DEU", "region", "region/Europe") in facts
     assert 6000 < len(triples) < 7000 and len(rels) == 7 and q.count == 0
+
+
+def test_byte_order_mark_is_not_part_of_the_first_id(tmp_path: Path) -> None:
+    f = tmp_path / "bom.tsv"  # a spreadsheet export: UTF-8 with a byte-order mark
+    f.write_bytes("\ufeffa\tr\tb\nb\tr\tc\n".encode())
+    _, _, triples, q = read(build_source({"type": "triples", "path": str(f)}))
+    assert [(t.head, t.relation, t.tail) for t in triples] == [("a", "r", "b"), ("b", "r", "c")]
+    assert q.count == 0
+    from knowledge.ingest import build_graph
+
+    g, _ = build_graph([build_source({"type": "triples", "path": str(f)})], valid=0, test=0)
+    assert g.entity_ids() == ["triples:a", "triples:b", "triples:c"]
+
+
+@pytest.mark.parametrize("header", [False, True])
+def test_a_row_with_another_column_count_is_quarantined(tmp_path: Path, header: bool) -> None:
+    f = tmp_path / "kg.tsv"
+    rows = ["a\tr\tb", "b\tr\tc\tstray", "c\tr\ta"]  # line 2 (3 with a header): a 4th column
+    f.write_text("\n".join((["h\tr\tt"] if header else []) + rows) + "\n")
+    spec = {"type": "triples", "path": str(f), "header": header,
+            **({"columns": {"head": "h", "relation": "r", "tail": "t"}} if header else {})}
+    no = 3 if header else 2
+    with pytest.raises(SourceError, match=rf"kg.tsv:{no}: expected 3 columns, found 4"):
+        read(build_source(spec))
+    _, _, triples, q = read(build_source({**spec, "on_error": "skip"}), "skip")
+    assert [(t.head, t.tail) for t in triples] == [("a", "b"), ("c", "a")]
+    assert q.summary()["by_reason"] == {"expected 3 columns, found 4": 1}
+    assert q.examples[0]["where"] == f"{f}:{no}" and q.examples[0]["text"] == "b\tr\tc\tstray"
+
+
+def test_a_row_with_fewer_columns_than_the_header_is_quarantined(tmp_path: Path) -> None:
+    f = tmp_path / "kg.csv"  # the columns used are there, but the row lacks the header's 'note'
+    f.write_text("h,r,t,note\na,r,b,x\nb,r,c\n")
+    spec = {"type": "triples", "path": str(f), "header": True, "on_error": "skip",
+            "columns": {"head": "h", "relation": "r", "tail": "t"}}
+    _, _, triples, q = read(build_source(spec), "skip")
+    assert [(t.head, t.tail) for t in triples] == [("a", "b")]
+    assert q.examples == [{"where": f"{f}:3", "reason": "expected 4 columns, found 3",
+                           "text": "b,r,c"}]
+
+
+def test_every_row_with_extra_columns_is_a_valid_file(tmp_path: Path) -> None:
+    f = tmp_path / "kg.tsv"  # a 4-column file read by position: nothing odd about it
+    f.write_text("a\tr\tb\t0.9\nb\tr\tc\t0.5\n\nc\tr\ta\t0.1\n")
+    src = build_source({"type": "triples", "path": str(f),
+                        "columns": {"head": 0, "relation": 1, "tail": 2}})
+    _, _, triples, q = read(src)
+    assert len(triples) == 3 and q.count == 0
+    g = tmp_path / "kg2.tsv"  # a first row too short to read is no reference for the others
+    g.write_text("a\tr\nb\tr\tc\t1\nc\tr\ta\t2\n")
+    _, _, triples, q = read(build_source({"type": "triples", "path": str(g), "on_error": "skip"}),
+                            "skip")
+    assert [(t.head, t.tail) for t in triples] == [("b", "c"), ("c", "a")]
+    assert q.summary()["by_reason"] == {"expected at least 3 columns, found 2": 1}
