@@ -76,8 +76,9 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console = Console(soft_wrap=True)
-    err = Console(stderr=True, soft_wrap=True)
+    # emoji=False: rich would turn ":x:" in a path, a parameter or an error message into an emoji.
+    console = Console(soft_wrap=True, emoji=False)
+    err = Console(stderr=True, soft_wrap=True, emoji=False)
     try:
         return _dispatch(args, console)
     except SteleError as e:  # bad spec, override, artifact reference: one line, nothing ran
@@ -124,6 +125,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if getattr(args, "pool", None):
         pipeline = with_pools(pipeline, args.pool)
     store = ArtifactStore(args.store or default_store_uri(pipeline.store))
+    store.check_writable()  # before Ray starts: a store that cannot be written is one line
     from .runner import plan, print_summary, run
 
     try:

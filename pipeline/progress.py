@@ -56,7 +56,7 @@ class Row:
 class RunDisplay:
     def __init__(self, rows: dict[str, Row], console: Console | None = None, live: bool | None = None):
         self.rows = rows
-        self.console = console or Console()
+        self.console = console or Console(emoji=False)
         self.live_enabled = self.console.is_terminal if live is None else live
         self._live: Live | None = None
 
@@ -83,7 +83,7 @@ class RunDisplay:
             timing = f" ({row.wall_s:.2f} s)" if row.wall_s is not None else ""
             extra = f": {note}" if note else ""
             self.console.print(f"{SYMBOLS[status]} {name} [{row.type}] {status}{timing}{extra}",
-                               style=STYLES[status], highlight=False, markup=False)
+                               style=STYLES[status], highlight=False, markup=False, emoji=False)
         self.refresh()
 
     def progress(self, snapshot: dict[str, tuple[str, int, int | None]]) -> None:

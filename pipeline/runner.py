@@ -8,6 +8,8 @@ A failing stage stops its descendants only; everything else still runs.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -111,6 +113,43 @@ def _remote_execute():
     return ray.remote(max_retries=0)(execute_stage)
 
 
+class _DeferredInterrupt:
+    """Ctrl-C during a run, acted on only where the runner's bookkeeping is whole.
+
+    Python raises ``KeyboardInterrupt`` wherever the main thread happens to be: between submitting
+    a stage to Ray and noting it as running, or just after noting that a stage finished and before
+    submitting the stages that waited on it. The run record then said ``pending`` of a stage that
+    was in flight, or of stages that were due, and nothing was ``interrupted`` (seen on a busy
+    machine: ``{'a': 'ran', 'b': 'ran', 'c': 'pending', ...}``). While a run is in the main
+    thread, SIGINT only sets a flag, and :meth:`check` raises ``KeyboardInterrupt`` at the one
+    point of the loop where every stage that was submitted is in flight: before waiting on them,
+    which the loop does every ``poll_s``. A second Ctrl-C during the clean-up changes nothing;
+    the previous handler comes back when the run ends. (Elsewhere, or under a handler of the
+    caller's own, Ctrl-C is left as it was.)"""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = None,
         until: str | None = None, console: Console | None = None, live: bool | None = None,
         poll_s: float = 0.25) -> RunResult:
@@ -144,7 +183,8 @@ def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = N
 
     started_at = now_iso()
     display = RunDisplay(rows, console=console, live=live)
-    with display:
+    ctrl_c = _DeferredInterrupt()
+    with display, ctrl_c:
         for n, o in outcomes.items():
             if o.status == "cached" and not display.live_enabled:
                 display.set(n, "cached")
@@ -166,6 +206,7 @@ def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = N
                         todo.discard(n)
                         if s.resources.pool:
                             in_pool[s.resources.pool] += 1
+                        outcomes[n].status = "running"  # before Ray has it: never in flight unseen
                         ref = remote.options(
                             num_cpus=s.resources.cpus, num_gpus=s.resources.gpus,
                             name=f"stele:{n}",
@@ -173,8 +214,10 @@ def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = N
                                  {r: planned[up].key for r, up in s.inputs.items()}, store.uri,
                                  s.resources.model_dump(), hub, planned[n].reason == "forced")
                         running[ref] = n
-                        outcomes[n].status = "running"
                         display.set(n, "running")
+                # The one place a Ctrl-C takes effect: every finished stage is recorded, every stage
+                # whose inputs are done has been submitted, every submitted one is in `running`.
+                ctrl_c.check()
                 if not running:
                     continue
                 done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
@@ -188,10 +231,19 @@ def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = N
                         display.progress(ray.get(hub.snapshot.remote(), timeout=5))
                     except Exception:  # noqa: BLE001 - the display must never fail the run
                         pass
+            ctrl_c.check()  # Ctrl-C while the last stage was noted: still an interrupted command
         except KeyboardInterrupt:
-            for ref, n in running.items():
-                ray.cancel(ref, force=True)
+            # Every stage submitted (or being submitted) and not finished: interrupted, even if
+            # cancelling fails because Ray is going down with the runner.
+            stopped = [n for n, o in outcomes.items() if o.status == "running"]
+            for n in stopped:
                 outcomes[n].status = "interrupted"
+            for ref in running:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 - Ray shuts down with the runner anyway
+                    pass
+            for n in stopped:
                 display.set(n, "failed", "interrupted")
             raise
         finally:
@@ -226,31 +278,35 @@ def _finish(outcome: Outcome, ref: Any, display: RunDisplay) -> None:
 
 
 def print_summary(result: RunResult, console: Console) -> None:
-    """What ran, what was cached, what failed and why: the stage's own error, not Ray's wrapper."""
+    """What ran, what was cached, what failed and why: the stage's own error, not Ray's wrapper.
+    Stage text is printed as it is: markup escaped and no emoji codes (``:x:`` stays ``:x:``)."""
     counts = ", ".join(f"{result.count(s)} {s}" for s in ("ran", "cached", "failed", "skipped",
                                                         "interrupted") if result.count(s))
     style = "bold green" if result.ok else "bold red"
     console.print(f"[{style}]{escape(result.pipeline)}: {counts or 'nothing to do'}[/] "
-                  f"(store {result.store}, run {result.run_id})")
+                  f"(store {escape(result.store)}, run {result.run_id})", emoji=False)
     for o in result.outcomes.values():
         if o.status in ("ran", "cached") and o.metrics:
             console.print(f"  {escape(o.name)}: {escape(_headline(o.metrics, o.type))}", style="dim",
-                          highlight=False)
+                          highlight=False, emoji=False)
     for o in result.outcomes.values():
         if o.status == "failed":
             console.print(f"[bold red]✖ {escape(o.name)}[/] {escape(f'[{o.type}]')} "
-                          f"{escape(o.error_type)}: {escape(o.error)}", highlight=False)
+                          f"{escape(o.error_type)}: {escape(o.error)}", highlight=False,
+                          emoji=False)
             if o.traceback:
                 last = [ln for ln in o.traceback.strip().splitlines() if ln.strip()]
                 frame = next((ln.strip() for ln in reversed(last) if ln.strip().startswith("File ")),
                              "")
                 if frame:
-                    console.print(f"    at {frame}", style="dim", highlight=False)
+                    console.print(f"    at {frame}", style="dim", highlight=False, markup=False,
+                                  emoji=False)
             if o.log:
-                console.print(f"    log: {o.log}", style="dim", highlight=False)
+                console.print(f"    log: {o.log}", style="dim", highlight=False, markup=False,
+                              emoji=False)
         elif o.status == "skipped":
             console.print(f"[yellow]↷ {escape(o.name)}[/] skipped: {escape(o.error)}",
-                          highlight=False)
+                          highlight=False, emoji=False)
 
 
 def _headline(metrics: dict[str, Any], type_name: str = "", limit: int = 6) -> str:

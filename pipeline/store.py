@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -81,11 +82,59 @@ class Artifact:
 class ArtifactStore:
     def __init__(self, uri: str | os.PathLike):
         self.uri = str(uri)
-        self.fs, root = fsspec.core.url_to_fs(self.uri)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.uri)
+        except ImportError as e:  # fsspec names the package: "Install s3fs to access S3"
+            why = _first_line(e)
+            package = re.search(r"\b[Ii]nstall (?:the )?([A-Za-z0-9_.\-]+)", why)
+            hint = f" (pip install {package[1]})" if package else ""
+            raise StoreError(f"store {self.uri}: {why}{hint}") from None
+        except (ValueError, OSError) as e:  # "Protocol not known: foo"; hdfs without a JVM
+            raise StoreError(f"store {self.uri}: {_first_line(e)}") from None
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = str(Path(root).resolve()) if self.local else root.rstrip("/")
         if self.local:
             self.uri = self.root
+
+    def check_writable(self) -> None:
+        """Raise :class:`StoreError` (one line naming the store) unless a run could write here: a
+        local store must be a folder, or creatable, and writable. Checked by trying (creating the
+        missing folders and a file), so that it holds for root and on special filesystems too;
+        what the check created is removed again. Remote stores are not probed (that would cost a
+        round trip and, on object stores, proves little)."""
+        if not self.local:
+            return
+        root = Path(self.root)
+        made: list[Path] = []  # folders this check created, removed again at the end
+        try:
+            if root.exists() and not root.is_dir():
+                raise StoreError(f"store {self.uri}: exists and is not a directory")
+            missing = []
+            p = root
+            while not p.exists() and p != p.parent:
+                missing.append(p)
+                p = p.parent
+            for d in reversed(missing):
+                try:
+                    d.mkdir()
+                    made.append(d)
+                except FileExistsError:  # another process made it meanwhile
+                    if not d.is_dir():
+                        raise
+                except OSError as e:
+                    raise StoreError(f"store {self.uri}: cannot create it ({e.filename}: "
+                                     f"{e.strerror or e})") from None
+            fd, probe = tempfile.mkstemp(prefix=".stele-write-check.", dir=root)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise StoreError(f"store {self.uri}: cannot write in it ({e.strerror or e})") from None
+        finally:
+            for d in reversed(made):
+                try:
+                    d.rmdir()
+                except OSError:  # someone else started using it meanwhile: leave it
+                    break
 
     # -- paths ---------------------------------------------------------------------------------
     def _join(self, *parts: str) -> str:
@@ -242,6 +291,11 @@ class ArtifactStore:
         else:  # object stores make a PUT visible all at once
             with self.fs.open(path, "w") as f:
                 f.write(text)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def _file_sizes(work: Path) -> dict[str, int]:

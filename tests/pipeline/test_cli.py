@@ -213,3 +213,80 @@ def test_a_command_plugin_that_fails_to_import_does_not_break_stele(tmp_path: Pa
     assert "eval evaluate artifacts" in shown  # the other packages' commands are still there
     assert main(["report", "--store", str(tmp_path / "empty")]) == 2
     assert "no runs recorded" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ store, console text
+def _no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test, instead of starting Ray in the test process, if a command got that far."""
+    def started(*args, **kwargs):
+        raise AssertionError("Ray started / the run began")
+
+    monkeypatch.setattr("pipeline.ray_utils.init_ray", started)
+    monkeypatch.setattr("pipeline.runner.run", started)
+
+
+@pytest.mark.parametrize("case", ["a_file", "under_a_file", "under_proc", "unknown_protocol"])
+def test_a_store_that_cannot_be_used_is_one_line_before_ray_starts(
+        case: str, tmp_path: Path, test_stages: None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    from pipeline.cli import main
+
+    _no_ray(monkeypatch)
+    p = tmp_path / "p.yaml"
+    p.write_text("stages:\n  a: {uses: test.write}\n")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    store, why = {"a_file": (str(afile), "exists and is not a directory"),
+                  "under_a_file": (str(afile / "store"), "cannot create it"),
+                  "under_proc": ("/proc/stele-no-such/store", "cannot create it"),
+                  "unknown_protocol": ("nosuchproto://bucket/stele",
+                                       "Protocol not known: nosuchproto")}[case]
+    for cmd in (["run", str(p)], ["plan", str(p)], ["demo"]):
+        code = main([*cmd, "--store", store])
+        err = capsys.readouterr().err
+        assert code == 2, (cmd, err)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: store {store}: {why}"), (cmd, err)
+    assert afile.read_text() == "x"
+
+
+def test_s3_store_without_s3fs_says_what_to_install(tmp_path: Path, test_stages: None,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    try:
+        import s3fs  # noqa: F401
+        pytest.skip("s3fs is installed")
+    except ImportError:
+        pass
+    from pipeline.cli import main
+
+    _no_ray(monkeypatch)
+    p = tmp_path / "p.yaml"
+    p.write_text("stages:\n  a: {uses: test.write}\n")
+    assert main(["run", str(p), "--store", "s3://bucket/stele"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "s3://bucket/stele" in err and "pip install s3fs" in err, err
+
+
+def test_a_creatable_store_passes_and_plan_creates_nothing(tmp_path: Path, test_stages: None,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    from pipeline.cli import main
+
+    _no_ray(monkeypatch)
+    p = tmp_path / "p.yaml"
+    p.write_text("stages:\n  a: {uses: test.write}\n")
+    assert main(["plan", str(p), "--store", str(tmp_path / "new" / "store")]) == 0
+    assert "not in store" in capsys.readouterr().out
+    assert not (tmp_path / "new").exists()
+
+
+def test_error_text_is_printed_verbatim_not_as_emoji(tmp_path: Path, test_stages: None,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    from pipeline.cli import main
+
+    p = tmp_path / "p.yaml"
+    p.write_text('stages:\n  a: {uses: "bad:x:type"}\n')
+    assert main(["plan", str(p), "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown stage type 'bad:x:type'" in err and "\u274c" not in err, err

@@ -154,3 +154,90 @@ def test_summary_headline_is_what_the_stage_type_names(test_stages: None) -> Non
     # A type that names none: its first scalar metrics (booleans are not headline numbers).
     assert _headline(metrics, "test.write", limit=2) == "hits@3=0.5, mr=3"
     assert _headline(metrics, "gone.type", limit=1) == "hits@3=0.5"  # an uninstalled type's record
+
+
+def test_summary_and_progress_lines_print_stage_text_verbatim(test_stages: None) -> None:
+    """rich would turn ``:x:`` into an emoji (and ``[b]`` into markup): stage text prints as is."""
+    from pipeline.progress import Row, RunDisplay
+    from pipeline.runner import Outcome, RunResult
+
+    outcomes = {
+        "a": Outcome("a", "test.write", "k" * 64, "failed", error_type="ValueError",
+                     error="bad value :x: in [b]col[/b]",
+                     traceback='Traceback:\n  File "/data/[v2]/:x:/s.py", line 3, in f\nValueError',
+                     log="/store/failed/:x:/log.txt"),
+        "b": Outcome("b", "test.write", "j" * 64, "skipped",
+                     error="upstream ':smile:' did not finish"),
+        "c": Outcome("c", "test.write", "i" * 64, "ran", metrics={"note": "ok :x:"}),
+    }
+    console = Console(record=True, width=200)
+    print_summary(RunResult("r1", "p:x:", "/tmp/:x:/store", outcomes), console)
+    display = RunDisplay({"a": Row("a", "test.write")}, console=console, live=False)
+    with display:
+        display.set("a", "failed", "ValueError: bad :x:")
+    text = console.export_text()
+    for s in ("bad value :x: in [b]col[/b]", 'File "/data/[v2]/:x:/s.py", line 3, in f',
+              "log: /store/failed/:x:/log.txt", "upstream ':smile:' did not finish",
+              "note=ok :x:", "p:x:: ", "store /tmp/:x:/store", "failed: ValueError: bad :x:"):
+        assert s in text, (s, text)
+    assert "\u274c" not in text and "\U0001f604" not in text
+
+
+CHAIN = """\
+name: chain
+stages:
+  a: {uses: test.write, with: {text: A, parts: 1}}
+  c: {uses: test.write, inputs: [a], with: {text: C, parts: 3, sleep: 0.3}}
+  d: {uses: test.write, inputs: [c], with: {text: D}}
+"""
+
+
+@pytest.mark.parametrize("moment", ["input_just_finished", "while_submitting"])
+def test_ctrl_c_records_every_submitted_stage_interrupted(moment: str, tmp_path: Path,
+                                                          ray_local: None, monkeypatch) -> None:
+    """Ctrl-C at the two moments a busy machine made visible (test_kill's Ctrl-C test saw
+    ``{'a': 'ran', 'b': 'ran', 'c': 'pending', ...}``): just after the runner learnt that an input
+    finished, before it submitted the stage waiting on it; and while it submitted a stage to Ray.
+    The signal is raised at exactly that point, so this does not depend on timing."""
+    import signal
+
+    from pipeline import runner as runner_mod
+
+    if moment == "input_just_finished":
+        class Display(runner_mod.RunDisplay):
+            def set(self, name: str, status: str, *args, **kwargs) -> None:
+                super().set(name, status, *args, **kwargs)
+                if (name, status) == ("a", "ran"):
+                    signal.raise_signal(signal.SIGINT)
+
+        monkeypatch.setattr(runner_mod, "RunDisplay", Display)
+    else:
+        real = runner_mod._remote_execute
+
+        class Submit:
+            def __init__(self, options) -> None:
+                self.options_ = options
+
+            def remote(self, *args):
+                ref = self.options_.remote(*args)  # Ray has the task...
+                if args[2] == "c":
+                    signal.raise_signal(signal.SIGINT)  # ...the runner has not noted it yet
+                return ref
+
+        class Remote:
+            def __init__(self) -> None:
+                self.fn = real()
+
+            def options(self, **kwargs) -> Submit:
+                return Submit(self.fn.options(**kwargs))
+
+        monkeypatch.setattr(runner_mod, "_remote_execute", Remote)
+
+    store = ArtifactStore(tmp_path / "store")
+    with pytest.raises(KeyboardInterrupt):
+        run(parse_pipeline(CHAIN), store, console=Console(record=True, width=200), live=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    record = json.loads(next((tmp_path / "store" / "runs").glob("*.json")).read_text())
+    statuses = {n: s["status"] for n, s in record["stages"].items()}
+    # a finished; c was submitted (or due: its input had finished): interrupted; d never started.
+    assert statuses == {"a": "ran", "c": "interrupted", "d": "pending"}, statuses

@@ -103,7 +103,30 @@ BAD = {
     "pool_nobody_uses": ("pools: {slwo: 1}\nstages:\n  a: {uses: test.write, resources: {pool: slow}}\n",
                          [], r"p.yaml:1: pools.slwo: no stage is in pool 'slwo'; pools the stages use: slow"),
     "not_a_mapping": ("- just\n- a list\n", [], r"p.yaml:1: a pipeline is a mapping"),
+    # Hostile or mistaken YAML: one line too, never a traceback or gigabytes of memory.
+    "duplicate_stage": ("stages:\n  a: {uses: test.write}\n  b: {uses: test.write}\n"
+                        "  a: {uses: test.typed}\n", [],
+                        r"p.yaml:4: stages.a: duplicate key 'a' (first at line 2)"),
+    "duplicate_param": ("stages:\n  t:\n    uses: test.typed\n    with:\n      dim: 1\n"
+                        "      name: x\n      dim: 2\n", [],
+                        r"p.yaml:7: stages.t.with.dim: duplicate key 'dim' (first at line 5)"),
+    "recursive_alias": ("stages:\n  a: &s\n    uses: test.write\n    with: {text: [*s]}\n", [],
+                        r"p.yaml:4: stages.a.with.text[0]: recursive alias *s"),
+    "deep_nesting": ("stages:\n  a: {uses: test.write, with: {text: " + "[" * 5000 + "]" * 5000
+                     + "}}\n", [], r"nested deeper than 100 levels"),
+    "billion_laughs": (None, [], r"YAML aliases expand to more than"),
 }
+
+
+def billion_laughs() -> str:
+    """Nine levels, each a list of 9 aliases of the one before: 9**9 strings once expanded."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, cur in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return "stages:\n  x: {uses: test.write}\n" + "\n".join(lines) + "\n"
+
+
+BAD["billion_laughs"] = (billion_laughs(), *BAD["billion_laughs"][1:])
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -261,3 +284,83 @@ def test_shipped_pipelines_satisfy_their_input_roles(tmp_path: Path, monkeypatch
     assert pipelines
     for p in pipelines:
         load_pipeline(p)  # raises on any role mistake
+
+
+# ------------------------------------------------------------------------------ hostile YAML
+def test_duplicate_keys_anywhere_are_an_error_naming_both_lines(test_stages: None) -> None:
+    text = "name: x\nstages:\n  a: {uses: test.write}\nname: y\n"
+    with pytest.raises(SpecError) as e:
+        parse_pipeline(text, file="d.yaml")
+    assert str(e.value) == "d.yaml:4: name: duplicate key 'name' (first at line 1); YAML would " \
+                           "keep only the last", str(e.value)
+    # In a flow mapping both are on one line; keys equal as values (1 and 0x1) are duplicates too.
+    with pytest.raises(SpecError, match=r"d.yaml:2: stages.a.with.text: duplicate key 'text' "
+                                        r"\(first at line 2\)"):
+        parse_pipeline("stages:\n  a: {uses: test.write, with: {text: A, text: B}}\n",
+                       file="d.yaml")
+    with pytest.raises(SpecError, match=r"d.yaml:5: pools.0x1: duplicate key '0x1' \(the same key "
+                                        r"as '1' at line 4\)"):
+        parse_pipeline("stages:\n  a: {uses: test.write}\npools:\n  1: 1\n  0x1: 2\n",
+                       file="d.yaml")
+
+
+def test_merge_keys_may_still_override_what_they_merge(test_stages: None) -> None:
+    p = parse_pipeline("stages:\n"
+                       "  a: {uses: test.write, with: &w {text: A, parts: 2}}\n"
+                       "  b: {uses: test.write, with: {<<: *w, text: B}}\n")
+    assert (p.stages["b"].params.text, p.stages["b"].params.parts) == ("B", 2)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("x: &x [*x]\nstages:\n  a: {uses: test.write}\n", "h.yaml:1: x[0]: recursive alias *x"),
+    ("stages: &s\n  a: {uses: test.write, with: {text: *s}}\n",
+     "h.yaml:2: stages.a.with.text: recursive alias *s"),
+    ("stages:\n  a: {uses: test.write, with: {text: " + "{k: " * 5000 + "1" + "}" * 5000 + "}}\n",
+     "h.yaml:2: stages.a.with.text.k.k.k.k.k.k...: nested deeper than 100 levels"),
+    ("stages:\n  a:\n    uses: test.write\n    with:\n      text:\n"  # block style, 500 deep
+     + "".join("  " * i + "        -\n" for i in range(500)),
+     "h.yaml:102: stages.a.with.text[0][0][0][0][0][0]...: nested deeper than 100 levels"),
+    # an alias that is shallow where it is defined but deep where it is used
+    ("stages:\n  a: {uses: test.write, with: {text: &d " + "[" * 60 + "]" * 60 + "}}\n"
+     "  b: {uses: test.write, with: {text: " + "[" * 60 + "*d" + "]" * 60 + "}}\n",
+     "h.yaml:3: stages.b.with.text[0][0][0][0][0][0]...: nested deeper than 100 levels "
+     "(through alias *d)"),
+], ids=["recursive_seq", "recursive_map", "deep_flow_map", "deep_block_seq", "deep_through_alias"])
+def test_recursive_aliases_and_deep_nesting_are_one_line_errors(text: str, expected: str,
+                                                                 test_stages: None) -> None:
+    with pytest.raises(SpecError) as e:
+        parse_pipeline(text, file="h.yaml")
+    assert str(e.value).startswith(expected), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_billion_laughs_fails_fast_in_little_memory(test_stages: None) -> None:
+    import tracemalloc
+
+    text = billion_laughs()
+    tracemalloc.start()
+    try:
+        with pytest.raises(SpecError) as e:
+            parse_pipeline(text, file="l.yaml")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "YAML aliases expand to more than 100000 nodes" in str(e.value), str(e.value)
+    assert str(e.value).startswith("l.yaml:") and e.value.line is not None
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB"  # the walk would need gigabytes
+
+
+def test_a_large_pipeline_within_the_limits_still_loads(test_stages: None) -> None:
+    # Aliases are fine while they stay small: 10 stages sharing one 1,000-item parameter list.
+    items = ", ".join(["x"] * 1000)
+    text = "stages:\n  s0: {uses: test.write, with: {text: &t [" + items + "]}}\n"
+    text += "".join(f"  s{i}: {{uses: test.write, with: {{text: *t}}}}\n" for i in range(1, 10))
+    with pytest.raises(SpecError, match=r"stages.s\d.with.text: Input should be a valid string"):
+        parse_pipeline(text, file="big.yaml")  # validated as usual: not refused by the limits
+
+
+def test_set_values_get_the_same_yaml_limits(test_stages: None) -> None:
+    with pytest.raises(SpecError) as e:
+        parse_pipeline(GOOD, overrides=["a.text=&x [*x]"])
+    assert str(e.value).startswith(
+        "--set: a.text=&x [*x]: value is not valid YAML: recursive alias *x"), str(e.value)

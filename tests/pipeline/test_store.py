@@ -113,3 +113,51 @@ def test_remote_fsspec_store_roundtrip(tmp_path: Path) -> None:
     assert store.keys() == [key]
     run = store.record_run({"run_id": "r1", "stages": {}})
     assert json.loads(store.fs.cat(run)) == {"run_id": "r1", "stages": {}}
+
+
+def test_check_writable_says_why_a_store_cannot_be_used(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for root, why in ((afile, "exists and is not a directory"),
+                      (afile / "store", "cannot create it"),
+                      (Path("/proc/stele-no-such/store"), "cannot create it")):
+        with pytest.raises(StoreError) as e:
+            ArtifactStore(root).check_writable()
+        assert str(e.value).startswith(f"store {root}: {why}"), str(e.value)
+        assert "\n" not in str(e.value)
+    assert afile.read_text() == "x"
+    # A store that does not exist yet but can be created passes, and the check leaves nothing.
+    fresh = tmp_path / "new" / "deeper" / "store"
+    ArtifactStore(fresh).check_writable()
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    ArtifactStore(existing).check_writable()
+    assert list(existing.iterdir()) == []
+    ArtifactStore("memory://stele-check").check_writable()  # remote stores are not probed
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_check_writable_refuses_a_read_only_store(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(StoreError, match=f"store {ro}: cannot write in it"):
+            ArtifactStore(ro).check_writable()
+        with pytest.raises(StoreError, match=f"store {ro / 'sub'}: cannot create it"):
+            ArtifactStore(ro / "sub").check_writable()
+    finally:
+        ro.chmod(0o700)
+
+
+def test_a_filesystem_whose_package_is_missing_is_a_store_error() -> None:
+    with pytest.raises(StoreError, match=r"^store nosuchproto://b/x: Protocol not known: "
+                                         r"nosuchproto$"):
+        ArtifactStore("nosuchproto://b/x")
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        with pytest.raises(StoreError, match=r"store s3://bucket/x: Install s3fs to access S3 "
+                                             r"\(pip install s3fs\)"):
+            ArtifactStore("s3://bucket/x")
