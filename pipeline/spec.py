@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import graphlib
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from .errors import SpecError
 from .registry import REGISTRY, Input, Registry, Resources, StageType
+from .spec_yaml import SET_FILE, LimitedLoader, LimitError, Locator, load_yaml
 
 _STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-SET_FILE = "--set"
 
 
 class StageSpec(BaseModel):
@@ -137,216 +136,6 @@ def with_pools(pipeline: Pipeline, items: list[str]) -> Pipeline:
     return dataclasses.replace(pipeline, pools=pools)
 
 
-# --------------------------------------------------------------------------------------------- YAML
-MAX_YAML_DEPTH = 100  # nesting: pipelines need about 8 levels
-MAX_YAML_NODES = 100_000  # nodes once aliases are expanded (each use counted): the demo has ~720
-
-
-class _LimitError(yaml.composer.ComposerError):
-    """YAML that is well-formed but refused: too deep, too large once its aliases are expanded, or
-    recursive. Caught while composing, before any Python object is built."""
-
-    def __init__(self, problem: str, mark: yaml.Mark, path: tuple):
-        super().__init__(None, None, problem, mark)
-        self.path = path
-
-
-class _LimitedLoader(yaml.SafeLoader):
-    """SafeLoader that refuses, while composing the node graph (small even for hostile input, since
-    aliases share nodes), documents that would blow up later: nesting deeper than
-    ``MAX_YAML_DEPTH``, aliases that expand to more than ``MAX_YAML_NODES`` nodes (a "billion
-    laughs" document of a few hundred bytes expands to 9**9 strings), and recursive aliases (an
-    alias inside the node it names). Anything else composes exactly as with SafeLoader."""
-
-    def __init__(self, stream: str):
-        super().__init__(stream)
-        self._path: list = []  # where the node being composed is (keys and list indices)
-        self._open: list[str] = []  # anchors of the collections being composed
-        self._size: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes, depth) once expanded
-        self._expanded = 0  # nodes of the document so far, each alias counted per use
-
-    def _refuse(self, problem: str, mark: yaml.Mark) -> _LimitError:
-        return _LimitError(problem, mark, tuple(self._path))
-
-    def _count(self, n: int, mark: yaml.Mark, alias: str | None) -> None:
-        self._expanded += n
-        if self._expanded > MAX_YAML_NODES:
-            via = f" (*{alias} here)" if alias else ""
-            raise self._refuse(f"YAML aliases expand to more than {MAX_YAML_NODES} nodes{via}; "
-                               f"a pipeline needs far fewer", mark)
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
-        step = index if isinstance(index, int) else (
-            index.value if isinstance(index, yaml.ScalarNode) else None)
-        if step is not None:
-            self._path.append(step)
-        try:
-            return self._compose_limited(parent, index)
-        finally:
-            if step is not None:
-                self._path.pop()
-
-    def _compose_limited(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent):
-            if event.anchor in self._open:
-                raise self._refuse(f"recursive alias *{event.anchor} (it is inside the node it "
-                                   f"names)", event.start_mark)
-            node = super().compose_node(parent, index)  # (an undefined alias is an error there)
-            nodes, depth = self._size[id(node)]
-            if len(self._open) + depth > MAX_YAML_DEPTH:
-                raise self._refuse(f"nested deeper than {MAX_YAML_DEPTH} levels (through alias "
-                                   f"*{event.anchor})", event.start_mark)
-            self._count(nodes, event.start_mark, event.anchor)
-            return node
-        collection = isinstance(event, yaml.CollectionStartEvent)
-        if collection:
-            if len(self._open) >= MAX_YAML_DEPTH:
-                raise self._refuse(f"nested deeper than {MAX_YAML_DEPTH} levels",
-                                   event.start_mark)
-            self._open.append(event.anchor or "")
-        try:
-            node = super().compose_node(parent, index)
-        finally:
-            if collection:
-                self._open.pop()
-        if isinstance(node, yaml.MappingNode):
-            parts = [self._size[id(x)] for pair in node.value for x in pair]
-        elif isinstance(node, yaml.SequenceNode):
-            parts = [self._size[id(x)] for x in node.value]
-        else:
-            parts = None
-        if parts is None:  # a scalar
-            self._size[id(node)] = (1, 0)
-        else:
-            self._size[id(node)] = (1 + sum(n for n, _ in parts),
-                                    1 + max((d for _, d in parts), default=0))
-        self._count(1, event.start_mark, None)
-        return node
-
-
-class _Loader(_LimitedLoader):
-    """SafeLoader (with the limits above) plus two path tags, made absolute so a pipeline runs from
-    any working directory: ``!path rel/file`` (relative to the pipeline file) and ``!data
-    rel/file`` (relative to ``$STELE_DATA``, the folder of full-size datasets). No other tags:
-    configs never execute code."""
-
-    base_dir = Path(".")
-
-
-def _path_tag(loader: _Loader, node: yaml.Node) -> str:
-    return str((loader.base_dir / loader.construct_scalar(node)).resolve())
-
-
-class _TagError(yaml.constructor.ConstructorError):
-    """A well-formed tag whose value cannot be resolved (not a YAML syntax problem)."""
-
-
-def _data_tag(loader: _Loader, node: yaml.Node) -> str:
-    rel = loader.construct_scalar(node)
-    root = os.environ.get("STELE_DATA")
-    if not root:
-        raise _TagError(
-            None, None, f"!data {rel}: STELE_DATA is not set (point it at the folder holding the "
-                        f"full-size datasets)", node.start_mark)
-    return str((Path(root).expanduser() / rel).resolve())
-
-
-_Loader.add_constructor("!path", _path_tag)
-_Loader.add_constructor("!data", _data_tag)
-
-
-def _yaml_error(e: yaml.YAMLError, text: str, file: str) -> SpecError:
-    if isinstance(e, _LimitError):
-        path = e.path if len(e.path) <= 10 else e.path[:10]
-        return SpecError(e.problem, file=file, line=e.problem_mark.line + 1,
-                         field=(_dotted(path) + ("..." if path != e.path else "")) or None)
-    problem = getattr(e, "problem", None) or str(e)
-    mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
-    if context is not None:
-        problem += f" ({e.context} at line {context.line + 1})"
-        if mark is None or mark.index >= len(text.rstrip()):  # hit the end: where it began helps
-            mark = context
-    what = "" if isinstance(e, _TagError) else "malformed YAML: "
-    return SpecError(f"{what}{problem}", file=file, line=mark.line + 1 if mark else None)
-
-
-_MERGE = "tag:yaml.org,2002:merge"
-
-
-def _load_yaml(text: str, file: str, base_dir: Path | None = None) -> tuple[Any, dict[tuple, int]]:
-    """Parse YAML safely and remember the 1-based line of every mapping key and list item.
-
-    A key given twice in one mapping is an error naming both lines (YAML loaders keep the last one
-    silently: a second stage ``a:`` would replace the first). Documents that would blow up are
-    refused while composing (see :class:`_LimitedLoader`), so the walk below visits at most
-    ``MAX_YAML_NODES`` nodes at most ``MAX_YAML_DEPTH`` deep."""
-    loader = _Loader(text)
-    loader.base_dir = base_dir or Path.cwd()
-    lines: dict[tuple, int] = {}
-
-    def walk(n: yaml.Node, path: tuple) -> None:
-        if isinstance(n, yaml.MappingNode):
-            seen: dict[Any, yaml.Node] = {}
-            for k, v in n.value:
-                key = k.value
-                if isinstance(k, yaml.ScalarNode) and k.tag != _MERGE:
-                    value = loader.construct_object(k)
-                    try:
-                        first = seen.setdefault(value, k)
-                    except TypeError:  # unhashable: the constructor reports it
-                        first = k
-                    if first is not k:
-                        same = ("" if first.value == k.value
-                                else f"the same key as {first.value!r} ")
-                        raise SpecError(f"duplicate key {k.value!r} ({same or 'first '}at line "
-                                        f"{first.start_mark.line + 1}); YAML would keep only the "
-                                        f"last", file=file, line=k.start_mark.line + 1,
-                                        field=_dotted(path + (key,)))
-                lines[path + (key,)] = k.start_mark.line + 1
-                walk(v, path + (key,))
-        elif isinstance(n, yaml.SequenceNode):
-            for i, v in enumerate(n.value):
-                lines[path + (i,)] = v.start_mark.line + 1
-                walk(v, path + (i,))
-
-    try:
-        node = loader.get_single_node()
-        if node is not None:
-            lines[()] = node.start_mark.line + 1
-            walk(node, ())
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as e:
-        raise _yaml_error(e, text, file) from None
-    finally:
-        loader.dispose()
-    return data, lines
-
-
-def _dotted(path: tuple) -> str:
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
-class _Locator:
-    """Turns a field path into the best (file, line) we have, including ``--set`` overrides."""
-
-    def __init__(self, file: str, lines: dict[tuple, int], overrides: dict[tuple, str]):
-        self.file, self.lines, self.overrides = file, lines, overrides
-
-    def error(self, path: tuple, message: str) -> SpecError:
-        for k in range(len(path), 1, -1):
-            if path[:k] in self.overrides:  # the bad value came from the command line
-                return SpecError(message, file=SET_FILE, field=self.overrides[path[:k]])
-        for k in range(len(path), -1, -1):
-            if path[:k] in self.lines:
-                return SpecError(message, file=self.file, line=self.lines[path[:k]],
-                                 field=_dotted(path) or None)
-        return SpecError(message, file=self.file, field=_dotted(path) or None)
-
-
 class SpecErrors(SpecError):
     """Several mistakes found together: one ``file:line: field: message`` line each; ``file``,
     ``line``, ``field`` and ``message`` are the first one's."""
@@ -369,7 +158,7 @@ def _roles_line(st: StageType) -> str:
 
 
 def _check_roles(name: str, listed: list[str] | None, roles: dict[str, str],
-                 types: dict[str, StageType], loc: _Locator) -> list[SpecError]:
+                 types: dict[str, StageType], loc: Locator) -> list[SpecError]:
     """The stage's inputs against the roles its type declares (nothing to check when it declares
     none). Only stage type names are compared: the engine knows no domain."""
     st = types[name]
@@ -408,7 +197,7 @@ def _check_roles(name: str, listed: list[str] | None, roles: dict[str, str],
     return errors
 
 
-def _pydantic_error(loc: _Locator, base: tuple, err: ValidationError, what: str,
+def _pydantic_error(loc: Locator, base: tuple, err: ValidationError, what: str,
                     model: type[BaseModel] | None = None) -> SpecError:
     e = err.errors()[0]
     path = base + tuple(e["loc"])
@@ -431,9 +220,9 @@ def parse_overrides(items: list[str] | None) -> list[tuple[list[str], Any, str]]
         if not sep or len(parts) < 2 or not all(parts):
             raise SpecError("expected STAGE.PARAM=VALUE", file=SET_FILE, field=item)
         try:
-            value = yaml.load(raw, Loader=_LimitedLoader) if raw.strip() else ""
+            value = yaml.load(raw, Loader=LimitedLoader) if raw.strip() else ""
         except yaml.YAMLError as e:
-            problem = e.problem if isinstance(e, _LimitError) else e
+            problem = e.problem if isinstance(e, LimitError) else e
             raise SpecError(f"value is not valid YAML: {problem}", file=SET_FILE,
                             field=item) from None
         out.append((parts, value, item))
@@ -441,7 +230,7 @@ def parse_overrides(items: list[str] | None) -> list[tuple[list[str], Any, str]]
 
 
 def _apply_overrides(data: dict, overrides: list[tuple[list[str], Any, str]],
-                     loc: _Locator) -> None:
+                     loc: Locator) -> None:
     stages = data.get("stages") if isinstance(data, dict) else None
     for parts, value, text in overrides:
         name, keys = parts[0], parts[1:]
@@ -477,8 +266,8 @@ def parse_pipeline(text: str, *, file: str = "<string>", overrides: list[str] | 
                    registry: Registry | None = None, base_dir: Path | None = None) -> Pipeline:
     registry = registry or REGISTRY
     parsed_overrides = parse_overrides(overrides)
-    data, lines = _load_yaml(text, file, base_dir)
-    loc = _Locator(file, lines, {})
+    data, lines = load_yaml(text, file, base_dir)
+    loc = Locator(file, lines, {})
     if not isinstance(data, dict):
         raise loc.error((), "a pipeline is a mapping with a 'stages:' key")
     _apply_overrides(data, parsed_overrides, loc)
