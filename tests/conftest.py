@@ -75,3 +75,23 @@ def ray_local(test_stages: None):
     init_ray(num_cpus=4)
     yield
     shutdown_ray()
+
+
+@pytest.fixture
+def plan_error(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """``plan_error(yaml_text) -> (pipeline file, the one error line)`` of ``stele plan`` on a
+    pipeline that must be refused as a bad spec: exit 2, one line, no store created."""
+    from pipeline.cli import main
+
+    def run(text: str) -> tuple[Path, str]:
+        p = tmp_path / "p.yaml"
+        p.write_text(text)
+        store = tmp_path / "store"
+        code = main(["plan", str(p), "--store", str(store)])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1, err
+        assert not store.exists()
+        return p, lines[0]
+
+    return run

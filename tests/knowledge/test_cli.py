@@ -86,19 +86,10 @@ stages:
 """
 
 
-def test_plan_with_an_unknown_source_type_is_one_line_exit_2(tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture) -> None:
-    p = tmp_path / "p.yaml"
-    p.write_text(PIPE)
-    store = tmp_path / "store"
-    code = main(["plan", str(p), "--store", str(store)])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"error: {p}:8: stages.kg.with.sources[1]: "), err
-    assert "unknown knowledge source 'tripels'" in lines[0] and "did you mean 'triples'" in lines[0]
-    assert not store.exists()
+def test_plan_with_an_unknown_source_type_is_one_line_exit_2(plan_error) -> None:
+    p, line = plan_error(PIPE)
+    assert line.startswith(f"error: {p}:8: stages.kg.with.sources[1]: "), line
+    assert "unknown knowledge source 'tripels'" in line and "did you mean 'triples'" in line
 
 
 @pytest.mark.parametrize("entry,message", [

@@ -123,20 +123,9 @@ def test_listing_raises_a_dataset_error(tmp_path: Path):
         list(listing)
 
 
-def test_plan_with_an_unknown_dataset_type_is_one_line_exit_2(tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture) -> None:
-    from pipeline.cli import main
-
-    p = tmp_path / "p.yaml"
-    p.write_text("name: bad_dataset\nstages:\n  imgs:\n    uses: vision.features\n    with:\n"
-                 "      dataset: {type: imagefolder, captions: c.csv}\n")
-    store = tmp_path / "store"
-    code = main(["plan", str(p), "--store", str(store)])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"error: {p}:6: stages.imgs.with.dataset: "), err
-    assert "unknown media dataset 'imagefolder'" in lines[0], err
-    assert "did you mean 'image_folder'" in lines[0], err
-    assert not store.exists()
+def test_plan_with_an_unknown_dataset_type_is_one_line_exit_2(plan_error) -> None:
+    p, line = plan_error("name: bad_dataset\nstages:\n  imgs:\n    uses: vision.features\n    with:\n"
+                         "      dataset: {type: imagefolder, captions: c.csv}\n")
+    assert line.startswith(f"error: {p}:6: stages.imgs.with.dataset: "), line
+    assert "unknown media dataset 'imagefolder'" in line, line
+    assert "did you mean 'image_folder'" in line, line
