@@ -192,9 +192,21 @@ stages:
 """
 
 
+@pytest.fixture
+def default_sigint():
+    """Python's own Ctrl-C handler, which ``stele run`` has; code run earlier in the same test
+    process (the whole suite) may have left another one installed."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("moment", ["input_just_finished", "while_submitting"])
 def test_ctrl_c_records_every_submitted_stage_interrupted(moment: str, tmp_path: Path,
-                                                          ray_local: None, monkeypatch) -> None:
+                                                          ray_local: None, monkeypatch,
+                                                          default_sigint: None) -> None:
     """Ctrl-C at the two moments a busy machine made visible (test_kill's Ctrl-C test saw
     ``{'a': 'ran', 'b': 'ran', 'c': 'pending', ...}``): just after the runner learnt that an input
     finished, before it submitted the stage waiting on it; and while it submitted a stage to Ray.
