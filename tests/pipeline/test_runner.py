@@ -194,8 +194,9 @@ stages:
 
 @pytest.fixture
 def default_sigint():
-    """Python's own Ctrl-C handler, which ``stele run`` has; code run earlier in the same test
-    process (the whole suite) may have left another one installed."""
+    """Python's own Ctrl-C handler, which ``stele run`` has. Ray Train's ``fit()`` installs its own
+    SIGINT handler in the calling process and leaves it there, so after the tests that train
+    in-process (the whole suite) another handler is in place."""
     import signal
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
