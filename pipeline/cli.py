@@ -158,17 +158,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     return 0 if result.ok else 1
 
 
-def _param_table(rows: list[dict]) -> Table:
-    t = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
-    for col in ("  parameter", "type", "default", "description"):
-        t.add_column(col)
-    for row in rows:
-        t.add_row(f"  {row['name']}", row["type"], repr(row["default"]) if row["default"] != "required"
-                  else "[bold]required[/]", row["description"])
-    return t
-
-
 def _stages(name: str | None, console: Console) -> int:
+    from .commands import parameter_table
     from .registry import REGISTRY
 
     types = REGISTRY.all()
@@ -182,7 +173,7 @@ def _stages(name: str | None, console: Console) -> int:
         if st.description:
             console.print(f"  {st.description}", highlight=False)
         if st.params.model_fields:
-            console.print(_param_table(st.parameters()))
+            console.print(parameter_table(st.parameters()))
         if st.inputs is None:  # a type written before input roles were declared
             console.print("  [dim]input roles: not declared (not checked before a run)[/]")
         elif not st.inputs:
@@ -204,25 +195,10 @@ def _stages(name: str | None, console: Console) -> int:
 
 
 def _datasets(name: str | None, console: Console) -> int:
-    import inspect
-
+    from .commands import print_types
     from .datasets import DATASETS
-    from .registry import model_parameters
 
-    types = DATASETS.all()
-    if name:
-        if name not in types:
-            raise SpecError(DATASETS.unknown_message(name), file="stele datasets")
-        types = {name: types[name]}
-    for ds_name, cls in types.items():
-        console.print(f"[bold]{ds_name}[/] ({cls.modality})  [dim]{cls.__module__}.{cls.__qualname__}[/]")
-        doc = (inspect.getdoc(cls) or "").split("\n\n")[0]
-        if doc:
-            console.print(f"  {' '.join(doc.split())}", highlight=False)
-        console.print(_param_table(model_parameters(cls, skip=("type",))))
-    for plugin, error in DATASETS.plugin_errors.items():
-        console.print(f"[red]plugin failed to load:[/] {plugin}: {error}")
-    return 0
+    return print_types(DATASETS, name, console, command="stele datasets", label=lambda cls: cls.modality)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -81,3 +81,47 @@ def failed_plugins() -> str:
         return ""
     return "command plugins that failed to load: " + "; ".join(
         f"{k} ({v})" for k, v in COMMANDS.plugin_errors.items())
+
+
+def parameter_table(rows: list[dict[str, Any]]) -> Any:
+    """The parameters table of ``stele stages`` and the type listings (rows of
+    :func:`pipeline.registry.model_parameters`); user text is escaped, never read as markup."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
+    for col in ("  parameter", "type", "default", "description"):
+        t.add_column(col, no_wrap=col == "  parameter")
+    for row in rows:
+        default = "[bold]required[/]" if row["default"] == "required" else escape(repr(row["default"]))
+        t.add_row(f"  {escape(row['name'])}", escape(row["type"]), default, escape(row["description"]))
+    return t
+
+
+def print_types(registry: Registry, name: str | None, console: Any, *, command: str,
+                label: Callable[[Any], str] = lambda cls: "") -> int:
+    """``stele datasets`` / ``stele sources``: every type of a registry of pydantic classes (or only
+    ``name``: unknown is a one-line error with did-you-mean), each with the first paragraph of its
+    own docstring and its parameters (``type`` left out: it is the name)."""
+    from rich.markup import escape
+
+    from .errors import SpecError
+    from .registry import model_parameters
+
+    types = registry.all()
+    if name:
+        if name not in types:
+            raise SpecError(registry.unknown_message(name), file=command)
+        types = {name: types[name]}
+    for type_name, cls in types.items():
+        extra = label(cls)
+        console.print(f"[bold]{escape(type_name)}[/]{' (' + escape(extra) + ')' if extra else ''}  "
+                      f"[dim]{cls.__module__}.{cls.__qualname__}[/]")
+        # the class's own docstring: an undocumented subclass would show its base class's
+        doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+        console.print(f"  {' '.join(doc.split()) or '(no description)'}",
+                      highlight=False, markup=False)
+        console.print(parameter_table(model_parameters(cls, skip=("type",))))
+    for plugin, error in registry.plugin_errors.items():
+        console.print(f"[red]plugin failed to load:[/] {escape(plugin)}: {escape(error)}")
+    return 0

@@ -143,8 +143,8 @@ def type_name(ann: Any) -> str:
 
 
 def model_parameters(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Parameter name, type, default (or ``required``) and description of a pydantic model, for
-    ``stele stages`` and ``stele datasets``."""
+    """Parameter name (as a pipeline writes it: a field's alias if it has one), type, default (or
+    ``required``) and description of a pydantic model, for ``stele stages`` and the type listings."""
     rows = []
     for name, f in model.model_fields.items():
         if name in skip:
@@ -153,7 +153,7 @@ def model_parameters(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list
         if isinstance(default, BaseModel):
             default = default.model_dump(mode="json")
         rows.append({
-            "name": name,
+            "name": f.alias or name,
             "type": type_name(f.annotation),
             "default": default,
             "description": f.description or "",
