@@ -135,10 +135,14 @@ def type_name(ann: Any) -> str:
         return " | ".join(type_name(a) for a in args)
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in args)
+    if origin is typing.Annotated:  # validators and serialisers are not the YAML author's business
+        return type_name(args[0])
     if ann is type(None):
         return "None"
     if isinstance(ann, type) and not args:
         return ann.__name__
+    if isinstance(origin, type) and args:  # list[...], dict[..., ...], tuple[...]
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
     return str(ann).replace("typing.", "").replace("pydantic.functional_serializers.", "")
 
 
