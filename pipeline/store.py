@@ -65,11 +65,18 @@ def _pid_alive(pid: int) -> bool:
 
 @dataclass(frozen=True)
 class Artifact:
-    """A finished artifact as a stage sees its inputs: a local folder plus its manifest."""
+    """A finished artifact as a stage sees its inputs: a local folder plus its manifest, and its
+    location in the store (``uri``: the same folder for a local store, ``s3://...`` and the like
+    otherwise), which Ray tasks and training workers on any node read from."""
 
     key: str
     path: Path
     manifest: dict[str, Any]
+    uri: str = ""  # empty: the local folder itself
+
+    def __post_init__(self) -> None:
+        if not self.uri:
+            object.__setattr__(self, "uri", str(self.path))
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -183,7 +190,8 @@ class ArtifactStore:
         """The artifact as a local folder; remote artifacts are downloaded once into a local cache."""
         manifest = self.manifest(key)
         if self.local:
-            return Artifact(key, Path(self.artifact_path(key)), manifest)
+            path = self.artifact_path(key)
+            return Artifact(key, Path(path), manifest, path)
         cache = Path(cache_dir or os.environ.get("STELE_CACHE")
                      or Path.home() / ".cache" / "stele" / "artifacts")
         dest = cache / key
@@ -193,7 +201,7 @@ class ArtifactStore:
             self.fs.get(self.artifact_path(key) + "/", str(tmp), recursive=True)
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(tmp, dest)
-        return Artifact(key, dest, manifest)
+        return Artifact(key, dest, manifest, self.fs.unstrip_protocol(self.artifact_path(key)))
 
     def verify(self, key: str) -> list[str]:
         """Problems with a complete artifact: files the manifest lists that are missing or of the
