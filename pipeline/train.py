@@ -80,7 +80,12 @@ def fit(train_loop_per_worker: Callable[[dict], None], job: Any,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ray import cloudpickle
+
     use_gpu = _gpu_available() if train.use_gpu is None else train.use_gpu
+    # What travels to every worker inside the config: it must not grow with the data (object
+    # references and artifact URIs pickle small). Reported so stages and benchmarks can show it.
+    job_bytes = len(cloudpickle.dumps(job))
     config = {"job": job, "_train": train.model_dump(), "_progress": progress,
               "_progress_desc": progress_desc}
     trainer = _trainer_class(TorchTrainer)(
@@ -109,7 +114,8 @@ def fit(train_loop_per_worker: Callable[[dict], None], job: Any,
             if p.is_file():
                 (local / p.name).write_bytes(p.read_bytes())
     return FitResult(checkpoint_dir=local, step=state["step"], history=state["history"],
-                     data_state=state["data_state"], stopped=state.get("stopped", False))
+                     data_state=state["data_state"], stopped=state.get("stopped", False),
+                     job_bytes=job_bytes)
 
 
 def _trainer_class(base: type) -> type:
@@ -142,6 +148,7 @@ class FitResult:
     history: list[dict[str, Any]]  # one dict of metrics per reported step
     data_state: dict[str, Any]
     stopped: bool = False           # ended early by TrainSession.stop()
+    job_bytes: int = 0              # the pickled job shipped to each worker (flat in the data size)
 
 
 @dataclass
