@@ -22,6 +22,13 @@ Per step of a batch of ``B`` positive triples:
   batch uses, as PyKEEN's ``LpRegularizer(normalize=True)`` (its ComplEx default, weight 0.01):
   :func:`lp_regularization`.
 
+The job each worker receives (:class:`EmbedJob`) holds the graph artifact's URI and scalars, never
+triples, so what travels inside the Ray Train config stays the same size whatever the graph's. Each
+worker reads what it needs from that URI once, at start (:func:`knowledge.kg.read_triples`): the
+training triples, and on rank 0, which alone evaluates, also the validation triples and every split
+(the ranking's filter); the Bernoulli corruption probabilities are computed there from the training
+triples.
+
 An epoch is one :class:`~pipeline.train.TrainSession` step, each worker on a disjoint shard of a
 seeded permutation of the training triples; every ``eval_every`` epochs rank 0 computes the filtered
 validation MRR, and ``patience`` evaluations without improvement stop the run with the best weights.
@@ -41,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .kg import read_triples
 from .models import corruption_triples
 
 DEFAULT_LOSS = {"transe": "margin", "distmult": "bce", "complex": "bce", "rotate": "self_adversarial"}
@@ -198,18 +206,18 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train:
 
 @dataclass(frozen=True)
 class EmbedJob:
-    """What each worker of :func:`train_loop_per_worker` needs, built once by ``knowledge.embed``."""
+    """What each worker of :func:`train_loop_per_worker` needs, built once by ``knowledge.embed``:
+    settings and the graph's location, no data (workers read the triples from ``kg_uri``)."""
 
     model: str                       # transe | distmult | complex | rotate
     dim: int
     model_kwargs: dict[str, Any]     # build_model's model-specific arguments
     init: str                        # default | normal (:func:`init_embeddings`)
+    kg_uri: str                      # the knowledge.ingest artifact: local folder or fsspec URI
     num_entities: int
     num_relations: int
-    train: np.ndarray                # (N, 3) int64 (head, relation, tail) indices
-    valid: np.ndarray                # (M, 3)
-    known: np.ndarray                # (K, 3) every split: the filter of the validation ranking
-    head_prob: np.ndarray            # (num_relations,) Bernoulli corruption probabilities
+    num_train: int                   # triples of each split, as the stage counted them
+    num_valid: int
     corruption: str                  # uniform | bernoulli
     loss: str                        # margin | bce | self_adversarial
     margin: float
@@ -247,13 +255,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     session = TrainSession(model, optimizer, None, config)
     rank, world = session.rank, session.world_size
 
+    # Only rank 0 ranks the validation triples, so only it reads them and the filter (every split).
+    train_np, *ranked = read_triples(job.kg_uri, "train", *(("valid", None) if rank == 0 else ()))
+    # Every rank must take the same number of steps (DDP) and rank 0's evaluations must line up
+    # with the others' broadcasts: both follow from the counts the stage made, so a graph that
+    # changed since would hang or mis-train the run instead of failing it.
+    counts = (len(train_np), len(ranked[0]) if ranked else job.num_valid)
+    if counts != (job.num_train, job.num_valid):
+        raise RuntimeError(f"the graph at {job.kg_uri} changed since knowledge.embed counted it: "
+                           f"{counts[0]} training and {counts[1]} validation triples, expected "
+                           f"{job.num_train} and {job.num_valid}")
     # Everything a step touches lives where the model does: prepare_model put it on the worker's
     # GPU when Ray Train runs with use_gpu.
     device = session.device
-    train = torch.as_tensor(np.asarray(job.train), dtype=torch.long, device=device)
-    valid = torch.as_tensor(np.asarray(job.valid), dtype=torch.long, device=device)
-    known = torch.as_tensor(np.asarray(job.known), dtype=torch.long, device=device)
-    head_prob = torch.as_tensor(np.asarray(job.head_prob), dtype=torch.float, device=device) \
+    train = torch.as_tensor(train_np, dtype=torch.long, device=device)
+    valid, known = [torch.as_tensor(a, dtype=torch.long, device=device) for a in ranked] or [None, None]
+    head_prob = bernoulli_head_prob(train_np, job.num_relations).to(device) \
         if job.corruption == "bernoulli" else None
     n_shard = len(train) // world  # equal shards: DDP needs the same number of steps everywhere
     bsz, k = job.batch_size, job.negatives
@@ -274,7 +291,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            regularization_p=job.regularization_p)
         metrics: dict[str, float] = {"loss": loss, "epoch_s": time.perf_counter() - t0}  # training only
 
-        if job.eval_every and (epoch % job.eval_every == 0 or epoch == job.epochs) and len(valid):
+        if job.eval_every and (epoch % job.eval_every == 0 or epoch == job.epochs) and job.num_valid:
             decision = torch.zeros(2, device=device)  # (valid MRR, stop?): rank 0 decides for all
             if rank == 0:
                 model.eval()

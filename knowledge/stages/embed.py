@@ -1,4 +1,11 @@
-"""``knowledge.embed``: train TransE / DistMult / ComplEx / RotatE on a KnowledgeGraph with Ray Train."""
+"""``knowledge.embed``: train TransE / DistMult / ComplEx / RotatE on a KnowledgeGraph with Ray Train.
+
+The stage (the driver) reads only the entity and relation tables, which it copies into its artifact,
+and the triples' split column, to count them; the training job it hands to Ray Train carries the
+graph artifact's URI and those counts, and each worker reads the triples from the URI itself
+(:mod:`knowledge.embed`), so the config every worker receives does not grow with the graph. Its
+pickled size is reported as ``job_bytes``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline import Input, StageContext, StageFailed, stage
 from pipeline.train import ScalingParams, TrainConfig, fit
 
-from ..kg import KnowledgeGraph
+from ..kg import read_table, split_counts
 
 # Margins the families are usually trained with: TransE's ranking margin, RotatE's gamma.
 DEFAULT_MARGIN = {"transe": 1.0, "distmult": 1.0, "complex": 1.0, "rotate": 9.0}
@@ -59,12 +66,16 @@ class EmbedParams(BaseModel):
        inputs={"kg": Input("knowledge.ingest", "the graph to embed (train and valid triples)")})
 def embed(ctx: StageContext, params: EmbedParams) -> dict:
     """Train KG embeddings (PyG models, stele's loop) with early stopping on validation MRR."""
-    from ..embed import DEFAULT_LOSS, EmbedJob, bernoulli_head_prob, train_loop_per_worker  # torch: lazily
+    from ..embed import DEFAULT_LOSS, EmbedJob, train_loop_per_worker  # torch: lazily
 
-    kg = KnowledgeGraph.load((ctx.inputs.get("kg") or ctx.input).path)
-    train, valid = kg.split_array("train"), kg.split_array("valid")
-    if len(train) < params.scaling.num_workers:
-        raise StageFailed(f"{len(train)} training triples cannot feed {params.scaling.num_workers} "
+    kg_uri = (ctx.inputs.get("kg") or ctx.input).uri
+    entities = read_table(kg_uri, "entities", ["idx", "id", "name"])
+    relations = read_table(kg_uri, "relations", ["idx", "id", "name"])
+    num_entities, num_relations = entities.num_rows, relations.num_rows
+    counts = split_counts(kg_uri)
+    num_train = counts.get("train", 0)
+    if num_train < params.scaling.num_workers:
+        raise StageFailed(f"{num_train} training triples cannot feed {params.scaling.num_workers} "
                           "workers")
     margin = DEFAULT_MARGIN[params.model] if params.margin is None else params.margin
     model_kwargs = {"transe": {"p_norm": params.p_norm, "margin": margin,
@@ -72,9 +83,8 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
                     "rotate": {"margin": margin}, "distmult": {}, "complex": {}}[params.model]
     job = EmbedJob(
         model=params.model, dim=params.dim, model_kwargs=model_kwargs, init=params.init,
-        num_entities=kg.num_entities, num_relations=kg.num_relations,
-        train=train, valid=valid, known=kg.split_array(),
-        head_prob=bernoulli_head_prob(train, kg.num_relations).numpy(), corruption=params.corruption,
+        kg_uri=kg_uri, num_entities=num_entities, num_relations=num_relations,
+        num_train=num_train, num_valid=counts.get("valid", 0), corruption=params.corruption,
         loss=DEFAULT_LOSS[params.model] if params.loss == "auto" else params.loss, margin=margin,
         adversarial_temperature=params.adversarial_temperature, negatives=params.negatives,
         batch_size=params.batch_size, optimizer=params.optimizer, lr=params.lr,
@@ -87,7 +97,7 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
     train_cfg = TrainConfig(**params.scaling.model_dump(), max_steps=params.epochs,
                             checkpoint_every=max(1, params.eval_every or 10), seed=params.seed)
     ctx.log.info("training %s dim %d on %d triples (%d entities) with %d worker(s)", params.model,
-                 params.dim, len(train), kg.num_entities, params.scaling.num_workers)
+                 params.dim, num_train, num_entities, params.scaling.num_workers)
     result = fit(train_loop_per_worker, job, train_cfg, storage_uri=ctx.state_uri, name="embed",
                  progress=ctx.progress_reporter(), progress_desc="epoch")
 
@@ -95,7 +105,7 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
 
     from ..models import build_model, save_model
 
-    model = build_model(params.model, kg.num_entities, kg.num_relations, params.dim, **model_kwargs)
+    model = build_model(params.model, num_entities, num_relations, params.dim, **model_kwargs)
     state = load_file(str(result.checkpoint_dir / "model.safetensors"))
     extra = result.checkpoint_dir / "extra.safetensors"
     best = {k[5:]: v for k, v in load_file(str(extra)).items()} if extra.exists() else {}
@@ -103,8 +113,8 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
     save_model(ctx.out, model)
     ent, rel = _embedding_tables(model)
     save_file({"entity": ent, "relation": rel}, str(ctx.out / "embeddings.safetensors"))
-    pq.write_table(kg.entities.select(["idx", "id", "name"]), ctx.out / "entities.parquet")
-    pq.write_table(kg.relations.select(["idx", "id", "name"]), ctx.out / "relations.parquet")
+    pq.write_table(entities, ctx.out / "entities.parquet")
+    pq.write_table(relations, ctx.out / "relations.parquet")
     hist = result.history
     (ctx.out / "history.json").write_text(json.dumps(hist, indent=1))
     _plot(hist, ctx.out / "training.png", params.model)
@@ -116,7 +126,7 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
             "best_epoch": best_row["step"] if best_row else None,
             "weights": "best validation" if best else "last epoch",
             "train_loop_s": round(sum(h.get("epoch_s", 0.0) for h in hist), 3),
-            "num_workers": params.scaling.num_workers}
+            "num_workers": params.scaling.num_workers, "job_bytes": result.job_bytes}
 
 
 def _embedding_tables(model):  # noqa: ANN001, ANN202

@@ -1,14 +1,20 @@
 """The KGE training loop itself (knowledge/embed.py), without Ray: corruption and one epoch, on the
-CPU and, where there is one, on a GPU (the device Ray Train's ``prepare_model`` puts the model on)."""
+CPU and, where there is one, on a GPU (the device Ray Train's ``prepare_model`` puts the model on);
+then the ``knowledge.embed`` stage through Ray Train: what it ships to the workers."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from knowledge.embed import corrupt, train_epoch
 from knowledge.evaluate import rank_metrics
+from knowledge.kg import ENTITY_SCHEMA, RELATION_SCHEMA, TRIPLE_SCHEMA, KnowledgeGraph
 from knowledge.models import build_model
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -171,3 +177,83 @@ def test_train_epoch_scores_corruptions_from_parts_as_from_triples(loss: str, de
     (parts_losses, parts_w), (triple_losses, triple_w) = run(True), run(False)
     np.testing.assert_allclose(parts_losses, triple_losses, rtol=1e-5)
     torch.testing.assert_close(parts_w, triple_w, rtol=1e-4, atol=1e-5)
+
+
+def _random_kg(n: int, r: int, m: int, seed: int = 0) -> KnowledgeGraph:
+    """``n`` entities, ``r`` relations, ``m`` random triples (a tenth valid, a tenth test)."""
+    g = torch.Generator().manual_seed(seed)
+    trip = torch.stack([torch.randint(n, (m,), generator=g), torch.randint(r, (m,), generator=g),
+                        torch.randint(n, (m,), generator=g)], 1)
+    split = ["valid" if i % 10 == 0 else "test" if i % 10 == 1 else "train" for i in range(m)]
+    entities = pa.table({"idx": list(range(n)), "id": [f"t:e{i}" for i in range(n)],
+                         "name": [f"e{i}" for i in range(n)], "aliases": [[] for _ in range(n)],
+                         "description": [""] * n, "types": [[] for _ in range(n)],
+                         "source": ["t"] * n}, schema=ENTITY_SCHEMA)
+    relations = pa.table({"idx": list(range(r)), "id": [f"t:r{i}" for i in range(r)],
+                          "name": [f"r{i}" for i in range(r)], "source": ["t"] * r},
+                         schema=RELATION_SCHEMA)
+    triples = pa.table({"head": trip[:, 0].int().tolist(), "relation": trip[:, 1].int().tolist(),
+                        "tail": trip[:, 2].int().tolist(), "split": split},
+                       schema=TRIPLE_SCHEMA)
+    return KnowledgeGraph(entities, relations, triples)
+
+
+def _embed_ctx(tmp: Path, name: str, kg: KnowledgeGraph, file_uri: bool = False):  # noqa: ANN202
+    """The stage's context with ``kg`` as its input artifact, located by a ``file://`` URI when
+    ``file_uri`` (as a remote store's artifacts are, by ``s3://`` ones), else by its folder."""
+    from pipeline.context import StageContext
+    from pipeline.registry import Resources
+    from pipeline.store import Artifact
+
+    kg_dir, out = tmp / name / "kg", tmp / name / "out"
+    kg_dir.mkdir(parents=True)
+    out.mkdir()
+    kg.save(kg_dir)
+    art = Artifact("k" + name, kg_dir, {}, f"file://{kg_dir}" if file_uri else "")
+    return StageContext(stage="emb", key="e" + name, out=out, inputs={"kg": art},
+                        resources=Resources(), state_uri=str(tmp / name / "state"),
+                        log=logging.getLogger("test.embed"))
+
+
+def test_stage_refuses_fewer_training_triples_than_workers(tmp_path: Path) -> None:
+    """Counted from the triples' split column, before any worker starts."""
+    from knowledge.stages.embed import EmbedParams, embed
+    from pipeline import StageFailed
+
+    kg = _random_kg(5, 1, 3)  # one train, one valid, one test triple
+    with pytest.raises(StageFailed, match="1 training triples cannot feed 2 workers"):
+        embed(_embed_ctx(tmp_path, "few", kg), EmbedParams(scaling={"num_workers": 2}))
+
+
+def test_stage_job_does_not_grow_with_the_graph(tmp_path: Path, ray_local: None,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job shipped inside every worker's config holds the graph's URI and counts, never its
+    triples: a graph ten times larger (entities, relations and triples) gives a job of the same
+    size, give or take the digits of its counts, reported as ``job_bytes``. The workers read the
+    graph from an fsspec URI (``file://``) and train on it: one row per entity and relation."""
+    import knowledge.stages.embed as stage_module
+    from safetensors.torch import load_file
+
+    shipped: dict[str, int] = {}
+    real_fit = stage_module.fit
+
+    def spy(loop, job, *args, **kwargs):  # noqa: ANN001, ANN202
+        result = real_fit(loop, job, *args, **kwargs)
+        shipped[str(job.num_entities)] = result.job_bytes
+        return result
+
+    monkeypatch.setattr(stage_module, "fit", spy)
+    params = stage_module.EmbedParams(model="transe", dim=4, epochs=1, eval_every=1,
+                                      corruption="bernoulli", batch_size=512)
+    metrics = {}
+    for name, (n, r, m) in {"small": (30, 4, 200), "large": (300, 40, 2000)}.items():
+        ctx = _embed_ctx(tmp_path, name, _random_kg(n, r, m), file_uri=True)
+        metrics[name] = stage_module.embed(ctx, params)
+        emb = load_file(str(ctx.out / "embeddings.safetensors"))
+        assert emb["entity"].shape == (n, 4) and emb["relation"].shape == (r, 4)
+        assert metrics[name]["best_valid_mrr"] is not None
+    # a job that carried the triples (8 bytes per index) would grow by tens of kilobytes here
+    assert abs(shipped["300"] - shipped["30"]) < 100, shipped
+    assert shipped["300"] < 2000, shipped
+    assert metrics["small"]["job_bytes"] == shipped["30"]
+    assert metrics["large"]["job_bytes"] == shipped["300"]
