@@ -302,8 +302,7 @@ def _mlm(src: EncoderSource) -> SpanEncoder:
 def entity_table(entities: Path | None, encoder: Path | None) -> tuple[Any, dict[str, int]]:
     """ERNIE's entity vectors and their rows by entity id: the ``knowledge.embed`` artifact's whole
     table, or else the table a pretrain artifact saved (``entity_table.safetensors`` + its
-    ``entity_ids.json``: the pretraining recipe's compact table). ERNIE reads only the vectors, so
-    both give the same model on the entities they share."""
+    ``entity_ids.json``: the table it pretrained with)."""
     import pyarrow.parquet as pq
     from safetensors.torch import load_file
 

@@ -90,7 +90,7 @@ def finetune(ctx: StageContext, params: FinetuneParams) -> dict:
     import torch
 
     from fusion.models.backbone import artifact_backbone
-    from fusion.pretrain.loop import load_linked_docs
+    from fusion.pretrain.corpus import load_linked_docs
     from knowledge.kg import KnowledgeGraph
 
     for role in ("text", "kg"):
@@ -104,7 +104,7 @@ def finetune(ctx: StageContext, params: FinetuneParams) -> dict:
     max_length = params.max_length or meta.get("max_length") or 128
     backbone = artifact_backbone(enc_art.path) if enc_art else load_plain(params.backbone)
     kg = KnowledgeGraph.load(ctx.inputs["kg"].path)
-    docs = load_linked_docs(ctx.inputs["text"].path, params.limit_docs)
+    docs = load_linked_docs(ctx.inputs["text"].uri, params.limit_docs)
     data = prepare_task(docs, kg, params.task, backbone.tokenizer, max_length,
                         test_share=params.test_share, split_seed=params.split_seed,
                         min_label_count=params.min_label_count,

@@ -60,9 +60,9 @@ def resolve_backbone_path(name: str) -> Path:
     return path
 
 
-def load_backbone(name: str) -> TextBackbone:
-    """BERT-family encoder and fast tokenizer from a local folder (see the module docstring)."""
-    from transformers import AutoModel, AutoTokenizer
+def load_tokenizer(name: str) -> Any:
+    """The backbone's fast tokenizer alone (what encoding the corpus needs, without the weights)."""
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # its load report lists the pooler we leave out on purpose
@@ -72,6 +72,15 @@ def load_backbone(name: str) -> TextBackbone:
     if not tokenizer.is_fast:
         raise ValueError(f"backbone {name}: no fast tokenizer (tokenizer.json) in {path}; character "
                          f"offsets need one")
+    return tokenizer
+
+
+def load_backbone(name: str) -> TextBackbone:
+    """BERT-family encoder and fast tokenizer from a local folder (see the module docstring)."""
+    from transformers import AutoModel
+
+    tokenizer = load_tokenizer(name)
+    path = resolve_backbone_path(name)
     model = AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
     return TextBackbone(model, tokenizer, str(path))
 

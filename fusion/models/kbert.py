@@ -164,6 +164,13 @@ class KnowledgeLayer:
         self.tokenizer, self.lookup, self.k, self.max_length = tokenizer, lookup, k, max_length
 
     def __call__(self, text: str, mentions: Iterable[Any] = ()) -> SentenceTree:
+        return tree_from_row(self.flatten(text, mentions))
+
+    def flatten(self, text: str, mentions: Iterable[Any] = ()) -> dict[str, Any]:
+        """The tree as plain lists (what a pretraining corpus stores; :func:`tree_from_row` builds
+        the :class:`SentenceTree`): ``input_ids``, ``position_ids``, ``trunk`` (L,), ``branches``
+        ``[{"start", "end", "anchors": [flat index of each of its entity's wordpieces]}, ...]`` and
+        the counts."""
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         words, offsets = enc["input_ids"], enc["offset_mapping"]
 
@@ -225,24 +232,35 @@ class KnowledgeLayer:
         pos_out += [len(words) + 1]
         trunk_out += [True]
 
-        n = len(ids_out)
-        trunk = torch.tensor(trunk_out)                    # (L,)
-        visible = trunk[:, None] & trunk[None, :]          # (L, L) trunk sees trunk
-        for e, a, b in spans:
-            ent = torch.tensor([where[p] for p in entities[e]])
-            visible[a:b, a:b] = True                       # a branch sees itself ...
-            visible[a:b, ent] = True                       # ... and its entity's wordpieces,
-            visible[ent, a:b] = True                       # which see it back
-        special = torch.zeros(n, dtype=torch.bool)
-        special[[0, n - 1]] = True
-        return SentenceTree(
-            input_ids=torch.tensor(ids_out), position_ids=torch.tensor(pos_out),
-            token_type_ids=torch.zeros(n, dtype=torch.long), visible=visible, trunk=trunk,
-            special=special, injected=len(kept), dropped=dropped, without_triples=without,
-            unaligned=unaligned)
+        return {"input_ids": ids_out, "position_ids": pos_out, "trunk": trunk_out,
+                "branches": [{"start": a, "end": b, "anchors": [where[p] for p in entities[e]]}
+                             for e, a, b in spans],
+                "injected": len(kept), "dropped": dropped, "without_triples": without,
+                "unaligned": unaligned}
 
     def __repr__(self) -> str:
         return f"KnowledgeLayer(k={self.k}, max_length={self.max_length}, lookup={self.lookup!r})"
+
+
+def tree_from_row(row: dict[str, Any]) -> SentenceTree:
+    """The :class:`SentenceTree` of :meth:`KnowledgeLayer.flatten`'s row: the trunk sees the trunk;
+    a branch ``[a, b)`` sees itself and its entity's wordpieces, which see it back."""
+    n = len(row["input_ids"])
+    trunk = torch.tensor(row["trunk"], dtype=torch.bool)                   # (L,)
+    visible = trunk[:, None] & trunk[None, :]                              # (L, L) trunk sees trunk
+    for br in row["branches"]:
+        a, b, ent = br["start"], br["end"], torch.tensor(br["anchors"], dtype=torch.long)
+        visible[a:b, a:b] = True                       # a branch sees itself ...
+        visible[a:b, ent] = True                       # ... and its entity's wordpieces,
+        visible[ent, a:b] = True                       # which see it back
+    special = torch.zeros(n, dtype=torch.bool)
+    special[[0, n - 1]] = True
+    return SentenceTree(
+        input_ids=torch.tensor(row["input_ids"], dtype=torch.long),
+        position_ids=torch.tensor(row["position_ids"], dtype=torch.long),
+        token_type_ids=torch.zeros(n, dtype=torch.long), visible=visible, trunk=trunk,
+        special=special, injected=row["injected"], dropped=row["dropped"],
+        without_triples=row["without_triples"], unaligned=row["unaligned"])
 
 
 def collate_trees(trees: Sequence[SentenceTree], pad_token_id: int = 0) -> dict[str, torch.Tensor]:

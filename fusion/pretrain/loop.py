@@ -7,35 +7,38 @@ A *recipe* says how one model family pretrains; it is one registered class (entr
     class Ernie(Recipe):
         needs = ("text", "entities")          # input artifact roles
         Options = ErnieOptions                # its own validated options
-        def prepare(self, inputs, options, docs, backbone, max_length): ...  # driver, once
-        def build(self, backbone, resources, options): ...       # worker: the model (has .loss)
-        def collate(self, backbone, examples, resources, options, max_length): ...  # a batch
+        def resources(self, inputs, options): ...          # stage process, once: small things only
+        def encoder(self, inputs, options, tokenizer, max_length): ...  # each encoding actor, once
+        def encode_docs(self, state, docs): ...            # actors: documents -> example rows
+        def build(self, backbone, resources, options): ... # worker: the model (has .loss)
+        def collate(self, backbone, rows, resources, options, max_length): ...  # worker: a batch
 
-The model a recipe builds has ``loss(batch, generator) -> {"total": ..., <objective>: ...}``; the loop
-wraps it so DDP sees ``forward``, accumulates gradients over ``grad_accum`` micro-batches, clips them,
-steps AdamW with linear warm-up and decay, and reports every objective's loss per step through
-:class:`pipeline.train.TrainSession` (checkpoints, exact resume with the data position, bf16 on GPU).
-
-Examples come from a ``knowledge.link`` artifact: documents with their linked mentions, as character
-spans with the entity's id. Each worker reads its own shard of a per-epoch permutation, so N workers
-see disjoint data and the order is reproducible from the seed.
+The examples never pass through the stage's process: Ray Data actors encode the input into a
+corpus of Parquet parts and each worker streams its own share (:mod:`fusion.pretrain.corpus`).
+The model a recipe builds has ``loss(batch, generator) -> {"total": ..., <objective>: ...}``; the
+loop wraps it so DDP sees ``forward``, accumulates gradients over ``grad_accum`` micro-batches,
+clips them, steps AdamW with linear warm-up and decay, and reports every objective's loss per step
+through :class:`pipeline.train.TrainSession` (checkpoints, exact resume with the data position,
+bf16 autocast).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.registry import Registry
+
+from fusion.pretrain.corpus import Corpus, CorpusStream, read_linked_docs, text_units
 
 
 class NoOptions(BaseModel):
@@ -43,26 +46,57 @@ class NoOptions(BaseModel):
 
 
 class Recipe:
-    """How one fusion model pretrains (see the module docstring)."""
+    """How one fusion model pretrains (see the module docstring). ``inputs`` map each input role
+    to its artifact's URI (any node reads them)."""
 
     name: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ("text",)
     Options: ClassVar[type[BaseModel]] = NoOptions
 
-    def prepare(self, inputs: dict[str, Path], options: BaseModel, examples: list[dict],
-                backbone: Any, max_length: int) -> tuple[list, dict[str, Any], dict[str, Any]]:
-        """Driver side, once: ``(training examples, resources shipped to every worker, counts for
-        the manifest)``. ``examples`` are the linked documents; a recipe may turn them into its own
-        examples (sentence pairs, typed mentions). Resources travel in the training config: keep
-        them small (tensors, lists)."""
-        return examples, {}, {}
+    # -- stage process (small things only) ------------------------------------------------------
+    def resources(self, inputs: dict[str, str], options: BaseModel) -> dict[str, Any]:
+        """What every worker needs besides its examples, built once: sizes, names, and shared
+        tables *by reference* (an artifact URI the worker loads once), never per-example data.
+        Travels in the training config."""
+        return {}
+
+    def units(self, inputs: dict[str, str], options: BaseModel, limit: int | None) -> list[dict]:
+        """The slices of the input that actors encode one at a time (small descriptors): by
+        default the linked documents of the ``text`` input, ``limit`` of them at most."""
+        return text_units(inputs["text"], limit)
+
+    def finish(self, resources: dict[str, Any], counts: dict[str, int]
+               ) -> tuple[dict[str, Any], dict[str, int]]:
+        """``(resources, counts for the manifest)`` once the corpus is encoded, from the counts
+        summed over its units (K-Adapter derives its label set here)."""
+        return resources, counts
+
+    # -- encoding actors -------------------------------------------------------------------------
+    def encoder(self, inputs: dict[str, str], options: BaseModel, tokenizer: Any,
+                max_length: int) -> Any:
+        """Built once per encoding actor: whatever :meth:`encode_docs` needs (indices, lookups)."""
+        return {"tokenizer": tokenizer, "max_length": max_length}
+
+    def encode(self, state: Any, inputs: dict[str, str], unit: dict) -> tuple[list[dict], Counter]:
+        """One unit -> example rows (plain lists and numbers, one Parquet row each) and counts
+        for the manifest (summed over units)."""
+        return self.encode_docs(state, read_linked_docs(inputs["text"], unit))
+
+    def encode_docs(self, state: Any, docs: list[dict]) -> tuple[list[dict], Counter]:
+        """Linked documents (``{"id", "text", "mentions": [(start, end, entity_id)]}``) -> rows."""
+        raise NotImplementedError
+
+    # -- training workers ------------------------------------------------------------------------
+    def keep(self, resources: dict[str, Any], options: BaseModel) -> Callable[[dict], bool] | None:
+        """A filter on rows the workers read (None: train on every row)."""
+        return None
 
     def build(self, backbone: Any, resources: dict[str, Any], options: BaseModel) -> Any:
         raise NotImplementedError
 
-    def collate(self, backbone: Any, examples: list[dict], resources: dict[str, Any],
+    def collate(self, backbone: Any, rows: list[dict], resources: dict[str, Any],
                 options: BaseModel, max_length: int) -> dict[str, Any]:
-        """One micro-batch from examples; must include ``n_tokens`` (real tokens, for tokens/s)."""
+        """One micro-batch from encoded rows; must include ``n_tokens`` (real tokens, for tokens/s)."""
         raise NotImplementedError
 
 
@@ -76,29 +110,6 @@ def recipe(name: str):
         return RECIPES.register(name, cls)
 
     return deco
-
-
-# ---------------------------------------------------------------------------------------- data
-def load_linked_docs(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """``[{"id", "text", "mentions": [(start, end, entity_id), ...]}]`` from a ``knowledge.link``
-    artifact, in document order (documents without mentions included: MLM still learns from them)."""
-    docs = pq.read_table(path / "docs.parquet", columns=["doc_id", "text"])
-    if limit is not None:
-        docs = docs.slice(0, limit)
-    out = [{"id": i, "text": t, "mentions": []}
-           for i, t in zip(docs["doc_id"].to_pylist(), docs["text"].to_pylist())]
-    index = {d["id"]: d for d in out}
-    m = pq.read_table(path / "mentions.parquet", columns=["doc_id", "start", "end", "entity_id"])
-    for doc_id, s, e, ent in zip(*(m[c].to_pylist() for c in ("doc_id", "start", "end", "entity_id"))):
-        if doc_id in index:
-            index[doc_id]["mentions"].append((s, e, ent))
-    return out
-
-
-def shard_order(n: int, epoch: int, seed: int, rank: int, world: int) -> np.ndarray:
-    """This rank's example indices for ``epoch``: a seeded permutation, every world-th item."""
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[rank::world]
 
 
 def lr_lambda(warmup: int, total: int):
@@ -118,8 +129,8 @@ class PretrainJob:
     recipe_cls: type[Recipe]   # the class itself: plugins need no registry lookup in workers
     backbone: str              # local folder or package:..., loaded by every worker
     options: BaseModel         # the recipe's validated options
-    resources: dict[str, Any]  # what the recipe's prepare() built once (entity table, vocabularies)
-    examples: list[Any]
+    resources: dict[str, Any]  # the recipe's resources(): small, shared tables by reference
+    corpus: Corpus             # the encoded examples: a URI and a size per part
     max_length: int
     batch_size: int            # examples per micro-batch per worker
     steps: int
@@ -144,42 +155,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(job.seed)  # the new layers' initialisation is the same on every rank
     backbone = load_backbone(job.backbone)
     model = rec.build(backbone, job.resources, options)
-    objective = _Objective(model)
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    objective = _Objective(model).to(device)  # on its device first: the fused AdamW wants that
     trainable = [p for p in objective.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=job.lr, weight_decay=job.weight_decay)
+    opt = torch.optim.AdamW(trainable, lr=job.lr, weight_decay=job.weight_decay,
+                            fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(job.warmup_steps, job.steps))
     session = TrainSession(objective, opt, sched, config, data_state={"epoch": 0, "cursor": 0},
                            ddp_kwargs={"find_unused_parameters": True})
-    examples = job.examples
+    stream = CorpusStream(job.corpus, job.seed, session.rank, session.world_size,
+                          session.data_state, keep=rec.keep(job.resources, options))
     bs, accum = job.batch_size, session.train.grad_accum
-    gen = torch.Generator().manual_seed(job.seed * 1000 + session.rank)
-    if session.resumed_from:  # the masking stream continues where it was, not from the start
-        gen.manual_seed(job.seed * 1000 + session.rank + 7919 * session.step)
+    gen = torch.Generator()
 
-    def micro_batches() -> Iterator[list[dict]]:
-        while True:
-            st = session.data_state
-            order = shard_order(len(examples), st["epoch"], job.seed, session.rank,
-                                session.world_size)
-            while st["cursor"] + bs <= len(order):
-                idx = order[st["cursor"]:st["cursor"] + bs]
-                st["cursor"] += bs
-                yield [examples[i] for i in idx]
-            st["epoch"], st["cursor"] = st["epoch"] + 1, 0
-
-    batches = micro_batches()
-    for _ in session.steps():
+    flops_per_position: float | None = None  # measured once, on the first micro-batch
+    peak = peak_tflops(session.device)
+    for step in session.steps():
         t0 = time.perf_counter()
+        # Masking draws from a stream seeded by (seed, rank, step): a resumed run masks exactly
+        # as the uninterrupted one would have.
+        gen.manual_seed(int(np.random.SeedSequence([job.seed, session.rank, step]).generate_state(1)[0]))
         totals: dict[str, float] = {}
-        tokens = 0
+        tokens = positions = 0
         for _ in range(accum):
-            batch = rec.collate(backbone, next(batches), job.resources, options, job.max_length)
+            batch = rec.collate(backbone, stream.batch(bs), job.resources, options, job.max_length)
             tokens += int(batch.pop("n_tokens"))
+            shape = _positions(batch)
+            positions += shape
             batch = {k: v.to(session.device) if hasattr(v, "to") else v for k, v in batch.items()}
             objective.generator = gen
-            with session.autocast():
-                losses = session.model(batch)
-            (losses["total"] / accum).backward()
+            with _FlopCount(flops_per_position is None) as counted:
+                with session.autocast():
+                    losses = session.model(batch)
+                (losses["total"] / accum).backward()
+            if counted.flops:
+                flops_per_position = counted.flops / max(1, shape)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, job.max_grad_norm)
@@ -189,7 +201,51 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         session.report({**{f"loss_{k}": v for k, v in totals.items()},
                         "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                         "tokens": tokens * session.world_size,
+                        "flops": (flops_per_position or 0.0) * positions * session.world_size,
+                        **({"peak_tflops": peak} if peak else {}),
                         "step_s": time.perf_counter() - t0})
+
+
+# Dense bf16 peak of the cards MFU is computed for (the vendors' datasheets, without sparsity).
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The dense bf16 peak of ``device`` when it is a known GPU (None on CPUs: no agreed peak)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def _positions(batch: dict[str, Any]) -> int:
+    """Sequence positions the model computes on (padding included): every ``*mask`` tensor's
+    (B, L) elements, text and regions alike."""
+    return sum(int(v.shape[0] * v.shape[1]) for k, v in batch.items()
+               if k.endswith("mask") and isinstance(v, torch.Tensor) and v.dim() == 2)
+
+
+class _FlopCount:
+    """The model FLOPs of one forward + backward, counted by ``torch.utils.flop_counter`` (matmuls
+    and attention, what MFU counts) when ``on``; a no-op otherwise. Counted once per run and
+    scaled per step by its positions: attention's share grows with the length, so the figure is
+    close, not exact, when lengths vary."""
+
+    def __init__(self, on: bool):
+        self.on, self.flops = on, 0.0
+
+    def __enter__(self) -> _FlopCount:
+        if self.on:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self._mode = FlopCounterMode(display=False)
+            self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.on:
+            self._mode.__exit__(*exc)
+            self.flops = float(self._mode.get_total_flops())
 
 
 class _Objective(torch.nn.Module):
@@ -246,11 +302,12 @@ def load_pretrained(path: str | Path) -> tuple[Recipe, BaseModel, Any, torch.nn.
     return rec, options, backbone, model.eval(), meta
 
 
-def tokens_per_second(history: list[dict[str, Any]]) -> float | None:
-    """Training throughput over the run, skipping step 1 (it includes warm-up allocations)."""
+def per_second(history: list[dict[str, Any]], key: str = "tokens") -> float | None:
+    """``key`` (tokens, flops) per second over the run, skipping step 1 (it includes warm-up
+    allocations and the FLOP count)."""
     rows = history[1:] or history
     t = sum(h.get("step_s", 0.0) for h in rows)
-    return sum(h.get("tokens", 0.0) for h in rows) / t if t > 0 else None
+    return sum(h.get(key, 0.0) for h in rows) / t if t > 0 else None
 
 
 def mean_loss(history: list[dict[str, Any]], key: str, last: int = 10) -> float | None:

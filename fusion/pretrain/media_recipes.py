@@ -29,11 +29,16 @@ matching and InfoNCE.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-from pathlib import Path
+from collections import Counter
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline import StageFailed
@@ -64,51 +69,158 @@ def _check_fields(config: dict[str, Any], cls: type, fixed: set[str]) -> dict[st
     return config
 
 
+# -------------------------------------------------------------------- reading feature artifacts
+def _open(uri: str, name: str) -> Any:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    return fs.open(f"{root.rstrip('/')}/{name}", "rb")
+
+
+def feature_shards(uri: str) -> list[str]:
+    """The feature shards of a feature artifact (names relative to it), in name order."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    return sorted(f"features/{p.rsplit('/', 1)[-1]}"
+                  for p in fs.glob(f"{root.rstrip('/')}/features/part-*.parquet"))
+
+
+def shard_rows(uri: str, shard: str, keep: Any, max_regions: int | None) -> Iterator[dict]:
+    """``{"media", "n_regions", "features", "boxes"}`` of a shard's items in ``keep``, each
+    item's regions as the artifact's raw blobs (float16 / float32 rows), cut to ``max_regions``."""
+    from pipeline.features import tensor_spec
+
+    with _open(uri, shard) as f:
+        table = pq.read_table(f, columns=["id", "n_regions", "features", "boxes"])
+    f_dtype, dim = tensor_spec(table.schema.field("features"), f"{uri}/{shard}: ")
+    for i, n, feats, boxes in zip(*(table[c].to_pylist() for c in ("id", "n_regions", "features",
+                                                                    "boxes"))):
+        if i in keep:
+            n = n if max_regions is None else min(n, max_regions)
+            yield {"media": i, "n_regions": n, "features": feats[:n * dim * f_dtype.itemsize],
+                   "boxes": boxes[:n * 16]}
+
+
+def listing(uri: str) -> pa.Table:
+    with _open(uri, "items.parquet") as f:
+        return pq.read_table(f, columns=["id", "texts", "meta"])
+
+
+def featured_ids(uri: str) -> list[str]:
+    """The ids of the items with features, without decoding any."""
+    out: list[str] = []
+    for shard in feature_shards(uri):
+        with _open(uri, shard) as f:
+            out += pq.read_table(f, columns=["id"])["id"].to_pylist()
+    return out
+
+
+def train_items(uri: str, options: MediaOptions) -> tuple[list[str], dict[str, list[str]]]:
+    """The training items in the listing's order (featured, in the ``train`` split of
+    :mod:`fusion.splits`, the first ``limit``) and every listed item's texts."""
+    from fusion.splits import in_split
+
+    items = listing(uri)
+    texts_of = dict(zip(items["id"].to_pylist(), items["texts"].to_pylist()))
+    featured = set(featured_ids(uri))
+    chosen = [i for i in texts_of
+              if i in featured and in_split(i, "train", options.held_out_share, options.split_seed)]
+    return chosen[:options.limit] if options.limit is not None else chosen, texts_of
+
+
+def region_batch(rows: list[dict], dim: int) -> dict[str, torch.Tensor]:
+    """Rows' regions padded to the largest count: ``features`` (B, R, dim) float16, ``boxes``
+    (B, R, 4) float32, ``region_mask`` (B, R) bool."""
+    B, R = len(rows), max((r["n_regions"] for r in rows), default=0)
+    features = torch.zeros(B, R, dim, dtype=torch.float16)
+    boxes = torch.zeros(B, R, 4, dtype=torch.float32)
+    mask = torch.zeros(B, R, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        n = r["n_regions"]
+        features[b, :n] = torch.from_numpy(np.frombuffer(r["features"], "<f2").reshape(n, dim).copy())
+        boxes[b, :n] = torch.from_numpy(np.frombuffer(r["boxes"], "<f4").reshape(n, 4).copy())
+        mask[b, :n] = True
+    return {"features": features, "boxes": boxes, "region_mask": mask}
+
+
+def batch_rng(ids: list[str]) -> np.random.Generator:
+    """A generator seeded by a batch's item ids: a resumed run draws the same captions."""
+    return np.random.default_rng([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(),
+                                                 "little") for i in ids])
+
+
+def _dim(uri: str) -> int:
+    from pipeline.features import tensor_spec
+
+    shards = feature_shards(uri)
+    if not shards:
+        raise StageFailed(f"fusion.pretrain: {uri} has no feature shards")
+    with _open(uri, shards[0]) as f:
+        return tensor_spec(pq.read_schema(f).field("features"))[1]
+
+
+def _counts(uri: str) -> dict[str, int]:
+    """Listed and featured items, from the Parquet footers alone."""
+    with _open(uri, "items.parquet") as f:
+        listed = pq.ParquetFile(f).metadata.num_rows
+    featured = 0
+    for shard in feature_shards(uri):
+        with _open(uri, shard) as f:
+            featured += pq.ParquetFile(f).metadata.num_rows
+    return {"items_listed": listed, "items_with_features": featured,
+            "items_without_features": listed - featured}
+
+
 class MediaRecipe(Recipe):
-    """Shared data side: pairs from the ``media`` artifact, shipped to workers through the object
-    store once (flat numpy arrays: zero-copy on a node), padded per batch."""
+    """Shared data side: one unit per feature shard of the ``media`` input; a corpus row is one
+    training item with its regions (the artifact's blobs) and its captions, tokenised; each batch
+    gives each item one caption and pads the regions."""
 
     needs: ClassVar[tuple[str, ...]] = ("media",)
     Options: ClassVar[type[BaseModel]] = MediaOptions
 
-    def prepare(self, inputs: dict[str, Path], options: MediaOptions, docs: list, backbone: Any,
-                max_length: int) -> tuple[list, dict[str, Any], dict[str, Any]]:
-        import ray
+    def resources(self, inputs: dict[str, str], options: MediaOptions) -> dict[str, Any]:
+        return {"feature_dim": _dim(inputs["media"]), "global_token": _global_token(inputs["media"]),
+                **_counts(inputs["media"])}
 
-        from fusion.pairs import load_pairs
+    def units(self, inputs: dict[str, str], options: MediaOptions, limit: int | None) -> list[dict]:
+        return [{"unit": k, "shard": s} for k, s in enumerate(feature_shards(inputs["media"]))]
 
-        bank, caps, counts = load_pairs(inputs["media"], "train", options.held_out_share,
-                                        options.split_seed, options.max_regions, options.limit)
-        by_media: dict[int, list[str]] = {}
-        for t, m in zip(caps.texts, caps.media):
-            by_media.setdefault(m, []).append(t)
-        examples = [{"media": m, "texts": ts} for m, ts in sorted(by_media.items())]
-        if not examples:
-            raise StageFailed(f"fusion.pretrain: no training pair in {inputs['media']}: {counts}")
-        resources = {"feature_dim": bank.dim, "global_token": _global_token(inputs["media"]),
-                     "bank": ray.put(bank)}
-        return examples, resources, {**counts, "train_media_with_text": len(examples)}
+    def encoder(self, inputs: dict[str, str], options: MediaOptions, tokenizer: Any,
+                max_length: int) -> dict[str, Any]:
+        chosen, texts_of = train_items(inputs["media"], options)
+        return {"tokenizer": tokenizer, "max_length": max_length, "options": options,
+                "chosen": set(chosen), "texts_of": texts_of}
 
-    def shared(self, resources: dict[str, Any]) -> Any:
-        """What ``prepare`` put in the object store, fetched once per worker (the recipe object
-        lives for the whole loop)."""
-        if getattr(self, "_shared", None) is None:
-            import ray
+    def encode(self, state: dict, inputs: dict[str, str], unit: dict) -> tuple[list[dict], Counter]:
+        rows, counts = [], Counter()
+        for row in shard_rows(inputs["media"], unit["shard"], state["chosen"],
+                              state["options"].max_regions):
+            texts = state["texts_of"].get(row["media"]) or []
+            counts["train_items"] += 1
+            counts["train_texts"] += len(texts)
+            if not texts:
+                counts["train_items_without_text"] += 1
+                continue
+            enc = state["tokenizer"](texts, truncation=True, max_length=state["max_length"],
+                                     return_special_tokens_mask=True)
+            rows.append({**row, "captions": enc["input_ids"],
+                         "caption_special": enc["special_tokens_mask"]})
+        counts["train_media_with_text"] += len(rows)
+        return rows, counts
 
-            self._shared = ray.get(resources["bank"])
-        return self._shared
-
-    def collate(self, backbone: TextBackbone, examples: list[dict], resources: dict[str, Any],
+    def collate(self, backbone: TextBackbone, rows: list[dict], resources: dict[str, Any],
                 options: Any, max_length: int) -> dict[str, Any]:
-        bank = self.shared(resources)
-        media = [e["media"] for e in examples]
-        rng = np.random.default_rng(media)
-        texts = [e["texts"][rng.integers(len(e["texts"]))] for e in examples]
-        enc = backbone.tokenizer(texts, truncation=True, max_length=max_length, padding=True,
-                                 return_tensors="pt", return_special_tokens_mask=True)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "special_tokens_mask": enc["special_tokens_mask"],
-                "n_tokens": int(enc["attention_mask"].sum()), **bank.batch(media)}
+        from fusion.pretrain.recipes import pad
+
+        rng = batch_rng([r["media"] for r in rows])
+        picks = [int(rng.integers(len(r["captions"]))) for r in rows]
+        text = pad([{"input_ids": r["captions"][k], "special_tokens_mask": r["caption_special"][k]}
+                    for r, k in zip(rows, picks)],
+                   {"input_ids": backbone.tokenizer.pad_token_id, "special_tokens_mask": 1})
+        return {**text, "n_tokens": int(text["attention_mask"].sum()),
+                **region_batch(rows, resources["feature_dim"])}
 
 
 class LxmertOptions(MediaOptions):
@@ -202,26 +314,58 @@ class BiMediaRecipe(MediaRecipe):
     needs = ("media", "query_media")
     Options = BiMediaOptions
 
-    def prepare(self, inputs: dict[str, Path], options: BiMediaOptions, docs: list, backbone: Any,
-                max_length: int) -> tuple[list, dict[str, Any], dict[str, Any]]:
-        import ray
+    def resources(self, inputs: dict[str, str], options: BiMediaOptions) -> dict[str, Any]:
+        """Besides the media side's, the queries' counts: each query item is a training query
+        (its ``meta[key]`` names a featured training item), or counted under why it is not."""
+        from fusion.splits import in_split
 
-        from fusion.pairs import load_media_pairs
+        out = super().resources(inputs, options)
+        out |= {"query_feature_dim": _dim(inputs["query_media"]),
+                "query_global_token": _global_token(inputs["query_media"])}
+        items = listing(inputs["query_media"])
+        featured, media = set(featured_ids(inputs["query_media"])), set(featured_ids(inputs["media"]))
+        counts = Counter()
+        for qid, meta in zip(items["id"].to_pylist(), items["meta"].to_pylist()):
+            target = json.loads(meta or "{}").get(options.key)
+            counts["queries" if qid in featured and target in media and
+                   in_split(target, "train", options.held_out_share, options.split_seed)
+                   else "queries_without_features" if qid not in featured
+                   else f"queries_without_{options.key}" if target is None
+                   else "queries_for_unknown_media" if target not in media
+                   else "queries_of_other_split"] += 1
+        return out | {"query_items_listed": items.num_rows, **counts}
 
-        bank, queries, counts = load_media_pairs(inputs["query_media"], inputs["media"], "train",
-                                                 options.held_out_share, options.split_seed,
-                                                 options.key, options.max_regions, options.limit)
-        by_media: dict[int, list[int]] = {}
-        for q, m in enumerate(queries.media):
-            by_media.setdefault(m, []).append(q)
-        examples = [{"media": m, "queries": qs} for m, qs in sorted(by_media.items())]
-        if not examples:
-            raise StageFailed(f"fusion.pretrain: no (query, media) pair: {counts}")
-        resources = {"feature_dim": bank.dim, "query_feature_dim": queries.bank.dim,
-                     "global_token": _global_token(inputs["media"]),
-                     "query_global_token": _global_token(inputs["query_media"]),
-                     "bank": ray.put((bank, queries.bank))}
-        return examples, resources, {**counts, "train_media_with_query": len(examples)}
+    def encoder(self, inputs: dict[str, str], options: BiMediaOptions, tokenizer: Any,
+                max_length: int) -> dict[str, Any]:
+        """The media side's, plus every training query's regions by target item (read once per
+        actor, in the query listing's order)."""
+        state = super().encoder(inputs, options, tokenizer, max_length)
+        items = listing(inputs["query_media"])
+        target = {q: json.loads(m or "{}").get(options.key)
+                  for q, m in zip(items["id"].to_pylist(), items["meta"].to_pylist())}
+        wanted = {q for q, t in target.items() if t in state["chosen"]}
+        regions = {r["media"]: r for s in feature_shards(inputs["query_media"])
+                   for r in shard_rows(inputs["query_media"], s, wanted, options.max_regions)}
+        by_target: dict[str, list[dict]] = {}
+        for q in target:  # listing order
+            if q in regions:
+                r = regions[q]
+                by_target.setdefault(target[q], []).append(
+                    {"n_regions": r["n_regions"], "features": r["features"], "boxes": r["boxes"]})
+        return state | {"queries": by_target}
+
+    def encode(self, state: dict, inputs: dict[str, str], unit: dict) -> tuple[list[dict], Counter]:
+        rows, counts = [], Counter()
+        for row in shard_rows(inputs["media"], unit["shard"], state["chosen"],
+                              state["options"].max_regions):
+            counts["train_items"] += 1
+            queries = state["queries"].get(row["media"])
+            if not queries:
+                counts["media_without_query"] += 1
+                continue
+            rows.append({**row, "queries": queries})
+        counts["train_media_with_query"] += len(rows)
+        return rows, counts
 
     def build(self, backbone: Any, resources: dict[str, Any], options: BiMediaOptions) -> Any:
         from fusion.models.bimedia import BiMedia, BiMediaConfig
@@ -231,14 +375,14 @@ class BiMediaRecipe(MediaRecipe):
             "query_global_token": resources["query_global_token"],
             "media_global_token": resources["global_token"]})))
 
-    def collate(self, backbone: Any, examples: list[dict], resources: dict[str, Any], options: Any,
+    def collate(self, backbone: Any, rows: list[dict], resources: dict[str, Any], options: Any,
                 max_length: int) -> dict[str, Any]:
-        bank, qbank = self.shared(resources)
-        media = [e["media"] for e in examples]
-        rng = np.random.default_rng(media)
-        q = qbank.batch([e["queries"][rng.integers(len(e["queries"]))] for e in examples])
-        return {"query_features": q["features"], "query_boxes": q["boxes"], "query_mask": q["region_mask"],
-                "n_tokens": int(q["region_mask"].sum()), **bank.batch(media)}
+        rng = batch_rng([r["media"] for r in rows])
+        q = region_batch([r["queries"][int(rng.integers(len(r["queries"])))] for r in rows],
+                         resources["query_feature_dim"])
+        return {"query_features": q["features"], "query_boxes": q["boxes"],
+                "query_mask": q["region_mask"], "n_tokens": int(q["region_mask"].sum()),
+                **region_batch(rows, resources["feature_dim"])}
 
 
 class BiMediaDualOptions(BiMediaOptions):
@@ -262,6 +406,7 @@ class BiMediaDualRecipe(BiMediaRecipe):
         return BiMedia(dual_config(super().build(backbone, resources, options).config))
 
 
-def _global_token(path: Path) -> bool:
-    manifest = json.loads((Path(path) / "manifest.json").read_text())
+def _global_token(uri: str) -> bool:
+    with _open(uri, "manifest.json") as f:
+        manifest = json.load(f)
     return bool(manifest.get("params", {}).get("global_token", False))

@@ -8,9 +8,12 @@ entities the KG or the embedding table lacks are counted in the manifest, never 
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,49 +46,68 @@ class BackboneMLM(nn.Module):
         return {"mlm": mlm, "total": mlm}
 
 
-def encode_texts(backbone: TextBackbone, texts: list[str], max_length: int) -> dict[str, Any]:
-    """Padded token ids, attention mask and the MLM-maskable positions (not special, not padding)."""
-    enc = backbone.tokenizer(texts, truncation=True, max_length=max_length, padding=True,
-                             return_tensors="pt", return_special_tokens_mask=True)
-    attn = enc["attention_mask"].bool()
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "maskable": attn & ~enc["special_tokens_mask"].bool(), "n_tokens": int(attn.sum())}
+def pad(rows: list[dict], fill: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Rows of equal-length lists padded to the longest row: each ``fill`` key as (B, L) long
+    padded with its value, plus ``attention_mask`` (B, L) from the first key's lengths."""
+    first = next(iter(fill))
+    B, L = len(rows), max((len(r[first]) for r in rows), default=0)
+    out = {k: torch.full((B, L), v, dtype=torch.long) for k, v in fill.items()}
+    out["attention_mask"] = torch.zeros(B, L, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r[first])
+        for k in fill:
+            out[k][b, :n] = torch.tensor(r[k], dtype=torch.long)
+        out["attention_mask"][b, :n] = 1
+    return out
 
 
 @recipe("mlm")
 class PlainMLM(Recipe):
     needs = ("text",)
 
+    def encode_docs(self, state: dict, docs: list[dict]) -> tuple[list[dict], Counter]:
+        enc = state["tokenizer"]([d["text"] for d in docs], truncation=True,
+                                 max_length=state["max_length"], return_special_tokens_mask=True)
+        rows = [{"input_ids": i, "special_tokens_mask": m}
+                for i, m in zip(enc["input_ids"], enc["special_tokens_mask"])]
+        return rows, Counter(documents=len(docs))
+
     def build(self, backbone: TextBackbone, resources: dict, options: Any) -> nn.Module:
         return BackboneMLM(backbone)
 
-    def collate(self, backbone: TextBackbone, examples: list[dict], resources: dict, options: Any,
+    def collate(self, backbone: TextBackbone, rows: list[dict], resources: dict, options: Any,
                 max_length: int) -> dict[str, Any]:
-        return encode_texts(backbone, [e["text"] for e in examples], max_length)
+        batch = pad(rows, {"input_ids": backbone.tokenizer.pad_token_id, "special_tokens_mask": 1})
+        attn = batch["attention_mask"].bool()
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "maskable": attn & ~batch.pop("special_tokens_mask").bool(),
+                "n_tokens": int(attn.sum())}
 
 
 # ------------------------------------------------------------------------- linking to the KG
-def _mentions_by_index(docs: list[dict], index: dict[str, int]) -> tuple[list[dict], int, int]:
-    """Documents with mentions as ``(start, end, idx)`` where the entity id has an index; returns
-    them and the counts of mentions kept and left out (no such entity)."""
-    out, kept, missing = [], 0, 0
-    for d in docs:
-        ms = []
-        for s, e, ent in d["mentions"]:
-            if ent in index:
-                ms.append((s, e, index[ent]))
-            else:
-                missing += 1
-        kept += len(ms)
-        out.append({**d, "mentions": ms})
-    return out, kept, missing
+def read_table(uri: str, name: str, columns: list[str] | None = None) -> pa.Table:
+    """One table of an artifact at ``uri`` (a local folder or ``s3://...``)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    with fs.open(f"{root.rstrip('/')}/{name}", "rb") as f:
+        return pq.read_table(f, columns=columns)
 
 
-def _kg_index(kg_path) -> tuple[Any, dict[str, int]]:  # noqa: ANN001
-    from knowledge.kg import KnowledgeGraph
+def id_index(uri: str, name: str = "entities.parquet") -> dict[str, int]:
+    """Entity id -> row index of the table ``name`` of the artifact at ``uri``."""
+    t = read_table(uri, name, ["idx", "id"])
+    return dict(zip(t["id"].to_pylist(), t["idx"].to_pylist()))
 
-    kg = KnowledgeGraph.load(kg_path)
-    return kg, dict(zip(kg.entities["id"].to_pylist(), kg.entities["idx"].to_pylist()))
+
+def by_index(mentions: list, index: dict[str, int], counts: Counter, kept: str, missing: str
+             ) -> list[tuple[int, int, int]]:
+    """``(start, end, idx)`` of the mentions whose entity id has an index; the others are
+    counted under ``missing`` (never silently dropped)."""
+    out = [(s, e, index[ent]) for s, e, ent in mentions if ent in index]
+    counts[kept] += len(out)
+    counts[missing] += len(mentions) - len(out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- ERNIE
@@ -95,46 +117,81 @@ class ErnieOptions(BaseModel):
                                  description="aggregator (K-Encoder) layers; None: half the backbone's")
 
 
+def entity_table(uri: str) -> torch.Tensor:
+    """The ``entity`` vectors of a ``knowledge.embed`` artifact at ``uri``."""
+    import fsspec
+    from safetensors.torch import load
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    with fs.open(f"{root.rstrip('/')}/embeddings.safetensors", "rb") as f:
+        return load(f.read())["entity"]
+
+
+def safetensors_shape(uri: str, file: str, name: str) -> list[int]:
+    """A tensor's shape from a safetensors file's header, without reading the tensor."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    with fs.open(f"{root.rstrip('/')}/{file}", "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))[name]["shape"]
+
+
 @recipe("ernie")
 class ErnieRecipe(Recipe):
     """ERNIE (Zhang et al. 2019): MLM + dEA, entity vectors from a ``knowledge.embed`` artifact.
 
-    Only the vectors of entities the text mentions are shipped to the workers (a compact table):
-    dEA predicts among the batch's entities, so no other vector is ever read.
+    The table travels by reference: each worker loads it once from the artifact's URI (a frozen
+    buffer of the model); an entity's row is its index in the artifact's ``entities.parquet``.
     """
 
     needs = ("text", "entities")
     Options = ErnieOptions
 
-    def prepare(self, inputs, options, docs, backbone, max_length):  # noqa: ANN001, ANN201
-        from safetensors.torch import load_file
+    def resources(self, inputs, options):  # noqa: ANN001, ANN201
+        num, dim = safetensors_shape(inputs["entities"], "embeddings.safetensors", "entity")
+        return {"entities_uri": inputs["entities"], "num_entities": num, "entity_dim": dim}
 
-        table = load_file(str(inputs["entities"] / "embeddings.safetensors"))["entity"]
-        ents = pq.read_table(inputs["entities"] / "entities.parquet", columns=["idx", "id"])
-        index = dict(zip(ents["id"].to_pylist(), ents["idx"].to_pylist()))
-        docs, kept, missing = _mentions_by_index(docs, index)
-        used = sorted({m[2] for d in docs for m in d["mentions"]})
-        if not used:
+    def encoder(self, inputs, options, tokenizer, max_length):  # noqa: ANN001, ANN201
+        num, _ = safetensors_shape(inputs["entities"], "embeddings.safetensors", "entity")
+        return {"tokenizer": tokenizer, "max_length": max_length, "num_entities": num,
+                "index": id_index(inputs["entities"])}
+
+    def encode_docs(self, state, docs):  # noqa: ANN001, ANN201
+        from fusion.models.ernie import encode_text
+
+        rows, counts = [], Counter(documents=len(docs))
+        for d in docs:
+            ms = by_index(d["mentions"], state["index"], counts, "mentions_with_vector",
+                          "mentions_without_vector")
+            ex = encode_text(d["text"], ms, state["tokenizer"], state["max_length"],
+                             state["num_entities"])
+            counts["mentions_aligned"] += ex.counts.aligned
+            counts["mentions_truncated"] += ex.counts.truncated
+            counts["mentions_unaligned"] += ex.counts.unaligned
+            rows.append({"input_ids": ex.input_ids, "entity_idx": ex.entity_idx,
+                         "special_tokens_mask": ex.special_tokens_mask})
+        return rows, counts
+
+    def finish(self, resources, counts):  # noqa: ANN001, ANN201
+        if not counts.get("mentions_with_vector"):
             raise StageFailed("ernie: no linked mention has an entity vector; are the text and the "
                               "embeddings built from the same knowledge graph?")
-        compact = {old: new for new, old in enumerate(used)}
-        docs = [{**d, "mentions": [(s, e, compact[i]) for s, e, i in d["mentions"]]} for d in docs]
-        id_of = {i: e for e, i in index.items()}
-        return docs, {"entity_table": table[used].contiguous(),
-                      "entity_ids": [id_of[i] for i in used]}, {
-            "mentions_with_vector": kept, "mentions_without_vector": missing,
-            "entities_used": len(used), "entity_dim": int(table.shape[1])}
+        return resources, counts
 
     def build(self, backbone, resources, options):  # noqa: ANN001, ANN201
         from fusion.models.ernie import Ernie, ErnieConfig
 
-        return Ernie(backbone, resources["entity_table"], ErnieConfig(num_k_layers=options.k_layers))
+        table = resources.get("entity_table")
+        if table is None:
+            table = entity_table(resources["entities_uri"])
+        return Ernie(backbone, table, ErnieConfig(num_k_layers=options.k_layers))
 
-    def collate(self, backbone, examples, resources, options, max_length):  # noqa: ANN001, ANN201
-        from fusion.models.ernie import encode_batch
+    def collate(self, backbone, rows, resources, options, max_length):  # noqa: ANN001, ANN201
+        from fusion.models.ernie import NO_ENTITY
 
-        batch, _ = encode_batch([e["text"] for e in examples], [e["mentions"] for e in examples],
-                                backbone.tokenizer, max_length, len(resources["entity_table"]))
+        batch = pad(rows, {"input_ids": backbone.tokenizer.pad_token_id, "entity_idx": NO_ENTITY,
+                           "special_tokens_mask": 1})
         return {**batch, "n_tokens": int(batch["attention_mask"].sum())}
 
 
@@ -148,41 +205,50 @@ class KBertOptions(BaseModel):
 @recipe("kbert")
 class KBertRecipe(Recipe):
     """K-BERT (Liu et al. 2020): sentence trees with up to k triples per linked entity, MLM on the
-    trunk. Only triples whose head the text mentions are shipped to the workers."""
+    trunk. The encoding actors build the trees (each loads the KG's triple lookup once); the
+    corpus stores them as lists and the workers rebuild the visible matrices per batch."""
 
     needs = ("text", "kg")
     Options = KBertOptions
 
-    def prepare(self, inputs, options, docs, backbone, max_length):  # noqa: ANN001, ANN201
-        import pyarrow.compute as pc
+    def resources(self, inputs, options):  # noqa: ANN001, ANN201
+        split = read_table(inputs["kg"], "triples.parquet", ["split"])["split"]
+        return {"triples_available": int(pc.sum(pc.is_in(split, pa.array(options.splits))).as_py()
+                                         or 0)}
 
-        kg, index = _kg_index(inputs["kg"])
-        docs, kept, missing = _mentions_by_index(docs, index)
-        heads = sorted({m[2] for d in docs for m in d["mentions"]})
-        t = kg.triples.filter(pc.is_in(kg.triples["split"], pa.array(options.splits)))
-        t = t.filter(pc.is_in(t["head"], pa.array(heads, pa.int32() if heads else pa.int64())))
-        names = kg.entities["name"].to_pylist()
-        resources = {"heads": t["head"].to_pylist(), "relations": t["relation"].to_pylist(),
-                     "tails": t["tail"].to_pylist(), "relation_names": kg.relations["name"].to_pylist(),
-                     "entity_names": names, "max_length": max_length}
-        return docs, resources, {"mentions_in_kg": kept, "mentions_not_in_kg": missing,
-                                 "triples_available": t.num_rows}
+    def encoder(self, inputs, options, tokenizer, max_length):  # noqa: ANN001, ANN201
+        from fusion.models.kbert import KnowledgeLayer, TripleLookup
+
+        ents = read_table(inputs["kg"], "entities.parquet", ["idx", "id", "name"])
+        rels = read_table(inputs["kg"], "relations.parquet", ["name"])
+        t = read_table(inputs["kg"], "triples.parquet")
+        t = t.filter(pc.is_in(t["split"], pa.array(options.splits)))
+        lookup = TripleLookup.from_indices(t["head"].to_numpy(), t["relation"].to_numpy(),
+                                           t["tail"].to_numpy(), rels["name"].to_pylist(),
+                                           ents["name"].to_pylist())
+        return {"layer": KnowledgeLayer(tokenizer, lookup, k=options.k, max_length=max_length),
+                "index": dict(zip(ents["id"].to_pylist(), ents["idx"].to_pylist()))}
+
+    def encode_docs(self, state, docs):  # noqa: ANN001, ANN201
+        rows, counts = [], Counter(documents=len(docs))
+        for d in docs:
+            ms = by_index(d["mentions"], state["index"], counts, "mentions_in_kg", "mentions_not_in_kg")
+            row = state["layer"].flatten(d["text"], ms)
+            for c in ("injected", "dropped", "without_triples", "unaligned"):
+                counts[f"branches_{c}" if c in ("injected", "dropped") else f"mentions_{c}"] += row.pop(c)
+            rows.append(row)
+        return rows, counts
 
     def build(self, backbone, resources, options):  # noqa: ANN001, ANN201
         from fusion.models.kbert import KBert, KBertConfig
 
-        self._layer = None
         return KBert(backbone, KBertConfig(k=options.k, max_length=resources["max_length"]))
 
-    def collate(self, backbone, examples, resources, options, max_length):  # noqa: ANN001, ANN201
-        from fusion.models.kbert import KnowledgeLayer, TripleLookup, collate_trees
+    def collate(self, backbone, rows, resources, options, max_length):  # noqa: ANN001, ANN201
+        from fusion.models.kbert import collate_trees, tree_from_row
 
-        if getattr(self, "_layer", None) is None or self._layer.max_length != max_length:
-            lookup = TripleLookup.from_indices(resources["heads"], resources["relations"],
-                                               resources["tails"], resources["relation_names"],
-                                               resources["entity_names"])
-            self._layer = KnowledgeLayer(backbone.tokenizer, lookup, k=options.k, max_length=max_length)
-        trees = [self._layer(e["text"], e["mentions"]) for e in examples]
+        trees = [tree_from_row({**r, "injected": 0, "dropped": 0, "without_triples": 0,
+                                "unaligned": 0}) for r in rows]
         batch = collate_trees(trees, backbone.tokenizer.pad_token_id)
         return {**batch, "n_tokens": int(batch["attention_mask"].sum())}
 
@@ -230,53 +296,66 @@ class KAdapterRecipe(Recipe):
     needs = ("text", "kg")
     Options = KAdapterOptions
 
-    def prepare(self, inputs, options, docs, backbone, max_length):  # noqa: ANN001, ANN201
-        from collections import Counter
-
-        from fusion.splits import pair_key, split_of
-        from fusion.models.kadapter import RelationExample, TypingExample
-
-        kg, index = _kg_index(inputs["kg"])
-        docs, kept, missing = _mentions_by_index(docs, index)
-        ids = kg.entities["id"].to_pylist()
-        raw: list[tuple[str, tuple, str, str]] = []  # (text, spans, label name, split unit)
+    def encoder(self, inputs, options, tokenizer, max_length):  # noqa: ANN001, ANN201
+        ents = read_table(inputs["kg"], "entities.parquet", ["idx", "id", "types"])
+        state: dict[str, Any] = {"options": options, "ids": ents["id"].to_pylist(),
+                                 "index": dict(zip(ents["id"].to_pylist(), ents["idx"].to_pylist()))}
         if options.adapter == "factual":
-            rel_names = kg.relations["name"].to_pylist()
+            rel_names = read_table(inputs["kg"], "relations.parquet", ["name"])["name"].to_pylist()
+            t = read_table(inputs["kg"], "triples.parquet", ["head", "relation", "tail"])
             facts: dict[tuple[int, int], str] = {}
-            for h, r, t in zip(*(kg.triples[c].to_pylist() for c in ("head", "relation", "tail"))):
-                facts.setdefault((h, t), rel_names[r])
-            for d in docs:
+            for h, r, tl in zip(*(t[c].to_pylist() for c in ("head", "relation", "tail"))):
+                facts.setdefault((h, tl), rel_names[r])
+            state["facts"] = facts
+        else:
+            state["types"] = ents["types"].to_pylist()
+        return state
+
+    def encode_docs(self, state, docs):  # noqa: ANN001, ANN201
+        from fusion.splits import pair_key, split_of
+
+        options = state["options"]
+        ids, counts = state["ids"], Counter()
+        raw: list[tuple[str, list, str, str]] = []  # (text, spans, label name, split unit)
+        for d in docs:
+            ms = by_index(d["mentions"], state["index"], counts, "mentions_in_kg", "mentions_not_in_kg")
+            if options.adapter == "factual":
                 pairs = 0
-                for s1, e1, h in d["mentions"]:
-                    for s2, e2, t in d["mentions"]:
-                        if h != t and (h, t) in facts and pairs < options.max_pairs_per_doc:
-                            raw.append((d["text"], ((s1, e1), (s2, e2)), facts[(h, t)],
+                for s1, e1, h in ms:
+                    for s2, e2, t in ms:
+                        if h != t and (h, t) in state["facts"] and pairs < options.max_pairs_per_doc:
+                            raw.append((d["text"], [[s1, e1], [s2, e2]], state["facts"][(h, t)],
                                         pair_key(ids[h], ids[t])))
                             pairs += 1
-        else:
-            types = kg.entities["types"].to_pylist()
-            for d in docs:
-                for s, e, i in d["mentions"]:
-                    if types[i]:
-                        raw.append((d["text"], ((s, e),), types[i][0], ids[i]))
-        found = len(raw)
+            else:
+                for s, e, i in ms:
+                    if state["types"][i]:
+                        raw.append((d["text"], [[s, e]], state["types"][i][0], ids[i]))
         if options.held_out_share > 0:  # fusion.finetune's test entities / pairs: never trained on
-            raw = [r for r in raw
-                   if split_of(r[3], options.held_out_share, options.split_seed) == "train"]
-        held_out = found - len(raw)
-        counts = Counter(label for _, _, label, _ in raw)
-        labels = sorted(label for label, c in counts.items() if c >= options.min_label_count)
-        label_idx = {label: k for k, label in enumerate(labels)}
-        if options.adapter == "factual":
-            examples = [RelationExample(text, spans[0], spans[1], label_idx[lab])
-                        for text, spans, lab, _ in raw if lab in label_idx]
-        else:
-            examples = [TypingExample(text, spans[0], label_idx[lab])
-                        for text, spans, lab, _ in raw if lab in label_idx]
-        return examples, {"labels": labels}, {
-            "mentions_in_kg": kept, "mentions_not_in_kg": missing, "task_examples": len(examples),
-            "labels": len(labels), "rare_label_examples": len(raw) - len(examples),
-            "held_out_examples": held_out}
+            kept = [r for r in raw
+                    if split_of(r[3], options.held_out_share, options.split_seed) == "train"]
+            counts["held_out_examples"] += len(raw) - len(kept)
+            raw = kept
+        counts.update(f"label:{label}" for _, _, label, _ in raw)
+        return [{"text": t, "spans": sp, "label": lab} for t, sp, lab, _ in raw], counts
+
+    def finish(self, resources, counts):  # noqa: ANN001, ANN201
+        """The label set: labels with at least ``min_label_count`` examples in the whole corpus;
+        examples of rarer labels stay in the corpus, are counted, and are not trained on."""
+        labels = {k.removeprefix("label:"): v for k, v in counts.items() if k.startswith("label:")}
+        counts = {k: v for k, v in counts.items() if not k.startswith("label:")}
+        keep = sorted(lab for lab, c in labels.items() if c >= resources["min_label_count"])
+        task = sum(labels[lab] for lab in keep)
+        return {**resources, "labels": keep}, {
+            **counts, "task_examples": task, "labels": len(keep),
+            "rare_label_examples": sum(labels.values()) - task}
+
+    def resources(self, inputs, options):  # noqa: ANN001, ANN201
+        return {"min_label_count": options.min_label_count}
+
+    def keep(self, resources, options):  # noqa: ANN001, ANN201
+        labels = set(resources["labels"])
+        return lambda row: row["label"] in labels
 
     def build(self, backbone, resources, options):  # noqa: ANN001, ANN201
         from fusion.models.kadapter import EntityTyper, KAdapter, KAdapterConfig, RelationClassifier
@@ -286,13 +365,19 @@ class KAdapterRecipe(Recipe):
         head_cls = RelationClassifier if options.adapter == "factual" else EntityTyper
         return _TaskModel(head_cls(encoder, len(resources["labels"])))
 
-    def collate(self, backbone, examples, resources, options, max_length):  # noqa: ANN001, ANN201
-        from fusion.models.kadapter import relation_batch, typing_batch
+    def collate(self, backbone, rows, resources, options, max_length):  # noqa: ANN001, ANN201
+        from fusion.models.kadapter import (RelationExample, TypingExample, relation_batch,
+                                            typing_batch)
 
+        label = {name: k for k, name in enumerate(resources["labels"])}
         if options.adapter == "factual":
-            batch, report = relation_batch(examples, backbone.tokenizer, max_length)
+            batch, report = relation_batch(
+                [RelationExample(r["text"], tuple(r["spans"][0]), tuple(r["spans"][1]),
+                                 label[r["label"]]) for r in rows], backbone.tokenizer, max_length)
         else:
-            batch, report = typing_batch(examples, backbone.tokenizer, max_length=max_length)
+            batch, report = typing_batch(
+                [TypingExample(r["text"], tuple(r["spans"][0]), label[r["label"]]) for r in rows],
+                backbone.tokenizer, max_length=max_length)
         if batch is None:  # every example's spans were truncated away: a rare, empty step
             raise StageFailed(f"kadapter: a batch with no usable example ({report}); raise "
                               f"max_length")

@@ -9,12 +9,17 @@ their linked mentions), ``entities`` (a ``knowledge.embed`` artifact: entity vec
     entity_table.safetensors, entity_ids.json
                         ERNIE only: the entity vectors it read (a buffer, not in model.safetensors)
                         and their entity ids, so fusion.finetune needs no knowledge.embed input
+
     tokenizer/          the backbone's tokenizer, so downstream stages need no other input
     backbone_config.json  the backbone's architecture (fusion.finetune rebuilds it from this)
     recipe.json         recipe, backbone source, options, max_length
     history.json        per step: every objective's loss, lr, grad norm, tokens, seconds
     losses.png          loss curves per objective (the numbers: history.json)
     tb/                 the same curves as TensorBoard event files
+
+The training examples never pass through this stage's process: Ray Data actors encode the inputs
+(read by URI) into a corpus in the stage's state folder, and each worker streams its share of it
+(:mod:`fusion.pretrain.corpus`); only small resources and the corpus's URI travel to the workers.
 """
 
 from __future__ import annotations
@@ -60,8 +65,8 @@ class PretrainParams(BaseModel):
         return self
 
 
-@stage("fusion.pretrain", version="3", cpus=0, pool="train",
-       headline=("recipe", "steps", "loss_total_first", "loss_total_last10", "tokens_per_s"),
+@stage("fusion.pretrain", version="4", cpus=0, pool="train",
+       headline=("recipe", "steps", "loss_total_first", "loss_total_last10", "tokens_per_s", "mfu"),
        # Which roles a run needs is the recipe's `needs` (checked when the stage starts).
        inputs={"text": Input("knowledge.link", "documents with linked mentions (text recipes)",
                              required=False),
@@ -75,8 +80,8 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     """Pretrain a fusion encoder (ERNIE, K-BERT, K-Adapter, LXMERT, ViLBERT, a dual encoder or the plain
     backbone) with Ray Train."""
     from fusion.models.backbone import load_backbone
-    from fusion.pretrain.loop import (RECIPES, PretrainJob, load_linked_docs, mean_loss,
-                                      tokens_per_second, train_loop_per_worker)
+    from fusion.pretrain.corpus import build_corpus
+    from fusion.pretrain.loop import RECIPES, PretrainJob, mean_loss, per_second, train_loop_per_worker
 
     rec_cls = RECIPES.get(params.recipe)
     rec = rec_cls()
@@ -85,23 +90,25 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
         raise StageFailed(f"fusion.pretrain: recipe {params.recipe!r} needs input role(s) "
                           f"{missing} (got {sorted(ctx.inputs) or 'none'})")
     options = rec.Options.model_validate(params.options)
-    # Text recipes read linked documents; media recipes read their pairs in prepare().
-    docs = load_linked_docs(ctx.inputs["text"].path, params.limit_docs) if "text" in ctx.inputs else []
     backbone = load_backbone(params.backbone)  # fails here, once, on a bad folder
-    inputs = {role: a.path for role, a in ctx.inputs.items()}
-    examples, resources, prep_counts = rec.prepare(inputs, options, docs, backbone,
-                                                   params.max_length)
+    # Inputs by URI: the encoding actors and the workers read them on whichever node they run.
+    inputs = {role: a.uri for role, a in ctx.inputs.items()}
+    resources = {"max_length": params.max_length, **rec.resources(inputs, options)}
+    units = rec.units(inputs, options, params.limit_docs)
+    corpus = build_corpus(rec, options, inputs, params.backbone, params.max_length, units,
+                          f"{ctx.state_uri}/corpus", ctx.log)
+    resources, counts = rec.finish(resources, dict(corpus.counts))
     need = params.batch_size * params.scaling.num_workers
-    if len(examples) < need:
-        raise StageFailed(f"fusion.pretrain: {len(examples)} training examples (from "
-                          f"{len(docs)} documents) cannot fill one batch of {params.batch_size} on "
-                          f"each of {params.scaling.num_workers} worker(s); {prep_counts}")
-    ctx.log.info("recipe %s on %s (%d layers, hidden %d); %d documents -> %d examples; %s",
+    if corpus.examples < need:
+        raise StageFailed(f"fusion.pretrain: {corpus.examples} training examples cannot fill one "
+                          f"batch of {params.batch_size} on each of {params.scaling.num_workers} "
+                          f"worker(s); {counts}")
+    ctx.log.info("recipe %s on %s (%d layers, hidden %d); %d units -> %d examples; %s",
                  params.recipe, backbone.source, backbone.num_layers, backbone.hidden_size,
-                 len(docs), len(examples), prep_counts)
+                 len(units), corpus.examples, counts)
     job = PretrainJob(
         recipe_cls=rec_cls, backbone=params.backbone, options=options, resources=resources,
-        examples=examples, max_length=params.max_length, batch_size=params.batch_size,
+        corpus=corpus, max_length=params.max_length, batch_size=params.batch_size,
         steps=params.steps, lr=params.lr, warmup_steps=params.warmup_steps,
         weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, seed=params.seed,
         threads_per_worker=max(1, int(params.scaling.cpus_per_worker),
@@ -120,11 +127,8 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     wrapper = _Objective(rec.build(backbone, resources, options))
     load_model(wrapper, str(result.checkpoint_dir / "model.safetensors"))
     save_model(wrapper.model, str(ctx.out / "model.safetensors"))
-    if "entity_table" in resources:  # ERNIE's frozen vectors: a buffer kept out of model.safetensors
-        from safetensors.torch import save_file
-
-        save_file({"entity": resources["entity_table"]}, str(ctx.out / "entity_table.safetensors"))
-        (ctx.out / "entity_ids.json").write_text(json.dumps(resources["entity_ids"]))
+    if "entities_uri" in resources:  # ERNIE's frozen vectors: a buffer kept out of model.safetensors
+        _copy_entity_table(resources["entities_uri"], ctx.out)
     backbone.tokenizer.save_pretrained(str(ctx.out / "tokenizer"))
     backbone.model.config.to_json_file(str(ctx.out / "backbone_config.json"))
     (ctx.out / "recipe.json").write_text(json.dumps({
@@ -137,14 +141,45 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     _plot(hist, objectives, ctx.out / "losses.png", params.recipe)
     _tensorboard(hist, ctx.out / "tb")
     return {
-        "recipe": params.recipe, "steps": result.step, "documents": len(docs),
-        "examples": len(examples),
+        "recipe": params.recipe, "steps": result.step, "examples": corpus.examples,
         **({f"loss_{o}_first": hist[0].get(f"loss_{o}") for o in objectives} if hist else {}),
         **{f"loss_{o}_last10": mean_loss(hist, f"loss_{o}") for o in objectives},
-        "tokens_per_s": tokens_per_second(hist),
+        "tokens_per_s": per_second(hist, "tokens"), **_utilisation(hist, params.scaling.num_workers),
         "train_s": round(sum(h.get("step_s", 0.0) for h in hist), 3),
-        "num_workers": params.scaling.num_workers, **prep_counts,
+        "num_workers": params.scaling.num_workers, "job_bytes": result.job_bytes,
+        **{k: v for k, v in resources.items() if isinstance(v, (int, float)) and k != "max_length"},
+        **counts,
     }
+
+
+def _utilisation(hist: list[dict], workers: int) -> dict[str, float | None]:
+    """Model TFLOP/s achieved (all workers) and MFU: that over the workers' dense bf16 peak, where
+    the device is a known GPU (None otherwise)."""
+    from fusion.pretrain.loop import per_second
+
+    flops = per_second(hist, "flops")
+    peak = next((h["peak_tflops"] for h in hist if "peak_tflops" in h), None)
+    return {"model_tflops_per_s": flops / 1e12 if flops else None,
+            "mfu": flops / (peak * 1e12 * workers) if flops and peak else None}
+
+
+def _copy_entity_table(uri: str, out) -> None:  # noqa: ANN001
+    """The entity vectors ERNIE trained with and their ids (row order), so ``fusion.finetune``
+    needs no ``knowledge.embed`` input: copied file to file, ids streamed, never held whole."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    fs.get(f"{root.rstrip('/')}/embeddings.safetensors", str(out / "entity_table.safetensors"))
+    with fs.open(f"{root.rstrip('/')}/entities.parquet", "rb") as f, \
+            open(out / "entity_ids.json", "w") as w:
+        w.write("[")
+        first = True
+        for batch in pq.ParquetFile(f).iter_batches(columns=["id"]):
+            for i in batch.column(0).to_pylist():
+                w.write(("" if first else ", ") + json.dumps(i))
+                first = False
+        w.write("]")
 
 
 def _plot(hist: list[dict], objectives: list[str], path, title: str) -> None:  # noqa: ANN001

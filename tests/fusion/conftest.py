@@ -148,3 +148,29 @@ def make_query_artifact(out: Path, dim: int = 12, seed: int = 1, per_item: int =
 @pytest.fixture(scope="session")
 def feature_artifact(tmp_path_factory) -> Path:
     return make_feature_artifact(tmp_path_factory.mktemp("features"))
+
+
+def write_linked(out: Path, docs: list[tuple[str, str]],
+                 mentions: list[tuple[str, int, int, str]]) -> Path:
+    """A ``knowledge.link`` artifact in ``out``: ``docs`` as ``(doc_id, text)``, ``mentions`` as
+    ``(doc_id, start, end, entity_id)``, written as the stage writes them (mentions in document
+    order, ``n_mentions`` per document)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from knowledge.stages.link import DOC_SCHEMA, MENTION_SCHEMA
+
+    out.mkdir(parents=True, exist_ok=True)
+    order = {d: k for k, (d, _) in enumerate(docs)}
+    unknown = sorted({m[0] for m in mentions} - set(order))
+    assert not unknown, f"mentions of documents not in docs: {unknown}"
+    mentions = sorted(mentions, key=lambda m: order[m[0]])  # stable: a document's own order kept
+    per_doc = [sum(m[0] == d for m in mentions) for d, _ in docs]
+    pq.write_table(pa.table({"doc_id": [d for d, _ in docs], "text": [t for _, t in docs],
+                             "n_mentions": per_doc}, schema=DOC_SCHEMA), out / "docs.parquet")
+    pq.write_table(pa.table({"doc_id": [m[0] for m in mentions], "start": [m[1] for m in mentions],
+                             "end": [m[2] for m in mentions], "surface": [""] * len(mentions),
+                             "entity_idx": [0] * len(mentions), "entity_id": [m[3] for m in mentions],
+                             "score": [1.0] * len(mentions), "n_candidates": [1] * len(mentions)},
+                            schema=MENTION_SCHEMA), out / "mentions.parquet")
+    return out

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from fusion.models.backbone import random_backbone
+from tests.fusion.conftest import write_linked
 from fusion.finetune.tasks import LEFT_OUT, classification_metrics, prepare_task
 from fusion.splits import pair_key, split_of
 from fusion.finetune.encoders import SPAN_ENCODERS, span_encoder_for
@@ -133,15 +134,7 @@ def artifacts(tmp_path_factory, tokenizer, data) -> dict[str, Path]:
                "relation": torch.randn(3, 12)}, str(emb_dir / "embeddings.safetensors"))
     pq.write_table(pa.table({"idx": list(range(len(with_vec))), "id": [e[0] for e in with_vec],
                              "name": [e[1] for e in with_vec]}), emb_dir / "entities.parquet")
-    docs, mentions = data["docs"], data["mentions"]
-    pq.write_table(pa.table({"doc_id": [d for d, _ in docs], "text": [t for _, t in docs],
-                             "n_mentions": [0] * len(docs)}, schema=DOC_SCHEMA),
-                   link_dir / "docs.parquet")
-    pq.write_table(pa.table({"doc_id": [m[0] for m in mentions], "start": [m[1] for m in mentions],
-                             "end": [m[2] for m in mentions], "surface": [""] * len(mentions),
-                             "entity_idx": [0] * len(mentions), "entity_id": [m[3] for m in mentions],
-                             "score": [1.0] * len(mentions), "n_candidates": [1] * len(mentions)},
-                            schema=MENTION_SCHEMA), link_dir / "mentions.parquet")
+    write_linked(link_dir, data["docs"], [(m[0], m[1], m[2], m[3]) for m in data["mentions"]])
     bb = random_backbone(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
     bb.model.save_pretrained(str(bb_dir))
     tokenizer.save_pretrained(str(bb_dir))

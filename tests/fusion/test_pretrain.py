@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from pydantic import BaseModel
 
 from fusion.models.backbone import load_backbone
-from fusion.pretrain.loop import RECIPES, lr_lambda, recipe, shard_order
+from fusion.pretrain.loop import RECIPES, lr_lambda, recipe
 from fusion.pretrain.recipes import PlainMLM
 from fusion.pretrain.stage import PretrainParams, pretrain
 from knowledge.stages.link import DOC_SCHEMA, MENTION_SCHEMA
@@ -56,13 +58,6 @@ def _run(tmp: Path, linked: Path, **params) -> tuple[dict, Path]:
     return pretrain(ctx, PretrainParams.model_validate(params)), out
 
 
-def test_shard_order_partitions_each_epoch_reproducibly():
-    shards = [shard_order(10, epoch=3, seed=1, rank=r, world=2) for r in range(2)]
-    assert sorted(list(shards[0]) + list(shards[1])) == list(range(10))
-    assert (shard_order(10, 3, 1, 0, 2) == shards[0]).all()
-    assert (shard_order(10, 4, 1, 0, 2) != shards[0]).any()
-
-
 def test_lr_schedule_warms_up_then_decays_to_zero():
     f = lr_lambda(warmup=4, total=10)
     assert [round(f(s), 3) for s in range(10)] == [0.25, 0.5, 0.75, 1.0, 1.0, 0.833, 0.667, 0.5,
@@ -82,7 +77,7 @@ def test_plain_mlm_pretraining_learns_and_writes_a_complete_artifact(ray_local, 
     hist = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in hist] == list(range(1, 81))
     assert metrics["loss_mlm_last10"] < 0.6 * metrics["loss_mlm_first"]  # it memorises 8 sentences
-    assert metrics["tokens_per_s"] > 0 and metrics["documents"] == 32
+    assert metrics["tokens_per_s"] > 0 and metrics["documents"] == metrics["examples"] == 32
     for f in ("model.safetensors", "recipe.json", "losses.png", "tokenizer/tokenizer.json"):
         assert (out / f).exists(), f
     assert list((out / "tb").glob("events.out.tfevents.*"))
@@ -129,3 +124,77 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_local, tmp_path, backbo
     assert int(marker.with_suffix(".count").read_text()) in (9 + 4, 9 + 8)
     hist = json.loads((out / "history.json").read_text())
     assert metrics["steps"] == 12 and [h["step"] for h in hist] == list(range(1, 13))
+
+
+class TracedOptions(BaseModel):
+    trace: str                 # a folder: each rank appends the documents of its batches
+    die_at: int | None = None  # rank 0's process dies at this micro-batch, once, ...
+    registered: str = ""       # ... once this file exists (Ray Train registered a checkpoint)
+
+
+@recipe("mlm_traced")
+class Traced(PlainMLM):
+    """Plain MLM that records which documents each rank trains on, and can die once."""
+
+    Options = TracedOptions
+
+    def encode_docs(self, state, docs):  # noqa: ANN001, ANN201
+        rows, counts = super().encode_docs(state, docs)
+        return [{**r, "doc": d["id"]} for r, d in zip(rows, docs)], counts
+
+    def collate(self, backbone, rows, resources, options, max_length):  # noqa: ANN001
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        trace = Path(options.trace)
+        with open(trace / f"rank{rank}.txt", "a") as f:
+            f.write(" ".join(r["doc"] for r in rows) + "\n")
+        count = trace / f"rank{rank}.count"
+        n = int(count.read_text()) + 1 if count.exists() else 1
+        count.write_text(str(n))
+        if rank == 0 and n == options.die_at and not (trace / "died").exists():
+            # Ray Train's controller registers a reported checkpoint when it next polls the
+            # workers; a worker dying before that would restart from scratch. Wait for that state.
+            for _ in range(6000):
+                if Path(options.registered).exists():
+                    break
+                time.sleep(0.05)
+            (trace / "died").touch()
+            os._exit(1)
+        return super().collate(backbone, rows, resources, options, max_length)
+
+
+@pytest.mark.slow
+def test_two_workers_see_each_document_once_per_epoch_and_a_resumed_run_is_bit_identical(
+        ray_local, tmp_path, backbone_dir, linked):
+    from safetensors.torch import load_file
+
+    def run(name: str, die_at: int | None) -> tuple[dict, Path, Path]:
+        tmp, trace = tmp_path / name, tmp_path / name / "trace"
+        trace.mkdir(parents=True)
+        # 32 documents, 2 workers x 4 per batch: 4 steps per epoch, 3 epochs
+        metrics, out = _run(tmp, linked, recipe="mlm_traced", backbone=str(backbone_dir),
+                            options={"trace": str(trace), "die_at": die_at}, steps=12,
+                            batch_size=4, checkpoint_every=4, max_length=16, seed=3,
+                            scaling={"num_workers": 2, "max_failures": 1})
+        return metrics, out, trace
+
+    metrics, whole, trace = run("whole", None)
+    assert metrics["examples"] == 32 and metrics["job_bytes"] < 4000
+    batches = {r: [line.split() for line in (trace / f"rank{r}.txt").read_text().splitlines()]
+               for r in (0, 1)}
+    assert all(len(b) == 12 and all(len(x) == 4 for x in b) for b in batches.values())
+    epochs = [sorted(d for r in (0, 1) for b in batches[r][4 * e:4 * e + 4] for d in b)
+              for e in range(3)]
+    assert all(e == sorted(f"d{i}" for i in range(32)) for e in epochs)  # each once per epoch
+    assert batches[0][:4] != batches[0][4:8]                              # reshuffled each epoch
+
+    _, resumed, rtrace = run("resumed", die_at=7)                        # dies in step 7
+    assert (rtrace / "died").exists()
+    # it resumed from the step-4 checkpoint (from scratch would be 7 + 12 micro-batches)
+    assert int((rtrace / "rank0.count").read_text()) == 7 + 8
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and after the resume it trained on exactly the batches the uninterrupted run did
+    replayed = [line.split() for line in (rtrace / "rank1.txt").read_text().splitlines()]
+    assert replayed[-4:] == batches[1][-4:]

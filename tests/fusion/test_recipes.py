@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 from fusion.models.backbone import random_backbone
+from tests.fusion.conftest import write_linked
 from fusion.pretrain.stage import PretrainParams, pretrain
 from knowledge.kg import ENTITY_SCHEMA, RELATION_SCHEMA, TRIPLE_SCHEMA, KnowledgeGraph
-from knowledge.stages.link import DOC_SCHEMA, MENTION_SCHEMA
 from pipeline.context import StageContext
 from pipeline.registry import Resources
 from pipeline.store import Artifact
@@ -63,15 +63,7 @@ def artifacts(tmp_path_factory, tokenizer) -> dict[str, Path]:
                 s = text.index(name)
                 rows.append((doc_id, s, s + len(name), name, k, eid))
     rows.append(("d5", 4, 7, "dog", 99, "t:dog"))  # an entity the KG does not know
-    pq.write_table(pa.table({"doc_id": [d for d, _ in docs], "text": [t for _, t in docs],
-                             "n_mentions": [0] * len(docs)}, schema=DOC_SCHEMA),
-                   link_dir / "docs.parquet")
-    cols = list(zip(*rows))
-    pq.write_table(pa.table({"doc_id": list(cols[0]), "start": list(cols[1]), "end": list(cols[2]),
-                             "surface": list(cols[3]), "entity_idx": list(cols[4]),
-                             "entity_id": list(cols[5]), "score": [1.0] * len(rows),
-                             "n_candidates": [1] * len(rows)}, schema=MENTION_SCHEMA),
-                   link_dir / "mentions.parquet")
+    write_linked(link_dir, docs, [(r[0], r[1], r[2], r[5]) for r in rows])
     bb = random_backbone(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
     bb.model.save_pretrained(str(bb_dir))
     tokenizer.save_pretrained(str(bb_dir))
@@ -102,7 +94,7 @@ def _falls(hist: list[dict], key: str, window: int = 8) -> bool:
 def test_ernie_recipe_trains_mlm_and_dea(ray_local, tmp_path, artifacts):
     metrics, hist = _run(tmp_path, artifacts, ("text", "entities"), recipe="ernie",
                          options={"k_layers": 1})
-    assert metrics["entities_used"] == 7 and metrics["entity_dim"] == 12
+    assert metrics["num_entities"] == 7 and metrics["entity_dim"] == 12
     assert metrics["mentions_without_vector"] == 4 + 1  # steve jobs in 4 documents, and the dog
     assert {"loss_mlm", "loss_dea", "loss_total"} <= set(hist[0])
     assert _falls(hist, "loss_dea") and _falls(hist, "loss_total")
