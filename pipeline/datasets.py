@@ -9,17 +9,20 @@ its parameters) works on every node of a cluster::
     @dataset("acme")
     class AcmeImages(MediaDataset):
         modality: ClassVar[str] = "image"
-        root: str
+        root: InputURI                      # a local folder or a URI (s3://...)
 
         def items(self, q):
-            for no, line in enumerate(open(Path(self.root) / "captions.txt"), 1):
-                name, caption = line.rstrip("\\n").split("\\t")
+            for no, line in read_lines(input_path(self.root) / "captions.txt", q):
+                name, caption = line.split("\\t")
                 yield Item(id=name, media=name, texts=[caption], where=f"captions.txt:{no}")
 
         def load(self, media):
-            return (Path(self.root) / media).read_bytes()
+            return read_media(input_path(self.root) / media, "image")
 
-``load`` returns the encoded file (``bytes``) or a decoded :class:`AudioClip`; decoding belongs to
+Files and folders a dataset names are local paths or any fsspec URI (``s3://bucket/coco/...``): the
+readers here take both (:mod:`pipeline.uris`), and a parameter typed
+:data:`~pipeline.uris.InputURI` is checked before anything runs. ``load`` returns the encoded file
+(``bytes``) or a decoded :class:`AudioClip`; decoding belongs to
 the feature stages, so every dataset gets the same bad-media handling, and the engine stays free of
 domain knowledge. Listing problems go to the :class:`~pipeline.quarantine.Quarantine` with file and
 line; media stages default to ``on_error: skip`` (one bad file in a million should not stop a run)
@@ -44,10 +47,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import PydanticUndefined
 
 from .errors import StageFailed
-from .fingerprint import files_fingerprint
 from .quarantine import Quarantine
 from .readers import json_objects, read_lines
 from .registry import Registry
+from .uris import InputURI, URIPath, input_files, input_path, inputs_fingerprint, open_input
 
 
 @dataclass
@@ -119,13 +122,13 @@ class MediaDataset(BaseModel):
         """
         raise NotImplementedError
 
-    def files(self) -> list[Path]:
-        """Local files whose size and modification time decide the cache key (the annotation
-        files; media files too where listing them is cheap)."""
+    def files(self) -> list[Path | URIPath]:
+        """Files whose size and modification time (size and ETag or checksum on a URI) decide the
+        cache key (the annotation files; media files too where listing them is cheap)."""
         return []
 
     def fingerprint(self) -> Any:
-        return files_fingerprint(self.files())
+        return inputs_fingerprint(self.files())
 
 
 def _qualname(cls: type) -> str:
@@ -164,19 +167,21 @@ def build_dataset(spec: dict[str, Any]) -> MediaDataset:
     return cls.model_validate(spec)
 
 
-def read_media(path: Path, kind: str) -> bytes:
-    """The bytes of a media file; an ``OSError`` naming the ``kind`` (``image``, ``audio``) and
-    file otherwise, which the feature stage records as a rejected item."""
+def read_media(path: Path | URIPath | str, kind: str) -> bytes:
+    """The bytes of a media file (local or on a URI); an ``OSError`` naming the ``kind``
+    (``image``, ``audio``) and file otherwise, which the feature stage records as a rejected
+    item."""
+    path = input_path(path)
     try:
         return path.read_bytes()
     except OSError as e:
         raise OSError(f"cannot read {kind} {path}: {e.strerror or e}") from e
 
 
-def load_json(path: Path, kind: type) -> Any:
+def load_json(path: Path | URIPath, kind: type) -> Any:
     """A whole JSON document of the expected top-level type, or a :class:`DatasetError`."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_input(path, "r", encoding="utf-8") as f:
             doc = json.load(f)
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such file") from None
@@ -211,7 +216,7 @@ def unique_ids(items: Iterator[Item], q: Quarantine) -> Iterator[Item]:
         yield item
 
 
-def read_records(path: Path, fmt: Literal["csv", "tsv", "jsonl"], media_column: str,
+def read_records(path: Path | URIPath, fmt: Literal["csv", "tsv", "jsonl"], media_column: str,
                  text_column: str, q: Quarantine, *, params: str
                  ) -> Iterator[tuple[str, str, list[str], dict[str, Any]]]:
     """``(where, media path, texts, other columns)`` of each usable record of a file that names
@@ -240,8 +245,8 @@ def read_records(path: Path, fmt: Literal["csv", "tsv", "jsonl"], media_column: 
             yield where, Path(os.path.normpath(row[media].strip())).as_posix(), texts, meta
 
 
-def _table_rows(path: Path, tsv: bool, required: tuple[str, ...], q: Quarantine, params: str
-                ) -> Iterator[tuple[str, dict[str, str], str]]:
+def _table_rows(path: Path | URIPath, tsv: bool, required: tuple[str, ...], q: Quarantine,
+                params: str) -> Iterator[tuple[str, dict[str, str], str]]:
     """``(where, {column: value}, line)`` of each non-blank row after the header."""
     first: list[int | None] = [None]  # first line of the record being read (may span lines)
 
@@ -278,18 +283,21 @@ def hf_offline() -> bool:
 
 
 def open_hf_dataset(path: str, split: str | None) -> Any:
-    """One ``datasets.Dataset``: a ``save_to_disk`` folder, or a Hub name (a :class:`DatasetError`
-    at once when :func:`hf_offline`). ``split`` picks from a ``DatasetDict``; it may be left out
-    when there is one split, and must be for a table without splits."""
+    """One ``datasets.Dataset``: a ``save_to_disk`` folder (local, or on a URI: ``datasets`` copies
+    it into a local temporary folder), or a Hub name (a :class:`DatasetError` at once when
+    :func:`hf_offline`). ``split`` picks from a ``DatasetDict``; it may be left out when there is
+    one split, and must be for a table without splits."""
     import datasets
 
-    p = Path(path)
+    p = input_path(path)
     try:
         if p.is_dir():
             if not ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
                 raise DatasetError(f"{p}: not a save_to_disk folder (no state.json or "
                                    f"dataset_dict.json)")
             ds = datasets.load_from_disk(str(p))
+        elif isinstance(p, URIPath):
+            raise DatasetError(f"{p}: no such save_to_disk folder")
         elif hf_offline():
             raise DatasetError(f"{path!r} is not a local folder, and as a Hub dataset name it cannot "
                                f"be fetched: HF_HUB_OFFLINE=1 is set")
@@ -334,13 +342,14 @@ class HFDataset(MediaDataset):
     """Base of the datasets that read a Hugging Face ``datasets`` table (``hf_images``,
     ``hf_audio``): its parameters besides the media column, which subclasses add with ``load``."""
 
-    path: str = Field(description="save_to_disk folder, or a Hub dataset name")
+    path: InputURI = Field(description="save_to_disk folder (a path or a URI), or a Hub dataset "
+                                       "name")
     split: str | None = Field(default=None, description="split of a DatasetDict (needed when it "
                                                         "has several)")
     text_column: str = "text"
     id_column: str | None = None
 
-    def files(self) -> list[Path]:
-        p = Path(self.path)
+    def files(self) -> list[Path | URIPath]:
+        p = input_path(self.path)
         # a Hub dataset: its revision, not local files, decides what is read
-        return sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+        return input_files(p) if p.is_dir() else []

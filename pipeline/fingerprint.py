@@ -2,6 +2,8 @@
 
 Parameters name a file; its content can change under the same name. Hashing sizes and modification
 times (not contents: those can be gigabytes) makes an edited file re-run the stages that read it.
+Inputs on other filesystems (``s3://`` and the like) are fingerprinted by :mod:`pipeline.uris`,
+which uses these same lines for the local files among them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,12 @@ def files_fingerprint(paths: Iterable[Path], root: Path | None = None) -> str:
     """SHA-256 over ``(name, size, mtime_ns)`` of each file, names relative to ``root`` if given.
     A missing file counts as ``missing``: the stage itself then fails with a clear message."""
     h = hashlib.sha256()
+    update_local(h, paths, root)
+    return h.hexdigest()
+
+
+def update_local(h: "hashlib._Hash", paths: Iterable[Path], root: Path | None = None) -> None:
+    """Feed :func:`files_fingerprint`'s lines for ``paths`` (sorted) into ``h``."""
     for p in sorted(Path(p) for p in paths):
         name = p.relative_to(root) if root is not None and p != root and p.is_relative_to(root) \
             else p.name if root is not None else p
@@ -23,7 +31,6 @@ def files_fingerprint(paths: Iterable[Path], root: Path | None = None) -> str:
             h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except FileNotFoundError:
             h.update(f"{name}\0missing\n".encode())
-    return h.hexdigest()
 
 
 def tree_files(root: Path) -> list[Path]:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import SpecError
+from .uris import is_uri
 
 SET_FILE = "--set"  # the 'file' of a value given on the command line
 MAX_YAML_DEPTH = 100  # nesting: pipelines need about 8 levels
@@ -110,8 +111,8 @@ class LimitedLoader(yaml.SafeLoader):
 class _Loader(LimitedLoader):
     """SafeLoader (with the limits above) plus two path tags, made absolute so a pipeline runs from
     any working directory: ``!path rel/file`` (relative to the pipeline file) and ``!data
-    rel/file`` (relative to ``$STELE_DATA``, the folder of full-size datasets). No other tags:
-    configs never execute code."""
+    rel/file`` (relative to ``$STELE_DATA``, the folder of full-size datasets, which may be a URI
+    such as ``s3://bucket/data``). No other tags: configs never execute code."""
 
     base_dir = Path(".")
 
@@ -131,6 +132,8 @@ def _data_tag(loader: _Loader, node: yaml.Node) -> str:
         raise _TagError(
             None, None, f"!data {rel}: STELE_DATA is not set (point it at the folder holding the "
                         f"full-size datasets)", node.start_mark)
+    if is_uri(root):  # STELE_DATA=s3://bucket/data: a URI, joined as one
+        return f"{root.rstrip('/')}/{rel.lstrip('/')}"
     return str((Path(root).expanduser() / rel).resolve())
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -92,10 +91,9 @@ class ArtifactStore:
         try:
             self.fs, root = fsspec.core.url_to_fs(self.uri)
         except ImportError as e:  # fsspec names the package: "Install s3fs to access S3"
-            why = _first_line(e)
-            package = re.search(r"\b[Ii]nstall (?:the )?([A-Za-z0-9_.\-]+)", why)
-            hint = f" (pip install {package[1]})" if package else ""
-            raise StoreError(f"store {self.uri}: {why}{hint}") from None
+            from .uris import missing_package
+
+            raise StoreError(f"store {missing_package(self.uri, e)}") from None
         except (ValueError, OSError) as e:  # "Protocol not known: foo"; hdfs without a JVM
             raise StoreError(f"store {self.uri}: {_first_line(e)}") from None
         self.local = isinstance(self.fs, LocalFileSystem)

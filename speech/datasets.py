@@ -13,7 +13,9 @@
   ``load``, inside the Ray Data workers, and is deterministic (same caption and parameters, same
   samples).
 
-Transcript files are metadata, so they are read whole; items are then streamed out in file order.
+Files and folders may be local paths or any fsspec URI (``s3://bucket/clips``); on a URI the audio
+folder is listed once to check which files exist. Transcript files are metadata, so they are read
+whole; items are then streamed out in file order.
 Audio files are only checked to exist here: ``load`` returns the encoded file (or decoded samples)
 and the speech stage decodes, so every dataset shares one bad-audio path. Records that cannot become
 an item (a malformed line, a missing audio file, a repeated id) go to the quarantine with their
@@ -38,6 +40,7 @@ from pipeline.datasets import (AudioClip, DatasetError, HFDataset, Item, MediaDa
                                unique_ids)
 from pipeline.quarantine import Quarantine
 from pipeline.readers import read_lines
+from pipeline.uris import InputURI, URIPath, file_checker, input_path
 
 from . import tts
 
@@ -72,8 +75,8 @@ class AudioFolder(MediaDataset):
     """
 
     modality: ClassVar[str] = "audio"
-    root: str = Field(description="folder of the audio files")
-    transcripts: str | None = Field(
+    root: InputURI = Field(description="folder of the audio files")
+    transcripts: InputURI | None = Field(
         default=None, description="transcript file, relative to root or absolute (default: the one "
                                   "'transcription' or '*.transcription' file in root)")
     format: Literal["auto", "csv", "tsv", "jsonl", "sphinx"] = Field(
@@ -83,24 +86,25 @@ class AudioFolder(MediaDataset):
     text_column: str = Field(default="text", description="CSV/TSV/JSONL: the transcript column")
     extension: str = Field(default=".wav", description="Sphinx: appended to the file id")
 
-    def _transcripts(self) -> Path:
-        root = Path(self.root)
+    def _transcripts(self) -> Path | URIPath:
+        root = input_path(self.root)
         if not root.is_dir():
             raise DatasetError(f"{root}: no such audio folder")
         if self.transcripts:
-            path = Path(self.transcripts)
-            path = path if path.is_absolute() else root / path
+            path = input_path(self.transcripts)
+            path = path if path.is_absolute() else root / self.transcripts
             if not path.is_file():
                 raise DatasetError(f"{path}: no such transcript file")
             return path
-        found = sorted(p for p in root.iterdir() if p.is_file() and (
-            p.name == "transcription" or p.suffix == ".transcription"))
+        # The name first: on a URI each is_file() is a request.
+        found = sorted(p for p in root.iterdir() if (
+            p.name == "transcription" or p.suffix == ".transcription") and p.is_file())
         if len(found) != 1:
             raise DatasetError(f"{root}: found {len(found)} Sphinx transcription files "
                                f"({', '.join(p.name for p in found) or 'none'}); set transcripts")
         return found[0]
 
-    def files(self) -> list[Path]:
+    def files(self) -> list[Path | URIPath]:
         # The transcript only: a stat of every clip would make the cache key cost a walk of the set.
         try:
             return [self._transcripts()]
@@ -108,9 +112,9 @@ class AudioFolder(MediaDataset):
             return []  # the stage itself then fails with the message
 
     def load(self, media: str) -> bytes:
-        return read_media(Path(self.root) / media, "audio")
+        return read_media(input_path(self.root) / media, "audio")
 
-    def _format(self, path: Path) -> str:
+    def _format(self, path: Path | URIPath) -> str:
         if self.format != "auto":
             return self.format
         if path.name == "transcription" or path.suffix == ".transcription":
@@ -124,26 +128,29 @@ class AudioFolder(MediaDataset):
 
     def items(self, q: Quarantine) -> Iterator[Item]:
         path = self._transcripts()
-        root = Path(self.root)
+        root = input_path(self.root)
+        exists = file_checker(root)
         fmt = self._format(path)
         records = self._sphinx(path, q) if fmt == "sphinx" else self._table(path, fmt, q)
         found: dict[str, Item] = {}
         missing: set[str] = set()
         for where, item_id, media, texts in records:
-            if media in missing or (media not in found and not (root / media).is_file()):
+            if media in missing or (media not in found and not exists(media)):
                 missing.add(media)
                 q.bad(where, "audio file not found", str(root / media))
                 continue
             found.setdefault(media, Item(id=item_id, media=media, where=where)).texts += texts
         yield from found.values()
 
-    def _table(self, path: Path, fmt: str, q: Quarantine) -> Iterator[tuple[str, str, str, list[str]]]:
+    def _table(self, path: Path | URIPath, fmt: str, q: Quarantine
+               ) -> Iterator[tuple[str, str, str, list[str]]]:
         """CSV, TSV or JSONL records; the item id is the normalised path, other columns are unused."""
         for where, rel, texts, _ in read_records(path, fmt, self.file_column, self.text_column, q,
                                                  params="file_column / text_column"):
             yield where, rel, rel, texts
 
-    def _sphinx(self, path: Path, q: Quarantine) -> Iterator[tuple[str, str, str, list[str]]]:
+    def _sphinx(self, path: Path | URIPath, q: Quarantine
+                ) -> Iterator[tuple[str, str, str, list[str]]]:
         for no, line in read_lines(path, q):
             if not line.strip():
                 continue
@@ -253,7 +260,8 @@ class HFAudio(HFDataset):
             return value["bytes"]
         if value.get("path"):    # an Audio() feature naming a file
             path = Path(value["path"])
-            return read_media(path if path.is_absolute() else Path(self.path) / path, "audio")
+            return read_media(path if path.is_absolute() else input_path(self.path) / value["path"],
+                              "audio")
         raise ValueError(f"{where}: column {self.audio_column!r} holds neither bytes nor a path")
 
 

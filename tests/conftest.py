@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,41 @@ def ray_local(test_stages: None):
     init_ray(num_cpus=4)
     yield
     shutdown_ray()
+
+
+@pytest.fixture
+def no_s3fs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python and fsspec as they are where s3fs is not installed (``pip install -e '.[dev]'``
+    installs it): importing s3fs fails, and fsspec has not registered its filesystem yet."""
+    from fsspec.registry import _registry
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # `import s3fs` raises ModuleNotFoundError
+    monkeypatch.delitem(_registry, "s3", raising=False)
+
+
+@pytest.fixture
+def memory_uri() -> Iterator[Callable[[Path], str]]:
+    """``copy(local file or folder) -> memory://... URI`` of a copy on fsspec's in-memory
+    filesystem (what stands in for s3:// in tests: the same fsspec code path, no server); the
+    copies are removed at the end of the test."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    base = f"/stele-test-{uuid.uuid4().hex[:12]}"
+
+    def copy(local: Path) -> str:
+        local = Path(local)
+        dest = f"{base}/{len(fs.ls(base, detail=False)) if fs.exists(base) else 0}/{local.name}"
+        if local.is_dir():
+            for f in sorted(p for p in local.rglob("*") if p.is_file()):
+                fs.pipe_file(f"{dest}/{f.relative_to(local).as_posix()}", f.read_bytes())
+        else:
+            fs.pipe_file(dest, local.read_bytes())
+        return f"memory:/{dest}"
+
+    yield copy
+    if fs.exists(base):
+        fs.rm(base, recursive=True)
 
 
 @pytest.fixture

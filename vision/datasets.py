@@ -13,7 +13,10 @@
   feature or bytes) and a text column (a string or a list of strings).
 * ``emoji``: ``emoji.json`` (name, short names, category per emoji), with the images in ``img/``.
 
-Each class's docstring gives its file layout. Annotation files are metadata, so they are read whole;
+Each class's docstring gives its file layout. Every file and folder may be a local path or any
+fsspec URI (``s3://bucket/coco/annotations/captions_val2017.json``); on a URI the images folder is
+listed once to check which images exist, and each image is read with one request when it is
+featurized. Annotation files are metadata, so they are read whole;
 items are then streamed out in file order. Images are only checked to exist here: ``load`` returns
 the encoded file and the vision stage decodes it, so every dataset shares one bad-image path.
 Records that cannot become an item (a malformed line, a missing image, a repeated id) go to the
@@ -32,6 +35,7 @@ from pydantic import Field, PrivateAttr, model_validator
 from pipeline.datasets import (DatasetError, HFDataset, Item, MediaDataset, dataset, hf_items,
                                load_json, open_hf_dataset, read_media, read_records, unique_ids)
 from pipeline.quarantine import Quarantine
+from pipeline.uris import InputURI, URIPath, file_checker, input_path, open_input
 
 Split = Literal["train", "val", "test", "restval"]
 
@@ -48,48 +52,49 @@ class ImageFolder(MediaDataset):
     """
 
     modality: ClassVar[str] = "image"
-    captions: str = Field(description="captions file: .csv, .tsv or .jsonl")
-    root: str | None = Field(default=None, description="images folder (default: the captions "
-                                                       "file's folder)")
+    captions: InputURI = Field(description="captions file: .csv, .tsv or .jsonl")
+    root: InputURI | None = Field(default=None, description="images folder (default: the captions "
+                                                            "file's folder)")
     format: Literal["auto", "csv", "tsv", "jsonl"] = Field(
         default="auto", description="auto: by suffix (.json/.jsonl/.ndjson, .csv, .tsv), else a "
                                     "tab in the header means TSV")
     image_column: str = "image"
     caption_column: str = "caption"
 
-    def files(self) -> list[Path]:
-        return [Path(self.captions)]
+    def files(self) -> list[Path | URIPath]:
+        return [input_path(self.captions)]
 
-    def _root(self) -> Path:
-        return Path(self.root) if self.root else Path(self.captions).parent
+    def _root(self) -> Path | URIPath:
+        return input_path(self.root) if self.root else input_path(self.captions).parent
 
     def load(self, media: str) -> bytes:
         return read_media(self._root() / media, "image")
 
     def items(self, q: Quarantine) -> Iterator[Item]:
-        path, root = Path(self.captions), self._root()
+        path, root = input_path(self.captions), self._root()
         if not path.is_file():
             raise DatasetError(f"{path}: no such captions file")
         if not root.is_dir():
             raise DatasetError(f"{root}: no such images folder")
+        exists = file_checker(root)
         found: dict[str, Item] = {}
         missing: set[str] = set()
         records = read_records(path, self._format(path), self.image_column, self.caption_column, q,
                                params="image_column / caption_column")
         for where, rel, texts, meta in records:
-            if rel in missing or (rel not in found and not (root / rel).is_file()):
+            if rel in missing or (rel not in found and not exists(rel)):
                 missing.add(rel)
                 q.bad(where, "image file not found", str(root / rel))
                 continue
             found.setdefault(rel, Item(id=rel, media=rel, meta=meta, where=where)).texts += texts
         yield from found.values()
 
-    def _format(self, path: Path) -> str:
+    def _format(self, path: Path | URIPath) -> str:
         fmt = self.format if self.format != "auto" else {
             ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
         }.get(path.suffix.lower())
         if fmt is None:  # e.g. Flickr8k's captions.txt, which is CSV
-            with open(path, encoding="utf-8", errors="replace") as f:
+            with open_input(path, "r", encoding="utf-8", errors="replace") as f:
                 fmt = "tsv" if "\t" in f.readline() else "csv"
         return fmt
 
@@ -103,15 +108,16 @@ class Coco(MediaDataset):
     """
 
     modality: ClassVar[str] = "image"
-    annotations: str = Field(description="captions JSON, e.g. annotations/captions_val2017.json")
-    images: str | None = Field(
+    annotations: InputURI = Field(description="captions JSON, e.g. "
+                                              "annotations/captions_val2017.json")
+    images: InputURI | None = Field(
         default=None, description="images folder (default: the split's folder beside annotations/, "
                                   "captions_val2017.json -> val2017)")
 
     @model_validator(mode="after")
     def _default_images(self) -> Coco:
         if self.images is None:
-            ann = Path(self.annotations)
+            ann = input_path(self.annotations)
             m = re.fullmatch(r"(?:captions|image_info)_(\w+)\.json", ann.name)
             if not m:
                 raise ValueError(f"cannot tell the images folder from {ann.name!r} (expected "
@@ -119,22 +125,23 @@ class Coco(MediaDataset):
             self.images = str(ann.parent.parent / m.group(1))
         return self
 
-    def files(self) -> list[Path]:
-        return [Path(self.annotations)]
+    def files(self) -> list[Path | URIPath]:
+        return [input_path(self.annotations)]
 
     def load(self, media: str) -> bytes:
-        return read_media(Path(self.images) / media, "image")
+        return read_media(input_path(self.images) / media, "image")
 
     def items(self, q: Quarantine) -> Iterator[Item]:
         return unique_ids(self._items(q), q)
 
     def _items(self, q: Quarantine) -> Iterator[Item]:
-        path, root = Path(self.annotations), Path(self.images)
+        path, root = input_path(self.annotations), input_path(self.images)
         doc = load_json(path, dict)
         if not isinstance(doc.get("images"), list):
             raise DatasetError(f"{path}: no 'images' list (is this a COCO captions file?)")
         if not root.is_dir():
             raise DatasetError(f"{root}: no such images folder (set images)")
+        exists = file_checker(root)
         ids = {im.get("id") for im in doc["images"] if isinstance(im, dict)}
         captions: dict[Any, list[str]] = {}
         for j, ann in enumerate(doc.get("annotations") or []):
@@ -152,7 +159,7 @@ class Coco(MediaDataset):
                 q.bad(where, "expected an object with 'id' and 'file_name'", repr(im))
             elif im["id"] in seen:  # its captions would be counted twice
                 q.bad(where, "duplicate id", str(im["id"]))
-            elif not (root / im["file_name"]).is_file():
+            elif not exists(im["file_name"]):
                 seen.add(im["id"])
                 q.bad(where, "image file not found", str(root / im["file_name"]))
             else:
@@ -173,8 +180,8 @@ class Karpathy(MediaDataset):
     """
 
     modality: ClassVar[str] = "image"
-    path: str = Field(description="the split JSON, e.g. dataset_flickr30k.json")
-    images: str = Field(description="images folder (for COCO: the folder holding train2014/, "
+    path: InputURI = Field(description="the split JSON, e.g. dataset_flickr30k.json")
+    images: InputURI = Field(description="images folder (for COCO: the folder holding train2014/, "
                                     "val2014/)")
     split: Split | list[Split] | None = Field(default=None, description="only these splits "
                                                                         "(default: all)")
@@ -192,22 +199,23 @@ class Karpathy(MediaDataset):
                              "images as train; set restval: keep")
         return self
 
-    def files(self) -> list[Path]:
-        return [Path(self.path)]
+    def files(self) -> list[Path | URIPath]:
+        return [input_path(self.path)]
 
     def load(self, media: str) -> bytes:
-        return read_media(Path(self.images) / media, "image")
+        return read_media(input_path(self.images) / media, "image")
 
     def items(self, q: Quarantine) -> Iterator[Item]:
         return unique_ids(self._items(q), q)
 
     def _items(self, q: Quarantine) -> Iterator[Item]:
-        path, root = Path(self.path), Path(self.images)
+        path, root = input_path(self.path), input_path(self.images)
         doc = load_json(path, dict)
         if not isinstance(doc.get("images"), list):
             raise DatasetError(f"{path}: no 'images' list (is this a Karpathy split file?)")
         if not root.is_dir():
             raise DatasetError(f"{root}: no such images folder")
+        exists = file_checker(root)
         wanted = {self.split} if isinstance(self.split, str) else set(self.split or ())
         for i, im in enumerate(doc["images"]):
             where = f"{path} images[{i}]"
@@ -226,7 +234,7 @@ class Karpathy(MediaDataset):
                 continue
             texts = [" ".join(map(str, t)) if isinstance(t, list) else str(t) for t in texts]
             rel = "/".join(p for p in (im.get("filepath"), im["filename"]) if p)
-            if not (root / rel).is_file():
+            if not exists(rel):
                 q.bad(where, "image file not found", str(root / rel))
                 continue
             meta = {"split": split, "imgid": im.get("imgid")}
@@ -290,20 +298,21 @@ class Emoji(MediaDataset):
     """
 
     modality: ClassVar[str] = "image"
-    path: str = Field(description="folder holding emoji.json and img/")
+    path: InputURI = Field(description="folder holding emoji.json and img/")
     texts: Literal["name", "name+short_names"] = "name"
 
-    def files(self) -> list[Path]:
-        return [Path(self.path) / "emoji.json"]
+    def files(self) -> list[Path | URIPath]:
+        return [input_path(self.path) / "emoji.json"]
 
     def load(self, media: str) -> bytes:
-        return read_media(Path(self.path) / "img" / media, "image")
+        return read_media(input_path(self.path) / "img" / media, "image")
 
     def items(self, q: Quarantine) -> Iterator[Item]:
         return unique_ids(self._items(q), q)
 
     def _items(self, q: Quarantine) -> Iterator[Item]:
-        path = Path(self.path) / "emoji.json"
+        path = input_path(self.path) / "emoji.json"
+        exists = file_checker(input_path(self.path) / "img")
         for i, e in enumerate(load_json(path, list)):
             where = f"{path}[{i}]"
             if not isinstance(e, dict) or not isinstance(e.get("name"), str):
@@ -312,8 +321,8 @@ class Emoji(MediaDataset):
             if not e.get("image"):
                 q.bad(where, "no image", e["name"])
                 continue
-            file = Path(self.path) / "img" / e["image"]
-            if not file.is_file():
+            file = input_path(self.path) / "img" / e["image"]
+            if not exists(e["image"]):
                 q.bad(where, "image file not found", str(file))
                 continue
             short = [s for s in e.get("short_names") or [] if isinstance(s, str)]

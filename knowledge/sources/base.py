@@ -21,6 +21,10 @@ it is given, with file, line and reason. With ``on_error: raise`` (the default) 
 run with that message; with ``on_error: skip`` items are counted and the first ones kept for the
 manifest.
 
+File parameters name a local path or any fsspec URI (``s3://bucket/kg.tsv``): type them
+:data:`~pipeline.uris.InputURI` (checked before anything runs) and read them with
+:func:`read_lines`, :func:`~pipeline.uris.input_path` or :func:`~pipeline.uris.open_input`.
+
 Third-party packages add sources through the ``stele.sources`` entry-point group, like stage types.
 """
 
@@ -34,10 +38,10 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import StageFailed
-from pipeline.fingerprint import files_fingerprint
 from pipeline.quarantine import Quarantine as _Quarantine
 from pipeline.readers import read_lines  # noqa: F401 - re-exported: sources read files with it
 from pipeline.registry import Registry
+from pipeline.uris import URIPath, inputs_fingerprint
 
 SPLITS = ("train", "valid", "test")
 
@@ -121,11 +125,13 @@ class KnowledgeSource(BaseModel):
 
     def fingerprint(self) -> Any:
         """Content that decides the cache key besides the parameters: by default the sizes and
-        modification times of the files :meth:`files` lists, so edited data re-runs ingest."""
-        return files_fingerprint(self.files())
+        modification times of the files :meth:`files` lists (size and ETag or checksum for files on
+        a URI), so edited data re-runs ingest."""
+        return inputs_fingerprint(self.files())
 
-    def files(self) -> list[Path]:
-        """Local files this source reads (for the fingerprint)."""
+    def files(self) -> list[Path | URIPath]:
+        """Files this source reads (for the fingerprint): local paths, or URIs
+        (:func:`~pipeline.uris.input_path`)."""
         return []
 
 

@@ -38,6 +38,8 @@ from xml.etree.ElementTree import ParseError
 import networkx as nx
 from pydantic import Field, PrivateAttr, model_validator
 
+from pipeline.uris import InputURI, URIPath, input_path
+
 from .base import (Entity, KnowledgeSource, Quarantine, Relation, SourceError, Triple, read_lines,
                    source)
 
@@ -49,7 +51,8 @@ DEFAULT_RELATION = "related_to"
 class NetworkXSource(KnowledgeSource):
     """A networkx graph: GraphML, GML or edge-list files, or a function returning one."""
 
-    path: str | None = Field(default=None, description="GraphML / GML / edge-list file")
+    path: InputURI | None = Field(default=None,
+                                  description="GraphML / GML / edge-list file (a path or a URI)")
     format: Literal["graphml", "gml", "edgelist"] | None = Field(
         default=None, description="default: from the file's suffix")
     callable: str | None = Field(default=None,
@@ -71,9 +74,9 @@ class NetworkXSource(KnowledgeSource):
                              "('package.module:function')")
         return self
 
-    def files(self) -> list[Path]:
+    def files(self) -> list[Path | URIPath]:
         if self.path is not None:
-            return [Path(self.path)]
+            return [input_path(self.path)]
         try:  # locating the module imports its parent packages at most, never the module itself
             spec = importlib.util.find_spec(self.callable.partition(":")[0])
         except (ImportError, ValueError):
@@ -83,7 +86,7 @@ class NetworkXSource(KnowledgeSource):
     def _format(self) -> str:
         if self.format:
             return self.format
-        suffix = Path(self.path).suffix
+        suffix = input_path(self.path).suffix
         if suffix not in SUFFIX_FORMATS:
             raise SourceError(f"{self.path}: cannot tell the graph format from the suffix "
                               f"{suffix!r}; use format: graphml, gml or edgelist")
@@ -108,13 +111,16 @@ class NetworkXSource(KnowledgeSource):
         return g
 
     def _read(self, q: Quarantine) -> nx.Graph:
-        path = Path(self.path)
+        path = input_path(self.path)
         if not path.is_file():
             raise SourceError(f"{path}: no such file")
         fmt = self._format()
         if fmt == "edgelist":
             return self._read_edgelist(path, q)
         try:
+            if isinstance(path, URIPath):  # networkx reads an open file as it reads a local one
+                with path.open("rb", compression="infer") as f:
+                    return nx.read_graphml(f) if fmt == "graphml" else nx.read_gml(f)
             return nx.read_graphml(path) if fmt == "graphml" else nx.read_gml(path)
         except ParseError as e:
             line, col = e.position
@@ -123,7 +129,7 @@ class NetworkXSource(KnowledgeSource):
             # networkx's GML errors carry "(line, column)" in their text; GraphML ones name the item.
             raise SourceError(f"{path}: cannot read {fmt}: {e}") from None
 
-    def _read_edgelist(self, path: Path, q: Quarantine) -> nx.Graph:
+    def _read_edgelist(self, path: Path | URIPath, q: Quarantine) -> nx.Graph:
         g = nx.MultiDiGraph() if self.directed else nx.MultiGraph()
         for no, line in read_lines(path, q):
             text = line.split("#", 1)[0].strip()

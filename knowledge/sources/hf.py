@@ -9,6 +9,9 @@
   that is not a predefined split, so such rows get no split (unless a split column says one);
 - a local folder of data files: ``load_dataset(folder)``, whose splits come from the file names
   (``train.parquet``, ``valid.parquet``, ...);
+- the first two on any fsspec URI as well (``s3://bucket/kg.parquet``, a ``save_to_disk`` folder on
+  ``s3://``: ``datasets`` copies it into a local temporary folder first); a URI folder of data files
+  is not read (give its files, or save it with ``save_to_disk``);
 - otherwise a Hub dataset name (with ``hub_config``). With ``HF_HUB_OFFLINE=1`` (or
   ``HF_DATASETS_OFFLINE=1``) set this fails at once with a clear message instead of trying the
   network.
@@ -30,6 +33,7 @@ from pathlib import Path
 from pydantic import Field
 
 from pipeline.datasets import hf_offline
+from pipeline.uris import InputURI, URIPath, input_files, input_path
 
 from .base import KnowledgeSource, Quarantine, SourceError, Triple, source
 
@@ -44,7 +48,8 @@ COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".zip"}
 class HFSource(KnowledgeSource):
     """A Hugging Face datasets table (local folder or files, or a Hub name) of triples."""
 
-    path: str = Field(description="save_to_disk folder, data file or folder, or a Hub dataset name")
+    path: InputURI = Field(description="save_to_disk folder, data file or folder (a path or a "
+                                       "URI), or a Hub dataset name")
     hub_config: str | None = Field(default=None, description="a Hub dataset's configuration")
     head_column: str = "head"
     relation_column: str = "relation"
@@ -52,19 +57,19 @@ class HFSource(KnowledgeSource):
     split_column: str = Field(default="split",
                               description="used when the table has it; else the dataset's splits")
 
-    def files(self) -> list[Path]:
-        p = Path(self.path)
+    def files(self) -> list[Path | URIPath]:
+        p = input_path(self.path)
         if p.is_file():
             return [p]
         if p.is_dir():
-            return sorted(f for f in p.rglob("*") if f.is_file())
+            return input_files(p)
         return []  # a Hub dataset: its revision, not local files, decides what is read
 
     def _load(self) -> dict[str | None, "object"]:
         """``{split name or None: Dataset}``."""
         import datasets
 
-        p = Path(self.path)
+        p = input_path(self.path)
         try:
             if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
                 ds = datasets.load_from_disk(str(p))
@@ -75,8 +80,13 @@ class HFSource(KnowledgeSource):
                     raise SourceError(f"{p}: not a data file datasets can read (use "
                                       f"{', '.join(FILE_FORMATS)}) nor a save_to_disk folder")
                 kw = {"delimiter": "\t"} if ".tsv" in p.suffixes else {}
+                if isinstance(p, URIPath):
+                    return {None: _load_remote_file(p, fmt, kw)}
                 # A lone file is no predefined split: drop datasets' default "train" name.
                 return {None: datasets.load_dataset(fmt, data_files=str(p), split="train", **kw)}
+            elif isinstance(p, URIPath) and p.is_dir():
+                raise SourceError(f"{p}: a folder of data files is read from local disk only; on a "
+                                  f"URI give one data file, or a save_to_disk folder")
             elif p.is_dir():
                 ds = datasets.load_dataset(str(p))
             else:
@@ -133,3 +143,18 @@ class HFSource(KnowledgeSource):
                       repr(row))
                 return
         yield Triple(values[0], values[1], values[2], split=split, where=where)
+
+
+def _load_remote_file(p: URIPath, fmt: str, kw: dict) -> "object":
+    """A data file on a URI, parsed by the same ``datasets`` loader as a local one: ``datasets``
+    would fetch a URL itself, but not under ``HF_HUB_OFFLINE=1``, and into its cache for good. Here
+    the file is copied into a temporary folder and loaded into memory, and the folder removed."""
+    import tempfile
+
+    import datasets
+
+    with tempfile.TemporaryDirectory(prefix="stele-hf-") as tmp:
+        local = Path(tmp) / p.name
+        p.fs.get_file(p.fs_path, str(local))
+        return datasets.load_dataset(fmt, data_files=str(local), split="train", keep_in_memory=True,
+                                     cache_dir=str(Path(tmp) / "cache"), **kw)

@@ -39,6 +39,8 @@ from rdflib.exceptions import ParserError
 from rdflib.plugins.parsers.notation3 import BadSyntax
 from rdflib.plugins.parsers.ntriples import W3CNTriplesParser
 
+from pipeline.uris import InputURI, URIPath, input_path
+
 from .base import (Entity, KnowledgeSource, Quarantine, Relation, SourceError, Triple, read_lines,
                    source)
 
@@ -67,20 +69,20 @@ def local_name(iri: str) -> str:
 class RDFSource(KnowledgeSource):
     """RDF files (N-Triples, Turtle), parsed with rdflib; names from rdfs:label."""
 
-    path: str = Field(description=".nt / .ttl file (optionally .gz)")
+    path: InputURI = Field(description=".nt / .ttl file (optionally .gz); a path or a URI")
     format: Literal["nt", "turtle"] | None = Field(default=None,
                                                    description="default: from the file's suffix")
     language: str = Field(default="en", description="language of the names and descriptions kept")
 
     _graph: Graph | None = PrivateAttr(default=None)
 
-    def files(self) -> list[Path]:
-        return [Path(self.path)]
+    def files(self) -> list[Path | URIPath]:
+        return [input_path(self.path)]
 
     def _format(self) -> str:
         if self.format:
             return self.format
-        p = Path(self.path)
+        p = input_path(self.path)
         suffix = Path(p.stem).suffix if p.suffix == ".gz" else p.suffix
         if suffix not in SUFFIX_FORMATS:
             raise SourceError(f"{p}: cannot tell the RDF format from the suffix {suffix!r}; use "
@@ -90,7 +92,7 @@ class RDFSource(KnowledgeSource):
     def _load(self, q: Quarantine) -> Graph:
         if self._graph is not None:
             return self._graph
-        path = Path(self.path)
+        path = input_path(self.path)
         if not path.is_file():
             raise SourceError(f"{path}: no such file")
         g = Graph()

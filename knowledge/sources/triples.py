@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.readers import json_objects
+from pipeline.uris import InputURI, URIPath, input_path
 
 from .base import Entity, KnowledgeSource, Quarantine, Relation, SourceError, Triple, read_lines, source
 
@@ -33,7 +34,7 @@ class Columns(BaseModel):
     tail: int | str = 2
 
 
-def _format_of(path: Path) -> str:
+def _format_of(path: Path | URIPath) -> str:
     suffixes = [s for s in path.suffixes if s != ".gz"]
     ext = suffixes[-1].lstrip(".") if suffixes else ""
     return {"tsv": "tsv", "txt": "tsv", "csv": "csv", "jsonl": "jsonl", "json": "jsonl"}.get(ext, "tsv")
@@ -43,16 +44,17 @@ def _format_of(path: Path) -> str:
 class TriplesSource(KnowledgeSource):
     """Triples from delimited or JSON-lines files."""
 
-    path: str | None = Field(default=None, description="one file of triples (all train unless split)")
-    splits: dict[Literal["train", "valid", "test"], str] | None = Field(
+    path: InputURI | None = Field(default=None, description="one file of triples (all train unless "
+                                                            "split); a path or a URI (s3://...)")
+    splits: dict[Literal["train", "valid", "test"], InputURI] | None = Field(
         default=None, description="one file per split: {train: ..., valid: ..., test: ...}")
     format: Literal["auto", "tsv", "csv", "jsonl"] = Field(
         default="auto", description="auto: from the suffix (.tsv/.txt, .csv, .jsonl/.json)")
     header: bool = Field(default=False, description="TSV/CSV: the first line names the columns")
     columns: Columns = Field(default=Columns(), description="0-based positions, or names (with a "
                                                             "header, and for JSONL)")
-    entity_labels: str | None = Field(default=None, description="TSV: id, name[, alias, ...]")
-    relation_labels: str | None = Field(default=None, description="TSV: id, name")
+    entity_labels: InputURI | None = Field(default=None, description="TSV: id, name[, alias, ...]")
+    relation_labels: InputURI | None = Field(default=None, description="TSV: id, name")
 
     @model_validator(mode="after")
     def _one_of(self) -> "TriplesSource":
@@ -60,17 +62,17 @@ class TriplesSource(KnowledgeSource):
             raise ValueError("give either 'path' or 'splits'")
         return self
 
-    def files(self) -> list[Path]:
+    def files(self) -> list[Path | URIPath]:
         paths = [self.path] if self.path else list((self.splits or {}).values())
         paths += [p for p in (self.entity_labels, self.relation_labels) if p]
-        return [Path(p) for p in paths]
+        return [input_path(p) for p in paths]
 
     def triples(self, q: Quarantine) -> Iterator[Triple]:
         parts = [(None, self.path)] if self.path else list((self.splits or {}).items())
         for split, path in parts:
-            yield from self._read(Path(path), split, q)
+            yield from self._read(input_path(path), split, q)
 
-    def _read(self, path: Path, split: str | None, q: Quarantine) -> Iterator[Triple]:
+    def _read(self, path: Path | URIPath, split: str | None, q: Quarantine) -> Iterator[Triple]:
         fmt = _format_of(path) if self.format == "auto" else self.format
         cols = (self.columns.head, self.columns.relation, self.columns.tail)
         if fmt == "jsonl":
@@ -115,7 +117,7 @@ class TriplesSource(KnowledgeSource):
         parts = [(None, self.path)] if self.path else list((self.splits or {}).items())
         out = []
         for _, path in parts:
-            path = Path(path)
+            path = input_path(path)
             fmt = _format_of(path) if self.format == "auto" else self.format
             count = Quarantine(str(path), "skip")  # undecodable lines are lines too
             lines = sum(1 for _, line in read_lines(path, count) if line.strip()) + count.count

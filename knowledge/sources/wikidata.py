@@ -31,13 +31,13 @@ relations and triples each read the file; every bad line is reported once per so
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import Field, PrivateAttr
+
+from pipeline.uris import InputURI, URIPath, input_path, open_input
 
 from .base import Entity, KnowledgeSource, Quarantine, Relation, SourceError, Triple, source
 
@@ -46,7 +46,7 @@ from .base import Entity, KnowledgeSource, Quarantine, Relation, SourceError, Tr
 class WikidataSource(KnowledgeSource):
     """A Wikidata (Wikibase) JSON dump, streamed: labels, aliases, descriptions, item claims."""
 
-    path: str = Field(description="the dump (.json, .json.gz, .json.bz2)")
+    path: InputURI = Field(description="the dump (.json, .json.gz, .json.bz2); a path or a URI")
     language: str = Field(default="en", description="language of labels, aliases, descriptions")
     properties: list[str] | None = Field(default=None,
                                          description="property ids to keep (default: all)")
@@ -55,15 +55,15 @@ class WikidataSource(KnowledgeSource):
     _reported: set = PrivateAttr(default_factory=set)
     _property_names: dict[str, str] | None = PrivateAttr(default=None)
 
-    def files(self) -> list[Path]:
-        return [Path(self.path)]
+    def files(self) -> list[Path | URIPath]:
+        return [input_path(self.path)]
 
     def _lines(self) -> Iterator[tuple[int, bytes]]:
-        path = Path(self.path)
+        path = input_path(self.path)
         if not path.is_file():
             raise SourceError(f"{path}: no such file")
-        opener = {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix, open)
-        with opener(path, "rb") as f:
+        compression = {".gz": "gzip", ".bz2": "bz2"}.get(path.suffix)
+        with open_input(path, "rb", compression=compression) as f:
             yield from enumerate(f, 1)
 
     def _bad(self, q: Quarantine, where: str, reason: str, text: str) -> None:

@@ -37,6 +37,8 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from pipeline.uris import InputURI, URIPath, input_path
+
 from .base import (Entity, KnowledgeSource, Quarantine, Relation, SourceError, Triple, read_lines,
                    source)
 
@@ -59,10 +61,10 @@ WN18RR = {
 MARKER = re.compile(r"\(.*\)$")  # adjective position markers: (a), (p), (ip)
 
 
-def default_path() -> Path:
+def default_path() -> Path | URIPath:
     """``$STELE_DATA/wordnet``, else NLTK's data folder, else the Debian/Ubuntu package's."""
     if os.environ.get("STELE_DATA"):
-        return Path(os.environ["STELE_DATA"]) / "wordnet"
+        return input_path(os.environ["STELE_DATA"]) / "wordnet"
     for p in (Path.home() / "nltk_data" / "corpora" / "wordnet", Path("/usr/share/wordnet")):
         if p.is_dir():
             return p
@@ -74,8 +76,9 @@ def default_path() -> Path:
 class WordNetSource(KnowledgeSource):
     """Princeton WordNet from its database files (WNDB): synsets, their pointers, glosses."""
 
-    path: str | None = Field(default=None, description="WNDB folder (default: $STELE_DATA/wordnet, "
-                                                       "NLTK's, /usr/share/wordnet)")
+    path: InputURI | None = Field(default=None,
+                                  description="WNDB folder, a path or a URI (default: "
+                                              "$STELE_DATA/wordnet, NLTK's, /usr/share/wordnet)")
     # A field named `relations` would shadow the method, so it is `relations_` with that alias.
     relations_: Literal["all", "wn18rr"] = Field(
         default="all", alias="relations",
@@ -84,8 +87,8 @@ class WordNetSource(KnowledgeSource):
     model_config = ConfigDict(populate_by_name=True)
     _names: dict[tuple[str, int], str] | None = PrivateAttr(default=None)
 
-    def folder(self) -> Path:
-        root = Path(self.path) if self.path else default_path()
+    def folder(self) -> Path | URIPath:
+        root = input_path(self.path) if self.path else default_path()
         if not root.is_dir():
             raise SourceError(f"{root}: WordNet folder does not exist")
         for f in self.files(root):
@@ -94,12 +97,12 @@ class WordNetSource(KnowledgeSource):
                                   f"data.*, index.*, lexnames)")
         return root
 
-    def files(self, root: Path | None = None) -> list[Path]:
-        root = root or (Path(self.path) if self.path else default_path())
+    def files(self, root: Path | URIPath | None = None) -> list[Path | URIPath]:
+        root = root or (input_path(self.path) if self.path else default_path())
         return ([root / f"data.{s}" for s in POS_FILES.values()]
                 + [root / f"index.{s}" for s in POS_FILES.values()] + [root / "lexnames"])
 
-    def _lexnames(self, root: Path, q: Quarantine) -> dict[int, str]:
+    def _lexnames(self, root: Path | URIPath, q: Quarantine) -> dict[int, str]:
         out = {}
         for no, line in read_lines(root / "lexnames", q):
             parts = line.split()
@@ -109,7 +112,7 @@ class WordNetSource(KnowledgeSource):
             out[int(parts[0])] = parts[1]
         return out
 
-    def _index(self, root: Path, q: Quarantine) -> dict[tuple[str, str], list[int]]:
+    def _index(self, root: Path | URIPath, q: Quarantine) -> dict[tuple[str, str], list[int]]:
         """``(lemma, pos letter) -> synset offsets`` in sense order."""
         out: dict[tuple[str, str], list[int]] = {}
         for pos, stem in POS_FILES.items():

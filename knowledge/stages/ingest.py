@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny
 
 from pipeline import StageContext, stage
+from pipeline.uris import InputURI
 
 from ..ingest import build_graph, plot_stats
 from ..sources.base import KnowledgeSource, build_source
@@ -40,7 +41,8 @@ class IngestParams(BaseModel):
     split: SplitParams = SplitParams()
     align: Literal["none", "names"] = Field(
         default="none", description="merge same-named entities of different sources")
-    align_file: str | None = Field(default=None, description="TSV of id<TAB>canonical_id to merge")
+    align_file: InputURI | None = Field(default=None,
+                                        description="TSV of id<TAB>canonical_id to merge")
     duplicates: Literal["drop", "raise"] = Field(
         default="drop", description="duplicate triples: drop (counted in the manifest) or raise")
     on_error: Literal["raise", "skip"] = "raise"

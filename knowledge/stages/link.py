@@ -1,7 +1,8 @@
 """``knowledge.link``: entity mentions in a text corpus, from a KnowledgeGraph's names and aliases.
 
 Input role ``kg`` (a KnowledgeGraph artifact); the text comes from a file outside the store (JSONL, a
-Parquet file or a Hugging Face dataset folder saved with ``save_to_disk``), so its size and mtime are
+Parquet file or a Hugging Face dataset folder saved with ``save_to_disk``), a local path or any
+fsspec URI (``s3://bucket/docs.jsonl``), so its size and mtime (ETag or checksum on a URI) are
 part of the cache key (see :func:`_fingerprint`). Writes::
 
     mentions.parquet   doc_id, start, end, surface, entity_idx, entity_id, score, n_candidates
@@ -25,10 +26,10 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import Input, StageContext, StageFailed, stage
-from pipeline.fingerprint import files_fingerprint, tree_files
+from pipeline.uris import ResolvedInput, URIPath, input_fingerprint, input_path
 
 from ..kg import KnowledgeGraph
 from ..link import ENGLISH_STOPWORDS, Gazetteer
@@ -45,8 +46,11 @@ WRITE_EVERY = 2048  # documents per Parquet row group: bounded memory on corpora
 
 class LinkParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: str = Field(description="JSONL file (.jsonl/.json/.ndjson, optionally .gz), Parquet file, or "
-                                  "a Hugging Face dataset folder (datasets.save_to_disk)")
+    # A local path is made absolute, so the Ray worker (another cwd) reads the same file the planner
+    # fingerprinted; a URI is kept as written.
+    text: ResolvedInput = Field(
+        description="JSONL file (.jsonl/.json/.ndjson, optionally .gz), Parquet file, or a Hugging "
+                    "Face dataset folder (datasets.save_to_disk); a path or a URI (s3://...)")
     format: Literal["auto", "jsonl", "parquet", "hf"] = Field(
         default="auto", description="auto: a folder is a HF dataset, else by file suffix")
     split: str | None = Field(default=None, description="split of a HF DatasetDict (needed when it "
@@ -68,20 +72,14 @@ class LinkParams(BaseModel):
         default="raise", description="bad records (malformed JSON, missing/empty text, undecodable "
                                      "bytes, duplicate id): raise on the first, or skip and count")
 
-    @field_validator("text")
-    @classmethod
-    def _absolute(cls, v: str) -> str:
-        # Absolute, so the Ray worker (another cwd) reads the same file the planner fingerprinted.
-        return str(Path(v).expanduser().resolve())
-
 
 def _fingerprint(params: LinkParams) -> str:
-    """Size and mtime of the text file (of every file, for a dataset folder): edited text re-links."""
-    root = Path(params.text)
-    return files_fingerprint(tree_files(root) if root.exists() else [root], root=root)
+    """Size and mtime of the text file (of every file, for a dataset folder; size and ETag or
+    checksum on a URI): edited text re-links."""
+    return input_fingerprint(params.text)
 
 
-def _format(path: Path, fmt: str) -> str:
+def _format(path: Path | URIPath, fmt: str) -> str:
     if not path.exists():
         raise StageFailed(f"knowledge.link: text {path} does not exist")
     if fmt != "auto":
@@ -104,14 +102,17 @@ class _Reader:
 
     def __init__(self, params: LinkParams, q: Quarantine):
         self.p, self.q = params, q
-        self.path = Path(params.text)
+        self.path = input_path(params.text)
         self.fmt = _format(self.path, params.format)
         self.blank_lines = 0
         self.seen: set[str] = set()
         self.total: int | None = None  # rows, when the format knows it up front
         self.table: Any = None
+        self._file: Any = None  # the open remote Parquet file
         if self.fmt == "parquet":
-            self.table = pq.ParquetFile(self.path)
+            if isinstance(self.path, URIPath):
+                self._file = self.path.open("rb")
+            self.table = pq.ParquetFile(self._file or self.path)
             self.cols = self._columns(self.table.schema_arrow.names)
             self.total = self.table.metadata.num_rows
         elif self.fmt == "hf":
@@ -137,6 +138,10 @@ class _Reader:
             return None
         self.seen.add(doc_id)
         return where, doc_id, text
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
     def __iter__(self) -> Iterator[tuple[str, str, str]]:
         return {"jsonl": self._jsonl, "parquet": self._parquet, "hf": self._hf}[self.fmt]()
@@ -279,6 +284,7 @@ def link(ctx: StageContext, params: LinkParams) -> dict:
                 ambiguous += m.n_candidates > 1
     finally:
         writer.close()
+        reader.close()
     wall = time.perf_counter() - t_all
     if docs == 0:
         raise StageFailed(f"knowledge.link: no usable documents in {params.text} "

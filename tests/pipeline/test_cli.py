@@ -252,12 +252,8 @@ def test_a_store_that_cannot_be_used_is_one_line_before_ray_starts(
 
 def test_s3_store_without_s3fs_says_what_to_install(tmp_path: Path, test_stages: None,
                                                     monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture) -> None:
-    try:
-        import s3fs  # noqa: F401
-        pytest.skip("s3fs is installed")
-    except ImportError:
-        pass
+                                                    capsys: pytest.CaptureFixture,
+                                                    no_s3fs: None) -> None:
     from pipeline.cli import main
 
     _no_ray(monkeypatch)
@@ -265,7 +261,7 @@ def test_s3_store_without_s3fs_says_what_to_install(tmp_path: Path, test_stages:
     p.write_text("stages:\n  a: {uses: test.write}\n")
     assert main(["run", str(p), "--store", "s3://bucket/stele"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "s3://bucket/stele" in err and "pip install s3fs" in err, err
+    assert err.count("\n") == 0 and "s3://bucket/stele" in err and "pip install 'stele[s3]'" in err, err
 
 
 def test_a_creatable_store_passes_and_plan_creates_nothing(tmp_path: Path, test_stages: None,
