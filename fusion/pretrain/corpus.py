@@ -22,7 +22,8 @@ depends on timing, and neither "resume at step s with exactly the data position 
 bit-identical rerun could hold. Here the order is a function of (seed, epoch, rank, world size)
 only: epoch e permutes the parts, lays their rows end to end, gives rank r the r-th of ``world``
 equal contiguous chunks (each chunk touches about ``parts / world`` parts, so a worker reads its
-share, not the corpus), and shuffles within windows of ``WINDOW`` parts. The data position is
+share, not the corpus), and shuffles within windows of ``WINDOW`` parts (then, optionally, sorts
+runs of a few batches by length: :func:`bucket_order`). The data position is
 ``(epoch, cursor)``, saved with every checkpoint. The stream runs on across epochs, so every
 example is seen exactly once per epoch, none dropped at an epoch's end.
 """
@@ -252,6 +253,21 @@ def epoch_plan(sizes: tuple[int, ...], epoch: int, seed: int, rank: int, world: 
     return plan
 
 
+def bucket_order(order: np.ndarray, lengths: np.ndarray, batch: int, bucket: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Length bucketing: each run of ``bucket`` batches of ``order`` sorted by length, cut into
+    batches, the batches shuffled; a batch then holds rows of similar length and pads less,
+    while which rows an epoch holds is unchanged (a permutation of ``order``)."""
+    out = []
+    size = batch * bucket
+    for c in range(0, len(order), size):
+        chunk = order[c:c + size]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        groups = [chunk[i:i + batch] for i in range(0, len(chunk), batch)]
+        out += [groups[g] for g in rng.permutation(len(groups))]
+    return np.concatenate(out) if out else order
+
+
 class CorpusStream:
     """One worker's examples, batch after batch, epoch after epoch (see the module docstring).
 
@@ -261,11 +277,13 @@ class CorpusStream:
     (K-Adapter's rare labels); they still count as read."""
 
     def __init__(self, corpus: Corpus, seed: int, rank: int, world: int, state: dict[str, int],
-                 keep: Callable[[dict], bool] | None = None):
+                 keep: Callable[[dict], bool] | None = None,
+                 length: Callable[[dict], int] | None = None, batch: int = 1, bucket: int = 1):
         if corpus.examples < world:
             raise StageFailed(f"{corpus.examples} examples cannot feed {world} workers")
         self.corpus, self.seed, self.rank, self.world = corpus, seed, rank, world
         self.state, self.keep = state, keep
+        self.length, self.batch_size, self.bucket = length, batch, bucket
         self._rows: Iterator[dict] = self._epoch_rows()
 
     def batch(self, size: int) -> list[dict]:
@@ -289,7 +307,11 @@ class CorpusStream:
         for w, window in enumerate(windows):
             rows = pending.result()
             pending = self._fetch(windows[w + 1], epoch) if w + 1 < len(windows) else None
-            order = np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(len(rows))
+            rng = np.random.default_rng([self.seed, epoch, self.rank, w])
+            order = rng.permutation(len(rows))
+            if self.length is not None and self.bucket > 1:
+                lengths = np.array([self.length(r) for r in rows])
+                order = bucket_order(order, lengths, self.batch_size, self.bucket, rng)
             if skip >= len(rows):  # resuming past this window: nothing of it to yield
                 skip -= len(rows)
                 continue

@@ -91,6 +91,10 @@ class Recipe:
         """A filter on rows the workers read (None: train on every row)."""
         return None
 
+    def length(self, row: dict) -> int:
+        """A row's length for length bucketing (its tokens; 0: all alike, no bucketing gain)."""
+        return len(row["input_ids"]) if "input_ids" in row else 0
+
     def build(self, backbone: Any, resources: dict[str, Any], options: BaseModel) -> Any:
         raise NotImplementedError
 
@@ -133,6 +137,7 @@ class PretrainJob:
     corpus: Corpus             # the encoded examples: a URI and a size per part
     max_length: int
     batch_size: int            # examples per micro-batch per worker
+    bucket_batches: int        # micro-batches sorted by length together (1: no bucketing)
     steps: int
     lr: float
     warmup_steps: int
@@ -166,7 +171,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     session = TrainSession(objective, opt, sched, config, data_state={"epoch": 0, "cursor": 0},
                            ddp_kwargs={"find_unused_parameters": True})
     stream = CorpusStream(job.corpus, job.seed, session.rank, session.world_size,
-                          session.data_state, keep=rec.keep(job.resources, options))
+                          session.data_state, keep=rec.keep(job.resources, options),
+                          length=rec.length, batch=job.batch_size, bucket=job.bucket_batches)
     bs, accum = job.batch_size, session.train.grad_accum
     gen = torch.Generator()
 

@@ -210,6 +210,9 @@ class MediaRecipe(Recipe):
         counts["train_media_with_text"] += len(rows)
         return rows, counts
 
+    def length(self, row: dict) -> int:
+        return int(row["n_regions"])
+
     def collate(self, backbone: TextBackbone, rows: list[dict], resources: dict[str, Any],
                 options: Any, max_length: int) -> dict[str, Any]:
         from fusion.pretrain.recipes import pad

@@ -357,6 +357,9 @@ class KAdapterRecipe(Recipe):
         labels = set(resources["labels"])
         return lambda row: row["label"] in labels
 
+    def length(self, row):  # noqa: ANN001, ANN201 - tokenised per batch: characters stand in
+        return len(row["text"])
+
     def build(self, backbone, resources, options):  # noqa: ANN001, ANN201
         from fusion.models.kadapter import EntityTyper, KAdapter, KAdapterConfig, RelationClassifier
 

@@ -43,6 +43,8 @@ class PretrainParams(BaseModel):
     max_length: int = Field(default=128, ge=8)
     batch_size: int = Field(default=16, ge=1, description="examples per micro-batch per worker")
     grad_accum: int = Field(default=1, ge=1)
+    bucket_batches: int = Field(default=8, ge=1, description="sort each run of this many "
+                                "micro-batches by length, so batches pad less (1: off)")
     steps: int = Field(default=200, ge=1, description="optimizer steps")
     lr: float = Field(default=5e-5, gt=0)
     warmup_steps: int = Field(default=20, ge=0)
@@ -109,6 +111,7 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     job = PretrainJob(
         recipe_cls=rec_cls, backbone=params.backbone, options=options, resources=resources,
         corpus=corpus, max_length=params.max_length, batch_size=params.batch_size,
+        bucket_batches=params.bucket_batches,
         steps=params.steps, lr=params.lr, warmup_steps=params.warmup_steps,
         weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, seed=params.seed,
         threads_per_worker=max(1, int(params.scaling.cpus_per_worker),

@@ -118,3 +118,27 @@ def test_a_corpus_is_complete_only_with_its_summary(tmp_path):
     assert Corpus.load(corpus.uri) == Corpus(corpus.uri, (2, 3), {})
     (Path(corpus.uri) / CORPUS_FILE).unlink()
     assert Corpus.load(corpus.uri) is None
+
+
+def test_length_bucketing_pads_less_and_still_sees_every_example_once(tmp_path):
+    import numpy as np
+
+    d = tmp_path / "corpus"
+    d.mkdir()
+    lengths = np.random.default_rng(0).integers(5, 120, 400)
+    corpus = Corpus(str(d), (200, 200))
+    for p in range(2):
+        pq.write_table(pa.table({"id": [f"{p}.{r}" for r in range(200)],
+                                 "n": lengths[200 * p:200 * (p + 1)].tolist()}), corpus.part(p))
+
+    def padded(bucket: int) -> tuple[int, list[str]]:
+        s = CorpusStream(corpus, 0, 0, 1, {"epoch": 0, "cursor": 0}, length=lambda r: r["n"],
+                         batch=8, bucket=bucket)
+        batches = [s.batch(8) for _ in range(50)]                      # the whole epoch
+        return (sum(8 * max(r["n"] for r in b) for b in batches),
+                sorted(r["id"] for b in batches for r in b))
+
+    plain, seen_plain = padded(1)
+    bucketed, seen = padded(8)
+    assert seen == seen_plain == sorted(f"{p}.{r}" for p in range(2) for r in range(200))
+    assert bucketed < 0.8 * plain  # sorted runs of 8 batches: far less padding
