@@ -59,10 +59,11 @@ def _join(uri: str, name: str) -> str:
 
 
 # -------------------------------------------------------------------------- linked-text units
-def text_units(text_uri: str, limit: int | None = None, unit_docs: int = UNIT_DOCS) -> list[dict]:
+def text_units(text_uri: str, limit: int | None = None, unit_docs: int | None = None) -> list[dict]:
     """Units of a ``knowledge.link`` artifact: ``{"unit", "doc_start", "doc_end", "mention_start",
     "mention_end"}``. Streams the ``n_mentions`` column a row group at a time (memory stays flat
     whatever the corpus size); ``limit`` keeps the first N documents."""
+    unit_docs = unit_docs or UNIT_DOCS
     fs, root = _fs(text_uri)
     units: list[dict] = []
     doc = mention = 0
@@ -221,12 +222,15 @@ def build_corpus(recipe: Any, options: Any, inputs: dict[str, str], tokenizer: s
     actors = max(1, min(len(units), cpus, 8))
     sizes = [0] * len(units)
     counts: Counter = Counter()
-    # one block per unit, so that every actor of the pool gets work
-    tables = (pa.Table.from_pylist([u]) for u in units)
-    for out in stream_map(tables, EncodeUnits, actors=actors, batch_size=1, calls_per_actor=2,
-                          fn_kwargs={"recipe_cls": type(recipe), "options": options,
-                                     "inputs": inputs, "tokenizer": tokenizer,
-                                     "max_length": max_length, "out_uri": out_uri}):
+    kwargs = {"recipe_cls": type(recipe), "options": options, "inputs": inputs,
+              "tokenizer": tokenizer, "max_length": max_length, "out_uri": out_uri}
+    tables = [pa.Table.from_pylist([u]) for u in units]  # one block per unit: every actor gets work
+    # One unit (a small input: at most UNIT_DOCS documents, one feature shard) is encoded right
+    # here: starting an actor pool would cost more than the work, and the memory is one unit's.
+    outputs = ([EncodeUnits(**kwargs)(tables[0])] if len(units) == 1 else
+               stream_map(tables, EncodeUnits, actors=actors, batch_size=1, calls_per_actor=2,
+                          fn_kwargs=kwargs))
+    for out in outputs:
         for u, n, c in zip(out["unit"].to_pylist(), out["rows"].to_pylist(),
                            out["counts"].to_pylist()):
             sizes[u] = n

@@ -145,6 +145,7 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     _tensorboard(hist, ctx.out / "tb")
     return {
         "recipe": params.recipe, "steps": result.step, "examples": corpus.examples,
+        "corpus_parts": len(corpus.sizes),
         **({f"loss_{o}_first": hist[0].get(f"loss_{o}") for o in objectives} if hist else {}),
         **{f"loss_{o}_last10": mean_loss(hist, f"loss_{o}") for o in objectives},
         "tokens_per_s": per_second(hist, "tokens"), **_utilisation(hist, params.scaling.num_workers),

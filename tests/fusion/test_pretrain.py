@@ -166,8 +166,13 @@ class Traced(PlainMLM):
 
 @pytest.mark.slow
 def test_two_workers_see_each_document_once_per_epoch_and_a_resumed_run_is_bit_identical(
-        ray_local, tmp_path, backbone_dir, linked):
+        ray_local, tmp_path, backbone_dir, linked, monkeypatch):
     from safetensors.torch import load_file
+
+    import fusion.pretrain.corpus
+
+    # units of 6 documents: 6 corpus parts, encoded by a pool of Ray Data actors
+    monkeypatch.setattr(fusion.pretrain.corpus, "UNIT_DOCS", 6)
 
     def run(name: str, die_at: int | None) -> tuple[dict, Path, Path]:
         tmp, trace = tmp_path / name, tmp_path / name / "trace"
@@ -180,7 +185,8 @@ def test_two_workers_see_each_document_once_per_epoch_and_a_resumed_run_is_bit_i
         return metrics, out, trace
 
     metrics, whole, trace = run("whole", None)
-    assert metrics["examples"] == 32 and metrics["job_bytes"] < 4000
+    assert metrics["examples"] == 32 and metrics["corpus_parts"] == 6
+    assert metrics["job_bytes"] < 4000
     batches = {r: [line.split() for line in (trace / f"rank{r}.txt").read_text().splitlines()]
                for r in (0, 1)}
     assert all(len(b) == 12 and all(len(x) == 4 for x in b) for b in batches.values())
