@@ -130,6 +130,8 @@ def execute_stage(st: StageType, params: dict[str, Any], stage: str, key: str,
                   progress: Any = None, force: bool = False) -> dict[str, Any]:
     """Run one stage and commit its artifact. Never raises: the outcome is returned as plain data so
     the driver reports the stage's own error, not a Ray wrapper around it."""
+    import ray  # a stage runs as a Ray task; its log names the node
+
     store = ArtifactStore(store_uri)
     if store.is_complete(key) and not force:  # finished by a concurrent run in the meantime
         return {"status": "cached"}
@@ -151,8 +153,8 @@ def execute_stage(st: StageType, params: dict[str, Any], stage: str, key: str,
                 ctx = StageContext(stage=stage, key=key, out=work, inputs=inputs,
                                    resources=Resources(**resources), state_uri=store.state_uri(key),
                                    log=log, _progress=progress)
-                log.info("stage %s (%s v%s) key %s on %s", stage, st.name, st.version, key,
-                         socket.gethostname())
+                log.info("stage %s (%s v%s) key %s on %s, ray node %s", stage, st.name, st.version,
+                         key, socket.gethostname(), ray.get_runtime_context().get_node_id())
                 returned = st.fn(ctx, st.params.model_validate(params))
                 if returned:
                     ctx.metrics.update(returned)

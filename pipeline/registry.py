@@ -42,7 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 ENTRY_POINT_GROUP = "stele.stages"
 T = TypeVar("T")
@@ -59,6 +59,29 @@ class Resources(BaseModel):
     # that many at a time. Ray's CPU counts cannot express this for stages that ask for ``cpus: 0``
     # and start their own workers (every pretraining would start at once); an uncapped pool is free.
     pool: str | None = None
+    # Ray custom resources the stage's task asks for (``custom: {node_b: 1}``): pins it to the nodes
+    # started with them (``ray start --resources='{"node_b": 4}'``). Placement only: like the rest
+    # of ``resources``, not part of the artifact key.
+    custom: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("custom")
+    @classmethod
+    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU"):
+                raise ValueError(f"ask for {name} with {name.lower()}s:, not under custom")
+            if not amount > 0:
+                raise ValueError(f"custom resource {name!r}: the amount must be > 0 (got {amount})")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_custom(self, handler: Any) -> dict[str, Any]:
+        # Without custom resources, dumps (manifests, what the stage task receives) stay as they
+        # were before the field existed.
+        out = handler(self)
+        if not self.custom:
+            out.pop("custom", None)
+        return out
 
 
 class NoParams(BaseModel):

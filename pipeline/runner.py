@@ -113,6 +113,56 @@ def _remote_execute():
     return ray.remote(max_retries=0)(execute_stage)
 
 
+def _custom_requests(stage: Any) -> list[tuple[str, dict[str, float]]]:
+    """(field, {resource: amount}) of every Ray custom resource a stage asks for: its task's
+    ``resources.custom``, and ``resources_per_worker`` of any :class:`~pipeline.train.ScalingParams`
+    in its parameters (each Ray Train worker asks for that much)."""
+    from pydantic import BaseModel
+
+    from .train import ScalingParams
+
+    out = [(f"stages.{stage.name}.resources.custom", stage.resources.custom)]
+
+    def walk(model: BaseModel, path: str) -> None:
+        if isinstance(model, ScalingParams) and model.resources_per_worker:
+            out.append((f"{path}.resources_per_worker", model.resources_per_worker))
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                walk(value, f"{path}.{name}")
+
+    walk(stage.params, f"stages.{stage.name}.with")
+    return [(where, req) for where, req in out if req]
+
+
+def check_custom_resources(pipeline: Pipeline, stages: list[str]) -> None:
+    """Fail before anything runs when one of ``stages`` asks for a custom resource that no alive
+    node of the Ray cluster offers (in that amount): Ray would keep the task pending forever.
+    Ray must be initialised. (Nodes an autoscaler has yet to start are not known here.)"""
+    import ray
+
+    requests = [(n, where, req) for n in stages for where, req in _custom_requests(pipeline.stages[n])]
+    if not requests:
+        return
+    most: dict[str, float] = {}  # resource -> the most one alive node offers
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for name, amount in node.get("Resources", {}).items():
+                most[name] = max(most.get(name, 0.0), amount)
+    for n, where, req in requests:
+        for name, amount in req.items():
+            if most.get(name, 0.0) >= amount:
+                continue
+            offered = sorted(k for k in most if k not in ("CPU", "GPU", "memory",
+                                                          "object_store_memory")
+                             and not k.startswith(("node:", "accelerator_type:")))
+            why = (f"it asks for {amount:g}, no node offers more than {most[name]:g}"
+                   if name in most else "no node of the Ray cluster offers it (custom resources: "
+                   f"{', '.join(offered) or 'none'})")
+            raise SpecError(f"stage {n!r} would wait forever for custom resource {name!r}: {why}",
+                            file=pipeline.source, line=pipeline.stages[n].line, field=where)
+
+
 class _DeferredInterrupt:
     """Ctrl-C during a run, acted on only where the runner's bookkeeping is whole.
 
@@ -157,6 +207,7 @@ def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = N
     import ray
 
     planned = plan(pipeline, store, force, until)
+    check_custom_resources(pipeline, [n for n, p in planned.items() if p.action == "run"])
     store.clean_tmp()
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     outcomes = {n: Outcome(n, p.type, p.key, "excluded" if p.action == "excluded" else "pending")
@@ -209,7 +260,7 @@ def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = N
                         outcomes[n].status = "running"  # before Ray has it: never in flight unseen
                         ref = remote.options(
                             num_cpus=s.resources.cpus, num_gpus=s.resources.gpus,
-                            name=f"stele:{n}",
+                            resources=dict(s.resources.custom), name=f"stele:{n}",
                         ).remote(s.type, s.params.model_dump(mode="json"), n, planned[n].key,
                                  {r: planned[up].key for r, up in s.inputs.items()}, store.uri,
                                  s.resources.model_dump(), hub, planned[n].reason == "forced")

@@ -28,9 +28,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 STATE_FILE = "train_state.json"
 MODEL_FILE = "model.safetensors"
@@ -45,6 +45,18 @@ class ScalingParams(BaseModel):
     use_gpu: bool | None = Field(default=None, description="None: use GPUs when the cluster has them")
     cpus_per_worker: float = Field(default=1.0, gt=0)
     max_failures: int = Field(default=1, ge=-1, description="worker failures to recover from")
+    resources_per_worker: dict[str, float] | None = Field(
+        default=None, description="Ray custom resources each worker asks for besides its CPUs "
+        "(e.g. {node_b: 0.1}: workers only on nodes started with node_b)")
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_resources(self, handler: Any) -> dict[str, Any]:
+        # Left out when None, so the parameters (and artifact keys) of stages that do not pin their
+        # workers stay what they were before the field existed.
+        out = handler(self)
+        if self.resources_per_worker is None:
+            out.pop("resources_per_worker", None)
+        return out
 
 
 class TrainConfig(ScalingParams):
@@ -56,6 +68,56 @@ class TrainConfig(ScalingParams):
     keep_checkpoints: int = Field(default=2, ge=1)
     grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
     seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="TrainSession.autocast: auto = bf16 on CUDA and on CPUs with native "
+        "bf16 (cpu_bf16_native), else fp32; bf16 or fp32 forces it")
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU multiplies bf16 natively, so that bf16 autocast speeds a CPU step up.
+
+    oneDNN runs CPU bf16 matmuls on AVX512-BF16 or AMX-BF16 (x86) or the BF16 extension (Arm); without
+    them it emulates bf16 in fp32 arithmetic plus conversions, slower than plain fp32. Hence not
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` on x86: it is also true on any AVX512BW CPU (the
+    emulation). On x86, torch's cpuinfo queries ``torch.cpu._is_avx512_bf16_supported()`` and
+    ``_is_amx_tile_supported()`` (every AMX CPU has AMX-BF16) check the instruction sets and that the OS
+    enables their registers; they are private, so where they are missing /proc/cpuinfo's flags
+    (``avx512_bf16``, ``amx_bf16``) stand in. On Arm, the mkldnn query checks exactly the BF16 extension.
+    """
+    import platform
+
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(c) for c in checks):
+        return any(bool(c()) for c in checks)
+    return bool({"avx512_bf16", "amx_bf16"} & _cpuinfo_flags())
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for ln in text.splitlines() if ln.startswith("flags") for f in ln.split(":", 1)[1].split()}
+
+
+def autocast_context(precision: str, device_type: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device_type`` for ``precision`` "bf16", none for "fp32"; "auto": bf16 on CUDA
+    and on a CPU with native bf16 (:func:`cpu_bf16_native`), none elsewhere (an emulating CPU, MPS)."""
+    import torch
+
+    if precision == "auto":
+        bf16 = device_type == "cuda" or (device_type == "cpu" and cpu_bf16_native())
+    elif precision in ("bf16", "fp32"):
+        bf16 = precision == "bf16"
+    else:
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def _gpu_available() -> bool:
@@ -92,10 +154,11 @@ def fit(train_loop_per_worker: Callable[[dict], None], job: Any,
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": train.cpus_per_worker}),
+                                     resources_per_worker={"CPU": train.cpus_per_worker,
+                                                           **(train.resources_per_worker or {})}),
         run_config=RunConfig(
             name=name,
-            storage_path=storage_uri,
+            **_storage(storage_uri),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=train.max_failures),
         ),
@@ -116,6 +179,22 @@ def fit(train_loop_per_worker: Callable[[dict], None], job: Any,
     return FitResult(checkpoint_dir=local, step=state["step"], history=state["history"],
                      data_state=state["data_state"], stopped=state.get("stopped", False),
                      job_bytes=job_bytes)
+
+
+def _storage(uri: str) -> dict[str, Any]:
+    """Ray Train's ``storage_path`` (and ``storage_filesystem``) for a store URI. A remote store goes
+    through the same fsspec filesystem as the rest of stele (wrapped for pyarrow), so its settings
+    (``FSSPEC_S3_ENDPOINT_URL`` for MinIO, credentials) hold for checkpoints too; pyarrow's own S3
+    client would ignore them."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        return {"storage_path": uri}
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
 
 
 def _trainer_class(base: type) -> type:
@@ -218,12 +297,10 @@ class TrainSession:
         self.stopped = True
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on CUDA; a no-op on CPU (where bf16 matmuls are slow and gain nothing)."""
-        import torch
-
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX, Arm BF16), where it
+        speeds steps up; a no-op elsewhere (emulated bf16 is slower than fp32). ``TrainConfig.precision``
+        ("bf16", "fp32") overrides the choice (:func:`autocast_context`)."""
+        return autocast_context(self.train.precision, self.device.type)
 
     def report(self, metrics: dict[str, Any]) -> None:
         """Record this step's metrics; checkpoint every ``checkpoint_every`` steps and at the end.
@@ -324,4 +401,5 @@ def _set_rng_state(torch: Any, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-__all__ = ["FitResult", "ScalingParams", "TrainConfig", "TrainSession", "fit"]
+__all__ = ["FitResult", "ScalingParams", "TrainConfig", "TrainSession", "autocast_context", "cpu_bf16_native",
+           "fit"]
