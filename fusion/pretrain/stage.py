@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -43,6 +43,8 @@ class PretrainParams(BaseModel):
     max_length: int = Field(default=128, ge=8)
     batch_size: int = Field(default=16, ge=1, description="examples per micro-batch per worker")
     grad_accum: int = Field(default=1, ge=1)
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="auto: bf16 autocast on GPUs and on CPUs with native bf16")
     bucket_batches: int = Field(default=8, ge=1, description="sort each run of this many "
                                 "micro-batches by length, so batches pad less (1: off)")
     steps: int = Field(default=200, ge=1, description="optimizer steps")
@@ -118,7 +120,7 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
                                (os.cpu_count() or 1) // params.scaling.num_workers))
     train = TrainConfig(**params.scaling.model_dump(), max_steps=params.steps,
                         checkpoint_every=params.checkpoint_every, grad_accum=params.grad_accum,
-                        seed=params.seed)
+                        seed=params.seed, precision=params.precision)
     result = fit(train_loop_per_worker, job, train, storage_uri=ctx.state_uri, name="pretrain",
                  progress=ctx.progress_reporter(), progress_desc="step")
 
