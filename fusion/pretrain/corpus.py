@@ -292,6 +292,9 @@ class CorpusStream:
 
     def batch(self, size: int) -> list[dict]:
         out: list[dict] = []
+        share = (self.rank + 1) * self.corpus.examples // self.world \
+            - self.rank * self.corpus.examples // self.world
+        misses = 0
         while len(out) < size:
             row = next(self._rows, None)
             if row is None:  # this rank's share of the epoch is done: on to the next epoch
@@ -301,6 +304,10 @@ class CorpusStream:
             self.state["cursor"] += 1
             if self.keep is None or self.keep(row):
                 out.append(row)
+                misses = 0
+            elif (misses := misses + 1) > share:  # a whole epoch and nothing to train on
+                raise StageFailed(f"rank {self.rank}: none of the {share} examples of its share "
+                                  f"is kept by the recipe")
         return out
 
     def _epoch_rows(self) -> Iterator[dict]:

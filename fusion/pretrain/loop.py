@@ -134,7 +134,7 @@ class PretrainJob:
     backbone: str              # local folder or package:..., loaded by every worker
     options: BaseModel         # the recipe's validated options
     resources: dict[str, Any]  # the recipe's resources(): small, shared tables by reference
-    corpus: Corpus             # the encoded examples: a URI and a size per part
+    corpus_uri: str            # the encoded examples (each worker reads corpus.json itself)
     max_length: int
     batch_size: int            # examples per micro-batch per worker
     bucket_batches: int        # micro-batches sorted by length together (1: no bucketing)
@@ -170,7 +170,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(job.warmup_steps, job.steps))
     session = TrainSession(objective, opt, sched, config, data_state={"epoch": 0, "cursor": 0},
                            ddp_kwargs={"find_unused_parameters": True})
-    stream = CorpusStream(job.corpus, job.seed, session.rank, session.world_size,
+    corpus = Corpus.load(job.corpus_uri)
+    if corpus is None:
+        raise RuntimeError(f"no complete corpus at {job.corpus_uri}")
+    stream = CorpusStream(corpus, job.seed, session.rank, session.world_size,
                           session.data_state, keep=rec.keep(job.resources, options),
                           length=rec.length, batch=job.batch_size, bucket=job.bucket_batches)
     bs, accum = job.batch_size, session.train.grad_accum

@@ -346,6 +346,9 @@ class KAdapterRecipe(Recipe):
         counts = {k: v for k, v in counts.items() if not k.startswith("label:")}
         keep = sorted(lab for lab, c in labels.items() if c >= resources["min_label_count"])
         task = sum(labels[lab] for lab in keep)
+        if not task:
+            raise StageFailed(f"kadapter: no task example with a label seen at least "
+                              f"{resources['min_label_count']} times; {counts}")
         return {**resources, "labels": keep}, {
             **counts, "task_examples": task, "labels": len(keep),
             "rare_label_examples": sum(labels.values()) - task}

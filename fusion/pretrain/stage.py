@@ -112,7 +112,7 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
                  len(units), corpus.examples, counts)
     job = PretrainJob(
         recipe_cls=rec_cls, backbone=params.backbone, options=options, resources=resources,
-        corpus=corpus, max_length=params.max_length, batch_size=params.batch_size,
+        corpus_uri=corpus.uri, max_length=params.max_length, batch_size=params.batch_size,
         bucket_batches=params.bucket_batches,
         steps=params.steps, lr=params.lr, warmup_steps=params.warmup_steps,
         weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, seed=params.seed,

@@ -142,3 +142,10 @@ def test_length_bucketing_pads_less_and_still_sees_every_example_once(tmp_path):
     bucketed, seen = padded(8)
     assert seen == seen_plain == sorted(f"{p}.{r}" for p in range(2) for r in range(200))
     assert bucketed < 0.8 * plain  # sorted runs of 8 batches: far less padding
+
+
+def test_a_share_with_nothing_kept_is_an_error_not_an_endless_loop(tmp_path):
+    corpus = _corpus(tmp_path, [4, 4])
+    stream = CorpusStream(corpus, 0, 1, 2, {"epoch": 0, "cursor": 0}, keep=lambda r: False)
+    with pytest.raises(StageFailed, match="none of the 4 examples of its share is kept"):
+        stream.batch(2)
