@@ -14,11 +14,11 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from knowledge.kg import read_table
 from pipeline import StageFailed
 
 from fusion.models.backbone import TextBackbone
@@ -85,18 +85,9 @@ class PlainMLM(Recipe):
 
 
 # ------------------------------------------------------------------------- linking to the KG
-def read_table(uri: str, name: str, columns: list[str] | None = None) -> pa.Table:
-    """One table of an artifact at ``uri`` (a local folder or ``s3://...``)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(uri)
-    with fs.open(f"{root.rstrip('/')}/{name}", "rb") as f:
-        return pq.read_table(f, columns=columns)
-
-
-def id_index(uri: str, name: str = "entities.parquet") -> dict[str, int]:
-    """Entity id -> row index of the table ``name`` of the artifact at ``uri``."""
-    t = read_table(uri, name, ["idx", "id"])
+def id_index(uri: str) -> dict[str, int]:
+    """Entity id -> row index of the ``entities.parquet`` of the artifact at ``uri``."""
+    t = read_table(uri, "entities", ["idx", "id"])
     return dict(zip(t["id"].to_pylist(), t["idx"].to_pylist()))
 
 
@@ -212,16 +203,16 @@ class KBertRecipe(Recipe):
     Options = KBertOptions
 
     def resources(self, inputs, options):  # noqa: ANN001, ANN201
-        split = read_table(inputs["kg"], "triples.parquet", ["split"])["split"]
+        split = read_table(inputs["kg"], "triples", ["split"])["split"]
         return {"triples_available": int(pc.sum(pc.is_in(split, pa.array(options.splits))).as_py()
                                          or 0)}
 
     def encoder(self, inputs, options, tokenizer, max_length):  # noqa: ANN001, ANN201
         from fusion.models.kbert import KnowledgeLayer, TripleLookup
 
-        ents = read_table(inputs["kg"], "entities.parquet", ["idx", "id", "name"])
-        rels = read_table(inputs["kg"], "relations.parquet", ["name"])
-        t = read_table(inputs["kg"], "triples.parquet")
+        ents = read_table(inputs["kg"], "entities", ["idx", "id", "name"])
+        rels = read_table(inputs["kg"], "relations", ["name"])
+        t = read_table(inputs["kg"], "triples")
         t = t.filter(pc.is_in(t["split"], pa.array(options.splits)))
         lookup = TripleLookup.from_indices(t["head"].to_numpy(), t["relation"].to_numpy(),
                                            t["tail"].to_numpy(), rels["name"].to_pylist(),
@@ -297,12 +288,12 @@ class KAdapterRecipe(Recipe):
     Options = KAdapterOptions
 
     def encoder(self, inputs, options, tokenizer, max_length):  # noqa: ANN001, ANN201
-        ents = read_table(inputs["kg"], "entities.parquet", ["idx", "id", "types"])
+        ents = read_table(inputs["kg"], "entities", ["idx", "id", "types"])
         state: dict[str, Any] = {"options": options, "ids": ents["id"].to_pylist(),
                                  "index": dict(zip(ents["id"].to_pylist(), ents["idx"].to_pylist()))}
         if options.adapter == "factual":
-            rel_names = read_table(inputs["kg"], "relations.parquet", ["name"])["name"].to_pylist()
-            t = read_table(inputs["kg"], "triples.parquet", ["head", "relation", "tail"])
+            rel_names = read_table(inputs["kg"], "relations", ["name"])["name"].to_pylist()
+            t = read_table(inputs["kg"], "triples", ["head", "relation", "tail"])
             facts: dict[tuple[int, int], str] = {}
             for h, r, tl in zip(*(t[c].to_pylist() for c in ("head", "relation", "tail"))):
                 facts.setdefault((h, tl), rel_names[r])
