@@ -119,7 +119,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
                 # Without a dashboard there is no State API; pipeline.train reads this to skip
                 # Ray Train's placement-group cleaner, whose every query would time out (10 s).
                 os.environ["STELE_RAY_STATE_API"] = "0"
-            ray.init(address="local", num_cpus=n, **{**common, **kwargs})
+            # Every process of this Ray carries the runner's mark, so that the reaper ends them
+            # with the runner, kill -9 included; set only while Ray starts them, so that what the
+            # driver starts later is not marked.
+            from . import reaper
+
+            mark = reaper.start()
+            if mark:
+                os.environ[reaper.MARK] = mark
+            try:
+                ray.init(address="local", num_cpus=n, **{**common, **kwargs})
+            finally:
+                os.environ.pop(reaper.MARK, None)
+            reaper.snapshot()
     ctx = ray.get_runtime_context()
     return {"address": address or "embedded", "embedded": not address,
             "resources": ray.cluster_resources(), "node": ctx.get_node_id()}

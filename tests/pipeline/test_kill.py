@@ -165,3 +165,30 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, plugin_en
     assert set(after) == set("abcdef"), again.stdout
     for name, st in record["stages"].items():
         assert st["status"] == ("cached" if name in before else "ran"), (name, again.stdout)
+
+
+@pytest.mark.slow
+def test_kill_minus_9_takes_ray_down_with_the_runner(tmp_path: Path, plugin_env: dict[str, str]) -> None:
+    """No process of a run outlives a kill -9 of its runner: before pipeline.reaper, Ray's
+    DashboardAgent and RuntimeEnvAgent lived on for ever."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(PIPELINE.replace("sleep: 0.1}", "sleep: 5}"))  # c..f: long enough to kill
+    store_dir = tmp_path / "store"
+    proc = subprocess.Popen([STELE, "run", str(pipeline), "--store", str(store_dir), "--no-live"],
+                            env=plugin_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    # Wait until stage c runs: Ray, its agents and stage workers are all up by then.
+    while not list((store_dir / "tmp").glob("*")) or len(ArtifactStore(store_dir).keys()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
+        time.sleep(0.05)
+    assert len(_session_processes(proc.pid)) > 3  # the runner and Ray's processes
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # A state, not a time: wait (with a generous bound for a loaded machine) until all are gone.
+    deadline = time.monotonic() + 60
+    while (left := _session_processes(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    names = [Path(f"/proc/{p}/comm").read_text().strip() for p in left if Path(f"/proc/{p}").exists()]
+    _kill_session(proc)
+    assert not left, names
