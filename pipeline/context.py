@@ -130,11 +130,25 @@ def execute_stage(st: StageType, params: dict[str, Any], stage: str, key: str,
                   progress: Any = None, force: bool = False) -> dict[str, Any]:
     """Run one stage and commit its artifact. Never raises: the outcome is returned as plain data so
     the driver reports the stage's own error, not a Ray wrapper around it."""
+    store = ArtifactStore(store_uri)
+
+    def waiting() -> None:
+        if progress is not None:
+            progress.update.remote(stage, "waiting for another run making this artifact", 0, None)
+
+    # One maker per artifact at a time, across runs that share the store: a second run of the
+    # same stage waits here, then finds the artifact complete and reuses it.
+    with store.lock(key, on_wait=waiting):
+        if store.is_complete(key) and not force:  # finished by a concurrent run in the meantime
+            return {"status": "cached"}
+        return _run_and_commit(st, params, stage, key, input_keys, store, resources, progress, force)
+
+
+def _run_and_commit(st: StageType, params: dict[str, Any], stage: str, key: str,
+                    input_keys: dict[str, str], store: ArtifactStore, resources: dict[str, float],
+                    progress: Any, force: bool) -> dict[str, Any]:
     import ray  # a stage runs as a Ray task; its log names the node
 
-    store = ArtifactStore(store_uri)
-    if store.is_complete(key) and not force:  # finished by a concurrent run in the meantime
-        return {"status": "cached"}
     work = store.new_work_dir(key)
     started, started_unix, t0 = now_iso(), time.time(), time.perf_counter()
     log = logging.getLogger(f"stele.stage.{stage}")

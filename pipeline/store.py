@@ -5,6 +5,7 @@ Layout under the store root (a local folder, or any fsspec URI such as ``s3://bu
     artifacts/<key>/            one finished artifact: the stage's files, log.txt, manifest.json
     artifacts/<key>/manifest.json   written LAST: an artifact is complete iff its manifest exists
     tmp/<key>.<host>.<pid>.<rand>/  work in progress (local stores), renamed into place on success
+    locks/<key>                 held (flock) by the process making that artifact (local stores)
     state/<key>/                resumable state that outlives a killed run (e.g. Ray Train checkpoints)
     failed/<key>/               the work folder of the last failed attempt, with its log.txt
     runs/<run-id>.json          what each ``stele run`` did, stage by stage
@@ -15,6 +16,8 @@ included, so changing a default invalidates the cache) and the keys of the input
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +26,7 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,6 +220,30 @@ class ArtifactStore:
         return problems
 
     # -- writing -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, key: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold the right to make artifact ``key``: an exclusive ``flock`` on ``locks/<key>``,
+        which the kernel releases when its holder dies, ``kill -9`` included. Blocks while another
+        process holds it, after calling ``on_wait`` once. Object stores have no such lock: two runs
+        may then both make an artifact, and the second commit replaces the first with the same
+        content (same key, same inputs)."""
+        if not self.local:
+            yield
+            return
+        path = Path(self._join("locks", key))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def new_work_dir(self, key: str) -> Path:
         """A fresh local folder for a stage to write its artifact into."""
         if self.local:
