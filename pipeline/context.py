@@ -8,6 +8,7 @@ if it raises, nothing becomes visible as an artifact and the attempt is kept und
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.metadata
 import logging
 import platform
@@ -154,38 +155,37 @@ def _run_and_commit(st: StageType, params: dict[str, Any], stage: str, key: str,
     log = logging.getLogger(f"stele.stage.{stage}")
     log.setLevel(logging.INFO)
     log.propagate = False
-    with open(work / LOG, "a", buffering=1) as log_file:
-        handler = logging.StreamHandler(log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root = logging.getLogger()
-        log.addHandler(handler)
-        root.addHandler(handler)
-        try:
-            with contextlib.redirect_stdout(_Tee(sys.stdout, log_file)), \
-                    contextlib.redirect_stderr(_Tee(sys.stderr, log_file)):
-                inputs = {role: store.open(k) for role, k in input_keys.items()}
-                ctx = StageContext(stage=stage, key=key, out=work, inputs=inputs,
-                                   resources=Resources(**resources), state_uri=store.state_uri(key),
-                                   log=log, _progress=progress)
-                log.info("stage %s (%s v%s) key %s on %s, ray node %s", stage, st.name, st.version,
-                         key, socket.gethostname(), ray.get_runtime_context().get_node_id())
-                returned = st.fn(ctx, st.params.model_validate(params))
-                if returned:
-                    ctx.metrics.update(returned)
-        except BaseException as e:  # noqa: BLE001 - report any failure, KeyboardInterrupt included
-            tb = traceback.format_exc()
-            log.error("stage failed:\n%s", tb)
-            handler.flush()
-            log.removeHandler(handler)
-            root.removeHandler(handler)
-            where = store.keep_failed(key, work)
-            return {"status": "failed", "error_type": type(e).__name__, "error": str(e) or repr(e),
-                    "traceback": "" if isinstance(e, StageFailed) else tb,
-                    "log": f"{where}/{LOG}", "wall_s": time.perf_counter() - t0}
-        wall = time.perf_counter() - t0
-        log.info("stage finished in %.3f s", wall)
+    log_file = open(work / LOG, "a", buffering=1)
+    handler = logging.StreamHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    log.addHandler(handler)
+    root.addHandler(handler)
+    failure: tuple[BaseException, str] | None = None
+    try:
+        with contextlib.redirect_stdout(_Tee(sys.stdout, log_file)), \
+                contextlib.redirect_stderr(_Tee(sys.stderr, log_file)):
+            inputs = {role: store.open(k) for role, k in input_keys.items()}
+            ctx = StageContext(stage=stage, key=key, out=work, inputs=inputs,
+                               resources=Resources(**resources), state_uri=store.state_uri(key),
+                               log=log, _progress=progress)
+            log.info("stage %s (%s v%s) key %s on %s, ray node %s", stage, st.name, st.version,
+                     key, socket.gethostname(), ray.get_runtime_context().get_node_id())
+            returned = st.fn(ctx, st.params.model_validate(params))
+            if returned:
+                ctx.metrics.update(returned)
+        log.info("stage finished in %.3f s", time.perf_counter() - t0)
+    except BaseException as e:  # noqa: BLE001 - report any failure, KeyboardInterrupt included
+        failure = e, traceback.format_exc()
+        log.error("stage failed:\n%s", failure[1])
+    finally:
         log.removeHandler(handler)
         root.removeHandler(handler)
+        with contextlib.suppress(OSError):  # on a full disk the log keeps what it could
+            log_file.close()
+    wall = time.perf_counter() - t0
+    if failure is not None:
+        return _failed(store, stage, key, work, *failure, wall)
     manifest = {
         "stage": stage, "type": st.name, "code_version": st.version, "params": params,
         "inputs": input_keys, "metrics": ctx.metrics, "wall_s": wall, "started_at": started,
@@ -193,5 +193,39 @@ def _run_and_commit(st: StageType, params: dict[str, Any], stage: str, key: str,
         "versions": versions(), "host": socket.gethostname(),
         "resources": resources,
     }
-    store.commit(key, work, manifest, replace=force)
+    try:
+        store.commit(key, work, manifest, replace=force)
+    except OSError as e:
+        if disk_full(e) is None:
+            raise
+        return _failed(store, stage, key, work, e, traceback.format_exc(), wall)
     return {"status": "ran", "wall_s": wall, "metrics": ctx.metrics}
+
+
+def disk_full(e: BaseException) -> OSError | None:
+    """The "no space left" (or over quota) error behind ``e``, if that is what it is."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _failed(store: ArtifactStore, stage: str, key: str, work: Path, e: BaseException, tb: str,
+            wall: float) -> dict[str, Any]:
+    """Keep a failed attempt under ``failed/<key>`` and say why. A full disk is one line naming the
+    stage, the file and the store, and the attempt's partial output is removed (only its log is
+    kept) so that the space comes back: nothing of it was committed."""
+    full = disk_full(e)
+    if full is None:
+        where = store.keep_failed(key, work)
+        return {"status": "failed", "error_type": type(e).__name__, "error": str(e) or repr(e),
+                "traceback": "" if isinstance(e, StageFailed) else tb, "log": f"{where}/{LOG}",
+                "wall_s": wall}
+    log = store.discard_attempt(key, work)
+    return {"status": "failed", "error_type": "OSError",
+            "error": f"no space left on device writing {full.filename or work}: stage {stage!r} "
+                     f"committed nothing to store {store.uri}; free space and run again",
+            "traceback": "", "log": log, "wall_s": wall}  # the traceback is in the log

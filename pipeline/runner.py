@@ -94,6 +94,7 @@ class RunResult:
     store: str
     outcomes: dict[str, Outcome]
     record: str = ""
+    record_error: str = ""
 
     @property
     def ok(self) -> bool:
@@ -299,12 +300,15 @@ def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = N
             raise
         finally:
             result = RunResult(run_id, pipeline.name, store.uri, outcomes)
-            result.record = store.record_run({
-                "run_id": run_id, "pipeline": pipeline.name,
-                "pipeline_file": str(pipeline.path) if pipeline.path else None,
-                "started_at": started_at, "finished_at": now_iso(),
-                "stages": {n: asdict(o) for n, o in outcomes.items()},
-            })
+            try:
+                result.record = store.record_run({
+                    "run_id": run_id, "pipeline": pipeline.name,
+                    "pipeline_file": str(pipeline.path) if pipeline.path else None,
+                    "started_at": started_at, "finished_at": now_iso(),
+                    "stages": {n: asdict(o) for n, o in outcomes.items()},
+                })
+            except OSError as e:  # a full disk: the summary still tells what happened
+                result.record_error = f"the run record was not written: {e.strerror or e}"
     return result
 
 
@@ -336,6 +340,9 @@ def print_summary(result: RunResult, console: Console) -> None:
     style = "bold green" if result.ok else "bold red"
     console.print(f"[{style}]{escape(result.pipeline)}: {counts or 'nothing to do'}[/] "
                   f"(store {escape(result.store)}, run {result.run_id})", emoji=False)
+    if result.record_error:
+        console.print(f"[yellow]warning:[/] {escape(result.record_error)}", highlight=False,
+                      emoji=False)
     for o in result.outcomes.values():
         if o.status in ("ran", "cached") and o.metrics:
             console.print(f"  {escape(o.name)}: {escape(_headline(o.metrics, o.type))}", style="dim",

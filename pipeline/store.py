@@ -291,6 +291,27 @@ class ArtifactStore:
             shutil.rmtree(work, ignore_errors=True)
         return dest
 
+    def discard_attempt(self, key: str, work: Path) -> str:
+        """Remove a failed attempt's files (its work folder, and an artifact folder that a commit
+        left without its manifest) to give the space back, keeping only its log under
+        ``failed/<key>``, where that still fits. Returns the log's location, or "" if none."""
+        log = ""
+        dest = self._join("failed", key)
+        try:
+            if self.fs.exists(dest):
+                self.fs.rm(dest, recursive=True)
+            if self.local and (work / LOG).exists():
+                Path(dest).mkdir(parents=True)
+                os.replace(work / LOG, Path(dest, LOG))  # a rename: needs no data blocks
+                log = f"{dest}/{LOG}"
+        except OSError:
+            pass
+        shutil.rmtree(work, ignore_errors=True)
+        final = self.artifact_path(key)
+        if not self.is_complete(key) and self.fs.exists(final):
+            self.fs.rm(final, recursive=True)
+        return log
+
     def record_run(self, run: dict[str, Any]) -> str:
         path = self._join("runs", f"{run['run_id']}.json")
         self._write_json(path, run)
@@ -317,11 +338,15 @@ class ArtifactStore:
         if self.local:  # write-then-rename: a reader never sees half a manifest
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "w") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)  # e.g. a full disk: leave no stray half file
+                raise
         else:  # object stores make a PUT visible all at once
             with self.fs.open(path, "w") as f:
                 f.write(text)
