@@ -19,7 +19,8 @@ Entities and relations that triples mention but the source does not declare are 
 Bad input never disappears silently: a source reports each unusable item to the :class:`Quarantine`
 it is given, with file, line and reason. With ``on_error: raise`` (the default) the first one stops the
 run with that message; with ``on_error: skip`` items are counted and the first ones kept for the
-manifest.
+manifest. Items are counted by reason, so a reason names the kind of problem; one built from an
+exception goes through :func:`pipeline.quarantine.describe`, which keeps it the same from run to run.
 
 File parameters name a local path or any fsspec URI (``s3://bucket/kg.tsv``): type them
 :data:`~pipeline.uris.InputURI` (checked before anything runs) and read them with

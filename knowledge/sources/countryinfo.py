@@ -4,7 +4,8 @@ Entities: countries (id = ISO 3166 alpha-3 code, name, alternative spellings and
 aliases), their capitals, provinces, languages (ISO 639-1 codes), currencies (ISO 4217 codes),
 regions and subregions. Relations: ``capital``, ``borders``, ``language``, ``currency``, ``region``,
 ``subregion``, ``province``. The files are read straight from the installed package
-(``pip install countryinfo``); a file that is not valid JSON goes to the quarantine.
+(``pip install countryinfo``); a file that is not a JSON object goes to the quarantine, with the
+line where its JSON breaks.
 """
 
 from __future__ import annotations
@@ -49,10 +50,20 @@ class CountryInfoSource(KnowledgeSource):
         # cached per instance: entities() and triples() read the same ~250 files once
         out, self._bad = [], []
         for path in self.files():
+            raw = path.read_bytes()
+            # file:line like every other source; the reason leaves the position out, so that
+            # files broken the same way are counted together.
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                self._bad.append((str(path), f"not valid JSON ({e})"))
+                data = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                line = raw[:e.start].count(b"\n") + 1
+                self._bad.append((f"{path}:{line}", f"not valid JSON (undecodable bytes: {e.reason})"))
+                continue
+            except json.JSONDecodeError as e:
+                self._bad.append((f"{path}:{e.lineno}", f"not valid JSON ({e.msg})"))
+                continue
+            if not isinstance(data, dict):
+                self._bad.append((f"{path}:1", f"expected a JSON object, found {type(data).__name__}"))
                 continue
             code = (data.get("ISO") or {}).get("alpha3") or path.stem
             out.append((code, data))

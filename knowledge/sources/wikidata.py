@@ -37,6 +37,7 @@ from pathlib import Path
 
 from pydantic import Field, PrivateAttr
 
+from pipeline.quarantine import describe
 from pipeline.uris import InputURI, URIPath, input_path, open_input
 
 from .base import Entity, KnowledgeSource, Quarantine, Relation, SourceError, Triple, source
@@ -82,7 +83,7 @@ class WikidataSource(KnowledgeSource):
             try:
                 ent = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                self._bad(q, f"{self.path}:{no}", f"not JSON ({e})",
+                self._bad(q, f"{self.path}:{no}", f"not JSON ({describe(e)})",
                           raw.decode("utf-8", "replace"))
                 continue
             if not isinstance(ent, dict) or not isinstance(ent.get("id"), str):
@@ -142,7 +143,7 @@ class WikidataSource(KnowledgeSource):
                     try:
                         tail = _item_value(st)
                     except (AttributeError, TypeError, ValueError, KeyError) as e:
-                        self._bad(q, f"{where}:{pid}", f"malformed {pid} claim ({e})",
+                        self._bad(q, f"{where}:{pid}", f"malformed {pid} claim ({describe(e)})",
                                   json.dumps(st)[:200])
                         continue
                     if tail is not None:

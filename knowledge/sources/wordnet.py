@@ -37,6 +37,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from pipeline.quarantine import describe
 from pipeline.uris import InputURI, URIPath, input_path
 
 from .base import (Entity, KnowledgeSource, Quarantine, Relation, SourceError, Triple, read_lines,
@@ -127,7 +128,7 @@ class WordNetSource(KnowledgeSource):
                     if len(offsets) != n_synsets:
                         raise ValueError("fewer offsets than synset_cnt")
                 except (ValueError, IndexError) as e:
-                    q.bad(f"{f}:{no}", f"malformed index line ({e})", line)
+                    q.bad(f"{f}:{no}", f"malformed index line ({describe(e)})", line)
                     continue
                 out[(tok[0], pos)] = offsets
         return out
@@ -143,7 +144,7 @@ class WordNetSource(KnowledgeSource):
                 try:
                     yield str(f), stem, no, _parse_data_line(line)
                 except (ValueError, IndexError) as e:
-                    q.bad(f"{f}:{no}", f"malformed data line ({e})", line)
+                    q.bad(f"{f}:{no}", f"malformed data line ({describe(e)})", line)
 
     def _name_map(self, q: Quarantine) -> dict[tuple[str, int], str]:
         """``(pos letter of the data file, offset) -> NLTK name``; built once per source object."""

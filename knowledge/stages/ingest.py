@@ -52,7 +52,7 @@ def _fingerprint(params: IngestParams) -> list[Any]:
     return [s.fingerprint() for s in params.sources]
 
 
-@stage("knowledge.ingest", version="2", fingerprint=_fingerprint,
+@stage("knowledge.ingest", version="3", fingerprint=_fingerprint,
        headline=("entities", "relations", "triples", "quarantined", "components"), inputs={})
 def ingest(ctx: StageContext, params: IngestParams) -> dict:
     """Merge knowledge sources into one KnowledgeGraph (entities, relations, split triples)."""

@@ -213,3 +213,23 @@ def test_no_triples_from_a_plugin_source_names_it_and_its_quarantine(tmp_path: P
         build_graph([Odd(on_error="skip"), Quiet()])
     assert str(e.value) == ("the knowledge graph has no triples: source 'odd': no triples, 1 item(s) "
                             "quarantined ('not a triple' x1); source 'quiet': no triples")
+
+
+def test_quarantine_reasons_from_object_reprs_are_the_same_on_every_run(tmp_path: Path) -> None:
+    from knowledge.sources import KnowledgeSource, Triple
+
+    class Split:  # a plugin's own split marker: its repr is Python's default, with an address
+        pass
+
+    class Marked(KnowledgeSource):  # not registered
+        name = "marked"
+
+        def triples(self, q):
+            yield Triple("a", "r", "b")
+            for i in range(2):
+                yield Triple("a", "r", f"c{i}", split=Split(), where=f"m:{i + 1}")
+
+    _, rep = build_graph([Marked(on_error="skip")], valid=0, test=0)
+    by_reason = rep.quarantine["marked"]["by_reason"]
+    assert len(by_reason) == 1 and list(by_reason.values()) == [2]  # one reason, counted twice
+    assert "0x" not in next(iter(by_reason)) and "Split object>" in next(iter(by_reason))

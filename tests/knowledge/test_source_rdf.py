@@ -118,3 +118,62 @@ def test_blank_node_edges_are_quarantined(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(SourceError, match="no such file"):
         list(SOURCES.get("rdf")(path=str(tmp_path / "none.nt")).triples(Quarantine("rdf")))
+
+
+BLANKS_TTL = (f"@prefix ex: <{EX}> .\n"
+              "ex:a ex:r ex:b .\n"
+              "ex:a ex:r [ ex:s ex:c ] .\n"
+              "\n"
+              "ex:d ex:r\n"
+              "    ex:e , [] .\n"
+              "\"lit\" ex:r ex:f .\n"
+              "ex:g \"p\" ex:h .\n")
+
+
+def test_turtle_quarantine_records_name_the_line_and_read_the_same_every_run(tmp_path):
+    p = tmp_path / "g.ttl"
+    p.write_text(BLANKS_TTL)
+    summaries = []
+    for _ in range(2):  # two parses, as two runs would do them
+        src = SOURCES.get("rdf")(path=str(p), on_error="skip")
+        _, _, triples, q = _read(src, "skip")
+        summaries.append(q.summary())
+    assert summaries[0] == summaries[1]  # blank nodes are not named by random ids
+    assert [(t.head, t.relation, t.tail) for t in triples] == [
+        (EX + "a", EX + "r", EX + "b"), (EX + "d", EX + "r", EX + "e")]
+    got = [(e["where"], e["reason"]) for e in summaries[0]["examples"]]
+    assert got == [(f"{p}:3", "edge with a blank node (no stable id)"),
+                   (f"{p}:3", "edge with a blank node (no stable id)"),
+                   (f"{p}:6", "edge with a blank node (no stable id)"),
+                   (f"{p}:7", "not an RDF statement (subject is a literal)"),
+                   (f"{p}:8", "not an RDF statement (predicate is a literal)")]
+    assert summaries[0]["examples"][3]["text"] == f'"lit" <{EX}r> <{EX}f>'
+
+
+@pytest.mark.parametrize("body,line,what", [
+    (b'ex:a ex:r ex:b .\nex:a ex:r "x"@1 .\n', 3, "not a valid language tag"),  # rdflib: ValueError
+    (b'ex:a ex:r ex:b .\nex:a ex:r "\xff" .\n', 3, "undecodable bytes"),
+    (b"ex:a ex:r ex:b .\n\n?x ex:r ex:b .\n", 4, "AttributeError"),  # an N3 variable
+    (b'ex:a ex:r ex:b .\nex:a ex:r "x"^^"y" .\n', 3, "IndexError"),
+])
+def test_unparseable_turtle_names_file_and_line(tmp_path, body, line, what):
+    p = tmp_path / "bad.ttl"
+    p.write_bytes(f"@prefix ex: <{EX}> .\n".encode() + body)
+    with pytest.raises(SourceError, match=rf"bad\.ttl:{line}: Turtle parse error.*{what}"):
+        list(SOURCES.get("rdf")(path=str(p), on_error="skip").triples(Quarantine("rdf", "skip")))
+
+
+def test_ntriples_reasons_group_lines_broken_the_same_way(tmp_path):
+    p = tmp_path / "bad.nt"
+    p.write_text(f"<{EX}a> <{EX}r> oops .\n"
+                 f"<{EX}b> <{EX}r> nope .\n"
+                 f"<{EX}a> <{EX}r> <{EX}b>\n"
+                 f"<{EX}a> <{EX}r> \"\\UFFFFFFFF\" .\n"  # rdflib overflows on this escape
+                 f"<{EX}b> <{EX}r> <{EX}c> .\n")
+    ents, rels, triples, q = _read(SOURCES.get("rdf")(path=str(p), on_error="skip"), "skip")
+    assert [(t.head, t.tail) for t in triples] == [(EX + "b", EX + "c")]
+    assert q.by_reason == {
+        "N-Triples syntax error (Unrecognised object type)": 2,
+        "N-Triples syntax error (expected '.' at the end of the statement)": 1,
+        "N-Triples syntax error (OverflowError: Python int too large to convert to C int)": 1}
+    assert [e["where"] for e in q.examples] == [f"{p}:{i}" for i in range(1, 5)]

@@ -168,3 +168,18 @@ def test_every_row_with_extra_columns_is_a_valid_file(tmp_path: Path) -> None:
                             "skip")
     assert [(t.head, t.tail) for t in triples] == [("b", "c"), ("c", "a")]
     assert q.summary()["by_reason"] == {"expected at least 3 columns, found 2": 1}
+
+
+def test_countryinfo_bad_file_is_quarantined_with_its_line(tmp_path: Path, monkeypatch) -> None:
+    import knowledge.sources.countryinfo as countryinfo
+
+    (tmp_path / "france.json").write_text(json.dumps(
+        {"name": "France", "ISO": {"alpha3": "FRA"}, "capital": "Paris", "region": "Europe"}))
+    (tmp_path / "broken.json").write_text('{\n  "name": "Broken",\n  "capital": \n}\n')
+    (tmp_path / "list.json").write_text('["not", "a", "country"]\n')
+    monkeypatch.setattr(countryinfo, "_data_dir", lambda: tmp_path)
+    ents, _, triples, q = read(build_source({"type": "countryinfo", "on_error": "skip"}), "skip")
+    assert ("FRA", "capital", "city/Paris") in {(t.head, t.relation, t.tail) for t in triples}
+    assert [(e["where"], e["reason"]) for e in q.examples] == [
+        (f"{tmp_path / 'broken.json'}:4", "not valid JSON (Expecting value)"),
+        (f"{tmp_path / 'list.json'}:1", "expected a JSON object, found list")]

@@ -130,3 +130,14 @@ def test_malformed_claim(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(SourceError, match="no such file"):
         list(SOURCES.get("wikidata")(path=str(tmp_path / "x.json")).triples(Quarantine("w")))
+
+
+def test_malformed_claim_reason_names_what_is_missing(tmp_path):
+    bad = {"type": "item", "id": "Q1", "labels": {}, "claims": {
+        "P31": [{"type": "statement", "rank": "normal"}],  # no mainsnak
+        "P279": [{"type": "statement", "rank": "normal"}]}}
+    p = write_dump(tmp_path / "latest-all.json", entities=[bad, ENTITIES[2]])
+    q = Quarantine("wikidata", "skip")
+    list(SOURCES.get("wikidata")(path=str(p), on_error="skip").triples(q))
+    assert q.by_reason == {"malformed P31 claim (missing key 'mainsnak')": 1,
+                           "malformed P279 claim (missing key 'mainsnak')": 1}
