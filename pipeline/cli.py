@@ -30,6 +30,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="re-run STAGE (and its descendants) even if cached; repeatable")
     p.add_argument("--until", metavar="STAGE", help="run only STAGE and what it needs")
+    p.add_argument("--verify", action="store_true", help="check every file of the cached artifacts; "
+                   "a damaged one is made again (run) or shown (plan)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,7 +122,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         if not DEMO.exists():
             raise SpecError("demo pipeline not found (stele must be installed from a clone: "
                             "pip install -e .)", file=str(DEMO))
-        args.pipeline, args.overrides, args.until = str(DEMO), [], None
+        args.pipeline, args.overrides, args.until, args.verify = str(DEMO), [], None, False
     pipeline = load_pipeline(args.pipeline, args.overrides)
     if getattr(args, "pool", None):
         pipeline = with_pools(pipeline, args.pool)
@@ -129,7 +131,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     from .runner import plan, print_summary, run
 
     try:
-        planned = plan(pipeline, store, args.force, args.until)
+        planned = plan(pipeline, store, args.force, args.until, args.verify)
     except KeyError as e:
         raise SpecError(e.args[0], file="--force/--until") from None
     if args.cmd == "plan":
@@ -149,8 +151,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         info = init_ray(args.address, args.num_cpus)
         console.print(f"ray: {info['address']} ({info['resources'].get('CPU', 0):g} CPU, "
                       f"{info['resources'].get('GPU', 0):g} GPU)", style="dim")
-    result = run(pipeline, store, force=args.force, until=args.until, console=console,
-                 live=False if args.no_live else None)
+    result = run(pipeline, store, force=args.force, until=args.until, verify=args.verify,
+                 console=console, live=False if args.no_live else None)
     print_summary(result, console)
     from .report import report_after_run  # never raises: a report problem is only a warning
 

@@ -33,14 +33,18 @@ class PlannedStage:
     cached: bool
     action: str  # "cached" | "run" | "excluded"
     reason: str = ""
+    replace: bool = False  # the stored artifact is to be replaced (forced, or found damaged)
 
 
 def plan(pipeline: Pipeline, store: ArtifactStore, force: list[str] | None = None,
-         until: str | None = None) -> dict[str, PlannedStage]:
+         until: str | None = None, verify: bool = False) -> dict[str, PlannedStage]:
     """Keys and what a run would do, stage by stage. Runs nothing.
 
     ``force``: re-run these stages even if cached, and their descendants (whose inputs change).
     ``until``: run only this stage and its ancestors.
+    ``verify``: check every file of the cached artifacts against its manifest; a damaged one
+    (a file missing or of another size) is made again and replaces it. Its descendants keep
+    theirs: the same stage on the same inputs makes the same artifact.
     """
     for name in [*(force or []), *([until] if until else [])]:
         if name not in pipeline.stages:
@@ -65,11 +69,15 @@ def plan(pipeline: Pipeline, store: ArtifactStore, force: list[str] | None = Non
             action, reason = "excluded", f"not needed for --until {until}"
         elif name in forced:
             action, reason = "run", "forced"
+        elif cached and verify and (damage := store.verify(key)):
+            more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
+            action, reason = "run", f"damaged: {damage[0]}{more}"
         elif cached:
             action, reason = "cached", ""
         else:
             action, reason = "run", "not in store"
-        out[name] = PlannedStage(name, s.type.name, key, cached, action, reason)
+        out[name] = PlannedStage(name, s.type.name, key, cached, action, reason,
+                                 replace=action == "run" and cached)
     return out
 
 
@@ -202,12 +210,13 @@ class _DeferredInterrupt:
 
 
 def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = None,
-        until: str | None = None, console: Console | None = None, live: bool | None = None,
-        poll_s: float = 0.25) -> RunResult:
-    """Execute the pipeline; Ray must already be initialised (see :func:`ray_utils.init_ray`)."""
+        until: str | None = None, verify: bool = False, console: Console | None = None,
+        live: bool | None = None, poll_s: float = 0.25) -> RunResult:
+    """Execute the pipeline; Ray must already be initialised (see :func:`ray_utils.init_ray`).
+    ``force``, ``until``, ``verify``: as for :func:`plan`."""
     import ray
 
-    planned = plan(pipeline, store, force, until)
+    planned = plan(pipeline, store, force, until, verify)
     check_custom_resources(pipeline, [n for n, p in planned.items() if p.action == "run"])
     store.clean_tmp()
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
@@ -264,7 +273,7 @@ def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = N
                             resources=dict(s.resources.custom), name=f"stele:{n}",
                         ).remote(s.type, s.params.model_dump(mode="json"), n, planned[n].key,
                                  {r: planned[up].key for r, up in s.inputs.items()}, store.uri,
-                                 s.resources.model_dump(), hub, planned[n].reason == "forced")
+                                 s.resources.model_dump(), hub, planned[n].replace)
                         running[ref] = n
                         display.set(n, "running")
                 # The one place a Ctrl-C takes effect: every finished stage is recorded, every stage

@@ -56,6 +56,38 @@ def test_run_plan_show_roundtrip(tmp_path: Path, plugin_env: dict[str, str]) -> 
     assert bad.returncode == 2 and "unknown stage 'zz'" in bad.stderr
 
 
+@pytest.mark.slow
+def test_a_damaged_artifact_is_shown_by_show_verify_and_made_again_by_run_verify(
+        tmp_path: Path, plugin_env: dict[str, str]) -> None:
+    p = tmp_path / "p.yaml"
+    p.write_text(PIPE.replace(", fail: true", ""))
+    store = tmp_path / "store"
+    args = ("--store", str(store), "--no-live")
+    stele("run", str(p), *args, env=plugin_env, check=True)
+    record = sorted((store / "runs").glob("*.json"))
+    keys = {json.loads(f.read_text())["stages"][n]["key"] for f in record for n in "abc"}
+    by_stage = {json.loads((store / "artifacts" / k / "manifest.json").read_text())["stage"]: k
+                for k in keys}
+    b = store / "artifacts" / by_stage["b"]
+    (b / "part1.txt").write_text("B" * 7)  # truncated after its commit
+    (b / "part2.txt").unlink()             # and a file lost
+
+    shown = stele("show", by_stage["b"][:10], "--store", str(store), "--verify", env=plugin_env)
+    assert shown.returncode == 1
+    assert "damaged: part1.txt: 7 bytes, manifest says 100" in shown.stdout
+    assert "damaged: part2.txt: missing" in shown.stdout
+    # A plain run trusts the store; --verify checks it and makes b again (not a or c).
+    plan = stele("plan", str(p), *args[:2], "--verify", env=plugin_env, check=True).stdout
+    assert "damaged: part1.txt" in plan and plan.count("cached") == 2
+    again = stele("run", str(p), *args, "--verify", env=plugin_env, check=True)
+    last = max((store / "runs").glob("*.json"), key=lambda f: f.stat().st_mtime)
+    statuses = {n: s["status"] for n, s in json.loads(last.read_text())["stages"].items()}
+    assert statuses == {"a": "cached", "b": "ran", "c": "cached"}, again.stdout
+    assert (b / "part2.txt").read_text() == "B" * 100
+    verified = stele("show", by_stage["b"][:10], "--store", str(store), "--verify", env=plugin_env)
+    assert verified.returncode == 0 and "verified" in verified.stdout
+
+
 def test_snapshot_stage_tracks_file_content(tmp_path: Path, plugin_env: dict[str, str],
                                             ray_local: None) -> None:
     """core.snapshot: edited data re-runs the stage although no parameter changed."""
