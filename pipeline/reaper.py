@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
 MARK = "STELE_RAY_OWNER"
-_watcher: subprocess.Popen | None = None  # one per process, kept referenced: its stdin is the pipe
+_watcher: tuple[int, int] | None = None  # (pid, write end of its pipe): one per process
 _token = ""
 
 
@@ -44,22 +43,33 @@ def start() -> str | None:
     global _watcher
     if not sys.platform.startswith("linux") or not Path("/proc/self/environ").exists():
         return None
-    if _watcher is None or _watcher.poll() is not None:
-        env = {k: v for k, v in os.environ.items() if k != MARK}  # the watcher must not match itself
-        _watcher = subprocess.Popen([sys.executable, "-m", "pipeline.reaper", token()],
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, env=env, start_new_session=True,
-                                    cwd="/")
+    if _watcher is not None:
+        try:
+            if os.waitpid(_watcher[0], os.WNOHANG) == (0, 0):
+                return token()  # still watching
+        except ChildProcessError:  # reaped elsewhere: gone
+            pass
+        os.close(_watcher[1])
+    read, write = os.pipe()  # both ends close-on-exec: no other child of ours holds the write end
+    env = {k: v for k, v in os.environ.items() if k != MARK}  # the watcher must not match itself
+    # posix_spawn rather than subprocess: no Popen object to warn, at exit, that its child still
+    # runs (it must). The script needs only the standard library (-I: no site, no user paths).
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-I", os.path.abspath(__file__), token()],
+                         env, setsid=True, file_actions=[
+                             (os.POSIX_SPAWN_DUP2, read, 0),
+                             (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                             (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)])
+    os.close(read)
+    _watcher = (pid, write)
     return token()
 
 
 def snapshot() -> None:
     """Ask the watcher to note this process's descendants now and in the next seconds (call it
     once Ray has started)."""
-    if _watcher is not None and _watcher.poll() is None:
+    if _watcher is not None:
         try:
-            _watcher.stdin.write(b"snapshot\n")
-            _watcher.stdin.flush()
+            os.write(_watcher[1], b"snapshot\n")
         except OSError:  # the watcher died: nothing to ask
             pass
 
@@ -188,5 +198,5 @@ def _main(mark: str) -> None:
     watch.reap()
 
 
-if __name__ == "__main__":  # pragma: no cover - run as the watcher process
+if __name__ == "__main__":  # pragma: no cover - run as the watcher process (a script: stdlib only)
     _main(sys.argv[1])

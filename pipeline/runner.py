@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import SpecError
+from .fingerprint import missing_inputs
 from .progress import Row, RunDisplay, start_progress_hub
 from .spec import Pipeline
 from .store import ArtifactStore, artifact_key, now_iso
@@ -58,7 +59,8 @@ def plan(pipeline: Pipeline, store: ArtifactStore, force: list[str] | None = Non
     for name, s in pipeline.stages.items():  # topological order
         input_keys = {role: out[up].key for role, up in s.inputs.items()}
         try:
-            fingerprint = s.type.fingerprint(s.params) if s.type.fingerprint else None
+            with missing_inputs() as missing:
+                fingerprint = s.type.fingerprint(s.params) if s.type.fingerprint else None
         except Exception as e:  # noqa: BLE001 - e.g. the data a stage would read is missing
             raise SpecError(str(e), file=pipeline.source, line=s.line,
                             field=f"stages.{name}.with") from None
@@ -76,6 +78,10 @@ def plan(pipeline: Pipeline, store: ArtifactStore, force: list[str] | None = Non
             action, reason = "cached", ""
         else:
             action, reason = "run", "not in store"
+        if action == "run" and missing:  # found now, not minutes later on a Ray worker
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise SpecError(f"input {missing[0]} does not exist{more}", file=pipeline.source,
+                            line=s.line, field=f"stages.{name}.with")
         out[name] = PlannedStage(name, s.type.name, key, cached, action, reason,
                                  replace=action == "run" and cached)
     return out

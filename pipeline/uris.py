@@ -39,7 +39,7 @@ from typing import IO, Annotated, Any
 from pydantic import AfterValidator
 
 from .errors import StageFailed
-from .fingerprint import files_fingerprint, tree_files, update_local
+from .fingerprint import files_fingerprint, note_missing, tree_files, update_local
 
 # The stele extra that installs a protocol's filesystem package (pyproject.toml).
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
@@ -358,6 +358,7 @@ def _remote_line(p: URIPath, name: str) -> str:
         fs.invalidate_cache(path)  # a listing cached earlier in this process must not hide a change
         info = fs.info(path)
     except FileNotFoundError:
+        note_missing(p.uri)
         return f"{name}\0missing\n"
     return f"{name}\0{info.get('size')}\0{_version(fs, path, info)}\n"
 
@@ -367,7 +368,7 @@ def inputs_fingerprint(paths: Iterable[str | Path | URIPath],
     """SHA-256 over each input's name (relative to ``root`` if given), size and version. When all
     are local this is :func:`~pipeline.fingerprint.files_fingerprint` itself (cache keys of local
     inputs are what they always were); remote files add their size and content tag from
-    ``info()``. A missing file counts as ``missing``: the stage then fails with a clear message."""
+    ``info()``. A missing file counts as ``missing`` (and is noted: :func:`~pipeline.fingerprint.missing_inputs`)."""
     items = [input_path(p) for p in paths]
     base = input_path(root) if root is not None else None
     local = [p for p in items if isinstance(p, Path)]
