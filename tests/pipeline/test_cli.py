@@ -88,6 +88,20 @@ def test_a_damaged_artifact_is_shown_by_show_verify_and_made_again_by_run_verify
     assert verified.returncode == 0 and "verified" in verified.stdout
 
 
+def test_a_missing_input_file_is_one_line_before_ray_starts(tmp_path: Path,
+                                                            plugin_env: dict[str, str]) -> None:
+    p = tmp_path / "p.yaml"
+    missing = tmp_path / "nope" / "kg.tsv"
+    p.write_text(f"name: m\nstages:\n  kg:\n    uses: knowledge.ingest\n"
+                 f"    with: {{sources: [{{type: triples, path: {missing}}}]}}\n")
+    for cmd in ("run", "plan"):
+        out = stele(cmd, str(p), "--store", str(tmp_path / "s"), env=plugin_env)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert out.stderr.strip() == f"error: {p}:5: stages.kg.with: input {missing} does not exist"
+        assert "ray:" not in out.stdout  # Ray never started
+    assert not (tmp_path / "s" / "runs").exists()
+
+
 def test_snapshot_stage_tracks_file_content(tmp_path: Path, plugin_env: dict[str, str],
                                             ray_local: None) -> None:
     """core.snapshot: edited data re-runs the stage although no parameter changed."""
