@@ -234,8 +234,9 @@ def extract(ctx: Any, params: FeatureStageParams, actor_cls: type, *, stage_type
     return {
         "items": writer.items, "regions": writer.regions,
         "regions_per_item": writer.regions / writer.items, "shards": writer.shards,
-        "rejected": sum(writer.rejected_by_reason.values()),
-        "rejected_by_reason": writer.rejected_by_reason, **listing.summary(),
+        # rejected counts items, rejected_rows and rejected_by_reason count rows (rejected_counts)
+        **writer.rejected_counts(), "rejected_by_reason": writer.rejected_by_reason,
+        **listing.summary(),
         "wall_extract_s": wall, "items_per_s": done / wall if wall > 0 else None,
         "steady_per_s": steady, "actors": min(actors, listing.chunks), "device": device,
         "described": description or {},

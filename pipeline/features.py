@@ -12,7 +12,8 @@ for a time span)::
                                   + the stage's own columns (sizes, durations, ...)
     items.parquet                 id, media, texts (list<string>), meta (JSON): every listed item
     rejected.parquet              id, where, kind (listing | media | text), reason: nothing usable
-                                  is dropped without a row here
+                                  is dropped without a row here; one item can have several rows
+                                  (its media and each empty text), see :func:`rejected_counts`
 
 When the stage wrote a global token (``global_token`` in the manifest), it is region 0 with the box
 of the whole input.
@@ -37,6 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from .quarantine import stable_reason
 
 ITEM_SCHEMA = pa.schema([("id", pa.string()), ("media", pa.string()), ("texts", pa.list_(pa.string())),
                          ("meta", pa.string())])
@@ -172,6 +175,29 @@ def usable(table: pa.Table) -> pa.Table:
 UNSTATISTICAL = ("features", "boxes")
 
 
+def rejected_counts(path: Path) -> dict[str, Any]:
+    """The rejected table counted by item, as a manifest reports it: ``rejected`` = distinct items
+    with at least one row, ``rejected_by_kind`` = distinct items per kind, ``rejected_rows`` = rows.
+
+    An item whose media failed and whose text was empty is one rejected item with two rows: counting
+    rows would count it twice. A listing record has no id (it never became an item): each distinct
+    ``where`` counts once. An item can appear under two kinds, so the per-kind counts may add up to
+    more than ``rejected``.
+    Reads the ``id``, ``where`` and ``kind`` columns only, after the writer has closed the file."""
+    t = pq.read_table(path, columns=["id", "where", "kind"])
+    named = t.filter(pc.is_valid(t["id"]))
+    unnamed = t.filter(pc.is_null(t["id"]))
+    by_kind: dict[str, int] = {}
+    for part, key in ((named, "id"), (unnamed, "where")):
+        if part.num_rows:
+            counts = part.group_by("kind").aggregate([(key, "count_distinct")])
+            for kind, n in zip(counts["kind"].to_pylist(), counts[f"{key}_count_distinct"].to_pylist()):
+                by_kind[kind] = by_kind.get(kind, 0) + n
+    items = pc.count_distinct(named["id"]).as_py() + pc.count_distinct(unnamed["where"]).as_py()
+    return {"rejected": items, "rejected_rows": t.num_rows,
+            "rejected_by_kind": dict(sorted(by_kind.items()))}
+
+
 class FeatureWriter:
     """Splits featurizer output into feature shards and rejected rows, writing as it goes (bounded
     memory): shards of ``rows_per_shard`` rows under ``out/features/``."""
@@ -180,16 +206,20 @@ class FeatureWriter:
         self.dir = Path(out) / "features"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rows_per_shard = rows_per_shard
-        self.rejected = pq.ParquetWriter(Path(out) / "rejected.parquet", REJECTED_SCHEMA)
+        self.rejected_path = Path(out) / "rejected.parquet"
+        self.rejected = pq.ParquetWriter(self.rejected_path, REJECTED_SCHEMA)
         self._writer: pq.ParquetWriter | None = None
         self._in_shard = 0
         self.shards = 0
         self.items = 0
         self.regions = 0
-        self.rejected_by_reason: dict[str, int] = {}
+        self.rejected_by_reason: dict[str, int] = {}  # rows, not items: see rejected_counts()
 
     def reject(self, rows: list[dict[str, Any]]) -> None:
-        """Rows of ``{"id", "where", "kind", "reason"}``."""
+        """Rows of ``{"id", "where", "kind", "reason"}``. Reasons are made stable (one line, no
+        object addresses such as PIL's ``<_io.BytesIO object at 0x...>``), so that the counts by
+        reason are the same on every run."""
+        rows = [{**r, "reason": stable_reason(r["reason"])} for r in rows]
         for r in rows:
             self.rejected_by_reason[r["reason"]] = self.rejected_by_reason.get(r["reason"], 0) + 1
         if rows:
@@ -230,6 +260,10 @@ class FeatureWriter:
         if self._writer is not None:
             self._writer.close()
         self.rejected.close()
+
+    def rejected_counts(self) -> dict[str, Any]:
+        """:func:`rejected_counts` of what was written (call after :meth:`close`)."""
+        return rejected_counts(self.rejected_path)
 
 
 @dataclass

@@ -11,7 +11,8 @@
   (:mod:`speech.tts`), one audio item per caption whose meta names its base item, so image and
   speech features can be joined later. Listing only writes down what to say; synthesis happens in
   ``load``, inside the Ray Data workers, and is deterministic (same caption and parameters, same
-  samples).
+  samples). The speech stage passes its ``max_seconds`` to ``load``, so an overlong caption is
+  refused before it is spoken rather than synthesised and then rejected.
 
 Files and folders may be local paths or any fsspec URI (``s3://bucket/clips``); on a URI the audio
 folder is listed once to check which files exist. Transcript files are metadata, so they are read
@@ -338,9 +339,11 @@ class SpokenCaptions(MediaDataset):
                                                                  ensure_ascii=False),
                            texts=[caption], meta=meta, where=item.where)
 
-    def load(self, media: str) -> AudioClip:
+    def load(self, media: str, max_seconds: float | None = None) -> AudioClip:
+        """The caption spoken; with ``max_seconds``, a caption whose speech would be longer raises
+        ``ValueError`` before or during synthesis (:func:`speech.tts.synthesize`), never after."""
         caption = json.loads(media)[0]
         if not caption.strip():
             raise ValueError("empty caption, nothing to synthesise")
         return tts.synthesize(caption, voice=self.voice, rate=self.rate, pitch=self.pitch,
-                              seed=self.seed, jitter=self.jitter)
+                              seed=self.seed, jitter=self.jitter, max_seconds=max_seconds)

@@ -21,6 +21,7 @@ from pipeline.features import region_schema, region_table, usable
 from pipeline.fingerprint import files_fingerprint
 from pipeline.ray_utils import tune_malloc
 
+from .datasets import SpokenCaptions
 from .io import AudioError, decode_audio
 
 AUDIO_COLUMNS = [("duration_s", pa.float32()), ("source_rate", pa.int32()), ("channels", pa.int32())]
@@ -49,7 +50,8 @@ class SpeechFeaturesParams(FeatureStageParams):
     global_token: bool = Field(default=True, description="the mean frame as region 0, span (0, 1)")
     min_peak: float = Field(default=1e-4, ge=0, description="quieter clips are rejected as silent")
     max_seconds: float | None = Field(default=600.0, gt=0,
-                                      description="longer clips are rejected (bounded worker memory)")
+                                      description="longer clips are rejected (bounded worker memory), "
+                                                  "spoken captions before synthesis")
     batch_size: int = Field(default=64, ge=1, description="clips per Ray Data batch (each clip "
                                                           "is featurized alone)")
 
@@ -104,12 +106,19 @@ class AudioFeaturizeActor:
         self.schema = region_schema(self.fz.dim, AUDIO_COLUMNS,
                                     describe={"warnings": list(getattr(self.fz, "warnings", []))})
 
+    def _load(self, media: str) -> Any:
+        # Spoken captions are synthesised in load: with the length limit, a caption too long to
+        # keep is refused there, unspoken, instead of being synthesised only to fail decode_audio.
+        if isinstance(self.p.dataset, SpokenCaptions):
+            return self.p.dataset.load(media, max_seconds=self.p.max_seconds)
+        return self.p.dataset.load(media)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows: list[dict[str, Any]] = []
         clips, good = [], []
         for item_id, media in zip(batch["id"].to_pylist(), batch["media"].to_pylist()):
             try:
-                clip = decode_audio(self.p.dataset.load(media), sample_rate=self.p.sample_rate,
+                clip = decode_audio(self._load(media), sample_rate=self.p.sample_rate,
                                     min_peak=self.p.min_peak, max_seconds=self.p.max_seconds)
             except (AudioError, OSError, ValueError) as e:
                 rows.append({"id": item_id, "error": str(e) or type(e).__name__})
@@ -124,7 +133,7 @@ class AudioFeaturizeActor:
         return region_table(self.schema, rows)
 
 
-@stage("speech.features", version="2", cpus=0, fingerprint=_fingerprint,
+@stage("speech.features", version="3", cpus=0, fingerprint=_fingerprint,
        headline=("items", "rejected", "regions_per_item", "audio_seconds", "items_per_s"), inputs={})
 def features(ctx: StageContext, params: SpeechFeaturesParams) -> dict:
     """Log-mel or wav2vec2/HuBERT frame features of an audio dataset, with time spans, on Ray Data."""

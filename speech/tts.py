@@ -44,6 +44,13 @@ if TYPE_CHECKING:
 INSTALL_HINT = "pip install 'stele[tts]'"
 RATE_RANGE = (80, 450)     # words per minute espeak-ng honours (espeakRATE_MINIMUM / MAXIMUM)
 PITCH_RANGE = (0, 100)     # espeak-ng's pitch scale; 50 is the voice's normal pitch
+# Characters per word for the length estimate of a text before it is spoken. espeak-ng's words per
+# minute come to about 6 characters a word on English prose, and no caption-like text we measured
+# (prose, short words, capitals, compounds, punctuation, at 80 to 450 words per minute) exceeded 7,
+# so with 8 the estimate stays below the real duration of such text: only a text far too long is
+# refused unspoken. Degenerate text (one letter repeated thousands of times) speaks faster than the
+# estimate; text slower than it (digits read out as numbers) is caught by the cap during synthesis.
+FAST_CHARS_PER_WORD = 8
 
 # ------------------------------------------------------------------------------------------------
 # The helper process: runs this file as a script, so only the standard library is imported here.
@@ -126,7 +133,8 @@ def _message(header: dict, body: bytes = b"") -> bytes:
     return json.dumps({**header, "bytes": len(body)}).encode() + b"\n" + body
 
 
-def _answer(lib: ctypes.CDLL, request: dict, chunks: list[bytes], sample_rate: int) -> bytes:
+def _answer(lib: ctypes.CDLL, request: dict, chunks: list[bytes], budget: dict, sample_rate: int
+            ) -> bytes:
     try:
         if request["op"] == "voices":
             return _message({"ok": True, "voices": _voice_list(lib)})
@@ -136,7 +144,12 @@ def _answer(lib: ctypes.CDLL, request: dict, chunks: list[bytes], sample_rate: i
         lib.espeak_SetParameter(_RATE, request["rate"], 0)
         lib.espeak_SetParameter(_PITCH, request["pitch"], 0)
         text = request["text"].encode("utf-8") + b"\0"
+        max_seconds = request.get("max_seconds")
+        budget["left"] = None if max_seconds is None else int(max_seconds * sample_rate)
         rc = lib.espeak_Synth(text, len(text), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+        if budget["left"] is not None and budget["left"] < 0:  # the callback stopped it
+            raise ValueError(f"caption of {len(request['text'])} characters speaks for longer than "
+                             f"max_seconds={max_seconds:g}; synthesis stopped at the limit")
         if rc != _EE_OK:
             raise RuntimeError(f"espeak_Synth failed (error {rc})")
         lib.espeak_Synchronize()
@@ -161,9 +174,14 @@ def _serve(lib_path: str, data_path: str) -> None:
     # The voice list is read from ~140 files; read once here, every child inherits it.
     lib.espeak_ListVoices(None)
     chunks: list[bytes] = []
+    budget: dict = {"left": None}  # samples a request may still produce (None: no limit)
 
     def collect(wav, n: int, events) -> int:
         if wav and n > 0:
+            if budget["left"] is not None:
+                budget["left"] -= n
+                if budget["left"] < 0:
+                    return 1  # 1: abort, so an overlong text costs at most max_seconds of speech
             chunks.append(ctypes.string_at(wav, 2 * n))
         return 0  # 0: go on synthesising
 
@@ -179,7 +197,7 @@ def _serve(lib_path: str, data_path: str) -> None:
             try:
                 os.close(r)
                 with os.fdopen(w, "wb") as f:
-                    f.write(_answer(lib, request, chunks, sample_rate))
+                    f.write(_answer(lib, request, chunks, budget, sample_rate))
             finally:
                 os._exit(0)
         os.close(w)
@@ -187,7 +205,9 @@ def _serve(lib_path: str, data_path: str) -> None:
             reply = f.read()
         _, status = os.waitpid(pid, 0)
         if status != 0 or not reply:
-            reply = _message({"ok": False, "error": f"espeak-ng crashed on {request.get('text')!r} "
+            text = request.get("text") or ""  # the start of it: the reason stays one line
+            reply = _message({"ok": False, "error": f"espeak-ng crashed on {text[:80]!r}"
+                                                    f"{'...' if len(text) > 80 else ''} "
                                                     f"(wait status {status})"})
         out.write(reply)
         out.flush()
@@ -276,14 +296,27 @@ def _jittered(text: str, rate: int, pitch: int, seed: int | None, jitter: float)
             int(np.clip(round(pitch * (1 + u[1])), *PITCH_RANGE)))
 
 
+def estimate_seconds(text: str, rate: int) -> float:
+    """How long ``text`` takes to say at ``rate`` words per minute, estimated from its length
+    (whitespace runs count as one character) at :data:`FAST_CHARS_PER_WORD` characters a word: an
+    estimate on the short side for real text, for refusing overlong text before it is spoken."""
+    return len(" ".join(text.split())) / FAST_CHARS_PER_WORD / rate * 60.0
+
+
 def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50,
-               seed: int | None = None, jitter: float = 0.0) -> AudioClip:
+               seed: int | None = None, jitter: float = 0.0,
+               max_seconds: float | None = None) -> AudioClip:
     """``text`` spoken by espeak-ng: int16 mono samples at 22,050 Hz.
 
     ``voice`` is an espeak-ng voice or language (``en-us``, ``en-gb``, ``de``, ``en-us+f3`` for a
     variant); ``rate`` in words per minute (80 to 450), ``pitch`` 0 to 100. With ``jitter`` > 0 the rate
     and pitch of each call are scaled by ``1 + U(-jitter, jitter)``, drawn from ``(seed, text)``: the
     same text and seed always give identical samples (``seed=None`` draws fresh randomness instead).
+
+    ``max_seconds`` bounds the speech: a text whose :func:`estimate_seconds` (at its jittered rate)
+    exceeds it raises ``ValueError`` before anything is synthesised, and synthesis of any other text
+    stops with a ``ValueError`` once its speech passes the limit, so a runaway caption never costs
+    more than ``max_seconds`` of audio.
     """
     # Imported here rather than at the top: the helper runs this file with the standard library only.
     import numpy as np
@@ -299,8 +332,15 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50
         raise ValueError(f"pitch {pitch} is outside espeak-ng's {PITCH_RANGE[0]}..{PITCH_RANGE[1]}")
     if not 0 <= jitter < 1:
         raise ValueError(f"jitter {jitter} must be in [0, 1)")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds {max_seconds} must be positive")
     rate, pitch = _jittered(text, rate, pitch, seed, jitter)
-    header, body = _ask({"op": "speak", "text": text, "voice": voice, "rate": rate, "pitch": pitch})
+    if max_seconds is not None and (estimate := estimate_seconds(text, rate)) > max_seconds:
+        raise ValueError(f"caption of {len(text)} characters would speak for about {estimate:.0f} s "
+                         f"at {rate} words per minute, longer than max_seconds={max_seconds:g}; "
+                         f"not synthesised")
+    header, body = _ask({"op": "speak", "text": text, "voice": voice, "rate": rate, "pitch": pitch,
+                         "max_seconds": max_seconds})
     if not body:
         raise ValueError(f"espeak-ng produced no audio for {text[:80]!r}")
     return AudioClip(samples=np.frombuffer(body, dtype=np.int16).copy(),

@@ -124,7 +124,7 @@ class ImageFeaturizeActor:
         return region_table(self.schema, rows)
 
 
-@stage("vision.features", version="2", cpus=0, fingerprint=_fingerprint,
+@stage("vision.features", version="3", cpus=0, fingerprint=_fingerprint,
        headline=("items", "rejected", "regions_per_item", "dim", "items_per_s"), inputs={})
 def features(ctx: StageContext, params: VisionFeaturesParams) -> dict:
     """Region features (grid / patch / pooled) of an image dataset with a timm backbone, on Ray Data."""

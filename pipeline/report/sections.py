@@ -53,7 +53,8 @@ def feature_items(sv: StageView) -> None:
     if sv.has("rejected.parquet"):
         t = sv.read_parquet("rejected.parquet", ["kind", "reason"])
         counts = Counter(zip(t["kind"].to_pylist(), t["reason"].to_pylist()))
-        tables.append(Table(f"rejected items ({t.num_rows})", ["kind", "reason", "items"],
+        # Rows, not items: an item can be rejected for its media and for a text (two rows).
+        tables.append(Table(f"rejected rows ({t.num_rows})", ["kind", "reason", "rows"],
                             [[k, r, n] for (k, r), n in counts.most_common()], "rejected.parquet"))
     if sv.has("items.parquet"):
         n = sv.read_parquet("items.parquet", ["id"]).num_rows

@@ -52,6 +52,28 @@ def test_writer_splits_shards_records_failures_and_round_trips(tmp_path) -> None
     assert sorted(fs.rejected()["id"].to_pylist()) == ["bad1", "bad2"]
 
 
+def test_rejected_reasons_read_the_same_on_every_run(tmp_path) -> None:
+    """PIL names the stream it could not read with its memory address; counted by reason, every
+    bad image was a reason of its own, and the counts differed from run to run."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    reasons, streams = [], [io.BytesIO(b"not an image") for _ in range(2)]  # both alive: 2 addresses
+    for stream in streams:
+        try:
+            Image.open(stream)
+        except UnidentifiedImageError as e:
+            reasons.append(str(e))
+    assert reasons[0] != reasons[1]  # what a reader hands the writer
+    w = FeatureWriter(tmp_path)
+    w.reject([{"id": f"x{i}", "where": f"x{i}.png", "kind": "media", "reason": r}
+              for i, r in enumerate(reasons)])
+    w.close()
+    assert w.rejected_by_reason == {"cannot identify image file <_io.BytesIO object>": 2}
+    assert set(FeatureSet(tmp_path).rejected()["reason"].to_pylist()) == set(w.rejected_by_reason)
+
+
 def test_tensor_columns_are_blobs_that_say_what_they_hold(tmp_path) -> None:
     """One little-endian blob per item, dtype and width in the field metadata (it survives
     Parquet); a failed row has an empty blob; a sliced batch reads back right."""
@@ -140,6 +162,19 @@ class Describing:
                                           for i in batch["id"].to_pylist()])
 
 
+class RejectingOdd:
+    """A stand-in featurizer that cannot decode the odd-numbered items."""
+
+    def __init__(self, params: FeatureStageParams, device: str, threads: int) -> None:
+        self.schema = region_schema(3, describe={})
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return region_table(self.schema, [
+            {"id": i, "error": "cannot decode"} if int(i[0]) % 2 else
+            {"id": i, "features": np.ones((2, 3)), "boxes": np.zeros((2, 4)), "error": None}
+            for i in batch["id"].to_pylist()])
+
+
 class Broken:
     """A stand-in featurizer that cannot be built, as an actor with a bad weights file."""
 
@@ -147,14 +182,14 @@ class Broken:
         raise ValueError("stand-in model cannot load")
 
 
-def _extract(tmp_path, actor_cls, explain=None):
+def _extract(tmp_path, actor_cls, explain=None, extra_captions=""):
     from pipeline.context import StageContext
     from pipeline.registry import Resources
 
     for k in range(5):
         (tmp_path / f"{k}.png").write_bytes(b"not read by the stand-ins")
     (tmp_path / "c.csv").write_text("image,caption\n" + "".join(f"{k}.png,item {k}\n"
-                                                                for k in range(5)))
+                                                                for k in range(5)) + extra_captions)
     out = tmp_path / "out"
     out.mkdir()
     ctx = StageContext(stage="f", key="k", out=out, inputs={}, resources=Resources(),
@@ -179,6 +214,17 @@ def test_extract_learns_what_the_actors_built_from_their_output(ray_local, tmp_p
     # the tensor columns' own metadata came through Ray Data and Parquet: the set reads back
     got = FeatureSet(out).load()
     assert len(got) == 5 and all(f.shape == (2, 3) and (f == 1).all() for f, _ in got.values())
+
+
+def test_rejected_counts_items_and_rows_apart(ray_local, tmp_path):
+    """An item whose media fails and whose second caption is empty has two rejected rows: the
+    manifest's ``rejected`` counts it once, ``rejected_rows`` and the reasons count rows."""
+    counts, out = _extract(tmp_path, RejectingOdd, extra_captions='1.png,""\n4.png,""\n')
+    assert FeatureSet(out).rejected().num_rows == 4  # 1.png twice, 3.png, 4.png's empty caption
+    assert counts["items"] == 3
+    assert counts["rejected"] == 3 and counts["rejected_rows"] == 4
+    assert counts["rejected_by_kind"] == {"media": 2, "text": 2}
+    assert counts["rejected_by_reason"] == {"cannot decode": 2, "empty text": 2}
 
 
 def test_an_actor_that_cannot_start_fails_in_the_stages_words(ray_local, tmp_path):

@@ -319,6 +319,21 @@ def test_spoken_captions_load_synthesises_speech(base_spec: dict):
         ds.load(items[2].media)
 
 
+def test_spoken_captions_refuses_an_overlong_caption_before_speaking_it(base_spec: dict, monkeypatch):
+    """The issue's caption, far longer than any clip the stage keeps: with the stage's limit it is
+    refused from its length, and espeak-ng is never asked."""
+    def no_synthesis(request: dict) -> None:
+        raise AssertionError(f"synthesised {len(request.get('text', ''))} characters")
+
+    monkeypatch.setattr(tts, "_ask", no_synthesis)
+    ds = SpokenCaptions(base=base_spec)
+    media = json.dumps(["a red apple on a table " * 4348, 0, "img0"])
+    with pytest.raises(ValueError, match=r"^caption of 100004 characters would speak for about \d+ s at "
+                                         r"175 words per minute, longer than max_seconds=600; "
+                                         r"not synthesised$"):
+        ds.load(media, max_seconds=600)
+
+
 @needs_espeak
 def test_spoken_captions_unknown_voice_fails_the_listing(base_spec: dict):
     with pytest.raises(DatasetError, match="unknown espeak-ng voice 'klingonese'"):

@@ -80,3 +80,36 @@ def test_too_long_and_non_finite():
     x[10] = np.nan
     with pytest.raises(AudioError, match="non-finite"):
         decode_audio(AudioClip(x, 16000))
+
+
+def test_a_wav_cut_short_is_rejected_naming_what_its_header_promised():
+    """The issue's file: a header for a second of audio over a few frames of data. libsndfile reads
+    it as a clip of those frames without complaint, so the header has to be compared with the bytes."""
+    full = _wav(_tone(16000, 1.0), 16000, subtype="PCM_16")
+    cut = full[:44 + 8 * 2]  # the 44-byte header and 8 16-bit frames
+    assert sf.read(io.BytesIO(cut))[0].shape == (8,)  # why: soundfile says nothing
+    with pytest.raises(AudioError, match=r"^truncated WAV: its header promises 16000 frames \(32000 "
+                                         r"bytes of samples\) but the file holds 8 frames \(16 bytes\)$"):
+        decode_audio(cut)
+
+
+@pytest.mark.parametrize("fmt,subtype,channels,kind", [
+    ("WAV", "FLOAT", 2, "WAV"), ("WAV", "PCM_24", 1, "WAV"), ("RF64", "PCM_16", 1, "WAV"),
+    ("AIFF", "PCM_16", 2, "AIFF"), ("WAV", "IMA_ADPCM", 1, "WAV")])
+def test_truncated_wav_rf64_and_aiff_are_rejected_and_whole_ones_are_not(fmt, subtype, channels, kind):
+    x = _tone(16000, 1.0)
+    data = _wav(np.stack([x] * channels, 1) if channels > 1 else x, 16000, fmt, subtype)
+    assert decode_audio(data).duration_s == pytest.approx(1.0, abs=0.02)  # ADPCM pads a block
+    assert decode_audio(data + b"trailing").duration_s == pytest.approx(1.0, abs=0.02)
+    # ADPCM blocks hold many frames: only bytes can be compared
+    unit = "bytes of samples" if subtype == "IMA_ADPCM" else "frames"
+    with pytest.raises(AudioError, match=rf"truncated {kind}: its header promises \d+ {unit}"):
+        decode_audio(data[:len(data) // 2])
+
+
+def test_a_streamed_wav_with_an_open_length_is_read_to_its_end():
+    """A writer on a pipe cannot go back to fill in the sizes and leaves 0xFFFFFFFF: that is no
+    promise, and the file is not truncated."""
+    data = bytearray(_wav(_tone(16000), 16000, subtype="PCM_16"))
+    data[4:8] = data[40:44] = b"\xff\xff\xff\xff"  # RIFF size and data size
+    assert decode_audio(bytes(data)).duration_s == pytest.approx(0.5)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,9 @@ def _tone(sr: int, seconds: float, hz: float) -> np.ndarray:
 GOOD = {"a.wav": (16000, 1.0, 1), "b.wav": (44100, 0.5, 1), "c.wav": (8000, 0.7, 2),
         "d.flac": (22050, 0.3, 1)}
 BAD = {"corrupt.wav": "corrupt or unsupported", "zero.wav": "empty file",
-       "nosamples.wav": "empty clip", "silent.wav": "silent clip"}
+       "nosamples.wav": "empty clip", "silent.wav": "silent clip",
+       "truncated.wav": "truncated WAV: its header promises 16000 frames (32000 bytes of samples) "
+                        "but the file holds 8 frames (16 bytes)"}
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +48,15 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "zero.wav").write_bytes(b"")
     sf.write(root / "nosamples.wav", np.zeros(0, np.float32), 16000)
     sf.write(root / "silent.wav", np.zeros(8000, np.float32), 16000)
+    sf.write(root / "truncated.wav", _tone(16000, 1.0, 440), 16000, subtype="PCM_16")
+    (root / "truncated.wav").write_bytes((root / "truncated.wav").read_bytes()[:44 + 16])
     with open(root / "transcripts.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "text"])
         for name in [*GOOD, *BAD]:
             w.writerow([name, f"the clip {name}"])
         w.writerow(["a.wav", ""])  # an empty transcript
+        w.writerow(["zero.wav", ""])  # and one of an item whose audio is rejected too
     return root
 
 
@@ -83,10 +90,37 @@ def test_logmel_stage_equals_plain_loop_and_records_bad_clips(ray_local, tmp_pat
     rejected = {r["where"]: r for r in fs.rejected().to_pylist()}
     for name, reason in BAD.items():
         assert reason in rejected[name]["reason"], rejected[name]
-    assert rejected["a.wav#1"]["kind"] == "text"
+    assert rejected["a.wav#1"]["kind"] == "text" and rejected["zero.wav#1"]["kind"] == "text"
+    # zero.wav has two rows (its audio, its empty text) and is one rejected item
     assert metrics["items"] == len(GOOD) and metrics["rejected"] == len(BAD) + 1
+    assert metrics["rejected_rows"] == len(BAD) + 2
+    assert metrics["rejected_by_kind"] == {"media": len(BAD), "text": 2}
     assert metrics["resampled_from"] == {"8000": 1, "22050": 1, "44100": 1}
     assert metrics["audio_seconds"] == pytest.approx(2.5, abs=1e-3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("espeakng_loader") is None,
+                    reason="espeak-ng is the optional extra stele[tts]")
+def test_a_caption_too_long_to_keep_is_rejected_without_being_spoken(ray_local, tmp_path):
+    """The stage's max_seconds reaches the synthesis in the actors: the long caption's row says it
+    was not synthesised (before, it was spoken in full and then rejected as a long clip)."""
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"\x89PNG")  # only listed, never read
+    (tmp_path / "captions.csv").write_text("image,caption\na.png,a red apple\n"
+                                           "b.png," + "a red apple on a wooden table " * 10 + "\n")
+    ds = {"type": "spoken_captions",
+          "base": {"type": "image_folder", "captions": str(tmp_path / "captions.csv")}}
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StageContext(stage="sf", key="k", out=out, inputs={}, resources=Resources(),
+                       state_uri=str(tmp_path / "state"), log=logging.getLogger("test.sf"))
+    metrics = features(ctx, SpeechFeaturesParams.model_validate(
+        {"dataset": ds, "max_seconds": 5, "actors": 1}))
+    assert metrics["items"] == 1 and metrics["rejected"] == 1
+    (row,) = FeatureSet(out).rejected().to_pylist()
+    assert row["id"] == "b.png#0" and row["kind"] == "media"
+    assert re.fullmatch(r"caption of 299 characters would speak for about 13 s at 175 words per "
+                        r"minute, longer than max_seconds=5; not synthesised", row["reason"])
 
 
 def test_frame_stacking_reaches_the_target_rate(ray_local, tmp_path, folder):

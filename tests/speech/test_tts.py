@@ -56,6 +56,23 @@ def test_rate_and_voice_change_the_duration():
     assert len(synthesize(text, voice="de").samples) != len(synthesize(text).samples)
 
 
+def test_max_seconds_refuses_long_text_unspoken_and_stops_speech_at_the_limit():
+    with pytest.raises(ValueError, match=r"caption of 6000 characters would speak for about 257 s "
+                                         r"at 175 words per minute, longer than max_seconds=60; "
+                                         r"not synthesised"):
+        synthesize("word " * 1200, max_seconds=60)
+    # Numbers read out speak slower than the length estimate says: the cap during synthesis
+    # catches them, at the limit.
+    text = "1234567 " * 20
+    assert tts.estimate_seconds(text, 175) < 10 < seconds(synthesize(text))
+    with pytest.raises(ValueError, match=r"caption of 160 characters speaks for longer than "
+                                         r"max_seconds=10; synthesis stopped at the limit"):
+        synthesize(text, max_seconds=10)
+    # text within the limit comes out as without one, sample for sample
+    np.testing.assert_array_equal(synthesize("a red apple", max_seconds=10).samples,
+                                  synthesize("a red apple").samples)
+
+
 def test_language_codes_work_as_voices():
     assert rms(synthesize("good morning", voice="en-gb")) > 500
 
