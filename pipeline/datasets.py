@@ -123,7 +123,7 @@ class MediaDataset(BaseModel):
         raise NotImplementedError
 
     def files(self) -> list[Path | URIPath]:
-        """Files whose size and modification time (size and ETag or checksum on a URI) decide the
+        """Files whose content (size and ETag or checksum on a URI) decides the
         cache key (the annotation files; media files too where listing them is cheap)."""
         return []
 

@@ -127,7 +127,7 @@ class StageType:
     version: str
     resources: Resources
     description: str
-    # Optional: extra content to hash into the key (e.g. sizes and mtimes of files a stage reads from
+    # Optional: extra content to hash into the key (e.g. the content hashes of files a stage reads from
     # outside the store), so that changed data invalidates the cache even when parameters do not change.
     fingerprint: Callable[[BaseModel], Any] | None = None
     # The metrics a run summary shows for this type, in order (fnmatch patterns: ``loss_*_last10``);

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import SpecError
-from .fingerprint import missing_inputs
+from .fingerprint import missing_inputs, path_roots, portable
 from .progress import Row, RunDisplay, start_progress_hub
 from .spec import Pipeline
 from .store import ArtifactStore, artifact_key, now_iso
@@ -58,14 +58,15 @@ def plan(pipeline: Pipeline, store: ArtifactStore, force: list[str] | None = Non
     out: dict[str, PlannedStage] = {}
     for name, s in pipeline.stages.items():  # topological order
         input_keys = {role: out[up].key for role, up in s.inputs.items()}
-        try:
-            with missing_inputs() as missing:
-                fingerprint = s.type.fingerprint(s.params) if s.type.fingerprint else None
-        except Exception as e:  # noqa: BLE001 - e.g. the data a stage would read is missing
-            raise SpecError(str(e), file=pipeline.source, line=s.line,
-                            field=f"stages.{name}.with") from None
-        key = artifact_key(s.type.name, s.type.version, s.params.model_dump(mode="json"),
-                           input_keys, fingerprint)
+        with path_roots(key_roots(pipeline)):  # keys name paths relative to these: portable
+            try:
+                with missing_inputs() as missing:
+                    fingerprint = s.type.fingerprint(s.params) if s.type.fingerprint else None
+            except Exception as e:  # noqa: BLE001 - e.g. the data a stage would read is missing
+                raise SpecError(str(e), file=pipeline.source, line=s.line,
+                                field=f"stages.{name}.with") from None
+            key = artifact_key(s.type.name, s.type.version, portable(s.params.model_dump(mode="json")),
+                               input_keys, fingerprint)
         cached = store.is_complete(key)
         if name not in wanted:
             action, reason = "excluded", f"not needed for --until {until}"
@@ -85,6 +86,15 @@ def plan(pipeline: Pipeline, store: ArtifactStore, force: list[str] | None = Non
         out[name] = PlannedStage(name, s.type.name, key, cached, action, reason,
                                  replace=action == "run" and cached)
     return out
+
+
+def key_roots(pipeline: Pipeline) -> dict[str, Any]:
+    """The folders that paths in cache keys are written relative to (see
+    :mod:`pipeline.fingerprint`): the pipeline file's, ``$STELE_DATA`` and the working directory."""
+    import os
+
+    return {"pipeline": pipeline.path.resolve().parent if pipeline.path else None,
+            "data": os.environ.get("STELE_DATA"), "cwd": os.getcwd()}
 
 
 @dataclass

@@ -37,7 +37,7 @@ def _listing(params: SnapshotParams) -> list[Path | URIPath]:
 
 
 def _fingerprint(params: SnapshotParams) -> str:
-    """Sizes and modification times of every file (size and ETag or checksum on a URI), so edited
+    """The content of every file (size and ETag or checksum on a URI), so edited
     data invalidates the cache."""
     return inputs_fingerprint(_listing(params), root=params.path)
 

@@ -15,8 +15,7 @@ the same locations and say the same thing when one cannot be opened:
   another working directory); URIs are kept as written, so no parameter records a path that only
   the driver can read.
 - :func:`inputs_fingerprint` / :func:`input_fingerprint` put the inputs' state into the cache key:
-  local files exactly as :func:`pipeline.fingerprint.files_fingerprint` always did (existing keys
-  do not change), remote files by size plus what the filesystem's ``info()`` says about their
+  local files by content, as :func:`pipeline.fingerprint.files_fingerprint` does, remote files by size plus what the filesystem's ``info()`` says about their
   content (an ETag or checksum where there is one, else a modification time), so a changed remote
   file re-runs the stages that read it.
 

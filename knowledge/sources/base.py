@@ -125,9 +125,9 @@ class KnowledgeSource(BaseModel):
         return f"{files}no triples"
 
     def fingerprint(self) -> Any:
-        """Content that decides the cache key besides the parameters: by default the sizes and
-        modification times of the files :meth:`files` lists (size and ETag or checksum for files on
-        a URI), so edited data re-runs ingest."""
+        """Content that decides the cache key besides the parameters: by default the content of the
+        files :meth:`files` lists (size and ETag or checksum for files on a URI), so edited data
+        re-runs ingest."""
         return inputs_fingerprint(self.files())
 
     def files(self) -> list[Path | URIPath]:
