@@ -109,14 +109,14 @@ class _HashCache:
     @classmethod
     @contextlib.contextmanager
     def open(cls) -> Iterator["_HashCache"]:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stele"
         db = None
         try:
+            base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stele"
             base.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(base / "file-hashes.sqlite", timeout=30)
             db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT, size INTEGER, mtime_ns INTEGER,"
                        " inode INTEGER, sha256 TEXT, PRIMARY KEY (path, size, mtime_ns, inode))")
-        except (OSError, sqlite3.Error):
+        except (OSError, RuntimeError, sqlite3.Error):  # RuntimeError: no home directory
             db = None
         try:
             yield cls(db)
