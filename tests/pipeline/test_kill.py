@@ -131,7 +131,9 @@ def test_kill_minus_9_at_random_moments(tmp_path: Path, plugin_env: dict[str, st
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, plugin_env: dict[str, str]) -> None:
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(PIPELINE.replace("sleep: 0.1}", "sleep: 0.6}"))  # c, d, e, f: seconds each
+    gate = tmp_path / "gate"  # f finishes only once it exists: the run cannot end before Ctrl-C
+    pipeline.write_text(PIPELINE.replace("sleep: 0.1}", "sleep: 0.6}")  # c, d, e, f: seconds each
+                        .replace("text: F, parts: 2,", f"text: F, parts: 2, wait_for: {gate},"))
     store_dir = tmp_path / "store"
     store = ArtifactStore(store_dir)
     args = ["run", str(pipeline), "--store", str(store_dir), "--set", "a.text=C1", "--no-live"]
@@ -158,6 +160,7 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, plugin_en
         time.sleep(0.2)
     assert not _session_processes(proc.pid)
 
+    gate.touch()
     again = stele(*args, env=plugin_env, check=True)
     record = json.loads(sorted((store_dir / "runs").glob("*.json"),
                                key=lambda p: p.stat().st_mtime)[-1].read_text())
@@ -172,13 +175,15 @@ def test_kill_minus_9_takes_ray_down_with_the_runner(tmp_path: Path, plugin_env:
     """No process of a run outlives a kill -9 of its runner: before pipeline.reaper, Ray's
     DashboardAgent and RuntimeEnvAgent lived on for ever."""
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(PIPELINE.replace("sleep: 0.1}", "sleep: 5}"))  # c..f: long enough to kill
+    # f waits for a file that never comes: the run is still going when it is killed.
+    pipeline.write_text(PIPELINE.replace("text: F, parts: 2,", f"text: F, parts: 2, wait_for: "
+                                         f"{tmp_path / 'never'},"))
     store_dir = tmp_path / "store"
     proc = subprocess.Popen([STELE, "run", str(pipeline), "--store", str(store_dir), "--no-live"],
                             env=plugin_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 120
-    # Wait until stage c runs: Ray, its agents and stage workers are all up by then.
+    # Wait until stages run: Ray, its agents and stage workers are all up by then.
     while not list((store_dir / "tmp").glob("*")) or len(ArtifactStore(store_dir).keys()) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
         time.sleep(0.05)

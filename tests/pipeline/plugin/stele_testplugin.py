@@ -16,6 +16,8 @@ class WriteParams(BaseModel):
     text: str = "x"
     parts: int = Field(default=3, ge=1, description="files written one after another")
     sleep: float = Field(default=0.0, ge=0, description="seconds to wait before each file")
+    wait_for: str = Field(default="", description="finish only once this file exists: a gate that "
+                                                  "keeps a run going until a test has acted")
     fail: bool = False
 
 
@@ -31,6 +33,8 @@ def write(ctx: StageContext, params: WriteParams) -> dict:
     for i in ctx.progress(range(params.parts), desc="parts"):
         time.sleep(params.sleep)
         (ctx.out / f"part{i}.txt").write_text(params.text * 100)
+    while params.wait_for and not os.path.exists(params.wait_for):
+        time.sleep(0.05)
     if params.fail:
         raise ValueError(f"asked to fail (text={params.text!r})")
     (ctx.out / "out.txt").write_text(expected(params.text, upstream))
