@@ -15,7 +15,7 @@ their linked mentions), ``entities`` (a ``knowledge.embed`` artifact: entity vec
     recipe.json         recipe, backbone source, options, max_length
     history.json        per step: every objective's loss, lr, grad norm, tokens, seconds
     losses.png          loss curves per objective (the numbers: history.json)
-    tb/                 the same curves as TensorBoard event files
+    tb/                 every reported scalar as TensorBoard events, streamed while it trained
 
 The training examples never pass through this stage's process: Ray Data actors encode the inputs
 (read by URI) into a corpus in the stage's state folder, and each worker streams its share of it
@@ -144,7 +144,7 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     (ctx.out / "history.json").write_text(json.dumps(hist, indent=1))
     objectives = sorted({k.removeprefix("loss_") for h in hist for k in h if k.startswith("loss_")})
     _plot(hist, objectives, ctx.out / "losses.png", params.recipe)
-    _tensorboard(hist, ctx.out / "tb")
+    result.save_tensorboard(ctx.out / "tb")  # streamed while it trained
     return {
         "recipe": params.recipe, "steps": result.step, "examples": corpus.examples,
         "corpus_parts": len(corpus.sizes),
@@ -205,13 +205,3 @@ def _plot(hist: list[dict], objectives: list[str], path, title: str) -> None:  #
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _tensorboard(hist: list[dict], logdir) -> None:  # noqa: ANN001
-    from tensorboardX import SummaryWriter
-
-    with SummaryWriter(str(logdir)) as w:
-        for h in hist:
-            for k, v in h.items():
-                if k != "step":
-                    w.add_scalar(k.replace("loss_", "loss/"), v, h["step"])

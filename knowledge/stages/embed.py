@@ -118,6 +118,7 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
     hist = result.history
     (ctx.out / "history.json").write_text(json.dumps(hist, indent=1))
     _plot(hist, ctx.out / "training.png", params.model)
+    result.save_tensorboard(ctx.out / "tb")  # streamed while it trained
     evals = [h for h in hist if "valid_mrr" in h]
     best_row = max(evals, key=lambda h: h["valid_mrr"]) if evals else None
     return {"epochs": result.step, "stopped_early": result.stopped,

@@ -40,11 +40,40 @@ def loop(config: dict) -> None:
         opt.step()
         sched.step()
         s.data_state["seen"] = s.data_state.get("seen", 0) + len(x)
+        if s.rank == 0:  # what TensorBoard shows at this moment (flushed at each checkpoint)
+            seen = read_scalars(Path(config["_tensorboard"])).get("loss", {})
+            (log / f"tb-before-step{step}").write_text(json.dumps(sorted(seen)))
         marker = log / f"crashed-rank{s.rank}"
         if step == job.crash_at and s.rank == 1 and not marker.exists():
             marker.touch()
             raise RuntimeError("simulated worker failure")
         s.report({"loss": loss.item(), "noise": torch.rand(()).item()})
+
+
+def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
+    """tag -> step -> value from TensorBoard event files, read as TensorBoard does: in file order,
+    a session restart purging the steps it re-does."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, dict[int, float]] = {}
+    for f in sorted(logdir.glob("events.out.tfevents.*")):
+        data = f.read_bytes()
+        at = 0
+        while at + 12 <= len(data):  # record: u64 length, u32 crc, payload, u32 crc
+            (n,) = struct.unpack("<Q", data[at:at + 8])
+            if at + 16 + n > len(data):
+                break
+            ev = event_pb2.Event.FromString(data[at + 12:at + 12 + n])
+            at += 16 + n
+            if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
+                for steps in out.values():
+                    for k in [k for k in steps if k >= ev.step]:
+                        del steps[k]
+            for v in ev.summary.value:
+                out.setdefault(v.tag, {})[ev.step] = v.simple_value
+    return out
 
 
 def _fit(tmp: Path, name: str, max_failures: int, crash_at: int | None, storage: Path | None = None):
@@ -84,6 +113,16 @@ def test_resume_is_exact_after_worker_failure_and_after_a_killed_driver(tmp_path
         _fit(tmp_path, "killed", max_failures=0, crash_at=5, storage=storage)
     resumed, log = _fit(tmp_path, "killed", max_failures=0, crash_at=5, storage=storage)
     assert _starts(log) == [0, 0, 4, 4]
+
+    # TensorBoard got every step while training (flushed with each checkpoint), and once each
+    # after a resume; the stage copies the events into its artifact.
+    assert json.loads((log / "tb-before-step5").read_text()) == [1, 2, 3, 4]
+    for res in (straight, retried, resumed):
+        tb = tmp_path / f"tb-{id(res)}"
+        assert res.save_tensorboard(tb)
+        scalars = read_scalars(tb)
+        assert set(scalars) == {"loss", "noise"}
+        assert scalars["loss"] == pytest.approx({h["step"]: h["loss"] for h in straight.history})
 
     ref = _weights(straight)
     for res in (retried, resumed):
