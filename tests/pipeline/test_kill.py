@@ -137,8 +137,11 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, plugin_en
     store_dir = tmp_path / "store"
     store = ArtifactStore(store_dir)
     args = ["run", str(pipeline), "--store", str(store_dir), "--set", "a.text=C1", "--no-live"]
+    # SIGINT as a terminal leaves it: a test run in a background job (`nohup pytest &`) inherits
+    # SIGINT ignored, and a runner that ignores it would never see the Ctrl-C.
     proc = subprocess.Popen([STELE, *args], env=plugin_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (store_dir / "artifacts").exists() or len(check_store(store, expected_outputs("C1"))) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before Ctrl-C"
