@@ -15,7 +15,9 @@ A command is one decorated class with two methods::
             return 0   # the exit code
 
 ``add_arguments`` fills the command's own parser (sub-subcommands included); ``run`` gets the parsed
-arguments and the console to print on, and returns the exit code. Packages make their commands known
+arguments and the console to print on, and returns the exit code. ``--help`` shows every option's
+default after its help text (stele's parsers, sub-subcommands' too, add it), so give each option a
+``help``. Packages make their commands known
 through the ``stele.commands`` entry-point group, the way stage types come through ``stele.stages``:
 an entry point names a module that registers its commands when imported. A plugin that fails to
 import costs only its commands: ``stele`` still starts and ``stele --help`` names the failure. The

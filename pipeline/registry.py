@@ -25,6 +25,11 @@ artifact key of the type: bump it when the code changes what the stage writes.
 engine compares type names only. ``inputs={}``: the type takes no input. Left out (``None``): the
 roles are not declared and not checked (stage types written before roles were declared).
 
+``loader`` says what ``stele.load(store, "stage")`` gives for the type's artifacts: a function of
+the artifact's local folder returning the object a user works with (``loader=KnowledgeGraph.load``,
+``loader=FeatureSet``); a module that keeps torch out of ``stele plan`` wraps its loader in a
+function that imports it. Without one, ``stele.load`` gives the :class:`~pipeline.store.Artifact`.
+
 Packages (stele's own included) make their stage types known through the ``stele.stages`` entry-point
 group; an entry point names a module that registers its stages when imported. Keep heavy imports (torch,
 timm, ...) inside stage functions so ``stele plan`` and ``stele stages`` stay fast.
@@ -40,6 +45,7 @@ import typing
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
@@ -135,6 +141,9 @@ class StageType:
     headline: tuple[str, ...] = ()
     # Input roles (role -> Input), checked before a pipeline runs; None: not declared, not checked.
     inputs: dict[str, Input] | None = None
+    # What stele.load gives for an artifact of this type: loader(its local folder); None: the
+    # Artifact itself.
+    loader: Callable[[Path], Any] | None = None
 
     @property
     def qualname(self) -> str:
@@ -281,6 +290,7 @@ def _input_roles(name: str, inputs: Mapping[str, Input] | None) -> dict[str, Inp
 def stage(name: str, *, version: str = "1", cpus: float = 1.0, gpus: float = 0.0,
           pool: str | None = None, fingerprint: Callable[[Any], Any] | None = None,
           headline: tuple[str, ...] = (), inputs: Mapping[str, Input] | None = None,
+          loader: Callable[[Path], Any] | None = None,
           registry: Registry | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(ctx, params)`` as stage type ``name`` (see the module docstring)."""
     if not _valid_type_name(name):
@@ -292,7 +302,7 @@ def stage(name: str, *, version: str = "1", cpus: float = 1.0, gpus: float = 0.0
         st = StageType(
             name=name, fn=fn, params=_params_model(fn), version=str(version),
             resources=Resources(cpus=cpus, gpus=gpus, pool=pool), description=" ".join(doc.split("\n\n")[0].split()),
-            fingerprint=fingerprint, headline=tuple(headline), inputs=roles)
+            fingerprint=fingerprint, headline=tuple(headline), inputs=roles, loader=loader)
         (registry or REGISTRY).register(name, st)
         return fn
 

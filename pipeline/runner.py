@@ -119,6 +119,7 @@ class RunResult:
     outcomes: dict[str, Outcome]
     record: str = ""
     record_error: str = ""
+    wall_s: float | None = None  # the whole run, start to end (set by pipeline.runs.start_run)
 
     @property
     def ok(self) -> bool:
@@ -358,12 +359,18 @@ def _finish(outcome: Outcome, ref: Any, display: RunDisplay) -> None:
 
 
 def print_summary(result: RunResult, console: Console) -> None:
-    """What ran, what was cached, what failed and why: the stage's own error, not Ray's wrapper.
-    Stage text is printed as it is: markup escaped and no emoji codes (``:x:`` stays ``:x:``)."""
+    """What ran, what was cached, what failed and why: the stage's own error, not Ray's wrapper;
+    the total wall time when the result has it. Stage text is printed as it is: markup escaped
+    and no emoji codes (``:x:`` stays ``:x:``)."""
     counts = ", ".join(f"{result.count(s)} {s}" for s in ("ran", "cached", "failed", "skipped",
                                                         "interrupted") if result.count(s))
     style = "bold green" if result.ok else "bold red"
-    console.print(f"[{style}]{escape(result.pipeline)}: {counts or 'nothing to do'}[/] "
+    took = ""
+    if result.wall_s is not None:
+        from .report.page import fmt_seconds  # the report's format, so both read alike
+
+        took = f" in {fmt_seconds(result.wall_s)}"
+    console.print(f"[{style}]{escape(result.pipeline)}: {counts or 'nothing to do'}{took}[/] "
                   f"(store {escape(result.store)}, run {result.run_id})", emoji=False)
     if result.record_error:
         console.print(f"[yellow]warning:[/] {escape(result.record_error)}", highlight=False,

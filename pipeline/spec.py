@@ -18,11 +18,14 @@ A pipeline file::
 A stage's ``resources`` override its type's defaults field by field (a training stage type may
 default to ``{cpus: 0, pool: train}``); pools no pipeline caps are unlimited.
 
-Every error names the file, the line and the field (``demo.yaml:12: stages.embed.with.dim: ...``).
+Every error names the file, the line and the field (``demo.yaml:12: stages.embed.with.dim: ...``),
+and a file's mistakes are reported together (up to :data:`MAX_SPEC_ERRORS`, in line order): one
+stage's unknown type, another's misspelt parameter and a third's unknown input come out as three
+lines, not one per attempt. Only YAML that cannot be read at all stops at its first problem.
 Inputs are checked against the input roles each stage type declares (``stele stages`` lists them):
 an unknown role, a missing required role, or an upstream stage of a type the role does not take is
-an error before anything runs, every such mistake of the file at once. In the list form
-(``inputs: [a, b]``) each upstream stage's name is also its role.
+an error before anything runs. In the list form (``inputs: [a, b]``) each upstream stage's name is
+also its role.
 ``--set stage.param=value`` overrides parameters; the value is read as YAML (``3`` is an int,
 ``[a, b]`` a list) and nested parameters use more dots (``--set embed.optimizer.lr=0.01``).
 """
@@ -33,7 +36,9 @@ import dataclasses
 import difflib
 import graphlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,7 @@ from .registry import REGISTRY, Input, Registry, Resources, StageType
 from .spec_yaml import SET_FILE, LimitedLoader, LimitError, Locator, load_yaml
 
 _STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+MAX_SPEC_ERRORS = 20  # past this, the rest are most likely consequences of the first ones
 
 
 class StageSpec(BaseModel):
@@ -65,15 +71,9 @@ class PipelineSpec(BaseModel):
     name: str | None = None
     store: str | None = None
     pools: dict[str, PositiveInt] = Field(default_factory=dict)
-    stages: dict[str, StageSpec] = Field(min_length=1)
-
-    @field_validator("stages")
-    @classmethod
-    def _names(cls, v: dict[str, StageSpec]) -> dict[str, StageSpec]:
-        for name in v:
-            if not _STAGE_NAME.match(str(name)):
-                raise ValueError(f"stage name {name!r} must match {_STAGE_NAME.pattern} (no dots)")
-        return v
+    # Each stage is validated as a StageSpec on its own (parse_pipeline), so that a mistake in one
+    # stage does not hide those of the others.
+    stages: dict[str, Any] = Field(min_length=1)
 
 
 @dataclass(frozen=True)
@@ -197,22 +197,86 @@ def _check_roles(name: str, listed: list[str] | None, roles: dict[str, str],
     return errors
 
 
-def _pydantic_error(loc: Locator, base: tuple, err: ValidationError, what: str,
-                    model: type[BaseModel] | None = None) -> SpecError:
-    e = err.errors()[0]
-    path = base + tuple(e["loc"])
-    if e["type"] == "missing":
-        return loc.error(path[:-1], f"missing required {what} {str(path[-1])!r}")
-    if e["type"] == "extra_forbidden":
-        known = f"; known: {', '.join(model.model_fields)}" if model and len(e["loc"]) == 1 else ""
-        return loc.error(path, f"unknown {what} {str(path[-1])!r}{known}")
-    got = f" (got {e['input']!r})" if not isinstance(e.get("input"), (dict, list)) else ""
-    return loc.error(path, f"{e['msg']}{got}")
+def _data_path(data: Any, path: tuple) -> tuple:
+    """``path`` (a pydantic error's location) without the steps that are no keys of ``data`` but
+    names pydantic gives a union's members or a validator (``('dim', 'int')`` -> ``('dim',)``), so
+    that an error names the field as the YAML writes it, once."""
+    out, node = [], data
+    for step in path:
+        if isinstance(node, dict) and step in node:
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            node = node[step]
+        else:
+            continue
+        out.append(step)
+    return tuple(out)
+
+
+def _pydantic_errors(loc: Locator, base: tuple, err: ValidationError, what: str,
+                     model: type[BaseModel] | None = None, data: Any = None) -> list[SpecError]:
+    """One error per field pydantic found wrong (the first of a union's member errors)."""
+    out, seen = [], set()
+    for e in err.errors():
+        raw = tuple(e["loc"])
+        if e["type"] == "missing":
+            where = _data_path(data, raw[:-1])
+            key = (*where, raw[-1])
+        else:
+            key = where = _data_path(data, raw) if data is not None else raw
+        if key in seen:
+            continue
+        seen.add(key)
+        path = base + where
+        if e["type"] == "missing":
+            out.append(loc.error(path, f"missing required {what} {str(raw[-1])!r}"))
+        elif e["type"] == "extra_forbidden":
+            known = (f"; known: {', '.join(f.alias or n for n, f in model.model_fields.items())}"
+                     if model and len(raw) == 1 else "")
+            out.append(loc.error(path, f"unknown {what} {str(raw[-1])!r}{known}"))
+        else:
+            got = f" (got {e['input']!r})" if not isinstance(e.get("input"), (dict, list)) else ""
+            out.append(loc.error(path, f"{e['msg']}{got}"))
+    return out
+
+
+class _Collected:
+    """The mistakes of one file, raised together: at most :data:`MAX_SPEC_ERRORS` lines, in the
+    order of the file (``--set`` values first: they replace what the file says)."""
+
+    def __init__(self, file: str):
+        self.file = file
+        self.errors: list[SpecError] = []
+
+    def add(self, *errors: SpecError) -> None:
+        self.errors.extend(errors)
+
+    def raise_any(self) -> None:
+        if not self.errors:
+            return
+        unique = list({str(e): e for e in self.errors}.values())
+        unique.sort(key=lambda e: (e.file != SET_FILE, e.line or 0))
+        if len(unique) > MAX_SPEC_ERRORS:
+            more = len(unique) - MAX_SPEC_ERRORS
+            unique = [*unique[:MAX_SPEC_ERRORS],
+                      SpecError(f"{more} more mistake{'s' if more > 1 else ''} not shown; "
+                                f"fix these first", file=self.file)]
+        raise unique[0] if len(unique) == 1 else SpecErrors(unique)
 
 
 # ------------------------------------------------------------------------------------ overrides
-def parse_overrides(items: list[str] | None) -> list[tuple[list[str], Any, str]]:
-    """``stage.a.b=value`` -> (["stage", "a", "b"], value read as YAML, original text)."""
+def parse_overrides(items: list[str] | Mapping[str, Any] | None) -> list[tuple[list[str], Any, str]]:
+    """``stage.a.b=value`` -> (["stage", "a", "b"], value read as YAML, original text). A mapping
+    ``{"stage.a.b": value}`` (from Python) gives its values as they are, not read as YAML."""
+    if isinstance(items, Mapping):
+        out = []
+        for key, value in items.items():
+            parts = str(key).strip().split(".")
+            text = f"{key}={value!r}"
+            if len(parts) < 2 or not all(parts):
+                raise SpecError("expected STAGE.PARAM as the key", file=SET_FILE, field=text)
+            out.append((parts, str(value) if isinstance(value, PathLike) else value, text))
+        return out
     out = []
     for item in items or []:
         key, sep, raw = item.partition("=")
@@ -230,13 +294,17 @@ def parse_overrides(items: list[str] | None) -> list[tuple[list[str], Any, str]]
 
 
 def _apply_overrides(data: dict, overrides: list[tuple[list[str], Any, str]],
-                     loc: Locator) -> None:
+                     loc: Locator) -> list[SpecError]:
+    """Set the overridden values in ``data``; the overrides naming no stage of it are returned."""
     stages = data.get("stages") if isinstance(data, dict) else None
+    errors = []
     for parts, value, text in overrides:
         name, keys = parts[0], parts[1:]
         if not isinstance(stages, dict) or name not in stages:
-            raise SpecError(f"unknown stage {name!r}; stages: {', '.join(stages or {}) or 'none'}",
-                            file=SET_FILE, field=text)
+            known = ", ".join(stages) if isinstance(stages, dict) and stages else "none"
+            errors.append(SpecError(f"unknown stage {name!r}; stages: {known}", file=SET_FILE,
+                                    field=text))
+            continue
         spec = stages[name] if isinstance(stages[name], dict) else {}
         target = spec.get("with")
         if target is None:
@@ -248,10 +316,11 @@ def _apply_overrides(data: dict, overrides: list[tuple[list[str], Any, str]],
             target = nxt
         target[keys[-1]] = value
         loc.overrides[("stages", name, "with", *keys)] = text
+    return errors
 
 
 # ------------------------------------------------------------------------------------ load
-def load_pipeline(path: str | Path, overrides: list[str] | None = None,
+def load_pipeline(path: str | Path, overrides: list[str] | Mapping[str, Any] | None = None,
                   registry: Registry | None = None) -> Pipeline:
     path = Path(path)
     try:
@@ -262,7 +331,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None,
                           base_dir=path.parent)
 
 
-def parse_pipeline(text: str, *, file: str = "<string>", overrides: list[str] | None = None,
+def parse_pipeline(text: str, *, file: str = "<string>",
+                   overrides: list[str] | Mapping[str, Any] | None = None,
                    registry: Registry | None = None, base_dir: Path | None = None) -> Pipeline:
     registry = registry or REGISTRY
     parsed_overrides = parse_overrides(overrides)
@@ -270,66 +340,96 @@ def parse_pipeline(text: str, *, file: str = "<string>", overrides: list[str] | 
     loc = Locator(file, lines, {})
     if not isinstance(data, dict):
         raise loc.error((), "a pipeline is a mapping with a 'stages:' key")
-    _apply_overrides(data, parsed_overrides, loc)
+    errors = _Collected(file)
+    errors.add(*_apply_overrides(data, parsed_overrides, loc))
 
+    spec: PipelineSpec | None = None
     try:
         spec = PipelineSpec.model_validate(data)
-    except ValidationError as e:
-        raise _pydantic_error(loc, (), e, "field", PipelineSpec) from None
+        raw_stages, pools = spec.stages, spec.pools
+    except ValidationError as e:  # the stages are still checked, for their own mistakes
+        errors.add(*_pydantic_errors(loc, (), e, "field", PipelineSpec, data))
+        raw_stages = data["stages"] if isinstance(data.get("stages"), dict) else {}
+        pools = {}
+    # Each stage on its own; a stage with a mistake is left out of the checks that would only
+    # repeat it (its inputs, roles and parameters), and the others are checked all the same.
+    specs: dict[str, StageSpec] = {}
+    for name, raw in raw_stages.items():
+        if not _STAGE_NAME.match(str(name)):
+            errors.add(loc.error(("stages", name), f"stage name {name!r} must match "
+                                                   f"{_STAGE_NAME.pattern} (no dots)"))
+            continue
+        try:
+            specs[name] = StageSpec.model_validate(raw)
+        except ValidationError as e:
+            errors.add(*_pydantic_errors(loc, ("stages", name), e, "field", StageSpec, raw))
 
     # Stage types.
     types: dict[str, StageType] = {}
-    for name, s in spec.stages.items():
+    for name, s in specs.items():
         try:
             types[name] = registry.get(s.uses)
         except KeyError as e:
-            raise loc.error(("stages", name, "uses"), e.args[0]) from None
+            errors.add(loc.error(("stages", name, "uses"), e.args[0]))
 
-    # Inputs: unknown names, then cycles.
+    # Inputs: unknown names, then cycles among the rest.
     inputs: dict[str, dict[str, str]] = {}
-    for name, s in spec.stages.items():
+    unresolved: set[str] = set()  # stages with an input left out: their roles are not checked
+    for name, s in specs.items():
         pairs = (s.inputs.items() if isinstance(s.inputs, dict)
                  else ((up, up) for up in s.inputs))
         inputs[name] = {}
         for i, (role, up) in enumerate(pairs):
             where = ("stages", name, "inputs", role if isinstance(s.inputs, dict) else i)
-            if up not in spec.stages:
-                raise loc.error(where, f"unknown input stage {up!r}; stages: {', '.join(spec.stages)}")
-            if up == name:
-                raise loc.error(where, f"stage {name!r} lists itself as an input")
-            inputs[name][role] = up
+            if up not in raw_stages:
+                errors.add(loc.error(where, f"unknown input stage {up!r}; stages: "
+                                            f"{', '.join(raw_stages)}"))
+            elif up == name:
+                errors.add(loc.error(where, f"stage {name!r} lists itself as an input"))
+            elif up in specs:
+                inputs[name][role] = up
+                continue
+            unresolved.add(name)  # (an upstream with a mistake of its own is reported as that)
     sorter = graphlib.TopologicalSorter({n: set(i.values()) for n, i in inputs.items()})
     try:
         order = list(sorter.static_order())
     except graphlib.CycleError as e:
         cycle = e.args[1]
-        raise loc.error(("stages", cycle[0], "inputs"),
-                        "cycle in stage inputs: " + " -> ".join(cycle)) from None
+        errors.add(loc.error(("stages", cycle[0], "inputs"),
+                             "cycle in stage inputs: " + " -> ".join(cycle)))
+        order = list(inputs)
 
-    # Input roles, as each stage type declares them: every mistake of the file at once.
-    role_errors = [e for name, s in spec.stages.items()
-                   for e in _check_roles(name, None if isinstance(s.inputs, dict) else s.inputs,
-                                         inputs[name], types, loc)]
-    if role_errors:
-        raise (role_errors[0] if len(role_errors) == 1 else SpecErrors(role_errors))
+    # Input roles, as each stage type declares them (between stages whose types are known).
+    for name, s in specs.items():
+        if name in types and name not in unresolved and all(up in types
+                                                              for up in inputs[name].values()):
+            errors.add(*_check_roles(name, None if isinstance(s.inputs, dict) else s.inputs,
+                                     inputs[name], types, loc))
 
     # Parameters, validated by each type's own model.
     stages: dict[str, Stage] = {}
     for name in order:
-        s, st = spec.stages[name], types[name]
+        if name not in types:
+            continue
+        s, st = specs[name], types[name]
         try:
             params = st.params.model_validate(s.with_)
         except ValidationError as e:
-            raise _pydantic_error(loc, ("stages", name, "with"), e, "parameter", st.params) from None
+            errors.add(*_pydantic_errors(loc, ("stages", name, "with"), e, "parameter", st.params,
+                                         s.with_))
+            continue
         stages[name] = Stage(name=name, type=st, params=params, inputs=inputs[name],
                              resources=st.resources.model_copy(
                                  update=s.resources.model_dump(exclude_unset=True))
                              if s.resources else st.resources,
                              line=lines.get(("stages", name, "with"), lines.get(("stages", name))))
 
-    for pool in spec.pools:
-        if problem := _unused_pool(pool, stages):
-            raise loc.error(("pools", pool), problem)
+    if len(stages) == len(raw_stages):  # which pools stages use is known only when all are
+        for pool in pools:
+            if problem := _unused_pool(pool, stages):
+                errors.add(loc.error(("pools", pool), problem))
+    errors.raise_any()
+    assert spec is not None  # (its errors were raised above)
 
     store = spec.store
     if store and base_dir is not None and "://" not in store and not Path(store).is_absolute():

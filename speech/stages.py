@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 
 from pipeline import StageContext, StageFailed, stage
 from pipeline.feature_stage import FeatureStageParams, extract
-from pipeline.features import region_schema, region_table, usable
+from pipeline.features import FeatureSet, region_schema, region_table, usable
 from pipeline.fingerprint import files_fingerprint
 from pipeline.ray_utils import tune_malloc
 
@@ -134,7 +134,8 @@ class AudioFeaturizeActor:
 
 
 @stage("speech.features", version="3", cpus=0, fingerprint=_fingerprint,
-       headline=("items", "rejected", "regions_per_item", "audio_seconds", "items_per_s"), inputs={})
+       headline=("items", "rejected", "regions_per_item", "audio_seconds", "items_per_s"), inputs={},
+       loader=FeatureSet)
 def features(ctx: StageContext, params: SpeechFeaturesParams) -> dict:
     """Log-mel or wav2vec2/HuBERT frame features of an audio dataset, with time spans, on Ray Data."""
     resampled: dict[int, int] = {}

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from pipeline import StageContext, StageFailed, stage
 from pipeline.feature_stage import FeatureStageParams, extract
-from pipeline.features import region_schema, region_table, usable
+from pipeline.features import FeatureSet, region_schema, region_table, usable
 from pipeline.fingerprint import files_fingerprint, tree_files
 from pipeline.ray_utils import tune_malloc
 
@@ -125,7 +125,8 @@ class ImageFeaturizeActor:
 
 
 @stage("vision.features", version="3", cpus=0, fingerprint=_fingerprint,
-       headline=("items", "rejected", "regions_per_item", "dim", "items_per_s"), inputs={})
+       headline=("items", "rejected", "regions_per_item", "dim", "items_per_s"), inputs={},
+       loader=FeatureSet)
 def features(ctx: StageContext, params: VisionFeaturesParams) -> dict:
     """Region features (grid / patch / pooled) of an image dataset with a timm backbone, on Ray Data."""
     modes: dict[str, int] = {}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -69,6 +70,14 @@ class PretrainParams(BaseModel):
         return self
 
 
+def load_trained(folder: Path) -> tuple:
+    """``(recipe, options, backbone, model in eval mode, recipe.json)`` of an artifact, for
+    ``stele.load``: :func:`fusion.pretrain.loop.load_pretrained` (the multimodal recipes)."""
+    from fusion.pretrain.loop import load_pretrained  # torch: lazily
+
+    return load_pretrained(folder)
+
+
 @stage("fusion.pretrain", version="4", cpus=0, pool="train",
        headline=("recipe", "steps", "loss_total_first", "loss_total_last10", "tokens_per_s", "mfu"),
        # Which roles a run needs is the recipe's `needs` (checked when the stage starts).
@@ -79,7 +88,8 @@ class PretrainParams(BaseModel):
                "media": Input(("vision.features", "speech.features"), "regions and captions (lxmert, "
                               "vilbert, dual, media_*)", required=False),
                "query_media": Input(("vision.features", "speech.features"), "the queries' features, e.g. "
-                                    "spoken captions (media_lxmert, media_dual)", required=False)})
+                                    "spoken captions (media_lxmert, media_dual)", required=False)},
+       loader=load_trained)
 def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     """Pretrain a fusion encoder (ERNIE, K-BERT, K-Adapter, LXMERT, ViLBERT, a dual encoder or the plain
     backbone) with Ray Train."""

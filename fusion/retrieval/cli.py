@@ -12,9 +12,44 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fusion.retrieval.scorer import DIRECTIONS
-from fusion.retrieval.stage import RetrievalParams, evaluate
+from fusion.retrieval.stage import RetrievalParams, RetrievalResult, evaluate
 from pipeline import StageFailed
 from pipeline.commands import command
+
+# RetrievalParams' fields that are options of `stele eval retrieval`, with their types.
+OPTIONS = {"mode": str, "k": int, "split": str, "limit": int, "batch_size": int, "workers": int,
+           "gpus_per_worker": float, "examples": int}
+
+
+def evaluate_artifacts(model: str | Path, media: str | Path, *, first_stage: str | Path | None = None,
+                       queries: str | Path | None = None, out: str | Path | None = None,
+                       store: Any = None, run: str | None = None, **params: Any) -> RetrievalResult:
+    """The ``fusion.retrieval`` protocol on existing artifacts, outside a pipeline: what ``stele eval
+    retrieval`` runs. Each artifact is a folder, a stage name (its artifact in the latest run of
+    ``store`` that has it, or in ``run``) or a key prefix; ``params`` are
+    :class:`~fusion.retrieval.stage.RetrievalParams`. Writes into ``out`` (default
+    ``./retrieval-<mode>``); raises :class:`~pipeline.StageFailed` when the protocol cannot run."""
+    from pipeline.runs import resolve_artifact
+    from pipeline.store import ArtifactStore, default_store_uri
+
+    p = RetrievalParams(**params)
+    if not isinstance(store, ArtifactStore):
+        store = ArtifactStore(store or default_store_uri())
+
+    def folder(ref: str | Path) -> Path:  # an artifact folder as it is, else a name or key
+        if Path(ref).is_dir():
+            return Path(ref)
+        return store.open(resolve_artifact(store, str(ref), run)[0]).path
+
+    dest = Path(out or f"retrieval-{p.mode}")
+    if p.workers > 1:
+        from pipeline.ray_utils import init_ray
+
+        init_ray()
+    headline = evaluate(folder(model), folder(media), dest, p,
+                        folder(first_stage) if first_stage else None,
+                        queries_dir=folder(queries) if queries else None)
+    return RetrievalResult.load(dest, headline)
 
 
 # ----------------------------------------------------------------------------------- the CLI
@@ -25,47 +60,39 @@ class Eval:
     def add_arguments(self, parser: Any) -> None:
         tasks = parser.add_subparsers(dest="task", required=True)
         r = tasks.add_parser("retrieval", help="cross-modal retrieval with a fusion.pretrain model")
-        r.add_argument("--model", required=True, help="fusion.pretrain artifact (key prefix or folder)")
-        r.add_argument("--media", required=True, help="feature artifact to search (key prefix or folder)")
-        r.add_argument("--first-stage", help="another fusion.pretrain artifact ranking candidates first")
+        r.add_argument("--model", required=True, help="fusion.pretrain artifact (stage name, key prefix "
+                       "or folder)")
+        r.add_argument("--media", required=True, help="feature artifact to search (stage name, key "
+                       "prefix or folder)")
+        r.add_argument("--first-stage", help="another fusion.pretrain artifact ranking candidates first "
+                       "(default: the model's own vectors)")
         r.add_argument("--queries", help="media queries' feature artifact (media_lxmert, media_dual models)")
         r.add_argument("--out", help="output folder (default ./retrieval-<mode>)")
-        r.add_argument("--store", help="artifact store for key prefixes "
+        r.add_argument("--store", help="artifact store for stage names and key prefixes "
                        "(default: $STELE_STORE or ./stele-store)")
+        r.add_argument("--run", help="take stage names' artifacts from this run (default: the latest "
+                       "run that has each)")
         fields = RetrievalParams.model_fields
-        for name in ("mode", "k", "split", "limit", "batch_size", "workers", "gpus_per_worker", "examples"):
+        for name, kind in OPTIONS.items():
             f = fields[name]
-            kind = {"k": int, "limit": int, "batch_size": int, "workers": int, "examples": int,
-                    "gpus_per_worker": float}.get(name, str)
             choices = typing.get_args(f.annotation) if typing.get_origin(f.annotation) is Literal else None
+            # stele's help formatter appends each default to the help, so every option has one
+            help_ = f.description or name.replace("_", " ")
+            if f.default is None:  # (which the formatter leaves out: say what it means here)
+                help_ += " (default: all)"
             r.add_argument(f"--{name.replace('_', '-')}", type=kind, default=f.default, choices=choices,
-                           help=f.description)
+                           help=help_)
 
     def run(self, args: Any, console: Any) -> int:
-        from pipeline.store import ArtifactStore, default_store_uri
-
-        params = RetrievalParams(mode=args.mode, k=args.k, split=args.split, limit=args.limit,
-                                 batch_size=args.batch_size, workers=args.workers,
-                                 gpus_per_worker=args.gpus_per_worker, examples=args.examples)
-        store = ArtifactStore(args.store or default_store_uri())
-
-        def folder(ref: str) -> Path:  # an artifact folder as it is, else a key (prefix) in the store
-            p = Path(ref)
-            return p if p.is_dir() else Path(store.artifact_path(store.resolve(ref)))
-
-        out = Path(args.out or f"retrieval-{params.mode}")
-        if params.workers > 1:
-            from pipeline.ray_utils import init_ray
-
-            init_ray()
         try:
-            m = evaluate(folder(args.model), folder(args.media), out, params,
-                         folder(args.first_stage) if args.first_stage else None,
-                         queries_dir=folder(args.queries) if args.queries else None)
+            res = evaluate_artifacts(args.model, args.media, first_stage=args.first_stage,
+                                     queries=args.queries, out=args.out, store=args.store, run=args.run,
+                                     **{name: getattr(args, name) for name in OPTIONS})
         except StageFailed as e:
             console.print(f"[red]error:[/] {e}", highlight=False)
             return 1
-        label = params.mode + (f", k={params.k}" if params.mode == "rerank" else "")
+        m, out = res.headline, res.path
+        label = m["mode"] + (f", k={m['k']}" if m["mode"] == "rerank" else "")
         console.print(f"retrieval ({label}) over {m['captions']} captions x {m['media']} media, "
                       f"{m['eval_s']:.1f} s, {m['pairs_scored']} pairs scored")
         for d in DIRECTIONS:

@@ -34,6 +34,7 @@ import io
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +62,31 @@ class RetrievalParams(BaseModel):
     gpus_per_worker: float = Field(default=0, ge=0)
     examples: int = Field(default=6, ge=0, description="example queries per direction in examples.json")
     thumbnails: bool = Field(default=True, description="image thumbnails in examples.json")
+
+
+@dataclass
+class RetrievalResult:
+    """A retrieval evaluation read back from its folder (a ``fusion.retrieval`` artifact, or what
+    ``stele eval retrieval`` wrote): ``metrics`` is ``metrics.json`` (both directions' recall@K,
+    ranks and mAP@10, the first stage's numbers, counts, timings), ``headline`` the flat metrics the
+    run summary shows, ``ranks`` the ``ranks.parquet`` table (per query: the rank of the first
+    correct item, its first-stage rank, the top 10 ids and scores)."""
+
+    path: Path
+    metrics: dict[str, Any]
+    headline: dict[str, Any]
+    ranks: Any  # pyarrow.Table
+
+    @classmethod
+    def load(cls, path: str | Path, headline: dict[str, Any] | None = None) -> "RetrievalResult":
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        if headline is None:  # an artifact: its manifest keeps them
+            manifest = path / "manifest.json"
+            headline = json.loads(manifest.read_text()).get("metrics", {}) if manifest.exists() else {}
+        return cls(path, json.loads((path / "metrics.json").read_text()), headline,
+                   pq.read_table(path / "ranks.parquet"))
 
 
 # ----------------------------------------------------------------------------------- evaluate
@@ -349,7 +375,8 @@ class _Thumbnails:
                "first_stage": Input("fusion.pretrain", "an encoder (e.g. dual) ranking the "
                                     "candidates before re-ranking", required=False),
                "queries": Input(("vision.features", "speech.features"), "the query items, for a "
-                                "model with media queries", required=False)})
+                                "model with media queries", required=False)},
+       loader=RetrievalResult.load)
 def retrieval(ctx: StageContext, params: RetrievalParams) -> dict:
     """Cross-modal retrieval with a pretrained multimodal encoder: both directions, R@1/5/10, RSUM,
     median/mean rank, mAP@10; modes dual, all_pairs, rerank (k)."""

@@ -10,6 +10,7 @@ pickled size is reported as ``job_bytes``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Literal
 
 import pyarrow.parquet as pq
@@ -61,9 +62,18 @@ class EmbedParams(BaseModel):
     scaling: ScalingParams = ScalingParams()
 
 
+def load_trained(folder: Path):
+    """The trained model of an artifact (:func:`knowledge.models.load_model`: on the CPU, in eval
+    mode), for ``stele.load``."""
+    from ..models import load_model  # torch: lazily
+
+    return load_model(folder)
+
+
 @stage("knowledge.embed", version="1", cpus=0, pool="train",
        headline=("best_valid_mrr", "best_epoch", "epochs", "stopped_early", "final_loss"),
-       inputs={"kg": Input("knowledge.ingest", "the graph to embed (train and valid triples)")})
+       inputs={"kg": Input("knowledge.ingest", "the graph to embed (train and valid triples)")},
+       loader=load_trained)
 def embed(ctx: StageContext, params: EmbedParams) -> dict:
     """Train KG embeddings (PyG models, stele's loop) with early stopping on validation MRR."""
     from ..embed import DEFAULT_LOSS, EmbedJob, train_loop_per_worker  # torch: lazily

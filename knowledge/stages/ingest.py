@@ -11,6 +11,7 @@ from pipeline import StageContext, stage
 from pipeline.uris import InputURI
 
 from ..ingest import build_graph, plot_stats
+from ..kg import KnowledgeGraph
 from ..sources.base import KnowledgeSource, build_source
 
 
@@ -53,7 +54,8 @@ def _fingerprint(params: IngestParams) -> list[Any]:
 
 
 @stage("knowledge.ingest", version="3", fingerprint=_fingerprint,
-       headline=("entities", "relations", "triples", "quarantined", "components"), inputs={})
+       headline=("entities", "relations", "triples", "quarantined", "components"), inputs={},
+       loader=KnowledgeGraph.load)
 def ingest(ctx: StageContext, params: IngestParams) -> dict:
     """Merge knowledge sources into one KnowledgeGraph (entities, relations, split triples)."""
     graph, report = build_graph(

@@ -18,7 +18,8 @@ summary, the commands). Everything a section or a caller needs is importable fro
 
 from __future__ import annotations
 
-from .assemble import LOG_TAIL_LINES, RunReport, build_report, list_runs, read_run, resolve_run
+from ..runs import list_runs, read_run, resolve_run
+from .assemble import LOG_TAIL_LINES, RunReport, build_report
 from .dag import STATUS_COLOURS, Dag, DagNode, layout_dag
 from .output import (TEMPLATE_DIR, default_out, render_html, report_after_run, report_command,
                      summary_text, write_report)

@@ -11,14 +11,12 @@ shows, never model weights.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-import posixpath
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
+from ..runs import run_wall_s
 from ..store import LOG, MANIFEST, ArtifactStore
 from .dag import Dag, layout_dag, resolve_inputs, topological
 from .page import MAX_FIGURE_BYTES, Figure, StageView, Table, data_uri, is_scalar, json_tables
@@ -53,59 +51,7 @@ class RunReport:
 
     @property
     def wall_s(self) -> float | None:
-        try:
-            fmt = "%Y-%m-%dT%H:%M:%S%z"
-            return (dt.datetime.strptime(self.finished_at, fmt)
-                    - dt.datetime.strptime(self.started_at, fmt)).total_seconds()
-        except (TypeError, ValueError):
-            return None
-
-
-# ---------------------------------------------------------------------------------- run records
-def list_runs(store: ArtifactStore) -> list[str]:
-    """Run ids in the store, oldest first (ids start with the start time, so they sort by it)."""
-    base = store._join("runs")
-    if not store.fs.exists(base):
-        return []
-    return sorted(posixpath.basename(p)[:-5] for p in store.fs.ls(base, detail=False)
-                  if p.endswith(".json"))
-
-
-def read_run(store: ArtifactStore, run_id: str) -> dict[str, Any]:
-    with store.fs.open(store._join("runs", f"{run_id}.json"), "r") as f:
-        return json.load(f)
-
-
-def resolve_run(store: ArtifactStore, ref: str, pipeline_file: Path | None = None,
-                pipeline_name: str | None = None) -> dict[str, Any]:
-    """The run record for ``ref``: ``latest``, a run id or a unique prefix of one; with
-    ``pipeline_file`` (and its name), the latest run of that pipeline."""
-    runs = list_runs(store)
-    if not runs:
-        raise StoreError(f"no runs recorded in {store.uri}")
-    if pipeline_file is not None:
-        want = str(pipeline_file.resolve())
-        by_name = None
-        for rid in reversed(runs):
-            rec = read_run(store, rid)
-            f = rec.get("pipeline_file")
-            if f and str(Path(f).resolve()) == want:
-                return rec
-            if by_name is None and pipeline_name and rec.get("pipeline") == pipeline_name:
-                by_name = rec
-        if by_name is not None:  # run from another working directory: same pipeline name
-            return by_name
-        raise StoreError(f"no run of {pipeline_file} in {store.uri}")
-    if ref == "latest":
-        return read_run(store, runs[-1])
-    hits = [r for r in runs if r.startswith(ref)]
-    if ref in runs:
-        hits = [ref]
-    if not hits:
-        raise StoreError(f"no run {ref!r} in {store.uri} (latest: {runs[-1]})")
-    if len(hits) > 1:
-        raise StoreError(f"run {ref!r} is ambiguous in {store.uri}: {', '.join(hits[:8])}")
-    return read_run(store, hits[0])
+        return run_wall_s({"started_at": self.started_at, "finished_at": self.finished_at})
 
 
 # ---------------------------------------------------------------------------------- building

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..store import ArtifactStore
-from .assemble import RunReport, build_report, read_run, resolve_run
+from ..runs import read_run, resolve_run
+from .assemble import RunReport, build_report
 from .dag import STATUS_COLOURS
 from .page import fmt, fmt_seconds, scalars
 

@@ -4,6 +4,7 @@ the subcommands packages contribute (``stele.commands``)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -332,3 +333,158 @@ def test_error_text_is_printed_verbatim_not_as_emoji(tmp_path: Path, test_stages
     assert main(["plan", str(p), "--store", str(tmp_path / "store")]) == 2
     err = capsys.readouterr().err
     assert "unknown stage type 'bad:x:type'" in err and "\u274c" not in err, err
+
+
+# ------------------------------------------------------------------ names: show STAGE, ls, help
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> tuple[Path, list]:
+    """A store with two runs of PIPE (a's text changed in between: new keys for a and b; c fails
+    both times): (store, [first result, second result])."""
+    from pipeline.runner import run
+    from pipeline.spec import parse_pipeline
+    from pipeline.store import ArtifactStore
+
+    store = tmp_path_factory.mktemp("names") / "store"
+    results = []
+    for text in ("A1", "A2"):
+        if results:  # run ids name the second they start in: make the second run's the later
+            while time.strftime("%Y%m%d-%H%M%S") <= results[0].run_id[:15]:
+                time.sleep(0.05)
+        results.append(run(parse_pipeline(PIPE, overrides=[f"a.text={text}"]), ArtifactStore(store),
+                           live=False))
+    return store, results
+
+
+def _main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    from pipeline.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_show_takes_a_stage_name_from_the_latest_run_or_the_one_named(
+        two_runs: tuple[Path, list], capsys: pytest.CaptureFixture) -> None:
+    store, (first, second) = two_runs
+    code, out, err = _main(capsys, "show", "b", "--store", str(store))
+    assert code == 0, err
+    assert json.loads(out)["key"] == second.outcomes["b"].key != first.outcomes["b"].key
+    assert f"b: ran in run {second.run_id}, artifact {second.outcomes['b'].key}" in err
+    code, out, err = _main(capsys, "show", "b", "--run", first.run_id[:-1], "--store", str(store))
+    assert code == 0 and json.loads(out)["key"] == first.outcomes["b"].key, err
+    # keys, prefixes and folders keep working
+    key = first.outcomes["a"].key
+    for ref in (key, key[:8], str(store / "artifacts" / key)):
+        code, out, err = _main(capsys, "show", ref, "--store", str(store))
+        assert code == 0 and json.loads(out)["key"] == key, (ref, err)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (("show", "c"), "error: stage 'c' has no artifact: no run made or reused it (the latest run "
+                    "with it, {second}: failed)"),
+    (("show", "c", "--run", "latest"), "error: stage 'c' failed in run {second}: it has no artifact"),
+    (("show", "bb"), "error: no stage 'bb' in the runs of {store} (did you mean 'b'?)"),
+    (("show", "zzz"), "error: no stage 'zzz' in the runs of {store}; stages: a, b, c"),
+    (("show", "b", "--run", "1999"), "error: no run '1999' in {store} (latest: {second})"),
+    (("ls", "1999"), "error: no run '1999' in {store} (latest: {second})"),
+], ids=["failed_everywhere", "failed_in_that_run", "did_you_mean", "unknown", "no_such_run",
+        "ls_no_such_run"])
+def test_a_stage_name_without_an_artifact_is_one_line_exit_2(
+        argv: tuple[str, ...], expected: str, two_runs: tuple[Path, list],
+        capsys: pytest.CaptureFixture) -> None:
+    store, (_, second) = two_runs
+    code, out, err = _main(capsys, *argv, "--store", str(store))
+    assert code == 2 and not out, out
+    assert err.strip() == expected.format(store=store, second=second.run_id), err
+
+
+def test_ls_lists_runs_newest_first_and_a_runs_stages(two_runs: tuple[Path, list],
+                                                      capsys: pytest.CaptureFixture) -> None:
+    store, (first, second) = two_runs
+    code, out, _ = _main(capsys, "ls", "--store", str(store))
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["run", "pipeline", "started", "wall", "stages"]
+    assert [ln.split()[:2] for ln in lines[1:]] == [[second.run_id, "cli"], [first.run_id, "cli"]]
+    assert all(ln.endswith("2 ran, 1 failed") for ln in lines[1:]), out
+    code, out, _ = _main(capsys, "ls", first.run_id[:-1], "--store", str(store))
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith(f"run {first.run_id}  cli  (store {store}, ")
+    assert lines[1].split() == ["stage", "type", "status", "wall", "key"]
+    rows = {ln.split()[0]: ln.split() for ln in lines[2:]}
+    for n, o in first.outcomes.items():  # the whole key, to copy or to find the folder by
+        assert rows[n][:3] == [n, "test.write", o.status] and rows[n][-1] == o.key, out
+        assert " ".join(rows[n][3:-1]).endswith(" s"), out  # a wall time, in seconds
+    code, out, _ = _main(capsys, "ls", "--store", str(store.parent / "empty"))
+    assert code == 0 and out.strip() == f"no runs recorded in {store.parent / 'empty'}"
+
+
+def test_the_run_summary_gives_the_total_wall_time(tmp_path: Path, test_stages: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from pipeline.runner import RunResult, print_summary
+    from pipeline.runs import start_run
+    from pipeline.spec import parse_pipeline
+    from pipeline.store import ArtifactStore
+
+    def text(result: RunResult) -> str:
+        console = Console(record=True, width=200)
+        print_summary(result, console)
+        return console.export_text()
+
+    result = RunResult("20260101-000000-abcdef", "p", "/s", {}, wall_s=75.4)
+    assert text(result).startswith("p: nothing to do in 1 m 15 s (store /s, run 20260101-"), text(result)
+    result.wall_s = None  # (a RunResult made by pipeline.runner.run itself)
+    assert text(result).startswith("p: nothing to do (store /s")
+    # start_run, what `stele run` calls, sets it
+    monkeypatch.setattr("pipeline.ray_utils.init_ray", lambda *a, **k: {})
+    monkeypatch.setattr("pipeline.runner.run", lambda *a, **k: RunResult("r", "p", "/s", {}))
+    done = start_run(parse_pipeline("stages:\n  a: {uses: test.write}\n"), ArtifactStore(tmp_path))
+    assert done.wall_s is not None and done.wall_s >= 0
+
+
+def test_version(capsys: pytest.CaptureFixture) -> None:
+    from importlib.metadata import version
+
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"stele {version('stele')}\n"
+
+
+def _cmd_help(main, capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_every_help_shows_the_defaults(monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture) -> None:
+    from pipeline.cli import main
+    from pipeline.commands import COMMANDS, command
+
+    shown = _cmd_help(main, capsys, "eval", "retrieval")  # a package's command, two levels down
+    for option, default in (("--mode", "rerank"), ("--k", "32"), ("--split", "test"),
+                            ("--batch-size", "256"), ("--workers", "1"), ("--gpus-per-worker", "0"),
+                            ("--examples", "6"), ("--limit", "all")):
+        assert f"(default: {default})" in shown.split(f" {option} ", 1)[1].split(" --", 1)[0], option
+    assert "(default: latest)" in _cmd_help(main, capsys, "report")
+    assert "(default: None)" not in shown and "(default: False)" not in shown
+
+    COMMANDS.load_plugins()
+    monkeypatch.setattr(COMMANDS, "types", dict(COMMANDS.types))
+
+    @command("hello", help="say hello (a test command)")
+    class Hello:
+        def add_arguments(self, parser) -> None:
+            parser.add_argument("--name", default="world", help="whom to greet")
+            sub = parser.add_subparsers(dest="how")
+            sub.add_parser("loud").add_argument("--times", type=int, default=3, help="how often")
+
+        def run(self, args, console) -> int:
+            return 0
+
+    assert "whom to greet (default: world)" in _cmd_help(main, capsys, "hello")
+    assert "how often (default: 3)" in _cmd_help(main, capsys, "hello", "loud")

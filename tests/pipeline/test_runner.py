@@ -135,7 +135,7 @@ def test_artifact_has_manifest_and_log(tmp_path: Path, ray_local: None) -> None:
     art = store.open(r.outcomes["a"].key)
     m = art.manifest
     assert m["stage"] == "a" and m["type"] == "test.write" and m["code_version"] == "1"
-    assert m["params"] == {"text": "A", "parts": 2, "sleep": 0.4, "fail": False}
+    assert m["params"] == {"text": "A", "parts": 2, "sleep": 0.4, "wait_for": "", "fail": False}
     assert m["inputs"] == {} and m["metrics"]["parts"] == 2 and m["wall_s"] > 0.7
     assert set(m["versions"]) >= {"stele", "torch", "ray", "python"} and m["host"]
     assert m["files"]["out.txt"] == 1

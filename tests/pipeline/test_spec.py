@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from pipeline.cli import main
 from pipeline.errors import SpecError
@@ -364,3 +365,103 @@ def test_set_values_get_the_same_yaml_limits(test_stages: None) -> None:
         parse_pipeline(GOOD, overrides=["a.text=&x [*x]"])
     assert str(e.value).startswith(
         "--set: a.text=&x [*x]: value is not valid YAML: recursive alias *x"), str(e.value)
+
+
+# ------------------------------------------------------------------- every mistake of a file at once
+THREE_MISTAKES = """\
+stages:
+  a:
+    uses: test.wirte
+  b:
+    uses: test.typed
+    with: {dim: three}
+  c:
+    uses: test.write
+    inputs: [a, nope]
+"""
+
+
+def test_every_mistake_of_a_file_is_its_own_line_exit_2(tmp_path: Path, test_stages: None,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    path = write(tmp_path, THREE_MISTAKES)
+    store = tmp_path / "store"
+    assert main(["run", str(path), "--store", str(store), "--set", "zz.x=1"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "error: --set: zz.x=1: unknown stage 'zz'; stages: a, b, c",
+        f"error: {path}:3: stages.a.uses: unknown stage type 'test.wirte' (did you mean "
+        f"'test.write', 'test.typed'?)",
+        f"error: {path}:6: stages.b.with.dim: Input should be a valid integer, unable to parse "
+        f"string as an integer (got 'three')",
+        f"error: {path}:9: stages.c.inputs[1]: unknown input stage 'nope'; stages: a, b, c",
+    ], lines
+    assert not store.exists()
+
+
+def test_mistakes_within_one_stage_and_in_its_fields_are_all_reported(test_stages: None) -> None:
+    text = ("stages:\n"
+            "  a:\n    use: test.write\n"                                  # no uses, unknown use
+            "  b:\n    uses: test.typed\n    with: {dim: x, inner: {lr: y}, nope: 1}\n"
+            "  b.c: {uses: test.write}\n")
+    with pytest.raises(SpecError) as e:
+        parse_pipeline(text, file="m.yaml")
+    assert str(e.value).splitlines() == [
+        "m.yaml:2: stages.a: missing required field 'uses'",
+        "m.yaml:3: stages.a.use: unknown field 'use'; known: uses, with, inputs, resources",
+        "m.yaml:6: stages.b.with.dim: Input should be a valid integer, unable to parse string as an "
+        "integer (got 'x')",
+        "m.yaml:6: stages.b.with.inner.lr: Input should be a valid number, unable to parse string as "
+        "a number (got 'y')",
+        "m.yaml:6: stages.b.with.nope: unknown parameter 'nope'; known: dim, name, inner",
+        "m.yaml:7: stages.b.c: stage name 'b.c' must match ^[A-Za-z_][A-Za-z0-9_-]*$ (no dots)",
+    ], str(e.value)
+    assert (e.value.file, e.value.line, e.value.field) == ("m.yaml", 2, "stages.a")
+
+
+class UnionParams(BaseModel):
+    size: int | str = 1
+    n: int | None = None
+
+
+def _union_stage(ctx: object, params: UnionParams) -> None:
+    """A stage type whose parameters are unions."""
+
+
+def test_a_mistake_is_reported_once_not_again_as_its_consequences(test_stages: None) -> None:
+    from pipeline.registry import Input, Registry, stage
+
+    reg = Registry(_loaded=True)
+    stage("t.src", registry=reg, inputs={})(lambda ctx: None)
+    stage("t.sink", registry=reg, inputs={"src": Input("t.src")})(lambda ctx: None)
+    stage("t.u", registry=reg)(_union_stage)
+    text = ("stages:\n  s: {uses: t.srcc}\n"              # unknown type: its dependants' roles
+            "  k: {uses: t.sink, inputs: {src: s}}\n"     # are not checked against a guess,
+            "  k2: {uses: t.sink, inputs: {src: gone}}\n"  # nor is a missing role reported
+            "  u: {uses: t.u, with: {size: [1], n: x}}\n")  # one line per field of a union
+    with pytest.raises(SpecError) as e:
+        parse_pipeline(text, file="c.yaml", registry=reg)
+    lines = str(e.value).splitlines()
+    assert [ln.split(": ")[:2] for ln in lines] == [
+        ["c.yaml:2", "stages.s.uses"], ["c.yaml:4", "stages.k2.inputs.src"],
+        ["c.yaml:5", "stages.u.with.size"], ["c.yaml:5", "stages.u.with.n"]], lines
+
+
+def test_at_most_twenty_mistakes_are_listed(test_stages: None) -> None:
+    text = "stages:\n" + "".join(f"  s{i}: {{uses: test.nope}}\n" for i in range(25))
+    with pytest.raises(SpecError) as e:
+        parse_pipeline(text, file="many.yaml")
+    lines = str(e.value).splitlines()
+    assert len(lines) == 21 and all("unknown stage type 'test.nope'" in ln for ln in lines[:20])
+    assert lines[:2] == [ln.replace("s0", f"s{i}").replace(":2:", f":{i + 2}:")
+                         for i, ln in enumerate([lines[0]] * 2)]
+    assert lines[20] == "many.yaml: 5 more mistakes not shown; fix these first"
+
+
+def test_set_from_python_takes_values_as_they_are(tmp_path: Path, test_stages: None) -> None:
+    p = parse_pipeline(GOOD, overrides={"b.dim": 7, "b.inner.lr": 0.25, "a.text": "3"})
+    assert (p.stages["b"].params.dim, p.stages["b"].params.inner.lr) == (7, 0.25)
+    assert p.stages["a"].params.text == "3"  # a string: as a `--set` value it would read as 3
+    with pytest.raises(SpecError, match=r"^--set: a.text=3: Input should be a valid string"):
+        parse_pipeline(GOOD, overrides={"a.text": 3})
+    assert load_pipeline(write(tmp_path, GOOD), {"a.text": tmp_path}).stages["a"].params.text \
+        == str(tmp_path)  # a path is given as its text
