@@ -199,19 +199,28 @@ def _copy_entity_table(uri: str, out) -> None:  # noqa: ANN001
 
 
 def _plot(hist: list[dict], objectives: list[str], path, title: str) -> None:  # noqa: ANN001
+    """Each objective's loss, smoothed by a centred moving average over about 5% of its steps
+    (per-step losses are too noisy to compare objectives by), the raw values faint behind it;
+    the legend outside the axes, where it hides no curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    for o in objectives:
-        rows = [h for h in hist if f"loss_{o}" in h]
-        ax.plot([h["step"] for h in rows], [h[f"loss_{o}"] for h in rows], label=o)
+    from pipeline.plots import smoothed_curve
+
+    fig, ax = plt.subplots(figsize=(7, 3.4), layout="constrained")
+    window = 1
+    for i, o in enumerate(objectives):
+        rows = [h for h in hist if h.get(f"loss_{o}") is not None]
+        window = max(window, smoothed_curve(ax, [h["step"] for h in rows],
+                                            [h[f"loss_{o}"] for h in rows], color=f"C{i}", label=o))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    ax.grid(alpha=0.3)
+    if objectives:
+        fig.legend(loc="outside lower center", ncols=min(len(objectives), 6), frameon=False,
+                   title=f"mean of {window} steps, raw faint" if window > 1 else None)
     ax.set_title(f"{title}: pretraining losses (numbers in history.json)")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -155,24 +155,30 @@ def _embedding_tables(model):  # noqa: ANN001, ANN202
 
 
 def _plot(hist: list[dict], path, model: str) -> None:  # noqa: ANN001
+    """The training loss, smoothed by a centred moving average over about 5% of the epochs once
+    there are enough of them to be noisy, the raw values faint behind it; the validation MRR on its
+    own axis; one legend for both, outside the axes, where it hides no curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, a = plt.subplots(figsize=(6, 3.4))
-    a.plot([h["step"] for h in hist], [h["loss"] for h in hist], label="training loss")
+    from pipeline.plots import smoothed_curve
+
+    fig, a = plt.subplots(figsize=(7, 3.4), layout="constrained")
+    rows = [h for h in hist if h.get("loss") is not None]
+    w = smoothed_curve(a, [h["step"] for h in rows], [h["loss"] for h in rows], color="C0")
+    a.lines[-1].set_label(f"training loss (mean of {w} epochs; raw faint)" if w > 1 else "training loss")
     a.set_xlabel("epoch")
     a.set_ylabel("loss")
+    a.grid(alpha=0.3)
     evals = [h for h in hist if "valid_mrr" in h]
     if evals:
         b = a.twinx()
         b.plot([h["step"] for h in evals], [h["valid_mrr"] for h in evals], "o-", color="C1",
                label="valid filtered MRR")
         b.set_ylabel("valid MRR")
-        b.legend(loc="upper right")
-    a.legend(loc="upper left")
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)
     a.set_title(f"{model}: training curve (numbers in history.json)")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -2,8 +2,10 @@
 store (no HTML here).
 
 :func:`build_report` reads each stage's manifest and log, embeds every PNG of its artifact, lets the
-stage type's registered section (:mod:`.sections`) add its tables, and gives every figure no section
-explained the numbers of the artifact's JSON files. Artifacts are read through the store's
+stage type's registered section (:mod:`.sections`) add its tables, gives every figure no section
+explained the numbers of the artifact's JSON files, and shows each table once (a section's table
+that explains a figure goes behind the figure). Per stage type, a table compares its stages on the
+headline metrics the type names. Artifacts are read through the store's
 filesystem, file by file, so a report on a remote store downloads the small JSON/PNG/CSV files it
 shows, never model weights.
 """
@@ -19,12 +21,14 @@ from ..errors import StoreError
 from ..runs import run_wall_s
 from ..store import LOG, MANIFEST, ArtifactStore
 from .dag import Dag, layout_dag, resolve_inputs, topological
-from .page import MAX_FIGURE_BYTES, Figure, StageView, Table, data_uri, is_scalar, json_tables
+from .page import MAX_FIGURE_BYTES, Figure, StageView, Table, data_uri, is_number, json_tables
 from .sections import SECTIONS
 
 log = logging.getLogger("stele.report")
 
 LOG_TAIL_LINES = 40
+HEADLINE_FALLBACK = 6   # columns of a by-type table when the stage type names no headline metrics
+MAX_TYPE_COLUMNS = 10   # metric columns of a by-type table at most (patterns can match many)
 
 
 @dataclass
@@ -91,6 +95,7 @@ def build_report(store: ArtifactStore, record: dict[str, Any]) -> RunReport:
                 sv.notes.append(f"the {sv.type} section could not be built: "
                                 f"{type(e).__name__}: {e}")
         _fallback_numbers(sv)
+        _once(sv)
 
     try:
         import importlib.metadata
@@ -170,15 +175,51 @@ def _fallback_numbers(sv: StageView) -> None:
                 sv.notes.append(f"{rel} unreadable: {e}")
     if not tables and sv.metrics:
         tables = json_tables(sv.metrics, "metrics (manifest)", "manifest.json")
-    for f in unexplained:
-        f.numbers = list(tables)
-        if not tables:
+    if not tables:
+        for f in unexplained:
             f.numbers_note = "the artifact holds no JSON file with the numbers of this figure"
+        return
+    # The same files behind every such figure would show each table once per figure: the first
+    # figure gets them, the others point there.
+    first, *rest = unexplained
+    first.numbers = list(tables)
+    for f in rest:
+        f.numbers_note = f"the artifact's JSON files, shown behind {first.file}"
+
+
+def _once(sv: StageView) -> None:
+    """A table a section both shows and attaches to a figure is shown behind the figure only,
+    where it explains what is plotted; a section left with nothing to show goes."""
+    behind = {id(t) for f in sv.figures for t in f.numbers}
+    for sec in sv.sections:
+        sec.tables = [t for t in sec.tables if id(t) not in behind]
+    sv.sections = [sec for sec in sv.sections if sec.tables or sec.examples or sec.text]
+
+
+def headline_keys(metrics: dict[str, Any], type_name: str = "",
+                  limit: int = HEADLINE_FALLBACK) -> list[str]:
+    """The headline metrics of a stage, as the run summary picks them: those its type names
+    (``headline=`` of :func:`~pipeline.registry.stage`, fnmatch patterns), else its first few
+    numbers and strings (booleans are flags, not results). A metric without a value (None) is
+    kept: a by-type table's columns stay in the type's order when only some stages have it."""
+    from fnmatch import fnmatchcase
+
+    from ..registry import REGISTRY
+
+    try:
+        wanted = REGISTRY.get(type_name).headline if type_name else ()
+    except KeyError:  # a record of a stage type no longer installed
+        wanted = ()
+    keys = [k for k, v in metrics.items() if v is None or is_number(v) or isinstance(v, str)]
+    if not wanted:
+        return keys[:limit]
+    return list(dict.fromkeys(k for pat in wanted for k in keys if fnmatchcase(k, pat)))
 
 
 def _by_type(stages: list[StageView]) -> list[Table]:
-    """Per stage type, its stages side by side on their scalar metrics (seed sweeps, model
-    comparisons, downstream results)."""
+    """Per stage type, its stages side by side on their headline metrics (seed sweeps, model
+    comparisons, downstream results). Only the headline: a type's every metric side by side is
+    dozens of mostly empty columns; each stage's section keeps them all."""
     out: list[Table] = []
     types: dict[str, list[StageView]] = {}
     for sv in stages:
@@ -187,9 +228,15 @@ def _by_type(stages: list[StageView]) -> list[Table]:
     for t, svs in types.items():
         cols: list[str] = []
         for sv in svs:
-            cols += [k for k, v in sv.metrics.items() if is_scalar(v) and k not in cols]
+            cols += [k for k in headline_keys(sv.metrics, t) if k not in cols]
+        # A column no stage of the type has a value for says nothing.
+        cols = [c for c in cols if any(sv.metrics.get(c) is not None for sv in svs)]
+        note = ""
+        if len(cols) > MAX_TYPE_COLUMNS:
+            note = (f"{len(cols) - MAX_TYPE_COLUMNS} more headline metrics in each stage's "
+                    "section (all metrics)")
+            cols = cols[:MAX_TYPE_COLUMNS]
         out.append(Table(t, ["stage", *cols],
                          [[sv.name, *[sv.metrics.get(c) for c in cols]] for sv in svs],
-                         "each stage's manifest.json"))
+                         "each stage's manifest.json", note))
     return out
-

@@ -4,8 +4,9 @@
 Self-contained: figures are embedded as ``data:`` URIs and the page carries a Content-Security-Policy
 that forbids any other source, so it works offline and a stray external URL shows up as a console
 error instead of a silent network request. A few lines of inline script check, once the page has
-loaded, that every image decoded and that no script error happened, and write the result into the
-page footer (``#page-check``), where a headless browser can read it back.
+loaded, that every image decoded, that no script error happened and how wide the by-type tables
+came out, and write the result into data attributes of a hidden element (``#page-check``), where a
+headless browser can read it back and a reader never sees it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 
 from ..store import ArtifactStore
 from ..runs import read_run, resolve_run
-from .assemble import RunReport, build_report
+from .assemble import RunReport, build_report, headline_keys
 from .dag import STATUS_COLOURS
-from .page import fmt, fmt_seconds, scalars
+from .page import fmt, fmt_cell, fmt_seconds
 
 log = logging.getLogger("stele.report")
 
@@ -33,15 +34,13 @@ def render_html(report: RunReport) -> str:
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = fmt
     env.filters["seconds"] = fmt_seconds
-    env.filters["scalars"] = scalars
-    return env.get_template("report.html.j2").render(
-        r=report, colours=STATUS_COLOURS, headline=_headline_text)
+    return env.get_template("report.html.j2").render(r=report, colours=STATUS_COLOURS)
 
 
 def _headline_text(metrics: dict[str, Any], type_name: str = "") -> str:
-    from ..runner import _headline  # the run summary's own choice of headline metrics
-
-    return _headline(metrics, type_name)
+    """The headline metrics as ``name=value`` pairs, rounded as the page shows them."""
+    return ", ".join(f"{k}={fmt_cell(metrics[k], k)}" for k in headline_keys(metrics, type_name)
+                     if metrics[k] is not None)
 
 
 def summary_text(report: RunReport) -> str:

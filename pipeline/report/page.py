@@ -46,6 +46,19 @@ class Table:
             self.note = (f"{len(self.rows)} of {total} rows shown, evenly spaced{where}. "
                          + self.note).strip()
 
+    def cells(self) -> list[list[tuple[str, bool]]]:
+        """Each row as the page shows it: (text, numeric) per cell, rounded by :func:`fmt_cell`.
+        A name/value table names each row's value by its first cell, any other table by the
+        column, so that a duration reads as one whichever way a table is laid out."""
+        by_row = self.columns == ["name", "value"]
+        out = []
+        for row in self.rows:
+            row = list(row)
+            out.append([(fmt_cell(v, str(row[0]) if by_row and i == 1 else
+                                  self.columns[i] if i < len(self.columns) else ""), is_number(v))
+                        for i, v in enumerate(row)])
+        return out
+
 
 @dataclass
 class Figure:
@@ -127,6 +140,18 @@ class StageView:
     def figure(self, file: str) -> Figure | None:
         return next((f for f in self.figures if f.file == file), None)
 
+    @property
+    def artifact(self) -> str:
+        """Where the artifact lies (its files keep the full precision the page rounds away)."""
+        if self._store is None or self.manifest is None:
+            return ""
+        return self._store.artifact_path(self.key)
+
+    @property
+    def metrics_table(self) -> Table:
+        """Every scalar metric of the manifest (the by-type table shows the headline ones)."""
+        return kv_table("all metrics", scalars(self.metrics), "manifest.json")
+
     def explain(self, file: str, *tables: Table, note: str = "") -> None:
         """Attach the numbers behind figure ``file`` (no-op when the artifact has no such figure)."""
         fig = self.figure(file)
@@ -144,27 +169,58 @@ def is_scalar(v: Any) -> bool:
     return v is None or isinstance(v, (bool, int, float, str))
 
 
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def fmt(v: Any) -> str:
-    """A table cell: floats to 6 significant digits (enough to read a curve back), None as a dash."""
+    """A value for reading: integers as integers (grouped in thousands), other floats to 4
+    significant digits without trailing zeros, None as a dash. The artifact's files keep every
+    digit; a table's caption names the file."""
     if v is None:
         return "—"
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, int):
+        return f"{v:,}"
     if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        return f"{v:.6g}"
+        if not math.isfinite(v):
+            return str(v)  # nan, inf, -inf
+        a = abs(v)
+        if a == 0:
+            return "0"
+        if a >= 1e9 or a < 1e-3:  # a count of digits or zeros would not read at a glance
+            return f"{v:.3e}".replace(".000e", "e")
+        if a >= 1000 or v == round(v):
+            return fmt(int(round(v)))
+        return f"{v:.4g}"
     if isinstance(v, (list, dict)):
         v = json.dumps(v, default=str)
     s = str(v)
     return s if len(s) <= 300 else s[:299] + "…"
 
 
+def is_seconds(name: str) -> bool:
+    """A metric named as a duration in seconds (``wall_s``, ``eval_s``), not a rate (``tokens_per_s``)."""
+    n = name.lower()
+    return n.endswith(("_s", " s", "(s)")) and not n.endswith(("per_s", "per s", "/s"))
+
+
+def fmt_cell(v: Any, name: str = "") -> str:
+    """:func:`fmt`, with durations (by their name, :func:`is_seconds`) in minutes and hours."""
+    if is_number(v) and name and is_seconds(name) and math.isfinite(v) and v >= 0:
+        return fmt_seconds(v)
+    return fmt(v)
+
+
 def fmt_seconds(s: float | None) -> str:
     if s is None:
         return "—"
+    if s < 10:
+        # Significant digits, not decimals: a 3 ms step is not "0.00 s".
+        return "0 s" if s == 0 else f"{s:.3g} s"
     if s < 60:
-        return f"{s:.2f} s" if s < 10 else f"{s:.1f} s"
+        return f"{s:.1f} s"
     m, sec = divmod(int(round(s)), 60)
     if m < 60:
         return f"{m} m {sec:02d} s"

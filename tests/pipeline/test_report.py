@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from pipeline import report as rpt
+from pipeline.report.assemble import MAX_TYPE_COLUMNS
 from pipeline.store import ArtifactStore, artifact_key
 
 from ..conftest import make_plugin_site
@@ -42,6 +43,19 @@ stages:
   after_bad: {uses: test.write, inputs: [bad]}
 """
 EXTERNAL = "https://example.invalid/thumb.png"
+# As many metrics as a real fusion.pretrain manifest holds (losses per objective, throughput,
+# resources, corpus counts), with every digit a float has: the by-type table must show only the
+# type's headline, rounded.
+PRETRAIN_METRICS = {
+    "recipe": "ernie", "steps": 7, "examples": 70, "corpus_parts": 2,
+    **{f"loss_{o}_first": 5.123456789 - i for i, o in enumerate(("total", "mlm", "dea"))},
+    **{f"loss_{o}_last10": 2.123456789 - i / 3 for i, o in enumerate(("total", "mlm", "dea"))},
+    "tokens_per_s": 12345.678901, "model_tflops_per_s": 0.000123456789, "mfu": None,
+    "train_s": 83.123456, "num_workers": 1, "job_bytes": 123456789,
+    **{f"resource_{i}": i * 1.234567891 for i in range(40)},
+}
+MAX_COLUMNS = 1 + MAX_TYPE_COLUMNS  # a by-type table: the stage, then its metrics
+T2M_R1 = 27.6923076923  # text-to-media R@1 of the fabricated retrieval, a number found nowhere else
 
 
 # ------------------------------------------------------------------------------ fabricated files
@@ -126,7 +140,7 @@ def _fabricated_stages(store: ArtifactStore, emb_key: str) -> dict[str, dict]:
     _commit(store, pre_key, "pretrain", "fusion.pretrain", {
         "history.json": hist, "recipe.json": {"recipe": "ernie", "options": {"k": 2}, "max_length": 32},
         "losses.png": _png("losses", [h["loss_mlm"] for h in hist])},
-        {"steps": 7, "final_loss_mlm": 2.2}, {"entities": emb_key})
+        PRETRAIN_METRICS, {"entities": emb_key})
     out["pretrain"] = {"key": pre_key, "type": "fusion.pretrain", "inputs": {"entities": emb_key}}
 
     gold = ["city", "city", "country", "person", "country"]
@@ -150,7 +164,7 @@ def _fabricated_stages(store: ArtifactStore, emb_key: str) -> dict[str, dict]:
     import pyarrow.parquet as pq
 
     ret_key = artifact_key("fusion.retrieval", "1", {"mode": "rerank"}, {"model": pre_key})
-    direction = {"queries": 4, "skipped_no_positive": 0, "R@1": 25.0, "R@5": 75.0, "R@10": 100.0,
+    direction = {"queries": 4, "skipped_no_positive": 0, "R@1": T2M_R1, "R@5": 75.0, "R@10": 100.0,
                  "median_rank": 2.5, "mean_rank": 3.25, "mAP@10": 51.0}
     metrics = {"mode": "rerank", "k": 8, "first_stage": "model's own", "split": "test",
                "counts": {"captions": 4, "media": 4}, "rsum": 400.0,
@@ -182,7 +196,12 @@ def _fabricated_stages(store: ArtifactStore, emb_key: str) -> dict[str, dict]:
         "metrics.json": metrics, "examples.json": examples, "ranks.parquet": write_ranks,
         "recall_at_k.png": _png("recall", [25, 50, 75, 100]),
         "rank_hist.png": _png("ranks", [3, 1, 0, 1])},
-        {"mode": "rerank", "rsum": 400.0, "text_to_media_R@1": 25.0}, {"model": pre_key})
+        # The flat metrics the stage returns (fusion.retrieval.stage.evaluate).
+        {"mode": "rerank", "k": 8, "captions": 4, "media": 4, "rsum": 400.0,
+         "first_stage_rsum": 380.0, "pairs_scored": 32, "eval_s": 0.0123,
+         **{f"{d}_{k}": metrics[d][k] for d in ("text_to_media", "media_to_text")
+            for k in ("R@1", "R@5", "R@10", "median_rank", "mAP@10", "skipped_no_positive")}},
+        {"model": pre_key})
     out["retrieval"] = {"key": ret_key, "type": "fusion.retrieval", "inputs": {"model": pre_key},
                         "metrics": metrics, "examples": examples}
     return out
@@ -337,10 +356,97 @@ def test_type_sections_show_the_numbers_the_stages_wrote(reported, page) -> None
     # Downstream: scores and per-label table.
     scores = dict(tables["test scores"].rows)
     assert scores["test macro_f1"] == reported["fab"]["finetune"]["expected_macro_f1"]
-    assert {r[0] for r in tables["per label (test)"].rows} == {"city", "country", "person"}
+    # The per-label table explains finetune.png (its F1 bars): behind the figure, not in the section.
+    per = views["finetune"].figure("finetune.png").numbers[1]
+    assert per.title == "per label (test)" and "per label (test)" not in tables
+    assert {r[0] for r in per.rows} == {"city", "country", "person"}
     # Results by stage type: one table per type that produced metrics.
     assert {t.title for t in page["report"].by_type} >= {"knowledge.ingest", "knowledge.evaluate",
                                                         "fusion.finetune", "fusion.retrieval"}
+
+
+def _in_view(text: str) -> str:
+    """The page as a reader first sees it: without closed ``<details>`` (the numbers behind the
+    figures, all metrics, parameters, logs), scripts and styles."""
+    return re.sub(r"<details.*?</details>|<script.*?</script>|<style.*?</style>", "", text,
+                  flags=re.S)
+
+
+def test_by_type_tables_show_the_headline_metrics_only(page) -> None:
+    by_type = {t.title: t for t in page["report"].by_type}
+    views = {s.name: s for s in page["report"].stages}
+    # fusion.pretrain's declared headline, out of its ~60 metrics; mfu is None for every stage of
+    # the type, so it is no column.
+    pre = by_type["fusion.pretrain"]
+    assert pre.columns == ["stage", "recipe", "steps", "loss_total_first", "loss_total_last10",
+                           "tokens_per_s"]
+    assert [text for text, _ in pre.cells()[0]] == ["pretrain", "ernie", "7", "5.123", "2.123",
+                                                    "12,346"]
+    assert by_type["fusion.retrieval"].columns == [
+        "stage", "mode", "k", "captions", "media", "text_to_media_R@1", "media_to_text_R@1", "rsum"]
+    # A type that names none (the test plugin's test.write): its first few numbers and strings.
+    assert by_type["test.write"].columns[1:] == rpt.headline_keys(views["a"].metrics, "test.write")
+    assert all(2 <= len(t.columns) <= MAX_COLUMNS for t in by_type.values())
+    # Every metric stays one click away, in the stage's own section; its rows link there.
+    pre_html = re.search(r'<section class="stage" id="stage-pretrain".*?</section>', page["text"],
+                         re.S).group(0)
+    [all_metrics] = re.findall(r'<details class="all-metrics">.*?</details>', pre_html, re.S)
+    assert all(f"<td>{k}</td>" in all_metrics for k in PRETRAIN_METRICS)
+    assert "<td>train_s</td><td class=\"num\">1 m 23 s</td>" in all_metrics
+    by_type_html = page["text"][page["text"].index('id="by-type"'):]
+    assert '<a href="#stage-pretrain">pretrain</a>' in by_type_html
+
+
+def test_headline_keys_follow_the_type_or_take_its_first_numbers() -> None:
+    m = {"flag": True, "a": 1, "b": "x", "nested": {"c": 1}, "c": 0.5, "d": 1, "e": 2, "f": 3, "g": 4}
+    assert rpt.headline_keys(m, "gone.type") == ["a", "b", "c", "d", "e", "f"]  # no longer installed
+    assert rpt.headline_keys({"hits@10": 0.5, "x": 1, "mrr": 0.25}, "knowledge.evaluate") == \
+        ["mrr", "hits@10"]  # the type's order
+    assert rpt.headline_keys({"loss_total_last10": 1.0, "loss_mlm_last10": 2.0, "steps": 3,
+                              "mfu": None}, "fusion.pretrain") == ["steps", "loss_total_last10", "mfu"]
+
+
+def test_numbers_are_rounded_for_reading(page) -> None:
+    fmt, cell = rpt.fmt, rpt.fmt_cell
+    assert [fmt(0.123456789), fmt(25.0), fmt(238.46153), fmt(12345.678), fmt(123456), fmt(7),
+            fmt(0.000123456), fmt(None), fmt(True)] == \
+        ["0.1235", "25", "238.5", "12,346", "123,456", "7", "1.235e-04", "—", "true"]
+    assert [cell(83.123456, "train_s"), cell(0.0123, "eval_s"), cell(12345.678, "tokens_per_s")] \
+        == ["1 m 23 s", "0.0123 s", "12,346"]
+    text = page["text"]
+    cells = re.findall(r'<td class="num">([^<]*)</td>', text)
+    assert len(cells) > 100
+    for c in cells:  # at most 4 significant digits wherever a fraction is shown
+        mantissa = c.split(" ")[0].split("e")[0].lstrip("-")
+        if "." in mantissa:
+            assert len(mantissa.replace(".", "").lstrip("0")) <= 4, c
+    # The full precision is in the artifact's files, not on the page.
+    assert "5.123456789" not in text and "12345.678901" not in text and str(T2M_R1) not in text
+
+
+def test_each_number_and_figure_is_shown_once(page) -> None:
+    text, view = page["text"], _in_view(page["text"])
+    r1 = f">{rpt.fmt(T2M_R1)}<"
+    # Text-to-media R@1 was shown four times: the overview's headline, the by-type table, the
+    # stage's metrics table and the retrieval section. Now: once as a result in its type's table
+    # and once in the stage's section (the recall table, among the other directions and cut-offs).
+    by_type = view[view.index('id="by-type"'):view.index('<section class="stage"')]
+    overview = view[view.index('id="stages"'):view.index('id="by-type"')]
+    assert by_type.count(r1) == 1 and r1 not in overview and view.count(r1) == 2
+    # No table twice in a stage (a section's table explaining a figure is behind the figure only),
+    # no figure twice on the page.
+    for sec in re.findall(r'<section class="stage".*?</section>', text, re.S):
+        titles = re.findall(r'data-title="([^"]*)"', sec)
+        assert len(titles) == len(set(titles)), titles
+    assert text.count('data-title="recall@K (%)"') == 1
+    files = re.findall(r'<figure class="figure" data-file="([^"]+)"', text)
+    assert len(files) == len(set(files)) == 7
+
+
+def test_no_test_hook_in_view(page) -> None:
+    [check] = page["dom"].all("div", id="page-check")
+    assert "hidden" in check  # the headless check reads its data attributes; a reader sees nothing
+    assert "page check" not in _in_view(page["text"]).lower()
 
 
 def test_retrieval_section_follows_the_examples_contract(reported, page) -> None:
@@ -350,8 +456,10 @@ def test_retrieval_section_follows_the_examples_contract(reported, page) -> None
     rec = by_title["recall by direction (%)"]
     assert [r[0] for r in rec.rows] == ["text_to_media", "media_to_text"]
     assert rec.rows[1][rec.columns.index("R@1")] == 50.0
-    assert by_title["recall@K (%)"].rows[-1] == [4, 100.0, 100.0]
-    assert ret.figure("recall_at_k.png").numbers == [by_title["recall@K (%)"]]
+    # The recall@K table explains recall_at_k.png: shown behind the figure, not again in the section.
+    [curve] = ret.figure("recall_at_k.png").numbers
+    assert curve.title == "recall@K (%)" and curve.rows[-1] == [4, 100.0, 100.0]
+    assert "recall@K (%)" not in by_title
     bins = ret.figure("rank_hist.png").numbers[0]
     assert dict((r[0], r[1:]) for r in bins.rows)["1"] == [1, 2]  # rank 1: one t2m, two m2t
     assert dict((r[0], r[1:]) for r in bins.rows)["no correct item"] == [0, 1]
@@ -522,6 +630,7 @@ def _chromium(page: Path, profile: Path) -> tuple[_Dom, list[str]]:
     """The DOM after the page's scripts ran, and the page's console messages."""
     proc = subprocess.run(
         [CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
+         "--window-size=1280,900",  # a laptop screen: the width the by-type tables must fit
          f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
          "--dump-dom", page.resolve().as_uri()],
         capture_output=True, text=True, timeout=120)
@@ -534,8 +643,9 @@ def _chromium(page: Path, profile: Path) -> tuple[_Dom, list[str]]:
 def test_page_in_headless_chromium(reported, page, tmp_path: Path) -> None:
     dom, console = _chromium(page["path"], tmp_path / "profile")
     assert console == []
-    check = dom.all("p", id="page-check")[0]
-    assert json.loads(check["data-errors"]) == [] and check["class"] == "good"
+    [check] = dom.all("div", id="page-check")
+    assert json.loads(check["data-errors"]) == [] and check["data-status"] == "good"
+    assert "hidden" in check and "page check" not in "".join(dom.text)
     expected = _expected_pngs(reported["store"], reported["record"])
     thumbs = 3  # red and blue in the first example, blue as the second's query
     assert int(check["data-images"]) == int(check["data-loaded"]) == len(expected) + thumbs
@@ -546,20 +656,26 @@ def test_page_in_headless_chromium(reported, page, tmp_path: Path) -> None:
     assert int(check["data-tables"]) == len(page["dom"].all("table")) > 20
     assert {a["data-stage"] for a in dom.all("section", **{"class": "stage"})} == \
         set(reported["record"]["stages"])
+    # The by-type tables as laid out: each fits the page's width (no sideways scrolling) with a
+    # bounded number of columns, the widest one (fusion.pretrain's) included.
+    widths = json.loads(check["data-by-type"])
+    assert [w["title"] for w in widths] == [t.title for t in page["report"].by_type]
+    for w in widths:
+        assert 2 <= w["columns"] <= MAX_COLUMNS and 0 < w["width"] <= w["room"], w
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
 def test_headless_check_catches_a_broken_image_and_an_external_url(page, tmp_path: Path) -> None:
     """The harness can fail: an undecodable image and a remote one are both reported."""
     bad = page["text"].replace(
-        '<p id="page-check">',
+        '<div id="page-check"',
         f'<img id="broken" src="data:image/png;base64,AAAA"><img id="remote" src="{EXTERNAL}">'
-        '<p id="page-check">')
+        '<div id="page-check"')
     path = tmp_path / "bad.html"
     path.write_text(bad)
     dom, console = _chromium(path, tmp_path / "profile")
     assert any("Content Security Policy" in ln and "example.invalid" in ln for ln in console)
-    check = dom.all("p", id="page-check")[0]
-    assert check["class"] == "bad" and int(check["data-loaded"]) == int(check["data-images"]) - 2
+    [check] = dom.all("div", id="page-check")
+    assert check["data-status"] == "bad" and int(check["data-loaded"]) == int(check["data-images"]) - 2
     assert dom.all("img", id="broken")[0]["data-ok"] == "0"
     assert dom.all("img", id="remote")[0]["data-ok"] == "0"
