@@ -144,7 +144,9 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, plugin_en
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (store_dir / "artifacts").exists() or len(check_store(store, expected_outputs("C1"))) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before Ctrl-C"
+        if proc.poll() is not None:  # say why: its own output
+            pytest.fail(f"the run ended before Ctrl-C (exit {proc.returncode}): {proc.communicate()}")
+        assert time.monotonic() < deadline, "no two stages finished in time"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     out, err = proc.communicate(timeout=60)
@@ -182,13 +184,16 @@ def test_kill_minus_9_takes_ray_down_with_the_runner(tmp_path: Path, plugin_env:
     pipeline.write_text(PIPELINE.replace("text: F, parts: 2,", f"text: F, parts: 2, wait_for: "
                                          f"{tmp_path / 'never'},"))
     store_dir = tmp_path / "store"
-    proc = subprocess.Popen([STELE, "run", str(pipeline), "--store", str(store_dir), "--no-live"],
-                            env=plugin_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    output = tmp_path / "output.txt"
+    with open(output, "w") as out:
+        proc = subprocess.Popen([STELE, "run", str(pipeline), "--store", str(store_dir), "--no-live"],
+                                env=plugin_env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     deadline = time.monotonic() + 120
     # Wait until stages run: Ray, its agents and stage workers are all up by then.
     while not list((store_dir / "tmp").glob("*")) or len(ArtifactStore(store_dir).keys()) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
+        assert proc.poll() is None, f"the run ended before the kill: {output.read_text()}"
+        assert time.monotonic() < deadline, f"no two stages finished in time: {output.read_text()}"
         time.sleep(0.05)
     assert len(_session_processes(proc.pid)) > 3  # the runner and Ray's processes
     os.kill(proc.pid, signal.SIGKILL)
