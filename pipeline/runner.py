@@ -8,6 +8,7 @@ A failing stage stops its descendants only; everything else still runs.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -91,8 +92,6 @@ def plan(pipeline: Pipeline, store: ArtifactStore, force: list[str] | None = Non
 def key_roots(pipeline: Pipeline) -> dict[str, Any]:
     """The folders that paths in cache keys are written relative to (see
     :mod:`pipeline.fingerprint`): the pipeline file's, ``$STELE_DATA`` and the working directory."""
-    import os
-
     return {"pipeline": pipeline.path.resolve().parent if pipeline.path else None,
             "data": os.environ.get("STELE_DATA"), "cwd": os.getcwd()}
 

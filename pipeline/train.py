@@ -25,6 +25,7 @@ import json
 import os
 import random
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,8 +420,6 @@ class _TensorBoard:
                         session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
 
     def _write(self, **fields: Any) -> None:
-        import time
-
         self.writer.write_event(self.pb.Event(wall_time=time.time(), **fields))
 
     def add(self, row: dict[str, float]) -> None:
