@@ -116,6 +116,9 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs for a local Ray (default max(4, cores))")
     p.add_argument("--no-live", action="store_true", help="print one line per change, no live table")
+    p.add_argument("--mlflow", nargs="?", const=True, metavar="URI",
+                   help="log training stages to MLflow (needs stele[tracking]): URI, or without one "
+                   "$MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db; experiment = the pipeline's name")
     p.add_argument("--pool", action="append", default=[], metavar="NAME=N",
                    help="run at most N stages of pool NAME at a time (overrides the pipeline's "
                    "pools:); repeatable")
@@ -200,7 +203,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
     result = start_run(pipeline, store, force=args.force, until=args.until, verify=args.verify,
                        address=args.address, num_cpus=args.num_cpus, console=console,
-                       live=False if args.no_live else None)
+                       live=False if args.no_live else None, mlflow=args.mlflow)
     print_summary(result, console)
     from .report import report_after_run  # never raises: a report problem is only a warning
 

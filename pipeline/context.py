@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from .errors import StageFailed
 from .registry import Resources, StageType
 from .store import LOG, Artifact, ArtifactStore, now_iso
+from .tracking import MLflowTarget, StageTracking
 
 T = TypeVar("T")
 
@@ -50,6 +51,9 @@ class StageContext:
     state_uri: str                  # resumable state that survives a killed run (checkpoints)
     log: logging.Logger
     metrics: dict[str, Any] = field(default_factory=dict)
+    # The run's MLflow side (``stele run --mlflow``), for training loops: ``fit(..., tracking=
+    # ctx.tracking)``; None when the run logs to TensorBoard only.
+    tracking: StageTracking | None = None
     _progress: Any = None           # the driver's ProgressHub actor, or None
     _last_report: float = 0.0
 
@@ -128,7 +132,8 @@ class _Tee:
 
 def execute_stage(st: StageType, params: dict[str, Any], stage: str, key: str,
                   input_keys: dict[str, str], store_uri: str, resources: dict[str, float],
-                  progress: Any = None, force: bool = False) -> dict[str, Any]:
+                  progress: Any = None, force: bool = False,
+                  mlflow: MLflowTarget | None = None) -> dict[str, Any]:
     """Run one stage and commit its artifact. Never raises: the outcome is returned as plain data so
     the driver reports the stage's own error, not a Ray wrapper around it."""
     store = ArtifactStore(store_uri)
@@ -142,12 +147,13 @@ def execute_stage(st: StageType, params: dict[str, Any], stage: str, key: str,
     with store.lock(key, on_wait=waiting):
         if store.is_complete(key) and not force:  # finished by a concurrent run in the meantime
             return {"status": "cached"}
-        return _run_and_commit(st, params, stage, key, input_keys, store, resources, progress, force)
+        return _run_and_commit(st, params, stage, key, input_keys, store, resources, progress, force,
+                               mlflow)
 
 
 def _run_and_commit(st: StageType, params: dict[str, Any], stage: str, key: str,
                     input_keys: dict[str, str], store: ArtifactStore, resources: dict[str, float],
-                    progress: Any, force: bool) -> dict[str, Any]:
+                    progress: Any, force: bool, mlflow: MLflowTarget | None) -> dict[str, Any]:
     import ray  # a stage runs as a Ray task; its log names the node
 
     work = store.new_work_dir(key)
@@ -162,22 +168,31 @@ def _run_and_commit(st: StageType, params: dict[str, Any], stage: str, key: str,
     log.addHandler(handler)
     root.addHandler(handler)
     failure: tuple[BaseException, str] | None = None
+    ctx: StageContext | None = None
     try:
         with contextlib.redirect_stdout(_Tee(sys.stdout, log_file)), \
                 contextlib.redirect_stderr(_Tee(sys.stderr, log_file)):
             inputs = {role: store.open(k) for role, k in input_keys.items()}
             ctx = StageContext(stage=stage, key=key, out=work, inputs=inputs,
                                resources=Resources(**resources), state_uri=store.state_uri(key),
-                               log=log, _progress=progress)
+                               log=log, _progress=progress,
+                               tracking=mlflow and StageTracking(mlflow, stage, key, st.name, params))
             log.info("stage %s (%s v%s) key %s on %s, ray node %s", stage, st.name, st.version,
                      key, socket.gethostname(), ray.get_runtime_context().get_node_id())
             returned = st.fn(ctx, st.params.model_validate(params))
             if returned:
                 ctx.metrics.update(returned)
+            if ctx.tracking is not None:  # before the commit moves the folder away
+                ctx.tracking.finish(ctx.metrics, work)
         log.info("stage finished in %.3f s", time.perf_counter() - t0)
     except BaseException as e:  # noqa: BLE001 - report any failure, KeyboardInterrupt included
         failure = e, traceback.format_exc()
         log.error("stage failed:\n%s", failure[1])
+        if ctx is not None and ctx.tracking is not None:
+            try:
+                ctx.tracking.finish(None, None)
+            except Exception as te:  # noqa: BLE001 - the stage's own error is the one reported
+                log.error("could not mark the MLflow run failed: %s", te)
     finally:
         log.removeHandler(handler)
         root.removeHandler(handler)

@@ -25,6 +25,7 @@ from .fingerprint import missing_inputs, path_roots, portable
 from .progress import Row, RunDisplay, start_progress_hub
 from .spec import Pipeline
 from .store import ArtifactStore, artifact_key, now_iso
+from .tracking import MLflowTarget
 
 
 @dataclass
@@ -227,15 +228,17 @@ class _DeferredInterrupt:
 
 def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = None,
         until: str | None = None, verify: bool = False, console: Console | None = None,
-        live: bool | None = None, poll_s: float = 0.25) -> RunResult:
+        live: bool | None = None, poll_s: float = 0.25, mlflow: MLflowTarget | None = None) -> RunResult:
     """Execute the pipeline; Ray must already be initialised (see :func:`ray_utils.init_ray`).
-    ``force``, ``until``, ``verify``: as for :func:`plan`."""
+    ``force``, ``until``, ``verify``: as for :func:`plan`. ``mlflow``: where training stages log
+    (:func:`pipeline.tracking.mlflow_target`), or None."""
     import ray
 
     planned = plan(pipeline, store, force, until, verify)
     check_custom_resources(pipeline, [n for n, p in planned.items() if p.action == "run"])
     store.clean_tmp()
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    mlflow = mlflow.for_run(run_id) if mlflow is not None else None
     outcomes = {n: Outcome(n, p.type, p.key, "excluded" if p.action == "excluded" else "pending")
                 for n, p in planned.items()}
     rows = {n: Row(n, p.type) for n, p in planned.items()}
@@ -289,7 +292,7 @@ def run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = N
                             resources=dict(s.resources.custom), name=f"stele:{n}",
                         ).remote(s.type, s.params.model_dump(mode="json"), n, planned[n].key,
                                  {r: planned[up].key for r, up in s.inputs.items()}, store.uri,
-                                 s.resources.model_dump(), hub, planned[n].replace)
+                                 s.resources.model_dump(), hub, planned[n].replace, mlflow)
                         running[ref] = n
                         display.set(n, "running")
                 # The one place a Ctrl-C takes effect: every finished stage is recorded, every stage

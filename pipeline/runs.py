@@ -172,14 +172,20 @@ def plan_run(pipeline: Pipeline, store: ArtifactStore, force: list[str] | None =
 def start_run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | None = None,
               until: str | None = None, verify: bool = False, address: str | None = None,
               num_cpus: int | None = None, console: Console | None = None,
-              live: bool | None = None) -> RunResult:
+              live: bool | None = None, mlflow: str | bool | None = None) -> RunResult:
     """What ``stele run`` does between the spec and the summary: check the store can be written,
     plan (spec errors before Ray starts), start or join Ray when something is to run (``address``
-    / ``$RAY_ADDRESS``, else a local Ray), run, and note the total wall time in the result."""
+    / ``$RAY_ADDRESS``, else a local Ray), run, and note the total wall time in the result.
+    ``mlflow``: a tracking URI, or True for the default (:func:`pipeline.tracking.default_mlflow_uri`);
+    the experiment is the pipeline's name."""
     from .runner import run
+    from .tracking import mlflow_target
 
     store.check_writable()
     planned = plan_run(pipeline, store, force, until, verify)
+    target = None
+    if mlflow and any(p.action == "run" for p in planned.values()):
+        target = mlflow_target(None if mlflow is True else str(mlflow), pipeline.name)
     if any(p.action == "run" for p in planned.values()):  # a fully cached run needs no Ray
         from .ray_utils import init_ray
 
@@ -188,6 +194,7 @@ def start_run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | No
             console.print(f"ray: {info['address']} ({info['resources'].get('CPU', 0):g} CPU, "
                           f"{info['resources'].get('GPU', 0):g} GPU)", style="dim")
     t0 = time.monotonic()
-    result = run(pipeline, store, force=force, until=until, verify=verify, console=console, live=live)
+    result = run(pipeline, store, force=force, until=until, verify=verify, console=console, live=live,
+                 mlflow=target)
     result.wall_s = time.monotonic() - t0
     return result

@@ -25,13 +25,14 @@ import json
 import os
 import random
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+from .tracking import StageTracking, Tracker, copy_events
 
 STATE_FILE = "train_state.json"
 MODEL_FILE = "model.safetensors"
@@ -130,7 +131,7 @@ def _gpu_available() -> bool:
 def fit(train_loop_per_worker: Callable[[dict], None], job: Any,
         train: TrainConfig, *, storage_uri: str, name: str = "train",
         datasets: dict[str, Any] | None = None, progress: Any = None,
-        progress_desc: str = "step") -> "FitResult":
+        progress_desc: str = "step", tracking: StageTracking | None = None) -> "FitResult":
     """Run (or resume) a training loop with Ray Train; returns the final checkpoint and history.
 
     ``job`` is what the loop needs of the stage, typed and frozen (a ``@dataclass(frozen=True)``);
@@ -139,6 +140,8 @@ def fit(train_loop_per_worker: Callable[[dict], None], job: Any,
     call with the same ``storage_uri`` and ``name`` continues from the latest checkpoint instead of
     starting over.
     ``progress`` (``ctx.progress_reporter()``) shows rank 0's steps in the live display.
+    Rank 0 streams every reported row to TensorBoard (under the state) and, when the run asked for
+    MLflow (``tracking=ctx.tracking``), to the stage's MLflow run (:mod:`pipeline.tracking`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -150,8 +153,9 @@ def fit(train_loop_per_worker: Callable[[dict], None], job: Any,
     # references and artifact URIs pickle small). Reported so stages and benchmarks can show it.
     job_bytes = len(cloudpickle.dumps(job))
     tensorboard = f"{storage_uri.rstrip('/')}/{name}-tensorboard"
+    mlflow = tracking.start(f"{storage_uri.rstrip('/')}/{name}") if tracking is not None else None
     config = {"job": job, "_train": train.model_dump(), "_progress": progress,
-              "_progress_desc": progress_desc, "_tensorboard": tensorboard}
+              "_progress_desc": progress_desc, "_tensorboard": tensorboard, "_mlflow": mlflow}
     trainer = _trainer_class(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config=config,
@@ -234,16 +238,8 @@ class FitResult:
 
     def save_tensorboard(self, dest: Path) -> bool:
         """Copy the TensorBoard events rank 0 wrote while training into ``dest`` (an artifact's
-        ``tb/``): the state folder they were streamed to goes when the artifact is committed.
-        Returns False when there are none."""
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(self.tensorboard_uri) if self.tensorboard_uri else (None, "")
-        if fs is None or not fs.exists(path):
-            return False
-        dest.mkdir(parents=True, exist_ok=True)
-        fs.get(path.rstrip("/") + "/", str(dest), recursive=True)
-        return True
+        ``tb/``); False when there are none (:func:`pipeline.tracking.copy_events`)."""
+        return copy_events(self.tensorboard_uri, dest)
 
 
 @dataclass
@@ -297,8 +293,8 @@ class TrainSession:
         self.model = ray.train.torch.prepare_model(
             self.raw_model, parallel_strategy_kwargs=self.ddp_kwargs or None)
         self.device = ray.train.torch.get_device()
-        where = self.config.get("_tensorboard")
-        self._tb = _TensorBoard(where, self.step) if where and self.rank == 0 else None
+        tb, mlflow = self.config.get("_tensorboard"), self.config.get("_mlflow")
+        self._tracker = Tracker(tb, mlflow, self.step) if self.rank == 0 and (tb or mlflow) else None
 
     # -- loop --------------------------------------------------------------------------------
     def steps(self) -> Iterator[int]:
@@ -333,8 +329,8 @@ class TrainSession:
         self.step += 1
         row = {"step": self.step, **{k: float(v) for k, v in metrics.items()}}
         self.history.append(row)
-        if self._tb is not None:
-            self._tb.add(row)
+        if self._tracker is not None:
+            self._tracker.add(row)
         reporter = self.config.get("_progress")
         if reporter is not None and self.rank == 0:
             reporter.update(self.config.get("_progress_desc", "step"), self.step,
@@ -343,8 +339,8 @@ class TrainSession:
                or self.stopped)
         if not due:
             return
-        if self._tb is not None:  # what a checkpoint covers is on TensorBoard's side too
-            self._tb.flush(final=self.step >= self.train.max_steps or self.stopped)
+        if self._tracker is not None:  # what a checkpoint covers is on TensorBoard's side too
+            self._tracker.flush(final=self.step >= self.train.max_steps or self.stopped)
         with tempfile.TemporaryDirectory() as d:
             self._save(Path(d))
             ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -387,54 +383,6 @@ class TrainSession:
             _set_rng_state(torch, torch.load(rng, weights_only=True))
         else:  # a different world size cannot resume per-rank RNG streams: reseed by step
             _seed_all(self.train.seed * 1000 + self.rank + 7919 * self.step)
-
-
-class _TensorBoard:
-    """Rank 0's scalars as TensorBoard events while it trains, under ``<state>/<name>-tensorboard``.
-
-    Every reported metric is a scalar at its step (``loss_mlm`` as ``loss/mlm``, so TensorBoard groups
-    the losses). Events are written synchronously (tensorboardX's ``EventsWriter``; its
-    ``SummaryWriter`` queues them to a thread, and its flush does not wait for the queue, so a
-    worker killed after a checkpoint could lose steps the checkpoint covers) and flushed with every
-    checkpoint. A local store gets them in place, so ``tensorboard --logdir <store>/state`` follows a
-    run live; on an object store they go to a local folder, uploaded at each checkpoint. A resumed
-    run starts a new file whose first event purges the steps after its checkpoint, so the curves show
-    each step once.
-    """
-
-    def __init__(self, uri: str, resumed_step: int):
-        import fsspec
-        from fsspec.implementations.local import LocalFileSystem
-        from tensorboardX.event_file_writer import EventsWriter
-        from tensorboardX.proto import event_pb2
-
-        self.pb = event_pb2
-        self.fs, self.path = fsspec.core.url_to_fs(uri)
-        self.local = isinstance(self.fs, LocalFileSystem)
-        self.dir = self.path if self.local else tempfile.mkdtemp(prefix="stele-tb-")
-        Path(self.dir).mkdir(parents=True, exist_ok=True)
-        # The suffix orders two files of the same second (file names hold seconds) by start step.
-        self.writer = EventsWriter(f"{self.dir}/events", filename_suffix=f".step{resumed_step:09d}")
-        if resumed_step:
-            self._write(step=resumed_step + 1,
-                        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
-
-    def _write(self, **fields: Any) -> None:
-        self.writer.write_event(self.pb.Event(wall_time=time.time(), **fields))
-
-    def add(self, row: dict[str, float]) -> None:
-        from tensorboardX.summary import scalar
-
-        for k, v in row.items():
-            if k != "step":
-                self._write(step=int(row["step"]), summary=scalar(k.replace("loss_", "loss/", 1), v))
-
-    def flush(self, final: bool = False) -> None:
-        self.writer.flush()
-        if not self.local:
-            self.fs.put(self.dir.rstrip("/") + "/", self.path, recursive=True)
-        if final:
-            self.writer.close()
 
 
 def _seed_all(seed: int) -> None:

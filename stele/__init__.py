@@ -57,7 +57,7 @@ def run(pipeline: str | os.PathLike | Pipeline, *, store: str | os.PathLike | Ar
         set: Mapping[str, Any] | None = None, force: Iterable[str] = (),  # noqa: A002 - `--set`
         until: str | None = None, verify: bool = False, pools: Mapping[str, int] | None = None,
         address: str | None = None, num_cpus: int | None = None, quiet: bool = False,
-        report: bool = True) -> RunResult:
+        report: bool = True, mlflow: str | bool | None = None) -> RunResult:
     """Run a pipeline as ``stele run`` does; returns the :class:`~pipeline.runner.RunResult`
     (``outcomes[stage]``: status, key, metrics, wall_s; ``ok``; ``wall_s`` of the whole run).
 
@@ -65,7 +65,8 @@ def run(pipeline: str | os.PathLike | Pipeline, *, store: str | os.PathLike | Ar
     URI or store (default ``$STELE_STORE``, the pipeline's ``store:``, ``./stele-store``).
     ``set``: ``{"stage.param": value}``, values taken as they are (not read as YAML). ``force``,
     ``until``, ``verify``, ``pools`` (``{"train": 2}``), ``address``, ``num_cpus``: as the options
-    of ``stele run``; Ray is started (or joined) only when something is to run. ``quiet``: print
+    of ``stele run``; Ray is started (or joined) only when something is to run. ``mlflow``: log
+    training stages to MLflow (a tracking URI, or True for the default), as ``--mlflow``. ``quiet``: print
     nothing; else progress and the summary, as the command. ``report``: write the HTML report.
     A bad spec raises :class:`SpecError` before anything runs; a failed stage does not raise
     (``result.ok`` is False and its outcome has the error)."""
@@ -86,7 +87,8 @@ def run(pipeline: str | os.PathLike | Pipeline, *, store: str | os.PathLike | Ar
     st = _store(store, spec.store)
     console = Console(soft_wrap=True, emoji=False, quiet=quiet)
     result = start_run(spec, st, force=list(force), until=until, verify=verify, address=address,
-                       num_cpus=num_cpus, console=console, live=False if quiet else None)
+                       num_cpus=num_cpus, console=console, live=False if quiet else None,
+                       mlflow=mlflow)
     print_summary(result, console)
     if report:
         from pipeline.report import report_after_run

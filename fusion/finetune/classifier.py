@@ -83,10 +83,12 @@ class TrainSettings:
 
 def train_classifier(model: Any, examples: Sequence[TaskExample], labels: Sequence[str],
                      params: TrainSettings, device: Any,
-                     progress: Callable[[int, int], None] | None = None) -> tuple[list[dict], float]:
+                     progress: Callable[[int, int], None] | None = None,
+                     on_step: Callable[[dict], None] | None = None) -> tuple[list[dict], float]:
     """AdamW (encoder at ``lr``, head at ``head_lr``), linear warm-up and decay, gradient clipping,
     cross-entropy; ``steps`` optimizer steps or ``epochs`` passes (the last batch of a pass may be
-    smaller). Returns the per-step history and the seconds spent."""
+    smaller). ``on_step`` sees each step's history row as it is made (live tracking). Returns the
+    per-step history and the seconds spent."""
     import torch
     import torch.nn.functional as F
 
@@ -122,6 +124,8 @@ def train_classifier(model: Any, examples: Sequence[TaskExample], labels: Sequen
             step += 1
             history.append({"step": step, "epoch": epoch, "loss": loss.item(),
                             "lr": sched.get_last_lr()[-1]})
+            if on_step is not None:
+                on_step(history[-1])
             if progress is not None:
                 progress(step, total)
         epoch += 1

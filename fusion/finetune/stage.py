@@ -17,6 +17,7 @@ Writes::
                         label distribution per split, counts of examples left out and why
     predictions.parquet example_id, doc_id, split_key, gold, predicted (test split)
     history.json        per optimizer step: loss, lr
+    tb/                 the same as TensorBoard events, streamed while it trained
     finetune.png        training loss and per-label test F1 (numbers: history.json, metrics.json)
 """
 
@@ -27,12 +28,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
+import fsspec
 from pydantic import BaseModel, ConfigDict, Field
 
 from fusion.finetune.classifier import SpanClassifier, TrainSettings, mean_or_none, predict, train_classifier
 from fusion.finetune.encoders import EncoderSource, load_plain, span_encoder_for
 from fusion.finetune.tasks import TaskData, classification_metrics, prepare_task
 from pipeline import Input, StageContext, StageFailed, stage
+from pipeline.tracking import Tracker, copy_events
 
 
 # -------------------------------------------------------------------------------------- the stage
@@ -136,8 +139,25 @@ def finetune(ctx: StageContext, params: FinetuneParams) -> dict:
     ctx.log.info("%s with %r on %s: %d train / %d test examples, %d labels; left out %s",
                  params.task, model, device, len(data.train), len(data.test), len(data.labels),
                  data.left_out)
+    # Live: TensorBoard events under the stage's state (``tensorboard --logdir <store>/state``) and
+    # the MLflow run when asked for, flushed every 50 steps. The loop has no checkpoints: an attempt
+    # starts over, so it drops a killed attempt's events and opens a new MLflow run.
+    tb = f"{ctx.state_uri.rstrip('/')}/finetune-tensorboard"
+    fs, tb_path = fsspec.core.url_to_fs(tb)
+    if fs.exists(tb_path):
+        fs.rm(tb_path, recursive=True)
+    tracker = Tracker(tb, ctx.tracking.start(tb, resume=False) if ctx.tracking else None)
+
+    def on_step(row: dict) -> None:
+        tracker.add(row)
+        if row["step"] % 50 == 0:
+            tracker.flush()
+
     history, train_s = train_classifier(model, data.train, data.labels, TrainSettings.of(params), device,
-                                        progress=lambda s, n: ctx.report_progress("step", s, n))
+                                        progress=lambda s, n: ctx.report_progress("step", s, n),
+                                        on_step=on_step)
+    tracker.flush(final=True)
+    copy_events(tb, ctx.out / "tb")
     preds, eval_s = predict(model, data.test, data.labels, params.eval_batch_size, device)
     m = classification_metrics([ex.label for ex in data.test], preds)
 

@@ -132,7 +132,8 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
                         checkpoint_every=params.checkpoint_every, grad_accum=params.grad_accum,
                         seed=params.seed, precision=params.precision)
     result = fit(train_loop_per_worker, job, train, storage_uri=ctx.state_uri, name="pretrain",
-                 progress=ctx.progress_reporter(), progress_desc="step")
+                 progress=ctx.progress_reporter(), progress_desc="step",
+                 tracking=ctx.tracking)
 
     # The checkpoint holds the loop's wrapper around the recipe's model: keep the model itself.
     from safetensors.torch import load_model, save_model

@@ -109,7 +109,8 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
     ctx.log.info("training %s dim %d on %d triples (%d entities) with %d worker(s)", params.model,
                  params.dim, num_train, num_entities, params.scaling.num_workers)
     result = fit(train_loop_per_worker, job, train_cfg, storage_uri=ctx.state_uri, name="embed",
-                 progress=ctx.progress_reporter(), progress_desc="epoch")
+                 progress=ctx.progress_reporter(), progress_desc="epoch",
+                 tracking=ctx.tracking)
 
     from safetensors.torch import load_file, save_file
 

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from fusion.models.backbone import random_backbone
 from tests.fusion.conftest import write_linked
+from tests.pipeline.test_train import read_scalars
 from fusion.finetune.tasks import LEFT_OUT, classification_metrics, prepare_task
 from fusion.splits import pair_key, split_of
 from fusion.finetune.encoders import SPAN_ENCODERS, span_encoder_for
@@ -360,8 +361,11 @@ def test_plain_backbone_learns_above_chance_and_writes_its_results(tmp_path, art
     assert len(preds) == metrics["test_examples"]
     assert sum(p["gold"] == p["predicted"] for p in preds) / len(preds) == pytest.approx(
         metrics["test_accuracy"])
-    assert len(json.loads((out / "history.json").read_text())) == metrics["steps"]
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == metrics["steps"]
     assert (out / "finetune.png").stat().st_size > 0
+    # streamed to TensorBoard while it trained (under the state), copied into the artifact
+    assert read_scalars(out / "tb")["loss"] == pytest.approx({h["step"]: h["loss"] for h in history})
     assert {f"left_out_{r}" for r in LEFT_OUT[task]} <= set(metrics)   # zeros reported too
     if task == "entity_typing":
         for reason, n in EXPECTED_LEFT_OUT_TYPING.items():

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.tracking import StageTracking, mlflow_target
 from pipeline.train import MODEL_FILE, TrainConfig, TrainSession, fit
 
 
@@ -76,13 +77,14 @@ def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
     return out
 
 
-def _fit(tmp: Path, name: str, max_failures: int, crash_at: int | None, storage: Path | None = None):
+def _fit(tmp: Path, name: str, max_failures: int, crash_at: int | None, storage: Path | None = None,
+         tracking: StageTracking | None = None):
     log = tmp / f"log-{name}"
     log.mkdir(exist_ok=True)
     train = TrainConfig(num_workers=2, use_gpu=False, max_steps=7, checkpoint_every=2,
                         max_failures=max_failures, seed=3)
     res = fit(loop, Job(str(log), crash_at), train,
-              storage_uri=str(storage or tmp / f"storage-{name}"), name="t")
+              storage_uri=str(storage or tmp / f"storage-{name}"), name="t", tracking=tracking)
     return res, log
 
 
@@ -107,12 +109,27 @@ def test_resume_is_exact_after_worker_failure_and_after_a_killed_driver(tmp_path
     retried, log = _fit(tmp_path, "retried", max_failures=1, crash_at=5)
     assert _starts(log) == [0, 0, 4, 4]  # two ranks fresh, then two ranks resumed at step 4
     # 2. The whole run fails (no retries left), as when the pipeline is killed; a new fit() on the
-    #    same storage continues from the latest checkpoint.
+    #    same storage continues from the latest checkpoint. Both attempts log to MLflow, as a stage
+    #    of `stele run --mlflow` does (the engine marks the failed attempt's run FAILED).
     storage = tmp_path / "storage-killed"
+    target = mlflow_target(f"sqlite:///{tmp_path / 'mlflow.db'}", "train-test")
+    first = StageTracking(target, "s", "k", "test", {"lr": 0.05, "train": {"seed": 3}})
     with pytest.raises(Exception, match="simulated worker failure"):
-        _fit(tmp_path, "killed", max_failures=0, crash_at=5, storage=storage)
-    resumed, log = _fit(tmp_path, "killed", max_failures=0, crash_at=5, storage=storage)
+        _fit(tmp_path, "killed", max_failures=0, crash_at=5, storage=storage, tracking=first)
+    first.finish(None, None)
+    second = StageTracking(target, "s", "k", "test", {"lr": 0.05, "train": {"seed": 3}})
+    resumed, log = _fit(tmp_path, "killed", max_failures=0, crash_at=5, storage=storage,
+                        tracking=second)
     assert _starts(log) == [0, 0, 4, 4]
+    # One MLflow run for both attempts: every step once, with the uninterrupted run's values.
+    assert second.run is not None and first.run is not None
+    assert second.run.run_id == first.run.run_id and second.run.logged_step == 4
+    client = first.run.client()
+    losses = client.get_metric_history(first.run.run_id, "loss")
+    assert sorted(m.step for m in losses) == list(range(1, 8))
+    assert {m.step: m.value for m in losses} == pytest.approx(
+        {h["step"]: h["loss"] for h in straight.history})
+    assert client.get_run(first.run.run_id).data.params == {"lr": "0.05", "train.seed": "3"}
 
     # TensorBoard got every step while training (flushed with each checkpoint), and once each
     # after a resume; the stage copies the events into its artifact.
