@@ -96,6 +96,10 @@ def copy_events(uri: str, dest: Path) -> bool:
 
 # -- MLflow -----------------------------------------------------------------------------------
 def _mlflow_client(uri: str) -> Any:
+    if uri.startswith("file:"):
+        # MLflow 3 keeps its file store in maintenance and refuses it unless opted in; a user who
+        # names a file: store has opted in. (Set in every process that logs: rank 0 runs elsewhere.)
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     try:
         from mlflow.tracking import MlflowClient
     except ImportError as e:
@@ -104,8 +108,8 @@ def _mlflow_client(uri: str) -> Any:
 
 
 def default_mlflow_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` when set, else a SQLite database in the current folder (MLflow's
-    own default since 3.x refuses a bare ``./mlruns`` file store unless opted in)."""
+    """``$MLFLOW_TRACKING_URI`` when set, else a SQLite database in the current folder: MLflow 3's
+    own default (a ``file:`` store works when named, see :func:`_mlflow_client`)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 

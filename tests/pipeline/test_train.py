@@ -112,7 +112,7 @@ def test_resume_is_exact_after_worker_failure_and_after_a_killed_driver(tmp_path
     #    same storage continues from the latest checkpoint. Both attempts log to MLflow, as a stage
     #    of `stele run --mlflow` does (the engine marks the failed attempt's run FAILED).
     storage = tmp_path / "storage-killed"
-    target = mlflow_target(f"sqlite:///{tmp_path / 'mlflow.db'}", "train-test")
+    target = mlflow_target((tmp_path / "mlruns").as_uri(), "train-test")  # a local file: store
     first = StageTracking(target, "s", "k", "test", {"lr": 0.05, "train": {"seed": 3}})
     with pytest.raises(Exception, match="simulated worker failure"):
         _fit(tmp_path, "killed", max_failures=0, crash_at=5, storage=storage, tracking=first)
