@@ -32,10 +32,21 @@ triples.
 An epoch is one :class:`~pipeline.train.TrainSession` step, each worker on a disjoint shard of a
 seeded permutation of the training triples; every ``eval_every`` epochs rank 0 computes the filtered
 validation MRR, and ``patience`` evaluations without improvement stop the run with the best weights.
-DDP all-reduces every table's dense gradient at every step,
-``(num_entities + num_relations) * dim * 4`` bytes per worker: fine up to a few million parameters
-on CPU; beyond that, partition the entity table (PyTorch-BigGraph style) instead (BENCHMARKS.md,
-"DDP cost of KG embeddings").
+With the dense optimisers (``adam``, ``adagrad``) DDP all-reduces every table's dense gradient at
+every step, ``(num_entities + num_relations) * dim * 4`` bytes per worker, and the optimiser walks
+every row of every table: fine up to a few million parameters on CPU (BENCHMARKS.md, "DDP cost of KG
+embeddings").
+
+**Sparse row updates** (``sparse_adam``, ``rowwise_adagrad``): the model is built with row-sparse
+gradients (:func:`knowledge.models.build_model` ``sparse=True``): a step reads the rows its batch
+looks up (``U <= B (2 + k)`` entity rows), each table's gradient is a sparse COO tensor over those
+rows, and the optimiser (:class:`SparseAdam`, :class:`RowAdagrad`) updates only them; TransE's
+projection re-projects only them. A step's cost then follows the batch, not the table
+(``bench/kge_scale.py``). With several workers, DDP sends those gradients through its sparse
+all-reduce (``nn.Embedding(sparse=True)`` parameters; on gloo every rank all-gathers every rank's
+``(indices, rows)`` and sums them in rank order), so what travels is ``O(U d)`` per worker and every
+rank applies the same summed gradient to the same table: the tables stay identical. Weight decay
+with a sparse optimiser decays only the rows a step updates (lazily, as the regulariser does).
 """
 
 from __future__ import annotations
@@ -52,6 +63,151 @@ from .kg import read_triples
 from .models import corruption_triples
 
 DEFAULT_LOSS = {"transe": "margin", "distmult": "bce", "complex": "bce", "rotate": "self_adversarial"}
+#: optimisers over row-sparse gradients (only the rows a batch touches are read and updated)
+SPARSE_OPTIMIZERS = ("sparse_adam", "rowwise_adagrad")
+OPTIMIZERS = ("adam", "adagrad") + SPARSE_OPTIMIZERS
+
+
+def _row_gradient(p: torch.Tensor, grad: torch.Tensor,
+                  weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row-sparse gradient of the ``(n, d)`` parameter ``p`` as ``(rows (U,), values (U, d))``,
+    each row once (coalesced: the updates are non-linear in ``g``), plus ``weight_decay * p`` on
+    those rows only."""
+    if not grad.is_sparse:
+        raise RuntimeError("a sparse optimiser needs row-sparse gradients: build the model with "
+                           "sparse=True (knowledge.models.build_model)")
+    grad = grad.coalesce()
+    rows, values = grad._indices()[0], grad._values()
+    if weight_decay:
+        values = values.add(p.index_select(0, rows), alpha=weight_decay)
+    return rows, values
+
+
+class RowAdagrad(torch.optim.Optimizer):
+    """Row-wise Adagrad, PyTorch-BigGraph's optimiser for embedding tables (Lerer et al. 2019,
+    "PyTorch-BigGraph: A Large-scale Graph Embedding System", SysML;
+    ``torchbiggraph/row_adagrad.py``, facebookresearch/PyTorch-BigGraph@be2e21a): one accumulator
+    per row of an ``(n, d)`` table instead of one per number. For each row ``i`` of a step's
+    gradient ``g`` ((n, d): row-sparse, or dense, every row)::
+
+        G_i <- G_i + mean_j g_ij^2            G: (n,), from 0
+        w_i <- w_i - lr * g_i / (sqrt(G_i) + eps)
+
+    Its state is ``n`` floats per table (Adam's is ``2 n d``), and a sparse gradient's update reads
+    and writes only its ``U`` rows. ``weight_decay`` adds ``weight_decay * w_i`` to ``g_i`` for the
+    rows a step updates only (PBG refuses weight decay with sparse gradients; decaying every row
+    would make the step dense again). ``eps = 1e-10``, PBG's constant, added after the root.
+    """
+
+    def __init__(self, params: Any, lr: float = 0.01, eps: float = 1e-10, weight_decay: float = 0.0):
+        if lr <= 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"invalid RowAdagrad setting: lr={lr}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"RowAdagrad updates (n, d) tables, got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["sum"] = p.new_zeros(p.shape[0])                          # (n,)
+                acc = state["sum"]
+                if p.grad.is_sparse:
+                    rows, g = _row_gradient(p, p.grad, wd)                          # (U,), (U, d)
+                    if not len(rows):
+                        continue
+                    delta = (g * g).mean(1)                                         # (U,)
+                    acc.index_add_(0, rows, delta)
+                    std = acc.index_select(0, rows).sqrt_().add_(eps).unsqueeze(1)  # (U, 1)
+                    p.index_add_(0, rows, g.mul(-lr).div_(std))
+                else:
+                    g = p.grad.add(p, alpha=wd) if wd else p.grad
+                    acc.add_((g * g).mean(1))
+                    p.addcdiv_(g, acc.sqrt().add_(eps).unsqueeze(1), value=-lr)
+        return loss
+
+
+class SparseAdam(torch.optim.Optimizer):
+    """Adam with lazy moments, ``torch.optim.SparseAdam``'s semantics and arithmetic (bit for bit on
+    the same gradients; Kingma & Ba 2015 for Adam): for the rows ``i`` of a step's row-sparse
+    gradient ``g`` only, with ``t`` the steps this table took (one counter per table, as torch's)::
+
+        m_i <- b1 m_i + (1 - b1) g_i          v_i <- b2 v_i + (1 - b2) g_i^2      m, v: (n, d)
+        w_i <- w_i - lr sqrt(1 - b2^t) / (1 - b1^t) * m_i / (sqrt(v_i) + eps)
+
+    Rows outside the batch keep their moments and weights (dense Adam moves every row on its stale
+    momentum at every step). torch's version goes through ``sparse_mask`` and sparse additions;
+    this one through ``index_select`` / ``index_add_`` on the ``U`` coalesced rows, which stays
+    ``O(U d)`` whatever the table's size. ``weight_decay`` (torch's has none) adds
+    ``weight_decay * w_i`` to ``g_i`` for the rows a step updates only.
+    """
+
+    def __init__(self, params: Any, lr: float = 0.001, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0):
+        if lr <= 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid SparseAdam setting: lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
+                                  "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        import math
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)                          # (n, d)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                rows, g = _row_gradient(p, p.grad, wd)                              # (U,), (U, d)
+                if not len(rows):
+                    continue
+                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                # torch's order of operations: old += (1 - b) (new - old), the new moment rebuilt
+                # from the update and the old rows rather than read back
+                old_m, old_v = m.index_select(0, rows), v.index_select(0, rows)    # (U, d)
+                upd_m = g.sub(old_m).mul_(1 - b1)
+                m.index_add_(0, rows, upd_m)
+                upd_v = g.pow(2).sub_(old_v).mul_(1 - b2)
+                v.index_add_(0, rows, upd_v)
+                numer = upd_m.add_(old_m)
+                denom = upd_v.add_(old_v).sqrt_().add_(eps)
+                step_size = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+                p.index_add_(0, rows, -step_size * numer.div_(denom))
+        return loss
+
+
+def make_optimizer(name: str, params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The optimiser ``name`` (:data:`OPTIMIZERS`) over ``params``: torch's dense ``Adam`` /
+    ``Adagrad``, or :class:`SparseAdam` / :class:`RowAdagrad` (:data:`SPARSE_OPTIMIZERS`), which
+    need a model built with ``sparse=True``."""
+    classes = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad,
+               "sparse_adam": SparseAdam, "rowwise_adagrad": RowAdagrad}
+    if name not in classes:
+        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(classes)}")
+    return classes[name](params, lr=lr, weight_decay=weight_decay)
 
 
 def bernoulli_head_prob(train: np.ndarray, num_relations: int) -> torch.Tensor:
@@ -137,14 +293,18 @@ def lp_regularization(model: torch.nn.Module, pos: torch.Tensor, neg: torch.Tens
     rel = [getattr(m, n).weight for n in ("rel_emb", "rel_emb_im") if hasattr(m, n)]
     d = m.hidden_channels
     expected = (2 ** (p / 2) * math.gamma((p + 1) / 2) / math.sqrt(math.pi) * d) ** (1 / p)
+    # a model with row-sparse gradients (sparse optimisers) looks its rows up as nn.Embedding(sparse)
+    # does, so the penalty's gradient is row-sparse too
+    sparse = m.node_emb.sparse
 
     def norms(tables: list[torch.Tensor], idx: torch.Tensor | None = None) -> torch.Tensor:
-        rows = [w if idx is None else w.index_select(0, idx) for w in tables]
+        rows = [w if idx is None else F.embedding(idx, w, sparse=True) if sparse
+                else w.index_select(0, idx) for w in tables]
         return sum(x.abs().pow(p).sum(-1) for x in rows) ** (1 / p)
 
     def term(tables: list[torch.Tensor], cols: tuple[int, ...]) -> torch.Tensor:
         lookups = [batch[:, c] for batch in (pos, neg) for c in cols]
-        if len(tables[0]) <= len(pos):
+        if len(tables[0]) <= len(pos) and not sparse:
             # a table no larger than the batch (small graphs): its norms once, weighted by how
             # often each row is looked up (a dozen autograd ops instead of a gather per lookup)
             weights = sum(torch.bincount(i, minlength=len(tables[0])).to(tables[0].dtype) / i.numel()
@@ -170,11 +330,15 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train:
     """One pass over ``train[order]`` ((n, 3) triples, on the model's device) in batches of
     ``batch_size`` positives, each with ``negatives`` corruptions; one optimiser step per batch,
     on the loss plus ``regularization`` x :func:`lp_regularization`. Returns the mean batch loss
-    (regulariser included)."""
+    (regulariser included). A model with row-sparse gradients (``sparse=True``, for the sparse
+    optimisers) has them coalesced before the step, and its constraint re-applied to the rows the
+    step updated only."""
     model.train()
     inner = getattr(model, "module", model)  # DDP-wrapped
     # a constrained model (TransE with projected entities) is projected after every step
     constrain = getattr(inner, "apply_constraints", None)
+    sparse = inner.node_emb.sparse
+    params = [q for q in inner.parameters() if q.requires_grad] if sparse else []
     # a model that scores a batch of corruptions itself (TransE: from per-positive parts) gets them
     # as drawn, others the triples they stand for
     fused = getattr(inner, "scores_corruptions", False)
@@ -196,9 +360,17 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train:
             value = value + regularization * lp_regularization(model, pos, neg, regularization_p)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
+        if sparse:
+            # Coalesced once here (sorted distinct rows, duplicates summed), so the optimiser's
+            # own coalesce is free and the constraint knows which entity rows moved.
+            for q in params:
+                if q.grad is not None and q.grad.is_sparse:
+                    q.grad = q.grad.coalesce()
         optimizer.step()
-        if constrain is not None:
+        if constrain is not None and not sparse:
             constrain()
+        elif constrain is not None and inner.node_emb.weight.grad is not None:
+            constrain(inner.node_emb.weight.grad._indices()[0])  # the rows this step moved
         total += value.detach()  # summed on the device: no host sync per step on a GPU
         batches += 1
     return total.item() / max(batches, 1)
@@ -224,7 +396,7 @@ class EmbedJob:
     adversarial_temperature: float
     negatives: int
     batch_size: int
-    optimizer: str                   # adam | adagrad
+    optimizer: str                   # adam | adagrad | sparse_adam | rowwise_adagrad
     lr: float
     weight_decay: float
     regularization: float
@@ -248,10 +420,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     job: EmbedJob = config["job"]
     torch.set_num_threads(job.threads_per_worker)
     torch.manual_seed(job.seed)  # the same initial weights on every rank
-    model = build_model(job.model, job.num_entities, job.num_relations, job.dim, **job.model_kwargs)
+    # the sparse optimisers need row-sparse gradients; the initial weights are the same either way
+    sparse = job.optimizer in SPARSE_OPTIMIZERS
+    model = build_model(job.model, job.num_entities, job.num_relations, job.dim,
+                        **job.model_kwargs, **({"sparse": True} if sparse else {}))
     init_embeddings(model, job.init)
-    opt_cls = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}[job.optimizer]
-    optimizer = opt_cls(model.parameters(), lr=job.lr, weight_decay=job.weight_decay)
+    optimizer = make_optimizer(job.optimizer, model.parameters(), job.lr, job.weight_decay)
     session = TrainSession(model, optimizer, None, config)
     rank, world = session.rank, session.world_size
 

@@ -10,6 +10,14 @@ forward under autograd: ``bench/kge_step.py``, BENCHMARKS.md). TransE also score
 training batch of positives and their corruptions from per-positive parts
 (:func:`_corruption_distance`, ``forward(..., corruptions=)``).
 
+Row-sparse gradients (``build_model(..., sparse=True)``, PyG's ``sparse`` flag on every
+``nn.Embedding``): a training step then reads only the rows its batch looks up and gives each table
+a sparse COO gradient over those rows, so its cost follows the batch, not the table, with the row-wise
+optimisers of :mod:`knowledge.embed`. DistMult and ComplEx get that from PyG's forward itself
+(``nn.Embedding(sparse=True)`` lookups). TransE and RotatE gather the batch's distinct rows first
+(:func:`_batch_rows`) and run the same fused distances on those ``(U, d)`` rows, whose dense gradient
+autograd's embedding backward turns into the table's sparse one.
+
 An embedding artifact holds ``model.json`` (``{"model": name, "kwargs": {...}}``, enough to rebuild
 the module) and ``model.safetensors`` (its state dict).
 """
@@ -111,6 +119,29 @@ def _translation_distance() -> type:
             return g_head, g_rel, g_tail, None, None, None, None
 
     return TranslationDistance
+
+
+def _batch_rows(tables: list[Any], *indices: Any) -> tuple[list[Any], list[Any]]:
+    """The rows of each ``(n, d)`` table in ``tables`` that ``indices`` (any shapes, one index space)
+    look up, each row once: ``([(U, d) per table], [each index tensor renumbered into 0..U-1])``.
+
+    The rows come through ``F.embedding(..., sparse=True)``, so the gradient a table receives is a
+    sparse COO tensor of its shape with the ``U`` distinct rows as its indices (``U`` rows, not
+    one per lookup), and whatever runs on the rows (a fused distance, a normalisation) allocates ``(U, d)``
+    buffers instead of ``(n, d)`` ones. ``torch.unique`` sorts the ``L`` lookups, ``O(L log L)``
+    whatever ``n`` (a dense gradient is ``O(n d)``).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    flat = torch.cat([i.reshape(-1) for i in indices])
+    uniq, inv = torch.unique(flat, return_inverse=True)
+    rows = [F.embedding(uniq, w, sparse=True) for w in tables]                   # (U, d) each
+    out, at = [], 0
+    for i in indices:
+        out.append(inv[at:at + i.numel()].view(i.shape))
+        at += i.numel()
+    return rows, out
 
 
 def corruption_triples(pos: Any, entities: Any, new_head: Any) -> Any:
@@ -239,15 +270,21 @@ def _transe() -> type:
             super().reset_parameters()
             self.apply_constraints()
 
-        def apply_constraints(self) -> None:
-            """Project the entity vectors onto the unit ``entity_norm``-sphere (projected mode)."""
+        def apply_constraints(self, rows: Any = None) -> None:
+            """Project the entity vectors onto the unit ``entity_norm``-sphere (projected mode):
+            all of them, or only ``rows`` (distinct indices: the rows a sparse step updated; the
+            others are on the sphere already and stay bit for bit as they are)."""
             if self.project:
                 import torch
                 import torch.nn.functional as F
 
                 with torch.no_grad():
                     w = self.node_emb.weight
-                    w.copy_(F.normalize(w, p=self.entity_norm, dim=-1))
+                    if rows is None:
+                        w.copy_(F.normalize(w, p=self.entity_norm, dim=-1))
+                    else:
+                        w.index_copy_(0, rows, F.normalize(w.index_select(0, rows),
+                                                           p=self.entity_norm, dim=-1))
 
         #: ``forward`` takes ``corruptions=`` (``knowledge.embed.train_epoch`` checks this)
         scores_corruptions = True
@@ -260,6 +297,8 @@ def _transe() -> type:
             import torch
             import torch.nn.functional as F
 
+            if self.node_emb.sparse:
+                return self._forward_rows(head_index, rel_type, tail_index, corruptions)
             table, p = self.node_emb.weight, self.p_norm
             if corruptions is not None:
                 pos = torch.stack([head_index, rel_type, tail_index], 1)
@@ -286,6 +325,30 @@ def _transe() -> type:
                 return _translation_distance().apply(head, self.rel_emb.weight, tail, h,
                                                       rel_type, t, int(p))
             return -((head[h] + self.rel_emb(rel_type)) - tail[t]).norm(p=p, dim=-1)
+
+        def _forward_rows(self, head_index, rel_type, tail_index, corruptions):  # noqa: ANN001, ANN202
+            """``forward`` with row-sparse gradients: the same scores from the ``U`` distinct
+            entity rows and ``V`` distinct relation rows the batch looks up (:func:`_batch_rows`),
+            each table's gradient a sparse tensor over those rows. PyG's model normalises just
+            those ``U`` rows (as the dense path does for a large table)."""
+            import torch
+            import torch.nn.functional as F
+
+            p = self.p_norm
+            ent_idx = (head_index, tail_index) + ((corruptions[0],) if corruptions is not None else ())
+            (ent,), (h, t, *e) = _batch_rows([self.node_emb.weight], *ent_idx)         # (U, d)
+            (rel,), (r,) = _batch_rows([self.rel_emb.weight], rel_type)                # (V, d)
+            if not self.project:
+                ent = F.normalize(ent, p=p, dim=-1)
+            if corruptions is not None:
+                pos = torch.stack([h, r, t], 1)
+                if p == 1.0:
+                    return _corruption_distance().apply(ent, rel, pos, e[0], corruptions[1])
+                batch = torch.cat([pos, corruption_triples(pos, e[0], corruptions[1])])
+                h, r, t = batch.unbind(1)
+            if p in (1.0, 2.0):
+                return _translation_distance().apply(ent, rel, ent, h, r, t, int(p))
+            return -((ent[h] + rel[r]) - ent[t]).norm(p=p, dim=-1)
 
     return SteleTransE
 
@@ -358,9 +421,11 @@ def _rotate() -> type:
         """PyG's RotatE (``margin - ||h o r - t||``), scored through :func:`_rotation_distance`."""
 
         def forward(self, head_index, rel_type, tail_index):  # noqa: ANN001, ANN201
-            theta = self.rel_emb.weight
-            dist = _rotation_distance().apply(self.node_emb.weight, self.node_emb_im.weight,
-                                              torch.cos(theta), torch.sin(theta),
+            re, im, theta = self.node_emb.weight, self.node_emb_im.weight, self.rel_emb.weight
+            if self.node_emb.sparse:  # row-sparse gradients: only the rows the batch looks up
+                (re, im), (head_index, tail_index) = _batch_rows([re, im], head_index, tail_index)
+                (theta,), (rel_type,) = _batch_rows([theta], rel_type)
+            dist = _rotation_distance().apply(re, im, torch.cos(theta), torch.sin(theta),
                                               head_index, rel_type, tail_index)
             return self.margin - dist
 
@@ -369,6 +434,9 @@ def _rotate() -> type:
 
 def build_model(name: str, num_entities: int, num_relations: int, dim: int, **kwargs: Any):
     """``build_model("rotate", 104, 25, 128, margin=9.0)`` -> a PyG KGE module.
+
+    ``sparse=True`` (PyG's flag): every table gets row-sparse gradients (see the module doc), for
+    :mod:`knowledge.embed`'s sparse optimisers; a training setting, not part of the saved model.
 
     ``build_model("transe", ..., entity_norm=2.0)``: TransE with entities projected onto the unit
     L2 sphere after every step, whatever its distance norm (the paper's and PyKEEN's model);

@@ -46,9 +46,16 @@ class EmbedParams(BaseModel):
     negatives: int = Field(default=16, ge=1, description="corruptions per positive triple")
     corruption: Literal["uniform", "bernoulli"] = "uniform"
     batch_size: int = Field(default=256, ge=1)
-    optimizer: Literal["adam", "adagrad"] = "adam"
+    optimizer: Literal["adam", "adagrad", "sparse_adam", "rowwise_adagrad"] = Field(
+        default="adam", description="adam, adagrad: torch's, dense: every step updates (and with "
+        "several workers all-reduces) every row of every table, cost grows with the graph; "
+        "sparse_adam (torch SparseAdam's lazy moments) and rowwise_adagrad (PyTorch-BigGraph's, "
+        "one accumulator per row): only the rows a batch looks up are read, updated and exchanged "
+        "between workers, cost follows the batch (the choice for large graphs; rowwise_adagrad "
+        "also keeps 1 float per row of state instead of Adam's 2 per number)")
     lr: float = Field(default=0.01, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0, description="L2 weight decay; with a sparse "
+                                "optimizer applied to the rows each step updates only")
     regularization: float = Field(
         default=0.0, ge=0, description="weight of the Lp penalty on the embeddings each batch looks "
                                        "up (PyKEEN's LpRegularizer; its ComplEx uses 0.01)")
