@@ -7,10 +7,12 @@ one text of one item with that item's media: an image and each of its captions, 
 its transcript. Items whose media was rejected have no features and give no pair; they are counted
 (``items_without_features``), as are items without any text.
 
-The train/test split is by media item (:mod:`fusion.splits`, the unit's key is the item id): the
-same item is held out in pretraining and in evaluation, and a caption never trains while its image
-is tested; the ``fusion.retrieval`` stage reads the model's ``held_out_share`` and ``split_seed`` so
-both sides agree without the user repeating them.
+The split is by media item (:class:`fusion.splits.MediaSplit`): the dataset's own split where the
+items carry one (``meta["split"]``: Karpathy's ``test`` is its 1k / 5k test set), else stele's hash
+split of the item id. The same item is held out in pretraining and in evaluation, and a caption
+never trains while its image is tested; the ``fusion.retrieval`` stage reads the model's
+``held_out_share``, ``split_seed`` and ``split_source`` (:func:`split_source_for`) so both sides
+agree without the user repeating them. The counts say which split was used (``split_source``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from fusion.splits import Split, in_split
+from pipeline import StageFailed
+
+from fusion.splits import MediaSplit, SplitSource
 
 
 @dataclass
@@ -101,16 +105,32 @@ class Captions:
     bank: MediaBank | None = None
 
 
-def load_pairs(path: str | Path, split: Split = "all", held_out_share: float = 0.0,
+def load_pairs(path: str | Path, split: str = "all", held_out_share: float = 0.0,
                split_seed: int = 0, max_regions: int | None = None,
-               limit: int | None = None) -> tuple[MediaBank, Captions, dict[str, Any]]:
+               limit: int | None = None, split_source: SplitSource = "dataset"
+               ) -> tuple[MediaBank, Captions, dict[str, Any]]:
     """The media of one split and their captions, plus counts for the manifest, in the order the
     dataset listed the items (``items.parquet``), so that two runs over the same items train and
-    rank alike. ``limit`` keeps the first N media items of the split."""
-    items = pq.read_table(Path(path) / "items.parquet", columns=["id", "texts"])
-    texts_of = dict(zip(items["id"].to_pylist(), items["texts"].to_pylist()))
+    rank alike. ``limit`` keeps the first N media items of the split.
+
+    ``split``: ``all``, or a split name: the dataset's own (``train``, ``val``, ``test``, ...) where
+    the items carry one and ``split_source`` is ``"dataset"``, else the hash split's ``train`` /
+    ``test`` (``held_out_share``, ``split_seed``). A name that can select nothing (not among the
+    dataset's splits; ``val`` under the hash split) is a :class:`~pipeline.StageFailed` naming the
+    artifact and the splits it has."""
+    from fusion.compat import artifact_name
+
+    items = pq.read_table(Path(path) / "items.parquet", columns=["id", "texts", "meta"])
+    ids = items["id"].to_pylist()
+    texts_of = dict(zip(ids, items["texts"].to_pylist()))
+    splits = MediaSplit.of_listing(ids, items["meta"].to_pylist(), held_out_share, split_seed,
+                                   split_source)
+    try:
+        splits.check(split, f"features artifact {artifact_name(path)}")
+    except ValueError as e:
+        raise StageFailed(str(e)) from None
     featured = set(feature_ids(path))
-    chosen = [i for i in texts_of if i in featured and in_split(i, split, held_out_share, split_seed)]
+    chosen = [i for i in texts_of if i in featured and splits.contains(i, split)]
     if limit is not None:
         chosen = chosen[:limit]
     bank = MediaBank.load(path, chosen, max_regions)
@@ -124,10 +144,34 @@ def load_pairs(path: str | Path, split: Split = "all", held_out_share: float = 0
             caps.texts.append(t)
             caps.media.append(m)
     counts = {"items_listed": items.num_rows, "items_with_features": len(featured),
-              "items_without_features": items.num_rows - len(featured),
+              "items_without_features": items.num_rows - len(featured), **splits.counts(),
               f"{split}_items": len(bank), f"{split}_items_without_text": without_text,
               f"{split}_texts": len(caps.texts)}
     return bank, caps, counts
+
+
+def split_source_for(model_dir: str | Path, recipe: dict[str, Any], media_dir: str | Path
+                     ) -> SplitSource:
+    """The ``split_source`` to evaluate a ``fusion.pretrain`` model with on a feature artifact, so
+    that no item it trained on is tested: the model's own (``options.split_source``) on the artifact
+    it was trained on, the dataset's own split where there is one on any other artifact. A model
+    pretrained before the datasets' splits were used (no ``split_source`` in ``recipe.json``) trained
+    on the hash split. Which artifact it trained on: ``recipe.json``'s ``features.media.key``, else
+    the model artifact's manifest; when neither is known, the model's own."""
+    import json
+
+    trained = (recipe.get("options") or {}).get("split_source", "hash")
+    if trained == "dataset":
+        return "dataset"
+
+    def manifest(folder: str | Path) -> dict[str, Any]:
+        f = Path(folder) / "manifest.json"
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+    on = ((recipe.get("features") or {}).get("media") or {}).get("key") or \
+        manifest(model_dir).get("inputs", {}).get("media")
+    here = manifest(media_dir).get("key")
+    return "dataset" if on and here and on != here else trained
 
 
 def feature_ids(path: str | Path) -> list[str]:
@@ -138,18 +182,20 @@ def feature_ids(path: str | Path) -> list[str]:
             for i in pq.read_table(shard, columns=["id"])["id"].to_pylist()]
 
 
-def load_media_pairs(query_path: str | Path, media_path: str | Path, split: Split = "all",
+def load_media_pairs(query_path: str | Path, media_path: str | Path, split: str = "all",
                      held_out_share: float = 0.0, split_seed: int = 0, key: str = "base_id",
-                     max_regions: int | None = None, limit: int | None = None
+                     max_regions: int | None = None, limit: int | None = None,
+                     split_source: SplitSource = "dataset"
                      ) -> tuple[MediaBank, Captions, dict[str, Any]]:
     """Media queries for media items: each item of the query artifact (e.g. ``speech.features`` of
     ``spoken_captions``) whose ``meta[key]`` names an item of the media artifact (``base_id``: the
-    image whose caption was spoken) is a query for that item. The split is the *media* item's,
-    so a held-out image's spoken captions are held out with it. Queries whose
+    image whose caption was spoken) is a query for that item. The split is the *media* item's
+    (:func:`load_pairs`), so a held-out image's spoken captions are held out with it. Queries whose
     key is missing or names no media item with features are counted, never silently dropped."""
     import json
 
-    bank, _, counts = load_pairs(media_path, split, held_out_share, split_seed, max_regions, limit)
+    bank, _, counts = load_pairs(media_path, split, held_out_share, split_seed, max_regions, limit,
+                                 split_source)
     index = {m: i for i, m in enumerate(bank.ids)}
     items = pq.read_table(Path(query_path) / "items.parquet", columns=["id", "texts", "meta"])
     featured = set(feature_ids(query_path))

@@ -204,6 +204,17 @@ def text_list(value: Any) -> list[str] | None:
     return None
 
 
+def split_conflict(item: Item, meta: dict[str, Any]) -> str | None:
+    """Why a further record of ``item`` (a captions file's row naming the same file) cannot add to
+    it: it gives another ``split`` than the item's first record did (an item is in one split, and
+    a silent choice could put a test image into training). None when it can."""
+    first, this = (str(m.get("split") or "").strip() for m in (item.meta, meta))
+    if first == this:
+        return None
+    return (f"split {this or '(none)'!r} differs from {first or '(none)'!r} given for this file at "
+            f"{item.where}")
+
+
 def unique_ids(items: Iterator[Item], q: Quarantine) -> Iterator[Item]:
     """Items with ids not seen before: ids name features and texts downstream, so a repeat would
     silently merge two pieces of media. Each repeat goes to ``q`` as ``duplicate id``."""

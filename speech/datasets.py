@@ -38,7 +38,7 @@ from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from pipeline.datasets import (AudioClip, DatasetError, HFDataset, Item, MediaDataset, build_dataset,
                                dataset, hf_items, open_hf_dataset, read_media, read_records,
-                               unique_ids)
+                               split_conflict, unique_ids)
 from pipeline.quarantine import Quarantine
 from pipeline.readers import read_lines
 from pipeline.uris import InputURI, URIPath, file_checker, input_path
@@ -73,6 +73,9 @@ class AudioFolder(MediaDataset):
 
     Item id = the file as the transcript writes it (the Sphinx file id, or the normalised relative
     path); texts = the transcripts of that file in file order; media = the path relative to ``root``.
+    A ``split`` column (CSV, TSV, JSONL; optional) is the file's split, ``meta["split"]``, which the
+    fusion stages use instead of their hash split; a later row giving the same file another split
+    is quarantined. Other columns are not kept.
     """
 
     modality: ClassVar[str] = "audio"
@@ -135,23 +138,28 @@ class AudioFolder(MediaDataset):
         records = self._sphinx(path, q) if fmt == "sphinx" else self._table(path, fmt, q)
         found: dict[str, Item] = {}
         missing: set[str] = set()
-        for where, item_id, media, texts in records:
+        for where, item_id, media, texts, meta in records:
             if media in missing or (media not in found and not exists(media)):
                 missing.add(media)
                 q.bad(where, "audio file not found", str(root / media))
                 continue
-            found.setdefault(media, Item(id=item_id, media=media, where=where)).texts += texts
+            if media in found and (conflict := split_conflict(found[media], meta)):
+                q.bad(where, conflict, media)
+                continue
+            found.setdefault(media, Item(id=item_id, media=media, meta=meta,
+                                         where=where)).texts += texts
         yield from found.values()
 
     def _table(self, path: Path | URIPath, fmt: str, q: Quarantine
-               ) -> Iterator[tuple[str, str, str, list[str]]]:
-        """CSV, TSV or JSONL records; the item id is the normalised path, other columns are unused."""
-        for where, rel, texts, _ in read_records(path, fmt, self.file_column, self.text_column, q,
-                                                 params="file_column / text_column"):
-            yield where, rel, rel, texts
+               ) -> Iterator[tuple[str, str, str, list[str], dict[str, Any]]]:
+        """CSV, TSV or JSONL records; the item id is the normalised path; of the other columns only
+        ``split`` is kept (the meta)."""
+        for where, rel, texts, other in read_records(path, fmt, self.file_column, self.text_column,
+                                                     q, params="file_column / text_column"):
+            yield where, rel, rel, texts, {"split": other["split"]} if "split" in other else {}
 
     def _sphinx(self, path: Path | URIPath, q: Quarantine
-                ) -> Iterator[tuple[str, str, str, list[str]]]:
+                ) -> Iterator[tuple[str, str, str, list[str], dict[str, Any]]]:
         for no, line in read_lines(path, q):
             if not line.strip():
                 continue
@@ -161,7 +169,7 @@ class AudioFolder(MediaDataset):
                 q.bad(where, "expected '<s> text </s> (fileid)'", line.rstrip("\r\n"))
                 continue
             text = " ".join(_SPHINX_MARKS.sub("", m["text"]).split())
-            yield where, m["id"], m["id"] + self.extension, [text]
+            yield where, m["id"], m["id"] + self.extension, [text], {}
 
 
 @dataset("hf_audio")

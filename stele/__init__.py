@@ -122,14 +122,16 @@ def load(store: str | os.PathLike | ArtifactStore | None, name: str, *, run: str
     return loader(art.path)
 
 
-def evaluate_retrieval(model: str | os.PathLike, media: str | os.PathLike, *,
+def evaluate_retrieval(model: str | os.PathLike | None = None, media: str | os.PathLike | None = None, *,
                        store: str | os.PathLike | ArtifactStore | None = None,
                        first_stage: str | os.PathLike | None = None,
                        queries: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
                        run: str | None = None, **params: Any) -> RetrievalResult:
     """``stele eval retrieval``: the ``fusion.retrieval`` protocol on existing artifacts (stage
     names, key prefixes or folders), written to ``out`` (default ``./retrieval-<mode>``).
-    ``params`` are the stage's (``mode="rerank"``, ``k=32``, ``split="test"``, ...). Returns the
+    ``params`` are the stage's (``mode="rerank"``, ``k=32``, ``split="test"``, ...; a model from
+    elsewhere instead of ``model``: ``text_vectors=`` + ``media_vectors=``, ``scores=`` or
+    ``hf_model=``, see :mod:`fusion.retrieval.external`). Returns the
     :class:`~fusion.retrieval.stage.RetrievalResult` (metrics, headline metrics, per-query ranks)."""
     from fusion.retrieval.cli import evaluate_artifacts
 

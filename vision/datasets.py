@@ -7,8 +7,14 @@
       dogs/1.jpg,A dog runs.
       dogs/1.jpg,A brown dog on grass.
 
+  An optional ``split`` column (``train``, ``val``, ``test``, ...) gives each image its split.
 * ``coco``: COCO captions (``annotations/captions_train2017.json``), images in ``train2017/``.
 * ``karpathy``: Karpathy's splits of Flickr8k/30k and COCO (``dataset_flickr30k.json``).
+
+Where a dataset defines splits, each item's is ``meta["split"]``: Karpathy's, the COCO annotation
+file's (``captions_val2017.json`` -> ``val``), a captions file's ``split`` column. The fusion
+stages use it instead of their hash split (:mod:`fusion.splits`): only ``train`` items pretrain,
+and retrieval's ``split: test`` is the dataset's test set.
 * ``hf_images``: a ``datasets`` table saved with ``save_to_disk``: an image column (``Image()``
   feature or bytes) and a text column (a string or a list of strings).
 * ``emoji``: ``emoji.json`` (name, short names, category per emoji), with the images in ``img/``.
@@ -33,7 +39,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PrivateAttr, model_validator
 
 from pipeline.datasets import (DatasetError, HFDataset, Item, MediaDataset, dataset, hf_items,
-                               load_json, open_hf_dataset, read_media, read_records, unique_ids)
+                               load_json, open_hf_dataset, read_media, read_records, split_conflict,
+                               unique_ids)
 from pipeline.quarantine import Quarantine
 from pipeline.uris import InputURI, URIPath, file_checker, input_path, open_input
 
@@ -48,7 +55,9 @@ class ImageFolder(MediaDataset):
     ``image_column`` and ``caption_column``; or JSON lines, one object per line, whose
     ``caption_column`` is a string or a list of strings. Image paths are relative to ``root``. Rows
     naming the same image add captions to it; the item id is the normalised relative path, and the
-    other columns of the image's first row become its meta.
+    other columns of the image's first row become its meta. A ``split`` column (optional) is the
+    image's split (``meta["split"]``, which the fusion stages use instead of their hash split); a
+    later row giving the same image another split is quarantined.
     """
 
     modality: ClassVar[str] = "image"
@@ -86,6 +95,9 @@ class ImageFolder(MediaDataset):
                 missing.add(rel)
                 q.bad(where, "image file not found", str(root / rel))
                 continue
+            if rel in found and (conflict := split_conflict(found[rel], meta)):
+                q.bad(where, conflict, rel)
+                continue
             found.setdefault(rel, Item(id=rel, media=rel, meta=meta, where=where)).texts += texts
         yield from found.values()
 
@@ -103,7 +115,9 @@ class ImageFolder(MediaDataset):
 class Coco(MediaDataset):
     """COCO captions: ``{"images": [{"id", "file_name", "width", "height"}, ...], "annotations":
     [{"image_id", "id", "caption"}, ...]}``. Item id = ``file_name``; texts = the captions of the
-    image in file order; meta = ``image_id``, ``width``, ``height``. A file without
+    image in file order; meta = ``image_id``, ``width``, ``height`` and ``split``, the split the
+    file's name gives (``captions_train2017.json`` -> ``train``, ``captions_val2014.json`` ->
+    ``val``, ``image_info_test2017.json`` -> ``test``; none for another name). A file without
     ``annotations`` (``image_info_test2017.json``) gives items without texts.
     """
 
@@ -128,14 +142,26 @@ class Coco(MediaDataset):
     def files(self) -> list[Path | URIPath]:
         return [input_path(self.annotations)]
 
+    def fingerprint(self) -> Any:
+        # Items carry the file's split in their meta since listing version 2: artifacts listed
+        # before lack it, so they are not the same listing.
+        return {"files": super().fingerprint(), "listing": 2}
+
     def load(self, media: str) -> bytes:
         return read_media(input_path(self.images) / media, "image")
 
     def items(self, q: Quarantine) -> Iterator[Item]:
         return unique_ids(self._items(q), q)
 
+    def file_split(self) -> str | None:
+        """The split the annotation file's name gives: ``train``, ``val`` or ``test``."""
+        m = re.fullmatch(r"(?:captions|image_info)_(train|val|test)(?:\d{4})?\.json",
+                         input_path(self.annotations).name)
+        return m.group(1) if m else None
+
     def _items(self, q: Quarantine) -> Iterator[Item]:
         path, root = input_path(self.annotations), input_path(self.images)
+        split = self.file_split()
         doc = load_json(path, dict)
         if not isinstance(doc.get("images"), list):
             raise DatasetError(f"{path}: no 'images' list (is this a COCO captions file?)")
@@ -165,6 +191,8 @@ class Coco(MediaDataset):
             else:
                 seen.add(im["id"])
                 meta = {"image_id": im["id"], "width": im.get("width"), "height": im.get("height")}
+                if split:
+                    meta["split"] = split
                 yield Item(id=im["file_name"], media=im["file_name"],
                            texts=captions.get(im["id"], []), meta=meta, where=where)
 

@@ -3,9 +3,10 @@ pairs from one feature artifact (``media`` input: ``vision.features`` or ``speec
 
 Images and their captions, or spoken clips and their transcripts, go through the same code: the
 media stream reads regions with boxes, and audio frames are regions whose boxes are time spans
-(:mod:`speech.features`). Each recipe trains on the ``train`` split of :mod:`fusion.pairs` (a
-hash of the item id, ``held_out_share`` / ``split_seed``); ``fusion.retrieval`` evaluates the held-out
-items of the same split.
+(:mod:`speech.features`). Each recipe trains on the ``train`` split of :mod:`fusion.pairs`: the
+dataset's own where the items carry one (Karpathy's, a captions file's ``split`` column), else a
+hash of the item id (``held_out_share`` / ``split_seed``); ``fusion.retrieval`` evaluates the
+held-out items of the same split.
 
 - ``lxmert``: :func:`fusion.models.hf_weights.lxmert_backbone`: the backbone's layers as the language encoder,
   ``r_layers`` object-relationship and ``x_layers`` cross-modality layers; MLM, masked-region
@@ -33,7 +34,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -45,13 +46,19 @@ from pipeline import StageFailed
 
 from fusion.models.backbone import TextBackbone
 from fusion.pretrain.loop import Recipe, recipe
+from fusion.splits import MediaSplit
 
 
 class MediaOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     held_out_share: float = Field(default=0.2, ge=0, lt=1,
-                                  description="share of media items held out for evaluation")
+                                  description="share of media items held out for evaluation (hash "
+                                              "split)")
     split_seed: int = 0
+    split_source: Literal["dataset", "hash"] = Field(
+        default="dataset", description="dataset: the items' own split where they carry one (only "
+                                       "its train items train), else the hash split; hash: always "
+                                       "the hash split")
     max_regions: int | None = Field(default=None, ge=1,
                                     description="keep each item's first N regions (global token first)")
     limit: int | None = Field(default=None, ge=1, description="only the first N training items")
@@ -116,16 +123,25 @@ def featured_ids(uri: str) -> list[str]:
     return out
 
 
+def media_split(uri: str, options: MediaOptions, items: pa.Table | None = None) -> MediaSplit:
+    """The :class:`fusion.splits.MediaSplit` of a feature artifact's items under the recipe's
+    options: the dataset's own split where the items carry one (``split_source: dataset``), else
+    the hash split (``held_out_share``, ``split_seed``)."""
+    items = listing(uri) if items is None else items
+    return MediaSplit.of_listing(items["id"].to_pylist(), items["meta"].to_pylist(),
+                                 options.held_out_share, options.split_seed, options.split_source)
+
+
 def train_items(uri: str, options: MediaOptions) -> tuple[list[str], dict[str, list[str]]]:
     """The training items in the listing's order (featured, in the ``train`` split of
-    :mod:`fusion.splits`, the first ``limit``) and every listed item's texts."""
-    from fusion.splits import in_split
-
+    :func:`media_split`, the first ``limit``) and every listed item's texts. Under the dataset's own
+    split only its ``train`` items train (Karpathy's ``restval`` too unless the dataset kept it
+    apart with ``restval: keep``): a ``val`` or ``test`` item never does."""
     items = listing(uri)
     texts_of = dict(zip(items["id"].to_pylist(), items["texts"].to_pylist()))
+    splits = media_split(uri, options, items)
     featured = set(featured_ids(uri))
-    chosen = [i for i in texts_of
-              if i in featured and in_split(i, "train", options.held_out_share, options.split_seed)]
+    chosen = [i for i in texts_of if i in featured and splits.contains(i, "train")]
     return chosen[:options.limit] if options.limit is not None else chosen, texts_of
 
 
@@ -181,8 +197,20 @@ class MediaRecipe(Recipe):
     Options: ClassVar[type[BaseModel]] = MediaOptions
 
     def resources(self, inputs: dict[str, str], options: MediaOptions) -> dict[str, Any]:
+        splits = media_split(inputs["media"], options)
+        if splits.source == "dataset" and "train" not in splits.names():
+            have = ", ".join(f"{k or '(none)'} ({v} items)" for k, v in splits.names().items())
+            raise StageFailed(f"fusion.pretrain: the items of {inputs['media']} carry their "
+                              f"dataset's own split and none is in 'train' ({have}); a val or test "
+                              f"item never trains: give training items, or set options.split_source: "
+                              f"hash to split these by hash instead")
         return {"feature_dim": _dim(inputs["media"]), "global_token": _global_token(inputs["media"]),
-                **_counts(inputs["media"])}
+                "split_source": splits.label, **_counts(inputs["media"])}
+
+    def finish(self, resources: dict[str, Any], counts: dict[str, int]
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+        # which split chose the training items, beside their counts in the manifest
+        return resources, {**counts, "split_source": resources["split_source"]}
 
     def units(self, inputs: dict[str, str], options: MediaOptions, limit: int | None) -> list[dict]:
         return [{"unit": k, "shard": s} for k, s in enumerate(feature_shards(inputs["media"]))]
@@ -320,18 +348,17 @@ class BiMediaRecipe(MediaRecipe):
     def resources(self, inputs: dict[str, str], options: BiMediaOptions) -> dict[str, Any]:
         """Besides the media side's, the queries' counts: each query item is a training query
         (its ``meta[key]`` names a featured training item), or counted under why it is not."""
-        from fusion.splits import in_split
-
         out = super().resources(inputs, options)
         out |= {"query_feature_dim": _dim(inputs["query_media"]),
                 "query_global_token": _global_token(inputs["query_media"])}
         items = listing(inputs["query_media"])
         featured, media = set(featured_ids(inputs["query_media"])), set(featured_ids(inputs["media"]))
+        splits = media_split(inputs["media"], options)  # the media item's split decides
         counts = Counter()
         for qid, meta in zip(items["id"].to_pylist(), items["meta"].to_pylist()):
             target = json.loads(meta or "{}").get(options.key)
             counts["queries" if qid in featured and target in media and
-                   in_split(target, "train", options.held_out_share, options.split_seed)
+                   splits.contains(target, "train")
                    else "queries_without_features" if qid not in featured
                    else f"queries_without_{options.key}" if target is None
                    else "queries_for_unknown_media" if target not in media

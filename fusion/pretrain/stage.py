@@ -12,7 +12,9 @@ their linked mentions), ``entities`` (a ``knowledge.embed`` artifact: entity vec
 
     tokenizer/          the backbone's tokenizer, so downstream stages need no other input
     backbone_config.json  the backbone's architecture (fusion.finetune rebuilds it from this)
-    recipe.json         recipe, backbone source, options, max_length
+    recipe.json         recipe, backbone source, options, max_length, and per feature input
+                        (media, query_media) the settings its features were made with
+                        (fusion.compat: fusion.retrieval refuses features made otherwise)
     history.json        per step: every objective's loss, lr, grad norm, tokens, seconds
     losses.png          loss curves per objective (the numbers: history.json)
     tb/                 every reported scalar as TensorBoard events, streamed while it trained
@@ -78,7 +80,7 @@ def load_trained(folder: Path) -> tuple:
     return load_pretrained(folder)
 
 
-@stage("fusion.pretrain", version="4", cpus=0, pool="train",
+@stage("fusion.pretrain", version="5", cpus=0, pool="train",
        headline=("recipe", "steps", "loss_total_first", "loss_total_last10", "tokens_per_s", "mfu"),
        # Which roles a run needs is the recipe's `needs` (checked when the stage starts).
        inputs={"text": Input("knowledge.link", "documents with linked mentions (text recipes)",
@@ -147,10 +149,12 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
         _copy_entity_table(resources["entities_uri"], ctx.out)
     backbone.tokenizer.save_pretrained(str(ctx.out / "tokenizer"))
     backbone.model.config.to_json_file(str(ctx.out / "backbone_config.json"))
+    features = _feature_inputs(ctx)
     (ctx.out / "recipe.json").write_text(json.dumps({
         "recipe": params.recipe, "backbone": params.backbone, "backbone_source": backbone.source,
         "options": options.model_dump(), "max_length": params.max_length, "resources_meta":
-            {k: v for k, v in resources.items() if isinstance(v, (int, float, str, bool))}}, indent=1))
+            {k: v for k, v in resources.items() if isinstance(v, (int, float, str, bool))},
+        **({"features": features} if features else {})}, indent=1))
     hist = result.history
     (ctx.out / "history.json").write_text(json.dumps(hist, indent=1))
     objectives = sorted({k.removeprefix("loss_") for h in hist for k in h if k.startswith("loss_")})
@@ -167,6 +171,16 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
         **{k: v for k, v in resources.items() if isinstance(v, (int, float)) and k != "max_length"},
         **counts,
     }
+
+
+def _feature_inputs(ctx: StageContext) -> dict[str, Any]:
+    """Per feature input (``media``, ``query_media``): its stage type, key and the settings its
+    features were made with (:func:`fusion.compat.feature_record`), which ``fusion.retrieval``
+    compares with the artifacts it is given."""
+    from fusion.compat import feature_record
+
+    return {role: feature_record(a.path, a.manifest) for role, a in ctx.inputs.items()
+            if role in ("media", "query_media")}
 
 
 def _utilisation(hist: list[dict], workers: int) -> dict[str, float | None]:

@@ -7,21 +7,49 @@ parameters."""
 
 from __future__ import annotations
 
+import argparse
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from fusion.retrieval.scorer import DIRECTIONS
-from fusion.retrieval.stage import RetrievalParams, RetrievalResult, evaluate
+from pydantic import ValidationError
+
+from fusion.retrieval.stage import RetrievalParams, RetrievalResult, evaluate, external_kind
 from pipeline import StageFailed
 from pipeline.commands import command
 
 # RetrievalParams' fields that are options of `stele eval retrieval`, with their types.
 OPTIONS = {"mode": str, "k": int, "split": str, "limit": int, "batch_size": int, "workers": int,
            "gpus_per_worker": float, "examples": int}
+# ... and the files of a model from elsewhere (fusion.retrieval.external), paths as given.
+EXTERNAL = {"text_vectors": "precomputed text vectors: NAME.npy (+ NAME.ids.txt), .safetensors (tensor "
+                            "'vectors', metadata 'ids') or .parquet (id, vector); with --media-vectors, "
+                            "instead of --model",
+            "media_vectors": "precomputed media vectors, in the same formats",
+            "scores": "a precomputed texts x media score matrix: NAME.npy (+ NAME.text_ids.txt, "
+                      "NAME.media_ids.txt), .safetensors (tensor 'scores', metadata 'text_ids', "
+                      "'media_ids') or .parquet (text_id, media_id, score)",
+            "hf_model": "a local Hugging Face folder with a CLIPModel (or any model with get_text_features/"
+                        "get_image_features), its tokenizer and image processor: a dual encoder on the "
+                        "media artifact's raw images; or with LxmertForPreTraining / "
+                        "VisualBertForPreTraining: a cross-encoder on its regions (all_pairs, or rerank "
+                        "after --text-vectors/--media-vectors or --first-stage). Nothing is downloaded",
+            "pairs": "which text ids belong to which media ids, .parquet or .tsv with columns text_id, "
+                     "media_id (default: the --media artifact's captions, ids <item id>#<k>)"}
 
 
-def evaluate_artifacts(model: str | Path, media: str | Path, *, first_stage: str | Path | None = None,
+class _Given(argparse.Action):
+    """Stores the value and notes that the option was given, so that a default the user did not
+    choose (``--mode``) can give way to the one an external model implies."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
+def evaluate_artifacts(model: str | Path | None = None, media: str | Path | None = None, *,
+                       first_stage: str | Path | None = None,
                        queries: str | Path | None = None, out: str | Path | None = None,
                        store: Any = None, run: str | None = None, **params: Any) -> RetrievalResult:
     """The ``fusion.retrieval`` protocol on existing artifacts, outside a pipeline: what ``stele eval
@@ -32,7 +60,10 @@ def evaluate_artifacts(model: str | Path, media: str | Path, *, first_stage: str
     from pipeline.runs import resolve_artifact
     from pipeline.store import ArtifactStore, default_store_uri
 
-    p = RetrievalParams(**params)
+    try:
+        p = RetrievalParams(**params)
+    except ValidationError as e:  # the external-model checks: one line each
+        raise StageFailed("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
     if not isinstance(store, ArtifactStore):
         store = ArtifactStore(store or default_store_uri())
 
@@ -46,7 +77,9 @@ def evaluate_artifacts(model: str | Path, media: str | Path, *, first_stage: str
         from pipeline.ray_utils import init_ray
 
         init_ray()
-    headline = evaluate(folder(model), folder(media), dest, p,
+    if model is not None and external_kind(p) is not None:
+        raise StageFailed(f"--model and --{external_kind(p).replace('_', '-')} both name the model: give one")
+    headline = evaluate(folder(model) if model else None, folder(media) if media else None, dest, p,
                         folder(first_stage) if first_stage else None,
                         queries_dir=folder(queries) if queries else None)
     return RetrievalResult.load(dest, headline)
@@ -59,11 +92,12 @@ class Eval:
 
     def add_arguments(self, parser: Any) -> None:
         tasks = parser.add_subparsers(dest="task", required=True)
-        r = tasks.add_parser("retrieval", help="cross-modal retrieval with a fusion.pretrain model")
-        r.add_argument("--model", required=True, help="fusion.pretrain artifact (stage name, key prefix "
-                       "or folder)")
-        r.add_argument("--media", required=True, help="feature artifact to search (stage name, key "
-                       "prefix or folder)")
+        r = tasks.add_parser("retrieval", help="cross-modal retrieval with a fusion.pretrain model, "
+                             "precomputed vectors or scores, or a local Hugging Face dual encoder")
+        r.add_argument("--model", help="fusion.pretrain artifact (stage name, key prefix or folder); or "
+                       "one of --text-vectors/--media-vectors, --scores, --hf-model")
+        r.add_argument("--media", help="feature artifact to search (stage name, key prefix or folder); "
+                       "with precomputed vectors or scores, where their captions come from")
         r.add_argument("--first-stage", help="another fusion.pretrain artifact ranking candidates first "
                        "(default: the model's own vectors)")
         r.add_argument("--queries", help="media queries' feature artifact (media_lxmert, media_dual models)")
@@ -80,19 +114,36 @@ class Eval:
             help_ = f.description or name.replace("_", " ")
             if f.default is None:  # (which the formatter leaves out: say what it means here)
                 help_ += " (default: all)"
+            if name in ("mode", "split"):  # unless given, a model from elsewhere implies its own
+                help_ += ("; a model from elsewhere: the mode it implies (dual; a score matrix: all_pairs; "
+                          "a cross-encoder: all_pairs, rerank with vectors)" if name == "mode" else
+                          "; precomputed vectors or scores: all (the ids in their files)")
             r.add_argument(f"--{name.replace('_', '-')}", type=kind, default=f.default, choices=choices,
-                           help=help_)
+                           help=help_, action=_Given)
+        for name, help_ in EXTERNAL.items():
+            r.add_argument(f"--{name.replace('_', '-')}", help=help_)
 
     def run(self, args: Any, console: Any) -> int:
         try:
+            external = {name: getattr(args, name) for name in EXTERNAL if getattr(args, name)}
+            given = getattr(args, "given", set())
+            # An external model implies its mode (and, for precomputed files, split 'all') unless
+            # the option was given; the others are passed as always.
+            options = {name: getattr(args, name) for name in OPTIONS
+                       if name in given or not external or name not in ("mode", "split")}
+            if args.model is None and not external:
+                raise StageFailed("give a model: --model, --text-vectors with --media-vectors, --scores "
+                                  "or --hf-model")
             res = evaluate_artifacts(args.model, args.media, first_stage=args.first_stage,
                                      queries=args.queries, out=args.out, store=args.store, run=args.run,
-                                     **{name: getattr(args, name) for name in OPTIONS})
+                                     **options, **external)
         except StageFailed as e:
             console.print(f"[red]error:[/] {e}", highlight=False)
             return 1
         m, out = res.headline, res.path
         label = m["mode"] + (f", k={m['k']}" if m["mode"] == "rerank" else "")
+        if res.metrics.get("model"):
+            label += f", {res.metrics['model']}"
         console.print(f"retrieval ({label}) over {m['captions']} captions x {m['media']} media, "
                       f"{m['eval_s']:.1f} s, {m['pairs_scored']} pairs scored")
         for d in DIRECTIONS:

@@ -28,8 +28,8 @@ def _retrieval(sv: StageView) -> None:
         tables.append(Table("recall by direction (%)", ["direction", *cols],
                             [[d, *[v.get(c) for c in cols]] for d, v in dirs.items()],
                             "metrics.json"))
-    setting = {k: m.get(k) for k in ("mode", "k", "first_stage", "split", "rsum", "first_stage_rsum")
-               if k in m}
+    setting = {k: m.get(k) for k in ("model", "mode", "k", "first_stage", "split", "relevance", "rsum",
+                                     "first_stage_rsum") if k in m}
     if isinstance(m.get("counts"), dict):
         setting.update(scalars(m["counts"]))
     if setting:

@@ -87,8 +87,8 @@ class Scorer:
     def _media(self, bank: Any, idx: Sequence[int]) -> dict[str, Any]:
         return {k: v.to(self.device) for k, v in bank.batch(list(idx)).items()}
 
-    def first_stage(self, queries: Any, bank: Any) -> Any:
-        """(T, M) dual-encoder scores, float32 on the CPU."""
+    def vectors(self, queries: Any, bank: Any) -> tuple[Any, Any]:
+        """The first stage's vectors: queries (T, D) and media (M, D), float32 on the CPU."""
         import torch
 
         with torch.inference_mode(), self._autocast():
@@ -96,7 +96,12 @@ class Scorer:
                            for s in batches(len(queries.ids), self.encode_bs)])
             m = torch.cat([self.model.encode_media(self._media(bank, range(len(bank))[s])).float()
                            for s in batches(len(bank), self.encode_bs)])
-        return (t @ m.T).cpu()
+        return t.cpu(), m.cpu()
+
+    def first_stage(self, queries: Any, bank: Any) -> Any:
+        """(T, M) dual-encoder scores, float32 on the CPU."""
+        t, m = self.vectors(queries, bank)
+        return t @ m.T
 
     def states(self, queries: Any, bank: Any) -> tuple[dict, dict]:
         import torch
@@ -163,7 +168,8 @@ def score_worker_cls():  # noqa: ANN202
 class ScoreSettings:
     """What :func:`setup` needs of the stage's parameters; the same in the stage and its actors."""
 
-    split: str                 # train | test | all: which items of the model's split
+    split: str                 # train | val | test | all: the dataset's own split where the items
+                               # carry one, else the model's hash split (fusion.pairs)
     limit: int | None          # only the first N media items
     max_length: int | None     # None: the model's pretraining max_length
     encode_batch_size: int
@@ -172,22 +178,23 @@ class ScoreSettings:
 
 def setup(model_dir: Path, media_dir: Path, settings: ScoreSettings, device: str,
            queries_dir: Path | None = None) -> tuple[Corpus, Scorer]:
-    from fusion.pairs import load_media_pairs, load_pairs
+    from fusion.pairs import load_media_pairs, load_pairs, split_source_for
     from fusion.pretrain.loop import load_pretrained
 
     rec, options, backbone, model, meta = load_pretrained(model_dir)
     share = getattr(options, "held_out_share", 0.0)
     seed = getattr(options, "split_seed", 0)
     max_regions = getattr(options, "max_regions", None)
+    source = split_source_for(model_dir, meta, media_dir)  # never test what the model trained on
     if "query_media" in rec.needs:
         if queries_dir is None:
             raise StageFailed(f"the {meta['recipe']} model searches with media queries: give the "
                               f"query items' feature artifact (input role 'queries', --queries)")
         bank, caps, counts = load_media_pairs(queries_dir, media_dir, settings.split, share, seed,
-                                              options.key, max_regions, settings.limit)
+                                              options.key, max_regions, settings.limit, source)
     else:
         bank, caps, counts = load_pairs(media_dir, settings.split, share, seed, max_regions,
-                                        settings.limit)
+                                        settings.limit, source)
     check_dims(model_dir, meta, bank, caps, media_dir, queries_dir)
     scorer = Scorer(model, backbone.tokenizer, settings.max_length or meta.get("max_length", 64),
                     device, settings.encode_batch_size, settings.batch_size)
@@ -196,10 +203,21 @@ def setup(model_dir: Path, media_dir: Path, settings: ScoreSettings, device: str
 
 def check_dims(model_dir: Path, meta: dict, bank: Any, caps: Any, media_dir: Path,
                 queries_dir: Path | None) -> None:
-    """The widths the model was trained on (``recipe.json``) against the artifacts given."""
+    """The features the model was trained on (``recipe.json``) against the artifacts given: their
+    width, then the settings they were made with (:func:`fusion.compat.check_feature_settings`:
+    backbone, weights, mode, grid, global token; sample rate and frame layout for audio). Each
+    mismatch is a one-line :class:`~pipeline.StageFailed` naming both sides."""
+    from fusion.compat import check_feature_settings
+
     res = meta.get("resources_meta", {})
     for what, want, have, path in (("media", res.get("feature_dim"), bank, media_dir),
                                    ("query", res.get("query_feature_dim"), caps.bank, queries_dir)):
         if want is not None and have is not None and len(have) and have.dim != want:
             raise StageFailed(f"mismatched feature dimensions: model {model_dir.name} was trained on "
                               f"{want}-d {what} features, artifact {path.name} has {have.dim}-d")
+    for role, path in (("media", media_dir), ("query_media", queries_dir)):
+        if path is not None:
+            try:
+                check_feature_settings(Path(model_dir), meta, role, Path(path))
+            except ValueError as e:
+                raise StageFailed(str(e)) from None

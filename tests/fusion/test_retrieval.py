@@ -100,3 +100,119 @@ def test_each_direction_may_have_its_own_scores():
     assert both["media_to_text"] == retrieval_metrics(m2t.T, rel)["media_to_text"]
     assert both["rsum"] == sum(both[d][f"R@{k}"] for d in ("text_to_media", "media_to_text")
                                for k in (1, 5, 10))
+
+
+# ------------------------------------------------------------------- blocks, sparse relevance, parity
+def _old_first_hit_ranks(scores, relevant):
+    """The dense implementation the blocked one replaced (kept here as the reference)."""
+    scores = scores.float()
+    neg_inf = torch.finfo(scores.dtype).min
+    best = torch.where(relevant, scores, torch.full_like(scores, neg_inf)).max(1).values
+    wrong = ~relevant
+    higher = (wrong & (scores > best[:, None])).sum(1).float()
+    tied_wrong = (wrong & (scores == best[:, None])).sum(1).float()
+    tied_right = (relevant & (scores == best[:, None])).sum(1).float()
+    rank = 1 + higher + tied_wrong / (tied_right + 1)
+    return torch.where(relevant.any(1), rank, torch.full_like(rank, float("nan")))
+
+
+def _old_average_precision_at(scores, relevant, k=10):
+    order = torch.argsort(scores.double() - relevant.double() * 1e-12, dim=1, descending=True,
+                          stable=True)[:, :k]
+    hits = torch.gather(relevant, 1, order).float()
+    precision = hits.cumsum(1) / torch.arange(1, hits.shape[1] + 1)
+    n_rel = relevant.sum(1).clamp(max=k).float()
+    ap = (precision * hits).sum(1) / n_rel.clamp(min=1)
+    return torch.where(n_rel > 0, ap, torch.full_like(ap, float("nan")))
+
+
+def _random_case(T=300, M=60, per=5, seed=0, ties=False):
+    """T captions of M images (``per`` each where T = M * per, a few captions of nothing), random
+    scores; ``ties``: scores rounded to one decimal, so ties are everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    text, media = torch.randn(T, 8, generator=g), torch.randn(M, 8, generator=g)
+    scores = text @ media.T
+    if ties:
+        scores = (scores * 2).round() / 2
+    rel = torch.zeros(T, M, dtype=torch.bool)
+    owner = torch.arange(T) // per
+    keep = owner < M
+    rel[torch.arange(T)[keep], owner[keep]] = True
+    rel[0, 1] = True                                   # a caption of two images
+    return text, media, scores, rel
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_blocked_dense_and_dual_paths_equal_the_old_dense_functions(ties):
+    from fusion.retrieval.metrics import Relevance, dual_retrieval_metrics
+
+    text, media, scores, rel = _random_case(T=310, ties=ties)
+    for s, r in ((scores, rel), (scores.T, rel.T)):
+        torch.testing.assert_close(first_hit_ranks(s, r), _old_first_hit_ranks(s, r), equal_nan=True,
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(average_precision_at(s, r), _old_average_precision_at(s, r),
+                                   equal_nan=True, rtol=1e-6, atol=1e-7)
+    dense = retrieval_metrics(scores, rel)
+    assert dense["text_to_media"]["skipped_no_positive"] == 10   # captions 300..309 describe nothing
+    if not ties:  # a dual encoder's scores, a few rows per block, never a (T, M) matrix
+        dual = dual_retrieval_metrics(text, media, Relevance.from_dense(rel), top=10, block_elements=1000)
+        for d in ("text_to_media", "media_to_text"):
+            assert dual[d] == pytest.approx(dense[d], rel=1e-6), d
+            np.testing.assert_array_equal(dual["ranks"][d], dense["ranks"][d])
+        top = dual["results"]["text_to_media"].top_indices
+        np.testing.assert_array_equal(top, scores.topk(10, dim=1).indices.numpy())
+
+
+def test_relevance_lists_round_trip_and_transpose():
+    from fusion.retrieval.metrics import Relevance
+
+    _, _, _, rel = _random_case(T=40, M=9)
+    r = Relevance.from_dense(rel)
+    assert torch.equal(r.dense(), rel) and torch.equal(r.T.dense(), rel.T)
+    assert r.counts().tolist() == rel.sum(1).tolist()
+    assert torch.equal(Relevance.from_ids(TEXTS, MEDIA, PAIRS + PAIRS[:1] + [("t9", "a")]).dense(),
+                       relevance_matrix(TEXTS, MEDIA, PAIRS))
+
+
+def test_recall_and_map_agree_with_torchmetrics_on_tie_free_data():
+    """R@K is "any correct item in the top K" (CLIP_benchmark; torchmetrics' RetrievalHitRate), and
+    with one correct item per query also torchmetrics' RetrievalRecall. mAP@10 divides by
+    min(#correct, 10); torchmetrics' RetrievalMAP(top_k=10) by the correct items retrieved in the
+    top 10, so ours = theirs x retrieved / min(#correct, 10), per query (and the same number for
+    one correct item per query)."""
+    tm = pytest.importorskip("torchmetrics")
+    from torchmetrics.functional.retrieval import retrieval_average_precision, retrieval_recall
+
+    _, _, scores, rel = _random_case(T=250, M=50, seed=3)       # every caption has its image
+    assert not any(len(torch.unique(row)) < len(row) for row in scores)      # tie-free
+    assert not any(len(torch.unique(col)) < len(col) for col in scores.T)
+    ours = retrieval_metrics(scores, rel)
+
+    def positive(x):  # the same order, all > 0 (torchmetrics may drop scores <= 0), exact in float64
+        return x.double() - x.min() + 1
+
+    for d, s, r in (("text_to_media", scores, rel), ("media_to_text", scores.T, rel.T)):
+        Q, C = s.shape
+        p = positive(s)
+        indexes = torch.arange(Q)[:, None].expand(Q, C).reshape(-1)
+        for k in (1, 5, 10):
+            hit = tm.retrieval.RetrievalHitRate(top_k=k)(p.reshape(-1), r.reshape(-1), indexes=indexes)
+            assert ours[d][f"R@{k}"] == pytest.approx(float(hit) * 100, abs=1e-4), (d, k)
+        their_ap = torch.stack([retrieval_average_precision(p[q], r[q], top_k=10) for q in range(Q)])
+        retrieved = torch.stack([retrieval_recall(p[q], r[q], top_k=10) for q in range(Q)]) * r.sum(1)
+        rescaled = (their_ap * retrieved / r.sum(1).clamp(max=10)).float()
+        torch.testing.assert_close(average_precision_at(s, r), rescaled, rtol=1e-5, atol=1e-6)
+        assert ours[d]["mAP@10"] == pytest.approx(float(rescaled.mean()) * 100, abs=1e-3)
+    # one correct item per query: torchmetrics' RetrievalMAP itself
+    single = rel.clone()
+    single[0, 1] = False
+    Q, C = scores.shape
+    indexes = torch.arange(Q)[:, None].expand(Q, C).reshape(-1)
+    their = tm.retrieval.RetrievalMAP(top_k=10)(positive(scores).reshape(-1), single.reshape(-1),
+                                                indexes=indexes)
+    one = retrieval_metrics(scores, single)["text_to_media"]
+    assert one["mAP@10"] == pytest.approx(float(their) * 100, abs=1e-4)
+    for k in (1, 5, 10):   # and recall is the hit rate
+        rec = tm.retrieval.RetrievalRecall(top_k=k)(positive(scores).reshape(-1), single.reshape(-1),
+                                                    indexes=indexes)
+        assert one[f"R@{k}"] == pytest.approx(float(rec) * 100, abs=1e-4)

@@ -133,6 +133,24 @@ def test_csv_transcripts(tmp_path: Path):
         listed(ds, on_error="raise")
 
 
+def test_split_column_is_the_item_s_split(tmp_path: Path):
+    for name in ("a.wav", "b.wav"):
+        write_wav(tmp_path / name)
+    (tmp_path / "t.csv").write_text("file,text,split,speaker\n"
+                                    "a.wav,hello,train,s1\n"
+                                    "b.wav,bye,test,s2\n"
+                                    "b.wav,bye again,train,s2\n")
+    items, q = listed(AudioFolder(root=str(tmp_path), transcripts="t.csv"))
+    assert [(i.id, i.texts, i.meta) for i in items] == [("a.wav", ["hello"], {"split": "train"}),
+                                                        ("b.wav", ["bye"], {"split": "test"})]
+    assert [(e["where"], e["reason"]) for e in q.examples] == [
+        (f"{tmp_path / 't.csv'}:4", f"split 'train' differs from 'test' given for this file at "
+                                    f"{tmp_path / 't.csv'}:3")]
+    (tmp_path / "u.jsonl").write_text('{"file": "a.wav", "text": ["one", "two"], "split": "val"}\n')
+    items, _ = listed(AudioFolder(root=str(tmp_path), transcripts="u.jsonl"))
+    assert [(i.texts, i.meta) for i in items] == [(["one", "two"], {"split": "val"})]
+
+
 def test_tsv_with_other_column_names(tmp_path: Path):
     write_wav(tmp_path / "x.wav")
     (tmp_path / "t.tsv").write_text("path\tsentence\nx.wav\tone two\n")

@@ -64,6 +64,25 @@ def test_image_folder_csv_groups_captions_and_keeps_meta(tmp_path):
     assert q.count == 0 and ds.files() == [cap]
 
 
+def test_image_folder_split_column_and_a_row_that_contradicts_it(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        _png(tmp_path / name)
+    cap = tmp_path / "captions.csv"
+    cap.write_text("image,caption,split\n"
+                   "a.png,A one.,train\n"
+                   "b.png,A two., test \n"
+                   "a.png,A one again.,train\n"
+                   "a.png,A one in test?,test\n"
+                   "c.png,No split.,\n")
+    items, q = _list(build_dataset({"type": "image_folder", "captions": str(cap)}))
+    assert [(i.id, i.texts, i.meta) for i in items] == [
+        ("a.png", ["A one.", "A one again."], {"split": "train"}),
+        ("b.png", ["A two."], {"split": " test "}),   # fusion.splits.own_split strips it
+        ("c.png", ["No split."], {"split": ""})]      # and reads an empty one as none
+    assert _where(q) == [(f"{cap}:5", f"split 'test' differs from 'train' given for this file at "
+                                      f"{cap}:2")]
+
+
 def test_image_folder_tsv_and_jsonl_with_custom_columns_and_root(tmp_path):
     _png(tmp_path / "imgs" / "x.png")
     tsv = tmp_path / "meta" / "caps.tsv"
@@ -157,8 +176,8 @@ def test_coco_captions_per_image_default_images_folder(tmp_path):
     items, q = _list(ds)
     assert [(i.id, i.texts, i.meta) for i in items] == [
         ("000000000009.jpg", ["Bins of food.", "Food in boxes."],
-         {"image_id": 9, "width": 4, "height": 3}),
-        ("000000000025.jpg", ["A giraffe."], {"image_id": 25, "width": 4, "height": 3})]
+         {"image_id": 9, "width": 4, "height": 3, "split": "val"}),   # captions_val2017.json
+        ("000000000025.jpg", ["A giraffe."], {"image_id": 25, "width": 4, "height": 3, "split": "val"})]
     assert _opens(ds.load(items[0].media)) == (4, 3)
     assert _where(q) == [(f"{ann} annotations[3]", "unknown image id 77"),
                          (f"{ann} images[2]", "image file not found"),
@@ -166,6 +185,18 @@ def test_coco_captions_per_image_default_images_folder(tmp_path):
                          (f"{ann} images[4]", "expected an object with 'id' and 'file_name'")]
     with pytest.raises(StageFailed, match=r"annotations\[3\]: unknown image id 77"):
         _list(build_dataset({"type": "coco", "annotations": str(ann), "on_error": "raise"}))
+
+
+def test_coco_split_comes_from_the_annotation_file_name(tmp_path):
+    ann = _coco(tmp_path)
+    for name, split in (("captions_train2017.json", "train"), ("captions_val2014.json", "val"),
+                        ("image_info_test2017.json", "test"), ("captions_trainval.json", None)):
+        ds = build_dataset({"type": "coco", "annotations": str(ann.parent / name),
+                            "images": str(tmp_path / "val2017")})
+        assert ds.file_split() == split, name
+    # the listing changed (items carry the split): not the key of a listing made before
+    ds = build_dataset({"type": "coco", "annotations": str(ann)})
+    assert ds.fingerprint()["listing"] == 2
 
 
 def test_coco_explicit_images_and_unusable_files(tmp_path):
@@ -176,7 +207,7 @@ def test_coco_explicit_images_and_unusable_files(tmp_path):
         build_dataset({"type": "coco", "annotations": str(odd)})
     items, _ = _list(build_dataset({"type": "coco", "annotations": str(odd),
                                     "images": str(tmp_path / "val2017")}))
-    assert len(items) == 2
+    assert len(items) == 2 and all("split" not in i.meta for i in items)  # the name gives none
     odd.write_text('{"images": [\n  {"id": 1,}\n]}')
     with pytest.raises(DatasetError, match=r"caps\.json:2:12: malformed JSON"):
         _list(build_dataset({"type": "coco", "annotations": str(odd), "images": str(tmp_path)}))
