@@ -183,10 +183,11 @@ def start_run(pipeline: Pipeline, store: ArtifactStore, *, force: list[str] | No
 
     store.check_writable()
     planned = plan_run(pipeline, store, force, until, verify)
-    target = None
-    if mlflow and any(p.action == "run" for p in planned.values()):
+    to_run = any(p.action == "run" for p in planned.values())
+    target = None  # a run that trains nothing opens no MLflow experiment
+    if mlflow and to_run:
         target = mlflow_target(None if mlflow is True else str(mlflow), pipeline.name)
-    if any(p.action == "run" for p in planned.values()):  # a fully cached run needs no Ray
+    if to_run:  # a fully cached run needs no Ray
         from .ray_utils import init_ray
 
         info = init_ray(address, num_cpus)

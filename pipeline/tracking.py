@@ -158,15 +158,19 @@ class MLflowRun:
     def client(self) -> Any:
         return _mlflow_client(self.uri)
 
-    def log_rows(self, rows: list[dict[str, float]]) -> None:
-        from mlflow.entities import Metric
+    def log(self, client: Any, metrics: list[tuple[str, Any, int]] = (),
+            params: dict[str, str] | None = None) -> None:
+        """Log ``metrics`` ((name, value, step); names made valid, non-finite values left out)
+        and ``params``, in as many calls as MLflow's per-call limits need."""
+        from mlflow.entities import Metric, Param
 
         now = int(time.time() * 1000)
-        metrics = [Metric(metric_name(k), float(v), now, int(row["step"])) for row in rows
-                   for k, v in row.items() if k != "step" and _finite(v)]
-        client = self.client()
-        for i in range(0, len(metrics), _METRICS_PER_CALL):
-            client.log_batch(self.run_id, metrics=metrics[i:i + _METRICS_PER_CALL])
+        ms = [Metric(metric_name(k), float(v), now, step) for k, v, step in metrics if _finite(v)]
+        ps = [Param(k, v) for k, v in (params or {}).items()]
+        for i in range(0, len(ms), _METRICS_PER_CALL):
+            client.log_batch(self.run_id, metrics=ms[i:i + _METRICS_PER_CALL])
+        for i in range(0, len(ps), _PARAMS_PER_CALL):
+            client.log_batch(self.run_id, params=ps[i:i + _PARAMS_PER_CALL])
 
 
 def metric_name(key: str) -> str:
@@ -208,8 +212,6 @@ class StageTracking:
         unfinished run a killed attempt left (``resume``: the loop continues from its checkpoint),
         or a new one with the stage's parameters (a loop without checkpoints starts over: the
         killed attempt's run is marked FAILED)."""
-        from mlflow.entities import Param
-
         if self.run is not None:
             return self.run
         client = _mlflow_client(self.target.uri)
@@ -227,10 +229,8 @@ class StageTracking:
         tags = {**self.target.tags, "stele.stage": self.stage, "stele.key": self.key,
                 "stele.type": self.type, "stele.attempt": attempt}
         run_id = client.create_run(self.target.experiment_id, run_name=self.stage, tags=tags).info.run_id
-        params = [Param(k, v) for k, v in flat_params(self.params).items()]
-        for i in range(0, len(params), _PARAMS_PER_CALL):
-            client.log_batch(run_id, params=params[i:i + _PARAMS_PER_CALL])
         self.run = MLflowRun(self.target.uri, run_id)
+        self.run.log(client, params=flat_params(self.params))
         return self.run
 
     def finish(self, metrics: dict[str, Any] | None, out: Path | None) -> None:
@@ -242,13 +242,7 @@ class StageTracking:
         if out is None:
             client.set_terminated(self.run.run_id, status="FAILED")
             return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        final = [Metric(f"final/{metric_name(k)}", float(v), now, 0)
-                 for k, v in (metrics or {}).items() if _finite(v)]
-        for i in range(0, len(final), _METRICS_PER_CALL):
-            client.log_batch(self.run.run_id, metrics=final[i:i + _METRICS_PER_CALL])
+        self.run.log(client, [(f"final/{k}", v, 0) for k, v in (metrics or {}).items()])
         client.log_artifacts(self.run.run_id, str(out))
         client.set_terminated(self.run.run_id, status="FINISHED")
 
@@ -265,6 +259,7 @@ class Tracker:
     def __init__(self, tensorboard: str | None, mlflow: MLflowRun | None, resumed_step: int = 0):
         self.tb = TensorBoardStream(tensorboard, resumed_step) if tensorboard else None
         self.mlflow = mlflow
+        self.client = mlflow.client() if mlflow is not None else None  # one per loop, not per flush
         self.pending: list[dict[str, float]] = []
 
     def add(self, row: dict[str, float]) -> None:
@@ -278,4 +273,5 @@ class Tracker:
             self.tb.flush(final)
         if self.mlflow is not None and self.pending:
             rows, self.pending = self.pending, []
-            self.mlflow.log_rows(rows)
+            self.mlflow.log(self.client, [(k, v, int(row["step"])) for row in rows
+                                          for k, v in row.items() if k != "step"])
