@@ -178,11 +178,14 @@ def fit(train_loop_per_worker: Callable[[dict], None], job: Any,
         raise RuntimeError("training finished without a checkpoint")
     with ckpt.as_directory() as d:
         state = json.loads((Path(d) / STATE_FILE).read_text())
-        local = Path(tempfile.mkdtemp(prefix="stele-ckpt-"))
+        # Removed when the result is dropped (or at exit): a stage reads the weights and lets go,
+        # so repeated runs leave no copies of every final checkpoint in the temp folder.
+        local = tempfile.TemporaryDirectory(prefix="stele-ckpt-")
         for p in Path(d).iterdir():
             if p.is_file():
-                (local / p.name).write_bytes(p.read_bytes())
-    return FitResult(checkpoint_dir=local, step=state["step"], history=state["history"],
+                (Path(local.name) / p.name).write_bytes(p.read_bytes())
+    return FitResult(checkpoint_dir=Path(local.name), _local=local, step=state["step"],
+                     history=state["history"],
                      data_state=state["data_state"], stopped=state.get("stopped", False),
                      job_bytes=job_bytes, tensorboard_uri=tensorboard)
 
@@ -235,6 +238,8 @@ class FitResult:
     stopped: bool = False           # ended early by TrainSession.stop()
     job_bytes: int = 0              # the pickled job shipped to each worker (flat in the data size)
     tensorboard_uri: str = ""       # where rank 0 streamed its TensorBoard events (under the state)
+    # Owns ``checkpoint_dir`` when fit made it: the folder goes with this object.
+    _local: tempfile.TemporaryDirectory | None = field(default=None, repr=False, compare=False)
 
     def save_tensorboard(self, dest: Path) -> bool:
         """Copy the TensorBoard events rank 0 wrote while training into ``dest`` (an artifact's

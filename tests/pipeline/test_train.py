@@ -149,3 +149,9 @@ def test_resume_is_exact_after_worker_failure_and_after_a_killed_driver(tmp_path
         assert w.keys() == ref.keys()
         for k in ref:
             assert torch.equal(w[k], ref[k]), k  # bit for bit, not approximately
+
+    # The local copy of the final checkpoint goes with the result: runs leave no temp folders.
+    local = straight.checkpoint_dir
+    assert (local / MODEL_FILE).is_file()
+    del straight
+    assert not local.exists()
