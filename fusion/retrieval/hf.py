@@ -182,3 +182,22 @@ class HFCrossEncoder(torch.nn.Module):
                                          visual_attention_mask=vmask)
             logits = self.model.cls.seq_relationship(out.pooler_output)          # (B, 2)
         return logits[:, self.match] - logits[:, 1 - self.match]
+
+
+def cross_setup(hf_model: str, media_dir: Path, settings: Any, device: str) -> tuple[Any, Any]:
+    """``(corpus, scorer)`` of a Hugging Face cross-encoder over the media artifact's region features
+    in the split of ``settings`` (:class:`~fusion.retrieval.scorer.ScoreSettings`): what the stage's
+    own process and each scoring actor build alike, so that pair indices mean the same in both.
+    Models from elsewhere have no held-out split of stele's: the dataset's own split, or ``all``."""
+    from fusion.pairs import load_pairs
+    from fusion.retrieval.scorer import Corpus, Scorer
+    from pipeline import StageFailed
+
+    enc = HFCrossEncoder(hf_model)
+    bank, caps, counts = load_pairs(media_dir, settings.split, 0.0, 0, None, settings.limit)
+    if len(bank) and bank.dim != enc.feature_dim:
+        raise StageFailed(f"mismatched feature dimensions: hf_model {Path(hf_model).name} takes "
+                          f"{enc.feature_dim}-d region features, artifact {media_dir.name} has {bank.dim}-d")
+    scorer = Scorer(enc, enc.tokenizer, min(settings.max_length or 64, enc.max_positions), device,
+                    settings.encode_batch_size, settings.batch_size)
+    return Corpus(bank, caps, counts), scorer

@@ -5,6 +5,7 @@ artifact's files (``metrics.json``, ``ranks.parquet``, the plots, ``examples.jso
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -79,8 +80,9 @@ def evaluate(model_dir: Path | None, media_dir: Path | None, out: Path, params: 
         pairs = 0
     else:
         first_scores = text_vec @ media_vec.T                            # (T, M)
+        build = functools.partial(setup, model_dir, media_dir, settings, queries_dir=queries_dir)
         t2m, m2t, pairs, timing["cross_s"] = _cross_scores(first_scores, params, lambda ti, mi: _score_pairs(
-            scorer, model_dir, media_dir, queries_dir, settings, params, device, ti, mi, corpus, progress))
+            scorer, build, params, device, ti, mi, corpus, progress))
         final = evaluate_scores(Scores.dense(t2m, m2t), relevance, top=10)
         first = evaluate_scores(Scores.dense(first_scores), relevance)
     timing["total_s"] = time.perf_counter() - t0
@@ -290,40 +292,34 @@ def _hf_dual(media_dir: Path, params: RetrievalParams, log: Any) -> tuple[list, 
 def _evaluate_hf_cross(media_dir: Path | None, out: Path, params: RetrievalParams,
                        first_stage_dir: Path | None, log: Any,
                        progress: Callable[[str, int, int], None] | None) -> dict[str, Any]:
-    """A Hugging Face cross-encoder (LXMERT, VisualBERT; :class:`~fusion.retrieval.external.HFCrossEncoder`)
+    """A Hugging Face cross-encoder (LXMERT, VisualBERT; :class:`~fusion.retrieval.hf.HFCrossEncoder`)
     over the media artifact's region features: ``all_pairs``, or ``rerank`` of the top ``k`` of a
     first stage (precomputed ``text_vectors`` + ``media_vectors``, or the ``first_stage`` input)."""
     import torch
 
-    from fusion.pairs import load_pairs
     from fusion.pretrain.loop import load_pretrained
     from fusion.retrieval import external as ext
-    from fusion.retrieval.hf import HFCrossEncoder
+    from fusion.retrieval.hf import cross_setup
     from fusion.retrieval.metrics import Relevance, Scores, evaluate_scores
 
     if media_dir is None:
         raise StageFailed("fusion.retrieval: give input role 'media' (--media): a cross-encoder reads its "
                           "region features")
-    if params.workers > 1:
-        raise StageFailed("fusion.retrieval: a Hugging Face cross-encoder scores in the stage's own "
-                          "process: use workers 1")
     if params.mode == "rerank" and params.text_vectors is None and first_stage_dir is None:
         raise StageFailed("fusion.retrieval: rerank needs a first stage for the cross-encoder: "
                           "text_vectors + media_vectors, or the first_stage input (or use mode all_pairs)")
     device = "cuda" if params.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-    enc = HFCrossEncoder(params.hf_model)
-    bank, caps, counts = load_pairs(media_dir, params.split, 0.0, 0, None, params.limit)
+    settings = ScoreSettings(split=params.split, limit=params.limit, max_length=params.max_length,
+                             encode_batch_size=params.encode_batch_size, batch_size=params.batch_size)
+    build = functools.partial(cross_setup, str(params.hf_model), media_dir, settings)
+    corpus, scorer = build(device)
+    bank, caps, counts = corpus.bank, corpus.captions, corpus.counts
     T, M = len(caps.ids), len(bank)
     if T == 0 or M == 0:
         hint = (" (a model from elsewhere has no held-out split: use split 'all', or a dataset with its "
                 "own split)" if params.split != "all" else "")
         raise StageFailed(f"fusion.retrieval: nothing to evaluate in split {params.split!r} of {media_dir}: "
                           f"{M} media items, {T} captions{hint}")
-    if bank.dim != enc.feature_dim:
-        raise StageFailed(f"mismatched feature dimensions: hf_model {Path(params.hf_model).name} takes "
-                          f"{enc.feature_dim}-d region features, artifact {media_dir.name} has {bank.dim}-d")
-    scorer = Scorer(enc, enc.tokenizer, min(params.max_length or 64, enc.max_positions), device,
-                    params.encode_batch_size, params.batch_size)
     relevance = Relevance.from_ids(caps.ids, bank.ids,
                                    [(c, bank.ids[m]) for c, m in zip(caps.ids, caps.media)])
     name = f"hf_model {Path(params.hf_model).name}"
@@ -348,10 +344,9 @@ def _evaluate_hf_cross(media_dir: Path | None, out: Path, params: RetrievalParam
         text_vec, media_vec = fs.vectors(caps, bank)
         first_scores, first_label = text_vec @ media_vec.T, "first_stage input"
     timing: dict[str, Any] = {"first_stage_s": time.perf_counter() - t0}
-    states = scorer.states(caps, bank)
-    report = (lambda done, total: progress("pairs", done, total)) if progress else None
     t2m, m2t, pairs, timing["cross_s"] = _cross_scores(
-        first_scores, params, lambda ti, mi: scorer.cross(*states, ti, mi, report), (T, M))
+        first_scores, params, lambda ti, mi: _score_pairs(scorer, build, params, device, ti, mi, corpus,
+                                                          progress), (T, M))
     final = evaluate_scores(Scores.dense(t2m, m2t), relevance, top=10)
     first = evaluate_scores(Scores.dense(first_scores), relevance) if first_scores is not None else final
     timing["total_s"] = time.perf_counter() - t0
@@ -364,10 +359,12 @@ def _evaluate_hf_cross(media_dir: Path | None, out: Path, params: RetrievalParam
                    Listing.of(caps, bank), media_dir, log)
 
 
-def _score_pairs(scorer: Scorer, model_dir: Path, media_dir: Path, queries_dir: Path | None,
-                 settings: ScoreSettings, params: RetrievalParams, device: str, ti: np.ndarray,
-                 mi: np.ndarray,
-                 corpus: Corpus, progress: Callable[[str, int, int], None] | None) -> np.ndarray:
+def _score_pairs(scorer: Scorer, build: Callable[[str], tuple[Corpus, Scorer]], params: RetrievalParams,
+                 device: str, ti: np.ndarray, mi: np.ndarray, corpus: Corpus,
+                 progress: Callable[[str, int, int], None] | None) -> np.ndarray:
+    """Cross-encoder scores of the pairs ``(ti[j], mi[j])``: in this process with ``scorer``
+    (``workers: 1``), else on ``workers`` Ray actors that each rebuild the corpus and the model with
+    ``build(device)``, the call that made ``corpus`` and ``scorer`` here."""
     report = (lambda done, total: progress("pairs", done, total)) if progress else None
     if params.workers == 1:
         states = scorer.states(corpus.captions, corpus.bank)
@@ -379,10 +376,8 @@ def _score_pairs(scorer: Scorer, model_dir: Path, media_dir: Path, queries_dir: 
     worker = score_worker_cls()
     threads = max(1, (os.cpu_count() or 1) // params.workers)
     actors = [worker.options(num_cpus=1 if params.gpus_per_worker == 0 else 0,
-                             num_gpus=params.gpus_per_worker).remote(
-        str(model_dir), str(media_dir), str(queries_dir) if queries_dir else None,
-        settings, threads, device)
-        for _ in range(params.workers)]
+                             num_gpus=params.gpus_per_worker).remote(build, threads, device)
+              for _ in range(params.workers)]
     # Many small shards, handed out as actors free up: balanced when pair lengths differ.
     shards = batches(len(ti), params.batch_size * 8)
     out = np.empty(len(ti), dtype=np.float32)

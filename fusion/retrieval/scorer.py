@@ -146,17 +146,17 @@ def score_worker_cls():  # noqa: ANN202
 
     @ray.remote
     class ScoreWorker:
-        """One model replica: rebuilds the corpus' states itself, then scores pair shards."""
+        """One model replica: rebuilds the corpus and its states itself with ``build(device)``
+        (:func:`setup` for a stele model, :func:`fusion.retrieval.hf.cross_setup` for a Hugging Face
+        one: the same call as the stage's, so pair indices agree), then scores pair shards."""
 
-        def __init__(self, model_dir: str, media_dir: str, queries_dir: str | None,
-                     settings: ScoreSettings, threads: int, device: str) -> None:
+        def __init__(self, build: Callable[[str], tuple[Corpus, Scorer]], threads: int,
+                     device: str) -> None:
             import torch
 
             torch.set_num_threads(threads)
-            corpus, scorer = setup(Path(model_dir), Path(media_dir), settings, device,
-                                    Path(queries_dir) if queries_dir else None)
-            self.scorer = scorer
-            self.states = scorer.states(corpus.captions, corpus.bank)
+            corpus, self.scorer = build(device)
+            self.states = self.scorer.states(corpus.captions, corpus.bank)
 
         def score(self, ti: np.ndarray, mi: np.ndarray) -> np.ndarray:
             return self.scorer.cross(*self.states, ti, mi)

@@ -117,6 +117,10 @@ def test_rerank_with_k_all_equals_all_pairs(trained, feature_artifact, tmp_path)
                   RetrievalParams(mode="rerank", k=42, split="all"), first_stage_dir=trained["dual"][1])
     assert {k: fs[k] for k in keys} == pytest.approx({k: full[k] for k in keys})   # k = all: exact
     assert json.loads((tmp_path / "d" / "metrics.json").read_text())["first_stage"] == "first_stage input"
+    # on two Ray actors, each rebuilding the model and the split itself: the same scores
+    actors = _eval(trained, feature_artifact, tmp_path / "e", mode="all_pairs", split="all", workers=2,
+                   batch_size=16)
+    assert {k: actors[k] for k in keys} == pytest.approx({k: full[k] for k in keys})
 
 
 def test_trained_models_retrieve_held_out_items_better_than_chance(trained, feature_artifact, tmp_path):

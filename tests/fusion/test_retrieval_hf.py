@@ -266,3 +266,22 @@ def test_hf_cross_encoder_rerank_with_k_all_equals_all_pairs(cross_dir, feature_
     rc = main(["eval", "retrieval", "--hf-model", str(cross_dir), "--media", str(wide), "--split", "all",
                "--out", str(tmp_path / "y")])
     assert rc == 1 and "takes 16-d region features, artifact wide has 24-d" in capsys.readouterr().out
+
+
+def test_hf_cross_encoder_scores_on_ray_actors_as_in_process(ray_local, cross_dir, feature_artifact, tmp_path,
+                                                             capsys):
+    """``workers: 2``: each actor rebuilds the model and the split from the folder and the artifact, the
+    same call as the stage's own, so the pairs it is handed mean the same and score the same."""
+    from pipeline.cli import main
+
+    got = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        rc = main(["eval", "retrieval", "--hf-model", str(cross_dir), "--media", str(feature_artifact),
+                   "--split", "all", "--mode", "all_pairs", "--batch-size", "16", "--workers", str(workers),
+                   "--out", str(out)])
+        assert rc == 0, capsys.readouterr().out
+        got[workers] = json.loads((out / "metrics.json").read_text())
+    assert got[2]["timing"]["pairs_scored"] == got[1]["timing"]["pairs_scored"] == 42 * 42
+    for d in ("text_to_media", "media_to_text"):
+        assert got[2][d] == pytest.approx(got[1][d], abs=1e-6), d
