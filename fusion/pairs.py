@@ -150,6 +150,28 @@ def load_pairs(path: str | Path, split: str = "all", held_out_share: float = 0.0
     return bank, caps, counts
 
 
+def own_split_items(path: str | Path, split: str) -> tuple[set[str], dict[str, Any]]:
+    """The ids of a feature artifact's items in ``split`` of the dataset's own split, and the split
+    counts: what precomputed vectors and scores from elsewhere are narrowed to. They have no held-out
+    split of stele's, so an artifact whose items carry none, or no item of ``split``, is a
+    :class:`~pipeline.StageFailed` naming the artifact and the splits it has."""
+    from fusion.compat import artifact_name
+
+    items = pq.read_table(Path(path) / "items.parquet", columns=["id", "meta"])
+    ids = items["id"].to_pylist()
+    splits = MediaSplit.of_listing(ids, items["meta"].to_pylist())
+    where = f"features artifact {artifact_name(path)}"
+    if splits.source != "dataset":
+        raise StageFailed(f"split {split!r}: the items of {where} carry no split of their own (no meta "
+                          f"'split'), and precomputed vectors or scores have no held-out split of "
+                          f"stele's: use split all, or a dataset with its own split")
+    try:
+        splits.check(split, where)
+    except ValueError as e:
+        raise StageFailed(str(e)) from None
+    return {i for i in ids if splits.contains(i, split)}, splits.counts()
+
+
 def split_source_for(model_dir: str | Path, recipe: dict[str, Any], media_dir: str | Path
                      ) -> SplitSource:
     """The ``split_source`` to evaluate a ``fusion.pretrain`` model with on a feature artifact, so

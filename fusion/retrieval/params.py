@@ -20,7 +20,9 @@ class RetrievalParams(BaseModel):
     split: Literal["test", "val", "train", "all"] = Field(
         default="test", description="which media items: the dataset's own split where the items carry "
                                     "one (Karpathy's, a captions file's split column), else the "
-                                    "model's hash split (held_out_share, split_seed: train, test)")
+                                    "model's hash split (held_out_share, split_seed: train, test); "
+                                    "precomputed vectors or scores: all (default), or the dataset's "
+                                    "own split")
     limit: int | None = Field(default=None, ge=1, description="only the first N media items of the split")
     max_length: int | None = Field(default=None, ge=4, description="caption tokens; None: the model's")
     batch_size: int = Field(default=256, ge=1, description="pairs per cross-encoder batch")
@@ -50,7 +52,8 @@ class RetrievalParams(BaseModel):
     def _external(self) -> "RetrievalParams":
         """An external model: one kind at a time (precomputed vectors may rank first for a Hugging
         Face cross-encoder); the mode it implies unless one is given; split 'all' for precomputed
-        files alone (they hold the ids they are evaluated on)."""
+        files unless one is given (they hold the ids they are evaluated on; a split narrows them to
+        the dataset's own: :func:`fusion.pairs.own_split_items`)."""
         if (self.text_vectors is None) != (self.media_vectors is None):
             raise ValueError("text_vectors and media_vectors go together (the two sides of a dual encoder)")
         kinds = [k for k in ("text_vectors", "scores", "hf_model") if getattr(self, k) is not None]
@@ -75,12 +78,8 @@ class RetrievalParams(BaseModel):
             why = "a cross-encoder has no dual vectors" if cross else "it needs a cross-encoder"
             raise ValueError(f"mode {self.mode!r}: {why}; {kind} is scored with mode "
                              f"{' or '.join(repr(a) for a in allowed)}")
-        if kind != "hf_model":
-            if "split" not in self.model_fields_set:
-                self.split = "all"
-            elif self.split != "all":
-                raise ValueError(f"split {self.split!r}: precomputed {kind} are evaluated on the ids "
-                                 f"their files hold (split 'all')")
+        if kind != "hf_model" and "split" not in self.model_fields_set:
+            self.split = "all"   # the ids the files hold; a split narrows them to the dataset's own
         return self
 
     @model_serializer(mode="wrap")

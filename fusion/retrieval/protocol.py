@@ -193,6 +193,7 @@ def _fingerprint(params: RetrievalParams) -> Any:
 def _evaluate_external(media_dir: Path | None, out: Path, params: RetrievalParams,
                        log: Any) -> dict[str, Any]:
     """The protocol for a model from elsewhere (:mod:`fusion.retrieval.external`)."""
+    from fusion.pairs import own_split_items
     from fusion.retrieval import external as ext
     from fusion.retrieval.metrics import Relevance, Scores, evaluate_scores
 
@@ -201,6 +202,9 @@ def _evaluate_external(media_dir: Path | None, out: Path, params: RetrievalParam
         why = ("hf_model reads its captions and images through the media artifact" if kind == "hf_model"
                else "the relevance comes from the media artifact's captions, or from pairs")
         raise StageFailed(f"fusion.retrieval: give input role 'media' (--media): {why}")
+    if media_dir is None and params.split != "all":
+        raise StageFailed(f"fusion.retrieval: split {params.split!r} is the dataset's own split: give the "
+                          f"media artifact (--media) whose items carry it, or use split all")
     t0 = time.perf_counter()
     captions = ext.Captions.load(media_dir) if media_dir is not None else None
     counts: dict[str, Any] = {}
@@ -209,17 +213,28 @@ def _evaluate_external(media_dir: Path | None, out: Path, params: RetrievalParam
         source = f"hf_model {Path(params.hf_model).name}"
     elif kind == "vectors":
         tv, mv = ext.load_vector_pair(params.text_vectors, params.media_vectors)
-        text_ids, media_ids, scores = tv.ids, mv.ids, Scores.dual(tv.vectors, mv.vectors)
+        text_ids, media_ids, tvec, mvec = tv.ids, mv.ids, tv.vectors, mv.vectors
         source = f"text_vectors {Path(tv.path).name}, media_vectors {Path(mv.path).name}"
     else:
         sm = ext.load_scores(params.scores)
-        text_ids, media_ids, scores = sm.text_ids, sm.media_ids, Scores.dense(sm.scores)
+        text_ids, media_ids, matrix = sm.text_ids, sm.media_ids, sm.scores
         source = f"scores {Path(sm.path).name}"
-    timing: dict[str, Any] = {"first_stage_s": time.perf_counter() - t0}
     if params.pairs is not None:
         pairs, pairs_from = ext.load_pair_file(params.pairs), f"pairs {Path(params.pairs).name}"
     else:
         pairs, pairs_from = captions.pairs(), "the media artifact's captions"
+    if kind != "hf_model":
+        if params.split != "all":   # the files' ids narrowed to the dataset's own split
+            keep, split_counts = own_split_items(media_dir, params.split)
+            ti, mi, counts = _in_split(text_ids, media_ids, pairs, keep, params.split)
+            counts |= split_counts
+            text_ids, media_ids = [text_ids[i] for i in ti], [media_ids[j] for j in mi]
+            if kind == "vectors":
+                tvec, mvec = tvec[ti], mvec[mi]
+            else:
+                matrix = matrix[ti][:, mi]
+        scores = Scores.dual(tvec, mvec) if kind == "vectors" else Scores.dense(matrix)
+    timing: dict[str, Any] = {"first_stage_s": time.perf_counter() - t0}
     try:
         relevance = Relevance.from_ids(text_ids, media_ids, pairs)
     except ValueError as e:
@@ -240,7 +255,8 @@ def _evaluate_external(media_dir: Path | None, out: Path, params: RetrievalParam
                "pairs_with_media_outside": sum(m not in media_set for _, m in pairs)}
     result: dict[str, Any] = {"mode": params.mode, "k": None, "first_stage": source, "model": source,
                               "relevance": pairs_from,
-                              "split": params.split if kind == "hf_model" else "the ids in the files",
+                              "split": params.split if kind == "hf_model" or params.split != "all"
+                              else "the ids in the files",
                               "queries": {}, "counts": counts, "timing": timing}
     text_of = {c: t for c, (_, t) in captions.of.items()} if captions else {}
     media_text: dict[str, str] = {}
@@ -251,6 +267,20 @@ def _evaluate_external(media_dir: Path | None, out: Path, params: RetrievalParam
     if kind == "hf_model":
         listing.texts = list(texts)
     return _finish(out, params, result, final, final, scores, relevance, listing, media_dir, log)
+
+
+def _in_split(text_ids: list[str], media_ids: list[str], pairs: list[tuple[str, str]], keep: set[str],
+              split: str) -> tuple[list[int], list[int], dict[str, int]]:
+    """Rows of precomputed files in ``split``: the media ids in ``keep``, and the texts paired
+    (``pairs``) with one of them; the counts of what each side left out."""
+    ti_keep = {t for t, m in pairs if m in keep}
+    ti = [i for i, t in enumerate(text_ids) if t in ti_keep]
+    mi = [j for j, m in enumerate(media_ids) if m in keep]
+    if not ti or not mi:
+        raise StageFailed(f"fusion.retrieval: split {split!r}: {len(mi)} of the files' {len(media_ids)} "
+                          f"media ids and {len(ti)} of their {len(text_ids)} text ids are in it")
+    return ti, mi, {f"texts_outside_{split}": len(text_ids) - len(ti),
+                    f"media_outside_{split}": len(media_ids) - len(mi)}
 
 
 def _hf_dual(media_dir: Path, params: RetrievalParams, log: Any) -> tuple[list, list, list, Any, dict]:

@@ -192,6 +192,55 @@ def test_stele_eval_retrieval_scores_precomputed_vectors_and_scores_alike(featur
     assert len(ranks) == 84 and all(len(r["top_ids"]) == 10 for r in ranks)
 
 
+def _with_own_split(src: Path, dest: Path, test: set[str]) -> Path:
+    """A copy of a feature artifact whose items carry a dataset split: ``test`` items, else train."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(src, dest)
+    items = pq.read_table(dest / "items.parquet")
+    meta = [json.dumps({"split": "test" if i in test else "train"}) for i in items["id"].to_pylist()]
+    pq.write_table(items.set_column(items.schema.get_field_index("meta"), "meta",
+                                    pa.array(meta, pa.string())), dest / "items.parquet")
+    return dest
+
+
+def test_precomputed_files_narrowed_to_the_datasets_own_split(feature_artifact, model_files, tmp_path,
+                                                             capsys):
+    """``--split test`` with precomputed vectors or scores: only the files' rows of the media
+    artifact's test items (and the texts paired with them) are ranked, as if the files held no more."""
+    from fusion.retrieval.metrics import Relevance, dual_retrieval_metrics
+    from pipeline.cli import main
+
+    test = {i for i in ITEMS if i.startswith((f"{COLOURS[0]}-", f"{COLOURS[1]}-"))}
+    media_dir = _with_own_split(feature_artifact, tmp_path / "own-split", test)
+    ids, text, media_ids, media = _vectors()
+    ti = [k for k, i in enumerate(ids) if i.split("#")[0] in test]
+    mi = [k for k, i in enumerate(media_ids) if i in test]
+    want = dual_retrieval_metrics(torch.as_tensor(text[ti]), torch.as_tensor(media[mi]), Relevance.from_ids(
+        [ids[k] for k in ti], [media_ids[k] for k in mi], [(f"{i}#0", i) for i in ITEMS]))
+    runs = {"vectors": ["--text-vectors", str(model_files["text"]), "--media-vectors", str(model_files["media"])],
+            "scores": ["--scores", str(model_files["scores"])]}
+    for name, argv in runs.items():
+        out = tmp_path / name
+        rc = main(["eval", "retrieval", *argv, "--media", str(media_dir), "--split", "test", "--out", str(out)])
+        assert rc == 0, capsys.readouterr().out
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["split"] == "test"
+        c = metrics["counts"]
+        assert c["captions"] == c["media"] == len(test) == 2 * len(NOUNS)
+        assert c["texts_outside_test"] == c["media_outside_test"] == len(ITEMS) - len(test)
+        assert c["dataset_splits"] == {"test": len(test), "train": len(ITEMS) - len(test)}
+        for d in ("text_to_media", "media_to_text"):
+            assert metrics[d] == pytest.approx(want[d], rel=1e-6), (name, d)
+    # a split the dataset does not have names the ones it has
+    rc = main(["eval", "retrieval", *runs["scores"], "--media", str(media_dir), "--split", "val",
+               "--out", str(tmp_path / "x")])
+    assert rc == 1 and "no item of split 'val'" in capsys.readouterr().out
+
+
 def test_eval_retrieval_external_model_mistakes_are_one_line_errors(feature_artifact, model_files,
                                                                    tmp_path, capsys):
     from pipeline.cli import main
@@ -210,8 +259,10 @@ def test_eval_retrieval_external_model_mistakes_are_one_line_errors(feature_arti
                                                  str(model_files["media"]), "--media", str(feature_artifact))
     assert "mode 'rerank': it needs a cross-encoder" in err("--scores", str(model_files["scores"]), "--mode",
                                                         "rerank", "--media", str(feature_artifact))
-    assert "split 'test': precomputed scores are evaluated on the ids their files hold" in err(
+    assert "split 'test': the items of features artifact" in err(       # the artifact's carry no split
         "--scores", str(model_files["scores"]), "--split", "test", "--media", str(feature_artifact))
+    assert "split 'test' is the dataset's own split: give the media artifact" in err(
+        "--scores", str(model_files["scores"]), "--split", "test", "--pairs", str(model_files["pairs"]))
     assert "give input role 'media' (--media)" in err("--scores", str(model_files["scores"]))
     # caption ids that name nothing in the relevance
     ids, text, media_ids, media = _vectors()
