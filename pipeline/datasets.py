@@ -294,10 +294,16 @@ def hf_offline() -> bool:
 
 
 def open_hf_dataset(path: str, split: str | None) -> Any:
-    """One ``datasets.Dataset``: a ``save_to_disk`` folder (local, or on a URI: ``datasets`` copies
-    it into a local temporary folder), or a Hub name (a :class:`DatasetError` at once when
-    :func:`hf_offline`). ``split`` picks from a ``DatasetDict``; it may be left out when there is
-    one split, and must be for a table without splits."""
+    """One ``datasets.Dataset`` (:func:`open_hf_split` without the split's name)."""
+    return open_hf_split(path, split)[0]
+
+
+def open_hf_split(path: str, split: str | None) -> tuple[Any, str | None]:
+    """One ``datasets.Dataset`` and the ``DatasetDict`` split it is (None for a table without
+    splits): a ``save_to_disk`` folder (local, or on a URI: ``datasets`` copies it into a local
+    temporary folder), or a Hub name (a :class:`DatasetError` at once when :func:`hf_offline`).
+    ``split`` picks from a ``DatasetDict``; it may be left out when there is one split, and must be
+    for a table without splits."""
     import datasets
 
     p = input_path(path)
@@ -320,24 +326,35 @@ def open_hf_dataset(path: str, split: str | None) -> Any:
         split = split or (next(iter(ds)) if len(ds) == 1 else None)
         if split not in ds:
             raise DatasetError(f"{path}: choose a split with split: (it has {', '.join(ds)})")
-        return ds[split]
+        return ds[split], split
     if split:
         raise DatasetError(f"{path}: one dataset without splits; remove split: {split}")
-    return ds
+    return ds, None
 
 
-def hf_items(ds: Any, name: str, text_column: str, id_column: str | None,
-             q: Quarantine) -> Iterator[Item]:
+# Hugging Face names its validation split "validation"; stele's splits (Karpathy's) call it "val".
+SPLIT_ALIASES = {"validation": "val"}
+
+
+def hf_items(ds: Any, name: str, text_column: str, id_column: str | None, q: Quarantine,
+             split_column: str | None = None, split: str | None = None) -> Iterator[Item]:
     """An item per row of a ``datasets.Dataset``: media = the row number, id = the ``id_column``
-    value (else the row number), texts = ``text_column`` (a string or a list of strings). Only
-    those columns are read, so listing never touches the media. A bad row goes to ``q`` as
-    ``<name> row <i>``."""
+    value (else the row number), texts = ``text_column`` (a string or a list of strings), and
+    ``meta["split"]`` the row's ``split_column`` value where the table has that column and the row
+    a value, else ``split`` (the ``DatasetDict`` split the table is), else none; ``validation`` is
+    stele's ``val`` (:data:`SPLIT_ALIASES`). Only those columns are read, so listing never touches
+    the media. A bad row goes to ``q`` as ``<name> row <i>``."""
     cols = [text_column] + ([id_column] if id_column else [])
+    by_row = split_column is not None and split_column in ds.column_names and split_column not in cols
+    cols += [split_column] if by_row else []
     i = 0
     for batch in ds.select_columns(cols).iter(batch_size=1000):
         for row in zip(*(batch[c] for c in cols)):
             where = f"{name} row {i}"
             texts = text_list(row[0])
+            row_split = str(row[-1]).strip() if by_row and row[-1] is not None else ""
+            row_split = row_split or split
+            meta = {"split": SPLIT_ALIASES.get(row_split, row_split)} if row_split else {}
             if texts is None:
                 q.bad(where, f"column {text_column!r} must be a string or a list of strings",
                       repr(row[0]))
@@ -345,7 +362,7 @@ def hf_items(ds: Any, name: str, text_column: str, id_column: str | None,
                 q.bad(where, f"empty {id_column!r}", repr(row))
             else:
                 yield Item(id=str(row[1]) if id_column else str(i), media=str(i), texts=texts,
-                           where=where)
+                           meta=meta, where=where)
             i += 1
 
 
@@ -356,11 +373,19 @@ class HFDataset(MediaDataset):
     path: InputURI = Field(description="save_to_disk folder (a path or a URI), or a Hub dataset "
                                        "name")
     split: str | None = Field(default=None, description="split of a DatasetDict (needed when it "
-                                                        "has several)")
+                                                        "has several); its items carry it as their "
+                                                        "split")
     text_column: str = "text"
     id_column: str | None = None
+    split_column: str | None = Field(default="split", description="column giving each row's own "
+                                     "split (train, val, test, ...), read where the table has it")
 
     def files(self) -> list[Path | URIPath]:
         p = input_path(self.path)
         # a Hub dataset: its revision, not local files, decides what is read
         return input_files(p) if p.is_dir() else []
+
+    def fingerprint(self) -> Any:
+        # Items carry their split in their meta since listing version 2: artifacts listed before
+        # lack it, so they are not the same listing.
+        return {"files": super().fingerprint(), "listing": 2}

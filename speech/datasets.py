@@ -37,7 +37,7 @@ import numpy as np
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from pipeline.datasets import (AudioClip, DatasetError, HFDataset, Item, MediaDataset, build_dataset,
-                               dataset, hf_items, open_hf_dataset, read_media, read_records,
+                               dataset, hf_items, open_hf_dataset, open_hf_split, read_media, read_records,
                                split_conflict, unique_ids)
 from pipeline.quarantine import Quarantine
 from pipeline.readers import read_lines
@@ -227,13 +227,14 @@ class HFAudio(HFDataset):
         return unique_ids(self._items(q), q)
 
     def _items(self, q: Quarantine) -> Iterator[Item]:
-        ds = open_hf_dataset(self.path, self.split)
+        ds, split = open_hf_split(self.path, self.split)
         self._audio_kind(ds)  # a column that holds no audio fails the listing, not every load
         missing = [c for c in (self.text_column, self.id_column) if c and c not in ds.column_names]
         if missing:
             raise DatasetError(f"{self.path}: no column {', '.join(map(repr, missing))} (columns: "
                                f"{', '.join(ds.column_names)}); set text_column / id_column")
-        yield from hf_items(ds, self._name(), self.text_column, self.id_column, q)
+        yield from hf_items(ds, self._name(), self.text_column, self.id_column, q, self.split_column,
+                            split)
 
     def load(self, media: str) -> bytes | AudioClip:
         if self._rows is None:

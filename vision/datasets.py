@@ -12,7 +12,8 @@
 * ``karpathy``: Karpathy's splits of Flickr8k/30k and COCO (``dataset_flickr30k.json``).
 
 Where a dataset defines splits, each item's is ``meta["split"]``: Karpathy's, the COCO annotation
-file's (``captions_val2017.json`` -> ``val``), a captions file's ``split`` column. The fusion
+file's (``captions_val2017.json`` -> ``val``), a captions file's ``split`` column, a Hugging Face
+table's ``split`` column or the ``DatasetDict`` split it is (``validation`` -> ``val``). The fusion
 stages use it instead of their hash split (:mod:`fusion.splits`): only ``train`` items pretrain,
 and retrieval's ``split: test`` is the dataset's test set.
 * ``hf_images``: a ``datasets`` table saved with ``save_to_disk``: an image column (``Image()``
@@ -39,8 +40,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PrivateAttr, model_validator
 
 from pipeline.datasets import (DatasetError, HFDataset, Item, MediaDataset, dataset, hf_items,
-                               load_json, open_hf_dataset, read_media, read_records, split_conflict,
-                               unique_ids)
+                               load_json, open_hf_dataset, open_hf_split, read_media, read_records,
+                               split_conflict, unique_ids)
 from pipeline.quarantine import Quarantine
 from pipeline.uris import InputURI, URIPath, file_checker, input_path, open_input
 
@@ -287,7 +288,7 @@ class HFImages(HFDataset):
         return unique_ids(self._items(q), q)
 
     def _items(self, q: Quarantine) -> Iterator[Item]:
-        ds = open_hf_dataset(self.path, self.split)
+        ds, split = open_hf_split(self.path, self.split)
         missing = [c for c in (self.image_column, self.text_column, self.id_column)
                    if c and c not in ds.column_names]
         if missing:
@@ -295,7 +296,7 @@ class HFImages(HFDataset):
                                f"{', '.join(ds.column_names)}); set image_column / text_column / "
                                f"id_column")
         name = f"{self.path}[{self.split}]" if self.split else self.path
-        yield from hf_items(ds, name, self.text_column, self.id_column, q)
+        yield from hf_items(ds, name, self.text_column, self.id_column, q, self.split_column, split)
 
     def load(self, media: str) -> bytes:
         if self._images is None:

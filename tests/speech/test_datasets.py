@@ -261,6 +261,7 @@ def test_hf_audio_splits_and_hub_names(tmp_path: Path):
     with pytest.raises(DatasetError, match="choose a split"):
         listed(HFAudio(path=str(tmp_path / "dd")))
     assert listed(HFAudio(path=str(tmp_path / "dd"), split="test"))[0][0].texts == ["u"]
+    assert listed(HFAudio(path=str(tmp_path / "dd"), split="test"))[0][0].meta == {"split": "test"}
     with pytest.raises(DatasetError, match="HF_HUB_OFFLINE=1"):
         listed(HFAudio(path="someone/some-audio-set"))
     (tmp_path / "plain").mkdir()
