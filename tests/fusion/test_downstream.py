@@ -332,6 +332,10 @@ def test_every_recipe_has_a_span_encoder():
 
     builtin = {n for n, c in RECIPES.all().items() if c.__module__ == "fusion.pretrain.recipes"}
     assert builtin == set(PRETRAIN_OPTIONS) and builtin <= set(SPAN_ENCODERS.all())
+    text = {n for n, c in RECIPES.all().items() if c.__module__ in (
+        "fusion.pretrain.knowledge_recipes", "fusion.pretrain.lexical_recipes")}
+    assert text == {"kepler", "kgbert", "sensebert", "libert"}
+    assert all(span_encoder_for(n) for n in text)     # libert fine-tunes as mlm, its base
     assert "plain" in SPAN_ENCODERS.all()
 
     class Derived(PlainMLM):   # a plugin's variant of a built-in recipe fine-tunes like its base
