@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from pipeline import Input, StageContext, StageFailed, stage
 from pipeline.train import ScalingParams, TrainConfig, fit
@@ -67,6 +67,20 @@ class EmbedParams(BaseModel):
     eval_batch_size: int = Field(default=256, ge=1)
     seed: int = 0
     scaling: ScalingParams = ScalingParams()
+    partitions: int = Field(
+        default=1, ge=1, description="entity partitions (PyTorch-BigGraph): 1 trains the whole table "
+        "on every worker (Ray Train, DDP); P > 1 splits the entities into P partitions and the "
+        "training triples into P x P buckets, trains rounds of disjoint buckets as Ray tasks "
+        "(scaling.num_workers at a time), each holding only its two partitions, kept in the stage's "
+        "state; needs optimizer: rowwise_adagrad (knowledge.partitioned)")
+
+    @model_serializer(mode="wrap")
+    def _drop_one_partition(self, handler: Any) -> dict[str, Any]:
+        # Left out at 1, so the artifact keys of every stage written before the field existed stay.
+        out = handler(self)
+        if self.partitions == 1:
+            out.pop("partitions", None)
+        return out
 
 
 def load_trained(folder: Path):
@@ -111,6 +125,8 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
         patience=params.patience, seed=params.seed,
         # Each worker gets its share of the cores; torch's default would oversubscribe them.
         threads_per_worker=max(1, int(params.scaling.cpus_per_worker)))
+    if params.partitions > 1:
+        return _embed_partitioned(ctx, params, job, entities, relations)
     train_cfg = TrainConfig(**params.scaling.model_dump(), max_steps=params.epochs,
                             checkpoint_every=max(1, params.eval_every or 10), seed=params.seed)
     ctx.log.info("training %s dim %d on %d triples (%d entities) with %d worker(s)", params.model,
@@ -146,6 +162,50 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
             "weights": "best validation" if best else "last epoch",
             "train_loop_s": round(sum(h.get("epoch_s", 0.0) for h in hist), 3),
             "num_workers": params.scaling.num_workers, "job_bytes": result.job_bytes}
+
+
+def _embed_partitioned(ctx: StageContext, params: EmbedParams, job, entities, relations) -> dict:  # noqa: ANN001
+    """``partitions > 1``: :func:`knowledge.partitioned_eval.fit_partitioned` (buckets and partition
+    files in the stage's state). The artifact holds the files of ``partitions: 1`` (the tables
+    assembled from the partitions, which at that size must fit one process; the last epoch's
+    weights) and ``partitions/``: the partition files themselves (``part-<p>.safetensors``:
+    ``node_emb`` (n_p, d) and its row-wise Adagrad accumulator; ``relations.safetensors``) and
+    ``partitioning.parquet`` (``idx``, ``partition``, ``offset``: entity ``idx`` is row ``offset``
+    of partition ``partition``), the form that scales."""
+    from safetensors.torch import save_file
+
+    from ..models import save_model
+    from ..partitioned_eval import fit_partitioned
+
+    if params.partitions > job.num_entities:
+        raise StageFailed(f"partitions: {params.partitions} exceeds the graph's {job.num_entities} entities")
+    if params.optimizer != "rowwise_adagrad":
+        raise StageFailed(f"partitions: {params.partitions} trains with row-wise Adagrad (PyTorch-"
+                          f"BigGraph's optimiser): set optimizer: rowwise_adagrad, not {params.optimizer}")
+    ctx.log.info("training %s dim %d on %d triples (%d entities) in %d partitions with %d worker(s)",
+                 params.model, params.dim, job.num_train, job.num_entities, params.partitions,
+                 params.scaling.num_workers)
+    run = fit_partitioned(job, entities["id"].to_pylist(), params.partitions,
+                          f"{ctx.state_uri.rstrip('/')}/partitioned", params.scaling.num_workers,
+                          params.scaling.cpus_per_worker)
+    save_model(ctx.out, run.model)
+    ent, rel = _embedding_tables(run.model)
+    save_file({"entity": ent, "relation": rel}, str(ctx.out / "embeddings.safetensors"))
+    pq.write_table(entities, ctx.out / "entities.parquet")
+    pq.write_table(relations, ctx.out / "relations.parquet")
+    run.save_partitions(ctx.out / "partitions")
+    hist = run.history
+    (ctx.out / "history.json").write_text(json.dumps(hist, indent=1))
+    _plot(hist, ctx.out / "training.png", params.model)
+    evals = [h for h in hist if "valid_mrr" in h]
+    best_row = max(evals, key=lambda h: h["valid_mrr"]) if evals else None
+    return {"epochs": hist[-1]["step"] if hist else 0, "stopped_early": run.stopped,
+            "final_loss": hist[-1]["loss"] if hist else None,
+            "best_valid_mrr": best_row["valid_mrr"] if best_row else None,
+            "best_epoch": best_row["step"] if best_row else None, "weights": "last epoch",
+            "train_loop_s": round(sum(h.get("epoch_s", 0.0) for h in hist), 3),
+            "num_workers": params.scaling.num_workers, "partitions": params.partitions,
+            "buckets": int((run.counts > 0).sum())}
 
 
 def _embedding_tables(model):  # noqa: ANN001, ANN202
