@@ -17,10 +17,8 @@ artifact. Each returns, per example, the vector at the *first wordpiece* of each
   the model the label.
 * ``kadapter``: the K-Adapter features ``[h_L ; adapter]`` (Wang et al. 2021). The backbone stays
   frozen as in the paper; the adapter and the head are fine-tuned.
-* ``kepler``, ``kgbert``: the shared text encoder's last hidden states (their knowledge is in the
-  weights; the relation table and the triple heads are not used). ``libert`` fine-tunes as ``mlm``.
-* ``sensebert``: the encoder over SenseBERT's input, each word's wordpieces plus its allowed
-  supersenses' embeddings (the lexicon rebuilt from the ``kg`` input, as in pretraining).
+* ``kepler``, ``kgbert``, ``knowbert``, ``sensebert``: :mod:`fusion.finetune.knowledge_encoders`;
+  ``libert`` fine-tunes as ``mlm``.
 """
 
 from __future__ import annotations
@@ -228,48 +226,6 @@ class KAdapterSpanEncoder(SpanEncoder):
         self.module.train_only(*(self.adapters if train_encoder else ()))
 
 
-class SenseBertSpanEncoder(SpanEncoder):
-    """SenseBERT's encoder on its own input: wordpieces plus the allowed supersenses of each word
-    (:func:`fusion.models.sensebert.piece_senses`), as it pretrained. Its heads stay frozen."""
-
-    recipe = "sensebert"
-
-    def __init__(self, model: Any, tokenizer: Any, max_length: int, lexicon: Any) -> None:
-        super().__init__(model, tokenizer, max_length, model.encoder.config.hidden_size)
-        self.lexicon = lexicon
-
-    def collate(self, examples: Sequence[TaskExample]) -> dict[str, Any]:
-        import torch
-
-        from fusion.models.sensebert import piece_senses
-
-        batch = self._tokenize(examples)
-        enc = self.tokenizer([ex.text for ex in examples], truncation=True, max_length=self.max_length,
-                             padding=True)
-        batch["senses"] = torch.tensor([piece_senses(enc, b, ex.text, self.lexicon)[1]
-                                        for b, ex in enumerate(examples)], dtype=torch.long)
-        return batch
-
-    def token_features(self, batch: dict[str, Any]) -> Any:
-        return self.module(batch["input_ids"], batch["attention_mask"], batch["senses"])  # (B, L, D)
-
-    def coverage(self, examples: Sequence[TaskExample]) -> dict[str, int]:
-        from collections import Counter
-
-        from fusion.models.sensebert import piece_senses
-
-        counts: Counter = Counter()
-        for ex in {ex.doc_id: ex for ex in examples}.values():        # once per document
-            enc = self.tokenizer([ex.text], truncation=True, max_length=self.max_length)
-            piece_senses(enc, 0, ex.text, self.lexicon, counts)
-        return {f"sensebert_{k}": v for k, v in sorted(counts.items())}
-
-    def set_trainable(self, train_encoder: bool) -> None:
-        self.module.requires_grad_(False)
-        self.module.encoder.requires_grad_(train_encoder)
-        self.module.sense_embeddings.requires_grad_(train_encoder)
-
-
 @dataclass
 class EncoderSource:
     """What a span-encoder builder gets: where the weights are, and the KG side of the inputs."""
@@ -343,34 +299,6 @@ def _plain(src: EncoderSource) -> SpanEncoder:
 def _mlm(src: EncoderSource) -> SpanEncoder:
     model = _pretrained(src, {})
     return BertSpanEncoder(model.encoder, src.backbone.tokenizer, src.max_length, "mlm")
-
-
-def _num_relations(src: EncoderSource) -> dict[str, Any]:
-    meta = json.loads((src.path / "recipe.json").read_text())
-    return {"num_relations": meta["resources_meta"]["num_relations"]}
-
-
-@span_encoder("kepler")
-def _kepler(src: EncoderSource) -> SpanEncoder:
-    model = _pretrained(src, _num_relations(src))
-    return BertSpanEncoder(model.encoder, src.backbone.tokenizer, src.max_length, "kepler")
-
-
-@span_encoder("kgbert")
-def _kgbert(src: EncoderSource) -> SpanEncoder:
-    model = _pretrained(src, _num_relations(src))
-    return BertSpanEncoder(model.encoder, src.backbone.tokenizer, src.max_length, "kgbert")
-
-
-@span_encoder("sensebert")
-def _sensebert(src: EncoderSource) -> SpanEncoder:
-    from fusion.models.sensebert import SenseLexicon
-
-    model = _pretrained(src, {})
-    e = src.kg.entities
-    lexicon, _ = SenseLexicon.from_synsets(([n, *(a or [])], t or []) for n, a, t in zip(
-        e["name"].to_pylist(), e["aliases"].to_pylist(), e["types"].to_pylist()))
-    return SenseBertSpanEncoder(model, src.backbone.tokenizer, src.max_length, lexicon)
 
 
 def entity_table(entities: Path | None, encoder: Path | None) -> tuple[Any, dict[str, int]]:
