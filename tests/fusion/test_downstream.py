@@ -333,9 +333,12 @@ def test_every_recipe_has_a_span_encoder():
     builtin = {n for n, c in RECIPES.all().items() if c.__module__ == "fusion.pretrain.recipes"}
     assert builtin == set(PRETRAIN_OPTIONS) and builtin <= set(SPAN_ENCODERS.all())
     text = {n for n, c in RECIPES.all().items() if c.__module__ in (
-        "fusion.pretrain.knowledge_recipes", "fusion.pretrain.lexical_recipes")}
-    assert text == {"kepler", "kgbert", "sensebert", "libert"}
-    assert all(span_encoder_for(n) for n in text)     # libert fine-tunes as mlm, its base
+        "fusion.pretrain.knowledge_recipes", "fusion.pretrain.lexical_recipes",
+        "fusion.pretrain.knowbert_recipe", "fusion.pretrain.extra_recipes")}
+    assert text == {"kepler", "kgbert", "sensebert", "libert", "knowbert", "wklm", "sentilr"}
+    assert all(span_encoder_for(n) for n in text - {"sentilr"})   # libert, wklm: as mlm, their base
+    with pytest.raises(StageFailed, match="no span encoder for recipe 'sentilr'"):
+        span_encoder_for("sentilr")
     assert "plain" in SPAN_ENCODERS.all()
 
     class Derived(PlainMLM):   # a plugin's variant of a built-in recipe fine-tunes like its base
