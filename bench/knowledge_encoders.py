@@ -1,5 +1,6 @@
 """Knowledge encoders compared on the same backbone, data and steps: plain MLM vs ERNIE vs K-BERT vs
-K-Adapter, pretraining tokens/s and downstream accuracy / micro-F1 / macro-F1, mean +- std over seeds.
+K-Adapter vs KEPLER vs KG-BERT vs SenseBERT vs LIBERT, pretraining tokens/s and downstream accuracy /
+micro-F1 / macro-F1, mean +- std over seeds.
 
 The data is ``pipelines/wiki_knowledge.yaml``'s (WordNet + countryinfo KG, TransE vectors, the linked
 Wikipedia summaries from ``$STELE_DATA``); this script writes one pipeline with every pretraining and
@@ -12,7 +13,19 @@ fine-tuning stage and runs it with ``stele``:
    further pretraining; ``plain`` is MiniLM after the same MLM steps the others get (the fair
    baseline). K-Adapter's factual adapter is evaluated on relations, its lexical adapter on typing,
    and both were pretrained with fine-tuning's test entities / pairs held out (the same split), so
-   no adapter saw a test label.
+   no adapter saw a test label. KEPLER and KG-BERT train on the KG's triples with the triples of
+   fine-tuning's test entity pairs left out (``held_out_share``, the same split), so neither trained
+   on a test pair's relation.
+
+What the other new encoders read (their knowledge is the WordNet half of the same KG, whose
+lexnames and hypernyms are also labels of the two tasks): SenseBERT's input carries, in fine-tuning
+as in pretraining, each word's allowed supersenses (the lexnames of the synsets it, or its base form,
+is a one-word lemma of), which for a one-word WordNet mention include its typing label, test
+entities too: that is the model, as K-BERT's injected triples are, not a held-out split. LIBERT's
+synonym / hypernym pairs come from all of WordNet (its recipe has no held-out option), so a test
+pair labelled ``_hypernym`` may be among them. KG-BERT reads triples, not documents: ``--docs`` does
+not cap it (the first N triples would be one source's); its corpus is every training triple, and it
+trains on ``steps x batch`` of them in the corpus stream's seeded order.
 
 Fine-tuning cost. One run is ``--finetune-steps`` batches of 16 plus scoring the test split, which
 grows with ``--docs`` (500 documents: 2,177 typing test examples at 64 wordpieces), so
@@ -43,7 +56,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 STELE = str(Path(sys.executable).parent / "stele")
-ENCODERS = ("backbone", "plain", "ernie", "kbert", "kadapter")
+ENCODERS = ("backbone", "plain", "ernie", "kbert", "kadapter", "kepler", "kgbert", "sensebert", "libert")
+PRETRAININGS = ("plain", "ernie", "kbert", "kadapter_factual", "kadapter_lexical", "kepler", "kgbert",
+                "sensebert", "libert")
 TASKS = {"entity_typing": "typing", "relation_classification": "relations"}
 
 
@@ -67,6 +82,15 @@ def build_pipeline(args: argparse.Namespace) -> dict:
             "uses": "fusion.pretrain", "inputs": {"text": "links", "kg": "kg"},
             "with": {**pre, "recipe": "kadapter", "lr": 1e-4,
                      "options": {"adapter": adapter, **held}}}
+    stages["kepler"] = {"uses": "fusion.pretrain", "inputs": {"text": "links", "kg": "kg"},
+                        "with": {**pre, "recipe": "kepler", "options": held}}
+    # KG-BERT's rows are triples (limit_docs would keep the file's first N, one source's): no cap
+    stages["kgbert"] = {"uses": "fusion.pretrain", "inputs": {"kg": "kg"},
+                        "with": {**{k: v for k, v in pre.items() if k != "limit_docs"},
+                                 "recipe": "kgbert", "options": held}}
+    for lexical in ("sensebert", "libert"):  # the KG's WordNet half is their lexicon
+        stages[lexical] = {"uses": "fusion.pretrain", "inputs": {"text": "links", "kg": "kg"},
+                           "with": {**pre, "recipe": lexical}}
     ft = {"steps": args.finetune_steps, "batch_size": 16, "max_length": args.finetune_max_length,
           "limit_docs": args.docs, "test_share": args.test_share, "split_seed": 0,
           "max_train_examples": args.max_train_examples, "max_test_examples": args.max_test_examples}
@@ -141,7 +165,7 @@ def main() -> None:
     spec.write_text(yaml.safe_dump(build_pipeline(args), sort_keys=False))
     store = ["--store", args.store]
     wall = {}
-    for name in ("links", "transe", "plain", "ernie", "kbert", "kadapter_factual", "kadapter_lexical"):
+    for name in ("links", "transe", *PRETRAININGS):
         wall[name] = round(stele("run", str(spec), *store, "--until", name), 1)
     wall["finetuning"] = round(stele("run", str(spec), *store, "--num-cpus",
                                      str(args.finetune_jobs)), 1)
@@ -151,9 +175,10 @@ def main() -> None:
     table: dict = {"settings": vars(args), "wall_s": wall, "pretraining": {}, "downstream": {},
                    "sizes": {}}
     print(f"\npretraining: {args.steps} steps x batch {args.batch} x {args.max_length} tokens, "
-          f"first {args.docs} summaries, MiniLM backbone, one worker, each run alone")
+          f"first {args.docs} summaries (kgbert: all training triples), MiniLM backbone, one worker, "
+          f"each run alone; the losses are each recipe's own total, not comparable across rows")
     print(f"{'encoder':18} {'tokens/s':>9} {'first loss':>11} {'last-10 loss':>13}")
-    for name in ("plain", "ernie", "kbert", "kadapter_factual", "kadapter_lexical"):
+    for name in PRETRAININGS:
         x = m[name]["metrics"]
         key = "total"
         row = {"tokens_per_s": x["tokens_per_s"], "loss_first": x.get(f"loss_{key}_first"),
