@@ -249,16 +249,24 @@ def rank_metrics(model_or_scorers: Any, test: Tensor, known: Tensor, num_entitie
         ranks[f"{setting}_optimistic"], ranks[f"{setting}_pessimistic"] = opt, pes
         # float64: realistic ranks are half-integers, beyond float32's exact range past 2**23
         ranks[setting] = (opt + pes).double() / 2
-    n = len(test)
-    side_of = np.repeat(np.array(SIDES), n)
-    is_head = torch.arange(2 * n) < n
+    return assemble_metrics(test, ranks, num_entities, num_relations, len(filt.by_hr.keys), ks,
+                            max_k_curve)
 
+
+def assemble_metrics(test: Tensor, ranks: dict[str, Tensor], num_entities: int, num_relations: int,
+                     num_known: int, ks: Sequence[int], max_k_curve: int) -> dict[str, Any]:
+    """:func:`rank_metrics`' result from the ranks of ``test``'s (n, 3) triples, head side first
+    then tail (``ranks``: ``raw`` / ``filtered`` realistic ranks (2n,) and their ``_optimistic`` /
+    ``_pessimistic`` parts); shared with the sharded evaluator
+    (:mod:`knowledge.partitioned_eval`), which sums the same counts over candidate partitions."""
+    n = len(test)
+    is_head = torch.arange(2 * n) < n
     out: dict[str, Any] = {
         "protocol": {"sides": "both (head and tail prediction)",
                      "filtered": "Bordes et al. 2013 filtered setting against the known triples",
                      "rank": "realistic = (optimistic + pessimistic) / 2 (Berrendorf et al. 2020)"},
         "num_triples": n, "num_entities": num_entities, "num_relations": num_relations,
-        "num_known": len(filt.by_hr.keys),
+        "num_known": num_known,
     }
     for setting in ("filtered", "raw"):
         rk = ranks[setting]
@@ -272,6 +280,6 @@ def rank_metrics(model_or_scorers: Any, test: Tensor, known: Tensor, num_entitie
         name: [(sel <= k).double().mean().item() if sel.numel() else float("nan") for k in k_range]
         for name, sel in (("both", frk), ("head", frk[is_head]), ("tail", frk[~is_head]))}}
     out["ranks"] = {"head": test[:, HEAD].repeat(2).numpy(), "relation": rel2.numpy(),
-                    "tail": test[:, TAIL].repeat(2).numpy(), "side": side_of,
+                    "tail": test[:, TAIL].repeat(2).numpy(), "side": np.repeat(np.array(SIDES), n),
                     **{k: v.numpy() for k, v in ranks.items()}}
     return out
