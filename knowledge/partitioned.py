@@ -40,9 +40,9 @@ for entity tables that do not fit one worker.
   depend on timing. The buckets of a round run as Ray tasks; one worker runs them in this process.
 
 ``P = 1`` is the same algorithm on one bucket; the ``knowledge.embed`` stage runs its usual Ray
-Train loop for ``partitions: 1`` and this one for more. A run starts from a freshly initialised
-state (no resumption: a partition is written back after every bucket, so a killed epoch leaves
-some partitions a bucket ahead of others, which a resumed run would have to record and replay).
+Train loop for ``partitions: 1`` and this one for more. The epoch loop, which records its progress
+after every round so that a killed run resumes exactly, is
+:func:`knowledge.partitioned_state.train_partitioned`.
 """
 
 from __future__ import annotations
@@ -140,11 +140,14 @@ class PartitionStore:
     def exists(self, name: str) -> bool:
         return self.fs.exists(self.path(name))
 
-    def save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    def save(self, name: str, tensors: dict[str, torch.Tensor],
+             metadata: dict[str, str] | None = None) -> None:
         from safetensors.torch import save
 
-        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
         final = self.path(name)
+        if "/" in name:  # a subfolder (staged write-backs): local folders need it made first
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{final}.tmp-{uuid.uuid4().hex}"
         try:
             with self.fs.open(tmp, "wb") as f:
@@ -305,14 +308,15 @@ def init_state(job: PartitionedJob, sizes: Sequence[int]) -> dict[str, torch.Ten
 
 
 def train_bucket(job: PartitionedJob, bucket: tuple[int, int], relations: dict[str, torch.Tensor],
-                 epoch: int) -> tuple[dict[str, torch.Tensor], float, int]:
+                 epoch: int, out_folder: str = "") -> tuple[dict[str, torch.Tensor], float, int]:
     """One pass, on the CPU, over bucket ``(i, j)``'s triples holding partitions ``i`` and ``j``
     only (see the module docstring): a model of ``n_i + n_j`` entity rows (``n_i`` when ``i = j``),
     partition ``i``'s first. A corrupted head is drawn from rows ``[0, n_i)``, a corrupted tail
     from partition ``j``'s rows. The partitions (tables and accumulators) are written back to the
-    state. ``relations``: each relation table ``(R, d)`` and its accumulator ``(R,)`` under
-    ``<table>.adagrad``. Returns the relations after the pass, the summed batch loss and the number
-    of batches."""
+    state, or with ``out_folder`` to that subfolder of it (a staged write-back that leaves the
+    bucket's inputs in place, :mod:`knowledge.partitioned_state`). ``relations``: each relation
+    table ``(R, d)`` and its accumulator ``(R,)`` under ``<table>.adagrad``. Returns the relations
+    after the pass, the summed batch loss and the number of batches."""
     torch.set_num_threads(job.threads)
     i, j = bucket
     store = PartitionStore(job.state_uri)
@@ -372,7 +376,8 @@ def train_bucket(job: PartitionedJob, bucket: tuple[int, int], relations: dict[s
     ent = model_tables(model, ENTITY_TABLES)
     for idx, p in enumerate(parts):
         rows = slice(sum(sizes[:idx]), sum(sizes[:idx + 1]))
-        store.save(part_file(p), {**{n: w.detach()[rows] for n, w in ent.items()},
+        name = f"{out_folder.rstrip('/')}/{part_file(p)}" if out_folder else part_file(p)
+        store.save(name, {**{n: w.detach()[rows] for n, w in ent.items()},
                                   **{n + ACC: opt.state[w]["sum"][rows] for n, w in ent.items()}})
     rel = model_tables(model, RELATION_TABLES)
     out = {n: w.detach().clone() for n, w in rel.items()}
@@ -445,40 +450,3 @@ def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], workers: int, cpus
 def mean_relations(results: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The relations after a round of parallel buckets: the mean of each table and accumulator."""
     return {n: torch.stack([r[n] for r in results]).mean(0) for n in results[0]}
-
-
-def train_partitioned(job: PartitionedJob, parts: Partitioning, counts: np.ndarray, epochs: int,
-                      workers: int = 1, cpus_per_worker: float = 1.0,
-                      on_epoch: Callable[[int, dict[str, float]], bool] | None = None
-                      ) -> list[dict[str, float]]:
-    """Initialise the state (:func:`init_state`) and train ``epochs`` epochs over the buckets
-    (``counts`` (P, P): triples per bucket, from :func:`write_buckets`; empty buckets are skipped).
-    ``on_epoch(epoch, row)`` may add to the epoch's history row and returns True to stop.
-    Returns the history: ``step``, ``loss`` (mean batch loss of the epoch), ``buckets``, ``rounds``."""
-    import time
-
-    check_shared(job, workers)
-    relations = init_state(job, parts.sizes.tolist())
-    store = PartitionStore(job.state_uri)
-    history: list[dict[str, float]] = []
-    trained: set[int] = set()
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        rng = np.random.default_rng([job.seed, epoch])
-        order = [b for b in inside_out_order(parts.num_partitions, rng) if counts[b] > 0]
-        schedule = rounds(order, workers, trained if epoch == 1 else None)
-        total, batches = 0.0, 0
-        for rnd in schedule:
-            results = run_tasks(train_bucket, [(job, b, relations, epoch) for b in rnd], workers,
-                                cpus_per_worker)
-            relations = mean_relations([r[0] for r in results])
-            total += sum(r[1] for r in results)
-            batches += sum(r[2] for r in results)
-        store.save(RELATIONS, relations)
-        row = {"step": epoch, "loss": total / max(batches, 1), "buckets": len(order),
-               "rounds": len(schedule), "epoch_s": time.perf_counter() - t0}
-        stop = bool(on_epoch(epoch, row)) if on_epoch is not None else False
-        history.append(row)
-        if stop:
-            break
-    return history

@@ -42,10 +42,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .evaluate import SIDES, KnownTriples, _count_rows, _per_relation, summarize
+from .evaluate import SIDES, KnownTriples, _count_rows, assemble_metrics
 from .partitioned import (ENTITY_TABLES, RELATION_TABLES, RELATIONS, PartitionedJob, Partitioning,
                           PartitionStore, build_partition_model, check_shared, model_tables, part_file,
-                          read_bucket, run_tasks, train_partitioned, write_buckets)
+                          read_bucket, run_tasks)
+from .partitioned_state import ensure_buckets, train_partitioned
 from .models import build_model
 from .scoring import CandidateScorer, candidate_scorer
 
@@ -199,29 +200,7 @@ def _assemble(test: Tensor, counts: dict[str, list[Tensor]], n_ent: int, n_rel: 
         pes = torch.cat([counts[s][ge_i] for s in SIDES])
         ranks[f"{setting}_optimistic"], ranks[f"{setting}_pessimistic"] = opt, pes
         ranks[setting] = (opt + pes).double() / 2
-    n = len(test)
-    is_head = torch.arange(2 * n) < n
-    out: dict[str, Any] = {
-        "protocol": {"sides": "both (head and tail prediction)",
-                     "filtered": "Bordes et al. 2013 filtered setting against the known triples",
-                     "rank": "realistic = (optimistic + pessimistic) / 2 (Berrendorf et al. 2020)"},
-        "num_triples": n, "num_entities": n_ent, "num_relations": n_rel, "num_known": num_known,
-    }
-    for setting in ("filtered", "raw"):
-        rk = ranks[setting]
-        out[setting] = {"both": summarize(rk, ks), "head": summarize(rk[is_head], ks),
-                        "tail": summarize(rk[~is_head], ks)}
-    rel2 = test[:, REL].repeat(2)
-    out["per_relation"] = _per_relation(rel2, ranks["filtered"], n_rel)
-    frk = ranks["filtered"]
-    k_range = list(range(1, max_k_curve + 1))
-    out["hits_at_k"] = {"k": k_range, **{
-        name: [(sel <= k).double().mean().item() if sel.numel() else float("nan") for k in k_range]
-        for name, sel in (("both", frk), ("head", frk[is_head]), ("tail", frk[~is_head]))}}
-    out["ranks"] = {"head": test[:, HEAD].repeat(2).numpy(), "relation": rel2.numpy(),
-                    "tail": test[:, TAIL].repeat(2).numpy(), "side": np.repeat(np.array(SIDES), n),
-                    **{k: v.numpy() for k, v in ranks.items()}}
-    return out
+    return assemble_metrics(test, ranks, n_ent, n_rel, num_known, ks, max_k_curve)
 
 
 def bernoulli_from_buckets(uri: str, num_partitions: int, num_relations: int) -> torch.Tensor:
@@ -277,17 +256,16 @@ class PartitionedRun:
     counts: np.ndarray                      # (P, P) training triples per bucket
 
     def save_partitions(self, folder: Path) -> None:
-        """Copy the complete partition files (never a temporary one) into the local ``folder``, with
-        ``partitioning.parquet``: entity ``idx`` is row ``offset`` of partition ``partition``."""
+        """Copy the partition files and the relations (never a temporary, staged or progress file)
+        into the local ``folder``, with ``partitioning.parquet``: entity ``idx`` is row ``offset`` of
+        partition ``partition``."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         store = PartitionStore(self.state_uri)
         folder.mkdir(parents=True, exist_ok=True)
-        for path in store.fs.ls(store.root, detail=False):
-            name = path.rsplit("/", 1)[-1]
-            if name.endswith(".safetensors"):
-                (folder / name).write_bytes(store.fs.cat_file(path))
+        for name in [part_file(p) for p in range(self.parts.num_partitions)] + [RELATIONS]:
+            (folder / name).write_bytes(store.fs.cat_file(store.path(name)))
         pq.write_table(pa.table({"idx": pa.array(np.arange(len(self.parts.partition)), pa.int32()),
                                  "partition": pa.array(self.parts.partition, pa.int32()),
                                  "offset": pa.array(self.parts.offset, pa.int64())}),
@@ -298,17 +276,20 @@ def fit_partitioned(job: Any, entity_ids: Sequence[str], num_partitions: int, ro
                     workers: int = 1, cpus_per_worker: float = 1.0) -> PartitionedRun:
     """The ``knowledge.embed`` stage's run for ``partitions > 1``: ``job`` is its
     :class:`knowledge.embed.EmbedJob`. Partitions the entities by their ids, buckets the training
-    triples under ``<root_uri>/buckets``, keeps the partitions under ``<root_uri>/state`` and
-    trains (:func:`knowledge.partitioned.train_partitioned`); every ``eval_every`` epochs the
-    filtered validation MRR comes from :func:`sharded_rank_metrics` (the filter: every split), and
-    ``patience`` evaluations without improvement stop the run. The weights are the last epoch's
-    (PBG keeps no best checkpoint either; choosing one would copy every partition)."""
+    triples under ``<root_uri>/buckets`` (once per state: :func:`knowledge.partitioned_state.ensure_buckets`),
+    keeps the partitions under ``<root_uri>/state`` and trains
+    (:func:`knowledge.partitioned_state.train_partitioned`, which resumes a killed run from the
+    state's progress record); every ``eval_every`` epochs the filtered validation MRR comes from
+    :func:`sharded_rank_metrics` (the filter: every split), and ``patience`` evaluations without
+    improvement stop the run (counted from the history rows, so a resumed run counts alike). The
+    weights are the last epoch's (PBG keeps no best checkpoint either; choosing one would copy
+    every partition)."""
     from .kg import read_triples
 
     root = str(root_uri).rstrip("/")
     parts = Partitioning.by_hash(entity_ids, num_partitions, job.seed)
     buckets = f"{root}/buckets"
-    counts = write_buckets(job.kg_uri, buckets, parts)
+    counts = ensure_buckets(job.kg_uri, buckets, parts)
     head_prob = None
     if job.corruption == "bernoulli":
         head_prob = tuple(bernoulli_from_buckets(buckets, num_partitions, job.num_relations).tolist())
@@ -323,22 +304,24 @@ def fit_partitioned(job: Any, entity_ids: Sequence[str], num_partitions: int, ro
     valid = known = None
     if job.eval_every and job.num_valid:
         valid, known = (torch.from_numpy(a) for a in read_triples(job.kg_uri, "valid", None))
-    best = {"mrr": -1.0, "bad": 0, "stopped": False}
 
-    def on_epoch(epoch: int, row: dict[str, float]) -> bool:
+    def stops(rows: list[dict[str, float]]) -> bool:
+        """``patience`` evaluations in a row without a new best MRR, before the last epoch."""
+        best, bad = -1.0, 0
+        for r in rows:
+            if "valid_mrr" in r:
+                best, bad = (r["valid_mrr"], 0) if r["valid_mrr"] > best else (best, bad + 1)
+        return bool(rows) and job.patience > 0 and bad >= job.patience and rows[-1]["step"] < job.epochs
+
+    def on_epoch(epoch: int, row: dict[str, float], earlier: list[dict[str, float]]) -> bool:
         if valid is None or not (epoch % job.eval_every == 0 or epoch == job.epochs):
             return False
         res = sharded_rank_metrics(pjob, parts, valid, known, batch_size=job.eval_batch_size,
                                    workers=workers, cpus_per_worker=cpus_per_worker)
         row["valid_mrr"] = res["filtered"]["both"]["mrr"]
         row["valid_hits@10"] = res["filtered"]["both"]["hits@10"]
-        if row["valid_mrr"] > best["mrr"]:
-            best.update(mrr=row["valid_mrr"], bad=0)
-        else:
-            best["bad"] += 1
-        best["stopped"] = job.patience > 0 and best["bad"] >= job.patience and epoch < job.epochs
-        return best["stopped"]
+        return stops(earlier + [row])
 
     history = train_partitioned(pjob, parts, counts, job.epochs, workers, cpus_per_worker, on_epoch)
-    return PartitionedRun(assemble_model(pjob, parts), history, bool(best["stopped"]), parts,
-                          pjob.state_uri, counts)
+    return PartitionedRun(assemble_model(pjob, parts), history, stops(history), parts, pjob.state_uri,
+                          counts)

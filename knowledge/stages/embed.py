@@ -171,7 +171,8 @@ def _embed_partitioned(ctx: StageContext, params: EmbedParams, job, entities, re
     weights) and ``partitions/``: the partition files themselves (``part-<p>.safetensors``:
     ``node_emb`` (n_p, d) and its row-wise Adagrad accumulator; ``relations.safetensors``) and
     ``partitioning.parquet`` (``idx``, ``partition``, ``offset``: entity ``idx`` is row ``offset``
-    of partition ``partition``), the form that scales."""
+    of partition ``partition``), the form that scales. A killed run resumes from the state's last
+    committed round of buckets (:mod:`knowledge.partitioned_state`) with the same result."""
     from safetensors.torch import save_file
 
     from ..models import save_model
