@@ -1,6 +1,6 @@
 """Knowledge encoders compared on the same backbone, data and steps: plain MLM vs ERNIE vs K-BERT vs
-K-Adapter vs KEPLER vs KG-BERT vs SenseBERT vs LIBERT, pretraining tokens/s and downstream accuracy /
-micro-F1 / macro-F1, mean +- std over seeds.
+K-Adapter vs KEPLER vs KG-BERT vs SenseBERT vs LIBERT vs KnowBERT vs WKLM vs SentiLR, pretraining
+tokens/s and downstream accuracy / micro-F1 / macro-F1, mean +- std over seeds.
 
 The data is ``pipelines/wiki_knowledge.yaml``'s (WordNet + countryinfo KG, TransE vectors, the linked
 Wikipedia summaries from ``$STELE_DATA``); this script writes one pipeline with every pretraining and
@@ -25,7 +25,13 @@ entities too: that is the model, as K-BERT's injected triples are, not a held-ou
 synonym / hypernym pairs come from all of WordNet (its recipe has no held-out option), so a test
 pair labelled ``_hypernym`` may be among them. KG-BERT reads triples, not documents: ``--docs`` does
 not cap it (the first N triples would be one source's); its corpus is every training triple, and it
-trains on ``steps x batch`` of them in the corpus stream's seeded order.
+trains on ``steps x batch`` of them in the corpus stream's seeded order. KnowBERT, as ERNIE, reads
+the TransE vectors (trained on the KG's train triples, test pairs' among them) of every linked
+mention's alias candidates, in fine-tuning as in pretraining: that is its input, not a held-out
+split. WKLM swaps mentions for names of same-type entities (test entities among them) and
+fine-tunes as plain MLM. SentiLR reads only the text, with the VADER lexicon of ``vaderSentiment``
+(``stele[sentiment]``); encyclopedic text has few polar words: its pretraining and fine-tuning
+manifests count the words in and out of the lexicon.
 
 Fine-tuning cost. One run is ``--finetune-steps`` batches of 16 plus scoring the test split, which
 grows with ``--docs`` (500 documents: 2,177 typing test examples at 64 wordpieces), so
@@ -36,6 +42,7 @@ same examples for every encoder and seed, reported next to what was available. F
 
     STELE_DATA=/path/to/data python bench/knowledge_encoders.py                 # 200 steps, 3 seeds
     STELE_DATA=/path/to/data python bench/knowledge_encoders.py --steps 20 --seeds 1 --docs 300
+    STELE_DATA=/path/to/data python bench/knowledge_encoders.py --steps 1 --seeds 1 --plan   # runs nothing
 
 The table is printed and written to ``<store>/knowledge_encoders.json``; cached stages are reused
 when the script runs again with the same settings.
@@ -56,9 +63,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 STELE = str(Path(sys.executable).parent / "stele")
-ENCODERS = ("backbone", "plain", "ernie", "kbert", "kadapter", "kepler", "kgbert", "sensebert", "libert")
+ENCODERS = ("backbone", "plain", "ernie", "kbert", "kadapter", "kepler", "kgbert", "sensebert", "libert",
+            "knowbert", "wklm", "sentilr")
 PRETRAININGS = ("plain", "ernie", "kbert", "kadapter_factual", "kadapter_lexical", "kepler", "kgbert",
-                "sensebert", "libert")
+                "sensebert", "libert", "knowbert", "wklm", "sentilr")
 TASKS = {"entity_typing": "typing", "relation_classification": "relations"}
 
 
@@ -91,6 +99,14 @@ def build_pipeline(args: argparse.Namespace) -> dict:
     for lexical in ("sensebert", "libert"):  # the KG's WordNet half is their lexicon
         stages[lexical] = {"uses": "fusion.pretrain", "inputs": {"text": "links", "kg": "kg"},
                            "with": {**pre, "recipe": lexical}}
+    # KnowBERT's KAR layer starts random, as ERNIE's K-Encoder: ERNIE's learning rate
+    stages["knowbert"] = {"uses": "fusion.pretrain",
+                          "inputs": {"text": "links", "entities": "transe", "kg": "kg"},
+                          "with": {**pre, "recipe": "knowbert", "lr": 1e-4}}
+    stages["wklm"] = {"uses": "fusion.pretrain", "inputs": {"text": "links", "kg": "kg"},
+                      "with": {**pre, "recipe": "wklm"}}
+    stages["sentilr"] = {"uses": "fusion.pretrain", "inputs": {"text": "links"},
+                         "with": {**pre, "recipe": "sentilr"}}
     ft = {"steps": args.finetune_steps, "batch_size": 16, "max_length": args.finetune_max_length,
           "limit_docs": args.docs, "test_share": args.test_share, "split_seed": 0,
           "max_train_examples": args.max_train_examples, "max_test_examples": args.max_test_examples}
@@ -157,6 +173,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--test-share", type=float, default=0.2)
     ap.add_argument("--transe-epochs", type=int, default=10)
+    ap.add_argument("--plan", action="store_true",
+                    help="write the pipeline and show its plan (stele plan: stages, what is "
+                         "cached); run nothing")
     args = ap.parse_args()
     if not os.environ.get("STELE_DATA"):
         sys.exit("set STELE_DATA to the folder holding wiki/summaries_en.jsonl and wordnet/")
@@ -164,6 +183,9 @@ def main() -> None:
     spec.parent.mkdir(parents=True, exist_ok=True)
     spec.write_text(yaml.safe_dump(build_pipeline(args), sort_keys=False))
     store = ["--store", args.store]
+    if args.plan:
+        env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+        sys.exit(subprocess.run([STELE, "plan", str(spec), *store], env=env).returncode)
     wall = {}
     for name in ("links", "transe", *PRETRAININGS):
         wall[name] = round(stele("run", str(spec), *store, "--until", name), 1)

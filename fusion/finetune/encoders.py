@@ -17,8 +17,8 @@ artifact. Each returns, per example, the vector at the *first wordpiece* of each
   the model the label.
 * ``kadapter``: the K-Adapter features ``[h_L ; adapter]`` (Wang et al. 2021). The backbone stays
   frozen as in the paper; the adapter and the head are fine-tuned.
-* ``kepler``, ``kgbert``, ``knowbert``, ``sensebert``: :mod:`fusion.finetune.knowledge_encoders`;
-  ``libert`` fine-tunes as ``mlm``.
+* ``kepler``, ``kgbert``, ``knowbert``, ``sensebert``, ``sentilr``:
+  :mod:`fusion.finetune.knowledge_encoders`; ``libert`` and ``wklm`` fine-tune as ``mlm``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@
   reads every linked mention with its candidates from the KG's alias table (the linker chooses).
 * ``sensebert``: the encoder over SenseBERT's input, each word's wordpieces plus its allowed
   supersenses' embeddings (the lexicon rebuilt from the ``kg`` input, as in pretraining).
+* ``sentilr``: the encoder over SentiLR's input, ``W x + E_P p + E_Q q + E_L l`` with each word's
+  heuristic POS ``p`` and lexicon polarity ``q`` as in pretraining and the sentence polarity ``l``
+  *unknown* (:class:`SentiLrSpanEncoder` says why). ``wklm`` fine-tunes as ``mlm``, as ``libert``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from fusion.finetune.encoders import (BertSpanEncoder, EncoderSource, SpanEncoder, _pretrained,
                                       _recipe_options, entity_table, span_encoder)
 from fusion.finetune.tasks import TaskExample
+from pipeline import StageFailed
 
 
 class KnowBertSpanEncoder(SpanEncoder):
@@ -112,6 +116,69 @@ class SenseBertSpanEncoder(SpanEncoder):
         self.module.sense_embeddings.requires_grad_(train_encoder)
 
 
+class SentiLrSpanEncoder(SpanEncoder):
+    """SentiLR's encoder on its own input (Ke et al. 2020; :mod:`fusion.models.sentilr`)::
+
+        v_i = W x_i + E_P p_i + E_Q q_i + E_L[unknown]         (B, L, D), then the BERT layers
+
+    ``p`` and ``q`` come from :func:`~fusion.models.sentilr.encode_sentilr` with the recipe's own
+    tagger (:func:`~fusion.models.sentilr.heuristic_pos`) and lexicon (its options'
+    ``lexicon_path``, else vaderSentiment's; ``polarity_threshold``), so each word reads as it did
+    in pretraining; special tokens and padding take the *unknown* rows, as in the recipe's collate.
+
+    The sentence polarity ``l`` is *unknown*: in the paper it is the label of a downstream
+    sentiment task, so fine-tuning never shows it; here the recipe's label is a distant one, the
+    sign of the summed word valences, which ``q`` already carries; and the late-supervision rows
+    of pretraining read ``l`` unknown, so the encoder knows that input. The heads (word, POS,
+    polarity, sentence) and ``E_L`` stay frozen; ``E_P``, ``E_Q`` and the encoder train."""
+
+    recipe = "sentilr"
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int, lexicon: Any) -> None:
+        super().__init__(model, tokenizer, max_length, model.encoder.config.hidden_size)
+        self.lexicon = lexicon
+
+    def _rows(self, examples: Sequence[TaskExample]) -> list[Any]:
+        from fusion.models.sentilr import encode_sentilr
+
+        return [encode_sentilr(ex.text, self.tokenizer, self.max_length, self.lexicon) for ex in examples]
+
+    def collate(self, examples: Sequence[TaskExample]) -> dict[str, Any]:
+        import torch
+
+        from fusion.models.sentilr import POLARITY_UNKNOWN, POS_UNKNOWN
+
+        batch = self._tokenize(examples)  # the same tokenisation, padded, with the span positions
+        B, L = batch["input_ids"].shape
+        pos = torch.full((B, L), POS_UNKNOWN, dtype=torch.long)                      # (B, L)
+        polarity = torch.full((B, L), POLARITY_UNKNOWN, dtype=torch.long)            # (B, L)
+        for b, row in enumerate(self._rows(examples)):
+            n = len(row.input_ids)
+            if row.input_ids != batch["input_ids"][b, :n].tolist():  # one tokenizer, one max_length
+                raise RuntimeError(f"sentilr: example {examples[b].id!r} tokenised two ways")
+            pos[b, :n], polarity[b, :n] = torch.tensor(row.pos), torch.tensor(row.polarity)
+        return {**batch, "pos": pos, "polarity": polarity}
+
+    def token_features(self, batch: dict[str, Any]) -> Any:
+        return self.module(batch["input_ids"], batch["attention_mask"], batch["pos"],
+                           batch["polarity"])  # sentence polarity unknown; (B, L, D)
+
+    def coverage(self, examples: Sequence[TaskExample]) -> dict[str, int]:
+        from collections import Counter
+
+        counts: Counter = Counter()
+        for row in self._rows(list({ex.doc_id: ex for ex in examples}.values())):  # once per document
+            counts.update(row.counts)
+        known = ("positive", "negative", "neutral")                      # in the lexicon
+        return {"sentilr_words_in_lexicon": sum(counts[f"words_{k}"] for k in known),
+                **{f"sentilr_words_{k}": counts[f"words_{k}"] for k in (*known, "not_in_lexicon")}}
+
+    def set_trainable(self, train_encoder: bool) -> None:
+        self.module.requires_grad_(False)
+        for part in (self.module.encoder, self.module.pos_embeddings, self.module.polarity_embeddings):
+            part.requires_grad_(train_encoder)
+
+
 @span_encoder("knowbert")
 def _knowbert(src: EncoderSource) -> SpanEncoder:
     from fusion.pretrain.knowbert_recipe import CandidateTable
@@ -149,3 +216,14 @@ def _sensebert(src: EncoderSource) -> SpanEncoder:
     lexicon, _ = SenseLexicon.from_synsets(([n, *(a or [])], t or []) for n, a, t in zip(
         e["name"].to_pylist(), e["aliases"].to_pylist(), e["types"].to_pylist()))
     return SenseBertSpanEncoder(model, src.backbone.tokenizer, src.max_length, lexicon)
+
+
+@span_encoder("sentilr")
+def _sentilr(src: EncoderSource) -> SpanEncoder:
+    from fusion.pretrain.extra_recipes import load_lexicon
+
+    try:   # the lexicon its pretraining read: the file its options name, else vaderSentiment's
+        lexicon = load_lexicon(_recipe_options(src))
+    except StageFailed as e:
+        raise StageFailed(f"fusion.finetune: {e} (the pretraining's options: {src.options})") from None
+    return SentiLrSpanEncoder(_pretrained(src, {}), src.backbone.tokenizer, src.max_length, lexicon)

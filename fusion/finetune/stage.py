@@ -8,8 +8,9 @@ is one stage per seed. It runs on a GPU when its resources ask for one (``resour
 Tasks, split and metrics: :mod:`fusion.finetune.tasks`; encoders: :mod:`fusion.finetune.encoders`;
 the head and its loop: :mod:`fusion.finetune.classifier`.
 
-An adapter pretrained on this very task over the same text has seen the test labels: the stage
-warns (``warnings``) unless the pretraining held out the same split.
+An adapter pretrained on this very task over the same text, or a KEPLER / KG-BERT encoder pretrained
+on the same KG's triples (relation classification), has seen the test labels: the stage warns
+(``warnings``) unless the pretraining held out the same split (``held_out_share``, ``split_seed``).
 
 Writes::
 
@@ -200,24 +201,41 @@ def _split_summary(data: TaskData) -> dict[str, Any]:
 
 
 def _leak_warnings(ctx: StageContext, recipe: str, meta: dict, params: FinetuneParams) -> list[str]:
-    """Say when the encoder was pretrained with this very task's labels on this very text: a
-    K-Adapter adapter (factual: relations, lexical: types) trained on the same documents has seen
-    the test entities' labels, unless its pretraining held out the same split (options
-    ``held_out_share`` and ``split_seed`` equal to this stage's ``test_share`` and ``split_seed``)."""
+    """Say when the encoder was pretrained with this very task's labels:
+
+    * a K-Adapter adapter (factual: relations, lexical: types) trained on the same documents has
+      seen the test entities' labels;
+    * KEPLER (its KE loss) and KG-BERT (triple classification, relation prediction) trained on the
+      same KG's triples have seen the relations of relation classification's test pairs (entity
+      typing's labels are types, which neither trains on).
+
+    Unless the pretraining held out at least this stage's test split: the same ``split_seed`` and
+    ``held_out_share >= test_share`` (:func:`fusion.splits.split_of` puts the keys of smallest hash
+    on the test side, so a larger share's test side holds the smaller's)."""
     enc = ctx.inputs.get("encoder")
-    if enc is None or recipe != "kadapter":
+    if enc is None or recipe not in ("kadapter", "kepler", "kgbert"):
         return []
     opts = meta.get("options", {})
-    adapter = opts.get("adapter", "factual")
-    same_task = (adapter == "factual") == (params.task == "relation_classification")
-    same_text = enc.manifest.get("inputs", {}).get("text") == ctx.inputs["text"].key
-    held_out = (opts.get("held_out_share") == params.test_share
+    used = enc.manifest.get("inputs", {})
+    held_out = ((opts.get("held_out_share") or 0) >= params.test_share
                 and opts.get("split_seed", 0) == params.split_seed)
-    if not (same_task and same_text) or held_out:
+    if recipe == "kadapter":
+        adapter = opts.get("adapter", "factual")
+        same_task = (adapter == "factual") == (params.task == "relation_classification")
+        same_input = used.get("text") == ctx.inputs["text"].key
+        what = (f"the {adapter} adapter was pretrained on this task's labels over the same text, test "
+                f"entities included")
+    else:
+        same_task = params.task == "relation_classification"
+        same_input = used.get("kg") == ctx.inputs["kg"].key
+        what = (f"{recipe} was pretrained on this KG's triples, the relations of the test entity "
+                f"pairs included")
+    if not (same_task and same_input) or held_out:
         return []
-    msg = (f"the {adapter} adapter was pretrained on this task's labels over the same text, test "
-           f"entities included; pretrain it with the same held-out split, or on other documents, "
-           f"for a clean score")
+    msg = (f"{what} (its held_out_share {opts.get('held_out_share')}, split_seed "
+           f"{opts.get('split_seed', 0)}; this stage's test_share {params.test_share}, split_seed "
+           f"{params.split_seed}); pretrain it with the same split_seed and a held_out_share of at "
+           f"least test_share, or on other data, for a clean score")
     ctx.log.warning(msg)
     return [msg]
 

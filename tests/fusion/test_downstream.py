@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from fusion.models.backbone import random_backbone
 from tests.fusion.conftest import write_linked
 from tests.pipeline.test_train import read_scalars
-from fusion.finetune.tasks import LEFT_OUT, classification_metrics, prepare_task
+from fusion.finetune.tasks import LEFT_OUT, prepare_task
 from fusion.splits import pair_key, split_of
 from fusion.finetune.encoders import SPAN_ENCODERS, span_encoder_for
 from fusion.finetune.stage import FinetuneParams, finetune
@@ -185,42 +185,6 @@ def _finetune(tmp: Path, inputs: dict[str, Path], manifests: dict[str, dict] | N
     return metrics, ctx.out
 
 
-# ------------------------------------------------------------------------------------- metrics
-def test_metrics_equal_hand_computed_values():
-    gold = ["a", "a", "a", "b", "b", "c", "c"]
-    pred = ["a", "a", "b", "b", "a", "a", "d"]   # c is never predicted, d is never gold
-    m = classification_metrics(gold, pred)
-    assert m["accuracy"] == pytest.approx(3 / 7)
-    assert m["micro_f1"] == pytest.approx(3 / 7)     # one gold, one prediction each: = accuracy
-    # per label F1: a: P 2/4, R 2/3 -> 4/7; b: P 1/2, R 1/2 -> 1/2; c: 0 (never predicted); d: 0
-    assert m["macro_f1"] == pytest.approx((4 / 7 + 1 / 2 + 0 + 0) / 4)
-    assert m["macro_labels"] == 4
-    assert m["per_label"]["a"] == pytest.approx({"support": 3, "predicted": 4, "correct": 2,
-                                                 "precision": 0.5, "recall": 2 / 3, "f1": 4 / 7})
-    assert m["per_label"]["c"] == {"support": 2, "predicted": 0, "correct": 0, "precision": 0.0,
-                                   "recall": 0.0, "f1": 0.0}
-    assert m["per_label"]["d"]["predicted"] == 1 and m["per_label"]["d"]["f1"] == 0.0
-
-
-def test_metrics_agree_with_scikit_learn():
-    metrics = pytest.importorskip("sklearn.metrics")
-    rng = random.Random(1)
-    gold = [rng.choice("abcde") for _ in range(200)]
-    pred = [g if rng.random() < 0.6 else rng.choice("abcdef") for g in gold]
-    m = classification_metrics(gold, pred)
-    assert m["accuracy"] == pytest.approx(metrics.accuracy_score(gold, pred), abs=1e-12)
-    assert m["micro_f1"] == pytest.approx(metrics.f1_score(gold, pred, average="micro"), abs=1e-12)
-    assert m["macro_f1"] == pytest.approx(
-        metrics.f1_score(gold, pred, average="macro", zero_division=0), abs=1e-12)
-
-
-def test_metrics_of_nothing_are_zero_not_an_error():
-    m = classification_metrics([], [])
-    assert m["examples"] == 0 and m["accuracy"] == 0.0 and m["macro_f1"] == 0.0
-    with pytest.raises(ValueError):
-        classification_metrics(["a"], [])
-
-
 # ---------------------------------------------------------------------------------- the split
 @pytest.mark.parametrize("task", ["entity_typing", "relation_classification"])
 def test_the_split_never_shares_an_entity_or_a_pair(task, data, tokenizer):
@@ -336,9 +300,10 @@ def test_every_recipe_has_a_span_encoder():
         "fusion.pretrain.knowledge_recipes", "fusion.pretrain.lexical_recipes",
         "fusion.pretrain.knowbert_recipe", "fusion.pretrain.extra_recipes")}
     assert text == {"kepler", "kgbert", "sensebert", "libert", "knowbert", "wklm", "sentilr"}
-    assert all(span_encoder_for(n) for n in text - {"sentilr"})   # libert, wklm: as mlm, their base
-    with pytest.raises(StageFailed, match="no span encoder for recipe 'sentilr'"):
-        span_encoder_for("sentilr")
+    own = {n: span_encoder_for(n) for n in text}
+    assert {n for n, b in own.items() if b is SPAN_ENCODERS.get("mlm")} == {"libert", "wklm"}  # as their base
+    assert {b.__module__ for n, b in own.items() if n not in ("libert", "wklm")} == {
+        "fusion.finetune.knowledge_encoders"}
     assert "plain" in SPAN_ENCODERS.all()
 
     class Derived(PlainMLM):   # a plugin's variant of a built-in recipe fine-tunes like its base
@@ -460,6 +425,24 @@ def test_an_adapter_pretrained_on_the_same_task_and_text_is_flagged(tmp_path, ar
     assert json.loads((out / "metrics.json").read_text())["warnings"] == metrics["warnings"]
     typing, _ = _finetune(tmp_path, inputs, same_text, task="entity_typing", epochs=1)
     assert "warnings" not in typing  # the factual adapter never saw types
+
+
+@pytest.mark.parametrize("recipe", ["kepler", "kgbert"])
+def test_kepler_and_kgbert_trained_on_a_test_pair_s_triples_are_flagged(tmp_path, artifacts, recipe):
+    """Relation labels are KG triples: flagged unless the pretraining held out at least the test pairs
+    (the same split_seed, held_out_share >= test_share), or read another KG."""
+    from fusion.finetune.stage import _leak_warnings
+
+    def warned(task="relation_classification", kg="kg", held=0.0, seed=0, test_share=0.3) -> list[str]:
+        ctx = _ctx(tmp_path, {r: artifacts[r] for r in ("text", "kg")}, f"c{len(list(tmp_path.iterdir()))}")
+        ctx.inputs["encoder"] = Artifact("enc", tmp_path, {"inputs": {"kg": kg}})   # the kg's key is "kg"
+        meta = {"options": {"held_out_share": held, "split_seed": seed}}
+        return _leak_warnings(ctx, recipe, meta, FinetuneParams(task=task, test_share=test_share))
+
+    assert f"{recipe} was pretrained on this KG's triples" in warned()[0]
+    assert len(warned(held=0.3, seed=1)) == len(warned(held=0.2)) == 1      # another split: flagged
+    assert warned(held=0.3) == warned(held=0.5) == []                       # its test side holds ours
+    assert warned(task="entity_typing") == warned(kg="another kg") == []
 
 
 def test_ernie_reads_a_table_saved_in_the_pretrain_artifact(tmp_path, artifacts, pretrained):

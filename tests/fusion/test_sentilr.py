@@ -199,16 +199,22 @@ def test_vader_lexicon_from_the_package():
 
 
 # ------------------------------------------------------------------------------ the recipe, end to end
-def test_sentilr_recipe_pretrains_and_counts_words(ray_local, tmp_path, senti_tokenizer):
+COPIES = 4
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_local, tmp_path_factory, senti_tokenizer):
+    """One tiny ``fusion.pretrain`` run of the recipe: (artifact folder, lexicon file, metrics)."""
     from fusion.models.backbone import random_backbone
     from fusion.pretrain.stage import PretrainParams, pretrain
     from pipeline.context import StageContext
     from pipeline.registry import Resources
     from pipeline.store import Artifact
 
+    tmp_path = tmp_path_factory.mktemp("sentilr")
     link, bb = tmp_path / "link", tmp_path / "bb"
-    copies = 4
-    write_linked(link, [(f"d{k}", SENTENCES[k % len(SENTENCES)]) for k in range(copies * len(SENTENCES))], [])
+    write_linked(link, [(f"d{k}", SENTENCES[k % len(SENTENCES)]) for k in range(COPIES * len(SENTENCES))],
+                 [])
     random_backbone(senti_tokenizer, hidden_size=32, num_layers=2, num_heads=2,
                     intermediate_size=64).model.save_pretrained(str(bb))
     senti_tokenizer.save_pretrained(str(bb))
@@ -221,12 +227,16 @@ def test_sentilr_recipe_pretrains_and_counts_words(ray_local, tmp_path, senti_to
     p = PretrainParams.model_validate({"backbone": str(bb), "steps": 20, "batch_size": 4, "lr": 3e-3,
                                        "warmup_steps": 2, "checkpoint_every": 20, "max_length": 32,
                                        "recipe": "sentilr", "options": {"lexicon_path": str(lex)}})
-    metrics = pretrain(ctx, p)
+    return out, lex, pretrain(ctx, p)
+
+
+def test_sentilr_recipe_pretrains_and_counts_words(pretrained):
+    out, lex, metrics = pretrained
     hist = json.loads((out / "history.json").read_text())
-    assert metrics["words_positive"] == copies * sum(c[0] for c in PER_SENTENCE)
-    assert metrics["words_negative"] == copies * sum(c[1] for c in PER_SENTENCE)
-    assert metrics["words_not_in_lexicon"] == copies * sum(c[2] for c in PER_SENTENCE)
-    assert metrics["sentence_neutral"] == copies * 2 and metrics["lexicon_entries"] == len(LEXICON)
+    assert metrics["words_positive"] == COPIES * sum(c[0] for c in PER_SENTENCE)
+    assert metrics["words_negative"] == COPIES * sum(c[1] for c in PER_SENTENCE)
+    assert metrics["words_not_in_lexicon"] == COPIES * sum(c[2] for c in PER_SENTENCE)
+    assert metrics["sentence_neutral"] == COPIES * 2 and metrics["lexicon_entries"] == len(LEXICON)
     assert {"loss_mlm", "loss_pos", "loss_polarity", "loss_sentence", "loss_total"} <= set(hist[0])
     assert all(math.isfinite(h["loss_total"]) for h in hist)
     assert falls(hist, "loss_mlm") and falls(hist, "loss_total")
@@ -236,6 +246,70 @@ def test_sentilr_recipe_pretrains_and_counts_words(ray_local, tmp_path, senti_to
     meta = json.loads((out / "recipe.json").read_text())
     _, opts, model = build_pretrained(out, artifact_backbone(out), meta["resources_meta"])
     assert isinstance(model, SentiLr) and opts.lexicon_path == str(lex)
+
+
+def test_sentilr_span_encoder_reads_the_input_it_pretrained_on(pretrained):
+    """Fine-tuning's features are the pretrained model's forward on the recipe's own POS and
+    polarity inputs, sentence polarity unknown (eval mode, padded batch vs one row at a time)."""
+    from fusion.finetune.encoders import EncoderSource, span_encoder_for
+    from fusion.finetune.tasks import TaskExample
+    from fusion.models.backbone import artifact_backbone
+    from fusion.pretrain.loop import build_pretrained
+    from pipeline import StageFailed
+
+    out, lex, _ = pretrained
+    meta = json.loads((out / "recipe.json").read_text())
+    src = EncoderSource("sentilr", out, meta["options"], artifact_backbone(out), 32, 32, None, None)
+    enc = span_encoder_for("sentilr")(src)
+    moved = {**meta["options"], "lexicon_path": str(lex) + ".gone"}   # the lexicon file is not here
+    with pytest.raises(StageFailed, match=r"fusion.finetune: sentilr: cannot load .*lexicon.txt.gone"):
+        span_encoder_for("sentilr")(EncoderSource("sentilr", out, moved, src.backbone, 32, 32, None, None))
+    examples = [TaskExample("a", "d0", SENTENCES[0], (), ((2, 6),), ("x",), "x", "y"),      # love
+                TaskExample("b", "d3", SENTENCES[3], (), ((4, 8),), ("x",), "x", "y"),      # city
+                TaskExample("c", "d0", SENTENCES[0], (), ((35, 40),), ("x",), "x", "y")]    # great
+    batch = enc.collate(examples)
+    _, _, model = build_pretrained(out, artifact_backbone(out), meta["resources_meta"])
+    model.eval()
+    enc.module.eval()
+    tokenizer = artifact_backbone(out).tokenizer
+    with torch.no_grad():
+        got, spans = enc.token_features(batch), enc(batch)                        # (B, L, D), (B, 1, D)
+        for b, ex in enumerate(examples):
+            row = encode_sentilr(ex.text, tokenizer, 32, PolarityLexicon.from_file(lex))
+            n = len(row.input_ids)
+            assert batch["pos"][b, :n].tolist() == row.pos
+            assert batch["polarity"][b, :n].tolist() == row.polarity
+            assert (batch["pos"][b, n:] == POS_UNKNOWN).all()                          # padding
+            assert (batch["polarity"][b, n:] == POLARITY_UNKNOWN).all()
+            ids, pos, pol = (torch.tensor([v]) for v in (row.input_ids, row.pos, row.polarity))
+            want = model(ids, torch.ones_like(ids), pos, pol, torch.tensor([POLARITY_UNKNOWN]))   # (1, n, D)
+            torch.testing.assert_close(got[b, :n], want[0])
+            torch.testing.assert_close(spans[b, 0], want[0, int(batch["span_index"][b, 0])])
+            # the sentence polarity input is not inert: a given label changes the features
+            told = model(ids, torch.ones_like(ids), pos, pol, torch.tensor([POSITIVE]))
+            assert not torch.allclose(told, want)
+    assert POSITIVE in batch["polarity"][0].tolist()                        # love, great
+    # counted once per document, "i love this movie ..." and "the city is beautiful"
+    assert enc.coverage(examples) == {
+        "sentilr_words_in_lexicon": 2, "sentilr_words_positive": 2, "sentilr_words_negative": 0,
+        "sentilr_words_neutral": 0, "sentilr_words_not_in_lexicon": PER_SENTENCE[0][2] + PER_SENTENCE[3][2]}
+    enc.set_trainable(False)
+    assert enc.parameters() == []
+    enc.set_trainable(True)
+    trainable = {n.split(".")[0] for n, p in enc.module.named_parameters() if p.requires_grad}
+    assert trainable == {"encoder", "pos_embeddings", "polarity_embeddings"}
+    # fine-tuning's loop moves E_P and E_Q, never the frozen sentence embedding E_L
+    from fusion.finetune.classifier import SpanClassifier, TrainSettings, train_classifier
+
+    before = {k: v.clone() for k, v in enc.module.state_dict().items()}
+    settings = TrainSettings(batch_size=3, steps=2, epochs=1, lr=1e-2, head_lr=None, weight_decay=0.0,
+                             warmup_share=0.0, max_grad_norm=1.0, seed=0)
+    model = SpanClassifier(enc, 1, 2, 0.0)                       # two labels: a loss with a gradient
+    history, _ = train_classifier(model, examples, ["y", "z"], settings, torch.device("cpu"))
+    after = enc.module.state_dict()
+    assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)
+    assert not torch.equal(after["pos_embeddings.weight"], before["pos_embeddings.weight"])
+    assert torch.equal(after["sentence_embeddings.weight"], before["sentence_embeddings.weight"])
 
 
 def test_a_missing_lexicon_is_a_clear_error(tmp_path):
