@@ -117,7 +117,8 @@ class Eval:
             if name in ("mode", "split"):  # unless given, a model from elsewhere implies its own
                 help_ += ("; a model from elsewhere: the mode it implies (dual; a score matrix: all_pairs; "
                           "a cross-encoder: all_pairs, rerank with vectors)" if name == "mode" else
-                          "; precomputed vectors or scores: all (the ids in their files)")
+                          "; precomputed vectors or scores: all (the ids in their files), or the media "
+                          "artifact's own split")
             r.add_argument(f"--{name.replace('_', '-')}", type=kind, default=f.default, choices=choices,
                            help=help_, action=_Given)
         for name, help_ in EXTERNAL.items():

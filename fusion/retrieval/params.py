@@ -20,9 +20,7 @@ class RetrievalParams(BaseModel):
     split: Literal["test", "val", "train", "all"] = Field(
         default="test", description="which media items: the dataset's own split where the items carry "
                                     "one (Karpathy's, a captions file's split column), else the "
-                                    "model's hash split (held_out_share, split_seed: train, test); "
-                                    "precomputed vectors or scores: all (default), or the dataset's "
-                                    "own split")
+                                    "model's hash split (held_out_share, split_seed: train, test)")
     limit: int | None = Field(default=None, ge=1, description="only the first N media items of the split")
     max_length: int | None = Field(default=None, ge=4, description="caption tokens; None: the model's")
     batch_size: int = Field(default=256, ge=1, description="pairs per cross-encoder batch")
