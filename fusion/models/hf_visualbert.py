@@ -93,8 +93,8 @@ def single_stream_backbone(backbone: TextBackbone, variant: str = "visualbert",
                            **config: Any) -> SingleStream:
     """A single-stream model of ``variant`` whose embeddings and layers start from a BERT-family
     backbone (all its layers, in order); region inputs and heads start random, except VisualBERT's
-    region position and segment tables, copied from the text's (the reference's
-    ``special_visual_initialize``). Sizes, activation and epsilon are the backbone's."""
+    region position and segment tables (B2T2's too: the same region input), copied from the text's
+    (the reference's ``special_visual_initialize``). Sizes, activation and epsilon are the backbone's."""
     bc = backbone.model.config
     fixed = {"vocab_size", "hidden_size", "num_heads", "intermediate_size", "num_layers"} & set(config)
     if fixed:
@@ -108,7 +108,7 @@ def single_stream_backbone(backbone: TextBackbone, variant: str = "visualbert",
         "attention_dropout": bc.attention_probs_dropout_prob, "initializer_range": bc.initializer_range,
         "pad_token_id": tok.pad_token_id or 0, "mask_token_id": tok.mask_token_id} | config)))
     state = {k.replace("l_layers.", "layers.", 1): v for k, v in bert_state(backbone.model).items()}
-    if variant == "visualbert":
+    if model.config.region_input == "visualbert":   # VisualBERT's and B2T2's region tables
         types = state["embeddings.token_type.weight"]
         state["regions.position.weight"] = state["embeddings.position.weight"].clone()
         state["regions.token_type.weight"] = (types if len(types) >= 2 else types.expand(2, -1)).clone()

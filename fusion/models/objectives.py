@@ -126,3 +126,18 @@ def region_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     if not keep.any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits[keep], labels[keep])
+
+
+def image_feature(features: torch.Tensor, region_mask: torch.Tensor | None, masked: torch.Tensor | None,
+                  global_token: bool) -> torch.Tensor:
+    """The whole image's feature (B, F) from region ``features`` (B, R, F): the mean over the real
+    regions of ``region_mask`` (B, R), leaving out ``masked`` ones (B, R) and a global token (region
+    0 with ``global_token``, which saw the masked regions' pixels); zero when none is left. VL-BERT's
+    and B2T2's word terms (:mod:`fusion.models.single_stream`)."""
+    keep = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+    keep = keep if region_mask is None else keep & region_mask.bool()              # (B, R)
+    keep = keep if masked is None else keep & ~masked.bool()
+    if global_token and keep.shape[1]:
+        keep[:, 0] = False
+    w = keep.to(features.dtype)[..., None]                                          # (B, R, 1)
+    return (features * w).sum(1) / w.sum(1).clamp_min(1)                            # (B, F)

