@@ -299,8 +299,8 @@ def open_hf_dataset(path: str, split: str | None) -> Any:
 
 
 def open_hf_split(path: str, split: str | None) -> tuple[Any, str | None]:
-    """One ``datasets.Dataset`` and the ``DatasetDict`` split it is (None for a table without
-    splits): a ``save_to_disk`` folder (local, or on a URI: ``datasets`` copies it into a local
+    """One ``datasets.Dataset`` and the ``DatasetDict`` split named for it (None for a table without
+    splits, or a lone split taken by default): a ``save_to_disk`` folder (local, or on a URI: ``datasets`` copies it into a local
     temporary folder), or a Hub name (a :class:`DatasetError` at once when :func:`hf_offline`).
     ``split`` picks from a ``DatasetDict``; it may be left out when there is one split, and must be
     for a table without splits."""
@@ -323,10 +323,12 @@ def open_hf_split(path: str, split: str | None) -> tuple[Any, str | None]:
     except (OSError, ValueError) as e:  # datasets' not-found and offline errors
         raise DatasetError(f"{path}: cannot load the dataset: {type(e).__name__}: {e}") from None
     if isinstance(ds, datasets.DatasetDict):
-        split = split or (next(iter(ds)) if len(ds) == 1 else None)
-        if split not in ds:
+        chosen = split or (next(iter(ds)) if len(ds) == 1 else None)
+        if chosen not in ds:
             raise DatasetError(f"{path}: choose a split with split: (it has {', '.join(ds)})")
-        return ds[split], split
+        # The split the user named; a lone split taken by default says nothing about held-out
+        # items (often "train" for a whole table), so its items keep the hash split.
+        return ds[chosen], split
     if split:
         raise DatasetError(f"{path}: one dataset without splits; remove split: {split}")
     return ds, None
@@ -341,7 +343,7 @@ def hf_items(ds: Any, name: str, text_column: str, id_column: str | None, q: Qua
     """An item per row of a ``datasets.Dataset``: media = the row number, id = the ``id_column``
     value (else the row number), texts = ``text_column`` (a string or a list of strings), and
     ``meta["split"]`` the row's ``split_column`` value where the table has that column and the row
-    a value, else ``split`` (the ``DatasetDict`` split the table is), else none; ``validation`` is
+    a value, else ``split`` (the ``DatasetDict`` split named for it), else none; ``validation`` is
     stele's ``val`` (:data:`SPLIT_ALIASES`). Only those columns are read, so listing never touches
     the media. A bad row goes to ``q`` as ``<name> row <i>``."""
     cols = [text_column] + ([id_column] if id_column else [])

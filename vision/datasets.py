@@ -13,7 +13,7 @@
 
 Where a dataset defines splits, each item's is ``meta["split"]``: Karpathy's, the COCO annotation
 file's (``captions_val2017.json`` -> ``val``), a captions file's ``split`` column, a Hugging Face
-table's ``split`` column or the ``DatasetDict`` split it is (``validation`` -> ``val``). The fusion
+table's ``split`` column or the ``DatasetDict`` split named (``validation`` -> ``val``). The fusion
 stages use it instead of their hash split (:mod:`fusion.splits`): only ``train`` items pretrain,
 and retrieval's ``split: test`` is the dataset's test set.
 * ``hf_images``: a ``datasets`` table saved with ``save_to_disk``: an image column (``Image()``

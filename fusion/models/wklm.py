@@ -149,7 +149,8 @@ class WklmExample(NamedTuple):
 
 def encode_wklm(text: str, spans: Sequence[Span], tokenizer: Any, max_length: int) -> WklmExample:
     """The (already replaced) text and its mention spans -> a WKLM row (module docstring). A
-    labelled mention truncated away or covering no wordpiece is counted (``mentions_truncated``,
+    labelled mention truncated away, or cut by truncation (its end boundary would be the last kept
+    piece, not its own), or covering no wordpiece is counted (``mentions_truncated``,
     ``mentions_unaligned``) and left out of the task."""
     enc = tokenizer(text, truncation=True, max_length=max_length, return_special_tokens_mask=True,
                     return_offsets_mapping=True)
@@ -163,8 +164,10 @@ def encode_wklm(text: str, spans: Sequence[Span], tokenizer: Any, max_length: in
             in_mention[k] = 1
         if sp.original is None:
             continue
-        if not pieces:
-            truncated = not real or sp.start >= offsets[real[-1]][1]
+        covered = offsets[real[-1]][1] if real else 0      # the text's last character kept
+        cut = bool(text[covered:].strip())                  # truncation dropped some of the text
+        if not pieces or (cut and sp.end > covered):        # gone, or only its first pieces kept:
+            truncated = not real or sp.start >= covered or bool(pieces)   # its end vector would lie
             counts["mentions_truncated" if truncated else "mentions_unaligned"] += 1
             continue
         starts.append(pieces[0])

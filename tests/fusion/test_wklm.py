@@ -130,6 +130,8 @@ def test_encode_wklm_marks_boundaries_and_counts_truncation(tokenizer):
     short = encode_wklm(text, spans + [Span(3, 4, None)], tokenizer, 5)   # [CLS] tim cook is [SEP]
     assert short.mention_start == [1] and short.counts == {"mentions_labelled": 1,
                                                            "mentions_truncated": 1}
+    cut = encode_wklm(text, spans, tokenizer, 3)                          # [CLS] tim [SEP]
+    assert cut.mention_start == [] and cut.counts == {"mentions_truncated": 2}   # "tim cook" is cut
 
 
 # ------------------------------------------------------------------------------------ masking, loss

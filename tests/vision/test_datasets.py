@@ -318,8 +318,8 @@ def test_hf_images_dict_splits_bytes_column_and_bad_rows(tmp_path):
 
 def test_hf_images_items_carry_their_split(tmp_path):
     """A ``split`` column gives each row's split (Flickr30k's Hugging Face copy has one); without it,
-    rows carry the DatasetDict split the table is, Hugging Face's ``validation`` as stele's ``val``;
-    a table with neither carries none. The fusion stages use it instead of their hash split."""
+    rows carry the DatasetDict split named with ``split:``, Hugging Face's ``validation`` as stele's
+    ``val``; a table with neither (or a lone split taken by default) carries none. The fusion stages use it instead of their hash split."""
     _hf(tmp_path, text=["r", "b"], split=["test", " "]).save_to_disk(tmp_path / "col")
     items, _ = _list(build_dataset({"type": "hf_images", "path": str(tmp_path / "col")}))
     assert [i.meta for i in items] == [{"split": "test"}, {}]     # a blank value is no split
@@ -328,8 +328,11 @@ def test_hf_images_items_carry_their_split(tmp_path):
     assert [i.meta for i in items] == [{}, {}]
     one = _hf(tmp_path, text=["r", "b"])
     datasets.DatasetDict({"validation": one}).save_to_disk(tmp_path / "dd")
-    items, _ = _list(build_dataset({"type": "hf_images", "path": str(tmp_path / "dd")}))
+    items, _ = _list(build_dataset({"type": "hf_images", "path": str(tmp_path / "dd"),
+                                    "split": "validation"}))
     assert [i.meta for i in items] == [{"split": "val"}, {"split": "val"}]
+    items, _ = _list(build_dataset({"type": "hf_images", "path": str(tmp_path / "dd")}))
+    assert [i.meta for i in items] == [{}, {}]     # a lone split taken by default: no split of its own
     one.save_to_disk(tmp_path / "plain")
     items, _ = _list(build_dataset({"type": "hf_images", "path": str(tmp_path / "plain")}))
     assert [i.meta for i in items] == [{}, {}]
