@@ -47,6 +47,7 @@ after every round so that a killed run resumes exactly, is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import uuid
@@ -215,6 +216,10 @@ def write_buckets(kg_uri: str, out_uri: str, parts: Partitioning, split: str = "
             final = f"{root}/{bucket_file(b // p, b % p)}"
             fs.mv(f"{final}.tmp-{tag}", final)
     finally:
+        for f, w in writers.values():  # closed already on success; on an error, before the rm
+            for close in (w.close, f.close):
+                with contextlib.suppress(Exception):
+                    close()
         for b in range(p * p):
             tmp = f"{root}/{bucket_file(b // p, b % p)}.tmp-{tag}"
             if fs.exists(tmp):

@@ -71,8 +71,10 @@ def partitioning_fingerprint(parts: Partitioning) -> str:
 
 
 def run_fingerprint(job: PartitionedJob, parts: Partitioning, workers: int) -> str:
-    """What the result depends on: the job's settings (not its locations, not its thread count),
-    the partitioning and the worker count (which decides the rounds)."""
+    """What the result depends on: the job's settings (not its locations), the partitioning and the
+    worker count (which decides the rounds). The thread count is left out so that a run may resume
+    on another machine; bit-identity across a resume then holds where torch's CPU kernels give the
+    same sums for both thread counts (the tests resume with the same count)."""
     settings = {k: v for k, v in dataclasses.asdict(job).items()
                 if k not in ("state_uri", "buckets_uri", "threads")}
     key = json.dumps({"job": settings, "parts": partitioning_fingerprint(parts), "workers": workers},

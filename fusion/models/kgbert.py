@@ -250,7 +250,7 @@ def rank_candidates(score: Callable[[torch.Tensor], torch.Tensor], test: Any, kn
     test = torch.as_tensor(test, dtype=torch.long).cpu()
     known = torch.as_tensor(known, dtype=torch.long).cpu()
     if num_relations is None:
-        num_relations = int(max(test[:, 1].max(), known[:, 1].max())) + 1
+        num_relations = int(torch.cat([test[:, 1], known[:, 1], torch.zeros(1, dtype=torch.long)]).max()) + 1
     filt = KnownTriples.build(known, num_entities, num_relations)
     pool = np.arange(num_entities) if candidates is None else np.unique(np.asarray(candidates))
     side_ix, ranks, scored = [], [], []

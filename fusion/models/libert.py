@@ -235,6 +235,9 @@ class Libert(nn.Module):
                                self.vocab_size, generator, prob=self.config.mask_prob)
         hidden = self.encoder(input_ids=ids, attention_mask=batch["attention_mask"]).last_hidden_state
         mlm = self.mlm.loss(hidden, labels)
+        if "pair_input_ids" not in batch:   # no pair of this batch fit max_length: MLM alone
+            lcr = sum(p.sum() for p in self.relation.parameters()) * 0.0   # kept in the graph (DDP)
+            return {"mlm": mlm, "lcr": lcr, "total": mlm + lcr}
         logits = self.relation_logits(batch["pair_input_ids"], batch["pair_token_type_ids"],
                                       batch["pair_attention_mask"])
         lcr = F.cross_entropy(logits.float(), batch["pair_labels"])

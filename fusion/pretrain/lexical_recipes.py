@@ -227,10 +227,13 @@ class LibertRecipe(PlainMLM):
         batch = pad(rows, {"input_ids": tok.pad_token_id, "special_tokens_mask": 1})
         batch["maskable"] = batch["attention_mask"].bool() & ~batch.pop("special_tokens_mask").bool()
         pairs = [(a, b) for r in rows for a, b in zip(r["pair_a"], r["pair_b"])]
-        if not pairs:  # every pair of these documents was too long: a rare, empty step
-            raise StageFailed("libert: a batch with no relation pair fitting max_length; raise it")
-        # Negatives are the nearest words under the embeddings being trained (module docstring).
-        weight = backbone.model.get_input_embeddings().weight
-        batch.update(pair_batch(pairs, weight, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id))
-        n = int(batch["attention_mask"].sum() + batch["pair_attention_mask"].sum())
+        if pairs:
+            # Negatives are the nearest words under the embeddings being trained (module docstring).
+            weight = backbone.model.get_input_embeddings().weight
+            batch.update(pair_batch(pairs, weight, tok.cls_token_id, tok.sep_token_id,
+                                    tok.pad_token_id))
+        # else: these documents' pairs were all too long: an MLM-only step (lcr 0), not a crash
+        n = int(batch["attention_mask"].sum())
+        if pairs:
+            n += int(batch["pair_attention_mask"].sum())
         return {**batch, "n_tokens": n}

@@ -182,8 +182,15 @@ def test_pairs_too_long_are_counted(tokenizer, backbone, tmp_path):
     state = rec.encoder({"kg": str(kg)}, LibertOptions(pairs_per_doc=3), tokenizer, 4)
     rows, counts = rec.encode_docs(state, [{"id": "d", "text": "the dog", "mentions": []}])
     assert counts["pairs_too_long"] == 3 and rows[0]["pair_a"] == []
-    with pytest.raises(StageFailed, match="no relation pair"):
-        rec.collate(backbone, rows, {}, LibertOptions(), 4)
+    # a batch whose documents' pairs were all too long is an MLM-only step, not a crash mid-run
+    batch = rec.collate(backbone, rows, {}, LibertOptions(), 4)
+    assert "pair_input_ids" not in batch and batch["n_tokens"] == int(batch["attention_mask"].sum())
+    losses = Libert(backbone).loss(batch, torch.Generator().manual_seed(0))
+    assert float(losses["lcr"]) == 0.0 and torch.equal(losses["total"], losses["mlm"])
+    losses["total"].backward()                        # the relation head stays in the graph (DDP)
+    # a corpus where no pair fits at all is refused once encoded
+    with pytest.raises(StageFailed, match="no relation pair fits max_length"):
+        rec.finish({"pairs_per_doc": 3, "relation_pairs": 20}, counts)
     state = rec.encoder({"kg": str(kg)}, LibertOptions(pairs_per_doc=3), tokenizer, 5)
     rows, counts = rec.encode_docs(state, [{"id": "d", "text": "the dog", "mentions": []}])
     assert "pairs_too_long" not in counts and len(rows[0]["pair_a"]) == 3
