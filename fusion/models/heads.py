@@ -20,6 +20,13 @@ class MLMHead(nn.Module):
         self.word_embeddings = word_embeddings  # tied: shared with the encoder's input embeddings
         self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
 
+    def reset_parameters(self, std: float) -> None:
+        """BERT's initialisation of the head's own parts (the tied embeddings are the encoder's)."""
+        nn.init.normal_(self.dense.weight, std=std)
+        nn.init.zeros_(self.dense.bias)
+        self.norm.reset_parameters()
+        nn.init.zeros_(self.bias)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         h = self.norm(F.gelu(self.dense(hidden)))                    # (N, D)
         return h @ self.word_embeddings.weight.T + self.bias         # (N, V)

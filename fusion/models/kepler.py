@@ -104,10 +104,7 @@ class Kepler(nn.Module):
         bound = (self.config.gamma + 2.0) / self.config.hidden_size
         nn.init.uniform_(self.relations.weight, -bound, bound)
         std = self.config.initializer_range
-        nn.init.normal_(self.mlm.dense.weight, std=std)
-        nn.init.zeros_(self.mlm.dense.bias)
-        self.mlm.norm.reset_parameters()
-        nn.init.zeros_(self.mlm.bias)
+        self.mlm.reset_parameters(std)
 
     # -- encoders --
 

@@ -243,10 +243,7 @@ class KnowBert(nn.Module):
         """The new parts (KAR, MLM head); the encoder keeps the backbone's weights."""
         std = self.config.initializer_range
         self.kar.reset_parameters(std)
-        nn.init.normal_(self.mlm.dense.weight, std=std)
-        nn.init.zeros_(self.mlm.dense.bias)
-        self.mlm.norm.reset_parameters()
-        nn.init.zeros_(self.mlm.bias)
+        self.mlm.reset_parameters(std)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 span_start: torch.Tensor | None = None, span_end: torch.Tensor | None = None,

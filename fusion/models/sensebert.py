@@ -277,10 +277,7 @@ class SenseBert(nn.Module):
         """The new parts only (the backbone keeps its weights): BERT's initialisation."""
         nn.init.normal_(self.sense_embeddings.weight, std=self.std)
         for head in (self.mlm, self.sense_head):
-            nn.init.normal_(head.dense.weight, std=self.std)
-            nn.init.zeros_(head.dense.bias)
-            head.norm.reset_parameters()
-            nn.init.zeros_(head.bias)
+            head.reset_parameters(self.std)
 
     def embed(self, input_ids: torch.Tensor, senses: torch.Tensor) -> torch.Tensor:
         """``W x + W_S^T M x`` (B, L, D): word embeddings plus the sum of each piece's allowed
