@@ -210,11 +210,10 @@ def _kgbert(src: EncoderSource) -> SpanEncoder:
 @span_encoder("sensebert")
 def _sensebert(src: EncoderSource) -> SpanEncoder:
     from fusion.models.sensebert import SenseLexicon
+    from fusion.pretrain.lexical_recipes import synset_rows_of
 
     model = _pretrained(src, {})
-    e = src.kg.entities
-    lexicon, _ = SenseLexicon.from_synsets(([n, *(a or [])], t or []) for n, a, t in zip(
-        e["name"].to_pylist(), e["aliases"].to_pylist(), e["types"].to_pylist()))
+    lexicon, _ = SenseLexicon.from_synsets(synset_rows_of(src.kg.entities))
     return SenseBertSpanEncoder(model, src.backbone.tokenizer, src.max_length, lexicon)
 
 

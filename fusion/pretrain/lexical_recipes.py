@@ -28,7 +28,12 @@ from fusion.pretrain.recipes import PlainMLM, pad
 
 def synset_rows(kg_uri: str) -> list[tuple[list[str], list[str]]]:
     """``(lemmas, types)`` of every entity of the KG artifact at ``kg_uri`` (name first)."""
-    t = read_table(kg_uri, "entities", ["name", "aliases", "types"])
+    return synset_rows_of(read_table(kg_uri, "entities", ["name", "aliases", "types"]))
+
+
+def synset_rows_of(t: pa.Table) -> list[tuple[list[str], list[str]]]:
+    """:func:`synset_rows` of an entities table already read (fine-tuning holds the KG): the same
+    lexicon in pretraining and fine-tuning."""
     return [([n, *(a or [])], ty or []) for n, a, ty in
             zip(t["name"].to_pylist(), t["aliases"].to_pylist(), t["types"].to_pylist())]
 

@@ -299,6 +299,7 @@ def test_sensebert_recipe_pretrains_and_counts_words_without_sense(ray_local, tm
     from fusion.finetune.encoders import EncoderSource, span_encoder_for
     from fusion.finetune.tasks import TaskExample
     from fusion.models.sensebert import SenseLexicon, encode_senses
+    from fusion.pretrain.lexical_recipes import synset_rows
     from knowledge.kg import KnowledgeGraph
 
     kg = KnowledgeGraph.load(artifacts["kg"])
@@ -307,9 +308,7 @@ def test_sensebert_recipe_pretrains_and_counts_words_without_sense(ray_local, tm
     text = SENTENCES[0]
     ex = TaskExample("e", "d", text, (), ((0, 3),), ("x",), "x", "y")
     batch = enc.collate([ex])
-    e = kg.entities
-    lexicon, _ = SenseLexicon.from_synsets(([n, *(a or [])], t or []) for n, a, t in zip(
-        e["name"].to_pylist(), e["aliases"].to_pylist(), e["types"].to_pylist()))
+    lexicon, _ = SenseLexicon.from_synsets(synset_rows(str(artifacts["kg"])))
     row = encode_senses(text, artifact_backbone(out).tokenizer, 32, lexicon)
     assert batch["senses"][0].tolist() == row.senses and any(row.senses)
     with torch.no_grad():                  # dropout off in both to compare

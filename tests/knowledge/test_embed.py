@@ -185,6 +185,12 @@ def _random_kg(n: int, r: int, m: int, seed: int = 0) -> KnowledgeGraph:
     trip = torch.stack([torch.randint(n, (m,), generator=g), torch.randint(r, (m,), generator=g),
                         torch.randint(n, (m,), generator=g)], 1)
     split = ["valid" if i % 10 == 0 else "test" if i % 10 == 1 else "train" for i in range(m)]
+    return kg_of(trip, n, r, split)
+
+
+def kg_of(trip: torch.Tensor, n: int, r: int, split: list[str] | None = None) -> KnowledgeGraph:
+    """A KG of ``n`` entities ``t:e<i>``, ``r`` relations ``t:r<j>`` and the (m, 3) ``trip`` of
+    ``split`` (default: all train)."""
     entities = pa.table({"idx": list(range(n)), "id": [f"t:e{i}" for i in range(n)],
                          "name": [f"e{i}" for i in range(n)], "aliases": [[] for _ in range(n)],
                          "description": [""] * n, "types": [[] for _ in range(n)],
@@ -193,7 +199,7 @@ def _random_kg(n: int, r: int, m: int, seed: int = 0) -> KnowledgeGraph:
                           "name": [f"r{i}" for i in range(r)], "source": ["t"] * r},
                          schema=RELATION_SCHEMA)
     triples = pa.table({"head": trip[:, 0].int().tolist(), "relation": trip[:, 1].int().tolist(),
-                        "tail": trip[:, 2].int().tolist(), "split": split},
+                        "tail": trip[:, 2].int().tolist(), "split": split or ["train"] * len(trip)},
                        schema=TRIPLE_SCHEMA)
     return KnowledgeGraph(entities, relations, triples)
 

@@ -25,13 +25,14 @@ import torch
 
 from knowledge.embed import bernoulli_head_prob
 from knowledge.evaluate import rank_metrics
-from knowledge.kg import ENTITY_SCHEMA, RELATION_SCHEMA, TRIPLE_SCHEMA, KnowledgeGraph
+from knowledge.kg import KnowledgeGraph
 from knowledge.models import build_model
 from knowledge.partitioned import (ACC, ENTITY_TABLES, RELATION_TABLES, RELATIONS, PartitionedJob,
                                    Partitioning, PartitionStore, inside_out_order, part_file,
                                    read_bucket, rounds, train_bucket, write_buckets)
 from knowledge.partitioned_eval import assemble_model, bernoulli_from_buckets, sharded_rank_metrics
 from knowledge.partitioned_state import train_partitioned
+from tests.knowledge.test_embed import kg_of
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,20 +48,6 @@ def one_thread():  # noqa: ANN201
 
 def _uri() -> str:
     return f"memory://partitioned-test/{uuid.uuid4().hex}"
-
-
-def _kg(trip: torch.Tensor, n: int, r: int, split: list[str] | None = None) -> KnowledgeGraph:
-    entities = pa.table({"idx": list(range(n)), "id": [f"t:e{i}" for i in range(n)],
-                         "name": [f"e{i}" for i in range(n)], "aliases": [[] for _ in range(n)],
-                         "description": [""] * n, "types": [[] for _ in range(n)],
-                         "source": ["t"] * n}, schema=ENTITY_SCHEMA)
-    relations = pa.table({"idx": list(range(r)), "id": [f"t:r{i}" for i in range(r)],
-                          "name": [f"r{i}" for i in range(r)], "source": ["t"] * r},
-                         schema=RELATION_SCHEMA)
-    triples = pa.table({"head": trip[:, 0].int().tolist(), "relation": trip[:, 1].int().tolist(),
-                        "tail": trip[:, 2].int().tolist(), "split": split or ["train"] * len(trip)},
-                       schema=TRIPLE_SCHEMA)
-    return KnowledgeGraph(entities, relations, triples)
 
 
 def _saved(kg: KnowledgeGraph) -> str:
@@ -113,7 +100,7 @@ def test_buckets_hold_every_training_triple_exactly_once() -> None:
     n, r = 40, 3
     trip = torch.cat([_random(n, r, 300), _random(n, r, 20)[:5].repeat(2, 1)])
     split = ["valid" if i % 10 == 0 else "test" if i % 10 == 1 else "train" for i in range(len(trip))]
-    kg = _kg(trip, n, r, split)
+    kg = kg_of(trip, n, r, split)
     parts = Partitioning.by_hash(kg.entity_ids(), 3)
     out = _uri()
     counts = write_buckets(_saved(kg), out, parts)
@@ -266,7 +253,7 @@ def test_a_bucket_touches_only_its_own_partitions(one_thread: None) -> None:
     """Bucket (0, 1) of three partitions rewrites partitions 0 and 1 (rows and accumulators) and
     leaves partition 2's file byte for byte as it was."""
     side = 6
-    kg = _kg(_grid(side), side * side, 2)
+    kg = kg_of(_grid(side), side * side, 2)
     parts = Partitioning.by_hash(kg.entity_ids(), 3)
     job = _job(_uri(), side * side, 2)
     counts = write_buckets(_saved(kg), job.buckets_uri, parts)
@@ -300,7 +287,7 @@ def test_negatives_come_from_the_corrupted_sides_partition(monkeypatch: pytest.M
     import knowledge.partitioned as module
 
     side = 6
-    kg = _kg(_grid(side), side * side, 2)
+    kg = kg_of(_grid(side), side * side, 2)
     parts = Partitioning.by_hash(kg.entity_ids(), 3)
     job = _job(_uri(), side * side, 2, model="distmult", model_kwargs={}, loss="bce", batch_size=4)
     write_buckets(_saved(kg), job.buckets_uri, parts)
@@ -334,7 +321,7 @@ def test_four_partitions_learn_a_planted_graph_as_one_does(one_thread: None) -> 
     trip = _group_chain(10, 4)
     n = 40
     split = ["test" if i % 5 == 0 else "train" for i in range(len(trip))]
-    kg = _kg(trip, n, 2, split)
+    kg = kg_of(trip, n, 2, split)
     kg_uri = _saved(kg)
     train, test = torch.from_numpy(kg.split_array("train")), torch.from_numpy(kg.split_array("test"))
     settings = {"model": "complex", "model_kwargs": {}, "loss": "bce", "lr": 0.1, "batch_size": 32}
@@ -372,7 +359,7 @@ def test_ray_workers_equal_the_in_process_rounds(tmp_path: Path, ray_local: None
     import knowledge.partitioned_state as module
 
     side = 6
-    kg = _kg(_grid(side), side * side, 2)
+    kg = kg_of(_grid(side), side * side, 2)
     kg_uri = str(tmp_path / "kg")
     Path(kg_uri).mkdir()
     kg.save(kg_uri)
@@ -444,7 +431,7 @@ class _Grid:
         import knowledge.partitioned_state as module
 
         self.tmp, self.workers = tmp_path, workers
-        kg = _kg(_grid(6), 36, 2)
+        kg = kg_of(_grid(6), 36, 2)
         self.kg_uri = _saved(kg)
         self.parts = Partitioning.by_hash(kg.entity_ids(), 3)
         if workers > 1:
@@ -563,7 +550,7 @@ def test_buckets_are_written_once_per_state_and_another_runs_state_is_refused(
     import knowledge.partitioned_state as module
     from knowledge.partitioned_state import BUCKETS_DONE, ensure_buckets
 
-    kg = _kg(_grid(6), 36, 2)
+    kg = kg_of(_grid(6), 36, 2)
     kg_uri = _saved(kg)
     parts = Partitioning.by_hash(kg.entity_ids(), 3)
     out = _uri()
@@ -623,7 +610,7 @@ def test_stage_with_partitions_on_a_memory_state(tmp_path: Path, one_thread: Non
     trip = _random(n, r, 200)
     split = ["valid" if i % 10 == 0 else "test" if i % 10 == 1 else "train" for i in range(200)]
     state = _uri()
-    ctx = _ctx(tmp_path, _kg(trip, n, r, split), state)
+    ctx = _ctx(tmp_path, kg_of(trip, n, r, split), state)
     with pytest.raises(StageFailed, match="set optimizer: rowwise_adagrad, not adam"):
         embed(ctx, EmbedParams(partitions=3, epochs=1))
     params = EmbedParams(model="distmult", dim=8, epochs=3, eval_every=1, patience=0, lr=0.1,
@@ -662,7 +649,7 @@ def test_stage_with_partitions_on_two_ray_workers(tmp_path: Path, ray_local: Non
 
     n, r = 30, 3
     split = ["valid" if i % 10 == 0 else "train" for i in range(200)]
-    ctx = _ctx(tmp_path, _kg(_random(n, r, 200, seed=1), n, r, split), str(tmp_path / "state"))
+    ctx = _ctx(tmp_path, kg_of(_random(n, r, 200, seed=1), n, r, split), str(tmp_path / "state"))
     metrics = embed(ctx, EmbedParams(model="transe", dim=8, epochs=2, eval_every=1, lr=0.1,
                                      entity_norm=2.0, optimizer="rowwise_adagrad", partitions=4,
                                      scaling={"num_workers": 2}))
@@ -689,7 +676,7 @@ def test_stage_with_partitions_resumes_a_killed_run(tmp_path: Path, one_thread: 
 
     n, r = 30, 3
     split = ["valid" if i % 10 == 0 else "train" for i in range(200)]
-    kg = _kg(_random(n, r, 200, seed=2), n, r, split)
+    kg = kg_of(_random(n, r, 200, seed=2), n, r, split)
     params = EmbedParams(model="distmult", dim=8, epochs=3, eval_every=1, patience=0, lr=0.1,
                          optimizer="rowwise_adagrad", partitions=3)
     straight = _ctx(tmp_path / "straight", kg, _uri())
