@@ -36,16 +36,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
                                                                  reason="needs CUDA"))]
 
 
-@pytest.fixture
-def one_thread():  # noqa: ANN201
-    """Training-loop tests on tiny tables: one thread. Two OpenMP threads gain nothing on such
-    tensors, and on a loaded machine their spinning made one of these tests 30 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(key: str, sparse: bool, n: int = N_ENT, r: int = N_REL, dim: int = DIM):
     name, kwargs = MODELS[key]
     torch.manual_seed(0)  # sparse or not, the same initial weights
