@@ -63,3 +63,40 @@ def test_stream_map_starts_no_more_actors_than_there_are_blocks(ray_local: None,
     out = pa.concat_tables(stream_map(iter(tables), Recorder, actors=4, batch_size=2))
     assert asked["size"] == 2
     assert sorted(out["id"].to_pylist()) == ["a", "b", "c"]
+
+
+
+class SlowFirst:
+    """An actor whose call on the first block waits until the consumer has received an output
+    (a file is the signal), or at most ``guard`` seconds: in completion order the second block's
+    output is received first; in input order nothing is received before the guard runs out."""
+
+    def __init__(self, gate: str, guard: float) -> None:
+        self.gate, self.guard = gate, guard
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pathlib import Path
+
+        if batch["id"][0].as_py() == "a0":
+            deadline = time.monotonic() + self.guard
+            while not Path(self.gate).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return pa.table({"id": batch["id"]})
+
+
+def test_stream_map_yields_in_input_order_when_a_later_block_finishes_first(
+        ray_local: None, tmp_path) -> None:
+    """Two actors, one block each, the first block's call held back until an output has been
+    received: the output still comes in the input order (feature shards are then the same file on
+    every run; in completion order their rows, and so a model's batches, changed from run to run).
+    The guard only bounds the test's time: input order holds however long it is."""
+    from pipeline.raydata import stream_map
+
+    tables = [pa.table({"id": ["a0", "a1"]}), pa.table({"id": ["b0", "b1"]})]
+    gate = tmp_path / "received"
+    ids: list[str] = []
+    for out in stream_map(iter(tables), SlowFirst, fn_kwargs={"gate": str(gate), "guard": 20.0},
+                          actors=2, cpus_per_actor=0.5, batch_size=2, calls_per_actor=1):
+        ids += out["id"].to_pylist()
+        gate.touch()
+    assert ids == ["a0", "a1", "b0", "b1"]
