@@ -9,7 +9,7 @@ inode: an unchanged file is read once. Inputs on other filesystems (``s3://`` an
 fingerprinted by :mod:`pipeline.uris`, which uses these same lines for the local files among them.
 
 Paths in a cache key are written relative to the roots the planner names (:func:`path_roots`: the
-pipeline file's folder, ``$STELE_DATA``, the working directory), ``{pipeline}/data/x.tsv`` rather
+pipeline file's folder, ``$STELE_DATA``, the working directory, site-packages), ``{pipeline}/data/x.tsv`` rather
 than ``/home/me/stele/pipelines/data/x.tsv``, so that two clones of the same commit share every
 cache entry. (Only the key: a stage still reads the absolute path.)
 

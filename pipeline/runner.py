@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sysconfig
 import threading
 import time
 import uuid
@@ -92,9 +93,13 @@ def plan(pipeline: Pipeline, store: ArtifactStore, force: list[str] | None = Non
 
 def key_roots(pipeline: Pipeline) -> dict[str, Any]:
     """The folders that paths in cache keys are written relative to (see
-    :mod:`pipeline.fingerprint`): the pipeline file's, ``$STELE_DATA`` and the working directory."""
+    :mod:`pipeline.fingerprint`): the pipeline file's, ``$STELE_DATA``, the working directory, and
+    this interpreter's site-packages, so that files a package ships (PyKEEN's datasets,
+    countryinfo's JSON) key the same from a colleague's venv in another folder or Python version."""
+    paths = sysconfig.get_paths()
     return {"pipeline": pipeline.path.resolve().parent if pipeline.path else None,
-            "data": os.environ.get("STELE_DATA"), "cwd": os.getcwd()}
+            "data": os.environ.get("STELE_DATA"), "cwd": os.getcwd(),
+            "packages": paths.get("purelib"), "platpackages": paths.get("platlib")}
 
 
 @dataclass

@@ -75,3 +75,30 @@ def test_two_clones_of_one_commit_share_every_cache_entry(tmp_path: Path,
     (b / "pipelines" / "data" / "kg.tsv").write_text("x\tr0\ty\n" * 30)  # edited in clone b only
     plan = stele("plan", "pipelines/p.yaml", "--store", str(store), env=env, cwd=b, check=True).stdout
     assert plan.count(" run ") == 2 and plan.count("cached") == 1, plan  # snapshot and graph
+
+
+def test_files_a_package_ships_key_the_same_from_any_venv(tmp_path: Path) -> None:
+    """A venv inside the clone (the README's .venv) or elsewhere, Python 3.11 or 3.12: a file that an
+    installed package ships is keyed relative to site-packages, not to the working directory."""
+    import sysconfig
+
+    import pytest as pkg
+
+    from pipeline.runner import key_roots
+    from pipeline.spec import Pipeline
+
+    roots = key_roots(Pipeline(path=None, source="<string>", name="p", store=None, stages={}))
+    assert roots["packages"] == sysconfig.get_paths()["purelib"]
+    shipped = str(Path(pkg.__file__).resolve())
+    with path_roots(roots):
+        key = portable({"path": shipped})
+    assert key["path"].startswith(("{packages}/", "{platpackages}/")), key
+    assert key["path"].endswith("/pytest/__init__.py")
+    # two venvs, one inside a clone (under cwd) and one elsewhere with another Python
+    a = tmp_path / "clone" / ".venv" / "lib" / "python3.11" / "site-packages"
+    b = tmp_path / "venvs" / "py312" / "lib" / "python3.12" / "site-packages"
+    with path_roots({"cwd": tmp_path / "clone", "packages": a}):
+        in_a = portable(f"{a}/countryinfo/data/france.json")
+    with path_roots({"cwd": tmp_path / "other", "packages": b}):
+        in_b = portable(f"{b}/countryinfo/data/france.json")
+    assert in_a == in_b == "{packages}/countryinfo/data/france.json"
