@@ -68,6 +68,8 @@ class TextEncoder:
 
 #: recipe -> ``(artifact folder, recipe.json, backbone) -> TextEncoder``
 TEXT_ENCODERS: dict[str, Callable[[Path, dict[str, Any], Any], TextEncoder]] = {}
+_MLM_HEAD = ("MLM head: dense + GELU + LayerNorm, decoder tied to embeddings.word_embeddings.weight, "
+             "plus a bias")
 
 
 def text_encoder(recipe: str) -> Callable:
@@ -92,8 +94,9 @@ def _encoder_for(recipe: str) -> Callable[[Path, dict[str, Any], Any], TextEncod
     for base in cls.__mro__:
         if getattr(base, "name", None) in TEXT_ENCODERS:
             return TEXT_ENCODERS[base.name]
-    raise ExportError(f"recipe {recipe!r} has no text-encoder export (the multimodal models have no "
-                      f"BERT-layout encoder); exportable: {', '.join(sorted(TEXT_ENCODERS))}")
+    raise ExportError(f"recipe {recipe!r} has no text-encoder export (its text encoder is not a "
+                      f"plain BERT: extra inputs or layers inside it, or a multimodal model); "
+                      f"exportable: {', '.join(sorted(TEXT_ENCODERS))}")
 
 
 def _build(path: Path, backbone: Any, resources: dict[str, Any]) -> Any:
@@ -122,8 +125,7 @@ def _bert_prefix(prefix: str) -> list[tuple[str, str]]:
 def _mlm(path: Path, meta: dict[str, Any], backbone: Any) -> TextEncoder:
     model = _build(path, backbone, dict(meta.get("resources_meta", {})))
     return TextEncoder(model, _bert_prefix("encoder."),
-                       {"mlm.": "MLM head: dense + GELU + LayerNorm, decoder tied to "
-                                "embeddings.word_embeddings.weight, plus a bias"},
+                       {"mlm.": _MLM_HEAD},
                        "the backbone as MLM pretraining left it: exactly stele's encoder")
 
 
@@ -205,6 +207,33 @@ def _kadapter(path: Path, meta: dict[str, Any], backbone: Any) -> TextEncoder:
                        "the frozen backbone K-Adapter's adapters were trained beside, as it is "
                        "(K-Adapter never updates it)",
                        config={**dataclasses.asdict(enc.cfg), "layers": list(enc.layers)})
+
+
+def _shared_encoder(note: str, **groups: str) -> Callable[[Path, dict[str, Any], Any], TextEncoder]:
+    """The models whose text encoder is the backbone itself, trained in full (``self.encoder``),
+    with their task heads as the extra modules."""
+    def make(path: Path, meta: dict[str, Any], backbone: Any) -> TextEncoder:
+        model = _build(path, backbone, dict(meta.get("resources_meta", {})))
+        return TextEncoder(model, _bert_prefix("encoder."), {f"{k}.": v for k, v in groups.items()}, note)
+    return make
+
+
+text_encoder("kepler")(_shared_encoder(
+    "the encoder KEPLER trained with MLM and its knowledge-embedding loss; an entity's embedding is "
+    "its description's [CLS] hidden state (the same encoder, no extra module)",
+    mlm=_MLM_HEAD, relations="relation embeddings of the TransE knowledge-embedding loss (R, hidden)"))
+text_encoder("kgbert")(_shared_encoder(
+    "the encoder KG-BERT fine-tuned on triples as text ([CLS] h [SEP] r [SEP] t [SEP])",
+    triple_head="triple classification: a linear layer on [CLS] -> 1 logit (plausible or not)",
+    relation_head="relation prediction: a linear layer on [CLS] -> one logit per relation"))
+text_encoder("libert")(_shared_encoder(
+    "the encoder LIBERT trained with MLM and its lexical-relation classification",
+    mlm=_MLM_HEAD, relation="lexical relation head: BERT's pooler + a 2-way classifier on [CLS] "
+    "of a word pair"))
+text_encoder("wklm")(_shared_encoder(
+    "the encoder WKLM trained with reduced-rate MLM and entity replacement detection",
+    mlm=_MLM_HEAD, replacement="replacement detection: a linear layer on [h_start ; h_end] of a "
+    "mention -> 1 logit (replaced or not)"))
 
 
 # ----------------------------------------------------------------------------------- the split

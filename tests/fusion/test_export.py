@@ -18,7 +18,9 @@ from pipeline.cli import main
 
 NUM_ENTITIES, ENTITY_DIM = 7, 8
 OPTIONS = {"mlm": {}, "ernie": {"k_layers": 1}, "kbert": {"k": 2},
-           "kadapter": {"adapter": "factual", "adapter_size": 16, "num_heads": 2}}
+           "kadapter": {"adapter": "factual", "adapter_size": 16, "num_heads": 2},
+           "kepler": {}, "kgbert": {}, "libert": {}, "wklm": {}}
+SHARED_ENCODER = {"mlm", "kepler", "kgbert", "libert", "wklm"}  # self.encoder is the backbone
 TEXTS = ["tim cook is visiting beijing now", "the dog was born in paris"]
 
 
@@ -41,7 +43,7 @@ def make_pretrain_artifact(folder: Path, recipe: str, tokenizer) -> torch.nn.Mod
     options = rec.Options.model_validate(OPTIONS[recipe])
     torch.manual_seed(1)
     table = torch.randn(NUM_ENTITIES, ENTITY_DIM)
-    resources = {"max_length": 32, "entity_table": table, "labels": ["a", "b", "c"]}
+    resources = {"max_length": 32, "entity_table": table, "labels": ["a", "b", "c"], "num_relations": 3}
     model = rec.build(backbone, resources, options).eval()
     with torch.no_grad():  # "pretrained": nothing equals the random backbone or a fresh head
         for p in model.parameters():
@@ -52,7 +54,7 @@ def make_pretrain_artifact(folder: Path, recipe: str, tokenizer) -> torch.nn.Mod
     backbone.model.config.to_json_file(str(folder / "backbone_config.json"))
     (folder / "recipe.json").write_text(json.dumps({
         "recipe": recipe, "backbone": "random", "options": options.model_dump(), "max_length": 32,
-        "resources_meta": {"max_length": 32}}))
+        "resources_meta": {"max_length": 32, "num_relations": 3}}))
     if recipe == "ernie":
         save_file({"entity": table}, str(folder / "entity_table.safetensors"))
         (folder / "entity_ids.json").write_text(json.dumps([f"t:e{i}" for i in range(NUM_ENTITIES)]))
@@ -63,7 +65,7 @@ def make_pretrain_artifact(folder: Path, recipe: str, tokenizer) -> torch.nn.Mod
 def stele_hidden(recipe: str, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The text encoder's last hidden states, as each stele model computes them on plain text."""
     with torch.no_grad():
-        if recipe == "mlm":
+        if recipe in SHARED_ENCODER:
             return model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         if recipe == "ernie":
             return model(ids, mask).hidden  # no entity: ERNIE's w^o
@@ -194,6 +196,6 @@ def test_cli_and_refusals(tmp_path: Path, tokenizer, capsys: pytest.CaptureFixtu
     (dual / "recipe.json").write_text(json.dumps({"recipe": "dual", "options": {}}))
     (dual / "manifest.json").write_text(json.dumps({"type": "fusion.pretrain"}))
     with pytest.raises(ExportError, match="recipe 'dual' has no text-encoder export.*ernie, "
-                                          "kadapter, kbert, mlm"):
+                                          "kadapter, kbert, kepler, kgbert, libert, mlm, wklm"):
         export(str(dual), "hf", tmp_path / "x")
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.export-*"))
