@@ -23,3 +23,9 @@ def smoothed_curve(ax: Any, steps: Sequence[float], values: Sequence[float], *, 
         y = np.convolve(y, k, "same") / np.convolve(np.ones(len(y)), k, "same")
     ax.plot(x, y, color=color, linewidth=1.6, label=label)
     return w
+
+
+def legend_below(ax: Any, ncols: int = 3) -> None:
+    """The axes' legend under them, outside the data, where it hides no curve or bar (with
+    ``fig.tight_layout()`` making room for it)."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=ncols, frameon=False)

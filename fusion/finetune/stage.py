@@ -249,7 +249,7 @@ def _plot(history: list[dict], per_label: dict[str, dict], path: Path, title: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.plots import smoothed_curve
+    from pipeline.plots import legend_below, smoothed_curve
 
     labels = list(per_label)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
@@ -259,7 +259,7 @@ def _plot(history: list[dict], per_label: dict[str, dict], path: Path, title: st
     a.set_xlabel("step")
     a.set_ylabel("training loss")
     a.grid(alpha=0.3)
-    a.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    legend_below(a, ncols=1)
     b.barh(range(len(labels)), [per_label[k]["f1"] for k in labels])
     b.set_yticks(range(len(labels)), [f"{k} ({per_label[k]['support']})" for k in labels],
                  fontsize=7)

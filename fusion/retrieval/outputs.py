@@ -16,6 +16,7 @@ import numpy as np
 from fusion.retrieval.scorer import DIRECTIONS
 
 from fusion.retrieval.params import RetrievalParams
+from pipeline.plots import legend_below
 
 
 @dataclass
@@ -83,7 +84,7 @@ def plots(result: dict, ranks: dict[str, np.ndarray], out: Path, params: Retriev
     ax.set_ylabel("recall@K (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend()
+    legend_below(ax, ncols=2)
     ax.set_title(f"retrieval ({label}), {result['counts']['captions']} captions x "
                  f"{result['counts']['media']} media")
     fig.tight_layout()
@@ -99,7 +100,7 @@ def plots(result: dict, ranks: dict[str, np.ndarray], out: Path, params: Retriev
     ax.set_xscale("log")
     ax.set_xlabel("rank of the first correct item")
     ax.set_ylabel("queries")
-    ax.legend()
+    legend_below(ax, ncols=2)
     ax.set_title(f"rank histogram ({label}); per-query ranks in ranks.parquet")
     fig.tight_layout()
     fig.savefig(out / "rank_hist.png", dpi=110)
