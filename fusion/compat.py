@@ -28,6 +28,8 @@ FEATURE_SETTINGS: dict[str, tuple[str, ...]] = {
     "speech.features": ("features", "sample_rate", "n_mels", "win_ms", "hop_ms", "target_rate_hz",
                         "encoder", "encoder_config", "weights", "layer", "normalize_waveform",
                         "global_token"),
+    "vision.video_features": ("backbone", "weights", "fps", "max_frames", "overflow", "global_token",
+                              "frame_order", "shuffle_seed", "crop_pct", "crop_mode"),
 }
 _LOGMEL_ONLY = ("n_mels", "win_ms", "hop_ms", "target_rate_hz")
 _SSL_ONLY = ("encoder", "encoder_config", "weights", "layer", "normalize_waveform")

@@ -85,7 +85,7 @@ class MediaDataset(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: ClassVar[str] = ""
-    modality: ClassVar[str] = ""     # "image" or "audio"
+    modality: ClassVar[str] = ""     # "image", "audio" or "video"
 
     type: str = ""
     on_error: Literal["raise", "skip"] = Field(
@@ -145,8 +145,9 @@ def dataset(name: str):
     def deco(cls: type[MediaDataset]) -> type[MediaDataset]:
         if not (isinstance(cls, type) and issubclass(cls, MediaDataset)):
             raise TypeError(f"@dataset({name!r}) decorates a MediaDataset subclass, got {cls!r}")
-        if cls.modality not in ("image", "audio"):
-            raise TypeError(f"@dataset({name!r}): set modality = 'image' or 'audio' on {cls.__name__}")
+        if cls.modality not in ("image", "audio", "video"):
+            raise TypeError(f"@dataset({name!r}): set modality = 'image', 'audio' or 'video' on "
+                            f"{cls.__name__}")
         cls.name = name
         return DATASETS.register(name, cls)
 

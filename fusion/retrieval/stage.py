@@ -81,12 +81,12 @@ class RetrievalResult:
        inputs={"model": Input("fusion.pretrain", "a multimodal pretrained encoder (or a parameter "
                               "naming a model from elsewhere: text_vectors, scores, hf_model)",
                               required=False),
-               "media": Input(("vision.features", "speech.features"), "the items to search, with "
-                              "their captions", required=False),
+               "media": Input(("vision.features", "speech.features", "vision.video_features"),
+                              "the items to search, with their captions", required=False),
                "first_stage": Input("fusion.pretrain", "an encoder (e.g. dual) ranking the "
                                     "candidates before re-ranking", required=False),
-               "queries": Input(("vision.features", "speech.features"), "the query items, for a "
-                                "model with media queries", required=False)},
+               "queries": Input(("vision.features", "speech.features", "vision.video_features"),
+                                "the query items, for a model with media queries", required=False)},
        loader=RetrievalResult.load)
 def retrieval(ctx: StageContext, params: RetrievalParams) -> dict:
     """Cross-modal retrieval with a pretrained multimodal encoder, or a model from elsewhere

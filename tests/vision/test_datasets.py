@@ -411,7 +411,7 @@ def test_real_shared_emoji():
 @pytest.mark.parametrize("name", sorted(set(DATASETS.all()) | set(IMAGE_DATASETS)))
 def test_every_builtin_is_registered_with_a_modality(name):
     cls = DATASETS.get(name)
-    assert cls.name == name and cls.modality in ("image", "audio")
+    assert cls.name == name and cls.modality in ("image", "audio", "video")
     assert (cls.__doc__ or "").strip(), f"{name}: no docstring for `stele datasets`"
     if name in IMAGE_DATASETS:
         assert cls.modality == "image"
