@@ -28,6 +28,9 @@ PyKEEN's ``-||h o r - t||``; the others agree as they are. Training on in PyKEEN
 model (its TransE projects entities on the unit L2 sphere after each step, as ``entity_norm: 2``).
 The DistMult and ComplEx regularisers' buffers are PyKEEN's own (from its constructor), not part of
 the export: load with ``strict=False`` and check that only they are missing (the README's snippet).
+
+Both peers hold one whole table, so an artifact trained with ``partitions`` and ``assemble: false``
+(partitions only) is refused in one line naming the parameter.
 """
 
 from __future__ import annotations
@@ -207,7 +210,11 @@ def export_embeddings(artifact: Path, fmt: str, out: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from .models import load_model, model_spec
+    from .stages.embed import not_assembled
 
+    why = not_assembled(artifact)
+    if why:
+        raise ExportError(f"{why}; PyKEEN and PyG load one whole table")
     if not (artifact / MODEL_JSON).is_file() or not (artifact / MODEL_WEIGHTS).is_file():
         raise ExportError(f"{artifact}: no {MODEL_JSON} / {MODEL_WEIGHTS} (not a knowledge.embed "
                           f"artifact?)")

@@ -48,6 +48,7 @@ after every round so that a killed run resumes exactly, is
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import math
 import uuid
@@ -89,6 +90,20 @@ def hash_rank(key: str, seed: int = 0) -> int:
     return int.from_bytes(digest, "big")
 
 
+def hash_ranks(keys: Sequence[str] | pa.Array | pa.ChunkedArray, seed: int = 0,
+               chunk: int = 1 << 18) -> np.ndarray:
+    """:func:`hash_rank` of every key, ``(N,)`` uint64, ``chunk`` keys at a time: an Arrow array
+    (a table's ``id`` column) becomes Python strings one chunk at a time, never all at once."""
+    out = np.empty(len(keys), dtype=np.uint64)
+    for start in range(0, len(keys), chunk):
+        part = keys[start:start + chunk]
+        part = part.to_pylist() if isinstance(part, (pa.Array, pa.ChunkedArray)) else part
+        digests = b"".join(hashlib.blake2b(f"{seed}\x1f{k}".encode(), digest_size=8).digest()
+                           for k in part)
+        out[start:start + len(part)] = np.frombuffer(digests, dtype=">u8")
+    return out
+
+
 @dataclass(frozen=True)
 class Partitioning:
     """Entity ``e`` lives in partition ``partition[e]`` at row ``offset[e]`` ((N,) arrays each)."""
@@ -98,16 +113,18 @@ class Partitioning:
     num_partitions: int
 
     @classmethod
-    def by_hash(cls, keys: Sequence[str], num_partitions: int, seed: int = 0) -> "Partitioning":
-        """Entities (one ``keys[e]`` per index ``e``: their ids) sorted by :func:`hash_rank` and cut
-        into ``num_partitions`` runs whose sizes differ by at most one."""
+    def by_hash(cls, keys: Sequence[str] | pa.Array | pa.ChunkedArray, num_partitions: int,
+                seed: int = 0) -> "Partitioning":
+        """Entities (one ``keys[e]`` per index ``e``: their ids, a sequence or an Arrow array)
+        sorted by :func:`hash_rank` and cut into ``num_partitions`` runs whose sizes differ by at
+        most one."""
         n, p = len(keys), num_partitions
         if p < 1 or p > max(n, 1):
             raise ValueError(f"{p} partitions for {n} entities: need 1 <= partitions <= entities")
-        ranks = np.fromiter((hash_rank(k, seed) for k in keys), dtype=np.uint64, count=n)
-        order = np.argsort(ranks, kind="stable")               # entity indices in hash order
+        order = np.argsort(hash_ranks(keys, seed), kind="stable")      # entity indices in hash order
         part = np.empty(n, dtype=np.int64)
         part[order] = np.arange(n, dtype=np.int64) * p // n
+        del order
         # local offset: rank by global index within the partition (stable sort keeps index order)
         by_part = np.argsort(part, kind="stable")
         sizes = np.bincount(part, minlength=p)
@@ -173,7 +190,7 @@ def write_buckets(kg_uri: str, out_uri: str, parts: Partitioning, split: str = "
     ``out_uri`` (:func:`bucket_file`; an empty bucket gets an empty file), each written to a
     temporary name and renamed. Returns the ``(P, P)`` triple counts. One pass, one record batch of
     the graph at a time; the ``P^2`` writers are open together (PBG's partition counts, up to a few
-    dozen, keep that to a few thousand files)."""
+    dozen, keep that to a few thousand files; the process's open-file limit must allow them)."""
     p = parts.num_partitions
     fs, root = fsspec.core.url_to_fs(str(out_uri))
     fs.makedirs(root, exist_ok=True)
@@ -184,13 +201,23 @@ def write_buckets(kg_uri: str, out_uri: str, parts: Partitioning, split: str = "
 
     def writer(b: int) -> Any:
         if b not in writers:
-            f = fs.open(f"{root}/{bucket_file(b // p, b % p)}.tmp-{tag}", "wb")
+            try:
+                f = fs.open(f"{root}/{bucket_file(b // p, b % p)}.tmp-{tag}", "wb")
+            except OSError as e:
+                if e.errno == errno.EMFILE:
+                    raise ValueError(f"{p} partitions write {p * p} bucket files at once, more than this "
+                                     f"process may open ({len(writers)} open): raise its open-file limit "
+                                     "(ulimit -n) or use fewer partitions") from e
+                raise
             writers[b] = (f, pq.ParquetWriter(f, BUCKET_SCHEMA))
         return writers[b][1]
 
     try:
+        # large record batches: each is cut into P^2 pieces, one row group per bucket file each
+        rows_per_batch = min(1 << 22, max(1 << 16, 2048 * p * p))
         with kfs.open(f"{kroot.rstrip('/')}/{FILES['triples']}", "rb") as src:
-            for batch in pq.ParquetFile(src).iter_batches(columns=["head", "relation", "tail", "split"]):
+            for batch in pq.ParquetFile(src).iter_batches(batch_size=rows_per_batch,
+                                                          columns=["head", "relation", "tail", "split"]):
                 batch = batch.filter(pc.equal(batch["split"], split))
                 if not batch.num_rows:
                     continue
@@ -278,7 +305,10 @@ def build_partition_model(job: PartitionedJob, entity_states: Sequence[dict[str,
                         **({"sparse": True} if sparse else {}))
     with torch.no_grad():
         for name, w in model_tables(model, ENTITY_TABLES).items():
-            w.copy_(torch.cat([s[name] for s in entity_states]))
+            start = 0
+            for s in entity_states:  # into place, no concatenated temporary of the bucket's rows
+                w[start:start + len(s[name])].copy_(s[name])
+                start += len(s[name])
         for name, w in model_tables(model, RELATION_TABLES).items():
             w.copy_(relations[name])
     return model
@@ -334,6 +364,7 @@ def train_bucket(job: PartitionedJob, bucket: tuple[int, int], relations: dict[s
         opt.state[w]["sum"] = torch.cat([s[name + ACC] for s in states])          # (n_i + n_j,)
     for name, w in model_tables(model, RELATION_TABLES).items():
         opt.state[w]["sum"] = relations[name + ACC].clone()                        # (R,)
+    del states  # the model holds the rows now: at scale the loaded copy would double the bucket's peak
 
     triples = read_bucket(job.buckets_uri, i, j)                                   # (n, 3) local
     tail_base = 0 if i == j else sizes[0]   # the tail partition's first row in the model

@@ -17,6 +17,12 @@ sums inside each. So, for the ``n`` test triples, ``q`` the query vectors of
    over the known-true candidates in ``p`` (the filter of the triples whose target side lies in
    ``p``: a ``1/P`` share of the known triples), subtracted. The counts of all partitions are summed.
 
+**The filter travels by address.** Given a :class:`FilterSource` (the graph artifact's URI and a
+``partitioning.parquet``), each step-3 task reads partition ``p``'s members and streams the graph's
+triples itself (fsspec, one record batch at a time), keeping only its ``1/P`` share: a task's
+arguments are the test triples, their query vectors and locations, never the known triples. (A
+filter given as a tensor is split on the driver and shipped by value: for small graphs and tests.)
+
 Step 2 computes each partition's score matrices with the same shapes as step 3, so the test
 triple's own score is the same number in both and it counts in its own pessimistic rank as in the
 unpartitioned evaluator. The per-partition count is exact integer arithmetic; the scores are the
@@ -26,19 +32,24 @@ width could round a score differently and swap a near-tie. Scoring costs twice t
 evaluator's (steps 2 and 3) and memory ``O(batch_size * n_p)`` per task.
 
 Also here, beside the evaluator they use: :func:`fit_partitioned`, the ``knowledge.embed`` stage's
-run for ``partitions > 1`` (bucketing, training, validation, assembly), :func:`assemble_model` and
-:func:`bernoulli_from_buckets`.
+run for ``partitions > 1`` (bucketing, training, validation, the best epoch's partitions),
+:func:`assemble_model`, :func:`bernoulli_from_buckets` and the partitioning file's readers and writer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
+import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
@@ -46,11 +57,64 @@ from .evaluate import SIDES, KnownTriples, _count_rows, assemble_metrics
 from .partitioned import (ENTITY_TABLES, RELATION_TABLES, RELATIONS, PartitionedJob, Partitioning,
                           PartitionStore, build_partition_model, check_shared, model_tables, part_file,
                           read_bucket, run_tasks)
+from .kg import FILES
 from .partitioned_state import ensure_buckets, train_partitioned
-from .models import build_model
+from .models import build_model, model_spec
 from .scoring import CandidateScorer, candidate_scorer
 
 HEAD, REL, TAIL = 0, 1, 2
+PARTITIONING = "partitioning.parquet"
+SPEC = "model.json"   # the partitioned model's spec (knowledge.models.model_spec) beside its partitions
+BEST = "best.json"    # in the best-epoch snapshot, written after its files: the epoch it holds
+
+
+def _join(uri: str, name: str) -> str:
+    return f"{str(uri).rstrip('/')}/{name}"
+
+
+def write_partitioning(parts: Partitioning, uri: str) -> None:
+    """``parts`` as Parquet at ``uri`` (a file: folder or fsspec URI), written to a temporary name and
+    renamed: ``idx``, ``partition``, ``offset`` (entity ``idx`` is row ``offset`` of ``partition``)."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(pa.table({"idx": pa.array(np.arange(len(parts.partition)), pa.int32()),
+                                 "partition": pa.array(parts.partition, pa.int32()),
+                                 "offset": pa.array(parts.offset, pa.int64())}), f)
+    fs.mv(tmp, path)
+
+
+def read_partitioning(uri: str) -> Partitioning:
+    """The :class:`Partitioning` of a file written by :func:`write_partitioning`."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    with fs.open(path, "rb") as f:
+        t = pq.read_table(f)
+    idx = t["idx"].to_numpy().astype(np.int64)
+    part, off = np.empty(len(idx), np.int64), np.empty(len(idx), np.int64)
+    part[idx], off[idx] = t["partition"].to_numpy(), t["offset"].to_numpy()
+    return Partitioning(part, off, int(part.max()) + 1 if len(part) else 0)
+
+
+def read_members(uri: str, p: int) -> np.ndarray:
+    """Partition ``p``'s entities (global indices, ascending: its local order) from a partitioning
+    file, one record batch at a time: ``(n_p,)`` int64, never the ``(N,)`` arrays."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    out = []
+    with fs.open(path, "rb") as f:
+        for b in pq.ParquetFile(f).iter_batches(columns=["idx", "partition"]):
+            idx, part = b["idx"].to_numpy(), b["partition"].to_numpy()
+            out.append(idx[part == p].astype(np.int64))
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
+
+
+@dataclass(frozen=True)
+class FilterSource:
+    """Where a sharded evaluation task reads the filter: the graph artifact (every split of its
+    ``triples.parquet``) and the partitioning file (:func:`write_partitioning`)."""
+
+    kg_uri: str
+    partitioning_uri: str
 
 
 def partition_scorer(job: PartitionedJob, p: int, exact: bool = False) -> CandidateScorer:
@@ -112,13 +176,41 @@ def _known_in(known: Tensor, parts: Partitioning, p: int) -> dict[str, Tensor]:
     return {"tail": tails, "head": heads}
 
 
+def _known_from(source: FilterSource, p: int, num_entities: int, num_relations: int) -> dict[str, Tensor]:
+    """:func:`_known_in` read by the task itself: partition ``p``'s members from the partitioning
+    file, then the graph's triples one record batch at a time, keeping the rows whose tail (for tail
+    prediction) or head (for head prediction) is a member, that entity as its local offset."""
+    members = read_members(source.partitioning_uri, p)                             # (n_p,)
+    fs, root = fsspec.core.url_to_fs(str(source.kg_uri))
+    path = _join(root, FILES["triples"])
+    keep: dict[str, list[np.ndarray]] = {"tail": [], "head": []}
+    with fs.open(path, "rb") as f:
+        for b in pq.ParquetFile(f).iter_batches(columns=["head", "relation", "tail"]):
+            tr = np.stack([b[c].to_numpy().astype(np.int64) for c in ("head", "relation", "tail")], 1)
+            if len(tr) and (tr[:, [HEAD, TAIL]].min() < 0 or tr[:, [HEAD, TAIL]].max() >= num_entities
+                            or tr[:, REL].min() < 0 or tr[:, REL].max() >= num_relations):
+                raise ValueError(f"{source.kg_uri}: {FILES['triples']} holds indices outside the "
+                                 f"{num_entities} entities / {num_relations} relations")
+            for side, col in (("tail", TAIL), ("head", HEAD)):
+                pos = np.minimum(np.searchsorted(members, tr[:, col]), max(len(members) - 1, 0))
+                hit = members[pos] == tr[:, col] if len(members) else np.zeros(len(tr), bool)
+                rows = tr[hit]
+                rows[:, col] = pos[hit]
+                keep[side].append(rows)
+    return {side: torch.from_numpy(np.concatenate(v)) if v else torch.zeros(0, 3, dtype=torch.long)
+            for side, v in keep.items()}
+
+
 def _counts(job: PartitionedJob, p: int, test: Tensor, queries: dict[str, Tensor],
-            true: dict[str, Tensor], where: dict[str, Tensor], known: dict[str, Tensor],
+            true: dict[str, Tensor], where: dict[str, Tensor], known: dict[str, Tensor] | FilterSource,
             batch_size: int, exact: bool) -> tuple[dict[str, list[Tensor]], int]:
     """Step 3 for partition ``p``: ``side -> [raw >, raw >=, filtered >, filtered >=]`` ``(n,)``
-    counts over ``p``'s candidates, and how many distinct known triples ``p``'s filter holds."""
+    counts over ``p``'s candidates, and how many distinct known triples ``p``'s filter holds
+    (``known``: ``p``'s share of the filter, or where to read it)."""
     scorer = partition_scorer(job, p, exact)
     n_ent, n_rel = job.num_entities, job.num_relations
+    if isinstance(known, FilterSource):
+        known = _known_from(known, p, n_ent, n_rel)
     # keys h * R + r (tails) and r * N + t (heads) are global; the values are p's local offsets
     filt = {side: KnownTriples.build(known[side], n_ent, n_rel) for side in SIDES}
     out: dict[str, list[Tensor]] = {}
@@ -143,18 +235,25 @@ def _counts(job: PartitionedJob, p: int, test: Tensor, queries: dict[str, Tensor
     return out, len(filt["tail"].by_hr.keys)
 
 
-def sharded_rank_metrics(job: PartitionedJob, parts: Partitioning, test: Tensor, known: Tensor,
-                         batch_size: int = 256, workers: int = 1, cpus_per_worker: float = 1.0,
-                         ks: Sequence[int] = (1, 3, 10), max_k_curve: int = 10,
-                         exact: bool = False) -> dict[str, Any]:
+def sharded_rank_metrics(job: PartitionedJob, parts: Partitioning, test: Tensor,
+                         known: Tensor | FilterSource, batch_size: int = 256, workers: int = 1,
+                         cpus_per_worker: float = 1.0, ks: Sequence[int] = (1, 3, 10),
+                         max_k_curve: int = 10, exact: bool = False) -> dict[str, Any]:
     """:func:`knowledge.evaluate.rank_metrics` of the partitioned model in ``job.state_uri`` on
-    ``test`` ``(n, 3)`` filtered against ``known`` ``(m, 3)`` (global indices), one candidate
-    partition per task (Ray tasks with ``workers > 1``); the same dictionary, ``ranks`` included."""
+    ``test`` ``(n, 3)`` filtered against ``known``: ``(m, 3)`` triples (global indices), or a
+    :class:`FilterSource` each task reads its share from (what scales: the driver never holds the
+    filter); one candidate partition per task (Ray tasks with ``workers > 1``); the same
+    dictionary, ``ranks`` included."""
     check_shared(job, workers)
-    test = torch.as_tensor(test, dtype=torch.long).cpu()
-    known = torch.as_tensor(known, dtype=torch.long).cpu()
+    # a copy: a view (test = all[:n]) would pickle its whole base storage into every task
+    test = torch.as_tensor(test, dtype=torch.long).cpu().clone()
+    if not isinstance(known, FilterSource):
+        known = torch.as_tensor(known, dtype=torch.long).cpu()
+    elif workers > 1 and any(str(u).startswith("memory://") for u in (known.kg_uri, known.partitioning_uri)):
+        raise ValueError(f"{known}: a memory:// location lives in one process; Ray tasks need a shared one")
     n_ent, n_rel, n_parts = job.num_entities, job.num_relations, parts.num_partitions
-    for name, tr in (("test", test), ("known", known)):
+    checked = [("test", test)] + ([("known", known)] if isinstance(known, Tensor) else [])
+    for name, tr in checked:
         if len(tr) and (int(tr[:, [HEAD, TAIL]].min()) < 0 or int(tr[:, [HEAD, TAIL]].max()) >= n_ent):
             raise ValueError(f"{name} triples hold entity indices outside 0..{n_ent - 1}")
         if len(tr) and (int(tr[:, REL].min()) < 0 or int(tr[:, REL].max()) >= n_rel):
@@ -182,8 +281,11 @@ def sharded_rank_metrics(job: PartitionedJob, parts: Partitioning, test: Tensor,
         raise ValueError("the model scored a test triple as NaN; ranks would be meaningless")
     totals = {side: [torch.zeros(len(test), dtype=torch.long) for _ in range(4)] for side in SIDES}
     num_known = 0
-    for res, n_known in each(_counts, lambda p: (test, queries, true, where, _known_in(known, parts, p),
-                                                 batch_size, exact)):
+
+    def share(p: int) -> dict[str, Tensor] | FilterSource:
+        return known if isinstance(known, FilterSource) else _known_in(known, parts, p)
+
+    for res, n_known in each(_counts, lambda p: (test, queries, true, where, share(p), batch_size, exact)):
         num_known += n_known
         for side in SIDES:
             for acc, c in zip(totals[side], res[side]):
@@ -244,50 +346,87 @@ def assemble_model(job: PartitionedJob, parts: Partitioning) -> torch.nn.Module:
     return model.eval()
 
 
+def snapshot(src_uri: str, dst_uri: str, names: Sequence[str], marker: dict[str, Any]) -> None:
+    """Copy the files ``names`` of the store at ``src_uri`` into ``dst_uri`` (each to a temporary
+    name, then renamed), then ``marker`` as :data:`BEST`: the best epoch's partitions, for the cost
+    of one copy of the table per improvement (an epoch rewrites each partition ``2P`` times)."""
+    src, dst = PartitionStore(src_uri), PartitionStore(dst_uri)
+    if dst.exists(BEST):
+        dst.fs.rm(dst.path(BEST))   # a snapshot half replaced is no snapshot
+    for name in names:
+        tmp = f"{dst.path(name)}.tmp-{uuid.uuid4().hex}"
+        if src.fs is dst.fs:   # one store: its own copy (a server-side copy on object stores)
+            src.fs.copy(src.path(name), tmp)
+        else:
+            dst.fs.pipe_file(tmp, src.fs.cat_file(src.path(name)))
+        dst.fs.mv(tmp, dst.path(name))
+    dst.fs.pipe_file(dst.path(BEST), json.dumps(marker).encode())
+
+
+def load_partitioned(folder: str | Path) -> tuple[PartitionedJob, Partitioning]:
+    """The job (model spec, sizes, ``state_uri`` = the folder) and the partitioning of a
+    ``partitions/`` folder written by :meth:`PartitionedRun.save_partitions`, for the sharded
+    evaluator and :func:`assemble_model`."""
+    folder = Path(folder)
+    spec = json.loads((folder / SPEC).read_text())
+    job = PartitionedJob(model=spec["model"], dim=spec["dim"], model_kwargs=spec["kwargs"],
+                         num_entities=spec["num_entities"], num_relations=spec["num_relations"],
+                         state_uri=str(folder), buckets_uri="")
+    return job, read_partitioning(str(folder / PARTITIONING))
+
+
 @dataclass
 class PartitionedRun:
-    """What :func:`fit_partitioned` leaves: the assembled model, the history, the partitioning."""
+    """What :func:`fit_partitioned` leaves: the history, the partitioning, where the weights are."""
 
-    model: torch.nn.Module
+    job: PartitionedJob
     history: list[dict[str, float]]
     stopped: bool
     parts: Partitioning
-    state_uri: str
+    weights_uri: str                        # the best epoch's snapshot, or the state (last epoch)
+    best_epoch: int | None                  # the epoch weights_uri holds when it is a snapshot
     counts: np.ndarray                      # (P, P) training triples per bucket
+
+    def assemble(self) -> torch.nn.Module:
+        """The whole ``(N, d)`` model (:func:`assemble_model`): only where one table fits."""
+        return assemble_model(dataclasses.replace(self.job, state_uri=self.weights_uri), self.parts)
 
     def save_partitions(self, folder: Path) -> None:
         """Copy the partition files and the relations (never a temporary, staged or progress file)
-        into the local ``folder``, with ``partitioning.parquet``: entity ``idx`` is row ``offset`` of
-        partition ``partition``."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        store = PartitionStore(self.state_uri)
+        into the local ``folder``, with ``partitioning.parquet`` (entity ``idx`` is row ``offset`` of
+        partition ``partition``) and ``model.json`` (the model's spec, ``knowledge.models.model_spec``
+        with the whole table's sizes): :func:`load_partitioned` reads them back."""
+        store = PartitionStore(self.weights_uri)
         folder.mkdir(parents=True, exist_ok=True)
         for name in [part_file(p) for p in range(self.parts.num_partitions)] + [RELATIONS]:
-            (folder / name).write_bytes(store.fs.cat_file(store.path(name)))
-        pq.write_table(pa.table({"idx": pa.array(np.arange(len(self.parts.partition)), pa.int32()),
-                                 "partition": pa.array(self.parts.partition, pa.int32()),
-                                 "offset": pa.array(self.parts.offset, pa.int64())}),
-                       folder / "partitioning.parquet")
+            with store.fs.open(store.path(name), "rb") as src, open(folder / name, "wb") as dst:
+                while chunk := src.read(1 << 24):   # 16 MiB at a time: a partition may be large
+                    dst.write(chunk)
+        write_partitioning(self.parts, str(folder / PARTITIONING))
+        j = self.job
+        spec = model_spec(build_model(j.model, 1, j.num_relations, j.dim, **j.model_kwargs))
+        (folder / SPEC).write_text(json.dumps({**spec, "num_entities": j.num_entities}, indent=1))
 
 
-def fit_partitioned(job: Any, entity_ids: Sequence[str], num_partitions: int, root_uri: str,
-                    workers: int = 1, cpus_per_worker: float = 1.0) -> PartitionedRun:
+def fit_partitioned(job: Any, entity_ids: Sequence[str] | pa.Array | pa.ChunkedArray, num_partitions: int,
+                    root_uri: str, workers: int = 1, cpus_per_worker: float = 1.0) -> PartitionedRun:
     """The ``knowledge.embed`` stage's run for ``partitions > 1``: ``job`` is its
-    :class:`knowledge.embed.EmbedJob`. Partitions the entities by their ids, buckets the training
-    triples under ``<root_uri>/buckets`` (once per state: :func:`knowledge.partitioned_state.ensure_buckets`),
-    keeps the partitions under ``<root_uri>/state`` and trains
-    (:func:`knowledge.partitioned_state.train_partitioned`, which resumes a killed run from the
-    state's progress record); every ``eval_every`` epochs the filtered validation MRR comes from
-    :func:`sharded_rank_metrics` (the filter: every split), and ``patience`` evaluations without
-    improvement stop the run (counted from the history rows, so a resumed run counts alike). The
-    weights are the last epoch's (PBG keeps no best checkpoint either; choosing one would copy
-    every partition)."""
+    :class:`knowledge.embed.EmbedJob`. Partitions the entities by their ids (an Arrow column is
+    hashed a chunk at a time), writes the partitioning to ``<root_uri>/partitioning.parquet``,
+    buckets the training triples under ``<root_uri>/buckets`` (once per state:
+    :func:`knowledge.partitioned_state.ensure_buckets`), keeps the partitions under
+    ``<root_uri>/state`` and trains (:func:`knowledge.partitioned_state.train_partitioned`, which
+    resumes a killed run from the state's progress record); every ``eval_every`` epochs the filtered
+    validation MRR comes from :func:`sharded_rank_metrics` (the filter: every split, read by each
+    task from the graph's URI), and ``patience`` evaluations without improvement stop the run
+    (counted from the history rows, so a resumed run counts alike). As at ``partitions: 1`` the
+    weights are the best validation epoch's: each new best MRR copies the partitions to
+    ``<root_uri>/best`` (:func:`snapshot`); without validation, the last epoch's."""
     from .kg import read_triples
 
     root = str(root_uri).rstrip("/")
     parts = Partitioning.by_hash(entity_ids, num_partitions, job.seed)
+    write_partitioning(parts, f"{root}/{PARTITIONING}")
     buckets = f"{root}/buckets"
     counts = ensure_buckets(job.kg_uri, buckets, parts)
     head_prob = None
@@ -301,9 +440,15 @@ def fit_partitioned(job: Any, entity_ids: Sequence[str], num_partitions: int, ro
         batch_size=job.batch_size, lr=job.lr, weight_decay=job.weight_decay,
         regularization=job.regularization, regularization_p=job.regularization_p,
         head_prob=head_prob, seed=job.seed, threads=job.threads_per_worker)
-    valid = known = None
+    valid = None
     if job.eval_every and job.num_valid:
-        valid, known = (torch.from_numpy(a) for a in read_triples(job.kg_uri, "valid", None))
+        valid = torch.from_numpy(read_triples(job.kg_uri, "valid")[0])
+    known = FilterSource(job.kg_uri, f"{root}/{PARTITIONING}")
+    best_uri = f"{root}/best"
+    names = [part_file(p) for p in range(num_partitions)] + [RELATIONS]
+
+    def best_of(rows: list[dict[str, float]]) -> float:
+        return max((r["valid_mrr"] for r in rows if "valid_mrr" in r), default=-1.0)
 
     def stops(rows: list[dict[str, float]]) -> bool:
         """``patience`` evaluations in a row without a new best MRR, before the last epoch."""
@@ -320,8 +465,14 @@ def fit_partitioned(job: Any, entity_ids: Sequence[str], num_partitions: int, ro
                                    workers=workers, cpus_per_worker=cpus_per_worker)
         row["valid_mrr"] = res["filtered"]["both"]["mrr"]
         row["valid_hits@10"] = res["filtered"]["both"]["hits@10"]
+        if row["valid_mrr"] > best_of(earlier):
+            # done again with the epoch's end when a kill comes before the record: same files
+            snapshot(pjob.state_uri, best_uri, names, {"epoch": epoch, "valid_mrr": row["valid_mrr"]})
         return stops(earlier + [row])
 
     history = train_partitioned(pjob, parts, counts, job.epochs, workers, cpus_per_worker, on_epoch)
-    return PartitionedRun(assemble_model(pjob, parts), history, stops(history), parts, pjob.state_uri,
-                          counts)
+    weights, best_epoch = pjob.state_uri, None
+    marker = PartitionStore(best_uri)
+    if any("valid_mrr" in r for r in history) and marker.exists(BEST):
+        weights, best_epoch = best_uri, json.loads(marker.fs.cat_file(marker.path(BEST)))["epoch"]
+    return PartitionedRun(pjob, history, stops(history), parts, weights, best_epoch, counts)

@@ -309,6 +309,10 @@ def entity_table(entities: Path | None, encoder: Path | None) -> tuple[Any, dict
     from safetensors.torch import load_file
 
     if entities is not None:
+        from knowledge.stages.embed import not_assembled
+
+        if (why := not_assembled(entities)) is not None:
+            raise StageFailed(f"fusion.finetune: {why}")
         table = load_file(str(entities / "embeddings.safetensors"))["entity"]
         ents = pq.read_table(entities / "entities.parquet", columns=["idx", "id"])
         return table, dict(zip(ents["id"].to_pylist(), ents["idx"].to_pylist()))

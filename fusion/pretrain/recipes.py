@@ -108,13 +108,24 @@ class ErnieOptions(BaseModel):
                                  description="aggregator (K-Encoder) layers; None: half the backbone's")
 
 
+def _whole_table(fs: Any, root: str, uri: str, file: str) -> str:
+    """``root/file``, or a one-line error when a ``knowledge.embed`` artifact trained with
+    partitions and ``assemble: false`` holds only ``partitions/``."""
+    path = f"{root.rstrip('/')}/{file}"
+    if not fs.exists(path):
+        why = (" (trained with partitions and assemble: false: run knowledge.embed with assemble: true)"
+               if fs.exists(f"{root.rstrip('/')}/partitions") else "")
+        raise StageFailed(f"{uri}: no {file}{why}")
+    return path
+
+
 def entity_table(uri: str) -> torch.Tensor:
     """The ``entity`` vectors of a ``knowledge.embed`` artifact at ``uri``."""
     import fsspec
     from safetensors.torch import load
 
     fs, root = fsspec.core.url_to_fs(uri)
-    with fs.open(f"{root.rstrip('/')}/embeddings.safetensors", "rb") as f:
+    with fs.open(_whole_table(fs, root, uri, "embeddings.safetensors"), "rb") as f:
         return load(f.read())["entity"]
 
 
@@ -123,7 +134,7 @@ def safetensors_shape(uri: str, file: str, name: str) -> list[int]:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri)
-    with fs.open(f"{root.rstrip('/')}/{file}", "rb") as f:
+    with fs.open(_whole_table(fs, root, uri, file), "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(n))[name]["shape"]
 

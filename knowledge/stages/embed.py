@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from pipeline import Input, StageContext, StageFailed, stage
+from pipeline.errors import SteleError
 from pipeline.train import ScalingParams, TrainConfig, fit
 
-from ..kg import read_table, split_counts
+from ..kg import FILES, read_table, split_counts
 
 # Margins the families are usually trained with: TransE's ranking margin, RotatE's gamma.
 DEFAULT_MARGIN = {"transe": 1.0, "distmult": 1.0, "complex": 1.0, "rotate": 9.0}
@@ -72,15 +73,46 @@ class EmbedParams(BaseModel):
         "on every worker (Ray Train, DDP); P > 1 splits the entities into P partitions and the "
         "training triples into P x P buckets, trains rounds of disjoint buckets as Ray tasks "
         "(scaling.num_workers at a time), each holding only its two partitions, kept in the stage's "
-        "state; needs optimizer: rowwise_adagrad (knowledge.partitioned)")
+        "state; needs optimizer: rowwise_adagrad (knowledge.partitioned). The weights are the best "
+        "validation epoch's, as with 1 (each new best copies the partitions once), or the last "
+        "epoch's without validation")
+    assemble: bool = Field(
+        default=True, description="partitions > 1: also write the whole tables (model.safetensors, "
+        "embeddings.safetensors: N x dim floats assembled in the stage's process) beside partitions/. "
+        "Turn it off when that table would not fit one process (about 4 x N x dim bytes, twice for "
+        "ComplEx / RotatE): the artifact then holds partitions/ only, which knowledge.evaluate reads "
+        "shard by shard; stele.load, stele export and consumers of embeddings.safetensors need it on")
+
+    @model_validator(mode="after")
+    def _assemble_needs_partitions(self) -> "EmbedParams":
+        if not self.assemble and self.partitions == 1:
+            raise ValueError("assemble: false needs partitions > 1 (with 1 the whole table is trained "
+                             "and written as it is)")
+        return self
 
     @model_serializer(mode="wrap")
     def _drop_one_partition(self, handler: Any) -> dict[str, Any]:
-        # Left out at 1, so the artifact keys of every stage written before the field existed stay.
+        # Left out at their defaults, so the artifact keys of every stage written before the fields
+        # existed stay.
         out = handler(self)
         if self.partitions == 1:
             out.pop("partitions", None)
+        if self.assemble:
+            out.pop("assemble", None)
         return out
+
+
+def not_assembled(folder: Path) -> str | None:
+    """Why the ``knowledge.embed`` artifact at ``folder`` has no whole model, in one line (a
+    ``partitions`` run with ``assemble: false``), or None when it has one."""
+    from ..models import MODEL_WEIGHTS
+
+    if (folder / MODEL_WEIGHTS).is_file() or not (folder / "partitions").is_dir():
+        return None
+    return (f"{folder}: this knowledge.embed artifact was trained with partitions and assemble: false, "
+            f"so it holds partitions/ but no whole model ({MODEL_WEIGHTS}, embeddings.safetensors); "
+            f"run knowledge.embed with assemble: true, or read partitions/ "
+            f"(knowledge.partitioned_eval.load_partitioned)")
 
 
 def load_trained(folder: Path):
@@ -88,6 +120,9 @@ def load_trained(folder: Path):
     mode), for ``stele.load``."""
     from ..models import load_model  # torch: lazily
 
+    why = not_assembled(Path(folder))
+    if why:
+        raise SteleError(why)
     return load_model(folder)
 
 
@@ -100,9 +135,8 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
     from ..embed import DEFAULT_LOSS, EmbedJob, train_loop_per_worker  # torch: lazily
 
     kg_uri = (ctx.inputs.get("kg") or ctx.input).uri
-    entities = read_table(kg_uri, "entities", ["idx", "id", "name"])
-    relations = read_table(kg_uri, "relations", ["idx", "id", "name"])
-    num_entities, num_relations = entities.num_rows, relations.num_rows
+    # row counts from the Parquet footers: P > 1 never holds the entity table whole
+    num_entities, num_relations = _num_rows(kg_uri, "entities"), _num_rows(kg_uri, "relations")
     counts = split_counts(kg_uri)
     num_train = counts.get("train", 0)
     if num_train < params.scaling.num_workers:
@@ -126,7 +160,9 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
         # Each worker gets its share of the cores; torch's default would oversubscribe them.
         threads_per_worker=max(1, int(params.scaling.cpus_per_worker)))
     if params.partitions > 1:
-        return _embed_partitioned(ctx, params, job, entities, relations)
+        return _embed_partitioned(ctx, params, job, kg_uri)
+    entities = read_table(kg_uri, "entities", ["idx", "id", "name"])
+    relations = read_table(kg_uri, "relations", ["idx", "id", "name"])
     train_cfg = TrainConfig(**params.scaling.model_dump(), max_steps=params.epochs,
                             checkpoint_every=max(1, params.eval_every or 10), seed=params.seed)
     ctx.log.info("training %s dim %d on %d triples (%d entities) with %d worker(s)", params.model,
@@ -164,18 +200,41 @@ def embed(ctx: StageContext, params: EmbedParams) -> dict:
             "num_workers": params.scaling.num_workers, "job_bytes": result.job_bytes}
 
 
-def _embed_partitioned(ctx: StageContext, params: EmbedParams, job, entities, relations) -> dict:  # noqa: ANN001
-    """``partitions > 1``: :func:`knowledge.partitioned_eval.fit_partitioned` (buckets and partition
-    files in the stage's state). The artifact holds the files of ``partitions: 1`` (the tables
-    assembled from the partitions, which at that size must fit one process; the last epoch's
-    weights) and ``partitions/``: the partition files themselves (``part-<p>.safetensors``:
-    ``node_emb`` (n_p, d) and its row-wise Adagrad accumulator; ``relations.safetensors``) and
-    ``partitioning.parquet`` (``idx``, ``partition``, ``offset``: entity ``idx`` is row ``offset``
-    of partition ``partition``), the form that scales. A killed run resumes from the state's last
-    committed round of buckets (:mod:`knowledge.partitioned_state`) with the same result."""
-    from safetensors.torch import save_file
+def _num_rows(kg_uri: str, name: str) -> int:
+    import fsspec
 
-    from ..models import save_model
+    fs, root = fsspec.core.url_to_fs(str(kg_uri))
+    with fs.open(f"{root.rstrip('/')}/{FILES[name]}", "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def _copy_columns(kg_uri: str, name: str, columns: list[str], path: Path) -> None:
+    """``columns`` of the graph's table ``name`` into ``path``, one record batch at a time."""
+    import fsspec
+    import pyarrow as pa
+
+    fs, root = fsspec.core.url_to_fs(str(kg_uri))
+    with fs.open(f"{root.rstrip('/')}/{FILES[name]}", "rb") as f:
+        src = pq.ParquetFile(f)
+        schema = src.schema_arrow
+        with pq.ParquetWriter(path, pa.schema([schema.field(c) for c in columns])) as w:
+            for batch in src.iter_batches(columns=columns):
+                w.write_batch(batch)
+
+
+def _embed_partitioned(ctx: StageContext, params: EmbedParams, job, kg_uri: str) -> dict:  # noqa: ANN001
+    """``partitions > 1``: :func:`knowledge.partitioned_eval.fit_partitioned` (buckets and partition
+    files in the stage's state). The artifact holds ``partitions/``, the form that scales: the
+    partition files (``part-<p>.safetensors``: ``node_emb`` (n_p, d) and its row-wise Adagrad
+    accumulator; ``relations.safetensors``), ``partitioning.parquet`` (``idx``, ``partition``,
+    ``offset``: entity ``idx`` is row ``offset`` of partition ``partition``) and ``model.json``
+    (the spec); with ``assemble`` (the default) also the files of ``partitions: 1`` (the tables
+    assembled from the partitions, which then must fit this process). The weights are the best
+    validation epoch's (the last epoch's without validation). The entity ids are hashed from their
+    Arrow column a chunk at a time and the tables copied one record batch at a time, so without
+    ``assemble`` nothing here holds an ``(N, d)`` table or ``N`` Python objects. A killed run
+    resumes from the state's last committed round of buckets (:mod:`knowledge.partitioned_state`)
+    with the same result."""
     from ..partitioned_eval import fit_partitioned
 
     if params.partitions > job.num_entities:
@@ -186,14 +245,22 @@ def _embed_partitioned(ctx: StageContext, params: EmbedParams, job, entities, re
     ctx.log.info("training %s dim %d on %d triples (%d entities) in %d partitions with %d worker(s)",
                  params.model, params.dim, job.num_train, job.num_entities, params.partitions,
                  params.scaling.num_workers)
-    run = fit_partitioned(job, entities["id"].to_pylist(), params.partitions,
-                          f"{ctx.state_uri.rstrip('/')}/partitioned", params.scaling.num_workers,
-                          params.scaling.cpus_per_worker)
-    save_model(ctx.out, run.model)
-    ent, rel = _embedding_tables(run.model)
-    save_file({"entity": ent, "relation": rel}, str(ctx.out / "embeddings.safetensors"))
-    pq.write_table(entities, ctx.out / "entities.parquet")
-    pq.write_table(relations, ctx.out / "relations.parquet")
+    ids = read_table(kg_uri, "entities", ["id"])["id"]       # Arrow: no Python object per entity
+    run = fit_partitioned(job, ids, params.partitions, f"{ctx.state_uri.rstrip('/')}/partitioned",
+                          params.scaling.num_workers, params.scaling.cpus_per_worker)
+    del ids
+    if params.assemble:
+        from safetensors.torch import save_file
+
+        from ..models import save_model
+
+        model = run.assemble()
+        save_model(ctx.out, model)
+        ent, rel = _embedding_tables(model)
+        save_file({"entity": ent, "relation": rel}, str(ctx.out / "embeddings.safetensors"))
+        del model, ent, rel
+    _copy_columns(kg_uri, "entities", ["idx", "id", "name"], ctx.out / "entities.parquet")
+    _copy_columns(kg_uri, "relations", ["idx", "id", "name"], ctx.out / "relations.parquet")
     run.save_partitions(ctx.out / "partitions")
     hist = run.history
     (ctx.out / "history.json").write_text(json.dumps(hist, indent=1))
@@ -203,7 +270,9 @@ def _embed_partitioned(ctx: StageContext, params: EmbedParams, job, entities, re
     return {"epochs": hist[-1]["step"] if hist else 0, "stopped_early": run.stopped,
             "final_loss": hist[-1]["loss"] if hist else None,
             "best_valid_mrr": best_row["valid_mrr"] if best_row else None,
-            "best_epoch": best_row["step"] if best_row else None, "weights": "last epoch",
+            "best_epoch": best_row["step"] if best_row else None,
+            "weights": "best validation" if run.best_epoch is not None else "last epoch",
+            "assembled": params.assemble,
             "train_loop_s": round(sum(h.get("epoch_s", 0.0) for h in hist), 3),
             "num_workers": params.scaling.num_workers, "partitions": params.partitions,
             "buckets": int((run.counts > 0).sum())}

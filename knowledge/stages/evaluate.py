@@ -3,6 +3,12 @@
 The protocol (Bordes et al. 2013 filtered setting, both sides, realistic ranks as in PyKEEN /
 Berrendorf et al. 2020) is :func:`knowledge.evaluate.rank_metrics`; this stage feeds it the split and
 the filter (every triple of the graph: train + valid + test) and writes what it found.
+
+A ``knowledge.embed`` artifact trained with ``partitions`` and ``assemble: false`` has no whole model:
+it is ranked from its ``partitions/`` by :func:`knowledge.partitioned_eval.sharded_rank_metrics`, one
+candidate partition at a time in this process, each reading its share of the filter from the graph's
+URI; the numbers are ``rank_metrics``' exactly. Such a run holds the split's triples, the
+partitioning's ``(N,)`` arrays and one partition, never the whole table or the filter.
 """
 
 from __future__ import annotations
@@ -44,20 +50,25 @@ def evaluate(ctx: StageContext, params: EvaluateParams) -> dict:
         if role not in ctx.inputs:
             raise StageFailed(f"knowledge.evaluate needs inputs 'kg' and 'model', got "
                               f"{sorted(ctx.inputs) or 'none'}")
-    kg = KnowledgeGraph.load(ctx.inputs["kg"].path)
-    device = resolve_device(params.device)
-    model = load_model(ctx.inputs["model"].path, device=str(device))
-    if (model.num_nodes, model.num_relations) != (kg.num_entities, kg.num_relations):
-        raise StageFailed(f"model has {model.num_nodes} entities / {model.num_relations} relations, "
-                          f"the graph {kg.num_entities} / {kg.num_relations}")
-    triples = kg.split_tensor(params.split)
-    if len(triples) == 0:
-        raise StageFailed(f"split {params.split!r} of the graph is empty")
-    ctx.log.info("ranking %d %s triples against %d entities on %s", len(triples), params.split,
-                 kg.num_entities, device)
-    res = rank_metrics(model, triples, kg.split_tensor(), kg.num_entities,
-                       batch_size=params.batch_size, device=device,
-                       num_relations=kg.num_relations, progress=ctx.progress)
+    from .embed import not_assembled
+
+    if not_assembled(Path(ctx.inputs["model"].path)):
+        res, relation_ids = _evaluate_partitions(ctx, params)
+        device = "cpu"
+    else:
+        kg = KnowledgeGraph.load(ctx.inputs["kg"].path)
+        device = resolve_device(params.device)
+        model = load_model(ctx.inputs["model"].path, device=str(device))
+        _check_sizes((model.num_nodes, model.num_relations), (kg.num_entities, kg.num_relations))
+        triples = kg.split_tensor(params.split)
+        if len(triples) == 0:
+            raise StageFailed(f"split {params.split!r} of the graph is empty")
+        ctx.log.info("ranking %d %s triples against %d entities on %s", len(triples), params.split,
+                     kg.num_entities, device)
+        res = rank_metrics(model, triples, kg.split_tensor(), kg.num_entities,
+                           batch_size=params.batch_size, device=device,
+                           num_relations=kg.num_relations, progress=ctx.progress)
+        relation_ids = kg.relation_ids()
 
     ranks = res.pop("ranks")
     res["split"], res["device"] = params.split, str(device)
@@ -70,9 +81,40 @@ def evaluate(ctx: StageContext, params: EvaluateParams) -> dict:
         "filtered_rank": pa.array(ranks["filtered"], pa.float64()),
         "raw_rank": pa.array(ranks["raw"], pa.float64()),
     }), ctx.out / "ranks.parquet")
-    _write_per_relation(res["per_relation"], kg.relation_ids(), ctx.out / "per_relation.csv")
+    _write_per_relation(res["per_relation"], relation_ids, ctx.out / "per_relation.csv")
     _plot_hits(res["hits_at_k"], ctx.out / "hits_at_k.png", params.split)
     return {k: res["filtered"]["both"][k] for k in HEADLINE}
+
+
+def _check_sizes(model: tuple[int, int], graph: tuple[int, int]) -> None:
+    if model != graph:
+        raise StageFailed(f"model has {model[0]} entities / {model[1]} relations, "
+                          f"the graph {graph[0]} / {graph[1]}")
+
+
+def _evaluate_partitions(ctx: StageContext, params: EvaluateParams) -> tuple[dict[str, Any], list[str]]:
+    """``rank_metrics``' result for a partitions-only artifact (the module docstring), and the
+    relation ids; the graph is read by column and by split, never whole."""
+    import torch
+
+    from ..kg import read_table, read_triples
+    from ..partitioned_eval import PARTITIONING, FilterSource, load_partitioned, sharded_rank_metrics
+
+    kg_uri = ctx.inputs["kg"].uri
+    folder = Path(ctx.inputs["model"].path) / "partitions"
+    job, parts = load_partitioned(folder)
+    relation_ids = read_table(kg_uri, "relations", ["id"])["id"].to_pylist()
+    num_entities = read_table(kg_uri, "entities", ["idx"]).num_rows
+    _check_sizes((job.num_entities, job.num_relations), (num_entities, len(relation_ids)))
+    triples = torch.from_numpy(read_triples(kg_uri, params.split)[0])
+    if len(triples) == 0:
+        raise StageFailed(f"split {params.split!r} of the graph is empty")
+    ctx.log.info("ranking %d %s triples against %d entities in %d partitions (sharded, cpu)",
+                 len(triples), params.split, num_entities, parts.num_partitions)
+    res = sharded_rank_metrics(job, parts, triples, FilterSource(kg_uri, str(folder / PARTITIONING)),
+                               batch_size=params.batch_size)
+    res["evaluator"] = f"sharded over {parts.num_partitions} partitions (knowledge.partitioned_eval)"
+    return res, relation_ids
 
 
 def _write_per_relation(rows: list[dict[str, Any]], relation_ids: list[str], path: Path) -> None:

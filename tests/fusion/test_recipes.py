@@ -124,3 +124,22 @@ def test_a_recipe_without_its_inputs_says_which_roles(ray_local, tmp_path, artif
 
     with pytest.raises(StageFailed, match=r"needs input role\(s\) \['entities'\]"):
         _run(tmp_path, artifacts, ("text",), recipe="ernie")
+
+
+def test_a_partitions_only_entity_artifact_is_a_one_line_error(tmp_path) -> None:  # noqa: ANN001
+    """ERNIE and KnowBERT need the whole entity table: a knowledge.embed artifact trained with
+    partitions and assemble: false says which setting to change, not a FileNotFoundError."""
+    import pytest
+
+    from fusion.pretrain.recipes import entity_table, safetensors_shape
+    from pipeline import StageFailed
+
+    (tmp_path / "partitions").mkdir()
+    with pytest.raises(StageFailed, match=r"no embeddings.safetensors \(trained with partitions and "
+                                          r"assemble: false: run knowledge.embed with assemble: true\)"):
+        entity_table(str(tmp_path))
+    with pytest.raises(StageFailed, match="assemble: true"):
+        safetensors_shape(str(tmp_path), "embeddings.safetensors", "entity")
+    (tmp_path / "partitions").rmdir()
+    with pytest.raises(StageFailed, match=r"no embeddings.safetensors$"):
+        entity_table(str(tmp_path))

@@ -387,8 +387,9 @@ def _ctx(tmp: Path, kg: KnowledgeGraph, state_uri: str):  # noqa: ANN202
 
 def test_stage_with_partitions_on_a_memory_state(tmp_path: Path, one_thread: None) -> None:
     """``knowledge.embed`` with ``partitions: 3`` (one worker, in process; its state on memory://):
-    the artifact files of ``partitions: 1`` plus the partition files and the partitioning; the
-    saved model is the partitions assembled; the validation MRR comes from the sharded evaluator.
+    the artifact files of ``partitions: 1`` plus the partition files, the partitioning and the spec;
+    the saved model is the best validation epoch's partitions assembled; the validation MRR comes
+    from the sharded evaluator.
     ``partitions: 1`` stays out of the parameters (artifact keys unchanged); another optimiser is
     refused in one line."""
     from safetensors.torch import load_file
@@ -415,8 +416,8 @@ def test_stage_with_partitions_on_a_memory_state(tmp_path: Path, one_thread: Non
     assert emb["entity"].shape == (n, 8) and emb["relation"].shape == (r, 8)
     model = load_model(ctx.out)
     names = sorted(p.name for p in (ctx.out / "partitions").iterdir())
-    assert names == ["part-00000.safetensors", "part-00001.safetensors", "part-00002.safetensors",
-                     "partitioning.parquet", "relations.safetensors"]
+    assert names == ["model.json", "part-00000.safetensors", "part-00001.safetensors",
+                     "part-00002.safetensors", "partitioning.parquet", "relations.safetensors"]
     table = pa.parquet.read_table(ctx.out / "partitions" / "partitioning.parquet").to_pydict()
     for p in range(3):
         rows = [i for i, q in zip(table["idx"], table["partition"]) if q == p]
@@ -425,10 +426,12 @@ def test_stage_with_partitions_on_a_memory_state(tmp_path: Path, one_thread: Non
         torch.testing.assert_close(model.node_emb.weight.detach()[rows], part[offsets], rtol=0, atol=0)
     hist = json.loads((ctx.out / "history.json").read_text())
     assert len(hist) == 3 and all("valid_mrr" in h for h in hist)
-    # the last validation (sharded) is the unpartitioned evaluator's on the saved model
+    # the saved weights are the best validation epoch's (as with partitions: 1), and that epoch's
+    # validation (sharded) is the unpartitioned evaluator's on the saved model
     kg = KnowledgeGraph.load(tmp_path / "kg")
     res = rank_metrics(model, kg.split_array("valid"), kg.split_array(), n, num_relations=r)
-    assert hist[-1]["valid_mrr"] == res["filtered"]["both"]["mrr"]
+    assert metrics["weights"] == "best validation" and metrics["best_epoch"] < 3  # not the last
+    assert metrics["best_valid_mrr"] == max(h["valid_mrr"] for h in hist) == res["filtered"]["both"]["mrr"]
     assert (ctx.out / "training.png").exists()
     assert PartitionStore(f"{state}/partitioned/state").exists(RELATIONS)
 
