@@ -43,7 +43,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import fsspec
@@ -409,7 +409,9 @@ class PartitionedRun:
 
 
 def fit_partitioned(job: Any, entity_ids: Sequence[str] | pa.Array | pa.ChunkedArray, num_partitions: int,
-                    root_uri: str, workers: int = 1, cpus_per_worker: float = 1.0) -> PartitionedRun:
+                    root_uri: str, workers: int = 1, cpus_per_worker: float = 1.0,
+                    on_row: Callable[[dict[str, float], list[dict[str, float]]], None] | None = None
+                    ) -> PartitionedRun:
     """The ``knowledge.embed`` stage's run for ``partitions > 1``: ``job`` is its
     :class:`knowledge.embed.EmbedJob`. Partitions the entities by their ids (an Arrow column is
     hashed a chunk at a time), writes the partitioning to ``<root_uri>/partitioning.parquet``,
@@ -421,7 +423,9 @@ def fit_partitioned(job: Any, entity_ids: Sequence[str] | pa.Array | pa.ChunkedA
     task from the graph's URI), and ``patience`` evaluations without improvement stop the run
     (counted from the history rows, so a resumed run counts alike). As at ``partitions: 1`` the
     weights are the best validation epoch's: each new best MRR copies the partitions to
-    ``<root_uri>/best`` (:func:`snapshot`); without validation, the last epoch's."""
+    ``<root_uri>/best`` (:func:`snapshot`); without validation, the last epoch's. ``on_row(row,
+    earlier_rows)`` sees each epoch's history row once it is complete (live tracking); an epoch
+    redone after a kill is seen again."""
     from .kg import read_triples
 
     root = str(root_uri).rstrip("/")
@@ -459,16 +463,19 @@ def fit_partitioned(job: Any, entity_ids: Sequence[str] | pa.Array | pa.ChunkedA
         return bool(rows) and job.patience > 0 and bad >= job.patience and rows[-1]["step"] < job.epochs
 
     def on_epoch(epoch: int, row: dict[str, float], earlier: list[dict[str, float]]) -> bool:
-        if valid is None or not (epoch % job.eval_every == 0 or epoch == job.epochs):
-            return False
-        res = sharded_rank_metrics(pjob, parts, valid, known, batch_size=job.eval_batch_size,
-                                   workers=workers, cpus_per_worker=cpus_per_worker)
-        row["valid_mrr"] = res["filtered"]["both"]["mrr"]
-        row["valid_hits@10"] = res["filtered"]["both"]["hits@10"]
-        if row["valid_mrr"] > best_of(earlier):
-            # done again with the epoch's end when a kill comes before the record: same files
-            snapshot(pjob.state_uri, best_uri, names, {"epoch": epoch, "valid_mrr": row["valid_mrr"]})
-        return stops(earlier + [row])
+        stop = False
+        if valid is not None and (epoch % job.eval_every == 0 or epoch == job.epochs):
+            res = sharded_rank_metrics(pjob, parts, valid, known, batch_size=job.eval_batch_size,
+                                       workers=workers, cpus_per_worker=cpus_per_worker)
+            row["valid_mrr"] = res["filtered"]["both"]["mrr"]
+            row["valid_hits@10"] = res["filtered"]["both"]["hits@10"]
+            if row["valid_mrr"] > best_of(earlier):
+                # done again with the epoch's end when a kill comes before the record: same files
+                snapshot(pjob.state_uri, best_uri, names, {"epoch": epoch, "valid_mrr": row["valid_mrr"]})
+            stop = stops(earlier + [row])
+        if on_row is not None:
+            on_row(row, earlier)
+        return stop
 
     history = train_partitioned(pjob, parts, counts, job.epochs, workers, cpus_per_worker, on_epoch)
     weights, best_epoch = pjob.state_uri, None

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_valid
 
 from pipeline import Input, StageContext, StageFailed, stage
 from pipeline.errors import SteleError
+from pipeline.tracking import Tracker, copy_events
 from pipeline.train import ScalingParams, TrainConfig, fit
 
 from ..kg import FILES, read_table, split_counts
@@ -245,10 +246,26 @@ def _embed_partitioned(ctx: StageContext, params: EmbedParams, job, kg_uri: str)
     ctx.log.info("training %s dim %d on %d triples (%d entities) in %d partitions with %d worker(s)",
                  params.model, params.dim, job.num_train, job.num_entities, params.partitions,
                  params.scaling.num_workers)
+    # Live, as at partitions: 1: each epoch's row to TensorBoard under the state and to MLflow when
+    # asked for. A resumed attempt starts its events after the last committed epoch (those past it,
+    # streamed by the killed attempt, are purged) and continues the same MLflow run.
+    tb = f"{ctx.state_uri.rstrip('/')}/tensorboard"
+    tracker: list[Tracker] = []
+
+    def on_row(row: dict[str, float], earlier: list[dict[str, float]]) -> None:
+        if not tracker:
+            done = int(earlier[-1]["step"]) if earlier else 0
+            tracker.append(Tracker(tb, ctx.tracking.start(tb) if ctx.tracking else None, done))
+        tracker[0].add(row)
+        tracker[0].flush()
+
     ids = read_table(kg_uri, "entities", ["id"])["id"]       # Arrow: no Python object per entity
     run = fit_partitioned(job, ids, params.partitions, f"{ctx.state_uri.rstrip('/')}/partitioned",
-                          params.scaling.num_workers, params.scaling.cpus_per_worker)
+                          params.scaling.num_workers, params.scaling.cpus_per_worker, on_row)
     del ids
+    if tracker:
+        tracker[0].flush(final=True)
+    copy_events(tb, ctx.out / "tb")
     if params.assemble:
         from safetensors.torch import save_file
 

@@ -389,7 +389,7 @@ def test_stage_with_partitions_on_a_memory_state(tmp_path: Path, one_thread: Non
     """``knowledge.embed`` with ``partitions: 3`` (one worker, in process; its state on memory://):
     the artifact files of ``partitions: 1`` plus the partition files, the partitioning and the spec;
     the saved model is the best validation epoch's partitions assembled; the validation MRR comes
-    from the sharded evaluator.
+    from the sharded evaluator; every epoch's row reaches TensorBoard.
     ``partitions: 1`` stays out of the parameters (artifact keys unchanged); another optimiser is
     refused in one line."""
     from safetensors.torch import load_file
@@ -434,6 +434,12 @@ def test_stage_with_partitions_on_a_memory_state(tmp_path: Path, one_thread: Non
     assert metrics["best_valid_mrr"] == max(h["valid_mrr"] for h in hist) == res["filtered"]["both"]["mrr"]
     assert (ctx.out / "training.png").exists()
     assert PartitionStore(f"{state}/partitioned/state").exists(RELATIONS)
+    # streamed to TensorBoard epoch by epoch (under the memory:// state), copied into the artifact
+    from tests.pipeline.test_train import read_scalars
+
+    scalars = read_scalars(ctx.out / "tb")
+    assert scalars["loss"] == pytest.approx({h["step"]: h["loss"] for h in hist})
+    assert scalars["valid_mrr"] == pytest.approx({h["step"]: h["valid_mrr"] for h in hist})
 
 
 def test_stage_with_partitions_on_two_ray_workers(tmp_path: Path, ray_local: None) -> None:
