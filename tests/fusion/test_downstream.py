@@ -487,3 +487,29 @@ def test_text_without_linked_entities_fails_with_the_counts(tmp_path, artifacts,
     pq.write_table(MENTION_SCHEMA.empty_table(), link / "mentions.parquet")
     with pytest.raises(StageFailed, match="documents_empty"):
         _finetune(tmp_path, {"text": link, "kg": artifacts["kg"]}, backbone=str(artifacts["backbone"]))
+
+
+def test_finetune_logs_every_step_and_its_results_to_mlflow(tmp_path, artifacts):
+    """``stele run --mlflow``: fine-tuning opens one MLflow run with its parameters, logs every
+    step's loss (equal to its history) while it trains, and at commit its metrics and files."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import StageTracking, mlflow_target
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = FinetuneParams.model_validate({**FAST, "task": "entity_typing",
+                                            "backbone": str(artifacts["backbone"])})
+    ctx = _ctx(tmp_path, {r: artifacts[r] for r in ("text", "kg")}, "ftm")
+    ctx.tracking = StageTracking(mlflow_target(uri, "finetuned"), "ftm", ctx.key, "fusion.finetune",
+                                 params.model_dump(mode="json"))
+    metrics = finetune(ctx, params)
+    ctx.tracking.finish(metrics, ctx.out)
+    client = MlflowClient(tracking_uri=uri)
+    [run] = client.search_runs([client.get_experiment_by_name("finetuned").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["stele.type"] == "fusion.finetune"
+    assert run.data.params["task"] == "entity_typing"
+    history = json.loads((ctx.out / "history.json").read_text())
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert logged == pytest.approx({h["step"]: h["loss"] for h in history})
+    assert run.data.metrics["final/test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert "metrics.json" in {f.path for f in client.list_artifacts(run.info.run_id)}
