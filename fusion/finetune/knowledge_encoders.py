@@ -9,8 +9,9 @@
 * ``sensebert``: the encoder over SenseBERT's input, each word's wordpieces plus its allowed
   supersenses' embeddings (the lexicon rebuilt from the ``kg`` input, as in pretraining).
 * ``sentilr``: the encoder over SentiLR's input, ``W x + E_P p + E_Q q + E_L l`` with each word's
-  heuristic POS ``p`` and lexicon polarity ``q`` as in pretraining and the sentence polarity ``l``
-  *unknown* (:class:`SentiLrSpanEncoder` says why). ``wklm`` fine-tunes as ``mlm``, as ``libert``.
+  heuristic POS ``p`` and polarity ``q`` from the lexicon copy in the pretraining artifact and the
+  sentence polarity ``l`` *unknown* (:class:`SentiLrSpanEncoder` says why). ``wklm`` fine-tunes as
+  ``mlm``, as ``libert``.
 """
 
 from __future__ import annotations
@@ -122,9 +123,10 @@ class SentiLrSpanEncoder(SpanEncoder):
         v_i = W x_i + E_P p_i + E_Q q_i + E_L[unknown]         (B, L, D), then the BERT layers
 
     ``p`` and ``q`` come from :func:`~fusion.models.sentilr.encode_sentilr` with the recipe's own
-    tagger (:func:`~fusion.models.sentilr.heuristic_pos`) and lexicon (its options'
-    ``lexicon_path``, else vaderSentiment's; ``polarity_threshold``), so each word reads as it did
-    in pretraining; special tokens and padding take the *unknown* rows, as in the recipe's collate.
+    tagger (:func:`~fusion.models.sentilr.heuristic_pos`) and the lexicon pretraining read, the
+    copy its artifact keeps (:func:`fusion.pretrain.extra_recipes.pretrained_lexicon`; its options'
+    ``polarity_threshold``), so each word reads as it did in pretraining; special tokens and
+    padding take the *unknown* rows, as in the recipe's collate.
 
     The sentence polarity ``l`` is *unknown*: in the paper it is the label of a downstream
     sentiment task, so fine-tuning never shows it; here the recipe's label is a distant one, the
@@ -219,10 +221,10 @@ def _sensebert(src: EncoderSource) -> SpanEncoder:
 
 @span_encoder("sentilr")
 def _sentilr(src: EncoderSource) -> SpanEncoder:
-    from fusion.pretrain.extra_recipes import load_lexicon
+    from fusion.pretrain.extra_recipes import pretrained_lexicon
 
-    try:   # the lexicon its pretraining read: the file its options name, else vaderSentiment's
-        lexicon = load_lexicon(_recipe_options(src))
+    try:   # the lexicon its pretraining read: the copy in its artifact (older ones: its options' file)
+        lexicon = pretrained_lexicon(src.path, _recipe_options(src))
     except StageFailed as e:
         raise StageFailed(f"fusion.finetune: {e} (the pretraining's options: {src.options})") from None
     return SentiLrSpanEncoder(_pretrained(src, {}), src.backbone.tokenizer, src.max_length, lexicon)

@@ -7,14 +7,18 @@ corpus holds the changed text; mentions it cannot use (not in the KG, no type, n
 entity, overlapping, truncated) are counted in the manifest.
 
 ``sentilr`` (:mod:`fusion.models.sentilr`) reads only the text: word polarity from the VADER
-lexicon of the ``vaderSentiment`` package (or a file in its format, ``lexicon_path``), sentence
+lexicon of the ``vaderSentiment`` package (or a file in its format, ``lexicon_path``: a path or any
+fsspec URI, fingerprinted into the stage's key by :meth:`SentiLrRecipe.fingerprint`), sentence
 polarity by distant supervision from it, part of speech by a heuristic; words not in the lexicon
-are neutral and counted.
+are neutral and counted. The lexicon it read is copied into the artifact (``LEXICON_FILE``, by
+:meth:`SentiLrRecipe.save_files`), and fine-tuning reads that copy (:func:`pretrained_lexicon`):
+the lexicon file need not stay where it was, nor be reachable from the fine-tuning node.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from knowledge.kg import read_table
 from pipeline import StageFailed
+from pipeline.uris import ResolvedInput
 
+from fusion.pretrain.knowledge_recipes import kg_count, kg_counts_once, kg_rows
 from fusion.pretrain.loop import Recipe, recipe
 from fusion.pretrain.recipes import PlainMLM, pad
 
@@ -55,19 +61,20 @@ class WklmRecipe(PlainMLM):
     Options = WklmOptions
 
     def resources(self, inputs, options):  # noqa: ANN001, ANN201
-        index = replacement_index(inputs["kg"])
-        usable = {t: n for t, n in index.names_per_type.items() if n >= 2}
-        if not usable:
-            raise StageFailed(f"wklm: no entity type of {inputs['kg']} has two entities with different "
-                              f"names ({len(index.names)} entities, {len(index.by_type)} types); "
-                              f"replacement needs same-type alternatives")
-        return {"entities": len(index.names), "entities_without_type":
-                sum(t is None for t in index.type_of), "entity_types": len(index.by_type),
-                "entity_types_replaceable": len(usable)}
+        kg_rows(inputs["kg"], "entities", ["id", "name", "types"])
+        return {}
 
     def encoder(self, inputs, options, tokenizer, max_length):  # noqa: ANN001, ANN201
+        index = replacement_index(inputs["kg"])
+        counts = {"entities": len(index.names), "entities_without_type":
+                  sum(t is None for t in index.type_of), "entity_types": len(index.by_type),
+                  "entity_types_replaceable": sum(n >= 2 for n in index.names_per_type.values())}
         return {"tokenizer": tokenizer, "max_length": max_length, "options": options,
-                "index": replacement_index(inputs["kg"])}
+                "index": index, "kg_counts": counts}
+
+    def encode(self, state, inputs, unit):  # noqa: ANN001, ANN201
+        rows, counts = super().encode(state, inputs, unit)
+        return rows, kg_counts_once(unit, state["kg_counts"], counts)
 
     def encode_docs(self, state, docs):  # noqa: ANN001, ANN201
         from fusion.models.wklm import doc_rng, encode_wklm, replace_mentions
@@ -87,6 +94,9 @@ class WklmRecipe(PlainMLM):
         return rows, counts
 
     def finish(self, resources, counts):  # noqa: ANN001, ANN201
+        if not kg_count("wklm", counts, "entity_types_replaceable"):
+            raise StageFailed(f"wklm: no entity type of the kg input has two entities with different "
+                              f"names ({counts}); replacement needs same-type alternatives")
         if not counts.get("mentions_labelled"):
             raise StageFailed(f"wklm: no mention could take part in replacement detection ({counts}); "
                               f"are the text and the kg from the same knowledge graph, with types?")
@@ -113,8 +123,11 @@ class WklmRecipe(PlainMLM):
 # --------------------------------------------------------------------------------------- SentiLR
 class SentiLrOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lexicon_path: str | None = Field(default=None, description="a lexicon file in VADER's format "
-                                     "(token<TAB>valence...); None: vaderSentiment's vader_lexicon.txt")
+    # A local path is made absolute (an encoding actor has another working directory); a URI is
+    # kept as written; either is fingerprinted into the stage's key.
+    lexicon_path: ResolvedInput | None = Field(
+        default=None, description="a lexicon file in VADER's format (token<TAB>valence...), a path or "
+                                  "a URI (s3://...); None: vaderSentiment's vader_lexicon.txt")
     polarity_threshold: float = Field(default=0.0, ge=0, description="valences within it are neutral")
     sentence_margin: float = Field(default=0.0, ge=0, description="summed valences within it: a "
                                    "neutral sentence")
@@ -128,32 +141,107 @@ class SentiLrOptions(BaseModel):
     sentence_weight: float = Field(default=1.0, ge=0)
 
 
-def load_lexicon(options: SentiLrOptions) -> Any:
-    from fusion.models.sentilr import PolarityLexicon
+LEXICON_FILE = "sentilr_lexicon.txt"  # the lexicon pretraining read, kept in its artifact
 
+
+def lexicon_source(options: SentiLrOptions) -> str:
+    """Where the lexicon ``options`` name is: ``lexicon_path``, else the ``vader_lexicon.txt`` of
+    the installed ``vaderSentiment`` package (MIT; the ``sentiment`` extra)."""
+    import importlib.util
+
+    if options.lexicon_path is not None:
+        return options.lexicon_path
+    spec = importlib.util.find_spec("vaderSentiment")
+    if spec is None or not spec.submodule_search_locations:
+        raise StageFailed("sentilr: cannot load the polarity lexicon: the VADER lexicon needs the "
+                          "vaderSentiment package (pip install 'stele[sentiment]')")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "vader_lexicon.txt")
+
+
+def read_lexicon(uri: str | Path, threshold: float = 0.0) -> Any:
+    """A :class:`fusion.models.sentilr.PolarityLexicon` from a VADER-format file at a path or any
+    fsspec URI (``token<TAB>mean valence<TAB>...`` per line, as
+    :meth:`~fusion.models.sentilr.PolarityLexicon.from_file` reads a local one). A malformed line
+    is an error naming the file and line."""
+    from fusion.models.sentilr import PolarityLexicon
+    from pipeline.uris import open_input
+
+    valence: dict[str, float] = {}
+    with open_input(str(uri), "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = raw.decode("utf-8").rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            try:
+                valence[parts[0].lower()] = float(parts[1])
+            except (IndexError, ValueError):
+                raise ValueError(f"{uri}:{n}: expected 'token<TAB>valence', got {line[:60]!r}") from None
+    if not valence:
+        raise ValueError(f"{uri}: no lexicon entry")
+    return PolarityLexicon(valence, threshold)
+
+
+def load_lexicon(options: SentiLrOptions, source: str | Path | None = None) -> Any:
+    """The lexicon ``options`` name (or the file ``source``), errors as one :class:`StageFailed`."""
     try:
-        if options.lexicon_path is None:
-            return PolarityLexicon.from_vader(options.polarity_threshold)
-        return PolarityLexicon.from_file(options.lexicon_path, options.polarity_threshold)
-    except (ImportError, OSError, ValueError) as e:
+        return read_lexicon(source or lexicon_source(options), options.polarity_threshold)
+    except (ImportError, OSError, ValueError, UnicodeDecodeError) as e:
         raise StageFailed(f"sentilr: cannot load the polarity lexicon: {e}") from None
+
+
+def pretrained_lexicon(artifact: Path, options: SentiLrOptions) -> Any:
+    """The lexicon a ``fusion.pretrain`` artifact of ``sentilr`` was trained with: the copy it keeps
+    (``LEXICON_FILE``); an artifact written before the copy was kept reads its options' file."""
+    kept = Path(artifact) / LEXICON_FILE
+    return load_lexicon(options, kept if kept.is_file() else None)
 
 
 @recipe("sentilr")
 class SentiLrRecipe(Recipe):
     """SentiLR / SentiLARE (Ke et al. 2020): label-aware MLM with POS and word-polarity input
-    embeddings and a sentence polarity task. Each encoding actor loads the lexicon once; rows carry
-    each word's POS and polarity and the row's sentence label, so the workers need no lexicon."""
+    embeddings and a sentence polarity task. Each encoding actor loads the lexicon once (by URI);
+    rows carry each word's POS and polarity and the row's sentence label, so the workers need no
+    lexicon, and the stage's process only checks that the file exists."""
 
     needs = ("text",)
     Options = SentiLrOptions
 
+    def fingerprint(self, options: SentiLrOptions) -> str:
+        """The lexicon file's state for the stage's key (:func:`pipeline.uris.input_fingerprint`:
+        content locally, size and ETag or checksum on a URI): an edited lexicon re-runs."""
+        from pipeline.uris import input_fingerprint
+
+        try:
+            return input_fingerprint(lexicon_source(options))
+        except StageFailed as e:  # vaderSentiment missing: the run itself says so
+            return str(e)
+
     def resources(self, inputs, options):  # noqa: ANN001, ANN201
-        return {"lexicon_entries": len(load_lexicon(options))}
+        from pipeline.uris import input_path
+
+        source = lexicon_source(options)
+        if not input_path(source).is_file():
+            raise StageFailed(f"sentilr: cannot load the polarity lexicon: {source}: no such file")
+        return {}
 
     def encoder(self, inputs, options, tokenizer, max_length):  # noqa: ANN001, ANN201
+        lexicon = load_lexicon(options)
         return {"tokenizer": tokenizer, "max_length": max_length, "options": options,
-                "lexicon": load_lexicon(options)}
+                "lexicon": lexicon, "kg_counts": {"lexicon_entries": len(lexicon)}}
+
+    def encode(self, state, inputs, unit):  # noqa: ANN001, ANN201
+        rows, counts = super().encode(state, inputs, unit)
+        return rows, kg_counts_once(unit, state["kg_counts"], counts)
+
+    def save_files(self, resources: dict[str, Any], options: SentiLrOptions, out: Path) -> None:
+        """Copy the lexicon into the artifact (``LEXICON_FILE``), byte for byte, streamed."""
+        import shutil
+
+        from pipeline.uris import open_input
+
+        with open_input(lexicon_source(options), "rb") as src, open(Path(out) / LEXICON_FILE, "wb") as dst:
+            shutil.copyfileobj(src, dst)
 
     def encode_docs(self, state, docs):  # noqa: ANN001, ANN201
         from fusion.models.sentilr import encode_sentilr

@@ -59,9 +59,15 @@ class CandidateTable:
     @classmethod
     def from_kg(cls, kg_uri: str, rows: dict[str, int], max_candidates: int, prior: str = "degree"
                 ) -> CandidateTable:
-        from knowledge.kg import KnowledgeGraph
+        """From the ``knowledge.ingest`` artifact at ``kg_uri`` (any fsspec URI), reading only the
+        columns the alias table and the degree prior need (not the descriptions): built once per
+        encoding actor, never in the stage's process."""
+        from knowledge.kg import TRIPLE_COLUMNS, KnowledgeGraph, read_table
 
-        return cls.from_graph(KnowledgeGraph.load(kg_uri), rows, max_candidates, prior)
+        kg = KnowledgeGraph(read_table(kg_uri, "entities", ["idx", "id", "name", "aliases"]),
+                            read_table(kg_uri, "relations", ["idx"]),
+                            read_table(kg_uri, "triples", [*TRIPLE_COLUMNS, "split"]))
+        return cls.from_graph(kg, rows, max_candidates, prior)
 
     @classmethod
     def from_graph(cls, kg: Any, rows: dict[str, int], max_candidates: int, prior: str = "degree"

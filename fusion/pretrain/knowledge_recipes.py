@@ -5,11 +5,19 @@ encoded from their descriptions (the knowledge-embedding loss); ``kgbert`` (Yao 
 triples as sentences and learns triple classification and relation prediction. Both read the
 ``knowledge.ingest`` artifact by URI in their encoding actors; triples they cannot use (an entity
 without a description, a corruption that is a known triple) are counted in the manifest.
+
+Scale (the recipes of :mod:`fusion.pretrain.lexical_recipes` and :mod:`fusion.pretrain.extra_recipes`
+alike): ``resources()`` runs in the stage's process and only checks the KG's Parquet footers (the
+columns it needs, the row counts: :func:`kg_rows`); whatever grows with the KG (entity texts, the
+triple pool, a lexicon) is built once per encoding actor in ``encoder()``, read by URI. Counts about
+the KG as a whole come back with unit 0's rows only (:func:`kg_counts_once`), so the corpus's summed
+counts hold them exactly once, and ``finish()`` turns "nothing usable" into the stage's error.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -24,6 +32,44 @@ from fusion.pretrain.loop import Recipe, recipe
 from fusion.pretrain.recipes import pad
 
 EntityText = Literal["description", "name_description", "name"]
+
+
+def kg_rows(kg_uri: str, name: str, columns: Sequence[str] = ()) -> int:
+    """Rows of table ``name`` (``entities``, ``relations``, ``triples``) of a ``knowledge.ingest``
+    artifact, from its Parquet footer (no row is read), after checking that it has ``columns``."""
+    import pyarrow.parquet as pq
+
+    from knowledge.kg import FILES, _open
+
+    try:
+        with _open(kg_uri, name) as f:
+            meta = pq.ParquetFile(f).metadata
+    except (OSError, ValueError) as e:
+        raise StageFailed(f"{kg_uri}/{FILES[name]}: cannot read it ({e}); is the kg input a "
+                          f"knowledge.ingest artifact?") from None
+    missing = sorted(set(columns) - set(meta.schema.to_arrow_schema().names))
+    if missing:
+        raise StageFailed(f"{kg_uri}/{FILES[name]}: no column(s) {missing}; is the kg input a "
+                          f"knowledge.ingest artifact?")
+    return meta.num_rows
+
+
+def kg_counts_once(unit: Mapping[str, Any], counts: Mapping[str, int], more: Counter) -> Counter:
+    """``more`` plus, for unit 0 only, the counts about the KG as a whole that every encoding actor
+    computed (the corpus sums its units' counts: the KG's are in it once). ``update`` keeps zeros,
+    which the manifest lists: a zero is a finding."""
+    if unit.get("unit") == 0:
+        more.update(counts)
+    return more
+
+
+def kg_count(recipe_name: str, counts: Mapping[str, int], key: str) -> int:
+    """``counts[key]``, a count that :func:`kg_counts_once` puts into every corpus; its absence means
+    a corpus encoded before the KG's counts came with unit 0 (a run resumed across an upgrade)."""
+    if key not in counts:
+        raise StageFailed(f"{recipe_name}: the encoded corpus has no {key!r} count: it was encoded by "
+                          f"an older stele; delete the stage's state folder (its corpus/) to re-encode")
+    return counts[key]
 
 
 def entity_texts(kg_uri: str, mode: EntityText) -> tuple[list[str], list[str], np.ndarray]:
@@ -148,27 +194,35 @@ class KeplerRecipe(Recipe):
     Options = KeplerOptions
 
     def resources(self, inputs, options):  # noqa: ANN001, ANN201
-        pool, corruptible, counts = kepler_pool(inputs["kg"], options)
-        if not len(pool):
-            raise StageFailed(f"kepler: no triple of splits {options.splits} has text "
-                              f"({options.entity_text}) on both ends and no held-out end ({counts}); "
-                              f"does the KG source give descriptions (WordNet glosses, Wikidata, RDF "
-                              f"comments)?")
-        if len(corruptible) < 2:
-            raise StageFailed(f"kepler: fewer than two entities can corrupt a triple ({counts})")
-        return {"num_relations": read_table(inputs["kg"], "relations", ["idx"]).num_rows, **counts}
+        kg_rows(inputs["kg"], "entities", ["idx", "id", "name", "description"])
+        kg_rows(inputs["kg"], "triples", ["head", "relation", "tail", "split"])
+        return {"num_relations": kg_rows(inputs["kg"], "relations", ["idx"])}
 
     def encoder(self, inputs, options, tokenizer, max_length):  # noqa: ANN001, ANN201
         names, descs, _ = entity_texts(inputs["kg"], options.entity_text)
-        pool, corruptible, _ = kepler_pool(inputs["kg"], options)
+        pool, corruptible, counts = kepler_pool(inputs["kg"], options)
         pool = pool[np.random.default_rng([options.seed, 0]).permutation(len(pool))]
         return {"tokenizer": tokenizer, "max_length": max_length, "options": options,
                 "names": names, "descs": descs, "pool": pool, "described": corruptible.tolist(),
-                "position": {int(e): i for i, e in enumerate(corruptible)}, "tokens": {}}
+                "position": {int(e): i for i, e in enumerate(corruptible)}, "tokens": {},
+                "kg_counts": counts}
 
     def encode(self, state, inputs, unit):  # noqa: ANN001, ANN201
-        docs = read_linked_docs(inputs["text"], unit)
-        return self.encode_docs(state, docs, first=unit["doc_start"])
+        if not len(state["pool"]) or len(state["described"]) < 2:  # finish() says why, from the counts
+            return [], kg_counts_once(unit, state["kg_counts"], Counter())
+        rows, counts = self.encode_docs(state, read_linked_docs(inputs["text"], unit),
+                                        first=unit["doc_start"])
+        return rows, kg_counts_once(unit, state["kg_counts"], counts)
+
+    def finish(self, resources, counts):  # noqa: ANN001, ANN201
+        if not kg_count("kepler", counts, "ke_triples"):
+            raise StageFailed(f"kepler: no triple of the KE splits has text on both ends and no "
+                              f"held-out end ({counts}); does the KG source give descriptions "
+                              f"(WordNet glosses, Wikidata, RDF comments), and does entity_text "
+                              f"name text it has?")
+        if counts.get("entities_with_text", 0) - counts.get("entities_held_out", 0) < 2:
+            raise StageFailed(f"kepler: fewer than two entities can corrupt a triple ({counts})")
+        return resources, counts
 
     def encode_docs(self, state, docs, first: int = 0):  # noqa: ANN001, ANN201
         from fusion.models.kepler import draw_negatives
@@ -264,11 +318,8 @@ class KgBertRecipe(Recipe):
     Options = KgBertOptions
 
     def resources(self, inputs, options):  # noqa: ANN001, ANN201
-        _, _, has = entity_texts(inputs["kg"], options.entity_text)
-        if int(has.sum()) < 2:
-            raise StageFailed(f"kgbert: fewer than two entities have text ({options.entity_text})")
-        return {"num_relations": read_table(inputs["kg"], "relations", ["idx"]).num_rows,
-                "entities_with_text": int(has.sum()), "entities_without_text": int((~has).sum())}
+        kg_rows(inputs["kg"], "entities", ["idx", "id", "name", "description"])
+        return {"num_relations": kg_rows(inputs["kg"], "relations", ["idx", "id", "name"])}
 
     def units(self, inputs, options, limit):  # noqa: ANN001, ANN201
         from knowledge.kg import split_counts
@@ -292,6 +343,8 @@ class KgBertRecipe(Recipe):
         return {"tokenizer": tokenizer, "max_length": max_length, "options": options, "held": held,
                 "texts": texts, "has": has, "pool": np.flatnonzero(has), "triples": triples,
                 "known": set(map(tuple, triples.tolist())), "tokens": {},
+                "kg_counts": {"entities_with_text": int(has.sum()),
+                              "entities_without_text": int((~has).sum())},
                 "relations": [tokenizer(n or i, add_special_tokens=False)["input_ids"]
                               for i, n in zip(rels["id"].to_pylist(), rels["name"].to_pylist())]}
 
@@ -300,7 +353,9 @@ class KgBertRecipe(Recipe):
 
         opt, tok, L = state["options"], state["tokenizer"], state["max_length"]
         cls_id, sep_id, has = tok.cls_token_id, tok.sep_token_id, state["has"]
-        rows, counts = [], Counter()
+        rows, counts = [], kg_counts_once(unit, state["kg_counts"], Counter())
+        if len(state["pool"]) < 2:  # no corruption can be drawn: finish() says so, from the counts
+            return rows, counts
         for i in range(unit["start"], unit["stop"]):
             h, r, t = (int(x) for x in state["triples"][i])
             if not (has[h] and has[t]):
@@ -334,6 +389,12 @@ class KgBertRecipe(Recipe):
             ids = state["tokenizer"](state["texts"][e], add_special_tokens=False)["input_ids"]
             cache[e] = ids[:state["options"].entity_length]
         return cache[e]
+
+    def finish(self, resources, counts):  # noqa: ANN001, ANN201
+        if kg_count("kgbert", counts, "entities_with_text") < 2:
+            raise StageFailed(f"kgbert: fewer than two entities have text, so no triple can be "
+                              f"corrupted ({counts}); does entity_text name text the KG has?")
+        return resources, counts
 
     def length(self, row):  # noqa: ANN001, ANN201
         return sum(len(s) for s in row["triple_ids"])

@@ -11,19 +11,28 @@ without a WordNet lexname are counted and left out of the lexicon.
 masked words. ``libert`` (:mod:`fusion.models.libert`): MLM plus lexical relation classification
 of WordNet word pairs. What each leaves out (words without a supersense, lemmas that are not one
 word, pairs cut by the cap) is counted in the manifest.
+
+The lexicon (SenseBERT's lemma -> supersenses, LIBERT's word pairs) grows with the KG, so it is
+built once per encoding actor, never in the stage's process (whose ``resources()`` only checks the
+KG's columns) nor in the training config; its counts come back with unit 0's rows and
+``finish()`` fails a run with no usable lexicon (see :mod:`fusion.pretrain.knowledge_recipes`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from knowledge.kg import read_table
 from pipeline import StageFailed
 
+from fusion.pretrain.knowledge_recipes import kg_count, kg_counts_once, kg_rows
 from fusion.pretrain.loop import Recipe, recipe
 from fusion.pretrain.recipes import PlainMLM, pad
+
+SYNSET_COLUMNS = ("name", "aliases", "types")
 
 
 def synset_rows(kg_uri: str) -> list[tuple[list[str], list[str]]]:
@@ -58,20 +67,21 @@ class SenseBertRecipe(Recipe):
     Options = SenseBertOptions
 
     def resources(self, inputs, options):  # noqa: ANN001, ANN201
-        from fusion.models.sensebert import SUPERSENSES, SenseLexicon
+        from fusion.models.sensebert import SUPERSENSES
 
-        lexicon, counts = SenseLexicon.from_synsets(synset_rows(inputs["kg"]))
-        if not len(lexicon):
-            raise StageFailed(f"sensebert: no entity of {inputs['kg']} has a WordNet lexname among "
-                              f"its types ({dict(counts)}); is it a knowledge.ingest artifact of "
-                              f"the wordnet source?")
-        return {"num_supersenses": len(SUPERSENSES), **counts}
+        kg_rows(inputs["kg"], "entities", SYNSET_COLUMNS)
+        return {"num_supersenses": len(SUPERSENSES)}
 
     def encoder(self, inputs, options, tokenizer, max_length):  # noqa: ANN001, ANN201
         from fusion.models.sensebert import SenseLexicon
 
-        lexicon, _ = SenseLexicon.from_synsets(synset_rows(inputs["kg"]))
-        return {"tokenizer": tokenizer, "max_length": max_length, "lexicon": lexicon}
+        lexicon, counts = SenseLexicon.from_synsets(synset_rows(inputs["kg"]))
+        return {"tokenizer": tokenizer, "max_length": max_length, "lexicon": lexicon,
+                "kg_counts": dict(counts)}
+
+    def encode(self, state, inputs, unit):  # noqa: ANN001, ANN201
+        rows, counts = super().encode(state, inputs, unit)
+        return rows, kg_counts_once(unit, state["kg_counts"], counts)
 
     def encode_docs(self, state, docs):  # noqa: ANN001, ANN201
         from fusion.models.sensebert import encode_senses
@@ -85,6 +95,10 @@ class SenseBertRecipe(Recipe):
         return rows, counts
 
     def finish(self, resources, counts):  # noqa: ANN001, ANN201
+        if not kg_count("sensebert", counts, "lexicon_lemmas"):
+            raise StageFailed(f"sensebert: no entity of the kg input has a WordNet lexname among its "
+                              f"types ({counts}); is it a knowledge.ingest artifact of the wordnet "
+                              f"source?")
         if not counts.get("words_with_supersense"):
             raise StageFailed(f"sensebert: no word of the text has a WordNet supersense ({counts}); "
                               f"is the kg input WordNet, and is the text English?")
@@ -159,27 +173,28 @@ class LibertRecipe(PlainMLM):
     Options = LibertOptions
 
     def resources(self, inputs, options):  # noqa: ANN001, ANN201
-        pairs, counts = lexicon_pairs(inputs["kg"], options)
-        if not pairs:
-            raise StageFailed(f"libert: no synonym or hypernym word pair in {inputs['kg']} "
-                              f"({dict(counts)}); is it a knowledge.ingest artifact of the wordnet "
-                              f"source, and do hypernym_relations {options.hypernym_relations} name "
-                              f"its relations?")
-        return {"relation_pairs": len(pairs), "pairs_per_doc": options.pairs_per_doc, **counts}
+        kg_rows(inputs["kg"], "entities", SYNSET_COLUMNS)
+        kg_rows(inputs["kg"], "relations", ["idx", "name"])
+        kg_rows(inputs["kg"], "triples", ["head", "relation", "tail"])
+        return {"pairs_per_doc": options.pairs_per_doc}
 
     def encoder(self, inputs, options, tokenizer, max_length):  # noqa: ANN001, ANN201
         import numpy as np
 
-        pairs, _ = lexicon_pairs(inputs["kg"], options)
+        pairs, counts = lexicon_pairs(inputs["kg"], options)
         order = np.random.default_rng(options.pair_seed).permutation(len(pairs))
         return {"tokenizer": tokenizer, "max_length": max_length, "options": options,
-                "pairs": [pairs[i] for i in order], "pieces": {}}
+                "pairs": [pairs[i] for i in order], "pieces": {},
+                "kg_counts": {"relation_pairs": len(pairs), **counts}}
 
     def encode(self, state, inputs, unit):  # noqa: ANN001, ANN201
         from fusion.pretrain.corpus import read_linked_docs
 
+        if not state["pairs"]:  # nothing to walk through: finish() says so, from the counts
+            return [], kg_counts_once(unit, state["kg_counts"], Counter())
         # The document's global index picks its pairs: the unit's first document's, plus one each.
-        return self._encode(state, read_linked_docs(inputs["text"], unit), unit["doc_start"])
+        rows, counts = self._encode(state, read_linked_docs(inputs["text"], unit), unit["doc_start"])
+        return rows, kg_counts_once(unit, state["kg_counts"], counts)
 
     def encode_docs(self, state, docs):  # noqa: ANN001, ANN201
         return self._encode(state, docs, 0)
@@ -213,12 +228,16 @@ class LibertRecipe(PlainMLM):
         return rows, counts
 
     def finish(self, resources, counts):  # noqa: ANN001, ANN201
+        if not kg_count("libert", counts, "relation_pairs"):
+            raise StageFailed(f"libert: no synonym or hypernym word pair in the kg input ({counts}); "
+                              f"is it a knowledge.ingest artifact of the wordnet source, and do "
+                              f"the options' hypernym_relations name its relations?")
         examples = counts.get("synonym_examples", 0) + counts.get("hypernym_examples", 0)
         if not examples:
             raise StageFailed(f"libert: no relation pair fits max_length ({counts})")
         # Documents walk through the pair list in order: beyond documents * pairs_per_doc, unused.
         used = counts.get("documents", 0) * resources["pairs_per_doc"]
-        return resources, {**counts, "relation_pairs_unused": max(0, resources["relation_pairs"] - used)}
+        return resources, {**counts, "relation_pairs_unused": max(0, counts["relation_pairs"] - used)}
 
     def build(self, backbone, resources, options):  # noqa: ANN001, ANN201
         from fusion.models.libert import Libert, LibertConfig

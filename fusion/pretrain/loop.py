@@ -60,6 +60,11 @@ class Recipe:
         Travels in the training config."""
         return {}
 
+    def fingerprint(self, options: BaseModel) -> Any:
+        """The state of files the options name besides the input artifacts (SentiLR's lexicon),
+        for the stage's cache key (:func:`pipeline.uris.input_fingerprint`); None: nothing."""
+        return None
+
     def units(self, inputs: dict[str, str], options: BaseModel, limit: int | None) -> list[dict]:
         """The slices of the input that actors encode one at a time (small descriptors): by
         default the linked documents of the ``text`` input, ``limit`` of them at most."""
@@ -70,6 +75,10 @@ class Recipe:
         """``(resources, counts for the manifest)`` once the corpus is encoded, from the counts
         summed over its units (K-Adapter derives its label set here)."""
         return resources, counts
+
+    def save_files(self, resources: dict[str, Any], options: BaseModel, out: Path) -> None:
+        """Write into the artifact folder ``out`` what fine-tuning needs besides the model, once
+        the model is saved (SentiLR: the lexicon it read, so no later stage re-reads its source)."""
 
     # -- encoding actors -------------------------------------------------------------------------
     def encoder(self, inputs: dict[str, str], options: BaseModel, tokenizer: Any,

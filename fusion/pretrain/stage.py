@@ -83,7 +83,16 @@ def load_trained(folder: Path) -> tuple:
     return load_pretrained(folder)
 
 
-@stage("fusion.pretrain", version="5", cpus=0, pool="train",
+def _fingerprint(params: PretrainParams) -> Any:
+    """The recipe's files outside the input artifacts (SentiLR's lexicon): None for most, which
+    leaves their keys as they were."""
+    from fusion.pretrain.loop import RECIPES
+
+    rec = RECIPES.get(params.recipe)()
+    return rec.fingerprint(rec.Options.model_validate(params.options))
+
+
+@stage("fusion.pretrain", version="5", cpus=0, pool="train", fingerprint=_fingerprint,
        headline=("recipe", "steps", "loss_total_first", "loss_total_last10", "tokens_per_s", "mfu"),
        # Which roles a run needs is the recipe's `needs` (checked when the stage starts).
        inputs={"text": Input("knowledge.link", "documents with linked mentions (text recipes)",
@@ -152,6 +161,7 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     save_model(wrapper.model, str(ctx.out / "model.safetensors"))
     if "entities_uri" in resources:  # ERNIE's frozen vectors: a buffer kept out of model.safetensors
         _copy_entity_table(resources["entities_uri"], ctx.out)
+    rec.save_files(resources, options, ctx.out)
     backbone.tokenizer.save_pretrained(str(ctx.out / "tokenizer"))
     backbone.model.config.to_json_file(str(ctx.out / "backbone_config.json"))
     features = _feature_inputs(ctx)

@@ -211,14 +211,18 @@ def test_recipe_rows_pair_documents_with_described_triples_and_count_the_rest(tm
     kg = write_kg(tmp_path / "kg")
     inputs = {"kg": str(kg), "text": str(write_text(tmp_path / "text", docs=6))}
     rec, opt = KeplerRecipe(), KeplerOptions(negatives=2, triples_per_doc=2)
-    res = rec.resources(inputs, opt)
-    # train triples 0-4: apple-founded-steve (no description) and dog-animal-china (blank) left out
-    assert res["ke_triples"] == 3 and res["ke_triples_without_text"] == 2
-    assert res["entities_with_text"] == 7 and res["num_relations"] == 3
+    assert rec.resources(inputs, opt) == {"num_relations": 3}  # the footers only
     state = rec.encoder(inputs, opt, tokenizer, 32)
     rows, counts = rec.encode(state, inputs, {"unit": 0, "doc_start": 0, "doc_end": 6,
                                              "mention_start": 0, "mention_end": 0})
+    # train triples 0-4: apple-founded-steve (no description) and dog-animal-china (blank) left out;
+    # the KG's counts come with unit 0 only, so the corpus's sum holds them once
+    assert counts["ke_triples"] == 3 and counts["ke_triples_without_text"] == 2
+    assert counts["entities_with_text"] == 7 and counts["ke_triples_held_out"] == 0
     assert counts["ke_positives"] == 12 and counts["ke_negatives_head"] + counts["ke_negatives_tail"] == 24
+    _, later = rec.encode(state, inputs, {"unit": 1, "doc_start": 0, "doc_end": 6,
+                                          "mention_start": 0, "mention_end": 0})
+    assert "ke_triples" not in later and later["ke_positives"] == 12
     seen = []
     for g, row in enumerate(rows):
         ents = row["ke_entities"]
@@ -244,14 +248,13 @@ def test_held_out_entities_appear_in_no_triple_and_no_corruption(tmp_path, token
     held = {i for i, (eid, _, desc) in enumerate(ENTITIES)
             if desc.strip() and split_of(eid, 0.3, 4) == "test"}
     assert held and len(held) < 6  # the seed leaves something on both sides
-    res = KeplerRecipe().resources(inputs, opt)
     usable = [t for t in TRIPLES[:5] if ENTITIES[t[0]][2].strip() and ENTITIES[t[2]][2].strip()]
     kept = [t for t in usable if t[0] not in held and t[2] not in held]
+    rec = KeplerRecipe()
+    rows, res = rec.encode(rec.encoder(inputs, opt, tokenizer, 32), inputs,
+                           {"unit": 0, "doc_start": 0, "doc_end": 40, "mention_start": 0, "mention_end": 0})
     assert res["entities_held_out"] == len(held) and res["ke_triples"] == len(kept) > 0
     assert res["ke_triples_held_out"] == len(usable) - len(kept)
-    rec = KeplerRecipe()
-    rows, _ = rec.encode(rec.encoder(inputs, opt, tokenizer, 32), inputs,
-                         {"unit": 0, "doc_start": 0, "doc_end": 40, "mention_start": 0, "mention_end": 0})
     named = {e for row in rows for e in row["ke_entities"]}
     assert not named & held and named <= {0, 1, 2, 3, 4, 5, 6}
 
@@ -266,22 +269,35 @@ def test_held_out_pairs_leave_their_triples_out(tmp_path, tokenizer):
     usable = [(h, r, t) for h, r, t, s in TRIPLES if s == "train" and h not in (7, 8) and t not in (7, 8)]
     held = [tr for tr in usable if split_of(pair_key(ENTITIES[tr[0]][0], ENTITIES[tr[2]][0]), 0.5) == "test"]
     assert 0 < len(held) < len(usable)  # the seed splits the three usable triples
-    res = KeplerRecipe().resources(inputs, opt)
-    assert res["ke_triples_held_out_pairs"] == len(held) and res["ke_triples"] == len(usable) - len(held)
     rec = KeplerRecipe()
-    rows, _ = rec.encode(rec.encoder(inputs, opt, tokenizer, 32), inputs,
-                         {"unit": 0, "doc_start": 0, "doc_end": 12, "mention_start": 0, "mention_end": 0})
+    rows, res = rec.encode(rec.encoder(inputs, opt, tokenizer, 32), inputs,
+                           {"unit": 0, "doc_start": 0, "doc_end": 12, "mention_start": 0, "mention_end": 0})
+    assert res["ke_triples_held_out_pairs"] == len(held) and res["ke_triples"] == len(usable) - len(held)
     seen = {(r["ke_entities"][h], rel, r["ke_entities"][t]) for r in rows for h, rel, t in r["ke_triples"]}
     assert seen == set(usable) - set(held)
 
 
-def test_a_kg_without_descriptions_is_a_clear_error(tmp_path):
+def test_a_kg_without_descriptions_is_a_clear_error(tmp_path, tokenizer):
+    """Found by the encoding actors, counted, and failed in finish() from the summed counts."""
     from fusion.pretrain.knowledge_recipes import KeplerOptions, KeplerRecipe
     from pipeline import StageFailed
 
     kg = write_kg(tmp_path / "kg", entities=[(i, n, "") for i, n, _ in ENTITIES])
-    with pytest.raises(StageFailed, match="no triple of splits"):
-        KeplerRecipe().resources({"kg": str(kg)}, KeplerOptions())
+    inputs, rec = {"kg": str(kg), "text": str(write_text(tmp_path / "text", docs=4))}, KeplerRecipe()
+    res = rec.resources(inputs, KeplerOptions())
+    rows, counts = rec.encode(rec.encoder(inputs, KeplerOptions(), tokenizer, 32), inputs,
+                              {"unit": 0, "doc_start": 0, "doc_end": 4, "mention_start": 0, "mention_end": 0})
+    assert rows == [] and counts["ke_triples"] == 0 and counts["entities_without_text"] == len(ENTITIES)
+    with pytest.raises(StageFailed, match="no triple of the KE splits has text"):
+        rec.finish(res, dict(counts))
+    # a table without a column the recipe reads: named by the stage's process, before any actor
+    import pyarrow.parquet as pq
+
+    bad = write_kg(tmp_path / "bad")
+    pq.write_table(pq.read_table(bad / "entities.parquet").drop_columns(["description"]),
+                   bad / "entities.parquet")
+    with pytest.raises(StageFailed, match=r"entities.parquet: no column\(s\) \['description'\]"):
+        rec.resources({"kg": str(bad)}, KeplerOptions())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,7 +165,24 @@ def test_recipe_rows_count_entities_without_text_and_known_corruptions(tmp_path,
     d = lambda i: words(tokenizer, ENTITIES[i][2])  # noqa: E731
     assert first["triple_ids"][0] == [CLS, *d(0), SEP, *words(tokenizer, "capital of"), SEP, *d(1), SEP]
     assert first["pair_ids"] == [CLS, *d(0), SEP, *d(1), SEP] and first["relation"] == 0
-    assert rec.resources(inputs, opt)["entities_without_text"] == 2
+    # the KG's counts come with unit 0 (the corpus sums them once); the stage's process reads footers
+    assert counts["entities_without_text"] == 2 and counts["entities_with_text"] == 7
+    assert rec.resources(inputs, opt) == {"num_relations": 3}
+    rec.finish({}, dict(counts))
+
+
+def test_fewer_than_two_entities_with_text_fail_in_finish(tmp_path, tokenizer):
+    from fusion.pretrain.knowledge_recipes import KgBertOptions, KgBertRecipe
+    from pipeline import StageFailed
+
+    ents = [(i, n, d if k == 0 else "") for k, (i, n, d) in enumerate(ENTITIES)]
+    inputs = {"kg": str(write_kg(tmp_path / "kg", entities=ents))}
+    rec, opt = KgBertRecipe(), KgBertOptions(entity_text="description")
+    rows, counts = rec.encode(rec.encoder(inputs, opt, tokenizer, 32), inputs,
+                              rec.units(inputs, opt, None)[0])
+    assert rows == [] and counts["entities_with_text"] == 1
+    with pytest.raises(StageFailed, match="fewer than two entities have text"):
+        rec.finish({}, dict(counts))
 
 
 def test_recipe_leaves_out_the_pairs_finetuning_holds_out(tmp_path, tokenizer):

@@ -190,7 +190,7 @@ def test_pairs_too_long_are_counted(tokenizer, backbone, tmp_path):
     losses["total"].backward()                        # the relation head stays in the graph (DDP)
     # a corpus where no pair fits at all is refused once encoded
     with pytest.raises(StageFailed, match="no relation pair fits max_length"):
-        rec.finish({"pairs_per_doc": 3, "relation_pairs": 20}, counts)
+        rec.finish({"pairs_per_doc": 3}, {**counts, "relation_pairs": 20})
     state = rec.encoder({"kg": str(kg)}, LibertOptions(pairs_per_doc=3), tokenizer, 5)
     rows, counts = rec.encode_docs(state, [{"id": "d", "text": "the dog", "mentions": []}])
     assert "pairs_too_long" not in counts and len(rows[0]["pair_a"]) == 3

@@ -248,22 +248,26 @@ def test_sentilr_recipe_pretrains_and_counts_words(pretrained):
     assert isinstance(model, SentiLr) and opts.lexicon_path == str(lex)
 
 
-def test_sentilr_span_encoder_reads_the_input_it_pretrained_on(pretrained):
+def test_sentilr_span_encoder_reads_the_input_it_pretrained_on(pretrained, tmp_path):
     """Fine-tuning's features are the pretrained model's forward on the recipe's own POS and
     polarity inputs, sentence polarity unknown (eval mode, padded batch vs one row at a time)."""
     from fusion.finetune.encoders import EncoderSource, span_encoder_for
     from fusion.finetune.tasks import TaskExample
     from fusion.models.backbone import artifact_backbone
     from fusion.pretrain.loop import build_pretrained
-    from pipeline import StageFailed
+
+    import shutil
 
     out, lex, _ = pretrained
     meta = json.loads((out / "recipe.json").read_text())
-    src = EncoderSource("sentilr", out, meta["options"], artifact_backbone(out), 32, 32, None, None)
-    enc = span_encoder_for("sentilr")(src)
+    art = tmp_path / "artifact"                    # a copy: the module's artifact stays as the stage left it
+    shutil.copytree(out, art)
+    SentiLrRecipe().save_files({}, SentiLrOptions.model_validate(meta["options"]), art)  # as the stage does
     moved = {**meta["options"], "lexicon_path": str(lex) + ".gone"}   # the lexicon file is not here
-    with pytest.raises(StageFailed, match=r"fusion.finetune: sentilr: cannot load .*lexicon.txt.gone"):
-        span_encoder_for("sentilr")(EncoderSource("sentilr", out, moved, src.backbone, 32, 32, None, None))
+    # fine-tuning reads the copy in the artifact, wherever the options' file went
+    src = EncoderSource("sentilr", art, moved, artifact_backbone(art), 32, 32, None, None)
+    enc = span_encoder_for("sentilr")(src)
+    assert enc.lexicon.valence == PolarityLexicon.from_file(lex).valence
     examples = [TaskExample("a", "d0", SENTENCES[0], (), ((2, 6),), ("x",), "x", "y"),      # love
                 TaskExample("b", "d3", SENTENCES[3], (), ((4, 8),), ("x",), "x", "y"),      # city
                 TaskExample("c", "d0", SENTENCES[0], (), ((35, 40),), ("x",), "x", "y")]    # great
@@ -310,6 +314,90 @@ def test_sentilr_span_encoder_reads_the_input_it_pretrained_on(pretrained):
     assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)
     assert not torch.equal(after["pos_embeddings.weight"], before["pos_embeddings.weight"])
     assert torch.equal(after["sentence_embeddings.weight"], before["sentence_embeddings.weight"])
+
+
+def test_an_artifact_without_the_lexicon_copy_reads_its_options_file(pretrained, tmp_path):
+    """Artifacts written before the copy was kept: the options' file, or a clear error without it."""
+    import shutil
+
+    from fusion.finetune.encoders import EncoderSource, span_encoder_for
+    from fusion.models.backbone import artifact_backbone
+    from fusion.pretrain.extra_recipes import LEXICON_FILE
+    from pipeline import StageFailed
+
+    out, lex, _ = pretrained
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / LEXICON_FILE).unlink(missing_ok=True)
+    meta = json.loads((old / "recipe.json").read_text())
+    bb = artifact_backbone(old)
+    enc = span_encoder_for("sentilr")(EncoderSource("sentilr", old, meta["options"], bb, 32, 32, None, None))
+    assert enc.lexicon.valence == PolarityLexicon.from_file(lex).valence
+    moved = {**meta["options"], "lexicon_path": str(lex) + ".gone"}
+    with pytest.raises(StageFailed, match=r"fusion.finetune: sentilr: cannot load .*lexicon.txt.gone"):
+        span_encoder_for("sentilr")(EncoderSource("sentilr", old, moved, bb, 32, 32, None, None))
+
+
+def test_the_stage_keeps_the_lexicon_it_read_in_the_artifact(pretrained):
+    from fusion.pretrain.extra_recipes import LEXICON_FILE
+
+    out, lex, _ = pretrained
+    assert (out / LEXICON_FILE).read_bytes() == lex.read_bytes()
+
+
+def _stage_fingerprint():
+    import fusion.pretrain.stage  # noqa: F401 - registers the stage type
+    from pipeline.registry import REGISTRY
+
+    return REGISTRY.get("fusion.pretrain").fingerprint
+
+
+def test_an_edited_lexicon_changes_the_stage_key_and_other_recipes_keep_theirs(tmp_path):
+    from fusion.pretrain.stage import PretrainParams
+
+    lex = write_lexicon(tmp_path / "lexicon.txt")
+    params = PretrainParams.model_validate({"recipe": "sentilr", "options": {"lexicon_path": str(lex)}})
+    before = _stage_fingerprint()(params)
+    assert before is not None and _stage_fingerprint()(params) == before
+    write_lexicon(lex, {**LEXICON, "fine": 1.0})
+    assert _stage_fingerprint()(params) != before
+    assert _stage_fingerprint()(PretrainParams.model_validate({"recipe": "mlm"})) is None
+
+
+def test_the_lexicon_reads_from_any_uri_and_is_fingerprinted(tmp_path, senti_tokenizer):
+    """``lexicon_path`` is an input like any other: a ``memory://`` URI reads as the local file does,
+    its state (not its name only) is in the fingerprint, and the copy in an artifact is byte-equal."""
+    import fsspec
+
+    from fusion.pretrain.extra_recipes import LEXICON_FILE, load_lexicon, pretrained_lexicon
+
+    local = write_lexicon(tmp_path / "lexicon.txt")
+    fsspec.filesystem("memory").pipe("/sentilr-test/lexicon.txt", local.read_bytes())
+    uri = "memory://sentilr-test/lexicon.txt"
+    rec, opts = SentiLrRecipe(), SentiLrOptions(lexicon_path=uri)
+    assert SentiLrOptions(lexicon_path="lexicon.txt").lexicon_path == str(Path("lexicon.txt").resolve())
+    assert opts.lexicon_path == uri                                            # a URI kept as written
+    assert load_lexicon(opts).valence == load_lexicon(SentiLrOptions(lexicon_path=str(local))).valence
+    assert rec.resources({}, opts) == {}
+    state = rec.encoder({}, opts, senti_tokenizer, 32)
+    assert state["kg_counts"] == {"lexicon_entries": len(LEXICON)}
+    before = rec.fingerprint(opts)
+    assert rec.fingerprint(opts) == before
+    fsspec.filesystem("memory").pipe("/sentilr-test/lexicon.txt", local.read_bytes() + b"nice\t2.0\r\n")
+    assert rec.fingerprint(opts) != before                                     # an edited lexicon re-runs
+    local_print = rec.fingerprint(SentiLrOptions(lexicon_path=str(local)))
+    write_lexicon(local, {**LEXICON, "good": -1.0})
+    assert rec.fingerprint(SentiLrOptions(lexicon_path=str(local))) != local_print
+    out = tmp_path / "artifact"
+    out.mkdir()
+    rec.save_files({}, opts, out)
+    assert (out / LEXICON_FILE).read_bytes() == fsspec.filesystem("memory").cat("/sentilr-test/lexicon.txt")
+    gone = SentiLrOptions(lexicon_path=str(tmp_path / "gone.txt"))
+    assert pretrained_lexicon(out, gone).score("nice") == 2.0                  # the copy, not the path
+    from pipeline import StageFailed
+
+    with pytest.raises(StageFailed, match="memory://sentilr-test/none.txt: no such file"):
+        rec.resources({}, SentiLrOptions(lexicon_path="memory://sentilr-test/none.txt"))
 
 
 def test_a_missing_lexicon_is_a_clear_error(tmp_path):
