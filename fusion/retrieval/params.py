@@ -45,6 +45,10 @@ class RetrievalParams(BaseModel):
     pairs: ResolvedInput | None = Field(
         default=None, description="which text ids belong to which media ids (.parquet or .tsv: text_id, "
                                   "media_id); default: the media artifact's captions <item>#<k>")
+    model_options: dict[str, Any] = Field(
+        default={}, description="evaluation-time switches of a stele model, set on it once loaded (names "
+                                "its eval_switches lists), e.g. kg_dual's {entity_input: false}: the "
+                                "same trained model without its entity input")
 
     @model_validator(mode="after")
     def _external(self) -> "RetrievalParams":
@@ -64,6 +68,8 @@ class RetrievalParams(BaseModel):
                 raise ValueError("pairs applies to an external model (text_vectors, scores, hf_model); "
                                  "a stele model takes its pairs from the media artifact")
             return self
+        if self.model_options:
+            raise ValueError("model_options switches a stele model (the model input), not an external one")
         kind = kinds[-1]
         if cross:
             implied, allowed = ("rerank" if "text_vectors" in kinds else "all_pairs"), ("rerank", "all_pairs")
@@ -88,6 +94,8 @@ class RetrievalParams(BaseModel):
         for name in EXTERNAL_FIELDS:
             if out.get(name, 0) is None:
                 del out[name]
+        if not out.get("model_options", 1):   # none given: the cache keys of older pipelines hold
+            del out["model_options"]
         return out
 
 

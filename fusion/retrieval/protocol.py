@@ -48,7 +48,8 @@ def evaluate(model_dir: Path | None, media_dir: Path | None, out: Path, params: 
                           "media_vectors, scores or hf_model) and the media artifact")
     device = "cuda" if params.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
     settings = ScoreSettings(split=params.split, limit=params.limit, max_length=params.max_length,
-                             encode_batch_size=params.encode_batch_size, batch_size=params.batch_size)
+                             encode_batch_size=params.encode_batch_size, batch_size=params.batch_size,
+                             model_options=dict(params.model_options))
     corpus, scorer = setup(model_dir, media_dir, settings, device, queries_dir)
     bank, caps = corpus.bank, corpus.captions
     T, M = len(caps.texts), len(bank)
@@ -90,7 +91,8 @@ def evaluate(model_dir: Path | None, media_dir: Path | None, out: Path, params: 
     timing["pairs_per_s"] = pairs / timing["cross_s"] if pairs and timing.get("cross_s") else None
     result: dict[str, Any] = {"mode": params.mode, "k": params.k if params.mode == "rerank" else None,
                               "first_stage": "first_stage input" if first_stage_dir else "model's own",
-                              "split": params.split, "queries": {}, "counts": {
+                              "split": params.split, "model_options": params.model_options,
+                              "queries": {}, "counts": {
                                   **corpus.counts, "captions": T, "media": M,
                                   "pairs_total": T * M}, "timing": timing}
     score_rows = Scores.dual(text_vec, media_vec) if params.mode == "dual" else Scores.dense(t2m, m2t)

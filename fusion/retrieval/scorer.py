@@ -9,7 +9,7 @@ GPUs with ``gpus_per_worker``) or in the caller's own process.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,7 @@ class ScoreSettings:
     max_length: int | None     # None: the model's pretraining max_length
     encode_batch_size: int
     batch_size: int            # pairs per cross-encoder batch
+    model_options: dict[str, Any] = field(default_factory=dict)  # evaluation-time switches
 
 
 def setup(model_dir: Path, media_dir: Path, settings: ScoreSettings, device: str,
@@ -182,6 +183,7 @@ def setup(model_dir: Path, media_dir: Path, settings: ScoreSettings, device: str
     from fusion.pretrain.loop import load_pretrained
 
     rec, options, backbone, model, meta = load_pretrained(model_dir)
+    apply_model_options(model, settings.model_options, meta["recipe"])
     share = getattr(options, "held_out_share", 0.0)
     seed = getattr(options, "split_seed", 0)
     max_regions = getattr(options, "max_regions", None)
@@ -199,6 +201,17 @@ def setup(model_dir: Path, media_dir: Path, settings: ScoreSettings, device: str
     scorer = Scorer(model, backbone.tokenizer, settings.max_length or meta.get("max_length", 64),
                     device, settings.encode_batch_size, settings.batch_size)
     return Corpus(bank, caps, {**counts, "held_out_share": share, "split_seed": seed}), scorer
+
+
+def apply_model_options(model: Any, options: dict[str, Any], recipe: str) -> None:
+    """Set a loaded model's evaluation-time switches (``model_options``): only the attributes its
+    ``eval_switches`` names (kg_dual: ``entity_input``); any other name is a clear error."""
+    allowed = tuple(getattr(model, "eval_switches", ()))
+    for name, value in options.items():
+        if name not in allowed:
+            raise StageFailed(f"model_options: {name!r} is not a switch of the {recipe} model (its "
+                              f"switches: {', '.join(allowed) or 'none'})")
+        setattr(model, name, value)
 
 
 def check_dims(model_dir: Path, meta: dict, bank: Any, caps: Any, media_dir: Path,
