@@ -48,28 +48,22 @@ from pipeline.uris import InputURI, URIPath, file_checker, input_path, open_inpu
 Split = Literal["train", "val", "test", "restval"]
 
 
-@dataset("image_folder")
-class ImageFolder(MediaDataset):
-    """Images under ``root`` named by a captions file.
+class CaptionedFolder(MediaDataset):
+    """Media files under ``root`` named by a captions file: what ``image_folder`` and
+    ``video_folder`` share. A subclass sets ``kind`` (the word errors use) and a ``<kind>_column``
+    parameter, returned by :meth:`media_column`."""
 
-    CSV (``,``, quoted fields may span lines) or TSV (tab, no quoting) with a header row naming
-    ``image_column`` and ``caption_column``; or JSON lines, one object per line, whose
-    ``caption_column`` is a string or a list of strings. Image paths are relative to ``root``. Rows
-    naming the same image add captions to it; the item id is the normalised relative path, and the
-    other columns of the image's first row become its meta. A ``split`` column (optional) is the
-    image's split (``meta["split"]``, which the fusion stages use instead of their hash split); a
-    later row giving the same image another split is quarantined.
-    """
-
-    modality: ClassVar[str] = "image"
+    kind: ClassVar[str] = ""
     captions: InputURI = Field(description="captions file: .csv, .tsv or .jsonl")
-    root: InputURI | None = Field(default=None, description="images folder (default: the captions "
+    root: InputURI | None = Field(default=None, description="media folder (default: the captions "
                                                             "file's folder)")
     format: Literal["auto", "csv", "tsv", "jsonl"] = Field(
         default="auto", description="auto: by suffix (.json/.jsonl/.ndjson, .csv, .tsv), else a "
                                     "tab in the header means TSV")
-    image_column: str = "image"
     caption_column: str = "caption"
+
+    def media_column(self) -> str:
+        return getattr(self, f"{self.kind}_column")
 
     def files(self) -> list[Path | URIPath]:
         return [input_path(self.captions)]
@@ -78,23 +72,23 @@ class ImageFolder(MediaDataset):
         return input_path(self.root) if self.root else input_path(self.captions).parent
 
     def load(self, media: str) -> bytes:
-        return read_media(self._root() / media, "image")
+        return read_media(self._root() / media, self.kind)
 
     def items(self, q: Quarantine) -> Iterator[Item]:
         path, root = input_path(self.captions), self._root()
         if not path.is_file():
             raise DatasetError(f"{path}: no such captions file")
         if not root.is_dir():
-            raise DatasetError(f"{root}: no such images folder")
+            raise DatasetError(f"{root}: no such {self.kind}s folder")
         exists = file_checker(root)
         found: dict[str, Item] = {}
         missing: set[str] = set()
-        records = read_records(path, self._format(path), self.image_column, self.caption_column, q,
-                               params="image_column / caption_column")
+        records = read_records(path, self._format(path), self.media_column(), self.caption_column, q,
+                               params=f"{self.kind}_column / caption_column")
         for where, rel, texts, meta in records:
             if rel in missing or (rel not in found and not exists(rel)):
                 missing.add(rel)
-                q.bad(where, "image file not found", str(root / rel))
+                q.bad(where, f"{self.kind} file not found", str(root / rel))
                 continue
             if rel in found and (conflict := split_conflict(found[rel], meta)):
                 q.bad(where, conflict, rel)
@@ -110,6 +104,26 @@ class ImageFolder(MediaDataset):
             with open_input(path, "r", encoding="utf-8", errors="replace") as f:
                 fmt = "tsv" if "\t" in f.readline() else "csv"
         return fmt
+
+
+@dataset("image_folder")
+class ImageFolder(CaptionedFolder):
+    """Images under ``root`` named by a captions file.
+
+    CSV (``,``, quoted fields may span lines) or TSV (tab, no quoting) with a header row naming
+    ``image_column`` and ``caption_column``; or JSON lines, one object per line, whose
+    ``caption_column`` is a string or a list of strings. Image paths are relative to ``root``. Rows
+    naming the same image add captions to it; the item id is the normalised relative path, and the
+    other columns of the image's first row become its meta. A ``split`` column (optional) is the
+    image's split (``meta["split"]``, which the fusion stages use instead of their hash split); a
+    later row giving the same image another split is quarantined.
+    """
+
+    modality: ClassVar[str] = "image"
+    kind: ClassVar[str] = "image"
+    root: InputURI | None = Field(default=None, description="images folder (default: the captions "
+                                                            "file's folder)")
+    image_column: str = "image"
 
 
 @dataset("coco")

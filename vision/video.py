@@ -38,19 +38,16 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
 
-from pipeline.datasets import (DatasetError, Item, MediaDataset, dataset, read_media, read_records,
-                               split_conflict)
-from pipeline.quarantine import Quarantine
-from pipeline.uris import InputURI, URIPath, file_checker, input_path, open_input
+from pipeline.datasets import dataset
+from pipeline.uris import InputURI
 
+from .datasets import CaptionedFolder
 from .io import DEFAULT_MAX_PIXELS, MediaError
 
 Overflow = Literal["spread", "truncate"]
@@ -201,7 +198,7 @@ def _sample(container: Any, stream: Any, rate: float, fps: float, max_frames: in
 
 
 @dataset("video_folder")
-class VideoFolder(MediaDataset):
+class VideoFolder(CaptionedFolder):
     """Videos under ``root`` named by a captions file (any container and codec FFmpeg reads: MP4,
     WebM, MKV, AVI, ...).
 
@@ -214,54 +211,10 @@ class VideoFolder(MediaDataset):
     """
 
     modality: ClassVar[str] = "video"
-    captions: InputURI = Field(description="captions file: .csv, .tsv or .jsonl")
+    kind: ClassVar[str] = "video"
     root: InputURI | None = Field(default=None, description="videos folder (default: the captions "
                                                             "file's folder)")
-    format: Literal["auto", "csv", "tsv", "jsonl"] = Field(
-        default="auto", description="auto: by suffix (.json/.jsonl/.ndjson, .csv, .tsv), else a "
-                                    "tab in the header means TSV")
     video_column: str = "video"
-    caption_column: str = "caption"
-
-    def files(self) -> list[Path | URIPath]:
-        return [input_path(self.captions)]
-
-    def _root(self) -> Path | URIPath:
-        return input_path(self.root) if self.root else input_path(self.captions).parent
-
-    def load(self, media: str) -> bytes:
-        return read_media(self._root() / media, "video")
-
-    def items(self, q: Quarantine) -> Iterator[Item]:
-        path, root = input_path(self.captions), self._root()
-        if not path.is_file():
-            raise DatasetError(f"{path}: no such captions file")
-        if not root.is_dir():
-            raise DatasetError(f"{root}: no such videos folder")
-        exists = file_checker(root)
-        found: dict[str, Item] = {}
-        missing: set[str] = set()
-        records = read_records(path, self._format(path), self.video_column, self.caption_column, q,
-                               params="video_column / caption_column")
-        for where, rel, texts, meta in records:
-            if rel in missing or (rel not in found and not exists(rel)):
-                missing.add(rel)
-                q.bad(where, "video file not found", str(root / rel))
-                continue
-            if rel in found and (conflict := split_conflict(found[rel], meta)):
-                q.bad(where, conflict, rel)
-                continue
-            found.setdefault(rel, Item(id=rel, media=rel, meta=meta, where=where)).texts += texts
-        yield from found.values()
-
-    def _format(self, path: Path | URIPath) -> str:
-        fmt = self.format if self.format != "auto" else {
-            ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
-        }.get(path.suffix.lower())
-        if fmt is None:
-            with open_input(path, "r", encoding="utf-8", errors="replace") as f:
-                fmt = "tsv" if "\t" in f.readline() else "csv"
-        return fmt
 
 
 def sample_times(duration: float, fps: float, max_frames: int, overflow: Overflow = "spread") -> np.ndarray:
