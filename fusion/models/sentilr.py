@@ -49,7 +49,7 @@ tokens), ``sentence_label`` (one int).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -113,19 +113,24 @@ class PolarityLexicon:
     def from_file(cls, path: str | Path, threshold: float = 0.0) -> PolarityLexicon:
         """A VADER-format file: ``token<TAB>mean valence<TAB>...`` per line. A malformed line is an
         error naming the file and line."""
-        valence: dict[str, float] = {}
         with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                parts = line.split("\t")
-                try:
-                    valence[parts[0].lower()] = float(parts[1])
-                except (IndexError, ValueError):
-                    raise ValueError(f"{path}:{n}: expected 'token<TAB>valence', got {line[:60]!r}") from None
+            return cls.from_lines(f, str(path), threshold)
+
+    @classmethod
+    def from_lines(cls, lines: Iterable[str], where: str, threshold: float = 0.0) -> PolarityLexicon:
+        """:meth:`from_file` on lines already read (``where`` names their file in errors)."""
+        valence: dict[str, float] = {}
+        for n, line in enumerate(lines, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            try:
+                valence[parts[0].lower()] = float(parts[1])
+            except (IndexError, ValueError):
+                raise ValueError(f"{where}:{n}: expected 'token<TAB>valence', got {line[:60]!r}") from None
         if not valence:
-            raise ValueError(f"{path}: no lexicon entry")
+            raise ValueError(f"{where}: no lexicon entry")
         return cls(valence, threshold)
 
     @classmethod

@@ -166,20 +166,8 @@ def read_lexicon(uri: str | Path, threshold: float = 0.0) -> Any:
     from fusion.models.sentilr import PolarityLexicon
     from pipeline.uris import open_input
 
-    valence: dict[str, float] = {}
     with open_input(str(uri), "rb") as f:
-        for n, raw in enumerate(f, 1):
-            line = raw.decode("utf-8").rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            try:
-                valence[parts[0].lower()] = float(parts[1])
-            except (IndexError, ValueError):
-                raise ValueError(f"{uri}:{n}: expected 'token<TAB>valence', got {line[:60]!r}") from None
-    if not valence:
-        raise ValueError(f"{uri}: no lexicon entry")
-    return PolarityLexicon(valence, threshold)
+        return PolarityLexicon.from_lines((raw.decode("utf-8") for raw in f), str(uri), threshold)
 
 
 def load_lexicon(options: SentiLrOptions, source: str | Path | None = None) -> Any:

@@ -41,7 +41,7 @@ from pipeline import StageFailed
 from fusion.models.backbone import TextBackbone
 from fusion.models.kg_dual import NO_ENTITY
 from fusion.pretrain.loop import recipe
-from fusion.pretrain.media_recipes import DualOptions, DualRecipe, batch_rng, shard_rows
+from fusion.pretrain.media_recipes import DualOptions, DualRecipe, batch_rng
 from fusion.pretrain.recipes import entity_table, id_index, safetensors_shape
 
 
@@ -155,28 +155,15 @@ class KgDualRecipe(DualRecipe):
                                 options, tokenizer)
         return state | {"linker": linker}
 
-    def encode(self, state: dict, inputs: dict[str, str], unit: dict) -> tuple[list[dict], Counter]:
-        """``dual``'s rows plus each caption's entity row (``caption_entity``), linked from the
+    def encoded_row(self, state: dict, row: dict, enc: Any, counts: Counter) -> dict:
+        """``dual``'s row plus each caption's entity row (``caption_entity``), linked from the
         tokenised caption as evaluation will link it."""
-        rows, counts = [], Counter()
-        for row in shard_rows(inputs["media"], unit["shard"], state["chosen"], state["options"].max_regions):
-            texts = state["texts_of"].get(row["media"]) or []
-            counts["train_items"] += 1
-            counts["train_texts"] += len(texts)
-            if not texts:
-                counts["train_items_without_text"] += 1
-                continue
-            enc = state["tokenizer"](texts, truncation=True, max_length=state["max_length"],
-                                     return_special_tokens_mask=True)
-            entity = []
-            for ids in enc["input_ids"]:
-                idx, outcome = state["linker"].link(ids)
-                count_outcome(counts, outcome)
-                entity.append(idx)
-            rows.append({**row, "captions": enc["input_ids"], "caption_special": enc["special_tokens_mask"],
-                         "caption_entity": entity})
-        counts["train_media_with_text"] += len(rows)
-        return rows, counts
+        entity = []
+        for ids in enc["input_ids"]:
+            idx, outcome = state["linker"].link(ids)
+            count_outcome(counts, outcome)
+            entity.append(idx)
+        return {**super().encoded_row(state, row, enc, counts), "caption_entity": entity}
 
     def build(self, backbone: TextBackbone, resources: dict[str, Any], options: KgDualOptions) -> Any:
         from fusion.models.kg_dual import KgDual, KgDualConfig

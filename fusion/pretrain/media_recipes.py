@@ -233,10 +233,14 @@ class MediaRecipe(Recipe):
                 continue
             enc = state["tokenizer"](texts, truncation=True, max_length=state["max_length"],
                                      return_special_tokens_mask=True)
-            rows.append({**row, "captions": enc["input_ids"],
-                         "caption_special": enc["special_tokens_mask"]})
+            rows.append(self.encoded_row(state, row, enc, counts))
         counts["train_media_with_text"] += len(rows)
         return rows, counts
+
+    def encoded_row(self, state: dict, row: dict, enc: Any, counts: Counter) -> dict:
+        """The corpus row of one item: its regions and its tokenised captions (a recipe that reads
+        more of each caption adds columns here)."""
+        return {**row, "captions": enc["input_ids"], "caption_special": enc["special_tokens_mask"]}
 
     def length(self, row: dict) -> int:
         return int(row["n_regions"])
