@@ -274,8 +274,9 @@ def _stages(name: str | None, console: Console) -> int:
             from rich.markup import escape
 
             t = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
+            # the role and "required" never wrap; the accepted types wrap at their " | "
             for col in ("  input role", "takes", "", "description"):
-                t.add_column(col, no_wrap=col != "description")
+                t.add_column(col, no_wrap=col in ("  input role", ""))
             for r in st.input_roles():
                 t.add_row(f"  {r['role']}", " | ".join(r["takes"]) or "any",
                           "[bold]required[/]" if r["required"] else "optional",
