@@ -45,7 +45,8 @@ class VisionFeaturesParams(FeatureStageParams):
                                              description="colour under transparent pixels")
 
 
-def _fingerprint(p: VisionFeaturesParams) -> list[Any]:
+def params_fingerprint(p: VisionFeaturesParams) -> list[Any]:
+    """What a run of these parameters reads besides them: the dataset's files and local weights."""
     fp: list[Any] = [p.dataset.fingerprint()]
     if p.weights and Path(p.weights).exists():
         w = Path(p.weights)
@@ -53,8 +54,9 @@ def _fingerprint(p: VisionFeaturesParams) -> list[Any]:
     return fp
 
 
-def _backbone(p: VisionFeaturesParams) -> tuple[Any, dict, dict]:
-    """The timm model, its data config (with the crop overrides) and the weights info."""
+def build_backbone(p: VisionFeaturesParams, stage: str = "vision.features") -> tuple[Any, dict, dict]:
+    """The timm model, its data config (with the crop overrides) and the weights info; errors name
+    ``stage``."""
     import timm.data
     import torch
 
@@ -67,9 +69,9 @@ def _backbone(p: VisionFeaturesParams) -> tuple[Any, dict, dict]:
         try:
             model, info = create_backbone(p.backbone, p.weights)
         except (WeightsError, FileNotFoundError, ImportError) as e:
-            raise StageFailed(f"vision.features: {e}") from None
+            raise StageFailed(f"{stage}: {e}") from None
         except RuntimeError as e:  # timm: unknown model name
-            raise StageFailed(f"vision.features: backbone {p.backbone!r}: {e}") from None
+            raise StageFailed(f"{stage}: backbone {p.backbone!r}: {e}") from None
     cfg = timm.data.resolve_data_config(model=model)
     if p.crop_pct is not None:
         cfg["crop_pct"] = p.crop_pct
@@ -83,7 +85,7 @@ def _featurizer(p: VisionFeaturesParams, device: str = "cpu") -> tuple[Any, dict
     process builds only to say why the actors could not (``extract``'s ``explain``)."""
     from .features import RegionFeaturizer
 
-    model, cfg, info = _backbone(p)
+    model, cfg, info = build_backbone(p)
     try:
         fz = RegionFeaturizer(model, cfg, p.mode, p.grid, p.global_token, device)
     except ValueError as e:  # a mode the architecture does not have
@@ -124,7 +126,7 @@ class ImageFeaturizeActor:
         return region_table(self.schema, rows)
 
 
-@stage("vision.features", version="3", cpus=0, fingerprint=_fingerprint,
+@stage("vision.features", version="3", cpus=0, fingerprint=params_fingerprint,
        headline=("items", "rejected", "regions_per_item", "dim", "items_per_s"), inputs={},
        loader=FeatureSet)
 def features(ctx: StageContext, params: VisionFeaturesParams) -> dict:

@@ -37,7 +37,7 @@ from pipeline.features import FeatureSet, region_schema, region_table, usable
 from pipeline.ray_utils import tune_malloc
 
 from .io import DEFAULT_MAX_PIXELS, MediaError
-from .stages import _backbone, _fingerprint
+from .stages import build_backbone, params_fingerprint
 from .video import decode_video
 
 VIDEO_COLUMNS = [("duration_s", pa.float32()), ("frames", pa.int32()), ("sample_fps", pa.float32()),
@@ -76,7 +76,7 @@ def _featurizer(p: VideoFeaturesParams, device: str = "cpu") -> tuple[Any, dict,
     region (the pooled vector) per frame."""
     from .features import RegionFeaturizer
 
-    model, cfg, info = _backbone(p)
+    model, cfg, info = build_backbone(p, "vision.video_features")
     return RegionFeaturizer(model, cfg, "pooled", None, False, device), cfg, info
 
 
@@ -146,14 +146,7 @@ class VideoFeaturizeActor:
         return region_table(self.schema, rows)
 
 
-def _explain(p: VideoFeaturesParams) -> Any:
-    try:
-        return _featurizer(p)
-    except StageFailed as e:  # _backbone speaks as vision.features
-        raise StageFailed(str(e).replace("vision.features", "vision.video_features", 1)) from None
-
-
-@stage("vision.video_features", version="1", cpus=0, fingerprint=_fingerprint,
+@stage("vision.video_features", version="1", cpus=0, fingerprint=params_fingerprint,
        headline=("items", "rejected", "frames_per_clip", "dim", "items_per_s"), inputs={},
        loader=FeatureSet)
 def video_features(ctx: StageContext, params: VideoFeaturesParams) -> dict:
@@ -176,7 +169,7 @@ def video_features(ctx: StageContext, params: VideoFeaturesParams) -> dict:
         capped += sum(ok["capped"].to_pylist())
 
     counts = extract(ctx, params, VideoFeaturizeActor, stage_type="vision.video_features", desc="clips",
-                     on_batch=count, explain=lambda: _explain(params))
+                     on_batch=count, explain=lambda: _featurizer(params))
     built = counts.pop("described")
     return {
         **counts, "dim": built["dim"], "fps": params.fps, "max_frames": params.max_frames,

@@ -351,3 +351,17 @@ def test_frame_order_ablation_moves_features_and_keeps_boxes(tmp_path, weights):
         np.testing.assert_array_equal(b, boxes)
         np.testing.assert_array_equal(f[1:], feats[1:][frame_permutation("a.mp4", 8, order)])
         np.testing.assert_allclose(f[0].astype(np.float32), feats[0].astype(np.float32), atol=1e-3)
+
+
+def test_a_backbone_that_cannot_be_built_is_one_line_naming_the_video_stage(tmp_path: Path) -> None:
+    """The shared backbone builder names the stage that asked (not vision.features)."""
+    from pipeline import StageFailed
+    from vision.stages import build_backbone
+    from vision.video_stage import VideoFeaturesParams
+
+    (tmp_path / "captions.csv").write_text("video,caption\n")
+    p = VideoFeaturesParams.model_validate({
+        "dataset": {"type": "video_folder", "captions": str(tmp_path / "captions.csv")},
+        "backbone": "no_such_model_xyz"})
+    with pytest.raises(StageFailed, match=r"^vision.video_features: backbone 'no_such_model_xyz'"):
+        build_backbone(p, "vision.video_features")
