@@ -56,7 +56,7 @@ from fusion.models.layers import (TransformerLayer, activation, block_sizes, ini
                                   summary)
 from fusion.models.lxmert import TextEmbeddings
 from fusion.models.objectives import info_nce, mask_regions, mlm_mask, pool
-from fusion.models.videobert import backbone_config, load_bert
+from fusion.models.videobert import backbone_config, load_bert, video_frames
 
 
 @dataclasses.dataclass
@@ -164,10 +164,7 @@ class CBT(nn.Module):
     def frames(self, features: torch.Tensor, region_mask: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(frames (B, T, F) in the model's dtype, mask (B, T) bool)``, without a global token."""
-        mask = (torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
-                if region_mask is None else region_mask.bool())
-        if self.config.global_token:
-            features, mask = features[:, 1:], mask[:, 1:]
+        features, mask = video_frames(features, region_mask, self.config.global_token)
         if features.shape[1] > self.config.max_frames:
             raise ValueError(f"{features.shape[1]} frames exceed max_frames {self.config.max_frames}: "
                              f"set max_regions or a larger max_frames")

@@ -208,6 +208,16 @@ def hierarchical_assign(x: torch.Tensor, levels: list[torch.Tensor], branching: 
 # the model
 
 
+
+def video_frames(features: torch.Tensor, region_mask: torch.Tensor | None, global_token: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regions as frames ``(B, T, F)``, mask ``(B, T)``: the global (mean-frame) token dropped."""
+    mask = (torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+            if region_mask is None else region_mask.bool())
+    if global_token:
+        features, mask = features[:, 1:], mask[:, 1:]
+    return features, mask
+
 class VideoBertOutput(NamedTuple):
     text: torch.Tensor      # (B, L, D) outputs at the text positions
     video: torch.Tensor     # (B, T+1, D) outputs at the visual words and the closing [SEP]
@@ -264,11 +274,7 @@ class VideoBert(nn.Module):
     def frames(self, features: torch.Tensor, region_mask: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(frames (B, T, F), mask (B, T) bool)``: the regions without a global token."""
-        mask = (torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
-                if region_mask is None else region_mask.bool())
-        if self.config.global_token:
-            features, mask = features[:, 1:], mask[:, 1:]
-        return features, mask
+        return video_frames(features, region_mask, self.config.global_token)
 
     @torch.no_grad()
     def visual_words(self, features: torch.Tensor, region_mask: torch.Tensor | None = None
