@@ -9,6 +9,18 @@ and the peak memory of the whole process tree (this process, and Ray's processes
     python bench/kge_partitioned_scale.py                       # the issue's size: 20M / 40M, dim 128
     python bench/kge_partitioned_scale.py --entities 200000 --triples 400000 --partitions 4
 
+``--compare OLD.py`` measures the bucket trainer instead of the stage: one epoch of
+``knowledge.partitioned_state.train_partitioned`` (one worker, in this process) with the
+``train_bucket`` of an older copy of the module that held it (for example
+``git show <rev>:knowledge/partitioned.py > /tmp/old.py``), then with this tree's, then (with
+``--negative-chunk C``) this tree's with PyTorch-BigGraph's batched negatives, on the same graph and
+buckets, each from its own initial state, ``--repeats`` times in turn after one untimed bucket each;
+it prints each run's CPU seconds (getrusage of this process: the edges per CPU-second are those of
+the stage's figure, whose span is the same call) and the ratios to the first variant::
+
+    python bench/kge_partitioned_scale.py --entities 200000 --triples 400000 --partitions 4 \
+        --compare /tmp/old.py --negative-chunk 50
+
 Disk: the graph (about 12 bytes per triple, compressed), the buckets (the same), the state (the
 table: 4 x N x (dim + 1) bytes, printed at the start) and the artifact's copy of it
 (as much again): put ``--root`` on a disk with room. Peak memory is the sum of the processes'
@@ -177,6 +189,80 @@ def train_one_epoch(root: Path, args: argparse.Namespace, mem: TreeMemory) -> di
     return metrics
 
 
+def _load_module(path: str, name: str):  # noqa: ANN202
+    """The module at ``path`` under the name ``knowledge.<name>`` (its relative imports resolve
+    against this tree's ``knowledge``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"knowledge.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare_bucket_trainers(root: Path, args: argparse.Namespace) -> None:
+    """``--compare``: see the module docstring. The job is the one ``knowledge.embed`` builds from
+    this script's settings (row-wise Adagrad, lr 0.1, the model's default loss and margin)."""
+    import dataclasses
+
+    import knowledge.partitioned_state as state
+    from knowledge.embed import DEFAULT_LOSS
+    from knowledge.kg import FILES
+    from knowledge.partitioned import PartitionedJob, Partitioning, init_state
+    from knowledge.stages.embed import DEFAULT_MARGIN
+
+    ids = pq.read_table(root / "kg" / FILES["entities"], columns=["id"])["id"]
+    parts = Partitioning.by_hash(ids, args.partitions, args.seed)
+    counts = state.ensure_buckets(str(root / "kg"), str(root / "buckets"), parts)
+    margin = DEFAULT_MARGIN[args.model]
+    kwargs = {"transe": {"p_norm": 1.0, "margin": margin}, "rotate": {"margin": margin}}.get(args.model, {})
+    job = PartitionedJob(model=args.model, dim=args.dim, model_kwargs=kwargs, num_entities=args.entities,
+                         num_relations=args.relations, state_uri="", buckets_uri=str(root / "buckets"),
+                         loss=DEFAULT_LOSS[args.model], margin=margin, negatives=args.negatives,
+                         batch_size=args.batch_size, lr=0.1, seed=args.seed, threads=args.threads)
+    old = _load_module(args.compare, "_bench_baseline_trainer")
+    variants = [(f"baseline: train_bucket of {args.compare}", old.train_bucket, job),
+                ("this tree: train_bucket", state.train_bucket, job)]
+    if args.negative_chunk:
+        variants.append((f"this tree: negative_chunk {args.negative_chunk} ({args.negatives} heads + "
+                         f"{args.negatives} tails per chunk)", state.train_bucket,
+                         dataclasses.replace(job, negative_chunk=args.negative_chunk)))
+    real, cpu = state.train_bucket, {v[0]: [] for v in variants}
+    steps = int(sum(-(-int(c) // args.batch_size) for c in counts.flatten()))  # per epoch
+    # untimed: one bucket per variant first, so that no variant pays the first calls' costs (lazy
+    # imports, first use of a kernel) for the others
+    for k, (_, fn, j) in enumerate(variants):
+        j = dataclasses.replace(j, state_uri=str(root / f"warm-{k}"))
+        fn(j, (0, 0), init_state(j, parts.sizes.tolist()), 1)
+        shutil.rmtree(root / f"warm-{k}", ignore_errors=True)
+    try:
+        for rep in range(args.repeats):
+            for k, (name, fn, j) in enumerate(variants):
+                state.train_bucket = fn
+                j = dataclasses.replace(j, state_uri=str(root / f"state-{rep}-{k}"))
+                before = resource.getrusage(resource.RUSAGE_SELF)
+                t = time.perf_counter()
+                hist = state.train_partitioned(j, parts, counts, epochs=1)
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+                cpu[name].append(used)
+                print(f"run {rep + 1}, {name}: CPU {used:.2f} s (wall {time.perf_counter() - t:.2f} s), "
+                      f"{args.triples / used:,.0f} edges per CPU-second, {1e3 * used / steps:.1f} ms "
+                      f"per step (CPU, bucket loads and writes included), mean batch loss "
+                      f"{hist[0]['loss']:.6f}, load average {os.getloadavg()[0]:.1f}", flush=True)
+                shutil.rmtree(root / f"state-{rep}-{k}", ignore_errors=True)
+    finally:
+        state.train_bucket = real
+    base = float(np.mean(cpu[variants[0][0]]))
+    print(f"mean over {args.repeats} run(s) each, {args.triples:,} triples, {args.partitions} partitions, "
+          f"{args.model} dim {args.dim}, batch {args.batch_size}, {args.negatives} negatives, "
+          f"{args.threads} thread(s):")
+    for name, _, _ in variants:
+        mean = float(np.mean(cpu[name]))
+        print(f"  {name}: {args.triples / mean:,.0f} edges per CPU-second, {base / mean:.2f}x the baseline")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--entities", type=int, default=20_000_000)
@@ -195,7 +281,16 @@ def main() -> None:
                     "system's temporary folder); removed at the end unless --keep")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare", default=None, metavar="OLD.py", help="time the bucket trainer of this "
+                    "older copy of its module against this tree's (see the module docstring)")
+    ap.add_argument("--negative-chunk", type=int, default=0, help="with --compare: also this tree's "
+                    "trainer with PyTorch-BigGraph's batched negatives, chunks of this many positives")
+    ap.add_argument("--repeats", type=int, default=2, help="with --compare: runs of each variant")
     args = ap.parse_args()
+    if args.compare and args.workers != 1:
+        ap.error("--compare times the bucket trainer in this process: one worker")
+    if (args.negative_chunk or args.repeats != 2) and not args.compare:
+        ap.error("--negative-chunk and --repeats go with --compare")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # write_buckets keeps the P^2 bucket files open at once: more than a default soft limit of
@@ -218,6 +313,10 @@ def main() -> None:
           f"{args.negatives} negatives; table + row-wise Adagrad state {table / 1e9:.2f} GB; "
           f"root {root}", flush=True)
     try:
+        if args.compare:
+            write_graph(root / "kg", args.entities, args.triples, args.relations, args.seed)
+            compare_bucket_trainers(root, args)
+            return
         with TreeMemory() as mem:
             t = time.perf_counter()
             write_graph(root / "kg", args.entities, args.triples, args.relations, args.seed)

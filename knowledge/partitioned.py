@@ -17,15 +17,21 @@ for entity tables that do not fit one worker.
   the state URI; relations (tables and accumulators) another (:class:`PartitionStore`). A write
   goes to a temporary name first and is renamed into place, so a killed run never leaves a
   half-written partition under the name a reader opens.
-* **A bucket** ``(i, j)`` (:func:`train_bucket`) loads partitions ``i`` and ``j`` only, trains one
-  pass over its triples in seeded random order (batches of ``B`` positives, ``k`` negatives each,
-  the loss and regulariser of :mod:`knowledge.embed`) with row-wise Adagrad
-  (:class:`knowledge.embed.RowAdagrad`, PBG's optimiser; accumulators carried in the state), and
-  writes both partitions back. **Negatives** are sampled, as PBG's, from the partition of the
-  corrupted side: a corrupted head uniformly from partition ``i``, a corrupted tail from ``j`` (the
-  side by a fair coin or the Bernoulli probability of :func:`knowledge.embed.bernoulli_head_prob`).
-  PBG also reuses each chunk's negatives across its positives and adds in-batch negatives; here
-  every positive draws its own ``k``, as :mod:`knowledge.embed` does.
+* **A bucket** ``(i, j)`` (:func:`knowledge.partitioned_state.train_bucket`) loads partitions ``i``
+  and ``j`` only, trains one pass over its triples in seeded random order (batches of ``B``
+  positives, the loss and regulariser of :mod:`knowledge.embed`) with row-wise Adagrad
+  (:class:`knowledge.embed.RowAdagrad`'s update, PBG's optimiser; accumulators carried in the
+  state), and writes both partitions back. **Negatives** are sampled, as PBG's, from the partition
+  of the corrupted side: a corrupted head uniformly from partition ``i``, a corrupted tail from
+  ``j``. By default every positive draws its own ``k`` (the side by a fair coin or the Bernoulli
+  probability of :func:`knowledge.embed.bernoulli_head_prob`), as :mod:`knowledge.embed` does.
+  With ``negative_chunk = c`` they are PBG's batched negatives instead (an option, off by
+  default): the batch is cut into chunks of ``c`` positives, each chunk draws ``k`` heads and
+  ``k`` tails once, and each of its positives is scored against all ``2 k``, as PBG corrupts both
+  sides with ``num_uniform_negs`` each (PBG also adds the chunk's own entities as negatives, not
+  done here). A step then gathers, normalises and updates about ``2 B + 2 k B / c`` entity rows
+  instead of ``B (2 + k)`` and scores a chunk with one batched product or ``cdist``; the price is
+  that a chunk's positives share their negatives.
 * **An epoch** visits every non-empty bucket once, in PBG's ``inside_out`` order
   (:func:`inside_out_order`): layer ``l = 0..P-1`` holds the buckets whose larger partition is
   ``l``, shuffled within the layer by a seeded generator. Buckets run in **rounds** of disjoint
@@ -50,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import math
 import uuid
 from collections.abc import Callable, Sequence
@@ -63,9 +70,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from .embed import RowAdagrad, init_embeddings, kge_loss, lp_regularization, score_shift
+from .embed import init_embeddings
 from .kg import FILES
-from .models import build_model, corruption_triples
+from .models import build_model
 
 ENTITY_TABLES = ("node_emb", "node_emb_im")
 RELATION_TABLES = ("rel_emb", "rel_emb_im")
@@ -160,16 +167,30 @@ class PartitionStore:
 
     def save(self, name: str, tensors: dict[str, torch.Tensor],
              metadata: dict[str, str] | None = None) -> None:
-        from safetensors.torch import save
-
-        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+        """Write ``tensors`` as one safetensors file (the format's header, then each tensor's bytes
+        in order, streamed from the tensor's own memory: safetensors' ``save`` builds the whole file
+        as bytes first, two extra copies of a partition at once)."""
+        # wider dtypes first, as safetensors' own writer: every tensor starts aligned to its size
+        flat = {k: v.detach().cpu().contiguous()
+                for k, v in sorted(tensors.items(), key=lambda kv: -kv[1].element_size())}
+        header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+        at = 0
+        for k, v in flat.items():
+            n = v.numel() * v.element_size()
+            header[k] = {"dtype": SAFETENSORS_DTYPES[v.dtype], "shape": list(v.shape),
+                         "data_offsets": [at, at + n]}
+            at += n
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # the format pads its header with spaces to 8 bytes
         final = self.path(name)
         if "/" in name:  # a subfolder (staged write-backs): local folders need it made first
             self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{final}.tmp-{uuid.uuid4().hex}"
         try:
             with self.fs.open(tmp, "wb") as f:
-                f.write(data)
+                f.write(len(head).to_bytes(8, "little") + head)
+                for v in flat.values():
+                    f.write(_raw_bytes(v))
             self.fs.mv(tmp, final)
         except BaseException:
             if self.fs.exists(tmp):
@@ -179,10 +200,52 @@ class PartitionStore:
     def load(self, name: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load
 
+        return load(self.fs.cat_file(self._existing(name)))
+
+    def header(self, name: str) -> dict[str, Any]:
+        """The file's safetensors header: ``{tensor: {"dtype", "shape", "data_offsets"}}``."""
+        with self.fs.open(self._existing(name), "rb") as f:
+            return json.loads(f.read(int.from_bytes(f.read(8), "little")))
+
+    def read_into(self, name: str, out: dict[str, torch.Tensor]) -> None:
+        """Read the tensors ``out`` names from ``name`` straight into ``out``'s tensors
+        (contiguous CPU tensors of the stored dtype and shape, views into a larger table for
+        instance): ``load`` holds the file's bytes and a copy of every tensor on the way."""
+        with self.fs.open(self._existing(name), "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            for k, dst in out.items():
+                if not dst.is_contiguous():  # its flat view would be a copy, filled in vain
+                    raise ValueError(f"read_into fills contiguous tensors only ({k})")
+                info = header.get(k)
+                want = {"dtype": SAFETENSORS_DTYPES[dst.dtype], "shape": list(dst.shape)}
+                if info is None or {"dtype": info["dtype"], "shape": info["shape"]} != want:
+                    raise ValueError(f"{self.uri}/{name}: {k} is {info and (info['dtype'], info['shape'])}, "
+                                     f"expected {(want['dtype'], want['shape'])}")
+                f.seek(8 + size + info["data_offsets"][0])
+                view, done = memoryview(_raw_bytes(dst)), 0
+                while done < len(view):
+                    got = f.readinto(view[done:])
+                    if not got:
+                        raise ValueError(f"{self.uri}/{name}: {k} is cut short (a truncated file)")
+                    done += got
+
+    def _existing(self, name: str) -> str:
         path = self.path(name)
         if not self.fs.exists(path):
             raise FileNotFoundError(f"{self.uri}: no {name} (the partitioned state is incomplete)")
-        return load(self.fs.cat_file(path))
+        return path
+
+
+#: torch dtype -> safetensors' name for it
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+                      torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+                      torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _raw_bytes(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's memory as a flat uint8 array (shared, not copied)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def write_buckets(kg_uri: str, out_uri: str, parts: Partitioning, split: str = "train") -> np.ndarray:
@@ -290,6 +353,16 @@ class PartitionedJob:
     head_prob: tuple[float, ...] | None = None   # Bernoulli corruption per relation; None: 1/2
     seed: int = 0
     threads: int = 1
+    negative_chunk: int = 0          # > 0: positives per chunk sharing its negatives (PBG); 0: own k each
+
+    def __post_init__(self) -> None:
+        if self.negative_chunk < 0:
+            raise ValueError(f"negative_chunk must be >= 0 (0: each positive draws its own negatives), "
+                             f"got {self.negative_chunk}")
+        if self.negative_chunk and self.head_prob is not None:
+            raise ValueError("negative_chunk corrupts both sides of every positive (PyTorch-BigGraph's "
+                             "batched negatives); Bernoulli corruption picks one side per negative: "
+                             "use one or the other")
 
 
 def model_tables(model: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.nn.Parameter]:
@@ -300,15 +373,30 @@ def build_partition_model(job: PartitionedJob, entity_states: Sequence[dict[str,
                           relations: dict[str, torch.Tensor], sparse: bool = False) -> torch.nn.Module:
     """A model whose entity rows are the given partitions' rows one after the other
     (``sum n_p`` rows), with the shared relation tables."""
-    n = sum(len(s["node_emb"]) for s in entity_states)
-    model = build_model(job.model, n, job.num_relations, job.dim, **job.model_kwargs,
-                        **({"sparse": True} if sparse else {}))
+    model = empty_partition_model(job, sum(len(s["node_emb"]) for s in entity_states), relations, sparse)
     with torch.no_grad():
         for name, w in model_tables(model, ENTITY_TABLES).items():
             start = 0
             for s in entity_states:  # into place, no concatenated temporary of the bucket's rows
                 w[start:start + len(s[name])].copy_(s[name])
                 start += len(s[name])
+    return model
+
+
+def empty_partition_model(job: PartitionedJob, n: int, relations: dict[str, torch.Tensor],
+                          sparse: bool = False) -> torch.nn.Module:
+    """A model of ``n`` entity rows left uninitialised (``torch.empty``, for the caller to fill)
+    and the shared relation tables. Built with one entity row whose tables are then replaced:
+    building it with ``n`` rows would draw a random initialisation of them only to overwrite it."""
+    model = build_model(job.model, 1, job.num_relations, job.dim, **job.model_kwargs,
+                        **({"sparse": True} if sparse else {}))
+    for name in ENTITY_TABLES:
+        if hasattr(model, name):
+            emb = getattr(model, name)
+            emb.weight = torch.nn.Parameter(torch.empty(n, emb.weight.shape[1]))           # (n, d)
+            emb.num_embeddings = n
+    model.num_nodes = n
+    with torch.no_grad():
         for name, w in model_tables(model, RELATION_TABLES).items():
             w.copy_(relations[name])
     return model
@@ -340,85 +428,6 @@ def init_state(job: PartitionedJob, sizes: Sequence[int]) -> dict[str, torch.Ten
         relations[name], relations[name + ACC] = w.detach().clone(), w.new_zeros(len(w))
     store.save(RELATIONS, relations)
     return relations
-
-
-def train_bucket(job: PartitionedJob, bucket: tuple[int, int], relations: dict[str, torch.Tensor],
-                 epoch: int, out_folder: str = "") -> tuple[dict[str, torch.Tensor], float, int]:
-    """One pass, on the CPU, over bucket ``(i, j)``'s triples holding partitions ``i`` and ``j``
-    only (see the module docstring): a model of ``n_i + n_j`` entity rows (``n_i`` when ``i = j``),
-    partition ``i``'s first. A corrupted head is drawn from rows ``[0, n_i)``, a corrupted tail
-    from partition ``j``'s rows. The partitions (tables and accumulators) are written back to the
-    state, or with ``out_folder`` to that subfolder of it (a staged write-back that leaves the
-    bucket's inputs in place, :mod:`knowledge.partitioned_state`). ``relations``: each relation
-    table ``(R, d)`` and its accumulator ``(R,)`` under ``<table>.adagrad``. Returns the relations
-    after the pass, the summed batch loss and the number of batches."""
-    torch.set_num_threads(job.threads)
-    i, j = bucket
-    store = PartitionStore(job.state_uri)
-    parts = [i] if i == j else [i, j]
-    states = [store.load(part_file(p)) for p in parts]
-    sizes = [len(s["node_emb"]) for s in states]
-    model = build_partition_model(job, states, relations, sparse=True)
-    opt = RowAdagrad(model.parameters(), lr=job.lr, weight_decay=job.weight_decay)
-    for name, w in model_tables(model, ENTITY_TABLES).items():
-        opt.state[w]["sum"] = torch.cat([s[name + ACC] for s in states])          # (n_i + n_j,)
-    for name, w in model_tables(model, RELATION_TABLES).items():
-        opt.state[w]["sum"] = relations[name + ACC].clone()                        # (R,)
-    del states  # the model holds the rows now: at scale the loaded copy would double the bucket's peak
-
-    triples = read_bucket(job.buckets_uri, i, j)                                   # (n, 3) local
-    tail_base = 0 if i == j else sizes[0]   # the tail partition's first row in the model
-    triples[:, 2] += tail_base
-    g = torch.Generator().manual_seed(hash_rank(f"{epoch}/{i}/{j}", job.seed) >> 1)
-    order = torch.randperm(len(triples), generator=g)
-    head_prob = torch.tensor(job.head_prob) if job.head_prob is not None else None
-    shift = score_shift(job.model, job.loss, job.margin)
-    constrain = getattr(model, "apply_constraints", None)
-    fused = getattr(model, "scores_corruptions", False)
-    params = [q for q in model.parameters() if q.requires_grad]
-    k, total, batches = job.negatives, 0.0, 0
-    model.train()
-    for start in range(0, len(order), job.batch_size):
-        pos = triples[order[start:start + job.batch_size]]                          # (B, 3)
-        b = len(pos)
-        p_head = head_prob[pos[:, 1]].unsqueeze(1) if head_prob is not None else 0.5
-        new_head = torch.rand(b, k, generator=g) < p_head                           # (B, k)
-        # PBG: a corrupted side draws from its own partition (heads from i, tails from j)
-        ents = torch.where(new_head, torch.randint(sizes[0], (b, k), generator=g),
-                           tail_base + torch.randint(sizes[-1], (b, k), generator=g))
-        drawn = (ents, new_head)
-        neg = None if fused and not job.regularization else corruption_triples(pos, *drawn)
-        if fused:
-            scores = model(pos[:, 0], pos[:, 1], pos[:, 2], corruptions=drawn)
-        else:
-            both = torch.cat([pos, neg])
-            scores = model(both[:, 0], both[:, 1], both[:, 2])
-        scores = scores + shift
-        value = kge_loss(job.loss, scores[:b], scores[b:].view(b, k), job.margin,
-                         job.adversarial_temperature)
-        if job.regularization:
-            value = value + job.regularization * lp_regularization(model, pos, neg, job.regularization_p)
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        for q in params:  # coalesced once: the constraint needs the distinct rows that moved
-            if q.grad is not None and q.grad.is_sparse:
-                q.grad = q.grad.coalesce()
-        opt.step()
-        if constrain is not None and model.node_emb.weight.grad is not None:
-            constrain(model.node_emb.weight.grad._indices()[0])
-        total += float(value.detach())
-        batches += 1
-
-    ent = model_tables(model, ENTITY_TABLES)
-    for idx, p in enumerate(parts):
-        rows = slice(sum(sizes[:idx]), sum(sizes[:idx + 1]))
-        name = f"{out_folder.rstrip('/')}/{part_file(p)}" if out_folder else part_file(p)
-        store.save(name, {**{n: w.detach()[rows] for n, w in ent.items()},
-                                  **{n + ACC: opt.state[w]["sum"][rows] for n, w in ent.items()}})
-    rel = model_tables(model, RELATION_TABLES)
-    out = {n: w.detach().clone() for n, w in rel.items()}
-    out.update({n + ACC: opt.state[w]["sum"].clone() for n, w in rel.items()})
-    return out, total, batches
 
 
 def inside_out_order(num_partitions: int, generator: np.random.Generator) -> list[tuple[int, int]]:

@@ -410,8 +410,8 @@ class PartitionedRun:
 
 def fit_partitioned(job: Any, entity_ids: Sequence[str] | pa.Array | pa.ChunkedArray, num_partitions: int,
                     root_uri: str, workers: int = 1, cpus_per_worker: float = 1.0,
-                    on_row: Callable[[dict[str, float], list[dict[str, float]]], None] | None = None
-                    ) -> PartitionedRun:
+                    on_row: Callable[[dict[str, float], list[dict[str, float]]], None] | None = None,
+                    negative_chunk: int = 0) -> PartitionedRun:
     """The ``knowledge.embed`` stage's run for ``partitions > 1``: ``job`` is its
     :class:`knowledge.embed.EmbedJob`. Partitions the entities by their ids (an Arrow column is
     hashed a chunk at a time), writes the partitioning to ``<root_uri>/partitioning.parquet``,
@@ -425,7 +425,8 @@ def fit_partitioned(job: Any, entity_ids: Sequence[str] | pa.Array | pa.ChunkedA
     weights are the best validation epoch's: each new best MRR copies the partitions to
     ``<root_uri>/best`` (:func:`snapshot`); without validation, the last epoch's. ``on_row(row,
     earlier_rows)`` sees each epoch's history row once it is complete (live tracking); an epoch
-    redone after a kill is seen again."""
+    redone after a kill is seen again. ``negative_chunk``: PyTorch-BigGraph's batched negatives
+    (:class:`knowledge.partitioned.PartitionedJob`; 0, the default, draws per positive)."""
     from .kg import read_triples
 
     root = str(root_uri).rstrip("/")
@@ -443,7 +444,7 @@ def fit_partitioned(job: Any, entity_ids: Sequence[str] | pa.Array | pa.ChunkedA
         adversarial_temperature=job.adversarial_temperature, negatives=job.negatives,
         batch_size=job.batch_size, lr=job.lr, weight_decay=job.weight_decay,
         regularization=job.regularization, regularization_p=job.regularization_p,
-        head_prob=head_prob, seed=job.seed, threads=job.threads_per_worker)
+        head_prob=head_prob, seed=job.seed, threads=job.threads_per_worker, negative_chunk=negative_chunk)
     valid = None
     if job.eval_every and job.num_valid:
         valid = torch.from_numpy(read_triples(job.kg_uri, "valid")[0])

@@ -1,16 +1,19 @@
-"""Resumable partitioned training (:mod:`knowledge.partitioned`, PyTorch-BigGraph's scheme, Lerer
-et al. 2019): the epoch loop, which commits a progress record after every round of buckets, so that
-a run killed anywhere continues from the last committed round and ends bit-identical to a run that
-was never interrupted (the same partitions, relations and history, wall-clock ``epoch_s`` aside).
+"""Partitioned training (:mod:`knowledge.partitioned`, PyTorch-BigGraph's scheme, Lerer et al.
+2019): the bucket trainer (:func:`train_bucket`: explicit row gathers, dense gradients on those rows
+and an in-place row-wise Adagrad update, :func:`row_adagrad_`; optionally PBG's batched negatives,
+:func:`chunk_scores`) and the resumable epoch loop, which commits a progress record after every round
+of buckets, so that a run killed anywhere continues from the last committed round and ends
+bit-identical to a run that was never interrupted (the same partitions, relations and history,
+wall-clock ``epoch_s`` aside).
 
 **What determines a round.** Epoch ``e``'s bucket order is a function of ``(seed, e)``
 (``numpy.random.default_rng([seed, e])`` drives :func:`knowledge.partitioned.inside_out_order`)
 and its rounds a function of that order and the worker count (:func:`epoch_schedule`; epoch 1's
 first-epoch rule starts from no trained partition, so it too is recomputed). Every random draw of a
-bucket comes from a generator seeded by ``(seed, e, i, j)`` inside
-:func:`knowledge.partitioned.train_bucket`; no generator carries state from one bucket to the next,
-so there is no RNG state to record. Round ``r`` of epoch ``e`` is therefore a pure function of the
-partition files it reads and the relations ``(R, d)`` with their accumulators ``(R,)`` it starts from.
+bucket comes from a generator seeded by ``(seed, e, i, j)`` inside :func:`train_bucket`; no
+generator carries state from one bucket to the next, so there is no RNG state to record. Round
+``r`` of epoch ``e`` is therefore a pure function of the partition files it reads and the relations
+``(R, d)`` with their accumulators ``(R,)`` it starts from.
 
 **The progress record** (``progress.safetensors`` in the state: the relations as tensors, the rest
 as JSON in the safetensors metadata; written to a temporary name and renamed, so it is replaced
@@ -51,15 +54,222 @@ from typing import Any
 import fsspec
 import numpy as np
 import torch
+from torch.func import functional_call
 
-from .partitioned import (RELATIONS, PartitionedJob, Partitioning, PartitionStore, check_shared,
-                          init_state, inside_out_order, mean_relations, part_file, rounds, run_tasks,
-                          train_bucket, write_buckets)
+from .embed import kge_loss, lp_regularization, score_shift
+from .models import corruption_triples
+from .partitioned import (ACC, ENTITY_TABLES, RELATION_TABLES, RELATIONS, PartitionedJob, Partitioning,
+                          PartitionStore, check_shared, empty_partition_model, hash_rank, init_state,
+                          inside_out_order, mean_relations, model_tables, part_file, read_bucket, rounds,
+                          run_tasks, write_buckets)
 
 PROGRESS = "progress.safetensors"
 STAGING = "staging"
 BUCKETS_DONE = "buckets.complete.json"
 VERSION = 1
+
+
+#: :class:`knowledge.embed.RowAdagrad`'s ``eps`` (PBG's constant, added after the root)
+ADAGRAD_EPS = 1e-10
+
+
+def row_adagrad_(table: torch.Tensor, acc: torch.Tensor, rows: torch.Tensor, old: torch.Tensor,
+                 grad: torch.Tensor, lr: float, weight_decay: float = 0.0, eps: float = ADAGRAD_EPS) -> None:
+    """Row-wise Adagrad (:class:`knowledge.embed.RowAdagrad`, Lerer et al. 2019's optimiser) on the
+    distinct rows ``rows`` (U,) of the ``(n, d)`` ``table``, in place, given their values before the
+    step ``old`` (U, d) and their gradient ``grad`` (U, d); ``acc`` (n,) is the table's accumulator::
+
+        g_i <- g_i + weight_decay * w_i
+        G_i <- G_i + mean_j g_ij^2
+        w_i <- w_i - lr * g_i / (sqrt(G_i) + eps)
+
+    The operations of ``RowAdagrad.step`` on a coalesced row-sparse gradient, in its order, so the
+    same numbers; the rows are distinct, so each is written once, with no sparse tensor to coalesce."""
+    if weight_decay:
+        grad = grad.add(old, alpha=weight_decay)
+    total = acc.index_select(0, rows).add_((grad * grad).mean(1))                  # (U,)
+    acc.index_copy_(0, rows, total)
+    std = total.sqrt_().add_(eps).unsqueeze(1)                                      # (U, 1)
+    table.index_add_(0, rows, grad.mul(-lr).div_(std))  # distinct rows: w_i + update, once each
+
+
+class BatchLoss(torch.nn.Module):
+    """One bucket step's loss as a function of the model's tables. :func:`train_bucket` calls it
+    through ``torch.func.functional_call`` with the ``U`` entity and ``V`` relation rows the batch
+    looks up in place of the ``(n, d)`` and ``(R, d)`` tables, and every index renumbered into
+    those rows: autograd then gives each table a dense ``(U, d)`` gradient (no sparse tensor, no
+    coalesce), and the scoring functions see ``U``-row tables, as with ``build_model(sparse=True)``.
+
+    ``forward(pos, ents, new_head)``: positives ``pos`` (B, 3); per-positive corruptions
+    ``ents``, ``new_head`` (B, k) (:func:`knowledge.models.corruption_triples`), or with
+    ``negative_chunk = c`` the ``C = ceil(B / c)`` chunks' shared negatives ``ents`` (C, 2k), ``k``
+    heads then ``k`` tails, and ``new_head=None`` (:func:`chunk_scores`)."""
+
+    def __init__(self, model: torch.nn.Module, job: PartitionedJob):
+        super().__init__()
+        self.model, self.job = model, job
+        self.shift = score_shift(job.model, job.loss, job.margin)
+        self.fused = getattr(model, "scores_corruptions", False)
+
+    def forward(self, pos: torch.Tensor, ents: torch.Tensor, new_head: torch.Tensor | None) -> torch.Tensor:
+        job, model, b = self.job, self.model, len(pos)
+        neg = None  # (B k, 3) corrupted triples, built only where the model or the penalty needs them
+        if new_head is None:
+            scores, neg_scores = chunk_scores(model, pos, ents, job.negative_chunk)  # (B,), (B, 2k)
+            if job.regularization:  # the triples the chunk scores stand for, for the penalty's rows
+                k = ents.shape[1] // 2
+                per_pos = ents.repeat_interleave(job.negative_chunk, 0)[:b]              # (B, 2k)
+                heads = torch.arange(2 * k, device=pos.device).lt(k).expand(b, -1)
+                neg = corruption_triples(pos, per_pos, heads)
+        else:
+            if not self.fused or job.regularization:
+                neg = corruption_triples(pos, ents, new_head)
+            if self.fused:
+                s = model(pos[:, 0], pos[:, 1], pos[:, 2], corruptions=(ents, new_head))
+            else:
+                both = torch.cat([pos, neg])
+                s = model(both[:, 0], both[:, 1], both[:, 2])
+            scores, neg_scores = s[:b], s[b:].view(b, -1)
+        value = kge_loss(job.loss, scores + self.shift, neg_scores + self.shift, job.margin,
+                         job.adversarial_temperature)
+        if job.regularization:
+            value = value + job.regularization * lp_regularization(model, pos, neg, job.regularization_p)
+        return value
+
+
+def chunk_scores(model: torch.nn.Module, pos: torch.Tensor, ents: torch.Tensor,
+                 chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch-BigGraph's batched negatives (Lerer et al. 2019; its docs, "Negative sampling": the
+    positives are split into chunks, one set of entities is sampled per chunk and every positive of
+    the chunk is corrupted with each of them). Positive ``i`` of ``pos`` (B, 3) is in chunk
+    ``i // chunk``; chunk ``c``'s negatives are ``ents[c]`` (2k,): ``k`` heads, then ``k`` tails.
+    Through the model's full-candidate form (:func:`knowledge.scoring.candidate_scorer`: a query
+    per positive and side against candidate rows), a chunk's ``(chunk, k)`` scores per side are
+    one batched product (DistMult, ComplEx: ``q @ C^T``) or distance (TransE, RotatE:
+    ``cdist(q, C, p)``; for ``p = 2`` by the GEMM expansion, the scorer's default): no
+    ``(B k, d)`` buffer of corrupted rows is gathered. Returns the positives' scores (B,) and the
+    negatives' (B, 2k): column ``j < k`` is the positive with head ``ents[c, j]``, ``j >= k`` with
+    tail ``ents[c, j]``."""
+    from .scoring import candidate_scorer
+
+    sc = candidate_scorer(model)
+    cand = sc.candidates                                                           # (U, d')
+    h, r, t = pos.unbind(1)
+    b, (n_chunks, two_k) = len(pos), ents.shape
+    k = two_k // 2
+    mode = "donot_use_mm_for_euclid_dist" if sc.exact else "use_mm_for_euclid_dist_if_necessary"
+
+    def score(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:                  # (.., m, d'), (.., n, d')
+        if sc.kind == "dot":
+            return q @ c.transpose(-1, -2)
+        return sc.offset - torch.cdist(q, c, p=sc.p, compute_mode=mode)
+
+    def side(q: torch.Tensor, e: torch.Tensor) -> torch.Tensor:                   # (B, d'), (C, k) -> (B, k)
+        q = torch.nn.functional.pad(q, (0, 0, 0, n_chunks * chunk - b))             # a short last chunk
+        return score(q.view(n_chunks, chunk, -1), cand[e]).reshape(-1, k)[:b]
+
+    q_tail = sc.tail_query(h, r)                                                   # (B, d')
+    c_t = cand[t]
+    pos_scores = ((q_tail * c_t).sum(-1) if sc.kind == "dot"
+                  else sc.offset - torch.linalg.vector_norm(q_tail - c_t, sc.p, -1))
+    neg = torch.cat([side(sc.head_query(r, t), ents[:, :k]), side(q_tail, ents[:, k:])], 1)
+    return pos_scores, neg
+
+
+def row_step(loss: BatchLoss, acc: dict[str, torch.Tensor], pos: torch.Tensor, ents: torch.Tensor,
+             new_head: torch.Tensor | None) -> float:
+    """One optimiser step of ``loss.model`` on positives ``pos`` (B, 3) and their negatives
+    (:class:`BatchLoss`'s ``ents``, ``new_head``), indices into the model's tables: gather the
+    ``U`` distinct entity and ``V`` distinct relation rows the batch looks up (``torch.unique``,
+    which also renumbers the batch into them), the loss on those rows, their dense gradients, the
+    row-wise Adagrad update in place (:func:`row_adagrad_`, accumulators ``acc[table]`` (n,)) and
+    the model's constraint on the ``U`` entity rows. Returns the loss."""
+    model, job, b = loss.model, loss.job, len(pos)
+    ent, rel = model_tables(model, ENTITY_TABLES), model_tables(model, RELATION_TABLES)
+    e_rows, e_inv = torch.unique(torch.cat([pos[:, 0], pos[:, 2], ents.reshape(-1)]),
+                                 return_inverse=True)                               # (U,), (2B + ...)
+    r_rows, r_inv = torch.unique(pos[:, 1], return_inverse=True)                    # (V,), (B,)
+    rows = {**{n: e_rows for n in ent}, **{n: r_rows for n in rel}}
+    tables = {**ent, **rel}
+    old = {n: w.detach().index_select(0, rows[n]) for n, w in tables.items()}       # (U | V, d)
+    leaves = {f"model.{n}.weight": x.detach().requires_grad_() for n, x in old.items()}
+    value = functional_call(loss, leaves, (torch.stack([e_inv[:b], r_inv, e_inv[b:2 * b]], 1),
+                                           e_inv[2 * b:].view(ents.shape), new_head))
+    grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+    with torch.no_grad():
+        for (n, x), grad in zip(old.items(), grads):
+            if grad is not None:
+                row_adagrad_(tables[n], acc[n], rows[n], x, grad, job.lr, job.weight_decay)
+        constrain = getattr(model, "apply_constraints", None)
+        if constrain is not None:
+            constrain(e_rows)
+    return float(value.detach())
+
+
+def train_bucket(job: PartitionedJob, bucket: tuple[int, int], relations: dict[str, torch.Tensor],
+                 epoch: int, out_folder: str = "") -> tuple[dict[str, torch.Tensor], float, int]:
+    """One pass, on the CPU, over bucket ``(i, j)``'s triples holding partitions ``i`` and ``j``
+    only (:mod:`knowledge.partitioned`): a model of ``n_i + n_j`` entity rows (``n_i`` when
+    ``i = j``), partition ``i``'s first. A corrupted head is drawn from rows ``[0, n_i)``, a
+    corrupted tail from partition ``j``'s rows. The partitions (tables and accumulators) are
+    written back to the state, or with ``out_folder`` to that subfolder of it (a staged write-back
+    that leaves the bucket's inputs in place). ``relations``: each relation table ``(R, d)`` and its
+    accumulator ``(R,)`` under ``<table>.adagrad``. Returns the relations after the pass, the
+    summed batch loss and the number of batches.
+
+    A step (:func:`row_step`) gathers the rows its batch looks up, takes their dense gradients and
+    updates them in place: the same arithmetic as a model built with ``sparse=True`` stepped by
+    ``RowAdagrad`` (bit for bit for TransE and RotatE; DistMult and ComplEx look rows up through
+    ``nn.Embedding``, whose dense backward may sum a row's repeated lookups in another order), without
+    building, coalescing and re-reading sparse gradients."""
+    torch.set_num_threads(job.threads)
+    i, j = bucket
+    store = PartitionStore(job.state_uri)
+    parts = [i] if i == j else [i, j]
+    sizes = [store.header(part_file(p))["node_emb"]["shape"][0] for p in parts]
+    model = empty_partition_model(job, sum(sizes), relations)
+    ent, rel = model_tables(model, ENTITY_TABLES), model_tables(model, RELATION_TABLES)
+    acc = {n: torch.empty(sum(sizes)) for n in ent}                                # (n_i + n_j,)
+    for idx, p in enumerate(parts):  # read into place: no loaded copy beside the model's tables
+        sl = slice(sum(sizes[:idx]), sum(sizes[:idx + 1]))
+        store.read_into(part_file(p), {**{n: w.detach()[sl] for n, w in ent.items()},
+                                       **{n + ACC: acc[n][sl] for n in ent}})
+    acc.update({n: relations[n + ACC].clone() for n in rel})                       # (R,)
+
+    triples = read_bucket(job.buckets_uri, i, j)                                   # (n, 3) local
+    tail_base = 0 if i == j else sizes[0]   # the tail partition's first row in the model
+    triples[:, 2] += tail_base
+    g = torch.Generator().manual_seed(hash_rank(f"{epoch}/{i}/{j}", job.seed) >> 1)
+    order = torch.randperm(len(triples), generator=g)
+    head_prob = torch.tensor(job.head_prob) if job.head_prob is not None else None
+    loss = BatchLoss(model, job)
+    k, chunk, total, batches = job.negatives, job.negative_chunk, 0.0, 0
+    model.train()
+    for start in range(0, len(order), job.batch_size):
+        pos = triples[order[start:start + job.batch_size]]                          # (B, 3)
+        b = len(pos)
+        # PBG: a corrupted side draws from its own partition (heads from i, tails from j)
+        if chunk:
+            n_chunks = -(-b // chunk)
+            ents = torch.cat([torch.randint(sizes[0], (n_chunks, k), generator=g),
+                              tail_base + torch.randint(sizes[-1], (n_chunks, k), generator=g)], 1)
+            new_head = None                                                         # ents: (C, 2k)
+        else:
+            p_head = head_prob[pos[:, 1]].unsqueeze(1) if head_prob is not None else 0.5
+            new_head = torch.rand(b, k, generator=g) < p_head                       # (B, k)
+            ents = torch.where(new_head, torch.randint(sizes[0], (b, k), generator=g),
+                               tail_base + torch.randint(sizes[-1], (b, k), generator=g))
+        total += row_step(loss, acc, pos, ents, new_head)
+        batches += 1
+
+    for idx, p in enumerate(parts):
+        sl = slice(sum(sizes[:idx]), sum(sizes[:idx + 1]))
+        name = f"{out_folder.rstrip('/')}/{part_file(p)}" if out_folder else part_file(p)
+        store.save(name, {**{n: w.detach()[sl] for n, w in ent.items()},
+                          **{n + ACC: acc[n][sl] for n in ent}})
+    out = {n: w.detach().clone() for n, w in rel.items()}
+    out.update({n + ACC: acc[n] for n in rel})
+    return out, total, batches
 
 
 def partitioning_fingerprint(parts: Partitioning) -> str:
@@ -75,8 +285,9 @@ def run_fingerprint(job: PartitionedJob, parts: Partitioning, workers: int) -> s
     worker count (which decides the rounds). The thread count is left out so that a run may resume
     on another machine; bit-identity across a resume then holds where torch's CPU kernels give the
     same sums for both thread counts (the tests resume with the same count)."""
+    # negative_chunk came later: left out at its default, so a state written before it resumes
     settings = {k: v for k, v in dataclasses.asdict(job).items()
-                if k not in ("state_uri", "buckets_uri", "threads")}
+                if k not in ("state_uri", "buckets_uri", "threads") and not (k == "negative_chunk" and not v)}
     key = json.dumps({"job": settings, "parts": partitioning_fingerprint(parts), "workers": workers},
                      sort_keys=True, default=list)
     return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()

@@ -77,6 +77,13 @@ class EmbedParams(BaseModel):
         "state; needs optimizer: rowwise_adagrad (knowledge.partitioned). The weights are the best "
         "validation epoch's, as with 1 (each new best copies the partitions once), or the last "
         "epoch's without validation")
+    negative_chunk: int = Field(
+        default=0, ge=0, description="partitions > 1: 0 (default) draws `negatives` corruptions per "
+        "positive; c > 0 uses PyTorch-BigGraph's batched negatives: each chunk of c positives shares "
+        "`negatives` corrupted heads and as many tails, every positive scored against all of them "
+        "(2 x negatives), a chunk at a time by one batched product or distance: far fewer rows "
+        "gathered and updated per step (bench/kge_partitioned_scale.py --compare); needs corruption: "
+        "uniform")
     assemble: bool = Field(
         default=True, description="partitions > 1: also write the whole tables (model.safetensors, "
         "embeddings.safetensors: N x dim floats assembled in the stage's process) beside partitions/. "
@@ -89,6 +96,9 @@ class EmbedParams(BaseModel):
         if not self.assemble and self.partitions == 1:
             raise ValueError("assemble: false needs partitions > 1 (with 1 the whole table is trained "
                              "and written as it is)")
+        if self.negative_chunk and (self.partitions == 1 or self.corruption != "uniform"):
+            raise ValueError("negative_chunk needs partitions > 1 and corruption: uniform (batched "
+                             "negatives corrupt both sides of every positive)")
         return self
 
     @model_serializer(mode="wrap")
@@ -100,6 +110,8 @@ class EmbedParams(BaseModel):
             out.pop("partitions", None)
         if self.assemble:
             out.pop("assemble", None)
+        if not self.negative_chunk:
+            out.pop("negative_chunk", None)
         return out
 
 
@@ -261,7 +273,8 @@ def _embed_partitioned(ctx: StageContext, params: EmbedParams, job, kg_uri: str)
 
     ids = read_table(kg_uri, "entities", ["id"])["id"]       # Arrow: no Python object per entity
     run = fit_partitioned(job, ids, params.partitions, f"{ctx.state_uri.rstrip('/')}/partitioned",
-                          params.scaling.num_workers, params.scaling.cpus_per_worker, on_row)
+                          params.scaling.num_workers, params.scaling.cpus_per_worker, on_row,
+                          negative_chunk=params.negative_chunk)
     del ids
     if tracker:
         tracker[0].flush(final=True)

@@ -27,9 +27,9 @@ from knowledge.kg import KnowledgeGraph
 from knowledge.models import build_model
 from knowledge.partitioned import (ACC, ENTITY_TABLES, RELATION_TABLES, RELATIONS, PartitionedJob,
                                    Partitioning, PartitionStore, inside_out_order, part_file,
-                                   read_bucket, rounds, train_bucket, write_buckets)
+                                   read_bucket, rounds, write_buckets)
 from knowledge.partitioned_eval import assemble_model, bernoulli_from_buckets, sharded_rank_metrics
-from knowledge.partitioned_state import train_partitioned
+from knowledge.partitioned_state import train_bucket, train_partitioned
 from tests.knowledge.test_embed import kg_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -268,26 +268,34 @@ def _group_chain(groups: int, size: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def test_negatives_come_from_the_corrupted_sides_partition(monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_negatives_come_from_the_corrupted_sides_partition(chunk: int, monkeypatch: pytest.MonkeyPatch,
                                                            one_thread: None) -> None:
-    """Bucket (2, 0) of DistMult (its corruptions go through ``corruption_triples``): a corrupted
-    head is a row of partition 2 (the model's first ``n_2`` rows), a corrupted tail one of
-    partition 0 (the rows after them); both sides are drawn."""
-    import knowledge.partitioned as module
+    """Bucket (2, 0): a corrupted head is a row of partition 2 (the model's first ``n_2`` rows), a
+    corrupted tail one of partition 0 (the rows after them); both sides are drawn. Per positive
+    (``negative_chunk`` 0: ``k`` each, the side by a coin) and per chunk of 3 positives (PBG's
+    batched negatives: ``k`` heads then ``k`` tails per chunk, one draw per chunk, the batch of 4
+    ending in a short chunk)."""
+    import knowledge.partitioned_state as module
 
     side = 6
     kg = kg_of(_grid(side), side * side, 2)
     parts = Partitioning.by_hash(kg.entity_ids(), 3)
-    job = _job(_uri(), side * side, 2, model="distmult", model_kwargs={}, loss="bce", batch_size=4)
+    job = _job(_uri(), side * side, 2, model="distmult", model_kwargs={}, loss="bce", batch_size=4,
+               negative_chunk=chunk)
     write_buckets(_saved(kg), job.buckets_uri, parts)
     drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
-    real = module.corruption_triples
+    real = module.row_step
 
-    def spy(pos, entities, new_head):  # noqa: ANN001, ANN202
-        drawn.append((entities, new_head))
-        return real(pos, entities, new_head)
+    def spy(loss, acc, pos, ents, new_head):  # noqa: ANN001, ANN202
+        k = job.negatives
+        if chunk:
+            assert ents.shape == (-(-len(pos) // chunk), 2 * k) and new_head is None
+            new_head = torch.arange(2 * k).lt(k).expand_as(ents)   # heads, then tails
+        drawn.append((ents, new_head))
+        return real(loss, acc, pos, ents, new_head if not chunk else None)
 
-    monkeypatch.setattr(module, "corruption_triples", spy)
+    monkeypatch.setattr(module, "row_step", spy)
     relations = module.init_state(job, parts.sizes.tolist())
     train_bucket(job, (2, 0), relations, epoch=1)
     n2, n0 = parts.sizes[2], parts.sizes[0]

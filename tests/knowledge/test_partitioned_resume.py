@@ -15,7 +15,7 @@ import torch
 
 from knowledge.partitioned import (RELATIONS, PartitionedJob, Partitioning, PartitionStore, part_file,
                                    write_buckets)
-from knowledge.partitioned_state import train_partitioned
+from knowledge.partitioned_state import train_bucket, train_partitioned
 from tests.knowledge.test_embed import kg_of
 from tests.knowledge.test_partitioned import _ctx, _grid, _job, _random, _saved, _uri
 
@@ -44,7 +44,6 @@ def _assert_same_state(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[
 def _kill_after(monkeypatch: pytest.MonkeyPatch, calls: int | None) -> list[tuple[int, int]]:
     """Bucket number ``calls + 1`` of this call dies before it trains (None: none dies); returns
     the list of buckets started, the dying one included."""
-    import knowledge.partitioned as base
     import knowledge.partitioned_state as module
 
     started: list[tuple[int, int]] = []
@@ -53,7 +52,7 @@ def _kill_after(monkeypatch: pytest.MonkeyPatch, calls: int | None) -> list[tupl
         started.append(bucket)
         if calls is not None and len(started) > calls:
             raise Killed(f"killed after {calls} buckets")
-        return base.train_bucket(job, bucket, *args)
+        return train_bucket(job, bucket, *args)  # the module's own, not an earlier hook
 
     monkeypatch.setattr(module, "train_bucket", hook)
     return started
