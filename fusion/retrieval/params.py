@@ -28,6 +28,9 @@ class RetrievalParams(BaseModel):
     workers: int = Field(default=1, ge=1, description="Ray actors scoring pairs (1: in the stage's process)")
     gpus_per_worker: float = Field(default=0, ge=0)
     examples: int = Field(default=6, ge=0, description="example queries per direction in examples.json")
+    top: int = Field(default=10, ge=1, description="best candidates per query kept in ranks.parquet "
+                                                   "(top_ids, top_scores): a re-ranker's hard negatives "
+                                                   "come from a split: train run's")
     thumbnails: bool = Field(default=True, description="image thumbnails in examples.json")
     # Models from elsewhere (fusion.retrieval.external), instead of the ``model`` input.
     text_vectors: ResolvedInput | None = Field(
@@ -96,6 +99,8 @@ class RetrievalParams(BaseModel):
                 del out[name]
         if not out.get("model_options", 1):   # none given: the cache keys of older pipelines hold
             del out["model_options"]
+        if out.get("top") == 10:
+            del out["top"]
         return out
 
 

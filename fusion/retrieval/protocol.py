@@ -77,14 +77,14 @@ def evaluate(model_dir: Path | None, media_dir: Path | None, out: Path, params: 
     timing: dict[str, Any] = {"first_stage_s": time.perf_counter() - t0}
 
     if params.mode == "dual":   # the dual path never holds a (T, M) matrix
-        final = first = evaluate_scores(Scores.dual(text_vec, media_vec), relevance, top=10)
+        final = first = evaluate_scores(Scores.dual(text_vec, media_vec), relevance, top=params.top)
         pairs = 0
     else:
         first_scores = text_vec @ media_vec.T                            # (T, M)
         build = functools.partial(setup, model_dir, media_dir, settings, queries_dir=queries_dir)
         t2m, m2t, pairs, timing["cross_s"] = _cross_scores(first_scores, params, lambda ti, mi: _score_pairs(
             scorer, build, params, device, ti, mi, corpus, progress))
-        final = evaluate_scores(Scores.dense(t2m, m2t), relevance, top=10)
+        final = evaluate_scores(Scores.dense(t2m, m2t), relevance, top=params.top)
         first = evaluate_scores(Scores.dense(first_scores), relevance)
     timing["total_s"] = time.perf_counter() - t0
     timing["pairs_scored"] = pairs
@@ -247,7 +247,7 @@ def _evaluate_external(media_dir: Path | None, out: Path, params: RetrievalParam
                           f"media id of {source} (text ids look like {text_ids[:2]}, media ids like "
                           f"{media_ids[:2]}; captions are '<item id>#<k>')")
     log.info("retrieval of %s over %d texts x %d media", source, T, M)
-    final = evaluate_scores(scores, relevance, top=10)
+    final = evaluate_scores(scores, relevance, top=params.top)
     timing["total_s"] = time.perf_counter() - t0
     timing["pairs_scored"], timing["pairs_per_s"] = 0, None
     text_set, media_set = set(text_ids), set(media_ids)
@@ -379,7 +379,7 @@ def _evaluate_hf_cross(media_dir: Path | None, out: Path, params: RetrievalParam
     t2m, m2t, pairs, timing["cross_s"] = _cross_scores(
         first_scores, params, lambda ti, mi: _score_pairs(scorer, build, params, device, ti, mi, corpus,
                                                           progress), (T, M))
-    final = evaluate_scores(Scores.dense(t2m, m2t), relevance, top=10)
+    final = evaluate_scores(Scores.dense(t2m, m2t), relevance, top=params.top)
     first = evaluate_scores(Scores.dense(first_scores), relevance) if first_scores is not None else final
     timing["total_s"] = time.perf_counter() - t0
     timing["pairs_scored"], timing["pairs_per_s"] = pairs, pairs / max(timing["cross_s"], 1e-9)

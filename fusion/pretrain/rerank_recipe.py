@@ -1,0 +1,208 @@
+"""The ``rerank`` recipe: a listwise re-ranker (:mod:`fusion.models.reranker`) for a dual encoder.
+
+Inputs: ``media`` (the feature artifact both models train on), ``first_stage`` (a ``fusion.pretrain``
+artifact of recipe ``dual`` on it: its streams start the re-ranker, its architecture and split are
+the re-ranker's) and ``negatives`` (a ``fusion.retrieval`` run of that dual encoder with ``split:
+train``, ``mode: dual`` and ``top`` >= ``group``: its ``ranks.parquet`` holds each training
+caption's best-ranked training items). A pipeline::
+
+    dual:         {uses: fusion.pretrain, inputs: {media: feats}, with: {recipe: dual, ...}}
+    dual_train:   {uses: fusion.retrieval, inputs: {model: dual, media: feats},
+                   with: {mode: dual, split: train, top: 16}}
+    reranker:     {uses: fusion.pretrain, inputs: {media: feats, first_stage: dual, negatives: dual_train},
+                   with: {recipe: rerank, ...}}
+    rerank_eval:  {uses: fusion.retrieval, inputs: {model: reranker, media: feats, first_stage: dual},
+                   with: {mode: rerank, k: 16}}
+
+One example is one *group*: a training item (the anchor), then the ``group - 1`` training items the
+dual encoder ranks highest for the anchor's first caption, itself left out, with the regions and
+captions of each; ``batch_size`` counts groups. A ranked item outside this recipe's training
+items is never used (counted: ``negatives_not_train``), so no held-out item enters training
+through the ranking; an anchor with fewer usable negatives than ``group - 1`` is skipped and
+counted (``anchors_short_of_negatives``). Each encoding unit (a feature shard) reads its anchors'
+rankings, and the negatives' regions from whichever shards hold them: a group's features are
+stored with it, ``group`` times the feature bytes of the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from typing import Any, ClassVar
+
+import pyarrow.parquet as pq
+import torch
+from pydantic import Field
+
+from pipeline import StageFailed
+
+from fusion.models.backbone import TextBackbone
+from fusion.pretrain.loop import recipe
+from fusion.pretrain.media_recipes import (MediaOptions, MediaRecipe, _open, batch_rng, feature_shards,
+                                           region_batch, shard_rows)
+
+SPLIT_FIELDS = ("held_out_share", "split_seed", "split_source", "limit")
+
+
+class RerankOptions(MediaOptions):
+    group: int = Field(default=8, ge=2, description="items per training group: an anchor and the "
+                                                    "group - 1 training items the first stage ranks "
+                                                    "highest for it")
+    x_layers: int = Field(default=2, ge=1, description="cross-modality layers (new)")
+    listwise_weight: float = Field(default=1.0, ge=0)
+    contrastive_weight: float = Field(default=1.0, ge=0, description="the streams' own InfoNCE")
+    stream_lr_scale: float = Field(default=0.2, gt=0, description="lr of the loaded streams "
+                                                                 "relative to the cross layers")
+
+
+def _json(uri: str, name: str) -> dict[str, Any]:
+    with _open(uri, name) as f:
+        return json.load(f)
+
+
+def _key(value: Any) -> int:
+    """A stable int64 key (equal values, equal keys) for the batch's positives."""
+    digest = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+@recipe("rerank")
+class RerankRecipe(MediaRecipe):
+    needs: ClassVar[tuple[str, ...]] = ("media", "first_stage", "negatives")
+    Options = RerankOptions
+
+    def resources(self, inputs: dict[str, str], options: RerankOptions) -> dict[str, Any]:
+        first = _json(inputs["first_stage"], "recipe.json")
+        if first.get("recipe") != "dual":
+            raise StageFailed(f"fusion.pretrain rerank: first_stage {inputs['first_stage']} is recipe "
+                              f"{first.get('recipe')!r}; the re-ranker starts from a 'dual' encoder")
+        theirs = first["options"]
+        ours = options.model_dump()
+        differ = {f: (theirs.get(f), ours[f]) for f in SPLIT_FIELDS if theirs.get(f) != ours[f]}
+        if differ:
+            raise StageFailed(f"fusion.pretrain rerank: the first stage was trained on another split "
+                              f"({differ}: first stage, re-ranker); give the re-ranker the same options")
+        ranked = _json(inputs["negatives"], "manifest.json")
+        params = ranked.get("params", {})
+        first_key = _json(inputs["first_stage"], "manifest.json").get("key")
+        checks = (("it is not a fusion.retrieval run", ranked.get("type") == "fusion.retrieval"),
+                  (f"split {params.get('split')!r}, not 'train'", params.get("split") == "train"),
+                  (f"top {params.get('top', 10)} < group {options.group}",
+                   params.get("top", 10) >= options.group),
+                  ("it ranked another model than first_stage",
+                   ranked.get("inputs", {}).get("model") == first_key))
+        problems = [p for p, ok in checks if not ok]
+        if problems:
+            raise StageFailed(f"fusion.pretrain rerank: negatives {inputs['negatives']}: "
+                              f"{'; '.join(problems)} (run fusion.retrieval on the first stage with "
+                              f"mode: dual, split: train, top >= group)")
+        return {**super().resources(inputs, options), "first_stage_uri": inputs["first_stage"],
+                "r_layers": int(theirs["r_layers"]),
+                "first_stage_config": json.dumps(theirs.get("config", {}), sort_keys=True)}
+
+    # -- encoding actors --
+
+    def encoder(self, inputs: dict[str, str], options: RerankOptions, tokenizer: Any,
+                max_length: int) -> dict[str, Any]:
+        state = super().encoder(inputs, options, tokenizer, max_length)
+        shard_of: dict[str, str] = {}   # which shard holds each training item's regions
+        for shard in feature_shards(inputs["media"]):
+            with _open(inputs["media"], shard) as f:
+                for i in pq.read_table(f, columns=["id"])["id"].to_pylist():
+                    if i in state["chosen"]:
+                        shard_of[i] = shard
+        return {**state, "shard_of": shard_of}
+
+    def encode(self, state: dict, inputs: dict[str, str], unit: dict) -> tuple[list[dict], Counter]:
+        options, counts = state["options"], Counter()
+        anchors = [r for r in shard_rows(inputs["media"], unit["shard"], state["chosen"],
+                                         options.max_regions) if state["texts_of"].get(r["media"])]
+        counts["train_items"] += len(anchors)
+        ranked = self._rankings(inputs["negatives"], [f"{r['media']}#0" for r in anchors])
+        groups = {}
+        for r in anchors:
+            negs = []
+            for m in ranked.get(f"{r['media']}#0", []):
+                if m == r["media"]:
+                    continue
+                if m not in state["chosen"]:
+                    counts["negatives_not_train"] += 1
+                    continue
+                negs.append(m)
+            if len(negs) < options.group - 1:
+                counts["anchors_short_of_negatives"] += 1
+                continue
+            groups[r["media"]] = negs[:options.group - 1]
+        regions = {r["media"]: r for r in anchors}
+        wanted = {m for negs in groups.values() for m in negs} - set(regions)
+        by_shard: dict[str, set[str]] = defaultdict(set)
+        for m in wanted:
+            by_shard[state["shard_of"][m]].add(m)
+        for shard, ids in sorted(by_shard.items()):
+            regions.update({r["media"]: r for r in shard_rows(inputs["media"], shard, ids,
+                                                              options.max_regions)})
+        rows = []
+        for anchor, negs in groups.items():
+            members = [regions[m] for m in (anchor, *negs)]
+            caps = [state["tokenizer"](state["texts_of"][m["media"]], truncation=True,
+                                       max_length=state["max_length"]) for m in members]
+            rows.append({"media": [m["media"] for m in members],
+                         "n_regions": [m["n_regions"] for m in members],
+                         "features": [m["features"] for m in members],
+                         "boxes": [m["boxes"] for m in members],
+                         "captions": [c["input_ids"] for c in caps]})
+        counts["groups"] += len(rows)
+        return rows, counts
+
+    @staticmethod
+    def _rankings(uri: str, caption_ids: list[str]) -> dict[str, list[str]]:
+        """Caption id -> the media ids the first stage ranked best for it (text -> media)."""
+        if not caption_ids:
+            return {}
+        with _open(uri, "ranks.parquet") as f:
+            table = pq.read_table(f, columns=["direction", "query_id", "top_ids"],
+                                  filters=[("direction", "=", "text_to_media"),
+                                           ("query_id", "in", caption_ids)])
+        return dict(zip(table["query_id"].to_pylist(), table["top_ids"].to_pylist()))
+
+    # -- training workers --
+
+    def length(self, row: dict) -> int:
+        return int(sum(row["n_regions"]))
+
+    def build(self, backbone: TextBackbone, resources: dict[str, Any], options: RerankOptions) -> Any:
+        from fusion.models.hf_weights import lxmert_backbone
+        from fusion.models.reranker import ListwiseReranker, RerankerConfig
+
+        encoder = lxmert_backbone(backbone, r_layers=resources["r_layers"], x_layers=options.x_layers,
+                                  **({"text_pool": "mean"} | json.loads(resources["first_stage_config"])
+                                     | options.config | {"visual_feat_dim": resources["feature_dim"],
+                                                         "global_token": resources["global_token"]}))
+        return ListwiseReranker(encoder, RerankerConfig(options.listwise_weight, options.contrastive_weight,
+                                                        options.stream_lr_scale))
+
+    def initialize(self, model: Any, resources: dict[str, Any]) -> None:
+        from safetensors.torch import load as load_safetensors
+
+        uri = resources["first_stage_uri"]
+        with _open(uri, "model.safetensors") as f:
+            model.load_first_stage(load_safetensors(f.read()), f"{uri}/model.safetensors")
+
+    def collate(self, backbone: TextBackbone, rows: list[dict], resources: dict[str, Any],
+                options: RerankOptions, max_length: int) -> dict[str, Any]:
+        from fusion.pretrain.recipes import pad
+
+        rng = batch_rng([m for r in rows for m in r["media"]])
+        members, texts = [], []
+        for r in rows:
+            for k, m in enumerate(r["media"]):
+                caps = r["captions"][k]
+                texts.append(list(caps[int(rng.integers(len(caps)))]))
+                members.append({"n_regions": r["n_regions"][k], "features": r["features"][k],
+                                "boxes": r["boxes"][k], "media": m})
+        text = pad([{"input_ids": t} for t in texts], {"input_ids": backbone.tokenizer.pad_token_id})
+        return {**text, "n_tokens": int(text["attention_mask"].sum()),
+                **region_batch(members, resources["feature_dim"]), "group": options.group,
+                "media_key": torch.tensor([_key(m["media"]) for m in members]),
+                "text_key": torch.tensor([_key(tuple(t)) for t in texts])}
