@@ -364,3 +364,16 @@ def rerank(first_stage: torch.Tensor, candidates: torch.Tensor, cross: torch.Ten
     out = below.clone()
     out.scatter_(1, candidates, cross)
     return out
+
+
+def fuse_zscore(cross: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Score fusion of two stages over each query's k candidates, ``cross`` and ``first`` (Q, k):
+    ``z(cross) + z(first)``, each standardised per row (``z(x) = (x - mean) / std``, a row of equal
+    scores contributing zeros), so neither stage's scale decides alone."""
+    def z(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        std = x.std(1, keepdim=True, unbiased=False)
+        return torch.where(std > 0, (x - x.mean(1, keepdim=True)) / std.clamp_min(1e-12), torch.zeros_like(x))
+
+    return z(cross) + z(first)
+

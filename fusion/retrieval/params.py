@@ -17,6 +17,10 @@ class RetrievalParams(BaseModel):
         default="rerank", description="rerank: first-stage top k re-scored; all_pairs: every pair; "
                                       "dual: the first stage alone")
     k: int = Field(default=32, ge=1, description="candidates re-scored per query (rerank)")
+    fuse: Literal["none", "zscore"] = Field(
+        default="none", description="rerank: none: candidates ordered by the cross-encoder's score; "
+                                    "zscore: by z(cross) + z(first stage), each standardised over the "
+                                    "query's k candidates (score fusion of the two stages)")
     split: Literal["test", "val", "train", "all"] = Field(
         default="test", description="which media items: the dataset's own split where the items carry "
                                     "one (Karpathy's, a captions file's split column), else the "
@@ -89,6 +93,13 @@ class RetrievalParams(BaseModel):
             self.split = "all"   # the ids the files hold; a split narrows them to the dataset's own
         return self
 
+    @model_validator(mode="after")
+    def _fuse(self) -> "RetrievalParams":
+        if self.fuse != "none" and self.mode != "rerank":
+            raise ValueError(f"fuse: {self.fuse} combines a re-ranker's scores with its first stage's "
+                             f"(mode rerank), not mode {self.mode}")
+        return self
+
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
         # Unused external-model fields are left out, so pipelines written before they existed keep
@@ -99,8 +110,9 @@ class RetrievalParams(BaseModel):
                 del out[name]
         if not out.get("model_options", 1):   # none given: the cache keys of older pipelines hold
             del out["model_options"]
-        if out.get("top") == 10:
-            del out["top"]
+        for name, default in (("top", 10), ("fuse", "none")):
+            if out.get(name) == default:
+                del out[name]
         return out
 
 

@@ -108,7 +108,7 @@ def _cross_scores(first: Any, params: RetrievalParams,
     as each direction's dense scores: ``(text_to_media, media_to_text, pairs scored, seconds)``."""
     import torch
 
-    from fusion.retrieval.metrics import rerank, top_candidates
+    from fusion.retrieval.metrics import fuse_zscore, rerank, top_candidates
 
     T, M = first.shape if first is not None else shape
     t1 = time.perf_counter()
@@ -127,8 +127,13 @@ def _cross_scores(first: Any, params: RetrievalParams,
     if params.mode == "all_pairs":
         t2m, m2t = dense, dense.T
     else:
-        t2m = rerank(first, cand_t2m, dense.gather(1, cand_t2m))
-        m2t = rerank(first.T, cand_m2t, dense.T.gather(1, cand_m2t))
+        fs = torch.as_tensor(first)
+        t2m_k, m2t_k = dense.gather(1, cand_t2m), dense.T.gather(1, cand_m2t)
+        if params.fuse == "zscore":
+            t2m_k = fuse_zscore(t2m_k, fs.gather(1, cand_t2m))
+            m2t_k = fuse_zscore(m2t_k, fs.T.gather(1, cand_m2t))
+        t2m = rerank(first, cand_t2m, t2m_k)
+        m2t = rerank(first.T, cand_m2t, m2t_k)
     return t2m, m2t, len(ti), time.perf_counter() - t1
 
 

@@ -224,7 +224,7 @@ def test_pipeline_trains_on_train_items_only_and_reranks_the_dual(ray_local, tmp
                    {"backbone": str(backbone_dir), "steps": 3, "warmup_steps": 0,
                     "checkpoint_every": 3}.items()},
                 "reranker.batch_size": 2, "reranker.options.group": 4, "dual_train_ranks.top": 6,
-                "dual.batch_size": 8, "reranker_eval.k": 4}
+                "dual.batch_size": 8, "reranker_eval.k": 4, "reranker_fused.k": 4}
     run = stele.run(PIPELINE, store=tmp_path / "store", set=tiny_run, quiet=True, report=False)
     assert run.ok, {n: o.error for n, o in run.outcomes.items() if o.error}
     store = ArtifactStore(tmp_path / "store")
@@ -248,8 +248,29 @@ def test_pipeline_trains_on_train_items_only_and_reranks_the_dual(ray_local, tmp
     ev, dual = run.outcomes["reranker_eval"].metrics, run.outcomes["dual_eval"].metrics
     assert ev["first_stage_rsum"] == pytest.approx(dual["rsum"])
     assert ev["media"] == dual["media"] and not set(dual_held_out(store, run)) & train
+    fused = run.outcomes["reranker_fused"].metrics
+    assert fused["first_stage_rsum"] == pytest.approx(dual["rsum"]) and fused["k"] == 4
 
 
 def dual_held_out(store: ArtifactStore, run) -> list[str]:
     ranks = pq.read_table(store.open(run.outcomes["dual_eval"].key).path / "ranks.parquet")
     return [q.split("#")[0] for q in ranks["query_id"].to_pylist()]
+
+
+def test_score_fusion_standardises_each_query_s_candidates():
+    from fusion.retrieval.metrics import fuse_zscore
+    from fusion.retrieval.params import RetrievalParams
+
+    g = torch.Generator().manual_seed(0)
+    cross, first = torch.randn(5, 4, generator=g) * 30, torch.randn(5, 4, generator=g) * 0.1
+    first[2] = 0.7   # a query whose first-stage scores tie: they add nothing
+    got = fuse_zscore(cross, first)
+    for q in range(5):
+        c, f = cross[q].double(), first[q].double()
+        want = (c - c.mean()) / c.std(unbiased=False)
+        if f.std() > 0:
+            want = want + (f - f.mean()) / f.std(unbiased=False)
+        torch.testing.assert_close(got[q].double(), want, atol=1e-5, rtol=1e-5)
+    assert "fuse" not in RetrievalParams().model_dump() and RetrievalParams(fuse="zscore").fuse == "zscore"
+    with pytest.raises(ValueError, match="mode rerank"):
+        RetrievalParams(mode="dual", fuse="zscore")
