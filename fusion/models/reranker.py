@@ -61,7 +61,7 @@ STREAMS = ("embeddings.", "l_layers.", "visual_embedding.", "r_layers.", "text_p
 class RerankerConfig:
     listwise_weight: float = 1.0
     contrastive_weight: float = 1.0      # the single streams' InfoNCE (their own first stage)
-    stream_lr_scale: float = 0.2         # lr of the loaded streams relative to the new cross layers
+    stream_lr_scale: float = 0.2         # lr of the loaded streams relative to the cross layers; 0: frozen
 
 
 def positives(keys: torch.Tensor, group: int) -> torch.Tensor:
@@ -88,6 +88,13 @@ class ListwiseReranker(nn.Module):
             raise ValueError("a re-ranker needs at least one cross-modality layer (x_layers >= 1)")
         self.encoder = encoder
         self.config = config
+        if config.stream_lr_scale == 0:   # the first stage's streams as they are: only the cross layers learn
+            if config.contrastive_weight:
+                raise ValueError("frozen streams (stream_lr_scale 0) leave the contrastive loss nothing "
+                                 "to train: set contrastive_weight 0")
+            for name, p in encoder.named_parameters():
+                if name.startswith(STREAMS):
+                    p.requires_grad_(False)
 
     # -- the first stage's weights and the optimiser's groups --
 
@@ -106,13 +113,14 @@ class ListwiseReranker(nn.Module):
         return wanted
 
     def param_groups(self, lr: float) -> list[dict]:
-        """AdamW groups: the cross layers at ``lr``, the loaded streams at ``lr * stream_lr_scale``."""
+        """AdamW groups: the cross layers at ``lr``, the loaded streams at ``lr * stream_lr_scale``
+        (none when they are frozen)."""
         streams, new = [], []
         for name, p in self.encoder.named_parameters():
             if p.requires_grad:
                 (streams if name.startswith(STREAMS) else new).append(p)
-        return [{"params": new, "lr": lr},
-                {"params": streams, "lr": lr * self.config.stream_lr_scale}]
+        groups = [{"params": new, "lr": lr}, {"params": streams, "lr": lr * self.config.stream_lr_scale}]
+        return [g for g in groups if g["params"]]
 
     # -- retrieval --
 

@@ -52,8 +52,8 @@ class RerankOptions(MediaOptions):
     x_layers: int = Field(default=2, ge=1, description="cross-modality layers (new)")
     listwise_weight: float = Field(default=1.0, ge=0)
     contrastive_weight: float = Field(default=1.0, ge=0, description="the streams' own InfoNCE")
-    stream_lr_scale: float = Field(default=0.2, gt=0, description="lr of the loaded streams "
-                                                                 "relative to the cross layers")
+    stream_lr_scale: float = Field(default=0.2, ge=0, description="lr of the loaded streams relative "
+                                   "to the cross layers; 0: frozen (then contrastive_weight: 0)")
 
 
 def _json(uri: str, name: str) -> dict[str, Any]:

@@ -274,3 +274,20 @@ def test_score_fusion_standardises_each_query_s_candidates():
     assert "fuse" not in RetrievalParams().model_dump() and RetrievalParams(fuse="zscore").fuse == "zscore"
     with pytest.raises(ValueError, match="mode rerank"):
         RetrievalParams(mode="dual", fuse="zscore")
+
+
+def test_frozen_streams_leave_only_the_cross_layers_to_train(backbone, tokenizer):
+    model = tiny(backbone, stream_lr_scale=0.0, contrastive_weight=0.0).train()
+    (only,) = model.param_groups(1e-3)
+    names = {id(p): n for n, p in model.encoder.named_parameters()}
+    assert not any(names[id(p)].startswith(STREAMS) for p in only["params"])
+    before = {n: p.detach().clone() for n, p in model.encoder.named_parameters() if n.startswith(STREAMS)}
+    opt = torch.optim.AdamW(model.param_groups(1e-2))
+    model.loss(grouped_batch(tokenizer, 2, 4))["total"].backward()
+    opt.step()
+    for n, p in model.encoder.named_parameters():
+        if n.startswith(STREAMS):
+            assert torch.equal(p, before[n]) and p.grad is None, n
+    assert any(p.grad is not None for p in only["params"])
+    with pytest.raises(ValueError, match="set contrastive_weight 0"):
+        tiny(backbone, stream_lr_scale=0.0, contrastive_weight=1.0)
