@@ -179,6 +179,7 @@ def train_one_epoch(root: Path, args: argparse.Namespace, mem: TreeMemory) -> di
     params = EmbedParams(model=args.model, dim=args.dim, epochs=1, eval_every=0,
                          optimizer="rowwise_adagrad", lr=0.1, partitions=args.partitions,
                          assemble=False, batch_size=args.batch_size, negatives=args.negatives,
+                         negative_chunk=args.negative_chunk,
                          scaling={"num_workers": args.workers, "cpus_per_worker": args.threads})
     try:
         metrics = embed(ctx, params)
@@ -283,14 +284,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare", default=None, metavar="OLD.py", help="time the bucket trainer of this "
                     "older copy of its module against this tree's (see the module docstring)")
-    ap.add_argument("--negative-chunk", type=int, default=0, help="with --compare: also this tree's "
-                    "trainer with PyTorch-BigGraph's batched negatives, chunks of this many positives")
+    ap.add_argument("--negative-chunk", type=int, default=0, help="PyTorch-BigGraph's batched negatives, "
+                    "chunks of this many positives (the stage's negative_chunk); with --compare: also "
+                    "this tree's trainer with them")
     ap.add_argument("--repeats", type=int, default=2, help="with --compare: runs of each variant")
     args = ap.parse_args()
     if args.compare and args.workers != 1:
         ap.error("--compare times the bucket trainer in this process: one worker")
-    if (args.negative_chunk or args.repeats != 2) and not args.compare:
-        ap.error("--negative-chunk and --repeats go with --compare")
+    if args.repeats != 2 and not args.compare:
+        ap.error("--repeats goes with --compare")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # write_buckets keeps the P^2 bucket files open at once: more than a default soft limit of
