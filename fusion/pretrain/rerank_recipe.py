@@ -116,9 +116,10 @@ class RerankRecipe(MediaRecipe):
 
     def encode(self, state: dict, inputs: dict[str, str], unit: dict) -> tuple[list[dict], Counter]:
         options, counts = state["options"], Counter()
-        anchors = [r for r in shard_rows(inputs["media"], unit["shard"], state["chosen"],
-                                         options.max_regions) if state["texts_of"].get(r["media"])]
-        counts["train_items"] += len(anchors)
+        items = list(shard_rows(inputs["media"], unit["shard"], state["chosen"], options.max_regions))
+        anchors = [r for r in items if state["texts_of"].get(r["media"])]
+        counts["train_items"] += len(items)
+        counts["train_items_without_text"] += len(items) - len(anchors)
         ranked = self._rankings(inputs["negatives"], [f"{r['media']}#0" for r in anchors])
         groups = {}
         for r in anchors:

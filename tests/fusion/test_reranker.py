@@ -232,7 +232,8 @@ def test_pipeline_trains_on_train_items_only_and_reranks_the_dual(ray_local, tmp
     ranked = pq.read_table(store.open(run.outcomes["dual_train_ranks"].key).path / "ranks.parquet")
     assert {len(t) for t in ranked["top_ids"].to_pylist()} == {6}
     train = {q.split("#")[0] for q in ranked["query_id"].to_pylist()}
-    assert m["groups"] == m["train_items"] - m.get("anchors_short_of_negatives", 0) > 0
+    assert m["groups"] == (m["train_items"] - m.get("train_items_without_text", 0)
+                           - m.get("anchors_short_of_negatives", 0)) > 0
     assert m.get("negatives_not_train", 0) == 0   # a train-split ranking names training items only
     # every item of every training group is a training item, the anchor first and never repeated
     # (the stage's corpus is gone with its state: the recipe encodes the same inputs again here)
