@@ -15,8 +15,10 @@ caption's best-ranked training items). A pipeline::
                    with: {mode: rerank, k: 16}}
 
 One example is one *group*: a training item (the anchor), then the ``group - 1`` training items the
-dual encoder ranks highest for the anchor's first caption, itself left out, with the regions and
-captions of each; ``batch_size`` counts groups. A ranked item outside this recipe's training
+dual encoder ranks highest for the anchor's first caption (text -> media), interleaved by default
+(``negatives_from: both``) with the items whose captions it ranks highest for the anchor item
+(media -> text: the candidates the re-ranker meets in that direction), itself left out, with the
+regions and captions of each; ``batch_size`` counts groups. A ranked item outside this recipe's training
 items is never used (counted: ``negatives_not_train``), so no held-out item enters training
 through the ranking; an anchor with fewer usable negatives than ``group - 1`` is skipped and
 counted (``anchors_short_of_negatives``). Each encoding unit (a feature shard) reads its anchors'
@@ -29,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import pyarrow.parquet as pq
 import torch
@@ -49,6 +51,10 @@ class RerankOptions(MediaOptions):
     group: int = Field(default=8, ge=2, description="items per training group: an anchor and the "
                                                     "group - 1 training items the first stage ranks "
                                                     "highest for it")
+    negatives_from: Literal["text_to_media", "both"] = Field(
+        default="both", description="text_to_media: the items ranked highest for the anchor's first "
+                                    "caption; both: those interleaved with the items whose captions "
+                                    "rank highest for the anchor item (media -> text)")
     x_layers: int = Field(default=2, ge=1, description="cross-modality layers (new)")
     listwise_weight: float = Field(default=1.0, ge=0)
     contrastive_weight: float = Field(default=1.0, ge=0, description="the streams' own InfoNCE")
@@ -120,11 +126,11 @@ class RerankRecipe(MediaRecipe):
         anchors = [r for r in items if state["texts_of"].get(r["media"])]
         counts["train_items"] += len(items)
         counts["train_items_without_text"] += len(items) - len(anchors)
-        ranked = self._rankings(inputs["negatives"], [f"{r['media']}#0" for r in anchors])
+        ranked = self._rankings(inputs["negatives"], [r["media"] for r in anchors], options.negatives_from)
         groups = {}
         for r in anchors:
             negs = []
-            for m in ranked.get(f"{r['media']}#0", []):
+            for m in ranked.get(r["media"], []):
                 if m == r["media"]:
                     continue
                 if m not in state["chosen"]:
@@ -157,15 +163,29 @@ class RerankRecipe(MediaRecipe):
         return rows, counts
 
     @staticmethod
-    def _rankings(uri: str, caption_ids: list[str]) -> dict[str, list[str]]:
-        """Caption id -> the media ids the first stage ranked best for it (text -> media)."""
-        if not caption_ids:
+    def _rankings(uri: str, items: list[str], directions: str) -> dict[str, list[str]]:
+        """Item id -> the items the first stage ranked best for it, in rank order: for its first
+        caption (``<item>#0``, text -> media), interleaved with ``both`` with the items of the
+        captions ranked best for the item itself (media -> text; a caption id is ``<item>#<k>``),
+        each item once."""
+        if not items:
             return {}
+        queries = [f"{i}#0" for i in items] + (items if directions == "both" else [])
         with _open(uri, "ranks.parquet") as f:
             table = pq.read_table(f, columns=["direction", "query_id", "top_ids"],
-                                  filters=[("direction", "=", "text_to_media"),
-                                           ("query_id", "in", caption_ids)])
-        return dict(zip(table["query_id"].to_pylist(), table["top_ids"].to_pylist()))
+                                  filters=[("query_id", "in", queries)])
+        t2m, m2t = {}, {}
+        for d, q, top in zip(*(table[c].to_pylist() for c in ("direction", "query_id", "top_ids"))):
+            if d == "text_to_media":
+                t2m[q.rsplit("#", 1)[0]] = top
+            elif directions == "both":
+                m2t[q] = [c.rsplit("#", 1)[0] for c in top]
+        out = {}
+        for i in items:
+            a, b = t2m.get(i, []), m2t.get(i, [])
+            merged = [x for pair in zip(a, b) for x in pair] + a[len(b):] + b[len(a):]
+            out[i] = list(dict.fromkeys(merged))
+        return out
 
     # -- training workers --
 

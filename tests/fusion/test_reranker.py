@@ -292,3 +292,16 @@ def test_frozen_streams_leave_only_the_cross_layers_to_train(backbone, tokenizer
     assert any(p.grad is not None for p in only["params"])
     with pytest.raises(ValueError, match="set contrastive_weight 0"):
         tiny(backbone, stream_lr_scale=0.0, contrastive_weight=1.0)
+
+
+def test_negatives_interleave_both_directions_each_item_once(tmp_path):
+    import pyarrow as pa
+
+    pq.write_table(pa.table({
+        "direction": ["text_to_media", "media_to_text", "text_to_media", "media_to_text"],
+        "query_id": ["a#0", "a", "b#0", "b"],
+        "top_ids": [["a", "c", "d", "e"], ["a#0", "d#1", "f#0", "c#0"], ["c", "b"], ["b#0"]]}),
+        tmp_path / "ranks.parquet")
+    both = RerankRecipe._rankings(str(tmp_path), ["a", "b", "z"], "both")
+    assert both == {"a": ["a", "c", "d", "f", "e"], "b": ["c", "b"], "z": []}   # a, a, c, d, d, f, e, c
+    assert RerankRecipe._rankings(str(tmp_path), ["a"], "text_to_media") == {"a": ["a", "c", "d", "e"]}
