@@ -16,14 +16,14 @@ caption's best-ranked training items). A pipeline::
 
 One example is one *group*: a training item (the anchor), then the ``group - 1`` training items the
 dual encoder ranks highest for the anchor's first caption (text -> media), interleaved by default
-(``negatives_from: both``) with the items whose captions it ranks highest for the anchor item
-(media -> text: the candidates the re-ranker meets in that direction), itself left out, with the
-regions and captions of each; ``batch_size`` counts groups. A ranked item outside this recipe's training
-items is never used (counted: ``negatives_not_train``), so no held-out item enters training
-through the ranking; an anchor with fewer usable negatives than ``group - 1`` is skipped and
-counted (``anchors_short_of_negatives``). Each encoding unit (a feature shard) reads its anchors'
-rankings, and the negatives' regions from whichever shards hold them: a group's features are
-stored with it, ``group`` times the feature bytes of the corpus.
+(``negatives_from: both``) with the items whose captions it ranks highest for the anchor item (media
+-> text: the candidates the re-ranker meets in that direction), itself left out, with the regions
+and captions of each; ``batch_size`` counts groups. A ranked item outside this recipe's training
+items is never used (counted: ``negatives_not_train``), so no held-out item enters training through
+the ranking, nor one without a caption (``negatives_without_text``); an anchor with fewer usable
+negatives than ``group - 1`` is skipped and counted (``anchors_short_of_negatives``). Each encoding
+unit (a feature shard) reads its anchors' rankings, and the negatives' regions from whichever shards
+hold them: a group's features are stored with it, ``group`` times the feature bytes of the corpus.
 """
 
 from __future__ import annotations
@@ -135,6 +135,9 @@ class RerankRecipe(MediaRecipe):
                     continue
                 if m not in state["chosen"]:
                     counts["negatives_not_train"] += 1
+                    continue
+                if not state["texts_of"].get(m):   # a member reads one of its captions
+                    counts["negatives_without_text"] += 1
                     continue
                 negs.append(m)
             if len(negs) < options.group - 1:

@@ -305,3 +305,38 @@ def test_negatives_interleave_both_directions_each_item_once(tmp_path):
     both = RerankRecipe._rankings(str(tmp_path), ["a", "b", "z"], "both")
     assert both == {"a": ["a", "c", "d", "f", "e"], "b": ["c", "b"], "z": []}   # a, a, c, d, d, f, e, c
     assert RerankRecipe._rankings(str(tmp_path), ["a"], "text_to_media") == {"a": ["a", "c", "d", "e"]}
+
+
+def test_groups_skip_held_out_and_captionless_items_and_count_them(tmp_path, tokenizer):
+    import pyarrow as pa
+
+    from fusion.pairs import load_pairs
+
+    media = make_feature_artifact(tmp_path / "media", captions={"red-dog": []})
+    _, train_caps, _ = load_pairs(media, "train", 0.2, 0)
+    train = sorted({c.rsplit("#", 1)[0] for c in train_caps.ids})
+    _, test_caps, _ = load_pairs(media, "test", 0.2, 0)
+    held_out = sorted({c.rsplit("#", 1)[0] for c in test_caps.ids})
+    assert "red-dog" not in train and held_out
+    everything = held_out[:2] + ["red-dog"] + train            # what a careless ranking could name
+    pq.write_table(pa.table({"direction": ["text_to_media"] * len(train),
+                             "query_id": [f"{i}#0" for i in train],
+                             "top_ids": [everything] * len(train)}), tmp_path / "ranks.parquet")
+    rec, options = RerankRecipe(), RerankOptions(group=4)
+    inputs = {"media": str(media), "negatives": str(tmp_path)}
+    state = rec.encoder(inputs, options, tokenizer, 16)
+    rows, counts = [], {}
+    for unit in rec.units(inputs, options, None):
+        r, c = rec.encode(state, inputs, unit)
+        rows += r
+        counts = {k: counts.get(k, 0) + v for k, v in c.items()}
+    from fusion.pretrain.media_recipes import train_items
+
+    captionless_trains = "red-dog" in train_items(str(media), options)[0]
+    assert counts["groups"] == len(rows) == len(train)
+    assert counts["negatives_not_train"] == (2 + (not captionless_trains)) * len(train)
+    assert counts.get("negatives_without_text", 0) == captionless_trains * len(train)
+    assert counts["train_items_without_text"] == captionless_trains
+    for row in rows:
+        assert row["media"][0] not in row["media"][1:] and set(row["media"]) <= set(train)
+        assert "red-dog" not in row["media"] and all(row["captions"])
