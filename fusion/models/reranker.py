@@ -183,8 +183,7 @@ class ListwiseReranker(nn.Module):
             t = enc._text_vector(text["states"], text["mask"])                       # (B, P)
             m = enc._media_vector(media["states"], media["mask"])                    # (B, P)
             logits = enc.logit_scale.exp() * t @ m.T                                 # (B, B)
-            same = ((batch["media_key"][:, None] == batch["media_key"][None, :])
-                    | (batch["text_key"][:, None] == batch["text_key"][None, :]))
+            same = (positives(batch["media_key"], B) | positives(batch["text_key"], B))[0]   # (B, B)
             out["contrastive"] = (multi_positive_ce(logits, same) + multi_positive_ce(logits.T, same.T)) / 2
             total = total + cfg.contrastive_weight * out["contrastive"]
         out["total"] = total

@@ -208,7 +208,6 @@ def hierarchical_assign(x: torch.Tensor, levels: list[torch.Tensor], branching: 
 # the model
 
 
-
 def video_frames(features: torch.Tensor, region_mask: torch.Tensor | None, global_token: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Regions as frames ``(B, T, F)``, mask ``(B, T)``: the global (mean-frame) token dropped."""
@@ -217,6 +216,7 @@ def video_frames(features: torch.Tensor, region_mask: torch.Tensor | None, globa
     if global_token:
         features, mask = features[:, 1:], mask[:, 1:]
     return features, mask
+
 
 class VideoBertOutput(NamedTuple):
     text: torch.Tensor      # (B, L, D) outputs at the text positions

@@ -39,6 +39,7 @@ from pydantic import Field
 
 from pipeline import StageFailed
 
+from fusion.compat import read_manifest
 from fusion.models.backbone import TextBackbone
 from fusion.pretrain.loop import recipe
 from fusion.pretrain.media_recipes import (MediaOptions, MediaRecipe, _open, batch_rng, feature_shards,
@@ -62,11 +63,6 @@ class RerankOptions(MediaOptions):
                                    "to the cross layers; 0: frozen (then contrastive_weight: 0)")
 
 
-def _json(uri: str, name: str) -> dict[str, Any]:
-    with _open(uri, name) as f:
-        return json.load(f)
-
-
 def _key(value: Any) -> int:
     """A stable int64 key (equal values, equal keys) for the batch's positives."""
     digest = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
@@ -79,7 +75,8 @@ class RerankRecipe(MediaRecipe):
     Options = RerankOptions
 
     def resources(self, inputs: dict[str, str], options: RerankOptions) -> dict[str, Any]:
-        first = _json(inputs["first_stage"], "recipe.json")
+        with _open(inputs["first_stage"], "recipe.json") as f:
+            first = json.load(f)
         if first.get("recipe") != "dual":
             raise StageFailed(f"fusion.pretrain rerank: first_stage {inputs['first_stage']} is recipe "
                               f"{first.get('recipe')!r}; the re-ranker starts from a 'dual' encoder")
@@ -89,9 +86,9 @@ class RerankRecipe(MediaRecipe):
         if differ:
             raise StageFailed(f"fusion.pretrain rerank: the first stage was trained on another split "
                               f"({differ}: first stage, re-ranker); give the re-ranker the same options")
-        ranked = _json(inputs["negatives"], "manifest.json")
+        ranked = read_manifest(inputs["negatives"])
         params = ranked.get("params", {})
-        first_key = _json(inputs["first_stage"], "manifest.json").get("key")
+        first_key = read_manifest(inputs["first_stage"]).get("key")
         checks = (("it is not a fusion.retrieval run", ranked.get("type") == "fusion.retrieval"),
                   (f"split {params.get('split')!r}, not 'train'", params.get("split") == "train"),
                   (f"top {params.get('top', 10)} < group {options.group}",
