@@ -307,3 +307,25 @@ def stage(name: str, *, version: str = "1", cpus: float = 1.0, gpus: float = 0.0
         return fn
 
     return deco
+
+
+HEADLINE_FALLBACK = 6   # metrics shown when the stage type names no headline metrics
+
+
+def headline_keys(metrics: Mapping[str, Any], type_name: str = "",
+                  limit: int = HEADLINE_FALLBACK) -> list[str]:
+    """The headline metrics of a stage, as the run summary and the report pick them: those its
+    type names (``headline=`` of :func:`stage`, fnmatch patterns), else its first ``limit`` numbers
+    and strings (booleans are flags, not results). A metric without a value (None) is kept: a
+    by-type table's columns stay in the type's order when only some stages have it."""
+    from fnmatch import fnmatchcase
+
+    try:
+        wanted = REGISTRY.get(type_name).headline if type_name else ()
+    except KeyError:  # a record of a stage type no longer installed
+        wanted = ()
+    keys = [k for k, v in metrics.items()
+            if v is None or isinstance(v, str) or (isinstance(v, (int, float)) and not isinstance(v, bool))]
+    if not wanted:
+        return keys[:limit]
+    return list(dict.fromkeys(k for pat in wanted for k in keys if fnmatchcase(k, pat)))

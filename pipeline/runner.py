@@ -24,6 +24,7 @@ from rich.markup import escape
 from .errors import SpecError
 from .fingerprint import missing_inputs, path_roots, portable
 from .progress import Row, RunDisplay, start_progress_hub
+from .registry import headline_keys
 from .spec import Pipeline
 from .store import ArtifactStore, artifact_key, now_iso
 from .tracking import MLflowTarget
@@ -407,21 +408,8 @@ def print_summary(result: RunResult, console: Console) -> None:
 
 
 def _headline(metrics: dict[str, Any], type_name: str = "", limit: int = 6) -> str:
-    """A stage's headline metrics for the run summary: those its type names (``headline=`` of
-    :func:`~pipeline.registry.stage`), else its first few scalars. All of them are in its manifest."""
-    from fnmatch import fnmatchcase
-
-    from .registry import REGISTRY
-
-    try:
-        wanted = REGISTRY.get(type_name).headline if type_name else ()
-    except KeyError:  # a record of a stage type no longer installed
-        wanted = ()
-    scalars = {k: v for k, v in metrics.items()
-               if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    if wanted:
-        keys = list(dict.fromkeys(k for pat in wanted for k in scalars if fnmatchcase(k, pat)))
-    else:
-        keys = list(scalars)[:limit]
-    return ", ".join(f"{k}={scalars[k]:.4g}" if isinstance(scalars[k], float) else f"{k}={scalars[k]}"
-                     for k in keys)
+    """A stage's headline metrics for the run summary (:func:`~pipeline.registry.headline_keys`,
+    those with a value). All of them are in its manifest."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k in headline_keys(metrics, type_name, limit)
+                     if (v := metrics[k]) is not None)

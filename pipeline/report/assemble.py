@@ -18,16 +18,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import StoreError
+from ..registry import headline_keys
 from ..runs import run_wall_s
 from ..store import LOG, MANIFEST, ArtifactStore
 from .dag import Dag, layout_dag, resolve_inputs, topological
-from .page import MAX_FIGURE_BYTES, Figure, StageView, Table, data_uri, is_number, json_tables
+from .page import MAX_FIGURE_BYTES, Figure, StageView, Table, data_uri, json_tables
 from .sections import SECTIONS
 
 log = logging.getLogger("stele.report")
 
 LOG_TAIL_LINES = 40
-HEADLINE_FALLBACK = 6   # columns of a by-type table when the stage type names no headline metrics
 MAX_TYPE_COLUMNS = 10   # metric columns of a by-type table at most (patterns can match many)
 
 
@@ -194,26 +194,6 @@ def _once(sv: StageView) -> None:
     for sec in sv.sections:
         sec.tables = [t for t in sec.tables if id(t) not in behind]
     sv.sections = [sec for sec in sv.sections if sec.tables or sec.examples or sec.text]
-
-
-def headline_keys(metrics: dict[str, Any], type_name: str = "",
-                  limit: int = HEADLINE_FALLBACK) -> list[str]:
-    """The headline metrics of a stage, as the run summary picks them: those its type names
-    (``headline=`` of :func:`~pipeline.registry.stage`, fnmatch patterns), else its first few
-    numbers and strings (booleans are flags, not results). A metric without a value (None) is
-    kept: a by-type table's columns stay in the type's order when only some stages have it."""
-    from fnmatch import fnmatchcase
-
-    from ..registry import REGISTRY
-
-    try:
-        wanted = REGISTRY.get(type_name).headline if type_name else ()
-    except KeyError:  # a record of a stage type no longer installed
-        wanted = ()
-    keys = [k for k, v in metrics.items() if v is None or is_number(v) or isinstance(v, str)]
-    if not wanted:
-        return keys[:limit]
-    return list(dict.fromkeys(k for pat in wanted for k in keys if fnmatchcase(k, pat)))
 
 
 def _by_type(stages: list[StageView]) -> list[Table]:
