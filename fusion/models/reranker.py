@@ -21,7 +21,7 @@ ln 2 on the emoji set; BENCHMARKS.md, issue 28):
 projections of the *cross-encoded* outputs, scaled by the dual encoder's learned temperature::
 
     (X^L, X^V) = Cross(H^L, H^V)
-    s(t, m) = exp(logit_scale) * cos(W_t mean(X^L), W_m pool(X^V))
+    s(t, m) = min(exp(logit_scale), 100) * cos(W_t mean(X^L), W_m pool(X^V))
 
 A cross layer is post-LayerNorm residual (``LN(x + f(x))``) with BERT's small initialisation, so
 before training ``X ~ H`` and ``s`` is close to the dual encoder's own score: the cross layers learn
@@ -44,6 +44,7 @@ streams (once per caption / item), ``score_states`` is ``s`` of each pair.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import torch
@@ -96,6 +97,20 @@ class ListwiseReranker(nn.Module):
                 if name.startswith(STREAMS):
                     p.requires_grad_(False)
 
+    def train(self, mode: bool = True) -> "ListwiseReranker":
+        """Frozen streams stay in evaluation mode (no dropout) while the cross layers train: they
+        then feed the cross layers what they feed them when re-ranking."""
+        super().train(mode)
+        if self.config.stream_lr_scale == 0:
+            for name, module in self.encoder.named_modules():
+                if name and f"{name}.".startswith(STREAMS):
+                    module.eval()
+        return self
+
+    def scale(self) -> torch.Tensor:
+        """``s`` = 1 / temperature, capped at 100 as the dual encoder's (CLIP's cap)."""
+        return self.encoder.logit_scale.clamp(max=math.log(100.0)).exp()
+
     # -- the first stage's weights and the optimiser's groups --
 
     def load_first_stage(self, state: Mapping[str, torch.Tensor], source: str) -> list[str]:
@@ -147,7 +162,7 @@ class ListwiseReranker(nn.Module):
         lang, vis = enc.cross(text["states"], text["mask"], media["states"], media["mask"])
         t = enc._text_vector(lang, text["mask"])                                     # (B, P)
         m = enc._media_vector(vis, media["mask"])                                    # (B, P)
-        return (t * m).sum(-1) * enc.logit_scale.exp()                               # (B,)
+        return (t * m).sum(-1) * self.scale()                                        # (B,)
 
     # -- training --
 
@@ -182,7 +197,7 @@ class ListwiseReranker(nn.Module):
         if cfg.contrastive_weight:
             t = enc._text_vector(text["states"], text["mask"])                       # (B, P)
             m = enc._media_vector(media["states"], media["mask"])                    # (B, P)
-            logits = enc.logit_scale.exp() * t @ m.T                                 # (B, B)
+            logits = self.scale() * t @ m.T                                          # (B, B)
             same = (positives(batch["media_key"], B) | positives(batch["text_key"], B))[0]   # (B, B)
             out["contrastive"] = (multi_positive_ce(logits, same) + multi_positive_ce(logits.T, same.T)) / 2
             total = total + cfg.contrastive_weight * out["contrastive"]

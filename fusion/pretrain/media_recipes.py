@@ -265,11 +265,17 @@ class LxmertOptions(MediaOptions):
     @field_validator("config")
     @classmethod
     def _config(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from fusion.models.lxmert import LxmertConfig
+        return check_lxmert_config(v)
 
-        return _check_fields(v, LxmertConfig, {"vocab_size", "hidden_size", "num_heads",
-                                               "intermediate_size", "l_layers", "r_layers",
-                                               "x_layers", "visual_feat_dim", "global_token"})
+
+def check_lxmert_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` overrides of an LXMERT-based recipe: LxmertConfig fields other than those the
+    recipe sets itself (sizes from the backbone, layers from the options, the features')."""
+    from fusion.models.lxmert import LxmertConfig
+
+    return _check_fields(config, LxmertConfig, {"vocab_size", "hidden_size", "num_heads",
+                                                "intermediate_size", "l_layers", "r_layers",
+                                                "x_layers", "visual_feat_dim", "global_token"})
 
 
 @recipe("lxmert")

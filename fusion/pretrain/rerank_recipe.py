@@ -35,15 +35,15 @@ from typing import Any, ClassVar, Literal
 
 import pyarrow.parquet as pq
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from pipeline import StageFailed
 
 from fusion.compat import read_manifest
 from fusion.models.backbone import TextBackbone
 from fusion.pretrain.loop import recipe
-from fusion.pretrain.media_recipes import (MediaOptions, MediaRecipe, _open, batch_rng, feature_shards,
-                                           region_batch, shard_rows)
+from fusion.pretrain.media_recipes import (MediaOptions, MediaRecipe, _open, batch_rng, check_lxmert_config,
+                                           feature_shards, region_batch, shard_rows)
 
 SPLIT_FIELDS = ("held_out_share", "split_seed", "split_source", "limit")
 
@@ -61,6 +61,20 @@ class RerankOptions(MediaOptions):
     contrastive_weight: float = Field(default=1.0, ge=0, description="the streams' own InfoNCE")
     stream_lr_scale: float = Field(default=0.2, ge=0, description="lr of the loaded streams relative "
                                    "to the cross layers; 0: frozen (then contrastive_weight: 0)")
+
+    @field_validator("config")
+    @classmethod
+    def _config(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_lxmert_config(v)   # lxmert's check, so a bad key fails before Ray starts
+
+    @model_validator(mode="after")
+    def _weights(self) -> "RerankOptions":
+        if self.listwise_weight == 0 and self.contrastive_weight == 0:
+            raise ValueError("listwise_weight and contrastive_weight are both 0: nothing to train")
+        if self.stream_lr_scale == 0 and self.contrastive_weight:
+            raise ValueError("frozen streams (stream_lr_scale 0) leave the contrastive loss nothing to "
+                             "train: set contrastive_weight 0")
+        return self
 
 
 def _key(value: Any) -> int:

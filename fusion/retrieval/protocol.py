@@ -90,6 +90,7 @@ def evaluate(model_dir: Path | None, media_dir: Path | None, out: Path, params: 
     timing["pairs_scored"] = pairs
     timing["pairs_per_s"] = pairs / timing["cross_s"] if pairs and timing.get("cross_s") else None
     result: dict[str, Any] = {"mode": params.mode, "k": params.k if params.mode == "rerank" else None,
+                              "fuse": params.fuse if params.mode == "rerank" else None,
                               "first_stage": "first_stage input" if first_stage_dir else "model's own",
                               "split": params.split, "model_options": params.model_options,
                               "queries": {}, "counts": {
@@ -122,6 +123,13 @@ def _cross_scores(first: Any, params: RetrievalParams,
         flat = np.unique(flat)                   # a pair both directions need is scored once
         ti, mi = flat // M, flat % M
     scores = score_pairs(ti, mi)
+    bad = ~np.isfinite(np.asarray(scores, dtype=np.float64))
+    if bad.any():  # a NaN compares False with everything: its query's correct item would rank first
+        i = int(np.flatnonzero(bad)[0])
+        raise StageFailed(f"fusion.retrieval: {int(bad.sum())} of {len(bad)} cross-encoder pair scores are "
+                          f"not finite (the first: caption #{int(ti[i])} x media #{int(mi[i])}, "
+                          f"{float(np.asarray(scores)[i])}); ranks from them would be meaningless. A "
+                          f"diverged checkpoint? Check the model's training losses")
     dense = torch.full((T, M), float("nan"))
     dense[torch.as_tensor(ti), torch.as_tensor(mi)] = torch.as_tensor(scores)
     if params.mode == "all_pairs":
@@ -389,6 +397,7 @@ def _evaluate_hf_cross(media_dir: Path | None, out: Path, params: RetrievalParam
     timing["total_s"] = time.perf_counter() - t0
     timing["pairs_scored"], timing["pairs_per_s"] = pairs, pairs / max(timing["cross_s"], 1e-9)
     result: dict[str, Any] = {"mode": params.mode, "k": params.k if params.mode == "rerank" else None,
+                              "fuse": params.fuse if params.mode == "rerank" else None,
                               "first_stage": first_label, "model": name, "split": params.split,
                               "queries": {}, "counts": {**counts, "captions": T, "media": M,
                                                         "pairs_total": T * M}, "timing": timing}

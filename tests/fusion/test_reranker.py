@@ -28,10 +28,10 @@ DIM = 16
 QUIET = {"dropout": 0.0, "attention_dropout": 0.0}
 
 
-def tiny(backbone, x_layers: int = 1, **config) -> ListwiseReranker:
+def tiny(backbone, x_layers: int = 1, quiet: bool = True, **config) -> ListwiseReranker:
     enc = lxmert_backbone(backbone, r_layers=1, x_layers=x_layers, visual_feat_dim=DIM, text_pool="mean",
                           global_token=True,
-                          **QUIET)
+                          **(QUIET if quiet else {"dropout": 0.5, "attention_dropout": 0.5}))
     return ListwiseReranker(enc, RerankerConfig(**config)).eval()
 
 
@@ -294,6 +294,25 @@ def test_frozen_streams_leave_only_the_cross_layers_to_train(backbone, tokenizer
         tiny(backbone, stream_lr_scale=0.0, contrastive_weight=1.0)
 
 
+def test_frozen_streams_run_without_dropout_while_the_cross_layers_train(backbone, tokenizer):
+    """Frozen streams feed the cross layers in training what they feed them when re-ranking."""
+    frozen = tiny(backbone, quiet=False, stream_lr_scale=0.0, contrastive_weight=0.0).train()
+    modes = {n: m.training for n, m in frozen.encoder.named_modules() if n}
+    assert modes and not any(t for n, t in modes.items() if f"{n}.".startswith(STREAMS))
+    assert any(t for n, t in modes.items() if n.startswith("x_layers"))
+    batch = grouped_batch(tokenizer, 2, 4)
+    torch.manual_seed(1)
+    a = frozen.text_states(batch)["states"]
+    torch.manual_seed(2)
+    assert torch.equal(a, frozen.text_states(batch)["states"])       # no dropout: the same states
+    trained = tiny(backbone, quiet=False, stream_lr_scale=0.1).train()
+    assert all(m.training for n, m in trained.encoder.named_modules() if n)
+    torch.manual_seed(1)
+    a = trained.text_states(batch)["states"]
+    torch.manual_seed(2)
+    assert not torch.equal(a, trained.text_states(batch)["states"])  # trained streams keep dropout
+
+
 def test_negatives_interleave_both_directions_each_item_once(tmp_path):
     import pyarrow as pa
 
@@ -340,3 +359,21 @@ def test_groups_skip_held_out_and_captionless_items_and_count_them(tmp_path, tok
     for row in rows:
         assert row["media"][0] not in row["media"][1:] and set(row["media"]) <= set(train)
         assert "red-dog" not in row["media"] and all(row["captions"])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"config": {"x_layers": 3}}, "set by the recipe"),
+    ({"config": {"bogus": 1}}, "unknown LxmertConfig field"),
+    ({"listwise_weight": 0, "contrastive_weight": 0}, "nothing to train"),
+    ({"stream_lr_scale": 0}, "set contrastive_weight 0"),
+])
+def test_options_that_cannot_train_fail_when_the_pipeline_is_read(options, message):
+    """Checked by the options model (before Ray starts), not inside a training worker."""
+    from pydantic import ValidationError
+
+    from fusion.pretrain.rerank_recipe import RerankOptions
+
+    with pytest.raises(ValidationError, match=message):
+        RerankOptions(**options)
+    assert RerankOptions(stream_lr_scale=0, contrastive_weight=0, config={"dropout": 0.2}).group == 8
+

@@ -91,6 +91,28 @@ def test_rerank_with_k_all_equals_all_pairs_and_small_k_only_reorders_the_top():
         assert cross_all[q, order[q, :3]].tolist() == sorted(cross_all[q, top[q]].tolist(), reverse=True)
 
 
+@pytest.mark.parametrize("fuse", ["none", "zscore"])
+def test_a_non_finite_cross_encoder_score_fails_the_evaluation(fuse):
+    """A NaN compares False with every score, so its query's correct item would rank first (and
+    ``fuse: zscore`` would zero the whole row): the protocol stops and names a pair instead."""
+    from fusion.retrieval.params import RetrievalParams
+    from fusion.retrieval.protocol import _cross_scores
+    from pipeline import StageFailed
+
+    first = torch.rand(4, 5, generator=torch.Generator().manual_seed(0))
+    params = RetrievalParams(mode="rerank", k=2, fuse=fuse)
+
+    def score_pairs(ti, mi):
+        out = (ti * 10 + mi).astype(np.float32)
+        out[len(out) // 2] = np.nan
+        return out
+
+    with pytest.raises(StageFailed, match=r"1 of \d+ cross-encoder pair scores are not finite"):
+        _cross_scores(first, params, score_pairs)
+    t2m, m2t, pairs, _ = _cross_scores(first, params, lambda ti, mi: (ti * 10 + mi).astype(np.float32))
+    assert pairs > 0 and torch.isfinite(t2m).all() and torch.isfinite(m2t).all()
+
+
 def test_each_direction_may_have_its_own_scores():
     g = torch.Generator().manual_seed(1)
     t2m, m2t = torch.rand(4, 3, generator=g), torch.rand(3, 4, generator=g)
