@@ -14,7 +14,8 @@ an interrupted sweep resumes where it stopped by running the same command again.
 Per seed and stage it prints R@1/5/10 both directions, RSUM and, where a stage re-ranks, its first
 stage's RSUM; then a Markdown table of means ± std (population over the seeds run) and, for every
 stage with a first stage, the R@1 difference to it. ``--report-only`` prints the table from the
-runs already in the store (one per seed, the latest).
+runs already in the store (per seed, the pipeline's latest run: keep one sweep per store). A stage
+evaluated on another split than ``test`` (e.g. a ranking of the training items) is labelled so.
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ DIRS = ("text_to_media", "media_to_text")
 KS = (1, 5, 10)
 
 
-def stages_of(pipeline_file: str, overrides: list[str], types: set[str]) -> tuple[list[str], list[str]]:
-    """(stages whose type is seeded, ``fusion.retrieval`` stages), in the pipeline's order."""
+def stages_of(pipeline_file: str, overrides: list[str], types: set[str]) -> tuple[str, list[str], list[str]]:
+    """(the pipeline's name, stages whose type is seeded, ``fusion.retrieval`` stages), in the
+    pipeline's order."""
     from pipeline.spec import load_pipeline
 
     pipe = load_pipeline(pipeline_file, overrides)
     seeded = [n for n, st in pipe.stages.items() if st.type.name in types]
     evals = [n for n, st in pipe.stages.items() if st.type.name == "fusion.retrieval"]
-    return seeded, evals
+    return pipe.name, seeded, evals
 
 
 def run_seed(args: argparse.Namespace, seeded: list[str], seed: int) -> str:
@@ -72,7 +74,8 @@ def metrics_of(store_uri: str, run_id: str, stage: str) -> dict | None:
     store = ArtifactStore(store_uri)
     try:
         ref = find_stage(store, stage, run=run_id)
-    except StoreError:
+    except StoreError as e:
+        print(f"warning: run {run_id}: {e}", flush=True)
         return None
     return json.loads((store.open(ref.key).path / "metrics.json").read_text())
 
@@ -81,6 +84,7 @@ def row(m: dict) -> dict[str, float]:
     """Flat figures of one evaluation: R@k per direction, RSUM, the first stage's where it has one."""
     out = {f"{d}_R@{k}": m[d][f"R@{k}"] for d in DIRS for k in KS}
     out["rsum"] = m["rsum"]
+    out["split"] = m.get("split", "test")
     if m.get("mode") == "rerank":  # a dual-mode evaluation is its own first stage
         out.update({f"first_{d}_R@1": m[f"first_stage_{d}"]["R@1"] for d in DIRS})
         out["first_rsum"] = m["first_stage_rsum"]
@@ -102,7 +106,8 @@ def table(per_stage: dict[str, list[dict[str, float]]]) -> str:
         if all("first_rsum" in r for r in rows):
             delta = " / ".join(
                 f"{statistics.mean(r[f'{d}_R@1'] - r[f'first_{d}_R@1'] for r in rows):+.1f}" for d in DIRS)
-        lines.append(f"| `{stage}` | {len(rows)} | {cols[0]} | {cols[1]} | "
+        split = "" if rows[0]["split"] == "test" else f" (split {rows[0]['split']}: training items)"
+        lines.append(f"| `{stage}`{split} | {len(rows)} | {cols[0]} | {cols[1]} | "
                      f"{mean_std([r['rsum'] for r in rows])} | {delta} |")
     return "\n".join(lines)
 
@@ -122,10 +127,10 @@ def main() -> None:
     args = ap.parse_args()
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    seeded, evals = stages_of(args.pipeline, args.set, set(args.seed_types.split(",")))
+    name, seeded, evals = stages_of(args.pipeline, args.set, set(args.seed_types.split(",")))
     if not seeded:
         raise SystemExit(f"no stage of type {args.seed_types} in {args.pipeline}: nothing to seed")
-    runs = ({s: latest_run_of_seed(args.store, seeded[0], s) for s in seeds} if args.report_only
+    runs = ({s: latest_run_of_seed(args.store, name, seeded[0], s) for s in seeds} if args.report_only
             else {s: run_seed(args, seeded, s) for s in seeds})
     per_stage: dict[str, list[dict[str, float]]] = {e: [] for e in evals}
     for seed, run_id in runs.items():
@@ -145,14 +150,18 @@ def main() -> None:
                                                "runs": runs, "stages": per_stage}, indent=1))
 
 
-def latest_run_of_seed(store_uri: str, stage: str, seed: int) -> str:
-    """The latest run in the store whose ``stage`` ran (or was reused) with ``seed``."""
+def latest_run_of_seed(store_uri: str, pipeline: str, stage: str, seed: int) -> str:
+    """The latest run of ``pipeline`` (its name) in the store whose ``stage`` ran (or was reused)
+    with ``seed``. Runs with other ``--set`` values are not told apart: one sweep per store."""
     from pipeline.runs import list_runs, read_run
     from pipeline.store import ArtifactStore
 
     store = ArtifactStore(store_uri)
     for rid in reversed(list_runs(store)):
-        o = read_run(store, rid).get("stages", {}).get(stage, {})
+        rec = read_run(store, rid)
+        if rec.get("pipeline") != pipeline:
+            continue
+        o = rec.get("stages", {}).get(stage, {})
         if o.get("key") and o.get("status") in ("ran", "cached"):
             if store.manifest(o["key"]).get("params", {}).get("seed", 0) == seed:
                 return rid
