@@ -42,6 +42,7 @@ from pipeline import StageFailed
 from fusion.compat import read_manifest
 from fusion.models.backbone import TextBackbone
 from fusion.pretrain.loop import recipe
+from fusion.retrieval.params import RetrievalParams
 from fusion.pretrain.media_recipes import (MediaOptions, MediaRecipe, _open, batch_rng, check_lxmert_config,
                                            feature_shards, region_batch, shard_rows)
 
@@ -102,13 +103,14 @@ class RerankRecipe(MediaRecipe):
                               f"({differ}: first stage, re-ranker); give the re-ranker the same options")
         ranked = read_manifest(inputs["negatives"])
         params = ranked.get("params", {})
+        top = params.get("top", RetrievalParams.model_fields["top"].default)  # a default is not recorded
         first_key = read_manifest(inputs["first_stage"]).get("key")
         checks = (("it is not a fusion.retrieval run", ranked.get("type") == "fusion.retrieval"),
+                  (f"mode {params.get('mode')!r}, not 'dual'", params.get("mode") == "dual"),
                   (f"split {params.get('split')!r}, not 'train'", params.get("split") == "train"),
-                  (f"top {params.get('top', 10)} < group {options.group}",
-                   params.get("top", 10) >= options.group),
+                  (f"top {top} < group {options.group}", top >= options.group),
                   ("it ranked another model than first_stage",
-                   ranked.get("inputs", {}).get("model") == first_key))
+                   first_key is not None and ranked.get("inputs", {}).get("model") == first_key))
         problems = [p for p, ok in checks if not ok]
         if problems:
             raise StageFailed(f"fusion.pretrain rerank: negatives {inputs['negatives']}: "

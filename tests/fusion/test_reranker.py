@@ -196,6 +196,7 @@ def media(tmp_path_factory) -> str:
     ("short top", "top 4 < group 8"),
     ("other model", "it ranked another model than first_stage"),
     ("not retrieval", "it is not a fusion.retrieval run"),
+    ("rerank mode", "mode 'rerank', not 'dual'"),
 ])
 def test_inputs_that_cannot_make_training_groups_are_refused(tmp_path, media, case, message):
     options = RerankOptions().model_dump()
@@ -205,10 +206,13 @@ def test_inputs_that_cannot_make_training_groups_are_refused(tmp_path, media, ca
     ranked = {"type": "fusion.pretrain" if case == "not retrieval" else "fusion.retrieval",
               "inputs": {"model": "otherkey" if case == "other model" else "dualkey"},
               "params": {"split": "test" if case == "test split" else "train",
+                         "mode": "rerank" if case == "rerank mode" else "dual",
                          "top": 4 if case == "short top" else 16}}
     neg = _artifact(tmp_path / "ranks", ranked)
-    with pytest.raises(StageFailed, match=message):
+    with pytest.raises(StageFailed, match=message) as e:
         RerankRecipe().resources({"media": media, "first_stage": fs, "negatives": neg}, RerankOptions())
+    phrases = ("not a fusion.retrieval run", "not 'dual'", "not 'train'", "< group", "another model")
+    assert sum(p in str(e.value) for p in phrases) <= 1   # this case's problem alone
 
 
 # ------------------------------------------------------------------ through a pipeline
