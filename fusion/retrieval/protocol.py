@@ -57,9 +57,9 @@ def evaluate(model_dir: Path | None, media_dir: Path | None, out: Path, params: 
         raise StageFailed(f"fusion.retrieval: nothing to evaluate in split {params.split!r} of "
                           f"{media_dir}: {M} media items, {T} captions ({corpus.counts})")
     if params.mode != "dual" and not scorer.cross_encoder:
-        raise StageFailed(f"fusion.retrieval: the model ({type(scorer.model).__name__}) cannot score a "
-                          f"pair: it has no cross layers, or no matching head (trained without a "
-                          f"matching objective, as VL-BERT): use mode 'dual'")
+        raise StageFailed(f"fusion.retrieval: the model ({type(scorer.model).__name__}) has no cross-encoder "
+                          f"score: no cross layers, or no matching head (trained without a matching "
+                          f"objective, as VL-BERT): use mode 'dual'")
     relevance = Relevance.from_ids(caps.ids, bank.ids,
                                    [(c, bank.ids[m]) for c, m in zip(caps.ids, caps.media)])
     log.info("retrieval %s (k=%d) over %d captions x %d media (split %s)", params.mode, params.k,
