@@ -64,6 +64,13 @@ class RerankerConfig:
     contrastive_weight: float = 1.0      # the single streams' InfoNCE (their own first stage)
     stream_lr_scale: float = 0.2         # lr of the loaded streams relative to the cross layers; 0: frozen
 
+    def __post_init__(self) -> None:
+        if self.listwise_weight == 0 and self.contrastive_weight == 0:
+            raise ValueError("listwise_weight and contrastive_weight are both 0: nothing to train")
+        if self.stream_lr_scale == 0 and self.contrastive_weight:
+            raise ValueError("frozen streams (stream_lr_scale 0) leave the contrastive loss nothing to "
+                             "train: set contrastive_weight 0")
+
 
 def positives(keys: torch.Tensor, group: int) -> torch.Tensor:
     """(G, n, n) bool: pair (i, j) of a group is a positive when the keys of i and j agree (the same
@@ -90,9 +97,6 @@ class ListwiseReranker(nn.Module):
         self.encoder = encoder
         self.config = config
         if config.stream_lr_scale == 0:   # the first stage's streams as they are: only the cross layers learn
-            if config.contrastive_weight:
-                raise ValueError("frozen streams (stream_lr_scale 0) leave the contrastive loss nothing "
-                                 "to train: set contrastive_weight 0")
             for name, p in encoder.named_parameters():
                 if name.startswith(STREAMS):
                     p.requires_grad_(False)

@@ -42,9 +42,9 @@ from pipeline import StageFailed
 from fusion.compat import read_manifest
 from fusion.models.backbone import TextBackbone
 from fusion.pretrain.loop import recipe
-from fusion.retrieval.params import RetrievalParams
 from fusion.pretrain.media_recipes import (MediaOptions, MediaRecipe, _open, batch_rng, check_lxmert_config,
                                            feature_shards, region_batch, shard_rows)
+from fusion.retrieval.params import RetrievalParams
 
 SPLIT_FIELDS = ("held_out_share", "split_seed", "split_source", "limit")
 
@@ -70,12 +70,13 @@ class RerankOptions(MediaOptions):
 
     @model_validator(mode="after")
     def _weights(self) -> "RerankOptions":
-        if self.listwise_weight == 0 and self.contrastive_weight == 0:
-            raise ValueError("listwise_weight and contrastive_weight are both 0: nothing to train")
-        if self.stream_lr_scale == 0 and self.contrastive_weight:
-            raise ValueError("frozen streams (stream_lr_scale 0) leave the contrastive loss nothing to "
-                             "train: set contrastive_weight 0")
+        self.reranker_config()   # the model's own rules, checked when the pipeline is read
         return self
+
+    def reranker_config(self) -> Any:
+        from fusion.models.reranker import RerankerConfig
+
+        return RerankerConfig(self.listwise_weight, self.contrastive_weight, self.stream_lr_scale)
 
 
 def _key(value: Any) -> int:
@@ -210,14 +211,13 @@ class RerankRecipe(MediaRecipe):
 
     def build(self, backbone: TextBackbone, resources: dict[str, Any], options: RerankOptions) -> Any:
         from fusion.models.hf_weights import lxmert_backbone
-        from fusion.models.reranker import ListwiseReranker, RerankerConfig
+        from fusion.models.reranker import ListwiseReranker
 
         encoder = lxmert_backbone(backbone, r_layers=resources["r_layers"], x_layers=options.x_layers,
                                   **({"text_pool": "mean"} | json.loads(resources["first_stage_config"])
                                      | options.config | {"visual_feat_dim": resources["feature_dim"],
                                                          "global_token": resources["global_token"]}))
-        return ListwiseReranker(encoder, RerankerConfig(options.listwise_weight, options.contrastive_weight,
-                                                        options.stream_lr_scale))
+        return ListwiseReranker(encoder, options.reranker_config())
 
     def initialize(self, model: Any, resources: dict[str, Any]) -> None:
         from safetensors.torch import load as load_safetensors
