@@ -90,8 +90,7 @@ def evaluate(model_dir: Path | None, media_dir: Path | None, out: Path, params: 
     timing["total_s"] = time.perf_counter() - t0
     timing["pairs_scored"] = pairs
     timing["pairs_per_s"] = pairs / timing["cross_s"] if pairs and timing.get("cross_s") else None
-    result: dict[str, Any] = {"mode": params.mode, "k": params.k if params.mode == "rerank" else None,
-                              "fuse": params.fuse if params.mode == "rerank" else None,
+    result: dict[str, Any] = {**_mode_fields(params),
                               "first_stage": "first_stage input" if first_stage_dir else "model's own",
                               "split": params.split, "model_options": params.model_options,
                               "queries": {}, "counts": {
@@ -144,6 +143,12 @@ def _cross_scores(first: Any, params: RetrievalParams,
         t2m = rerank(first, cand_t2m, t2m_k)
         m2t = rerank(first.T, cand_m2t, m2t_k)
     return t2m, m2t, len(ti), time.perf_counter() - t1
+
+
+def _mode_fields(params: RetrievalParams) -> dict[str, Any]:
+    """How the ranking was made, first in metrics.json: mode, and for re-ranking its k and fusion."""
+    rerank = params.mode == "rerank"
+    return {"mode": params.mode, "k": params.k if rerank else None, "fuse": params.fuse if rerank else None}
 
 
 def _finish(out: Path, params: RetrievalParams, result: dict[str, Any], final: dict, first: dict,
@@ -397,8 +402,7 @@ def _evaluate_hf_cross(media_dir: Path | None, out: Path, params: RetrievalParam
     first = evaluate_scores(Scores.dense(first_scores), relevance) if first_scores is not None else final
     timing["total_s"] = time.perf_counter() - t0
     timing["pairs_scored"], timing["pairs_per_s"] = pairs, pairs / max(timing["cross_s"], 1e-9)
-    result: dict[str, Any] = {"mode": params.mode, "k": params.k if params.mode == "rerank" else None,
-                              "fuse": params.fuse if params.mode == "rerank" else None,
+    result: dict[str, Any] = {**_mode_fields(params),
                               "first_stage": first_label, "model": name, "split": params.split,
                               "queries": {}, "counts": {**counts, "captions": T, "media": M,
                                                         "pairs_total": T * M}, "timing": timing}
