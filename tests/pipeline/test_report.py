@@ -633,7 +633,7 @@ def _chromium(page: Path, profile: Path) -> tuple[_Dom, list[str]]:
          "--window-size=1280,900",  # a laptop screen: the width the by-type tables must fit
          f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
          "--dump-dom", page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     console = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln or "Uncaught" in ln]
     return _Dom(proc.stdout), console

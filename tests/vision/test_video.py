@@ -292,7 +292,7 @@ def test_make_emoji_videos_is_seeded_holds_out_whole_emoji_and_reverses_opposite
         out = tmp_path / run
         subprocess.run([sys.executable, str(script), str(src), "--out", str(out), "--frames", "6",
                         "--size", "32", "--test-share", "0.4", "--val-share", "0.2"],
-                       check=True, capture_output=True, text=True, timeout=120)
+                       check=True, capture_output=True, text=True, timeout=600)
         outs.append(out)
     rows = list(csv.DictReader(open(outs[0] / "captions.csv", encoding="utf-8")))
     assert len(rows) == 5 * 8
