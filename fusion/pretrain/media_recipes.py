@@ -94,19 +94,33 @@ def feature_shards(uri: str) -> list[str]:
 
 
 def shard_rows(uri: str, shard: str, keep: Any, max_regions: int | None) -> Iterator[dict]:
-    """``{"media", "n_regions", "features", "boxes"}`` of a shard's items in ``keep``, each
-    item's regions as the artifact's raw blobs (float16 / float32 rows), cut to ``max_regions``."""
+    """``{"media", "n_regions", "features", "boxes"}`` of a shard's items in ``keep``, in the
+    shard's order, each item's regions as the artifact's raw blobs (float16 / float32 rows), cut
+    to ``max_regions``. Only the ids are read whole: the blobs come from the row groups that hold
+    a kept item, so picking a few items (a re-ranker's negatives) does not read the shard."""
     from pipeline.features import tensor_spec
 
     with _open(uri, shard) as f:
-        table = pq.read_table(f, columns=["id", "n_regions", "features", "boxes"])
+        pf = pq.ParquetFile(f)
+        ids = pf.read(columns=["id"])["id"].to_pylist()
+        hits = [k for k, i in enumerate(ids) if i in keep]
+        if not hits:
+            return
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+        starts = np.cumsum([0, *sizes[:-1]])
+        group_of = (np.searchsorted(starts, hits, side="right") - 1).tolist()
+        groups = sorted(set(group_of))
+        table = pf.read_row_groups(groups, columns=["id", "n_regions", "features", "boxes"])
+    # a hit's row in ``table``: its row within its group, after the groups read before it
+    before = dict(zip(groups, np.cumsum([0, *(sizes[g] for g in groups[:-1])]).tolist()))
+    rows = [before[g] + k - int(starts[g]) for k, g in zip(hits, group_of)]
+    table = table.take(pa.array(rows, pa.int64()))
     f_dtype, dim = tensor_spec(table.schema.field("features"), f"{uri}/{shard}: ")
     for i, n, feats, boxes in zip(*(table[c].to_pylist() for c in ("id", "n_regions", "features",
                                                                     "boxes"))):
-        if i in keep:
-            n = n if max_regions is None else min(n, max_regions)
-            yield {"media": i, "n_regions": n, "features": feats[:n * dim * f_dtype.itemsize],
-                   "boxes": boxes[:n * 16]}
+        n = n if max_regions is None else min(n, max_regions)
+        yield {"media": i, "n_regions": n, "features": feats[:n * dim * f_dtype.itemsize],
+               "boxes": boxes[:n * 16]}
 
 
 def listing(uri: str) -> pa.Table:

@@ -173,3 +173,33 @@ def test_stele_eval_retrieval_cli(trained, feature_artifact, tmp_path, capsys):
     rc = main(["eval", "retrieval", "--model", str(trained["dual"][1]), "--media",
                str(feature_artifact), "--mode", "all_pairs", "--out", str(tmp_path / "no")])
     assert rc == 1 and "no cross-encoder" in capsys.readouterr().out
+
+
+def test_shard_rows_reads_only_the_row_groups_of_the_kept_items(tmp_path, monkeypatch):
+    """The picked items, in shard order, equal to a whole-shard read; blobs come only from the row
+    groups holding one (a re-ranker picking 7 negatives must not read every shard whole)."""
+    import pyarrow.parquet as pq
+
+    from fusion.pretrain.media_recipes import feature_shards, shard_rows
+
+    art = make_feature_artifact(tmp_path / "media")
+    (shard,) = feature_shards(str(art))
+    whole = pq.read_table(art / shard)
+    pq.write_table(whole, art / shard, row_group_size=5)      # 42 rows: 9 groups (the last of 2)
+    ids = whole["id"].to_pylist()
+    keep = {ids[3], ids[11], ids[12], ids[41], "not-in-the-shard"}   # groups 0, 2 and 8
+    read: list[list[int]] = []
+    original = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
+                        lambda self, groups, **kw: read.append(list(groups)) or original(self, groups, **kw))
+    got = list(shard_rows(str(art), shard, keep, max_regions=2))
+    assert read == [[0, 2, 8]]
+    dim = 16
+    want = [{"media": i, "n_regions": min(n, 2), "features": f[:min(n, 2) * dim * 2],
+             "boxes": b[:min(n, 2) * 16]}
+            for i, n, f, b in zip(*(whole[c].to_pylist() for c in ("id", "n_regions", "features", "boxes")))
+            if i in keep]
+    assert [r["media"] for r in got] == [ids[3], ids[11], ids[12], ids[41]]
+    assert got == want
+    assert list(shard_rows(str(art), shard, {"not-in-the-shard"}, None)) == []
+    assert len(list(shard_rows(str(art), shard, set(ids), None))) == 42
