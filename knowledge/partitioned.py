@@ -20,7 +20,7 @@ for entity tables that do not fit one worker.
 * **A bucket** ``(i, j)`` (:func:`knowledge.partitioned_state.train_bucket`) loads partitions ``i``
   and ``j`` only, trains one pass over its triples in seeded random order (batches of ``B``
   positives, the loss and regulariser of :mod:`knowledge.embed`) with row-wise Adagrad
-  (:class:`knowledge.embed.RowAdagrad`'s update, PBG's optimiser; accumulators carried in the
+  (:class:`knowledge.optim.RowAdagrad`'s update, PBG's optimiser; accumulators carried in the
   state), and writes both partitions back. **Negatives** are sampled, as PBG's, from the partition
   of the corrupted side: a corrupted head uniformly from partition ``i``, a corrupted tail from
   ``j``. By default every positive draws its own ``k`` (the side by a fair coin or the Bernoulli

@@ -58,6 +58,7 @@ from torch.func import functional_call
 
 from .embed import kge_loss, lp_regularization, score_shift
 from .models import corruption_triples
+from .optim import row_adagrad_
 from .partitioned import (ACC, ENTITY_TABLES, RELATION_TABLES, RELATIONS, PartitionedJob, Partitioning,
                           PartitionStore, check_shared, empty_partition_model, hash_rank, init_state,
                           inside_out_order, mean_relations, model_tables, part_file, read_bucket, rounds,
@@ -67,30 +68,6 @@ PROGRESS = "progress.safetensors"
 STAGING = "staging"
 BUCKETS_DONE = "buckets.complete.json"
 VERSION = 1
-
-
-#: :class:`knowledge.embed.RowAdagrad`'s ``eps`` (PBG's constant, added after the root)
-ADAGRAD_EPS = 1e-10
-
-
-def row_adagrad_(table: torch.Tensor, acc: torch.Tensor, rows: torch.Tensor, old: torch.Tensor,
-                 grad: torch.Tensor, lr: float, weight_decay: float = 0.0, eps: float = ADAGRAD_EPS) -> None:
-    """Row-wise Adagrad (:class:`knowledge.embed.RowAdagrad`, Lerer et al. 2019's optimiser) on the
-    distinct rows ``rows`` (U,) of the ``(n, d)`` ``table``, in place, given their values before the
-    step ``old`` (U, d) and their gradient ``grad`` (U, d); ``acc`` (n,) is the table's accumulator::
-
-        g_i <- g_i + weight_decay * w_i
-        G_i <- G_i + mean_j g_ij^2
-        w_i <- w_i - lr * g_i / (sqrt(G_i) + eps)
-
-    The operations of ``RowAdagrad.step`` on a coalesced row-sparse gradient, in its order, so the
-    same numbers; the rows are distinct, so each is written once, with no sparse tensor to coalesce."""
-    if weight_decay:
-        grad = grad.add(old, alpha=weight_decay)
-    total = acc.index_select(0, rows).add_((grad * grad).mean(1))                  # (U,)
-    acc.index_copy_(0, rows, total)
-    std = total.sqrt_().add_(eps).unsqueeze(1)                                      # (U, 1)
-    table.index_add_(0, rows, grad.mul(-lr).div_(std))  # distinct rows: w_i + update, once each
 
 
 class BatchLoss(torch.nn.Module):

@@ -313,7 +313,8 @@ def test_four_partitions_learn_a_planted_graph_as_one_does(one_thread: None) -> 
     10 entities) is within 0.02 of P = 1 and of today's loop (knowledge.embed.train_epoch with
     RowAdagrad, the stage's ``partitions: 1`` path), means over two seeds; all of them infer the
     groups, which the initial tables do not."""
-    from knowledge.embed import RowAdagrad, train_epoch
+    from knowledge.embed import train_epoch
+    from knowledge.optim import RowAdagrad
 
     trip = _group_chain(10, 4)
     n = 40

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from knowledge.embed import RowAdagrad, draw_corruptions, score_shift, train_epoch
+from knowledge.embed import draw_corruptions, score_shift, train_epoch
 from knowledge.evaluate import rank_metrics
 from knowledge.models import build_model, corruption_triples
+from knowledge.optim import ADAGRAD_EPS, RowAdagrad, row_adagrad_
 from knowledge.partitioned import ENTITY_TABLES, RELATION_TABLES, PartitionedJob, Partitioning
 from knowledge.partitioned_eval import assemble_model
-from knowledge.partitioned_state import (ADAGRAD_EPS, BatchLoss, chunk_scores, row_adagrad_, row_step,
-                                         run_fingerprint)
+from knowledge.partitioned_state import BatchLoss, chunk_scores, row_step, run_fingerprint
 from tests.knowledge.test_embed import kg_of
 from tests.knowledge.test_partitioned import _group_chain, _random, _saved, _train, _uri
 

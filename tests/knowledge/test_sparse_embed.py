@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from knowledge.embed import (SPARSE_OPTIMIZERS, RowAdagrad, SparseAdam, draw_corruptions, kge_loss,
-                             lp_regularization, make_optimizer, score_shift, train_epoch)
+from knowledge.embed import (SPARSE_OPTIMIZERS, draw_corruptions, kge_loss, lp_regularization, make_optimizer,
+                             score_shift, train_epoch)
 from knowledge.evaluate import rank_metrics
 from knowledge.models import build_model, corruption_triples
+from knowledge.optim import RowAdagrad, SparseAdam
 
 # Every model and every scoring path of TransE: PyG's in-score normalisation (L1: the fused
 # corruption distance; L2: the translation distance), projected entities (L1, and p = 3, the
