@@ -150,6 +150,30 @@ def feature_artifact(tmp_path_factory) -> Path:
     return make_feature_artifact(tmp_path_factory.mktemp("features"))
 
 
+#: a media recipe's short run on the synthetic feature artifact: 8 items a step, 8-token captions
+MEDIA_RUN = {"batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "checkpoint_every": 1000, "max_length": 8}
+
+
+def run_pretrain(tmp: Path, name: str, inputs: dict[str, Path], params: dict) -> tuple[dict, Path]:
+    """``fusion.pretrain``'s stage function as the runner calls it: stage ``name`` writing to
+    ``tmp/name`` (its state in ``tmp/state-name``), ``inputs`` (role -> artifact folder), ``params``
+    the stage's ``with``. Returns its metrics and its folder."""
+    import logging
+
+    from fusion.pretrain.stage import PretrainParams, pretrain
+    from pipeline.context import StageContext
+    from pipeline.registry import Resources
+    from pipeline.store import Artifact
+
+    out = tmp / name
+    out.mkdir()
+    ctx = StageContext(stage=name, key=name, out=out,
+                       inputs={role: Artifact(role, path, {}) for role, path in inputs.items()},
+                       resources=Resources(), state_uri=str(tmp / f"state-{name}"),
+                       log=logging.getLogger(f"test.{name}"))
+    return pretrain(ctx, PretrainParams.model_validate(params)), out
+
+
 def write_linked(out: Path, docs: list[tuple[str, str]],
                  mentions: list[tuple[str, int, int, str]]) -> Path:
     """A ``knowledge.link`` artifact in ``out``: ``docs`` as ``(doc_id, text)``, ``mentions`` as

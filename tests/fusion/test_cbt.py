@@ -6,7 +6,6 @@ short pretraining through ``fusion.pretrain`` scored by ``fusion.retrieval`` (a 
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import fusion.pretrain.video_recipes  # noqa: F401  (registers the cbt recipe)
 from fusion.models.cbt import CBT, CBTConfig, cbt_backbone, cross_nce, visual_nce
 from fusion.models.objectives import IGNORE, mlm_mask
 
+from .conftest import MEDIA_RUN, run_pretrain
 from .cuda_checks import check_dropout_step_on_cuda, check_on_cuda, needs_cuda
 
 V, FEAT = 100, 16
@@ -203,21 +203,9 @@ def test_cuda_outputs_equal_cpu_and_bf16_trains():
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory, feature_artifact, backbone_dir) -> tuple[dict, Path]:
-    from fusion.pretrain.stage import PretrainParams, pretrain
-    from pipeline.context import StageContext
-    from pipeline.registry import Resources
-    from pipeline.store import Artifact
-
-    tmp = tmp_path_factory.mktemp("cbt")
-    out = tmp / "out"
-    out.mkdir()
-    ctx = StageContext(stage="cbt", key="cbt", out=out,
-                       inputs={"media": Artifact("m", feature_artifact, {})}, resources=Resources(),
-                       state_uri=str(tmp / "state"), log=logging.getLogger("test.cbt"))
-    params = {"backbone": str(backbone_dir), "batch_size": 8, "lr": 3e-3, "warmup_steps": 5,
-              "checkpoint_every": 1000, "max_length": 8, "recipe": "cbt", "steps": 40,
-              "options": {"held_out_share": 0.25, "config": {"initializer_range": 0.2}}}
-    return pretrain(ctx, PretrainParams.model_validate(params)), out
+    return run_pretrain(tmp_path_factory.mktemp("cbt"), "cbt", {"media": feature_artifact}, MEDIA_RUN | {
+        "backbone": str(backbone_dir), "recipe": "cbt", "steps": 40,
+        "options": {"held_out_share": 0.25, "config": {"initializer_range": 0.2}}})
 
 
 def mean(history: list[dict], key: str, rows: slice) -> float:

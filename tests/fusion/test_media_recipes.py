@@ -5,7 +5,6 @@ retrieval protocol's modes agree where they must."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -13,13 +12,10 @@ import torch
 
 from fusion.retrieval.stage import RetrievalParams, evaluate
 from fusion.pretrain.loop import load_pretrained
-from fusion.pretrain.stage import PretrainParams, pretrain
+from fusion.pretrain.stage import PretrainParams
 from pipeline import StageFailed
-from pipeline.context import StageContext
-from pipeline.registry import Resources
-from pipeline.store import Artifact
 
-from .conftest import make_feature_artifact
+from .conftest import MEDIA_RUN, make_feature_artifact, run_pretrain
 
 # A 32-wide model at BERT's init (std 0.02) sits on the matching plateau (ITM loss log 2) for
 # thousands of steps on this data; a wider init (0.2) leaves it in a few hundred.
@@ -28,17 +24,6 @@ TINY_LXMERT = {"r_layers": 1, "x_layers": 1, "held_out_share": 0.25,
 TINY_VILBERT = {"held_out_share": 0.25, "config": {
     "visual_hidden_size": 32, "visual_heads": 2, "visual_intermediate_size": 64,
     "coattention_hidden_size": 32, "coattention_heads": 2}}
-
-
-def _pretrain(tmp: Path, media: Path, backbone_dir: Path, name: str, **params) -> tuple[dict, Path]:
-    out = tmp / name
-    out.mkdir()
-    ctx = StageContext(stage=name, key=name, out=out, inputs={"media": Artifact("m", media, {})},
-                       resources=Resources(), state_uri=str(tmp / f"state-{name}"),
-                       log=logging.getLogger("test.media"))
-    base = {"backbone": str(backbone_dir), "batch_size": 8, "lr": 3e-3, "warmup_steps": 5,
-            "checkpoint_every": 1000, "max_length": 8}
-    return pretrain(ctx, PretrainParams.model_validate(base | params)), out
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +35,9 @@ def trained(ray_local, tmp_path_factory, feature_artifact, backbone_dir) -> dict
     # 250 and 650 steps on the splits seen): 800 leaves room.
     for name, options, steps in (("lxmert", TINY_LXMERT, 800), ("dual", TINY_LXMERT | {"x_layers": 0}, 120),
                                  ("vilbert", TINY_VILBERT, 60)):
-        metrics, out = _pretrain(tmp, feature_artifact, backbone_dir, name, recipe=name,
-                                 options=options, steps=steps)
-        runs[name] = (metrics, out)
+        runs[name] = run_pretrain(tmp, name, {"media": feature_artifact},
+                                  MEDIA_RUN | {"backbone": str(backbone_dir), "recipe": name,
+                                               "options": options, "steps": steps})
     return runs
 
 

@@ -5,7 +5,6 @@ scored by ``fusion.retrieval``."""
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from fusion.models.objectives import IGNORE, image_feature
 from fusion.models.single_stream import (Masking, SingleStream, SingleStreamConfig, geometry_embedding, ipot,
                                          ot_distance, uniter_location, variant_config)
 
+from .conftest import MEDIA_RUN, run_pretrain
 from .cuda_checks import check_dropout_step_on_cuda, check_on_cuda, needs_cuda
 
 ATOL = 1e-5
@@ -510,25 +510,11 @@ def test_cuda_outputs_equal_cpu_and_bf16_trains(variant):
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory, feature_artifact, backbone_dir) -> dict[str, tuple[dict, Path]]:
-    from fusion.pretrain.stage import PretrainParams, pretrain
-    from pipeline.context import StageContext
-    from pipeline.registry import Resources
-    from pipeline.store import Artifact
-
     tmp = tmp_path_factory.mktemp("single")
-    runs = {}
-    for name in ("visualbert", "uniter", "vlbert", "b2t2", "unicoder_vl"):
-        out = tmp / name
-        out.mkdir()
-        ctx = StageContext(stage=name, key=name, out=out,
-                           inputs={"media": Artifact("m", feature_artifact, {})},
-                           resources=Resources(), state_uri=str(tmp / f"state-{name}"),
-                           log=logging.getLogger("test.single_stream"))
-        params = {"backbone": str(backbone_dir), "batch_size": 8, "lr": 3e-3, "warmup_steps": 5,
-                  "checkpoint_every": 1000, "max_length": 8, "recipe": name, "steps": 40,
-                  "options": {"held_out_share": 0.25, "config": {"initializer_range": 0.2}}}
-        runs[name] = (pretrain(ctx, PretrainParams.model_validate(params)), out)
-    return runs
+    return {name: run_pretrain(tmp, name, {"media": feature_artifact}, MEDIA_RUN | {
+        "backbone": str(backbone_dir), "recipe": name, "steps": 40,
+        "options": {"held_out_share": 0.25, "config": {"initializer_range": 0.2}}})
+        for name in ("visualbert", "uniter", "vlbert", "b2t2", "unicoder_vl")}
 
 
 def test_recipes_train_load_back_and_score(trained, feature_artifact, tmp_path):

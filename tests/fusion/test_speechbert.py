@@ -7,7 +7,6 @@ cloze."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from fusion.models.single_stream import SingleStream
 from fusion.models.speechbert import SpeechBert, SpeechBertConfig, segment_pool, speechbert_backbone
 from fusion.pretrain.speech_recipes import SpeechBertRecipe, cloze_queries, spoken_cloze, word_hits
 
+from .conftest import MEDIA_RUN, run_pretrain
 from .cuda_checks import check_dropout_step_on_cuda, check_on_cuda, needs_cuda
 
 SIZES = dict(vocab_size=100, hidden_size=32, num_heads=2, intermediate_size=64, num_layers=2,
@@ -337,21 +337,11 @@ def test_spoken_cloze_on_a_hand_made_case(tokenizer):
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory, feature_artifact, backbone_dir) -> tuple[dict, Path]:
-    from fusion.pretrain.stage import PretrainParams, pretrain
-    from pipeline.context import StageContext
-    from pipeline.registry import Resources
-    from pipeline.store import Artifact
-
-    out = tmp_path_factory.mktemp("speechbert") / "model"
-    out.mkdir()
-    ctx = StageContext(stage="speechbert", key="speechbert", out=out,
-                       inputs={"media": Artifact("m", feature_artifact, {})}, resources=Resources(),
-                       state_uri=str(out.parent / "state"), log=logging.getLogger("test.speechbert"))
-    params = {"backbone": str(backbone_dir), "batch_size": 8, "lr": 3e-3, "warmup_steps": 5,
-              "checkpoint_every": 1000, "max_length": 8, "recipe": "speechbert", "steps": 40,
-              "options": {"held_out_share": 0.25, "config": {"initializer_range": 0.2, "segment_frames": 2,
-                                                                   "region_mask_prob": 0.5}}}
-    return pretrain(ctx, PretrainParams.model_validate(params)), out
+    return run_pretrain(tmp_path_factory.mktemp("speechbert"), "speechbert", {"media": feature_artifact},
+                        MEDIA_RUN | {"backbone": str(backbone_dir), "recipe": "speechbert", "steps": 40,
+                                     "options": {"held_out_share": 0.25,
+                                                 "config": {"initializer_range": 0.2, "segment_frames": 2,
+                                                            "region_mask_prob": 0.5}}})
 
 
 def test_recipe_trains_loads_back_and_scores(trained, feature_artifact, tmp_path):

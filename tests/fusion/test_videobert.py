@@ -7,7 +7,6 @@ are the frames)."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from fusion.models.videobert import (VideoBert, VideoBertConfig, fit_hierarchica
                                      videobert_backbone)
 from fusion.pretrain.video_recipes import sample_frames
 
-from .conftest import make_feature_artifact
+from .conftest import MEDIA_RUN, make_feature_artifact, run_pretrain
 from .cuda_checks import check_dropout_step_on_cuda, check_on_cuda, needs_cuda
 
 V, FEAT = 100, 16
@@ -293,23 +292,14 @@ def test_cuda_outputs_equal_cpu_and_bf16_trains():
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory, feature_artifact, backbone_dir) -> tuple[dict, Path]:
-    from fusion.pretrain.stage import PretrainParams, pretrain
-    from pipeline.context import StageContext
-    from pipeline.registry import Resources
-    from pipeline.store import Artifact
-
-    tmp = tmp_path_factory.mktemp("videobert")
-    out = tmp / "out"
-    out.mkdir()
-    ctx = StageContext(stage="videobert", key="videobert", out=out,
-                       inputs={"media": Artifact("m", feature_artifact, {})}, resources=Resources(),
-                       state_uri=str(tmp / "state"), log=logging.getLogger("test.videobert"))
-    params = {"backbone": str(backbone_dir), "batch_size": 8, "lr": 3e-3, "warmup_steps": 5,
-              "checkpoint_every": 1000, "max_length": 8, "recipe": "videobert", "steps": 40,
-              "options": {"held_out_share": 0.25, "kmeans_depth": 2, "kmeans_branching": 3,
-                          # more masked frames per batch than 15%: a steadier loss to judge
-                          "config": {"initializer_range": 0.2, "visual_mask_prob": 0.4}}}
-    return pretrain(ctx, PretrainParams.model_validate(params)), out
+    return run_pretrain(tmp_path_factory.mktemp("videobert"), "videobert", {"media": feature_artifact},
+                        MEDIA_RUN | {"backbone": str(backbone_dir), "recipe": "videobert", "steps": 40,
+                                     "options": {"held_out_share": 0.25, "kmeans_depth": 2,
+                                                 "kmeans_branching": 3,
+                                                 # more masked frames per batch than 15%: a steadier
+                                                 # loss to judge
+                                                 "config": {"initializer_range": 0.2,
+                                                            "visual_mask_prob": 0.4}}})
 
 
 def mean(history: list[dict], key: str, rows: slice) -> float:
