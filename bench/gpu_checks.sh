@@ -5,8 +5,9 @@
 #
 #   bash bench/gpu_checks.sh
 #
-# 1. the CUDA tests: fusion encoders (float32 equals CPU, bf16 loss/gradients), TransE and RotatE
-#    fused distances against autograd, the KGE epoch on the GPU, filtered evaluation on the GPU
+# 1. the CUDA tests: fusion encoders, two-stream, single-stream, video and speech (float32 equals
+#    CPU, bf16 loss/gradients), TransE and RotatE fused distances against autograd, the KGE epoch
+#    on the GPU, the sparse optimisers on the GPU, filtered evaluation on the GPU
 #    equals the CPU, timm features and the wav2vec2-family speech encoder on the GPU equal the CPU;
 # 2. LXMERT forward+backward throughput, stele vs transformers, paper configuration, bf16, with MFU,
 #    at batch 8 (the CPU benchmark's batch) and batch 128;
@@ -24,9 +25,10 @@ python3 -c "import sys, torch, transformers, timm, torch_geometric as g; print('
 
 echo "== 1. CUDA tests"
 python3 -m pytest -q -p no:cacheprovider -k cuda -rs \
-  tests/fusion/test_lxmert.py tests/fusion/test_vilbert.py tests/knowledge/test_embed.py \
-  tests/knowledge/test_evaluate.py tests/knowledge/test_models.py tests/vision/test_features.py \
-  tests/speech/test_features.py 2>&1 | tee "$out/tests.log" || status=1
+  tests/fusion/test_lxmert.py tests/fusion/test_vilbert.py tests/fusion/test_single_stream.py \
+  tests/fusion/test_videobert.py tests/fusion/test_cbt.py tests/fusion/test_speechbert.py \
+  tests/knowledge/test_embed.py tests/knowledge/test_sparse_embed.py tests/knowledge/test_evaluate.py \
+  tests/knowledge/test_models.py tests/vision/test_features.py tests/speech/test_features.py 2>&1 | tee "$out/tests.log" || status=1
 
 echo "== 2. LXMERT throughput, bf16"
 for b in 8 128; do
