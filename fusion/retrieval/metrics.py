@@ -193,6 +193,8 @@ def block_ranks(scores: torch.Tensor, correct: torch.Tensor, mask: torch.Tensor,
     (one pass over the block for the rank, one per correct item that can be in the top ``k``),
     never a sort of the candidates."""
     s = scores.float()
+    if bool(s.isnan().any()):   # NaN compares False with everything: its query would look solved
+        raise ValueError("scores hold NaN: ranks from them would put the correct items first")
     neg_inf = torch.finfo(s.dtype).min
     cs = torch.where(mask, s.gather(1, correct), torch.full(correct.shape, neg_inf))  # (B, R)
     cs, order = cs.sort(1, descending=True)                      # the best correct item first

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fusion.retrieval.scorer import (DIRECTIONS, Corpus, Scorer, ScoreSettings, batches, check_dims,
-                                     score_worker_cls, setup)
+                                     check_finite, score_worker_cls, setup)
 from pipeline import StageFailed
 from pipeline.uris import inputs_fingerprint
 
@@ -336,6 +336,8 @@ def _hf_dual(media_dir: Path, params: RetrievalParams, log: Any) -> tuple[list, 
     text = enc.encode_texts(caps.texts)
     media = torch.cat([enc.encode_images(open_images(dataset, [ref[i] for i in bank.ids[s:s + 256]]))
                        for s in range(0, len(bank), 256)])
+    check_finite(text, caps.ids, "caption", f"hf_model {Path(params.hf_model).name}")
+    check_finite(media, bank.ids, "media", f"hf_model {Path(params.hf_model).name}")
     # exp(logit_scale) on one side: the scores are the model's own logits_per_text
     return list(caps.ids), list(caps.texts), list(bank.ids), Scores.dual(text * enc.scale, media), counts
 

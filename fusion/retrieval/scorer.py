@@ -96,7 +96,10 @@ class Scorer:
                            for s in batches(len(queries.ids), self.encode_bs)])
             m = torch.cat([self.model.encode_media(self._media(bank, range(len(bank))[s])).float()
                            for s in batches(len(bank), self.encode_bs)])
-        return t.cpu(), m.cpu()
+        t, m = t.cpu(), m.cpu()
+        check_finite(t, queries.ids, "caption", type(self.model).__name__)
+        check_finite(m, bank.ids, "media", type(self.model).__name__)
+        return t, m
 
     def first_stage(self, queries: Any, bank: Any) -> Any:
         """(T, M) dual-encoder scores, float32 on the CPU."""
@@ -130,6 +133,19 @@ class Scorer:
                 if progress is not None:
                     progress(s.stop, len(ti))
         return out
+
+
+def check_finite(vectors: Any, ids: Sequence[str], what: str, source: str) -> None:
+    """Refuse (N, D) vectors with a NaN or infinite value: a NaN score compares False with every
+    other, so ranking by it would put the query's correct item first and inflate recall."""
+    import torch
+
+    bad = ~torch.isfinite(vectors).all(1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise StageFailed(f"fusion.retrieval: {source}: {int(bad.sum())} of {len(ids)} {what} vectors are "
+                          f"not finite (the first: {ids[i]!r}); ranks from them would be meaningless. A "
+                          f"diverged checkpoint? Check the model's training losses")
 
 
 @dataclass

@@ -89,6 +89,23 @@ def _eval(trained, media, tmp_path, name="lxmert", **params):
     return evaluate(trained[name][1], media, tmp_path, RetrievalParams(**params))
 
 
+def test_a_diverged_model_fails_the_evaluation_instead_of_scoring_well(trained, feature_artifact, tmp_path):
+    """A checkpoint whose weights hold a NaN gives NaN vectors; ranked, every query would find its
+    correct item first. The stage stops and says which vectors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "diverged"
+    shutil.copytree(trained["dual"][1], bad)
+    weights = load_file(bad / "model.safetensors")
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.dim() == 2)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, bad / "model.safetensors")
+    with pytest.raises(StageFailed, match=r"vectors are not finite \(the first: "):
+        evaluate(bad, feature_artifact, tmp_path / "out", RetrievalParams(mode="dual", split="all"))
+
+
 def test_rerank_with_k_all_equals_all_pairs(trained, feature_artifact, tmp_path):
     full = _eval(trained, feature_artifact, tmp_path / "a", mode="all_pairs", split="all")
     re = _eval(trained, feature_artifact, tmp_path / "b", mode="rerank", k=42, split="all")

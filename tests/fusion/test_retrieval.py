@@ -113,6 +113,29 @@ def test_a_non_finite_cross_encoder_score_fails_the_evaluation(fuse):
     assert pairs > 0 and torch.isfinite(t2m).all() and torch.isfinite(m2t).all()
 
 
+def test_non_finite_vectors_or_scores_are_refused_not_ranked():
+    """A dual encoder's NaN vector made every query of it rank its correct item first (R@1 100 from
+    an all-NaN model): the vectors are refused naming the first bad id, and the ranking itself
+    refuses NaN scores whichever path they came by."""
+    from fusion.retrieval.metrics import Relevance, Scores, evaluate_scores
+    from fusion.retrieval.scorer import check_finite
+    from pipeline import StageFailed
+
+    vec = torch.randn(3, 4)
+    check_finite(vec, ["a", "b", "c"], "media", "Dual")
+    vec[1, 2], vec[2, 0] = float("nan"), float("inf")
+    with pytest.raises(StageFailed, match=r"Dual: 2 of 3 media vectors are not finite \(the first: 'b'\)"):
+        check_finite(vec, ["a", "b", "c"], "media", "Dual")
+    relevance = Relevance.from_ids(TEXTS, MEDIA, PAIRS)
+    assert evaluate_scores(Scores.dense(SCORES), relevance)   # finite: ranked
+    bad = SCORES.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="scores hold NaN"):
+        evaluate_scores(Scores.dense(bad), relevance)
+    with pytest.raises(ValueError, match="scores hold NaN"):
+        evaluate_scores(Scores.dual(torch.full((4, 2), float("nan")), torch.ones(3, 2)), relevance)
+
+
 def test_each_direction_may_have_its_own_scores():
     g = torch.Generator().manual_seed(1)
     t2m, m2t = torch.rand(4, 3, generator=g), torch.rand(3, 4, generator=g)
