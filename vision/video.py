@@ -26,12 +26,13 @@ Spans become boxes ``(t_start / T, 0, t_end / T, 1)``, as speech frames do (:mod
 
 Rejected, each with a one-line :class:`~vision.io.MediaError` reason: an empty file, bytes FFmpeg cannot
 open (not a media file; also an MP4 cut before its index, which comes last unless written with
-``faststart``), a file without a video stream (audio only), a still image (FFmpeg's image demuxers),
-frames larger than ``max_pixels``, data that fails to decode, a file with no decodable frame, and a file
-decoded to its end with fewer frames than its container declares (truncated data that the decoder
-skipped without an error; a shortfall of up to 2 frames or 1% is allowed, what an MP4 edit list may
-hide). A clip capped by ``max_frames`` in ``truncate`` mode is decoded only up to its last kept frame,
-so damage after that point goes unnoticed: what is kept decoded cleanly.
+``faststart``), a file without a video stream (audio only), a still image (FFmpeg's image demuxers;
+a GIF or APNG is a video when it has more than one frame), frames larger than ``max_pixels``, data
+that fails to decode, a file with no decodable frame, and a file decoded to its end with fewer frames
+than its container declares (truncated data that the decoder skipped without an error; a shortfall of
+up to 2 frames or 1% is allowed, what an MP4 edit list may hide). A clip capped by ``max_frames`` in
+``truncate`` mode is decoded only up to its last kept frame, so damage after that point goes
+unnoticed: what is kept decoded cleanly.
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ class VideoClip:
 
 
 # FFmpeg demuxers that read a still image as a one-frame "video": not a video file.
-_IMAGE_DEMUXERS = ("image2", "_pipe", "gif", "webp", "apng")
+_IMAGE_DEMUXERS = ("image2", "_pipe", "webp")
+# Image formats that may be animated (TGIF-style GIF sets): a video when more than one frame decodes.
+_ANIMATED_IMAGE_DEMUXERS = ("gif", "apng")
 
 
 def _open(data: bytes) -> Any:
@@ -132,14 +135,19 @@ def decode_video(data: bytes, *, fps: float = 2.0, max_frames: int = 32, overflo
         declared = _declared_duration(container, stream)
         if overflow == "spread" and declared and declared * fps > max_frames:
             rate = max_frames / declared
-        return _sample(container, stream, rate, fps, max_frames, max_pixels, src_fps, av)
+        clip, ended = _sample(container, stream, rate, fps, max_frames, max_pixels, src_fps, av)
+        fmt = container.format.name or ""
+        if ended and clip.source_frames < 2 and any(k in fmt for k in _ANIMATED_IMAGE_DEMUXERS):
+            raise MediaError(f"a still image ({fmt} with one frame), not a video")
+        return clip
     finally:
         container.close()
 
 
 def _sample(container: Any, stream: Any, rate: float, fps: float, max_frames: int, max_pixels: int,
-            src_fps: float | None, av: Any) -> VideoClip:
-    """Decode ``stream`` up to the last sample time; ``(frames, spans)`` at ``t_k = k / rate``."""
+            src_fps: float | None, av: Any) -> tuple[VideoClip, bool]:
+    """Decode ``stream`` up to the last sample time: the clip of the frames on screen at
+    ``t_k = k / rate``, and whether decoding reached the stream's end."""
     picked: list[Any] = []       # the frame on screen at t_k, for k = 0, 1, ...
     decoded = 0
     t0 = prev = prev_end = None
@@ -158,10 +166,10 @@ def _sample(container: Any, stream: Any, rate: float, fps: float, max_frames: in
             # within a microsecond of a frame's start, a rounding error, shows the new frame).
             while prev is not None and len(picked) < max_frames and len(picked) / rate < t - _EPS:
                 picked.append(prev)
-            decoded += 1
             if len(picked) >= max_frames:
                 reached_end = False  # this frame comes after the last sample: stop decoding
                 break
+            decoded += 1
             step = (float(frame.duration * frame.time_base) if frame.duration and frame.time_base
                     else 1.0 / (src_fps or fps))
             prev, prev_end = frame, t + step
@@ -194,7 +202,7 @@ def _sample(container: Any, stream: Any, rate: float, fps: float, max_frames: in
     frames = [images[id(f)] for f in picked]
     w, h = frames[0].size
     return VideoClip(frames, starts, ends, float(duration), rate, decoded, src_fps, w, h,
-                     capped=capped)
+                     capped=capped), reached_end
 
 
 @dataset("video_folder")

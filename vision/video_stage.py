@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from pipeline import StageContext, StageFailed, stage
@@ -157,26 +158,31 @@ def video_features(ctx: StageContext, params: VideoFeaturesParams) -> dict:
     except ImportError:
         raise StageFailed("vision.video_features: PyAV is not installed (pip install 'stele[video]')") \
             from None
-    frames: list[int] = []
-    seconds = 0.0
-    capped = 0
+    # running figures, not a list per clip: nothing proportional to the dataset on the driver
+    stats = {"clips": 0, "frames": 0, "min": None, "max": 0, "seconds": 0.0, "capped": 0}
 
     def count(out: pa.Table) -> None:
-        nonlocal seconds, capped
         ok = usable(out)
-        frames.extend(ok["frames"].to_pylist())
-        seconds += sum(ok["duration_s"].to_pylist())
-        capped += sum(ok["capped"].to_pylist())
+        if not ok.num_rows:
+            return
+        n = ok["frames"]
+        stats["clips"] += ok.num_rows
+        stats["frames"] += int(pc.sum(n).as_py())
+        low = int(pc.min(n).as_py())
+        stats["min"] = low if stats["min"] is None else min(stats["min"], low)
+        stats["max"] = max(stats["max"], int(pc.max(n).as_py()))
+        stats["seconds"] += float(pc.sum(pc.cast(ok["duration_s"], pa.float64())).as_py())
+        stats["capped"] += int(pc.sum(pc.cast(ok["capped"], pa.int64())).as_py())
 
     counts = extract(ctx, params, VideoFeaturizeActor, stage_type="vision.video_features", desc="clips",
                      on_batch=count, explain=lambda: _featurizer(params))
     built = counts.pop("described")
     return {
         **counts, "dim": built["dim"], "fps": params.fps, "max_frames": params.max_frames,
-        "overflow": params.overflow, "frames": int(sum(frames)),
-        "frames_per_clip": sum(frames) / len(frames) if frames else 0.0,
-        "frames_min": min(frames, default=0), "frames_max": max(frames, default=0),
-        "clips_capped": capped, "video_seconds": seconds,
+        "overflow": params.overflow, "frames": stats["frames"],
+        "frames_per_clip": stats["frames"] / stats["clips"] if stats["clips"] else 0.0,
+        "frames_min": stats["min"] or 0, "frames_max": stats["max"],
+        "clips_capped": stats["capped"], "video_seconds": stats["seconds"],
         "videos_quarantined": counts["rejected_by_kind"].get("media", 0),
         "backbone": params.backbone, "weights": built["weights"], "warnings": built["warnings"],
         "global_token": params.global_token, "frame_order": params.frame_order,

@@ -73,6 +73,8 @@ def test_decode_samples_the_frame_on_screen_at_each_sample_time(tmp_path, fps, m
     assert clip.rate == pytest.approx(rate) and clip.capped is capped
     assert clip.duration == pytest.approx(0.75) and clip.source_fps == pytest.approx(8)
     assert (clip.width, clip.height) == (32, 32)
+    # frames decoded up to the last one kept (a capped clip stops there), not the one after it
+    assert clip.source_frames == (frames[-1] + 1 if capped else 6)
     t = np.arange(len(frames)) / rate
     np.testing.assert_allclose(clip.starts, t)
     np.testing.assert_allclose(clip.ends, np.minimum(t + 1 / rate, 0.75))
@@ -146,6 +148,22 @@ def test_bad_files_raise_media_error_with_the_reason(tmp_path):
             decode_video(data)
     with pytest.raises(MediaError, match="over max_pixels"):
         decode_video(make_clip(tmp_path / "c.mp4").read_bytes(), max_pixels=32 * 32 - 1)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG"])
+def test_an_animated_gif_or_apng_is_a_video_and_a_one_frame_one_a_still_image(fmt):
+    """TGIF-style sets are animated GIFs: FFmpeg opens them with an image demuxer, yet with more
+    than one frame they are videos, sampled like any other; with one frame, a still image."""
+    frames = [Image.new("RGB", (16, 16), (LEVELS[i],) * 3) for i in range(6)]
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=200, loop=0)
+    clip = decode_video(buf.getvalue(), fps=5, max_frames=32)      # 6 frames of 0.2 s: T = 1.2 s
+    assert [_level(f) for f in clip.frames] == [0, 1, 2, 3, 4, 5] and clip.source_frames == 6
+    assert clip.duration == pytest.approx(1.2)
+    one = io.BytesIO()
+    frames[0].save(one, fmt)
+    with pytest.raises(MediaError, match=r"a still image \((gif|apng|png_pipe)"):
+        decode_video(one.getvalue())
 
 
 def test_a_capped_clip_decodes_only_what_it_keeps(tmp_path):
@@ -240,6 +258,8 @@ def test_stage_writes_frames_as_regions_over_time(ray_local, tmp_path, weights):
     # a: 0.75 s at 4 fps = 3 frames; b: 0.75 s at 4 fps = 3; c: 1 s -> 4 > 3: spread at 3 fps
     assert metrics["items"] == 3 and metrics["dim"] == 1280 and metrics["frames"] == 9
     assert metrics["fps"] == 4 and metrics["max_frames"] == 3 and metrics["clips_capped"] == 1
+    assert metrics["frames_per_clip"] == 3.0 and metrics["frames_min"] == metrics["frames_max"] == 3
+    assert metrics["video_seconds"] == pytest.approx(0.75 + 0.75 + 1.0, abs=1e-6)
     assert metrics["videos_quarantined"] == 3 and metrics["listing_rejected"] == 1
     assert metrics["regions"] == 3 * (1 + 3)
 
