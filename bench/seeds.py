@@ -106,7 +106,9 @@ def table(per_stage: dict[str, list[dict[str, float]]]) -> str:
         if all("first_rsum" in r for r in rows):
             delta = " / ".join(
                 f"{statistics.mean(r[f'{d}_R@1'] - r[f'first_{d}_R@1'] for r in rows):+.1f}" for d in DIRS)
-        split = "" if rows[0]["split"] == "test" else f" (split {rows[0]['split']}: training items)"
+        splits = sorted({r["split"] for r in rows})
+        split = ("" if splits == ["test"] else
+                 f" (split {', '.join(splits)}{': training items' if splits == ['train'] else ''})")
         lines.append(f"| `{stage}`{split} | {len(rows)} | {cols[0]} | {cols[1]} | "
                      f"{mean_std([r['rsum'] for r in rows])} | {delta} |")
     return "\n".join(lines)

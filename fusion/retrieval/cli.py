@@ -20,8 +20,8 @@ from pipeline import StageFailed
 from pipeline.commands import command
 
 # RetrievalParams' fields that are options of `stele eval retrieval`, with their types.
-OPTIONS = {"mode": str, "k": int, "split": str, "limit": int, "batch_size": int, "workers": int,
-           "gpus_per_worker": float, "examples": int}
+OPTIONS = {"mode": str, "k": int, "fuse": str, "split": str, "limit": int, "batch_size": int,
+           "workers": int, "gpus_per_worker": float, "examples": int}
 # ... and the files of a model from elsewhere (fusion.retrieval.external), paths as given.
 EXTERNAL = {"text_vectors": "precomputed text vectors: NAME.npy (+ NAME.ids.txt), .safetensors (tensor "
                             "'vectors', metadata 'ids') or .parquet (id, vector); with --media-vectors, "
@@ -142,7 +142,7 @@ class Eval:
             console.print(f"[red]error:[/] {e}", highlight=False)
             return 1
         m, out = res.headline, res.path
-        label = m["mode"] + (f", k={m['k']}" if m["mode"] == "rerank" else "")
+        label = m["mode"] + (f", k={m['k']}, fuse={m['fuse']}" if m["mode"] == "rerank" else "")
         if res.metrics.get("model"):
             label += f", {res.metrics['model']}"
         console.print(f"retrieval ({label}) over {m['captions']} captions x {m['media']} media, "

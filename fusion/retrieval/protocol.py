@@ -168,7 +168,7 @@ def _finish(out: Path, params: RetrievalParams, result: dict[str, Any], final: d
     examples = examples_of(media_dir, listing, scores, relevance, params, log)
     (out / "examples.json").write_text(json.dumps(examples, indent=1))
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    return {"mode": params.mode, "k": result["k"], "captions": T, "media": M,
+    return {"mode": params.mode, "k": result["k"], "fuse": result.get("fuse"), "captions": T, "media": M,
             **{f"{d}_R@{k}": result[d][f"R@{k}"] for d in DIRECTIONS for k in KS},
             "rsum": result["rsum"], "first_stage_rsum": result["first_stage_rsum"],
             **{f"{d}_median_rank": result[d]["median_rank"] for d in DIRECTIONS},
@@ -274,8 +274,8 @@ def _evaluate_external(media_dir: Path | None, out: Path, params: RetrievalParam
                "pairs_listed": len(pairs),
                "pairs_with_text_outside": sum(t not in text_set for t, _ in pairs),
                "pairs_with_media_outside": sum(m not in media_set for _, m in pairs)}
-    result: dict[str, Any] = {"mode": params.mode, "k": None, "first_stage": source, "model": source,
-                              "relevance": pairs_from,
+    result: dict[str, Any] = {"mode": params.mode, "k": None, "fuse": None, "first_stage": source,
+                              "model": source, "relevance": pairs_from,
                               "split": params.split if kind == "hf_model" or params.split != "all"
                               else "the ids in the files",
                               "queries": {}, "counts": counts, "timing": timing}
@@ -438,17 +438,19 @@ def _score_pairs(scorer: Scorer, build: Callable[[str], tuple[Corpus, Scorer]], 
     queue = list(shards)
     idle = list(actors)
     done = 0
-    while queue or pending:
-        while queue and idle:
-            s, a = queue.pop(0), idle.pop()
-            pending[a.score.remote(ti[s], mi[s])] = (s, a)
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        s, a = pending.pop(ready[0])
-        out[s] = ray.get(ready[0])
-        idle.append(a)
-        done += s.stop - s.start
-        if report:
-            report(done, len(ti))
-    for a in actors:
-        ray.kill(a)
+    try:
+        while queue or pending:
+            while queue and idle:
+                s, a = queue.pop(0), idle.pop()
+                pending[a.score.remote(ti[s], mi[s])] = (s, a)
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            s, a = pending.pop(ready[0])
+            out[s] = ray.get(ready[0])
+            idle.append(a)
+            done += s.stop - s.start
+            if report:
+                report(done, len(ti))
+    finally:  # a failed actor must not leave the others holding their CPUs / GPUs in the cluster
+        for a in actors:
+            ray.kill(a)
     return out

@@ -166,12 +166,12 @@ def test_stele_eval_retrieval_cli(trained, feature_artifact, tmp_path, capsys):
 
     out = tmp_path / "cli"
     rc = main(["eval", "retrieval", "--model", str(trained["lxmert"][1]), "--media",
-               str(feature_artifact), "--mode", "rerank", "--k", "5", "--out", str(out)])
+               str(feature_artifact), "--mode", "rerank", "--k", "5", "--fuse", "zscore", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    assert "retrieval (rerank, k=5)" in printed and "text to media: R@1" in printed
+    assert "retrieval (rerank, k=5, fuse=zscore)" in printed and "text to media: R@1" in printed
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["k"] == 5 and metrics["split"] == "test"
+    assert metrics["k"] == 5 and metrics["fuse"] == "zscore" and metrics["split"] == "test"
     rc = main(["eval", "retrieval", "--model", str(trained["dual"][1]), "--media",
                str(feature_artifact), "--mode", "all_pairs", "--out", str(tmp_path / "no")])
     assert rc == 1 and "no cross-encoder" in capsys.readouterr().out
