@@ -9,12 +9,13 @@ writes audio); both models leave that token out.
 - ``videobert``: :class:`fusion.models.videobert.VideoBert` (Sun et al. 2019). Before training, the
   stage fits the hierarchical k-means codebook (``kmeans_depth`` levels of ``kmeans_branching``
   centroids) on a bounded, seeded sample of the *training* frames (:func:`sample_frames`: at most
-  ``kmeans_sample`` frames, read shard by shard in a seeded shard order, an equal share from each,
-  never the whole corpus at once). The codebook travels to the workers in the resources (a
-  safetensors blob, kept out of ``recipe.json``), lives in the model's buffers and so in
-  ``model.safetensors``: evaluation tokenises with the very same tree. The manifest records the
-  vocabulary size (``visual_words``) and the frames fitted on (``kmeans_frames``). Objectives: text
-  MLM, masked visual-word prediction, linguistic-visual alignment.
+  ``kmeans_sample`` frames, shards and their row groups visited in a seeded order, each shard a
+  share of what is still missing, never the whole corpus at once). The codebook travels to the
+  workers in the resources (a safetensors blob, kept out of ``recipe.json``), lives in the model's
+  buffers and so in ``model.safetensors``: evaluation tokenises with the very same tree. The
+  manifest records the vocabulary size (``visual_words``) and the frames fitted on
+  (``kmeans_frames``). Objectives: text MLM, masked visual-word prediction, linguistic-visual
+  alignment.
 - ``cbt``: :class:`fusion.models.cbt.CBT` (Sun et al. 2019, contrastive bidirectional transformer):
   the backbone as the text BERT, a visual transformer over the continuous frames (masked frames by
   NCE against the batch's frames) and a cross-modal transformer (NCE over the batch's pairs).
@@ -48,47 +49,62 @@ FIXED = {"vocab_size", "hidden_size", "num_heads", "intermediate_size", "num_lay
 DEFAULTS = {"contrastive_weight": 1.0}
 
 
+def _available(pf: pq.ParquetFile, keep: set[str], global_token: bool, max_regions: int | None) -> int:
+    """How many frames the items ``keep`` of one shard hold (its small columns only)."""
+    t = pf.read(columns=["id", "n_regions"])
+    return sum(max(0, (n if max_regions is None else min(n, max_regions)) - global_token)
+               for i, n in zip(t["id"].to_pylist(), t["n_regions"].to_pylist()) if i in keep)
+
+
 def sample_frames(uri: str, keep: set[str], cap: int, seed: int, global_token: bool,
                   max_regions: int | None, batch_rows: int = 256) -> tuple[np.ndarray, Counter]:
     """Up to ``cap`` frames (n, F) float32 of the items ``keep`` of a feature artifact, and counts.
 
-    Shards are visited in an order drawn from ``seed``, each giving at most ``ceil(cap / shards)``
-    frames (its items in order, each cut to ``max_regions`` regions, a global token left out), read in
-    record batches of ``batch_rows`` items: memory holds the sample and one batch, never a shard."""
+    A seeded sample with bounded reads. Each shard's quota is an equal share of ``cap``, a shard with
+    fewer training frames giving all it has and the others sharing the rest (counted from the ids
+    and region counts alone); shards are visited in an order drawn from ``seed``, and the row groups
+    of each in an order drawn from it too. Frames are cut to ``max_regions`` regions, a global token
+    left out. Rows are read in record batches of ``batch_rows`` items: memory holds the sample and
+    one batch, never a shard, and a shard is read only until it gave its quota."""
     from pipeline.features import tensor_spec
 
     shards = feature_shards(uri)
     if not shards:
         raise StageFailed(f"fusion.pretrain: {uri} has no feature shards")
-    quota = -(-cap // len(shards))
+    available = {}
+    for k, shard in enumerate(shards):
+        with _open(uri, shard) as f:
+            available[k] = _available(pq.ParquetFile(f), keep, global_token, max_regions)
+    quota, left = {}, cap                 # water-filling: the smallest shards first
+    for done, k in enumerate(sorted(available, key=lambda k: (available[k], k))):
+        quota[k] = min(available[k], -(-left // (len(shards) - done)))
+        left -= quota[k]
+    rng = np.random.default_rng(seed)
     parts: list[np.ndarray] = []
     counts: Counter = Counter()
-    total = 0
-    for k in np.random.default_rng(seed).permutation(len(shards)):
+    for k in rng.permutation(len(shards)):
         taken = 0
         with _open(uri, shards[k]) as f:
             pf = pq.ParquetFile(f)
             dtype, dim = tensor_spec(pf.schema_arrow.field("features"), f"{uri}/{shards[k]}: ")
-            for rb in pf.iter_batches(batch_size=batch_rows, columns=["id", "n_regions", "features"]):
-                for i, n, blob in zip(*(rb.column(c).to_pylist() for c in ("id", "n_regions", "features"))):
-                    if i not in keep or not n:
-                        continue
-                    n = n if max_regions is None else min(n, max_regions)
-                    x = np.frombuffer(blob, dtype.newbyteorder("<"), count=n * dim).reshape(n, dim)
-                    x = x[1:] if global_token else x
-                    x = x[:min(quota - taken, cap - total)]
-                    if len(x):
-                        parts.append(x.astype(np.float32))
-                        taken += len(x)
-                        total += len(x)
-                        counts["kmeans_items"] += 1
-                    if taken >= quota:
-                        break
-                if taken >= quota:
+            batches = (rb for g in rng.permutation(pf.num_row_groups)
+                       for rb in pf.iter_batches(batch_size=batch_rows, row_groups=[int(g)],
+                                                 columns=["id", "n_regions", "features"]))
+            rows = (row for rb in batches
+                    for row in zip(*(rb.column(c).to_pylist() for c in ("id", "n_regions", "features"))))
+            for i, n, blob in rows:      # lazily: stops reading once the shard gave its quota
+                if taken >= quota[k]:
                     break
-        counts["kmeans_shards"] += 1
-        if total >= cap:
-            break
+                if i not in keep or not n:
+                    continue
+                n = n if max_regions is None else min(n, max_regions)
+                x = np.frombuffer(blob, dtype.newbyteorder("<"), count=n * dim).reshape(n, dim)
+                x = (x[1:] if global_token else x)[:quota[k] - taken]
+                if len(x):
+                    parts.append(x.astype(np.float32))
+                    taken += len(x)
+                    counts["kmeans_items"] += 1
+        counts["kmeans_shards"] += bool(taken)
     if not parts:
         raise StageFailed(f"fusion.pretrain: no training frames in {uri} to fit the visual words on")
     return np.concatenate(parts), counts

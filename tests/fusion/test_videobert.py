@@ -259,6 +259,28 @@ def test_sample_frames_is_bounded_seeded_and_of_training_items(tmp_path):
 
 
 
+def test_sample_frames_draws_row_groups_by_seed_and_passes_on_a_short_shard_s_share(tmp_path):
+    """The seed picks which row groups (not just which shard comes first) give frames; a shard with
+    fewer training frames than its share gives them all and leaves the rest to the other shards."""
+    import pyarrow.parquet as pq
+
+    art = make_feature_artifact(tmp_path / "v", dim=FEAT, global_token=True)   # 42 items, 3 frames each
+    (shard,) = sorted((art / "features").glob("*.parquet"))
+    whole = pq.read_table(shard)
+    shard.unlink()
+    pq.write_table(whole.slice(0, 38), art / "features" / "part-00000.parquet", row_group_size=4)
+    pq.write_table(whole.slice(38), art / "features" / "part-00001.parquet")    # 4 items: 12 frames
+    keep = set(whole["id"].to_pylist())
+    draws = {}
+    for seed in range(6):
+        x, counts = sample_frames(str(art), keep, 30, seed, True, None)
+        assert x.shape == (30, FEAT) and counts["kmeans_shards"] == 2       # 12 (all it has) + 18
+        again, _ = sample_frames(str(art), keep, 30, seed, True, None)
+        np.testing.assert_array_equal(x, again)
+        draws[seed] = x.tobytes()
+    assert len(set(draws.values())) > 2      # the seeds draw different frames, not one prefix
+
+
 def test_text_alone_is_the_backbone(backbone, tokenizer):
     """The joint table's first V rows and the layers are the backbone's: the caption alone gives the
     backbone's own outputs; the K visual rows are new."""
