@@ -17,8 +17,12 @@ encoded::
 and the output at a masked frame, ``yhat_t = W_p h^v_t``, must pick the frame's own embedding
 ``e_t`` (of the original features) among the embeddings of all the real frames of the batch::
 
-    NCE(x_t | x_-t) = exp(e_t^T yhat_t) / sum_{j in batch frames} exp(e_j^T yhat_t)
+    NCE(x_t | x_-t) = sum_{j: x_j = x_t} exp(e_j^T yhat_t) / sum_{j in batch frames} exp(e_j^T yhat_t)
     L_visual = -mean_{t masked} log NCE(x_t | x_-t)
+
+A frame that occurs more than once in the batch (a source slower than the sampling rate shows one
+frame in several samples; a still shot) is one frame: every copy of ``x_t`` counts as the positive,
+as it cannot be told apart (as a negative it would put a floor of ``log(1 + copies)`` under the loss).
 
 **Cross-modal transformer**. The text ``s`` goes through BERT (``h^s``, (B, L, D), the
 backbone's layers); the video through the visual transformer (``h^v``, unmasked); a cross-modal
@@ -55,7 +59,7 @@ from fusion.models.heads import MLMHead
 from fusion.models.layers import (TransformerLayer, activation, block_sizes, init_bert_weights, key_mask,
                                   summary)
 from fusion.models.lxmert import TextEmbeddings
-from fusion.models.objectives import info_nce, mask_regions, mlm_mask, pool
+from fusion.models.objectives import info_nce, mask_regions, mlm_mask, multi_positive_ce, pool
 from fusion.models.videobert import backbone_config, load_bert, video_frames
 
 
@@ -101,13 +105,18 @@ class CBTConfig:
             raise ValueError("MLM needs mask_token_id (or set mlm_weight=0)")
 
 
-def visual_nce(pred: torch.Tensor, targets: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+def visual_nce(pred: torch.Tensor, targets: torch.Tensor, positive: torch.Tensor,
+               frame_ids: torch.Tensor | None = None) -> torch.Tensor:
     """``L_visual`` (module docstring): ``pred`` (n, D) the predictions at the masked frames,
     ``targets`` (N, D) the embeddings of every real frame of the batch, ``positive`` (n,) each masked
-    frame's row in ``targets``; a zero that keeps the graph when nothing is masked."""
+    frame's row in ``targets``, ``frame_ids`` (N,) equal for equal frames (None: all distinct); a
+    zero that keeps the graph when nothing is masked."""
     if not len(pred):
         return pred.sum() * 0.0 + targets.sum() * 0.0
-    return F.cross_entropy((pred @ targets.T).float(), positive)                     # (n, N) logits
+    logits = (pred @ targets.T).float()                                              # (n, N)
+    if frame_ids is None:
+        return F.cross_entropy(logits, positive)
+    return multi_positive_ce(logits, frame_ids[positive][:, None] == frame_ids[None, :])
 
 
 def cross_nce(scores: torch.Tensor) -> torch.Tensor:
@@ -269,10 +278,12 @@ class CBT(nn.Module):
         if cfg.visual_weight:
             masked, chosen = self.mask_frames(frames, fmask, generator)
             h = self.encode_frames(masked, fmask)                                    # (B, T, D)
-            targets = self.frame(frames[fmask])                                      # (N, D) e_j
+            real = frames[fmask]                                                     # (N, F)
+            targets = self.frame(real)                                               # (N, D) e_j
             row = torch.cumsum(fmask.flatten().long(), 0) - 1                        # (B*T,) row in targets
             positive = row[chosen.flatten()]                                         # (n,)
-            losses["visual"] = visual_nce(self.frame_pred(h[chosen]), targets, positive)
+            frame_ids = torch.unique(real, dim=0, return_inverse=True)[1]            # (N,) copies alike
+            losses["visual"] = visual_nce(self.frame_pred(h[chosen]), targets, positive, frame_ids)
         if cfg.cross_weight or cfg.contrastive_weight:
             text = self.encode_words(ids, attn)                                      # (B, L, D)
             video = self.encode_frames(frames, fmask)                                # (B, T, D)

@@ -95,6 +95,14 @@ def info_nce(text: torch.Tensor, media: torch.Tensor, scale: torch.Tensor | floa
     return (F.cross_entropy(logits.float(), target) + F.cross_entropy(logits.T.float(), target)) / 2
 
 
+def multi_positive_ce(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``-log sum_{j in pos} softmax(logits)_j``; ``logits``, ``pos`` (N, C): the
+    cross-entropy when several candidates of a row are the right answer."""
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    pos_lse = torch.logsumexp(logits.float().masked_fill(~pos, float("-inf")), dim=-1)
+    return (lse - pos_lse).mean()
+
+
 def pool(x: torch.Tensor, mask: torch.Tensor | None, first: bool) -> torch.Tensor:
     """One vector per sequence for a dual encoder: position 0 (``first``: [CLS] or a global token),
     else the mean over the real positions of ``mask`` (B, S) (all of them when None)."""

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from fusion.models.lxmert import Lxmert
+from fusion.models.objectives import multi_positive_ce
 
 # The first stage's parameters (a dual encoder's state dict holds them under these names); the
 # cross layers and the unused pretraining heads are new.
@@ -77,13 +78,6 @@ def positives(keys: torch.Tensor, group: int) -> torch.Tensor:
     item, or the same caption text). ``keys`` (G * n,) int64."""
     k = keys.view(-1, group)
     return k[:, :, None] == k[:, None, :]
-
-
-def multi_positive_ce(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of ``-log sum_{j in pos} softmax(logits)_j``; ``logits``, ``pos`` (N, C)."""
-    lse = torch.logsumexp(logits.float(), dim=-1)
-    pos_lse = torch.logsumexp(logits.float().masked_fill(~pos, float("-inf")), dim=-1)
-    return (lse - pos_lse).mean()
 
 
 class ListwiseReranker(nn.Module):

@@ -80,19 +80,24 @@ def naive_mi(model: CBT, text: torch.Tensor, video: torch.Tensor) -> torch.Tenso
 
 
 def test_visual_nce_against_naive():
-    """L_visual = -mean_t log exp(e_t . yhat_t) / sum_{j real frames of the batch} exp(e_j . yhat_t),
-    e_j = W_e x_j + b_e of the original features, yhat_t = W_p h^v_t of the masked clip."""
+    """L_visual = -mean_t log sum_{j: x_j = x_t} exp(e_j . yhat_t) / sum_{j real frames of the batch}
+    exp(e_j . yhat_t), e_j = W_e x_j + b_e of the original features, yhat_t = W_p h^v_t of the masked
+    clip: a frame repeated in the batch counts as the positive in every copy."""
     model = tiny(global_token=True, cross_weight=0.0, frame_mask_prob=0.4, initializer_range=0.3).eval()
     b = inputs(B=5)
     b["region_mask"][3, 3:] = False
+    # repeated frames (a slow source sampled faster; one frame in two clips): every copy is positive
+    b["features"][1, 2] = b["features"][1, 1]
+    b["features"][2, 1] = b["features"][0, 2]
+    b["features"][4, 4] = b["features"][4, 3]
     losses = model.loss(b, torch.Generator().manual_seed(4))
     assert set(losses) == {"visual", "total"}
     frames, fmask = b["features"][:, 1:].float(), b["region_mask"][:, 1:]       # global token out
     # the loss's one draw: each real frame with probability 0.4
     chosen = (torch.rand(fmask.shape, generator=torch.Generator().manual_seed(4)) < 0.4) & fmask
     assert chosen.sum() >= 2
-    embeds = [frames[i, t] @ model.frame.weight.T + model.frame.bias
-              for i in range(5) for t in range(4) if fmask[i, t]]
+    real = [frames[i, t] for i in range(5) for t in range(4) if fmask[i, t]]
+    embeds = [x @ model.frame.weight.T + model.frame.bias for x in real]
     terms = []
     for i in range(5):
         T = int(fmask[i].sum())
@@ -100,8 +105,7 @@ def test_visual_nce_against_naive():
         for t in range(T):
             if chosen[i, t]:
                 yhat = model.frame_pred.weight @ h[t] + model.frame_pred.bias
-                e_t = frames[i, t] @ model.frame.weight.T + model.frame.bias
-                num = torch.exp(e_t @ yhat)
+                num = sum(torch.exp(e @ yhat) for x, e in zip(real, embeds) if torch.equal(x, frames[i, t]))
                 terms.append(-torch.log(num / sum(torch.exp(e @ yhat) for e in embeds)))
     torch.testing.assert_close(losses["visual"], torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
     # nothing masked: a zero loss that keeps the graph
