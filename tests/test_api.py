@@ -140,7 +140,7 @@ def test_evaluate_retrieval_takes_stage_names_like_the_command(
     assert res.metrics["dirs"] == [first.outcomes["b"].key, first.outcomes["a"].key]
     assert main(["eval", "retrieval", "--model", "b", "--media", "a", "--store", str(store),
                  "--out", str(store.parent / "r2")]) == 0
-    assert "retrieval (rerank, k=32)" in capsys.readouterr().out
+    assert "retrieval (rerank, k=32, fuse=none)" in capsys.readouterr().out
     assert json.loads((store.parent / "r2" / "metrics.json").read_text())["dirs"] == \
         [second.outcomes["b"].key, second.outcomes["a"].key]
 

@@ -142,7 +142,7 @@ class Eval:
             console.print(f"[red]error:[/] {e}", highlight=False)
             return 1
         m, out = res.headline, res.path
-        label = m["mode"] + (f", k={m['k']}, fuse={m['fuse']}" if m["mode"] == "rerank" else "")
+        label = m["mode"] + (f", k={m['k']}, fuse={m.get('fuse') or 'none'}" if m["mode"] == "rerank" else "")
         if res.metrics.get("model"):
             label += f", {res.metrics['model']}"
         console.print(f"retrieval ({label}) over {m['captions']} captions x {m['media']} media, "
