@@ -37,6 +37,14 @@ def row_adagrad_(table: torch.Tensor, acc: torch.Tensor, rows: torch.Tensor, old
     table.index_add_(0, rows, grad.mul(-lr).div_(std))  # distinct rows: w_i + update, once each
 
 
+def _closure_loss(closure: Any) -> Any:
+    """``torch.optim.Optimizer.step``'s optional closure: re-evaluates the loss with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _row_gradient(p: torch.Tensor, grad: torch.Tensor,
                   weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A row-sparse gradient of the ``(n, d)`` parameter ``p`` as ``(rows (U,), values (U, d))``,
@@ -80,10 +88,7 @@ class RowAdagrad(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -131,10 +136,7 @@ class SparseAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
