@@ -152,6 +152,9 @@ def feature_artifact(tmp_path_factory) -> Path:
 
 #: a media recipe's short run on the synthetic feature artifact: 8 items a step, 8-token captions
 MEDIA_RUN = {"batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "checkpoint_every": 1000, "max_length": 8}
+#: a text recipe's short run on tiny linked documents: 30 steps of 4, up to 32 wordpieces
+TEXT_RUN = {"steps": 30, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "checkpoint_every": 30,
+            "max_length": 32}
 
 
 def run_pretrain(tmp: Path, name: str, inputs: dict[str, Path], params: dict) -> tuple[dict, Path]:

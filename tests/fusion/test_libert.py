@@ -209,7 +209,7 @@ def test_libert_recipe_pretrains_and_counts_its_pairs(ray_local, tmp_path, artif
     from fusion.models.backbone import artifact_backbone
     from fusion.pretrain.loop import build_pretrained
 
-    _, opts, model = build_pretrained(tmp_path / "out", artifact_backbone(tmp_path / "out"), {})
+    _, opts, model = build_pretrained(tmp_path / "pt", artifact_backbone(tmp_path / "pt"), {})
     assert isinstance(model, Libert) and opts.pairs_per_doc == 2
     assert span_encoder_for("libert") is SPAN_ENCODERS.get("mlm")
 

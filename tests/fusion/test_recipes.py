@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,12 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from fusion.models.backbone import random_backbone
-from tests.fusion.conftest import write_linked
-from fusion.pretrain.stage import PretrainParams, pretrain
+from tests.fusion.conftest import TEXT_RUN, run_pretrain, write_linked
 from knowledge.kg import ENTITY_SCHEMA, RELATION_SCHEMA, TRIPLE_SCHEMA, KnowledgeGraph
-from pipeline.context import StageContext
-from pipeline.registry import Resources
-from pipeline.store import Artifact
 
 # (id, name, type)
 ENTITIES = [("t:beijing", "beijing", "city"), ("t:china", "china", "country"),
@@ -71,16 +66,8 @@ def artifacts(tmp_path_factory, tokenizer) -> dict[str, Path]:
 
 
 def _run(tmp: Path, artifacts: dict[str, Path], roles: tuple[str, ...], **params) -> tuple[dict, list]:
-    out = tmp / "out"
-    out.mkdir()
-    ctx = StageContext(stage="pt", key="k", out=out,
-                       inputs={r: Artifact(r, artifacts[r], {}) for r in roles},
-                       resources=Resources(), state_uri=str(tmp / "state"),
-                       log=logging.getLogger("test.recipes"))
-    p = PretrainParams.model_validate({"backbone": str(artifacts["backbone"]), "steps": 30,
-                                       "batch_size": 4, "lr": 3e-3, "warmup_steps": 2,
-                                       "checkpoint_every": 30, "max_length": 32, **params})
-    metrics = pretrain(ctx, p)
+    metrics, out = run_pretrain(tmp, "pt", {r: artifacts[r] for r in roles},
+                                TEXT_RUN | {"backbone": str(artifacts["backbone"])} | params)
     return metrics, json.loads((out / "history.json").read_text())
 
 

@@ -5,7 +5,6 @@ and one tiny ``fusion.pretrain`` run on a WordNet-like KG artifact."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from pathlib import Path
@@ -21,7 +20,7 @@ from fusion.models.sensebert import (SUPERSENSES, SenseBert, SenseBertConfig, Se
                                      sense_bits, supersense_loss,
                                      whole_word_mask)
 from knowledge.kg import ENTITY_SCHEMA, RELATION_SCHEMA, TRIPLE_SCHEMA, KnowledgeGraph
-from tests.fusion.conftest import write_linked
+from tests.fusion.conftest import TEXT_RUN, run_pretrain, write_linked
 
 # A WordNet-like KG as knowledge.ingest writes it: (id, name, aliases, lexname)
 SYNSETS = [
@@ -251,21 +250,8 @@ def artifacts(tmp_path_factory, tokenizer) -> dict[str, Path]:
 
 def run_recipe(tmp: Path, artifacts: dict[str, Path], **params) -> tuple[dict, list]:
     """``fusion.pretrain`` on ``artifacts``' text and kg (as tests/fusion/test_recipes.py runs it)."""
-    from fusion.pretrain.stage import PretrainParams, pretrain
-    from pipeline.context import StageContext
-    from pipeline.registry import Resources
-    from pipeline.store import Artifact
-
-    out = tmp / "out"
-    out.mkdir()
-    ctx = StageContext(stage="pt", key="k", out=out,
-                       inputs={r: Artifact(r, artifacts[r], {}) for r in ("text", "kg")},
-                       resources=Resources(), state_uri=str(tmp / "state"),
-                       log=logging.getLogger("test.lexical"))
-    p = PretrainParams.model_validate({"backbone": str(artifacts["backbone"]), "steps": 30,
-                                       "batch_size": 4, "lr": 3e-3, "warmup_steps": 2,
-                                       "checkpoint_every": 30, "max_length": 32, **params})
-    metrics = pretrain(ctx, p)
+    metrics, out = run_pretrain(tmp, "pt", {r: artifacts[r] for r in ("text", "kg")},
+                                TEXT_RUN | {"backbone": str(artifacts["backbone"])} | params)
     return metrics, json.loads((out / "history.json").read_text())
 
 
@@ -288,7 +274,7 @@ def test_sensebert_recipe_pretrains_and_counts_words_without_sense(ray_local, tm
     from fusion.models.backbone import artifact_backbone
     from fusion.pretrain.loop import build_pretrained
 
-    out = tmp_path / "out"
+    out = tmp_path / "pt"   # run_recipe's stage folder
     meta = json.loads((out / "recipe.json").read_text())
     _, opts, model = build_pretrained(out, artifact_backbone(out), meta["resources_meta"])
     assert isinstance(model, SenseBert) and opts.mask_prob == 0.3
