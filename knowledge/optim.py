@@ -76,7 +76,7 @@ class RowAdagrad(torch.optim.Optimizer):
     would make the step dense again). ``eps = 1e-10``, PBG's constant, added after the root.
     """
 
-    def __init__(self, params: Any, lr: float = 0.01, eps: float = 1e-10, weight_decay: float = 0.0):
+    def __init__(self, params: Any, lr: float = 0.01, eps: float = ADAGRAD_EPS, weight_decay: float = 0.0):
         if lr <= 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"invalid RowAdagrad setting: lr={lr}, eps={eps}, "
                              f"weight_decay={weight_decay}")
@@ -107,8 +107,6 @@ class RowAdagrad(torch.optim.Optimizer):
                     acc.add_((g * g).mean(1))
                     p.addcdiv_(g, acc.sqrt().add_(eps).unsqueeze(1), value=-lr)
         return loss
-
-
 
 
 class SparseAdam(torch.optim.Optimizer):

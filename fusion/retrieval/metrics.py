@@ -136,6 +136,13 @@ def relevance_matrix(query_ids: Sequence[str], candidate_ids: Sequence[str],
 
 
 # ----------------------------------------------------------------------------------- scores
+def _no_nan(*tensors: torch.Tensor) -> None:
+    """Checked once, where scores come in: a NaN compares False with everything, so its query's
+    correct item would rank first and the query would look solved."""
+    if any(bool(t.isnan().any()) for t in tensors):
+        raise ValueError("scores hold NaN: ranks from them would put the correct items first")
+
+
 @dataclass
 class Scores:
     """Both directions' scores, served a block of query rows at a time: ``text_to_media`` rows are
@@ -152,6 +159,7 @@ class Scores:
         """(T, M) scores, and (M, T) for the other direction (default: the transpose; re-ranking
         gives each direction its own)."""
         m2t = text_to_media.T if media_to_text is None else media_to_text
+        _no_nan(text_to_media, m2t)
         if tuple(m2t.shape) != tuple(text_to_media.shape[::-1]):
             raise ValueError(f"media_to_text {tuple(m2t.shape)} is not the transpose of text_to_media "
                              f"{tuple(text_to_media.shape)}")
@@ -163,6 +171,7 @@ class Scores:
         """A dual encoder's ``text`` (T, D) and ``media`` (M, D) vectors: score = dot product."""
         if text.shape[1] != media.shape[1]:
             raise ValueError(f"text vectors are {text.shape[1]}-d, media vectors {media.shape[1]}-d")
+        _no_nan(text, media)
         t, m = text.float().contiguous(), media.float().contiguous()
 
         def product(q: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -193,8 +202,6 @@ def block_ranks(scores: torch.Tensor, correct: torch.Tensor, mask: torch.Tensor,
     (one pass over the block for the rank, one per correct item that can be in the top ``k``),
     never a sort of the candidates."""
     s = scores.float()
-    if bool(s.isnan().any()):   # NaN compares False with everything: its query would look solved
-        raise ValueError("scores hold NaN: ranks from them would put the correct items first")
     neg_inf = torch.finfo(s.dtype).min
     cs = torch.where(mask, s.gather(1, correct), torch.full(correct.shape, neg_inf))  # (B, R)
     cs, order = cs.sort(1, descending=True)                      # the best correct item first

@@ -115,8 +115,8 @@ def test_a_non_finite_cross_encoder_score_fails_the_evaluation(fuse):
 
 def test_non_finite_vectors_or_scores_are_refused_not_ranked():
     """A dual encoder's NaN vector made every query of it rank its correct item first (R@1 100 from
-    an all-NaN model): the vectors are refused naming the first bad id, and the ranking itself
-    refuses NaN scores whichever path they came by."""
+    an all-NaN model): the vectors are refused naming the first bad id, and scores refuse NaN where
+    they come in (``Scores.dense``, ``Scores.dual``), whichever path they came by."""
     from fusion.retrieval.metrics import Relevance, Scores, evaluate_scores
     from fusion.retrieval.scorer import check_finite
     from pipeline import StageFailed
