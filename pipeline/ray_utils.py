@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 # Defaults that must be in the environment before Ray starts its processes.
 _LOCAL_ENV = {
@@ -128,13 +128,40 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
             if mark:
                 os.environ[reaper.MARK] = mark
             try:
-                ray.init(address="local", num_cpus=n, **{**common, **kwargs})
+                start_with_retries(lambda: ray.init(address="local", num_cpus=n, **{**common, **kwargs}),
+                                   mark)
             finally:
                 os.environ.pop(reaper.MARK, None)
             reaper.snapshot()
     ctx = ray.get_runtime_context()
     return {"address": address or "embedded", "embedded": not address,
             "resources": ray.cluster_resources(), "node": ctx.get_node_id()}
+
+
+# Ray waits a fixed 30 s for a new raylet to register with its GCS (ray._private.node); on a
+# machine loaded by other work that can pass while nothing is wrong, and the run would fail.
+_STARTUP_TIMEOUT = "timed out during startup"
+STARTUP_ATTEMPTS = 3
+
+
+def start_with_retries(start: Callable[[], Any], mark: str | None, attempts: int = STARTUP_ATTEMPTS) -> Any:
+    """``start()`` (an embedded ``ray.init``), again after Ray's start-up timeout, up to ``attempts``
+    times in all. Before each retry the processes the failed attempt left running (those carrying
+    the reaper's ``mark``, and their descendants) are killed, so attempts do not pile up raylets on
+    a machine that is already short of CPU. Any other error, or the last timeout, is raised."""
+    for attempt in range(1, attempts):
+        try:
+            return start()
+        except Exception as e:  # Ray raises a bare Exception for this
+            if _STARTUP_TIMEOUT not in str(e):
+                raise
+            print(f"stele: Ray did not start in time (attempt {attempt} of {attempts}; the machine "
+                  f"may be busy): starting it again", file=sys.stderr)
+            if mark:
+                from . import reaper
+
+                reaper.Watch(os.getpid(), mark).reap(settle_s=0.5)
+    return start()
 
 
 def shutdown_ray() -> None:

@@ -70,3 +70,47 @@ def test_workers_get_the_drivers_extra_path_through_the_environment(ray_local: N
         return stele_testplugin.__file__
 
     assert ray.get(plugin_file.remote()).startswith(str(plugin_site))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reaper reads /proc")
+def test_ray_start_timeout_is_retried_after_killing_what_the_failed_attempt_left() -> None:
+    """Ray gives a new raylet a fixed 30 s to register, which a loaded machine can miss: the start
+    is tried again, and the processes the failed attempt started (they carry the run's mark) are
+    killed first. Other errors, and a timeout on the last attempt, are raised as they are."""
+    import os
+
+    from pipeline import reaper
+    from pipeline.ray_utils import start_with_retries
+
+    mark = f"test-{os.getpid()}"
+    left: list[subprocess.Popen] = []
+
+    def failing_start() -> str:
+        # what a timed-out ray.init leaves: a process started with the mark in its environment
+        left.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                     env={**os.environ, reaper.MARK: mark}))
+        if len(left) < 3:
+            raise Exception("The current node timed out during startup. This could happen ...")
+        return "started"
+
+    try:
+        assert start_with_retries(failing_start, mark, attempts=3) == "started"
+        assert [p.wait() for p in left[:2]] == [-9, -9]  # killed before each retry (the reap waits)
+        assert left[2].poll() is None                     # the attempt that started is left alone
+    finally:
+        for p in left:
+            p.kill()
+            p.wait()
+
+    left.clear()
+    with pytest.raises(Exception, match="timed out during startup"):
+        start_with_retries(failing_start, mark, attempts=2)  # both attempts time out
+    for p in left:
+        p.kill()
+        p.wait()
+
+    def other() -> None:
+        raise ValueError("a bad argument")
+
+    with pytest.raises(ValueError):
+        start_with_retries(other, mark)
