@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fusion.models.backbone import TextBackbone, random_backbone
 
@@ -201,3 +202,27 @@ def write_linked(out: Path, docs: list[tuple[str, str]],
                              "score": [1.0] * len(mentions), "n_candidates": [1] * len(mentions)},
                             schema=MENTION_SCHEMA), out / "mentions.parquet")
     return out
+
+
+def text_media_batch(B: int = 4, L: int = 7, R: int = 5, feat: int = 16, vocab: int = 100, seed: int = 0,
+                     random_boxes: bool = False, mask_dtype: torch.dtype = torch.bool) -> dict:
+    """A tiny model-level batch: ``[CLS] ... [SEP]`` texts (ids 2 and 3; item 1 padded after 4
+    tokens, item 2 after ``L - 1``), ``R`` regions or frames per item (item 0 padded after 3),
+    features (B, R, feat) float16, boxes (B, R, 4) zeros or random valid ``(x1, y1, x2, y2)``,
+    ``special_tokens_mask`` 1 on [CLS], [SEP] and padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (B, L), generator=g)
+    attn = torch.ones(B, L, dtype=torch.long)
+    attn[1, 4:] = 0
+    attn[2, L - 1:] = 0
+    ids[:, 0] = 2
+    ids[torch.arange(B), attn.sum(1) - 1] = 3
+    ids[attn == 0] = 0
+    special = ((ids == 2) | (ids == 3) | (attn == 0)).long()
+    region_mask = torch.ones(B, R, dtype=mask_dtype)
+    region_mask[0, 3:] = 0
+    features = torch.randn(B, R, feat, generator=g).half()
+    boxes = (torch.rand(B, R, 2, 2, generator=g).sort(2).values.reshape(B, R, 4) if random_boxes
+             else torch.zeros(B, R, 4))
+    return {"input_ids": ids, "attention_mask": attn, "special_tokens_mask": special,
+            "features": features, "boxes": boxes, "region_mask": region_mask}

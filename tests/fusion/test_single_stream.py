@@ -20,7 +20,7 @@ from fusion.models.objectives import IGNORE, image_feature
 from fusion.models.single_stream import (Masking, SingleStream, SingleStreamConfig, geometry_embedding, ipot,
                                          ot_distance, uniter_location, variant_config)
 
-from .conftest import MEDIA_RUN, run_pretrain
+from .conftest import MEDIA_RUN, run_pretrain, text_media_batch
 from .cuda_checks import check_dropout_step_on_cuda, check_on_cuda, needs_cuda
 
 ATOL = 1e-5
@@ -36,26 +36,8 @@ def tiny(variant: str = "visualbert", **config) -> SingleStream:
 
 
 def inputs(B: int = 4, L: int = 7, R: int = 5, feat: int = 16, seed: int = 0) -> dict:
-    """Padded text (items 1, 2), padded regions (item 0), [CLS] ... [SEP] special tokens."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 100, (B, L), generator=g)
-    attn = torch.ones(B, L, dtype=torch.long)
-    attn[1, 4:] = 0
-    attn[2, L - 1:] = 0
-    ids[:, 0] = 2
-    lengths = attn.sum(1)
-    ids[torch.arange(B), lengths - 1] = 3
-    ids[attn == 0] = 0
-    special = torch.zeros(B, L, dtype=torch.long)
-    special[:, 0] = 1
-    special[torch.arange(B), lengths - 1] = 1
-    special[attn == 0] = 1
-    region_mask = torch.ones(B, R, dtype=torch.long)
-    region_mask[0, 3:] = 0
-    return {"input_ids": ids, "attention_mask": attn, "special_tokens_mask": special,
-            "features": torch.randn(B, R, feat, generator=g).half(),
-            "boxes": torch.rand(B, R, 2, 2, generator=g).sort(2).values.reshape(B, R, 4),
-            "region_mask": region_mask}
+    """Padded text (items 1, 2), padded regions (item 0, a 0/1 mask as VisualBERT's), random boxes."""
+    return text_media_batch(B, L, R, feat, 100, seed, random_boxes=True, mask_dtype=torch.long)
 
 
 def run(model: SingleStream, b: dict):

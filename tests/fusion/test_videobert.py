@@ -20,7 +20,7 @@ from fusion.models.videobert import (VideoBert, VideoBertConfig, fit_hierarchica
                                      videobert_backbone)
 from fusion.pretrain.video_recipes import sample_frames
 
-from .conftest import MEDIA_RUN, make_feature_artifact, run_pretrain
+from .conftest import MEDIA_RUN, make_feature_artifact, run_pretrain, text_media_batch
 from .cuda_checks import check_dropout_step_on_cuda, check_on_cuda, needs_cuda
 
 V, FEAT = 100, 16
@@ -43,21 +43,7 @@ def tiny(**config) -> VideoBert:
 
 def inputs(B: int = 4, L: int = 7, R: int = 5, seed: int = 0) -> dict:
     """Padded text (items 1, 2), padded frames (item 0), [CLS] ... [SEP] special tokens."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, V, (B, L), generator=g)
-    attn = torch.ones(B, L, dtype=torch.long)
-    attn[1, 4:] = 0
-    attn[2, L - 1:] = 0
-    ids[:, 0] = 2
-    lengths = attn.sum(1)
-    ids[torch.arange(B), lengths - 1] = 3
-    ids[attn == 0] = 0
-    special = ((ids == 2) | (ids == 3) | (attn == 0)).long()
-    region_mask = torch.ones(B, R, dtype=torch.bool)
-    region_mask[0, 3:] = False
-    return {"input_ids": ids, "attention_mask": attn, "special_tokens_mask": special,
-            "features": torch.randn(B, R, FEAT, generator=g).half(), "boxes": torch.zeros(B, R, 4),
-            "region_mask": region_mask}
+    return text_media_batch(B, L, R, FEAT, V, seed)
 
 
 # ------------------------------------------------------------------------ hierarchical k-means
