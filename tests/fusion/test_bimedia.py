@@ -4,7 +4,6 @@ cross encoder, the objectives switch off cleanly, media-query pairs are counted,
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 from fusion.models.bimedia import BiMedia, BiMediaConfig, dual_config
 from fusion.pairs import load_media_pairs
 
-from .conftest import make_query_artifact
+from .conftest import make_query_artifact, run_pretrain
 
 TINY = dict(query_feat_dim=12, media_feat_dim=16, hidden_size=32, num_heads=2, intermediate_size=64,
             q_layers=1, r_layers=1, x_layers=1, dropout=0.0, attention_dropout=0.0)
@@ -71,22 +70,11 @@ def test_loss_objectives_and_the_dual_encoder(queries, feature_artifact):
 @pytest.mark.slow
 def test_media_lxmert_trains_and_retrieves(ray_local, tmp_path, queries, feature_artifact, backbone_dir):
     from fusion.retrieval.stage import RetrievalParams, evaluate
-    from fusion.pretrain.stage import PretrainParams, pretrain
-    from pipeline.context import StageContext
-    from pipeline.registry import Resources
-    from pipeline.store import Artifact
-
-    out = tmp_path / "model"
-    out.mkdir()
-    ctx = StageContext(stage="av", key="av", out=out, resources=Resources(), state_uri=str(tmp_path / "s"),
-                       inputs={"media": Artifact("m", feature_artifact, {}),
-                               "query_media": Artifact("q", queries, {})},
-                       log=logging.getLogger("test.bimedia"))
     config = {k: v for k, v in TINY.items() if not k.endswith("feat_dim")} | {"initializer_range": 0.2}
-    metrics = pretrain(ctx, PretrainParams.model_validate({
+    metrics, out = run_pretrain(tmp_path, "model", {"media": feature_artifact, "query_media": queries}, {
         "recipe": "media_lxmert", "backbone": str(backbone_dir), "steps": 300, "batch_size": 8, "lr": 3e-3,
         "warmup_steps": 5, "checkpoint_every": 1000, "options": {"held_out_share": 0.25,
-                                                                  "config": config}}))
+                                                                  "config": config}})
     assert metrics["loss_contrastive_last10"] < 0.5 * metrics["loss_contrastive_first"]
     assert metrics["queries"] > 0 and metrics["queries_without_base_id"] == 1
     m = evaluate(out, feature_artifact, tmp_path / "eval", RetrievalParams(mode="rerank", k=5, split="all"),

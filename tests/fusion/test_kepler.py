@@ -5,7 +5,6 @@ missing descriptions counted, link prediction through knowledge.evaluate, one fu
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from fusion.models.kepler import (Kepler, KeplerConfig, candidate_scorer, description_batch, draw_negatives,
                                   encode_entities, ke_batch, ke_loss)
 from knowledge.kg import ENTITY_SCHEMA, RELATION_SCHEMA, TRIPLE_SCHEMA, KnowledgeGraph
-from tests.fusion.conftest import write_linked
+from tests.fusion.conftest import run_pretrain, write_linked
 
 # (id, name, description); steve jobs and the dog have none
 ENTITIES = [("t:beijing", "beijing", "the capital city of china"),
@@ -338,22 +337,11 @@ def test_link_prediction_scores_entities_from_their_descriptions_with_the_filter
 
 
 def test_kepler_recipe_pretrains_through_the_stage(ray_local, tmp_path, tokenizer, backbone_dir):
-    from fusion.pretrain.stage import PretrainParams, pretrain
-    from pipeline.context import StageContext
-    from pipeline.registry import Resources
-    from pipeline.store import Artifact
-
     arts = {"kg": write_kg(tmp_path / "kg"), "text": write_text(tmp_path / "text")}
-    out = tmp_path / "out"
-    out.mkdir()
-    ctx = StageContext(stage="pt", key="k", out=out, inputs={r: Artifact(r, p, {}) for r, p in arts.items()},
-                       resources=Resources(), state_uri=str(tmp_path / "state"),
-                       log=logging.getLogger("test.kepler"))
-    params = PretrainParams.model_validate({
+    metrics, out = run_pretrain(tmp_path, "pt", arts, {
         "recipe": "kepler", "backbone": str(backbone_dir), "steps": 24, "batch_size": 4, "lr": 3e-3,
         "warmup_steps": 2, "checkpoint_every": 24, "max_length": 16, "precision": "fp32",
         "options": {"negatives": 2, "description_length": 12}})
-    metrics = pretrain(ctx, params)
     hist = json.loads((out / "history.json").read_text())
     assert metrics["ke_triples"] == 3 and metrics["ke_triples_without_text"] == 2
     assert metrics["ke_positives"] == 16 and metrics["num_relations"] == 3

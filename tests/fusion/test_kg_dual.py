@@ -6,7 +6,6 @@ Train) evaluated by ``fusion.retrieval`` with and without the entity input."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,7 +21,7 @@ from fusion.pretrain.kg_media_recipes import (CaptionLinker, KgDualOptions, KgDu
 from fusion.pretrain.media_recipes import DualOptions, DualRecipe
 from knowledge.kg import ENTITY_SCHEMA, RELATION_SCHEMA, TRIPLE_SCHEMA, KnowledgeGraph
 
-from .conftest import make_feature_artifact
+from .conftest import make_feature_artifact, run_pretrain
 
 # (id, name, types); germany gets no vector in the embedding table
 ENTITIES = [("c:france", "france", "country"), ("c:china", "china", "country"),
@@ -230,25 +229,12 @@ def test_collate_draws_the_same_captions_as_dual(backbone, tokenizer):
 # ------------------------------------------------- through fusion.pretrain and fusion.retrieval
 @pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory, kg_artifacts, backbone_dir) -> tuple[dict, Path, list]:
-    from pipeline.context import StageContext
-    from pipeline.registry import Resources
-    from pipeline.store import Artifact
-
-    from fusion.pretrain.stage import PretrainParams, pretrain
-
     tmp = tmp_path_factory.mktemp("kgdual-run")
-    out = tmp / "out"
-    out.mkdir()
-    ctx = StageContext(stage="kg_dual", key="k", out=out,
-                       inputs={r: Artifact(r, kg_artifacts[r], {}) for r in ("media", "kg", "entities")},
-                       resources=Resources(), state_uri=str(tmp / "state"),
-                       log=logging.getLogger("test.kgdual"))
-    params = PretrainParams.model_validate({
+    metrics, out = run_pretrain(tmp, "kg_dual", {r: kg_artifacts[r] for r in ("media", "kg", "entities")}, {
         "recipe": "kg_dual", "backbone": str(backbone_dir), "steps": 60, "batch_size": 8, "lr": 3e-3,
         "warmup_steps": 5, "checkpoint_every": 1000, "max_length": 12,
         "options": {"r_layers": 1, "held_out_share": 0.25,
                     "config": {"initializer_range": 0.2, "dropout": 0.0, "attention_dropout": 0.0}}})
-    metrics = pretrain(ctx, params)
     return metrics, out, json.loads((out / "history.json").read_text())
 
 

@@ -6,7 +6,6 @@ fusion.pretrain run."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 
 from fusion.models.kgbert import (KgBert, KgBertConfig, TripleScorer, corrupt, pad_sequences, pair_input,
                                   rank_candidates, triple_input, truncate_longest)
+from tests.fusion.conftest import run_pretrain
 from tests.fusion.test_kepler import ENTITIES, RELATIONS, TRIPLES, se_bound, write_kg
 
 CLS, SEP = 2, 3
@@ -268,21 +268,10 @@ def test_a_candidate_cap_scores_that_many_filtered_candidates_besides_the_target
 
 def test_kgbert_recipe_pretrains_through_the_stage(ray_local, tmp_path, backbone_dir):
     from fusion.pretrain.loop import load_pretrained
-    from fusion.pretrain.stage import PretrainParams, pretrain
-    from pipeline.context import StageContext
-    from pipeline.registry import Resources
-    from pipeline.store import Artifact
-
-    out = tmp_path / "out"
-    out.mkdir()
-    ctx = StageContext(stage="pt", key="k", out=out,
-                       inputs={"kg": Artifact("kg", write_kg(tmp_path / "kg"), {})}, resources=Resources(),
-                       state_uri=str(tmp_path / "state"), log=logging.getLogger("test.kgbert"))
-    params = PretrainParams.model_validate({
+    metrics, out = run_pretrain(tmp_path, "pt", {"kg": write_kg(tmp_path / "kg")}, {
         "recipe": "kgbert", "backbone": str(backbone_dir), "steps": 24, "batch_size": 4, "lr": 3e-3,
         "warmup_steps": 2, "checkpoint_every": 24, "max_length": 24, "precision": "fp32",
         "options": {"negatives": 2}})
-    metrics = pretrain(ctx, params)
     hist = json.loads((out / "history.json").read_text())
     assert metrics["positives"] == 5 and metrics["num_relations"] == 3  # names: every entity has one
     drawn = metrics["negatives_head"] + metrics["negatives_tail"]

@@ -5,7 +5,6 @@ from the KG's alias table, and one tiny pretraining run through ``fusion.pretrai
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections import Counter
 from pathlib import Path
@@ -23,7 +22,7 @@ from fusion.models.knowbert import (KnowBert, KnowBertConfig, SpanCandidates, co
 from fusion.models.objectives import IGNORE
 from fusion.pretrain.knowbert_recipe import CandidateTable, doc_mentions
 from knowledge.kg import ENTITY_SCHEMA, RELATION_SCHEMA, TRIPLE_SCHEMA, KnowledgeGraph
-from tests.fusion.conftest import write_linked
+from tests.fusion.conftest import run_pretrain, write_linked
 
 E = 8
 TEXTS = ["tim cook is visiting beijing now", "apple ceo steve jobs was born in paris france",
@@ -331,22 +330,10 @@ def test_candidates_come_from_the_alias_table(artifacts):
 
 # ------------------------------------------------------------------------ end to end (the stage)
 def test_knowbert_recipe_trains_mlm_and_the_linker(ray_local, tmp_path, artifacts):
-    from fusion.pretrain.stage import PretrainParams, pretrain
-    from pipeline.context import StageContext
-    from pipeline.registry import Resources
-    from pipeline.store import Artifact
-
-    out = tmp_path / "out"
-    out.mkdir()
-    ctx = StageContext(stage="pt", key="k", out=out,
-                       inputs={r: Artifact(r, artifacts[r], {}) for r in ("text", "entities", "kg")},
-                       resources=Resources(), state_uri=str(tmp_path / "state"),
-                       log=logging.getLogger("test.knowbert"))
-    p = PretrainParams.model_validate({"backbone": str(artifacts["backbone"]), "steps": 30,
-                                       "batch_size": 4, "lr": 3e-3, "warmup_steps": 2,
-                                       "checkpoint_every": 30, "max_length": 32, "recipe": "knowbert",
-                                       "options": {"layers_before": 1, "entity_heads": 2}})
-    metrics = pretrain(ctx, p)
+    metrics, out = run_pretrain(tmp_path, "pt", {r: artifacts[r] for r in ("text", "entities", "kg")}, {
+        "backbone": str(artifacts["backbone"]), "steps": 30, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2,
+        "checkpoint_every": 30, "max_length": 32, "recipe": "knowbert",
+        "options": {"layers_before": 1, "entity_heads": 2}})
     hist = json.loads((out / "history.json").read_text())
     assert metrics["num_entities"] == 9 and metrics["entity_dim"] == 12
     # steve jobs (4 documents: his one candidate has no vector) and the dog (not in the KG)

@@ -4,7 +4,6 @@ run whose worker dies mid-way resumes from its checkpoint and ends at the same s
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -17,11 +16,10 @@ from pydantic import BaseModel
 from fusion.models.backbone import load_backbone
 from fusion.pretrain.loop import RECIPES, lr_lambda, recipe
 from fusion.pretrain.recipes import PlainMLM
-from fusion.pretrain.stage import PretrainParams, pretrain
+from fusion.pretrain.stage import PretrainParams
 from knowledge.stages.link import DOC_SCHEMA, MENTION_SCHEMA
-from pipeline.context import StageContext
-from pipeline.registry import Resources
-from pipeline.store import Artifact
+
+from .conftest import run_pretrain
 
 SENTENCES = [
     "tim cook is visiting beijing now", "beijing is the capital of china",
@@ -49,12 +47,7 @@ def linked(tmp_path_factory) -> Path:
 
 
 def _run(tmp: Path, linked: Path, **params) -> tuple[dict, Path]:
-    out = tmp / "out"
-    out.mkdir()
-    ctx = StageContext(stage="pt", key="k", out=out, inputs={"text": Artifact("l", linked, {})},
-                       resources=Resources(), state_uri=str(tmp / "state"),
-                       log=logging.getLogger("test.pretrain"))
-    return pretrain(ctx, PretrainParams.model_validate(params)), out
+    return run_pretrain(tmp, "pt", {"text": linked}, params)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():

@@ -5,7 +5,6 @@ masking rates, the joint loss against its equations, and one tiny ``fusion.pretr
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +17,7 @@ from fusion.models.sentilr import (NEGATIVE, NEUTRAL, POLARITY_UNKNOWN, POS_TAGS
                                    PolarityLexicon, SentiLr, SentiLrConfig, encode_sentilr, heuristic_pos,
                                    label_aware_mask, sentence_polarity)
 from fusion.pretrain.extra_recipes import SentiLrOptions, SentiLrRecipe
-from tests.fusion.conftest import SPECIAL, SUBWORDS, WORDS, write_linked
+from tests.fusion.conftest import SPECIAL, SUBWORDS, WORDS, run_pretrain, write_linked
 from tests.fusion.test_sensebert import falls
 
 LEXICON = {"good": 1.9, "great": 3.1, "bad": -2.5, "terrible": -2.1, "love": 3.2, "hate": -2.7,
@@ -206,10 +205,6 @@ COPIES = 4
 def pretrained(ray_local, tmp_path_factory, senti_tokenizer):
     """One tiny ``fusion.pretrain`` run of the recipe: (artifact folder, lexicon file, metrics)."""
     from fusion.models.backbone import random_backbone
-    from fusion.pretrain.stage import PretrainParams, pretrain
-    from pipeline.context import StageContext
-    from pipeline.registry import Resources
-    from pipeline.store import Artifact
 
     tmp_path = tmp_path_factory.mktemp("sentilr")
     link, bb = tmp_path / "link", tmp_path / "bb"
@@ -219,15 +214,10 @@ def pretrained(ray_local, tmp_path_factory, senti_tokenizer):
                     intermediate_size=64).model.save_pretrained(str(bb))
     senti_tokenizer.save_pretrained(str(bb))
     lex = write_lexicon(tmp_path / "lexicon.txt")
-    out = tmp_path / "out"
-    out.mkdir()
-    ctx = StageContext(stage="pt", key="k", out=out, inputs={"text": Artifact("text", link, {})},
-                       resources=Resources(), state_uri=str(tmp_path / "state"),
-                       log=logging.getLogger("test.sentilr"))
-    p = PretrainParams.model_validate({"backbone": str(bb), "steps": 20, "batch_size": 4, "lr": 3e-3,
-                                       "warmup_steps": 2, "checkpoint_every": 20, "max_length": 32,
-                                       "recipe": "sentilr", "options": {"lexicon_path": str(lex)}})
-    return out, lex, pretrain(ctx, p)
+    metrics, out = run_pretrain(tmp_path, "pt", {"text": link}, {
+        "backbone": str(bb), "steps": 20, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2,
+        "checkpoint_every": 20, "max_length": 32, "recipe": "sentilr", "options": {"lexicon_path": str(lex)}})
+    return out, lex, metrics
 
 
 def test_sentilr_recipe_pretrains_and_counts_words(pretrained):

@@ -5,7 +5,6 @@ its equation, and one tiny ``fusion.pretrain`` run on a typed KG artifact."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections import Counter
 from pathlib import Path
@@ -20,7 +19,7 @@ from fusion.models.wklm import (ReplacementIndex, Span, Wklm, WklmConfig, doc_rn
                                 replace_mentions)
 from fusion.pretrain.extra_recipes import WklmOptions, WklmRecipe
 from knowledge.kg import ENTITY_SCHEMA, RELATION_SCHEMA, TRIPLE_SCHEMA, KnowledgeGraph
-from tests.fusion.conftest import write_linked
+from tests.fusion.conftest import run_pretrain, write_linked
 from tests.fusion.test_sensebert import falls
 
 # (id, name, types): "apple" is the only company, "ceo" has no type
@@ -213,10 +212,6 @@ def test_the_replacement_head_learns_a_fixed_batch(backbone, tokenizer):
 # ------------------------------------------------------------------------------ the recipe, end to end
 def test_wklm_recipe_pretrains_and_counts_mentions(ray_local, tmp_path, tokenizer):
     from fusion.models.backbone import random_backbone
-    from fusion.pretrain.stage import PretrainParams, pretrain
-    from pipeline.context import StageContext
-    from pipeline.registry import Resources
-    from pipeline.store import Artifact
 
     kg, link, bb = write_typed_kg(tmp_path / "kg"), tmp_path / "link", tmp_path / "bb"
     copies = 4
@@ -227,16 +222,9 @@ def test_wklm_recipe_pretrains_and_counts_mentions(ray_local, tmp_path, tokenize
     random_backbone(tokenizer, hidden_size=32, num_layers=2, num_heads=2,
                     intermediate_size=64).model.save_pretrained(str(bb))
     tokenizer.save_pretrained(str(bb))
-    out = tmp_path / "out"
-    out.mkdir()
-    ctx = StageContext(stage="pt", key="k", out=out,
-                       inputs={"text": Artifact("text", link, {}), "kg": Artifact("kg", kg, {})},
-                       resources=Resources(), state_uri=str(tmp_path / "state"),
-                       log=logging.getLogger("test.wklm"))
-    p = PretrainParams.model_validate({"backbone": str(bb), "steps": 20, "batch_size": 4, "lr": 3e-3,
-                                       "warmup_steps": 2, "checkpoint_every": 20, "max_length": 32,
-                                       "recipe": "wklm", "options": {"mask_prob": 0.1}})
-    metrics = pretrain(ctx, p)
+    metrics, out = run_pretrain(tmp_path, "pt", {"text": link, "kg": kg}, {
+        "backbone": str(bb), "steps": 20, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2,
+        "checkpoint_every": 20, "max_length": 32, "recipe": "wklm", "options": {"mask_prob": 0.1}})
     hist = json.loads((out / "history.json").read_text())
     assert metrics["mentions_labelled"] == copies * LABELLED
     assert metrics["mentions_no_same_type_entity"] == copies * NO_SAME_TYPE
