@@ -137,8 +137,8 @@ def relevance_matrix(query_ids: Sequence[str], candidate_ids: Sequence[str],
 
 # ----------------------------------------------------------------------------------- scores
 def _no_nan(*tensors: torch.Tensor) -> None:
-    """Checked once, where scores come in: a NaN compares False with everything, so its query's
-    correct item would rank first and the query would look solved."""
+    """Checked where scores come in (given, or computed block by block): a NaN compares False with
+    everything, so its query's correct item would rank first and the query would look solved."""
     if any(bool(t.isnan().any()) for t in tensors):
         raise ValueError("scores hold NaN: ranks from them would put the correct items first")
 
@@ -171,11 +171,16 @@ class Scores:
         """A dual encoder's ``text`` (T, D) and ``media`` (M, D) vectors: score = dot product."""
         if text.shape[1] != media.shape[1]:
             raise ValueError(f"text vectors are {text.shape[1]}-d, media vectors {media.shape[1]}-d")
-        _no_nan(text, media)
+        if not all(bool(v.isfinite().all()) for v in (text, media)):
+            raise ValueError("vectors hold NaN or inf: scores from them would put correct items first")
         t, m = text.float().contiguous(), media.float().contiguous()
 
         def product(q: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-            return torch.matmul(q, c.T, out=out) if out is not None else q @ c.T
+            # finite vectors can still give NaN (products overflowing to +inf and -inf in one sum):
+            # each computed block is checked, at a cost far below the product's
+            block = torch.matmul(q, c.T, out=out) if out is not None else q @ c.T
+            _no_nan(block)
+            return block
 
         return cls((len(t), len(m)), {"text_to_media": lambda r, out=None: product(t[r], m, out),
                                       "media_to_text": lambda r, out=None: product(m[r], t, out)})

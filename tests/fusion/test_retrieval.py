@@ -116,7 +116,8 @@ def test_a_non_finite_cross_encoder_score_fails_the_evaluation(fuse):
 def test_non_finite_vectors_or_scores_are_refused_not_ranked():
     """A dual encoder's NaN vector made every query of it rank its correct item first (R@1 100 from
     an all-NaN model): the vectors are refused naming the first bad id, and scores refuse NaN where
-    they come in (``Scores.dense``, ``Scores.dual``), whichever path they came by."""
+    they come in (``Scores.dense``; ``Scores.dual``'s vectors, and each block it computes, since
+    finite vectors can overflow to a NaN score), whichever path they came by."""
     from fusion.retrieval.metrics import Relevance, Scores, evaluate_scores
     from fusion.retrieval.scorer import check_finite
     from pipeline import StageFailed
@@ -132,8 +133,14 @@ def test_non_finite_vectors_or_scores_are_refused_not_ranked():
     bad[1, 0] = float("nan")
     with pytest.raises(ValueError, match="scores hold NaN"):
         evaluate_scores(Scores.dense(bad), relevance)
+    for bad_value in (float("nan"), float("inf")):   # inf x 0 is NaN
+        with pytest.raises(ValueError, match="vectors hold NaN or inf"):
+            evaluate_scores(Scores.dual(torch.full((4, 2), bad_value), torch.ones(3, 2)), relevance)
+    # finite vectors whose products overflow to +inf and -inf in one sum: a NaN score, refused
+    text, media = torch.randn(4, 2), torch.randn(3, 2)
+    text[0], media[0] = torch.tensor([1e20, 1e20]), torch.tensor([1e20, -1e20])
     with pytest.raises(ValueError, match="scores hold NaN"):
-        evaluate_scores(Scores.dual(torch.full((4, 2), float("nan")), torch.ones(3, 2)), relevance)
+        evaluate_scores(Scores.dual(text, media), relevance)
 
 
 def test_each_direction_may_have_its_own_scores():
