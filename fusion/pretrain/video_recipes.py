@@ -84,6 +84,8 @@ def sample_frames(uri: str, keep: set[str], cap: int, seed: int, global_token: b
     counts: Counter = Counter()
     for k in rng.permutation(len(shards)):
         taken = 0
+        if not quota[k]:
+            continue
         with _open(uri, shards[k]) as f:
             pf = pq.ParquetFile(f)
             dtype, dim = tensor_spec(pf.schema_arrow.field("features"), f"{uri}/{shards[k]}: ")
@@ -92,9 +94,7 @@ def sample_frames(uri: str, keep: set[str], cap: int, seed: int, global_token: b
                                                  columns=["id", "n_regions", "features"]))
             rows = (row for rb in batches
                     for row in zip(*(rb.column(c).to_pylist() for c in ("id", "n_regions", "features"))))
-            for i, n, blob in rows:      # lazily: stops reading once the shard gave its quota
-                if taken >= quota[k]:
-                    break
+            for i, n, blob in rows:      # lazily: no row is read past the shard's quota
                 if i not in keep or not n:
                     continue
                 n = n if max_regions is None else min(n, max_regions)
@@ -104,6 +104,8 @@ def sample_frames(uri: str, keep: set[str], cap: int, seed: int, global_token: b
                     parts.append(x.astype(np.float32))
                     taken += len(x)
                     counts["kmeans_items"] += 1
+                if taken >= quota[k]:
+                    break
         counts["kmeans_shards"] += bool(taken)
     if not parts:
         raise StageFailed(f"fusion.pretrain: no training frames in {uri} to fit the visual words on")

@@ -267,6 +267,26 @@ def test_sample_frames_draws_row_groups_by_seed_and_passes_on_a_short_shard_s_sh
     assert len(set(draws.values())) > 2      # the seeds draw different frames, not one prefix
 
 
+def test_sample_frames_reads_no_row_past_a_shard_s_quota(tmp_path, monkeypatch):
+    """Rows are pulled one batch at a time and the reading stops at the row that fills the quota:
+    a cap of 4 frames (3 per item) reads two one-row batches, not a third."""
+    import pyarrow.parquet as pq
+
+    art = make_feature_artifact(tmp_path / "v", dim=FEAT, global_token=True)
+    keep = set(pq.read_table(art / "items.parquet", columns=["id"])["id"].to_pylist())
+    pulled = []
+    real = pq.ParquetFile.iter_batches
+
+    def counting(self, *a, **k):
+        for rb in real(self, *a, **k):
+            pulled.append(rb.num_rows)
+            yield rb
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting)
+    x, counts = sample_frames(str(art), keep, 4, 0, True, None, batch_rows=1)
+    assert x.shape == (4, FEAT) and counts["kmeans_items"] == 2 and pulled == [1, 1]
+
+
 def test_text_alone_is_the_backbone(backbone, tokenizer):
     """The joint table's first V rows and the layers are the backbone's: the caption alone gives the
     backbone's own outputs; the K visual rows are new."""
