@@ -11,8 +11,9 @@ counts them per ``fusion.retrieval`` stage and direction, from its ``ranks.parqu
 - **motion | emoji**: of those, the share with the right motion (chance 1/8);
 - **reversed | emoji**: of those, the share that is the reversed partner (the same frames in the other
   order);
-- **order**: of the queries whose right clip and its reversed partner are both in the top 10, the
-  share where the right one ranks above: 50% is a model blind to frame order, 100% one that reads it.
+- **order**: of the queries whose right clip and its reversed partner are both among the results the
+  stage kept (its ``top``, 10 by default), the share where the right one ranks above: 50% is a model
+  blind to frame order, 100% one that reads it.
 
 It reads a ``bench/seeds.py --json`` file (the run of each seed) and prints one table, mean ± std over
 the seeds::
@@ -35,12 +36,12 @@ REVERSED |= {v: k for k, v in REVERSED.items()}
 DIRS = ("text_to_media", "media_to_text")
 
 
-def clip_meta(items_path: Path) -> dict[str, tuple[str, str]]:
-    """clip id -> (emoji, motion) from a feature artifact's ``items.parquet``."""
+def clip_meta(items) -> dict[str, tuple[str, str]]:
+    """clip id -> (emoji, motion) from a feature artifact's ``items.parquet`` (a path or open file)."""
     import pyarrow.parquet as pq
 
     out = {}
-    for row in pq.read_table(items_path, columns=["id", "meta"]).to_pylist():
+    for row in pq.read_table(items, columns=["id", "meta"]).to_pylist():
         meta = json.loads(row["meta"] or "{}")
         out[row["id"]] = (meta["emoji"], meta["motion"])
     return out
@@ -82,6 +83,8 @@ def breakdown(ranks: list[dict], meta: dict[str, tuple[str, str]]) -> dict[str, 
 
 
 def stage_breakdown(store_uri: str, run_id: str, stage: str) -> dict[str, float] | None:
+    """The breakdown of ``stage`` in run ``run_id``: its ranks and its media input's clips, read
+    through the store's filesystem (a remote store's artifacts are not copied whole)."""
     import pyarrow.parquet as pq
 
     from pipeline.errors import StoreError
@@ -94,10 +97,11 @@ def stage_breakdown(store_uri: str, run_id: str, stage: str) -> dict[str, float]
     except StoreError as e:
         print(f"warning: run {run_id}: {e}", flush=True)
         return None
-    folder = store.open(ref.key).path
-    media_key = json.loads((folder / "manifest.json").read_text())["inputs"]["media"]
-    meta = clip_meta(store.open(media_key).path / "items.parquet")
-    return breakdown(pq.read_table(folder / "ranks.parquet").to_pylist(), meta)
+    media_key = store.manifest(ref.key)["inputs"]["media"]
+    with store.fs.open(f"{store.artifact_path(media_key)}/items.parquet", "rb") as f:
+        meta = clip_meta(f)
+    with store.fs.open(f"{store.artifact_path(ref.key)}/ranks.parquet", "rb") as f:
+        return breakdown(pq.read_table(f).to_pylist(), meta)
 
 
 def mean_std(xs: list[float]) -> str:
@@ -115,7 +119,7 @@ def main() -> None:
     sweep = json.loads(Path(args.runs).read_text())
     cols = ("emoji", "motion_given_emoji", "reversed_given_emoji", "order")
     print("| stage | direction | right emoji at 1 | right motion, of those | reversed motion, of those "
-          "| right clip above its reversed twin (pairs) |")
+          "| right clip above its reversed twin (queries with both in the top) |")
     print("|---|---|---|---|---|---|")
     for stage in sweep["stages"]:
         per_seed = [b for run in sweep["runs"].values()
