@@ -148,7 +148,9 @@ def start_with_retries(start: Callable[[], Any], mark: str | None, attempts: int
     """``start()`` (an embedded ``ray.init``), again after Ray's start-up timeout, up to ``attempts``
     times in all. Before each retry the processes the failed attempt left running (those carrying
     the reaper's ``mark``, and their descendants) are killed, so attempts do not pile up raylets on
-    a machine that is already short of CPU. Any other error, or the last timeout, is raised."""
+    a machine that is already short of CPU (an agent whose raylet has already died is nobody's
+    descendant and may carry no readable mark: it is not found, here as at the reaper's exit). Any
+    other error, or the last timeout, is raised."""
     for attempt in range(1, attempts):
         try:
             return start()
