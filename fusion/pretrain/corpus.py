@@ -23,7 +23,8 @@ bit-identical rerun could hold. Here the order is a function of (seed, epoch, ra
 only: epoch e permutes the parts, lays their rows end to end, gives rank r the r-th of ``world``
 equal contiguous chunks (each chunk touches about ``parts / world`` parts, so a worker reads its
 share, not the corpus), and shuffles within windows of ``WINDOW`` parts (then, optionally, sorts
-runs of a few batches by length: :func:`bucket_order`). The data position is
+runs of a few batches by length: :func:`bucket_order`, or lays the rows of a recipe's groups end
+to end, so that a batch holds whole groups: :func:`grouped_order`). The data position is
 ``(epoch, cursor)``, saved with every checkpoint. The stream runs on across epochs, so every
 example is seen exactly once per epoch, none dropped at an epoch's end.
 """
@@ -272,22 +273,38 @@ def bucket_order(order: np.ndarray, lengths: np.ndarray, batch: int, bucket: int
     return np.concatenate(out) if out else order
 
 
+def grouped_order(keys: list[Any], rng: np.random.Generator) -> np.ndarray:
+    """Row indices in which rows of equal ``keys`` are contiguous: the groups in a random order,
+    each group's rows in a random order. Cut into batches, each batch holds whole groups (a group
+    straddles two batches where the sizes do not divide), so an in-batch contrastive loss meets
+    each row beside its group mates: TAS-B's topic-aware sampling (Hofstätter et al. 2021), with
+    the groups given by the data instead of clustered."""
+    groups: dict[Any, list[int]] = {}
+    for i in rng.permutation(len(keys)):
+        groups.setdefault(keys[i], []).append(int(i))
+    members = list(groups.values())
+    return np.array([i for g in rng.permutation(len(members)) for i in members[g]], dtype=np.int64)
+
+
 class CorpusStream:
     """One worker's examples, batch after batch, epoch after epoch (see the module docstring).
 
     ``state`` is the loop's data position (``{"epoch", "cursor"}``, the cursor counting examples of
     this rank's share of the epoch); :meth:`batch` advances it, so a checkpoint taken after a step
     resumes exactly at the next example. ``keep`` drops rows a recipe decided not to train on
-    (K-Adapter's rare labels); they still count as read."""
+    (K-Adapter's rare labels); they still count as read. ``group`` (a row's group key) orders each
+    window by :func:`grouped_order` instead of length bucketing; groups form within a window of
+    ``WINDOW`` parts, so a group whose rows lie in parts of two windows is split."""
 
     def __init__(self, corpus: Corpus, seed: int, rank: int, world: int, state: dict[str, int],
                  keep: Callable[[dict], bool] | None = None,
-                 length: Callable[[dict], int] | None = None, batch: int = 1, bucket: int = 1):
+                 length: Callable[[dict], int] | None = None, batch: int = 1, bucket: int = 1,
+                 group: Callable[[dict], Any] | None = None):
         if corpus.examples < world:
             raise StageFailed(f"{corpus.examples} examples cannot feed {world} workers")
         self.corpus, self.seed, self.rank, self.world = corpus, seed, rank, world
         self.state, self.keep = state, keep
-        self.length, self.batch_size, self.bucket = length, batch, bucket
+        self.length, self.batch_size, self.bucket, self.group = length, batch, bucket, group
         self._rows: Iterator[dict] = self._epoch_rows()
 
     def batch(self, size: int) -> list[dict]:
@@ -320,7 +337,9 @@ class CorpusStream:
             pending = self._fetch(windows[w + 1], epoch) if w + 1 < len(windows) else None
             rng = np.random.default_rng([self.seed, epoch, self.rank, w])
             order = rng.permutation(len(rows))
-            if self.length is not None and self.bucket > 1:
+            if self.group is not None:
+                order = grouped_order([self.group(r) for r in rows], rng)
+            elif self.length is not None and self.bucket > 1:
                 lengths = np.array([self.length(r) for r in rows])
                 order = bucket_order(order, lengths, self.batch_size, self.bucket, rng)
             if skip >= len(rows):  # resuming past this window: nothing of it to yield

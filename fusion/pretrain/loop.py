@@ -100,6 +100,11 @@ class Recipe:
         """A filter on rows the workers read (None: train on every row)."""
         return None
 
+    def group(self, options: BaseModel) -> Callable[[dict], Any] | None:
+        """A row's group key, where batches should hold whole groups (hard in-batch negatives:
+        :func:`~fusion.pretrain.corpus.grouped_order`); None: no grouping."""
+        return None
+
     def length(self, row: dict) -> int:
         """A row's length for length bucketing (its tokens; 0: all alike, no bucketing gain)."""
         return len(row["input_ids"]) if "input_ids" in row else 0
@@ -191,7 +196,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise RuntimeError(f"no complete corpus at {job.corpus_uri}")
     stream = CorpusStream(corpus, job.seed, session.rank, session.world_size,
                           session.data_state, keep=rec.keep(job.resources, options),
-                          length=rec.length, batch=job.batch_size, bucket=job.bucket_batches)
+                          length=rec.length, batch=job.batch_size, bucket=job.bucket_batches,
+                          group=rec.group(options))
     bs, accum = job.batch_size, session.train.grad_accum
     gen = torch.Generator()
 

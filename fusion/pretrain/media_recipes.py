@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import operator
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
@@ -62,6 +63,11 @@ class MediaOptions(BaseModel):
     max_regions: int | None = Field(default=None, ge=1,
                                     description="keep each item's first N regions (global token first)")
     limit: int | None = Field(default=None, ge=1, description="only the first N training items")
+    group_by: str | None = Field(
+        default=None, description="a meta field of the items: batches hold whole groups of items "
+                                  "with equal values (e.g. a video set's clips of one emoji, which "
+                                  "differ only by motion), so contrastive losses meet each item "
+                                  "beside its closest negatives; replaces length bucketing")
     config: dict[str, Any] = Field(default={}, description="model config overrides")
 
 
@@ -126,6 +132,16 @@ def shard_rows(uri: str, shard: str, keep: Any, max_regions: int | None) -> Iter
 def listing(uri: str) -> pa.Table:
     with _open(uri, "items.parquet") as f:
         return pq.read_table(f, columns=["id", "texts", "meta"])
+
+
+def group_of(uri: str, field: str) -> dict[str, str]:
+    """item id -> the string of its ``meta[field]``, for the items that have it."""
+    out = {}
+    for i, meta in zip(*(listing(uri)[c].to_pylist() for c in ("id", "meta"))):
+        value = json.loads(meta).get(field) if meta else None
+        if value is not None:
+            out[i] = str(value)
+    return out
 
 
 def featured_ids(uri: str) -> list[str]:
@@ -233,7 +249,22 @@ class MediaRecipe(Recipe):
                 max_length: int) -> dict[str, Any]:
         chosen, texts_of = train_items(inputs["media"], options)
         return {"tokenizer": tokenizer, "max_length": max_length, "options": options,
-                "chosen": set(chosen), "texts_of": texts_of}
+                "chosen": set(chosen), "texts_of": texts_of,
+                "group_of": group_of(inputs["media"], options.group_by) if options.group_by else None}
+
+    def group_fields(self, state: dict, media: str, counts: Counter) -> dict[str, str]:
+        """``{"group": ...}`` of a training item under ``group_by`` (nothing without it): its meta
+        value, or, where the item lacks the field, a group of its own (counted)."""
+        if state["group_of"] is None:
+            return {}
+        value = state["group_of"].get(media)
+        if value is None:
+            counts["items_without_group_by_field"] += 1
+            return {"group": f"item {media}"}
+        return {"group": value}
+
+    def group(self, options: MediaOptions) -> Any:
+        return operator.itemgetter("group") if options.group_by else None
 
     def encode(self, state: dict, inputs: dict[str, str], unit: dict) -> tuple[list[dict], Counter]:
         rows, counts = [], Counter()
@@ -254,7 +285,8 @@ class MediaRecipe(Recipe):
     def encoded_row(self, state: dict, row: dict, enc: Any, counts: Counter) -> dict:
         """The corpus row of one item: its regions and its tokenised captions (a recipe that reads
         more of each caption adds columns here)."""
-        return {**row, "captions": enc["input_ids"], "caption_special": enc["special_tokens_mask"]}
+        return {**row, "captions": enc["input_ids"], "caption_special": enc["special_tokens_mask"],
+                **self.group_fields(state, row["media"], counts)}
 
     def length(self, row: dict) -> int:
         return int(row["n_regions"])
@@ -417,7 +449,7 @@ class BiMediaRecipe(MediaRecipe):
             if not queries:
                 counts["media_without_query"] += 1
                 continue
-            rows.append({**row, "queries": queries})
+            rows.append({**row, "queries": queries, **self.group_fields(state, row["media"], counts)})
         counts["train_media_with_query"] += len(rows)
         return rows, counts
 

@@ -71,6 +71,9 @@ class RerankOptions(MediaOptions):
     @model_validator(mode="after")
     def _weights(self) -> "RerankOptions":
         self.reranker_config()   # the model's own rules, checked when the pipeline is read
+        if self.group_by is not None:
+            raise ValueError("group_by: the re-ranker's examples are already groups (an anchor and "
+                             "its first-stage negatives)")
         return self
 
     def reranker_config(self) -> Any:

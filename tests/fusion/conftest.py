@@ -74,11 +74,12 @@ NOUNS = ["dog", "cat", "animal", "river", "country", "city", "company", "music",
 
 def make_feature_artifact(out: Path, dim: int = 16, seed: int = 0, global_token: bool = True,
                           captions: dict[str, list[str]] | None = None,
-                          broken: tuple[str, ...] = ()) -> Path:
+                          broken: tuple[str, ...] = (), meta: dict[str, dict] | None = None) -> Path:
     """A feature artifact (the ``pipeline.features`` layout) of 42 synthetic items, "the <colour>
     <noun>", one per colour x noun: regions are the colour's vector, the noun's vector and noise
     (plus their mean as a global token), so caption and media share something to learn. ``captions``
-    replaces items' texts; ``broken`` items are listed but their media was rejected (no features)."""
+    replaces items' texts; ``broken`` items are listed but their media was rejected (no features);
+    ``meta`` gives items their meta fields (default none)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -94,7 +95,8 @@ def make_feature_artifact(out: Path, dim: int = 16, seed: int = 0, global_token:
         for n in NOUNS:
             item = f"{c}-{n}"
             texts = (captions or {}).get(item, [f"the {c} {n}"])
-            items.append({"id": item, "media": f"{item}.png", "texts": texts, "meta": "{}"})
+            items.append({"id": item, "media": f"{item}.png", "texts": texts,
+                          "meta": json.dumps((meta or {}).get(item, {}))})
             if item in broken:
                 rows.append({"id": item, "error": "unidentifiable image"})
                 continue

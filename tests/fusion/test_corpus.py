@@ -4,6 +4,7 @@ worker's stream (every example once per epoch across the workers, exact resume).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -142,6 +143,42 @@ def test_length_bucketing_pads_less_and_still_sees_every_example_once(tmp_path):
     bucketed, seen = padded(8)
     assert seen == seen_plain == sorted(f"{p}.{r}" for p in range(2) for r in range(200))
     assert bucketed < 0.8 * plain  # sorted runs of 8 batches: far less padding
+
+
+def test_grouped_batches_hold_whole_groups_in_a_seeded_order_and_resume(tmp_path):
+    """With a group key, a window's rows come group by group (groups and members shuffled by the
+    seed), so batches of 6 over groups of 3 hold two whole groups each; every row still comes once
+    an epoch, and a stream resumed at its cursor goes on with the same rows."""
+    import numpy as np
+
+    from fusion.pretrain.corpus import grouped_order
+
+    order = grouped_order(["a", "b", "a", "c", "b", "a"], np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(6))
+    keys = ["abacba"[i] for i in order]
+    assert sum(keys[i] != keys[i + 1] for i in range(5)) == 2        # three runs: contiguous groups
+    orders = {tuple(grouped_order(list("aabbccdd"), np.random.default_rng(s))) for s in range(8)}
+    assert len(orders) > 4                                            # the seed decides the order
+
+    d = tmp_path / "corpus"
+    d.mkdir()
+    corpus = Corpus(str(d), (60,))
+    ids = [f"r{k}" for k in range(60)]
+    pq.write_table(pa.table({"id": ids, "g": [f"g{k % 20}" for k in range(60)]}), corpus.part(0))
+
+    def stream(state):
+        return CorpusStream(corpus, 3, 0, 1, state, length=lambda r: 0, batch=6, bucket=8,
+                            group=lambda r: r["g"])
+
+    s = stream({"epoch": 0, "cursor": 0})
+    batches = [s.batch(6) for _ in range(10)]
+    assert sorted(r["id"] for b in batches for r in b) == sorted(ids)
+    for b in batches:
+        assert sorted(Counter(r["g"] for r in b).values()) == [3, 3]  # two whole groups
+    s = stream({"epoch": 0, "cursor": 0})
+    first = [s.batch(6) for _ in range(4)]
+    resumed = stream(dict(s.state))
+    assert [resumed.batch(6) for _ in range(6)] == batches[4:] and first == batches[:4]
 
 
 def test_a_share_with_nothing_kept_is_an_error_not_an_endless_loop(tmp_path):

@@ -69,6 +69,33 @@ def test_each_recipe_trains_on_the_train_split_and_loads_back(trained, feature_a
     assert {"loss_mlm_first", "loss_region_feature_first", "loss_align_first"} <= set(vb)
 
 
+def test_group_by_puts_each_training_item_s_group_in_the_corpus_and_counts_items_without_one(
+        ray_local, tmp_path, backbone_dir):
+    """``group_by: colour``: every corpus row carries its item's colour as its group (what the
+    workers batch by), an item without the field is a group of its own, counted; the re-ranker,
+    whose examples are groups already, refuses the option."""
+    import pyarrow.parquet as pq
+
+    from fusion.pairs import load_pairs
+    from tests.fusion.conftest import COLOURS, NOUNS
+
+    ids = [f"{c}-{n}" for c in COLOURS for n in NOUNS]
+    bank, _, _ = load_pairs(make_feature_artifact(tmp_path / "plain"), "train", 0.25, 0)
+    train = sorted(bank.ids)
+    lone = train[0]
+    art = make_feature_artifact(tmp_path / "f", meta={i: {"colour": i.split("-")[0]} for i in ids if i != lone})
+    metrics, _ = run_pretrain(tmp_path, "dual", {"media": art}, MEDIA_RUN | {
+        "backbone": str(backbone_dir), "recipe": "dual", "steps": 4,
+        "options": TINY_LXMERT | {"x_layers": 0, "group_by": "colour"}})
+    assert metrics["items_without_group_by_field"] == 1
+    rows = [r for p in sorted((tmp_path / "state-dual" / "corpus").glob("part-*.parquet"))
+            for r in pq.read_table(p, columns=["media", "group"]).to_pylist()]
+    assert sorted(r["media"] for r in rows) == train
+    assert all(r["group"] == (f"item {lone}" if r["media"] == lone else r["media"].split("-")[0]) for r in rows)
+    with pytest.raises(ValueError, match="already groups"):
+        PretrainParams.model_validate({"recipe": "rerank", "options": {"group_by": "colour"}})
+
+
 @pytest.mark.parametrize("name", ["lxmert", "vilbert"])
 def test_split_scoring_equals_the_full_cross_encoder(trained, feature_artifact, name):
     """text_states / media_states once, score_states per pair == match_score on the pair."""
