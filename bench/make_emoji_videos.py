@@ -11,8 +11,13 @@ motions in four opposite pairs::
 
 The second motion of each pair is the first one's frames in reverse order: the two clips hold the same
 set of frames, so a model that ignores frame order cannot tell their captions apart ("a red apple moving
-to the left" vs "... to the right"), and one that reads order must. Each clip: ``--frames`` frames
-(16) of ``--size`` x ``--size`` pixels (64) at ``--fps`` (8), the emoji (half the frame wide)
+to the left" vs "... to the right"), and one that reads order must. That must also hold for the frames
+the feature stage samples: sampling every ``--sample-every`` th frame (2: ``emoji_video.yaml``'s 4 fps
+of 8 fps clips) picks the same frames from a clip and from its reverse only when the frame count is 1
+plus a multiple of it (15 frames: 0, 2, ..., 14 both ways; with 16 the reverse would give the odd
+frames, and the twins would differ without any order, e.g. only the zoom-out clip would hold the
+full-size frame, only the clockwise one the upright emoji), so other counts are refused. Each clip:
+``--frames`` frames (15) of ``--size`` x ``--size`` pixels (64) at ``--fps`` (8), the emoji (half the frame wide)
 composited onto white, MPEG-4 Part 2 in ``.mp4``. Start offsets, travel and rotation angle are drawn
 from a generator seeded by ``(--seed, emoji index, pair)``, so the set is the same on every run.
 
@@ -131,15 +136,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="emoji folder: emoji.json + img/ (e.g. $STELE_DATA/emoji)")
     ap.add_argument("--out", type=Path, default=Path("pipelines/data/emoji_videos"))
     ap.add_argument("--emoji", type=int, default=None, help="use N emoji (a seeded choice; default all)")
-    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--frames", type=int, default=15, help="1 + a multiple of --sample-every")
+    ap.add_argument("--sample-every", type=int, default=2,
+                    help="the feature stage's sampling step in frames (its fps = --fps / this)")
     ap.add_argument("--size", type=int, default=64, help="frame width and height (even)")
     ap.add_argument("--fps", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-share", type=float, default=0.2)
     ap.add_argument("--val-share", type=float, default=0.1)
     args = ap.parse_args(argv)
-    if args.size % 2 or args.size < 16 or args.frames < 2:
-        ap.error("--size must be even and >= 16, --frames >= 2")
+    if args.size % 2 or args.size < 16 or args.frames < 2 or args.sample_every < 1:
+        ap.error("--size must be even and >= 16, --frames >= 2, --sample-every >= 1")
+    if (args.frames - 1) % args.sample_every:
+        ap.error(f"--frames {args.frames}: sampling every {args.sample_every} frames would pick other "
+                 f"frames from a clip's reverse than from the clip (give 1 + a multiple of "
+                 f"{args.sample_every}, e.g. {1 + args.sample_every * ((args.frames - 1) // args.sample_every)})")
 
     entries = json.loads((args.source / "emoji.json").read_text(encoding="utf-8"))
     usable = [e for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy(args.source / lic, args.out / lic)
     by_split = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
     info = {"source": str(args.source), "emoji": len(usable), "emoji_skipped_no_image": skipped,
-            "clips": len(rows), "clips_by_split": by_split, "frames": args.frames, "size": args.size,
+            "clips": len(rows), "clips_by_split": by_split, "frames": args.frames, "sample_every": args.sample_every, "size": args.size,
             "fps": args.fps, "seed": args.seed, "test_share": args.test_share,
             "val_share": args.val_share, "motions": [m for pair in PAIRS for m in pair],
             "synthetic": "clips made by moving, zooming and rotating emoji images; not a public set"}

@@ -310,7 +310,7 @@ def test_make_emoji_videos_is_seeded_holds_out_whole_emoji_and_reverses_opposite
     outs = []
     for run in ("a", "b"):
         out = tmp_path / run
-        subprocess.run([sys.executable, str(script), str(src), "--out", str(out), "--frames", "6",
+        subprocess.run([sys.executable, str(script), str(src), "--out", str(out), "--frames", "7",
                         "--size", "32", "--test-share", "0.4", "--val-share", "0.2"],
                        check=True, capture_output=True, text=True, timeout=600)
         outs.append(out)
@@ -330,12 +330,18 @@ def test_make_emoji_videos_is_seeded_holds_out_whole_emoji_and_reverses_opposite
     # the opposite motion is the same frames in reverse order
     for fwd, rev in (("left", "right"), ("up", "down"), ("zoom_in", "zoom_out"),
                      ("clockwise", "anticlockwise")):
-        a = decode_video((outs[0] / f"clips/E1_{fwd}.mp4").read_bytes(), fps=8, max_frames=16)
-        b = decode_video((outs[0] / f"clips/E1_{rev}.mp4").read_bytes(), fps=8, max_frames=16)
-        fa = np.stack([np.asarray(f, np.float32) for f in a.frames])
-        fb = np.stack([np.asarray(f, np.float32) for f in b.frames])
-        assert len(fa) == 6 and np.abs(fa - fb[::-1]).mean() < 4          # lossy codec: close
-        assert np.abs(fa - fb).mean() > 3 * np.abs(fa - fb[::-1]).mean()  # and not the same order
+        # every frame (8 fps), and the frames the pipeline samples (4 fps: every other one): in
+        # both, the twin's frames are the clip's in reverse order, so only order tells them apart
+        for fps, n in ((8, 7), (4, 4)):
+            a = decode_video((outs[0] / f"clips/E1_{fwd}.mp4").read_bytes(), fps=fps, max_frames=16)
+            b = decode_video((outs[0] / f"clips/E1_{rev}.mp4").read_bytes(), fps=fps, max_frames=16)
+            fa = np.stack([np.asarray(f, np.float32) for f in a.frames])
+            fb = np.stack([np.asarray(f, np.float32) for f in b.frames])
+            assert len(fa) == n and np.abs(fa - fb[::-1]).mean() < 4          # lossy codec: close
+            assert np.abs(fa - fb).mean() > 3 * np.abs(fa - fb[::-1]).mean()  # and not the same order
+    bad = subprocess.run([sys.executable, str(script), str(src), "--out", str(tmp_path / "bad"),
+                          "--frames", "6"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "other frames from a clip's reverse" in bad.stderr
 
 
 def test_frame_order_ablation_moves_features_and_keeps_boxes(tmp_path, weights):
