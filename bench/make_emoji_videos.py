@@ -17,9 +17,10 @@ of 8 fps clips) picks the same frames from a clip and from its reverse only when
 plus a multiple of it (15 frames: 0, 2, ..., 14 both ways; with 16 the reverse would give the odd
 frames, and the twins would differ without any order, e.g. only the zoom-out clip would hold the
 full-size frame, only the clockwise one the upright emoji), so other counts are refused. Each clip:
-``--frames`` frames (15) of ``--size`` x ``--size`` pixels (64) at ``--fps`` (8), the emoji (half the frame wide)
-composited onto white, MPEG-4 Part 2 in ``.mp4``. Start offsets, travel and rotation angle are drawn
-from a generator seeded by ``(--seed, emoji index, pair)``, so the set is the same on every run.
+``--frames`` frames (15) of ``--size`` x ``--size`` pixels (64) at ``--fps`` (8), the emoji (half the
+frame wide) composited onto white, MPEG-4 Part 2 in ``.mp4``. Start offsets, travel and rotation angle
+are drawn from a generator seeded by ``(--seed, emoji index, pair)``, so the set is the same on every
+run.
 
 Split by emoji, never by clip: a seeded permutation of the chosen emoji puts ``--test-share`` of them
 (all eight of their clips) in ``test``, ``--val-share`` in ``val`` and the rest in ``train``, so test
@@ -148,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.size % 2 or args.size < 16 or args.frames < 2 or args.sample_every < 1:
         ap.error("--size must be even and >= 16, --frames >= 2, --sample-every >= 1")
     if (args.frames - 1) % args.sample_every:
+        fit = 1 + args.sample_every * ((args.frames - 1) // args.sample_every)
         ap.error(f"--frames {args.frames}: sampling every {args.sample_every} frames would pick other "
                  f"frames from a clip's reverse than from the clip (give 1 + a multiple of "
-                 f"{args.sample_every}, e.g. {1 + args.sample_every * ((args.frames - 1) // args.sample_every)})")
+                 f"{args.sample_every}, e.g. {fit})")
 
     entries = json.loads((args.source / "emoji.json").read_text(encoding="utf-8"))
     usable = [e for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)
@@ -186,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy(args.source / lic, args.out / lic)
     by_split = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
     info = {"source": str(args.source), "emoji": len(usable), "emoji_skipped_no_image": skipped,
-            "clips": len(rows), "clips_by_split": by_split, "frames": args.frames, "sample_every": args.sample_every, "size": args.size,
+            "clips": len(rows), "clips_by_split": by_split, "frames": args.frames,
+            "sample_every": args.sample_every, "size": args.size,
             "fps": args.fps, "seed": args.seed, "test_share": args.test_share,
             "val_share": args.val_share, "motions": [m for pair in PAIRS for m in pair],
             "synthetic": "clips made by moving, zooming and rotating emoji images; not a public set"}
