@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -65,18 +66,27 @@ def run_seed(args: argparse.Namespace, seeded: list[str], seed: int) -> str:
     return resolve_run(ArtifactStore(args.store), "latest")["run_id"]
 
 
-def metrics_of(store_uri: str, run_id: str, stage: str) -> dict | None:
-    """The stage's metrics.json in that run, None if the run has no artifact for it."""
+def stage_ref(store_uri: str, run_id: str, stage: str) -> tuple[Any, Any] | None:
+    """``(store, the stage's artifact ref)`` in that run, None (with a warning) if the run has no
+    artifact for it."""
     from pipeline.errors import StoreError
     from pipeline.runs import find_stage
     from pipeline.store import ArtifactStore
 
     store = ArtifactStore(store_uri)
     try:
-        ref = find_stage(store, stage, run=run_id)
+        return store, find_stage(store, stage, run=run_id)
     except StoreError as e:
         print(f"warning: run {run_id}: {e}", flush=True)
         return None
+
+
+def metrics_of(store_uri: str, run_id: str, stage: str) -> dict | None:
+    """The stage's metrics.json in that run, None if the run has no artifact for it."""
+    found = stage_ref(store_uri, run_id, stage)
+    if found is None:
+        return None
+    store, ref = found
     return json.loads((store.open(ref.key).path / "metrics.json").read_text())
 
 

@@ -101,16 +101,12 @@ def stage_breakdown(store_uri: str, run_id: str, stage: str) -> dict[str, float]
     through the store's filesystem (a remote store's artifacts are not copied whole)."""
     import pyarrow.parquet as pq
 
-    from pipeline.errors import StoreError
-    from pipeline.runs import find_stage
-    from pipeline.store import ArtifactStore
+    from seeds import stage_ref
 
-    store = ArtifactStore(store_uri)
-    try:
-        ref = find_stage(store, stage, run=run_id)
-    except StoreError as e:
-        print(f"warning: run {run_id}: {e}", flush=True)
+    found = stage_ref(store_uri, run_id, stage)
+    if found is None:
         return None
+    store, ref = found
     media_key = store.manifest(ref.key)["inputs"]["media"]
     with store.fs.open(f"{store.artifact_path(media_key)}/items.parquet", "rb") as f:
         meta = clip_meta(f)
