@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pipeline import StageFailed
 
 from fusion.models.backbone import TextBackbone
+from fusion.pretrain.groups import check_group_field, group_of
 from fusion.pretrain.loop import Recipe, recipe
 from fusion.splits import MediaSplit
 
@@ -132,16 +133,6 @@ def shard_rows(uri: str, shard: str, keep: Any, max_regions: int | None) -> Iter
 def listing(uri: str) -> pa.Table:
     with _open(uri, "items.parquet") as f:
         return pq.read_table(f, columns=["id", "texts", "meta"])
-
-
-def group_of(uri: str, field: str) -> dict[str, str]:
-    """item id -> the string of its ``meta[field]``, for the items that have it."""
-    out = {}
-    for i, meta in zip(*(listing(uri)[c].to_pylist() for c in ("id", "meta"))):
-        value = json.loads(meta).get(field) if meta else None
-        if value is not None:
-            out[i] = str(value)
-    return out
 
 
 def featured_ids(uri: str) -> list[str]:
@@ -234,6 +225,9 @@ class MediaRecipe(Recipe):
                               f"dataset's own split and none is in 'train' ({have}); a val or test "
                               f"item never trains: give training items, or set options.split_source: "
                               f"hash to split these by hash instead")
+        if options.group_by:
+            with _open(inputs["media"], "items.parquet") as f:
+                check_group_field(pq.ParquetFile(f), options.group_by, inputs["media"])
         return {"feature_dim": _dim(inputs["media"]), "global_token": _global_token(inputs["media"]),
                 "split_source": splits.label, **_counts(inputs["media"])}
 
@@ -248,9 +242,12 @@ class MediaRecipe(Recipe):
     def encoder(self, inputs: dict[str, str], options: MediaOptions, tokenizer: Any,
                 max_length: int) -> dict[str, Any]:
         chosen, texts_of = train_items(inputs["media"], options)
+        groups = None
+        if options.group_by:
+            with _open(inputs["media"], "items.parquet") as f:
+                groups = group_of(pq.ParquetFile(f), options.group_by)
         return {"tokenizer": tokenizer, "max_length": max_length, "options": options,
-                "chosen": set(chosen), "texts_of": texts_of,
-                "group_of": group_of(inputs["media"], options.group_by) if options.group_by else None}
+                "chosen": set(chosen), "texts_of": texts_of, "group_of": groups}
 
     def group_fields(self, state: dict, media: str, counts: Counter) -> dict[str, str]:
         """``{"group": ...}`` of a training item under ``group_by`` (nothing without it): its meta

@@ -72,8 +72,8 @@ def test_each_recipe_trains_on_the_train_split_and_loads_back(trained, feature_a
 def test_group_by_puts_each_training_item_s_group_in_the_corpus_and_counts_items_without_one(
         ray_local, tmp_path, backbone_dir):
     """``group_by: colour``: every corpus row carries its item's colour as its group (what the
-    workers batch by), an item without the field is a group of its own, counted; the re-ranker,
-    whose examples are groups already, refuses the option."""
+    workers batch by), an item without the field is a group of its own, counted; a field no item
+    has fails before training; the re-ranker, whose examples are groups already, refuses it."""
     import pyarrow.parquet as pq
 
     from fusion.pairs import load_pairs
@@ -83,7 +83,8 @@ def test_group_by_puts_each_training_item_s_group_in_the_corpus_and_counts_items
     bank, _, _ = load_pairs(make_feature_artifact(tmp_path / "plain"), "train", 0.25, 0)
     train = sorted(bank.ids)
     lone = train[0]
-    art = make_feature_artifact(tmp_path / "f", meta={i: {"colour": i.split("-")[0]} for i in ids if i != lone})
+    art = make_feature_artifact(tmp_path / "f",
+                                meta={i: {"colour": i.split("-")[0]} for i in ids if i != lone})
     metrics, _ = run_pretrain(tmp_path, "dual", {"media": art}, MEDIA_RUN | {
         "backbone": str(backbone_dir), "recipe": "dual", "steps": 4,
         "options": TINY_LXMERT | {"x_layers": 0, "group_by": "colour"}})
@@ -91,7 +92,12 @@ def test_group_by_puts_each_training_item_s_group_in_the_corpus_and_counts_items
     rows = [r for p in sorted((tmp_path / "state-dual" / "corpus").glob("part-*.parquet"))
             for r in pq.read_table(p, columns=["media", "group"]).to_pylist()]
     assert sorted(r["media"] for r in rows) == train
-    assert all(r["group"] == (f"item {lone}" if r["media"] == lone else r["media"].split("-")[0]) for r in rows)
+    assert all(r["group"] == (f"item {lone}" if r["media"] == lone else r["media"].split("-")[0])
+               for r in rows)
+    with pytest.raises(StageFailed, match=r"group_by 'colours': no item .* \(fields seen: \['colour'\]\)"):
+        run_pretrain(tmp_path, "typo", {"media": art}, MEDIA_RUN | {   # a misspelt field: before training
+            "backbone": str(backbone_dir), "recipe": "dual", "steps": 4,
+            "options": TINY_LXMERT | {"x_layers": 0, "group_by": "colours"}})
     with pytest.raises(ValueError, match="already groups"):
         PretrainParams.model_validate({"recipe": "rerank", "options": {"group_by": "colour"}})
 
