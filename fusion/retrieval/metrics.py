@@ -158,8 +158,8 @@ class Scores:
     def dense(cls, text_to_media: torch.Tensor, media_to_text: torch.Tensor | None = None) -> Scores:
         """(T, M) scores, and (M, T) for the other direction (default: the transpose; re-ranking
         gives each direction its own)."""
+        _no_nan(*(x for x in (text_to_media, media_to_text) if x is not None))   # the transpose: once
         m2t = text_to_media.T if media_to_text is None else media_to_text
-        _no_nan(text_to_media, m2t)
         if tuple(m2t.shape) != tuple(text_to_media.shape[::-1]):
             raise ValueError(f"media_to_text {tuple(m2t.shape)} is not the transpose of text_to_media "
                              f"{tuple(text_to_media.shape)}")

@@ -87,7 +87,7 @@ def test_ray_start_timeout_is_retried_after_killing_what_the_failed_attempt_left
 
     def failing_start() -> str:
         # what a timed-out ray.init leaves: a process started with the mark in its environment
-        left.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+        left.append(subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"],
                                      env={**os.environ, reaper.MARK: mark}))
         if len(left) < 3:
             raise Exception("The current node timed out during startup. This could happen ...")
