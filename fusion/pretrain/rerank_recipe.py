@@ -1,10 +1,10 @@
 """The ``rerank`` recipe: a listwise re-ranker (:mod:`fusion.models.reranker`) for a dual encoder.
 
 Inputs: ``media`` (the feature artifact both models train on), ``first_stage`` (a ``fusion.pretrain``
-artifact of recipe ``dual`` on it: its streams start the re-ranker, its architecture and split are
-the re-ranker's) and ``negatives`` (a ``fusion.retrieval`` run of that dual encoder with ``split:
-train``, ``mode: dual`` and ``top`` >= ``group``: its ``ranks.parquet`` holds each training
-caption's best-ranked training items). A pipeline::
+artifact of recipe ``dual`` on it: its streams start the re-ranker, its architecture is the
+re-ranker's, its split the same or nested, below) and ``negatives`` (a ``fusion.retrieval`` run of
+that dual encoder with ``split: train``, ``mode: dual`` and ``top`` >= ``group``: its
+``ranks.parquet`` holds each training caption's best-ranked training items). A pipeline::
 
     dual:         {uses: fusion.pretrain, inputs: {media: feats}, with: {recipe: dual, ...}}
     dual_train:   {uses: fusion.retrieval, inputs: {model: dual, media: feats},
@@ -13,6 +13,15 @@ caption's best-ranked training items). A pipeline::
                    with: {recipe: rerank, ...}}
     rerank_eval:  {uses: fusion.retrieval, inputs: {model: reranker, media: feats, first_stage: dual},
                    with: {mode: rerank, k: 16}}
+
+**Cross-fitted negatives.** A dual encoder ranks the pairs it trained on far better than held-out
+ones (it remembers them), so its training-split ranking makes groups unlike a held-out query's
+candidates, and its frozen streams already separate them. The first stage may instead be a dual
+encoder trained on a nested split (the same ``split_seed``, a larger ``held_out_share``: a subset of
+the re-ranker's training items) and ``negatives`` its ranking with ``split: test``: the re-ranker
+then trains on the training items its first stage never saw (its anchors, counted ``groups``; the
+others are counted ``anchors_not_ranked``), among the candidates that first stage confuses. A first
+stage that trained on an item the re-ranker holds out is refused.
 
 One example is one *group*: a training item (the anchor), then the ``group - 1`` training items the
 dual encoder ranks highest for the anchor's first caption (text -> media), interleaved by default
@@ -43,7 +52,7 @@ from fusion.compat import read_manifest
 from fusion.models.backbone import TextBackbone
 from fusion.pretrain.loop import recipe
 from fusion.pretrain.media_recipes import (MediaOptions, MediaRecipe, _open, batch_rng, check_lxmert_config,
-                                           feature_shards, region_batch, shard_rows)
+                                           feature_shards, region_batch, shard_rows, train_items)
 from fusion.retrieval.params import RetrievalParams
 
 SPLIT_FIELDS = ("held_out_share", "split_seed", "split_source", "limit")
@@ -99,19 +108,17 @@ class RerankRecipe(MediaRecipe):
         if first.get("recipe") != "dual":
             raise StageFailed(f"fusion.pretrain rerank: first_stage {inputs['first_stage']} is recipe "
                               f"{first.get('recipe')!r}; the re-ranker starts from a 'dual' encoder")
-        theirs = first["options"]
-        ours = options.model_dump()
-        differ = {f: (theirs.get(f), ours[f]) for f in SPLIT_FIELDS if theirs.get(f) != ours[f]}
-        if differ:
-            raise StageFailed(f"fusion.pretrain rerank: the first stage was trained on another split "
-                              f"({differ}: first stage, re-ranker); give the re-ranker the same options")
+        first_train, ours = self._nested_split(inputs["media"], first["options"], options)
         ranked = read_manifest(inputs["negatives"])
         params = ranked.get("params", {})
         top = params.get("top", RetrievalParams.model_fields["top"].default)  # a default is not recorded
         first_key = read_manifest(inputs["first_stage"]).get("key")
+        # a first stage trained on fewer items may rank those it never saw ('test'): cross-fitted
+        splits = ("train", "test") if first_train < ours else ("train",)
         checks = (("it is not a fusion.retrieval run", ranked.get("type") == "fusion.retrieval"),
                   (f"mode {params.get('mode')!r}, not 'dual'", params.get("mode") == "dual"),
-                  (f"split {params.get('split')!r}, not 'train'", params.get("split") == "train"),
+                  (f"split {params.get('split')!r}, not {' or '.join(map(repr, splits))}",
+                   params.get("split") in splits),
                   (f"top {top} < group {options.group}", top >= options.group),
                   ("it ranked another model than first_stage",
                    first_key is not None and ranked.get("inputs", {}).get("model") == first_key))
@@ -119,10 +126,32 @@ class RerankRecipe(MediaRecipe):
         if problems:
             raise StageFailed(f"fusion.pretrain rerank: negatives {inputs['negatives']}: "
                               f"{'; '.join(problems)} (run fusion.retrieval on the first stage with "
-                              f"mode: dual, split: train, top >= group)")
+                              f"mode: dual, split: {' or '.join(splits)}, top >= group)")
+        theirs = first["options"]
         return {**super().resources(inputs, options), "first_stage_uri": inputs["first_stage"],
                 "r_layers": int(theirs["r_layers"]),
-                "first_stage_config": json.dumps(theirs.get("config", {}), sort_keys=True)}
+                "first_stage_config": json.dumps(theirs.get("config", {}), sort_keys=True),
+                "first_stage_train_items": len(first_train)}
+
+    @staticmethod
+    def _nested_split(media: str, theirs: dict[str, Any], options: RerankOptions
+                      ) -> tuple[set[str], set[str]]:
+        """The first stage's and the re-ranker's training items. The first stage must not have
+        trained on an item the re-ranker holds out (its scores of held-out pairs would carry what it
+        learnt from them); it may have trained on fewer (a nested split, e.g. a larger
+        ``held_out_share`` with the same ``split_seed``): the re-ranker then learns from groups of
+        items its first stage never saw, as a held-out query's candidates are."""
+        fields = {f: theirs[f] for f in SPLIT_FIELDS if f in theirs}
+        first = set(train_items(media, MediaOptions(**fields))[0])
+        ours = set(train_items(media, options)[0])
+        if not first <= ours:
+            mine = {f: getattr(options, f) for f in fields}
+            raise StageFailed(f"fusion.pretrain rerank: the first stage was trained on another split "
+                              f"({fields}; the re-ranker's {mine}): {len(first - ours)} of its training "
+                              f"items are held out by the re-ranker; give the re-ranker the same split "
+                              f"options, or the first stage a split nested in the re-ranker's (the "
+                              f"same split_seed, a larger held_out_share)")
+        return first, ours
 
     # -- encoding actors --
 
@@ -146,8 +175,11 @@ class RerankRecipe(MediaRecipe):
         ranked = self._rankings(inputs["negatives"], [r["media"] for r in anchors], options.negatives_from)
         groups = {}
         for r in anchors:
+            if r["media"] not in ranked:   # cross-fitted: the first stage trained on this anchor
+                counts["anchors_not_ranked"] += 1
+                continue
             negs = []
-            for m in ranked.get(r["media"], []):
+            for m in ranked[r["media"]]:
                 if m == r["media"]:
                     continue
                 if m not in state["chosen"]:
@@ -187,7 +219,7 @@ class RerankRecipe(MediaRecipe):
         """Item id -> the items the first stage ranked best for it, in rank order: for its first
         caption (``<item>#0``, text -> media), interleaved with ``both`` with the items of the
         captions ranked best for the item itself (media -> text; a caption id is ``<item>#<k>``),
-        each item once."""
+        each item once; an item the run did not rank (nor its caption) is left out."""
         if not items:
             return {}
         queries = [f"{i}#0" for i in items] + (items if directions == "both" else [])
@@ -202,6 +234,8 @@ class RerankRecipe(MediaRecipe):
                 m2t[q] = [c.rsplit("#", 1)[0] for c in top]
         out = {}
         for i in items:
+            if i not in t2m and i not in m2t:
+                continue
             a, b = t2m.get(i, []), m2t.get(i, [])
             merged = [x for pair in zip(a, b) for x in pair] + a[len(b):] + b[len(a):]
             out[i] = list(dict.fromkeys(merged))

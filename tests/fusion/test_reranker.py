@@ -215,6 +215,34 @@ def test_inputs_that_cannot_make_training_groups_are_refused(tmp_path, media, ca
     assert sum(p in str(e.value) for p in phrases) <= 1   # this case's problem alone
 
 
+@pytest.mark.parametrize("share, split, refused", [
+    (0.2, "train", None),                                   # the re-ranker's own split
+    (0.6, "test", None),                                    # nested: the items it never saw
+    (0.6, "train", None),
+    (0.2, "test", "split 'test', not 'train'"),             # the same split: 'test' is held out
+    (0.05, "train", "items are held out by the re-ranker"), # it trained on held-out items
+])
+def test_a_first_stage_on_a_nested_split_may_rank_the_items_it_never_saw(tmp_path, media, share, split,
+                                                                        refused):
+    from fusion.pretrain.media_recipes import train_items
+
+    first = {"recipe": "dual", "options": RerankOptions().model_dump() | {"r_layers": 1,
+                                                                         "held_out_share": share}}
+    fs = _artifact(tmp_path / "dual", {"key": "dualkey"}, first)
+    neg = _artifact(tmp_path / "ranks", {"type": "fusion.retrieval", "inputs": {"model": "dualkey"},
+                                         "params": {"split": split, "mode": "dual", "top": 16}})
+    inputs = {"media": media, "first_stage": fs, "negatives": neg}
+    if refused:
+        with pytest.raises(StageFailed, match=refused):
+            RerankRecipe().resources(inputs, RerankOptions())
+        return
+    got = RerankRecipe().resources(inputs, RerankOptions())["first_stage_train_items"]
+    ours, _ = train_items(media, RerankOptions())
+    theirs, _ = train_items(media, RerankOptions(held_out_share=share))
+    assert got == len(theirs) and set(theirs) <= set(ours)
+    assert (got < len(ours)) == (share > 0.2)   # 42 items: 0.6 holds out some of ours
+
+
 # ------------------------------------------------------------------ through a pipeline
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "emoji_rerank.yaml"
 EMOJI = Path(__file__).parents[2] / "pipelines" / "data" / "emoji"
@@ -224,11 +252,14 @@ def test_pipeline_trains_on_train_items_only_and_reranks_the_dual(ray_local, tmp
                                                                    monkeypatch):
     monkeypatch.setenv("STELE_DATA", str(EMOJI.parent))   # !data emoji: the repository's slice
     tiny_run = {"emoji_images.backbone": "test_efficientnet", "emoji_images.weights": None,
-                **{f"{s}.{k}": v for s in ("dual", "reranker") for k, v in
+                **{f"{s}.{k}": v for s in ("dual", "reranker", "dual_half", "reranker_cf") for k, v in
                    {"backbone": str(backbone_dir), "steps": 3, "warmup_steps": 0,
                     "checkpoint_every": 3}.items()},
+                **{f"{s}.k": 4 for s in ("reranker_eval", "reranker_fused", "reranker_cf_eval",
+                                         "reranker_cf_on_dual", "reranker_cf_on_dual_fused")},
                 "reranker.batch_size": 2, "reranker.options.group": 4, "dual_train_ranks.top": 6,
-                "dual.batch_size": 8, "reranker_eval.k": 4, "reranker_fused.k": 4}
+                "reranker_cf.batch_size": 2, "reranker_cf.options.group": 4,
+                "dual_half_unseen_ranks.top": 6, "dual.batch_size": 8, "dual_half.batch_size": 8}
     run = stele.run(PIPELINE, store=tmp_path / "store", set=tiny_run, quiet=True, report=False)
     assert run.ok, {n: o.error for n, o in run.outcomes.items() if o.error}
     store = ArtifactStore(tmp_path / "store")
@@ -255,6 +286,20 @@ def test_pipeline_trains_on_train_items_only_and_reranks_the_dual(ray_local, tmp
     assert ev["media"] == dual["media"] and not set(dual_held_out(store, run)) & train
     fused = run.outcomes["reranker_fused"].metrics
     assert fused["first_stage_rsum"] == pytest.approx(dual["rsum"]) and fused["k"] == 4
+    # cross-fitted: trained on the training items its first stage (dual_half) never saw, only
+    cf = run.outcomes["reranker_cf"].metrics
+    half = dict(inputs, first_stage=str(store.open(run.outcomes["dual_half"].key).path),
+                negatives=str(store.open(run.outcomes["dual_half_unseen_ranks"].key).path))
+    seen = set(rec._nested_split(half["media"], RerankOptions(held_out_share=0.6).model_dump(), options)[0])
+    unseen = set(state["chosen"]) - seen
+    assert seen and unseen and cf["anchors_not_ranked"] == len(seen)
+    state = rec.encoder(half, options, load_backbone(str(backbone_dir)).tokenizer, 16)
+    groups = [row["media"] for unit in rec.units(half, options, None)
+              for row in rec.encode(state, half, unit)[0]]
+    assert len(groups) == cf["groups"] > 0 and all(set(g) <= unseen for g in groups)
+    for stage, first in (("reranker_cf_on_dual", dual), ("reranker_cf_on_dual_fused", dual)):
+        assert run.outcomes[stage].metrics["first_stage_rsum"] == pytest.approx(first["rsum"])
+    assert run.outcomes["reranker_cf_eval"].metrics["media"] == dual["media"]   # the same held-out 20%
 
 
 def dual_held_out(store: ArtifactStore, run) -> list[str]:
@@ -326,7 +371,8 @@ def test_negatives_interleave_both_directions_each_item_once(tmp_path):
         "top_ids": [["a", "c", "d", "e"], ["a#0", "d#1", "f#0", "c#0"], ["c", "b"], ["b#0"]]}),
         tmp_path / "ranks.parquet")
     both = RerankRecipe._rankings(str(tmp_path), ["a", "b", "z"], "both")
-    assert both == {"a": ["a", "c", "d", "f", "e"], "b": ["c", "b"], "z": []}   # a, a, c, d, d, f, e, c
+    # a, a, c, d, d, f, e, c; z was not ranked (cross-fitted: the first stage trained on it)
+    assert both == {"a": ["a", "c", "d", "f", "e"], "b": ["c", "b"]}
     assert RerankRecipe._rankings(str(tmp_path), ["a"], "text_to_media") == {"a": ["a", "c", "d", "e"]}
 
 
