@@ -153,15 +153,18 @@ def media_split(uri: str, options: MediaOptions, items: pa.Table | None = None) 
                                  options.held_out_share, options.split_seed, options.split_source)
 
 
-def train_items(uri: str, options: MediaOptions) -> tuple[list[str], dict[str, list[str]]]:
+def train_items(uri: str, options: MediaOptions, items: pa.Table | None = None,
+                featured: set[str] | None = None) -> tuple[list[str], dict[str, list[str]]]:
     """The training items in the listing's order (featured, in the ``train`` split of
     :func:`media_split`, the first ``limit``) and every listed item's texts. Under the dataset's own
     split only its ``train`` items train (Karpathy's ``restval`` too unless the dataset kept it
-    apart with ``restval: keep``): a ``val`` or ``test`` item never does."""
-    items = listing(uri)
+    apart with ``restval: keep``): a ``val`` or ``test`` item never does. ``items`` (the
+    :func:`listing`) and ``featured`` (:func:`featured_ids`) are read here unless given, so a
+    caller comparing two splits reads them once."""
+    items = listing(uri) if items is None else items
     texts_of = dict(zip(items["id"].to_pylist(), items["texts"].to_pylist()))
     splits = media_split(uri, options, items)
-    featured = set(featured_ids(uri))
+    featured = set(featured_ids(uri)) if featured is None else featured
     chosen = [i for i in texts_of if i in featured and splits.contains(i, "train")]
     return chosen[:options.limit] if options.limit is not None else chosen, texts_of
 

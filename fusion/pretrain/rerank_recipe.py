@@ -52,7 +52,8 @@ from fusion.compat import read_manifest
 from fusion.models.backbone import TextBackbone
 from fusion.pretrain.loop import recipe
 from fusion.pretrain.media_recipes import (MediaOptions, MediaRecipe, _open, batch_rng, check_lxmert_config,
-                                           feature_shards, region_batch, shard_rows, train_items)
+                                           feature_shards, featured_ids, listing, region_batch,
+                                           shard_rows, train_items)
 from fusion.retrieval.params import RetrievalParams
 
 SPLIT_FIELDS = ("held_out_share", "split_seed", "split_source", "limit")
@@ -142,8 +143,9 @@ class RerankRecipe(MediaRecipe):
         ``held_out_share`` with the same ``split_seed``): the re-ranker then learns from groups of
         items its first stage never saw, as a held-out query's candidates are."""
         fields = {f: theirs[f] for f in SPLIT_FIELDS if f in theirs}
-        first = set(train_items(media, MediaOptions(**fields))[0])
-        ours = set(train_items(media, options)[0])
+        items, featured = listing(media), set(featured_ids(media))
+        first = set(train_items(media, MediaOptions(**fields), items, featured)[0])
+        ours = set(train_items(media, options, items, featured)[0])
         if not first <= ours:
             mine = {f: getattr(options, f) for f in fields}
             raise StageFailed(f"fusion.pretrain rerank: the first stage was trained on another split "
