@@ -416,3 +416,40 @@ def test_every_builtin_is_registered_with_a_modality(name):
     if name in IMAGE_DATASETS:
         assert cls.modality == "image"
     assert not [k for k in DATASETS.plugin_errors if k.startswith("vision ")]
+
+
+# bench/make_emoji_two_styles.py: the emoji set with a second art style for its training emoji
+
+def test_make_emoji_two_styles_keeps_the_hash_split_and_adds_only_training_twins(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    from fusion.splits import split_of
+
+    src, second = tmp_path / "emoji", tmp_path / "twemoji"
+    entries = []
+    for k in range(12):
+        _png(src / "img" / f"e{k}.png")
+        if k != 3:                       # one emoji the second style lacks
+            _png(second / f"e{k}.png", "blue")
+        entries.append({"unified": f"E{k}", "name": f" Emoji {k} ", "image": f"e{k}.png"})
+    entries.append({"unified": "E99", "name": "No Image", "image": "missing.png"})
+    (src / "emoji.json").write_text(json.dumps(entries))
+    script = Path(__file__).parents[2] / "bench" / "make_emoji_two_styles.py"
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(script), str(src), str(second), "--out", str(out),
+                    "--held-out-share", "0.4"], check=True, capture_output=True, text=True, timeout=600)
+    rows = list(csv.DictReader(open(out / "captions.csv", encoding="utf-8")))
+    want = {f"E{k}": split_of(f"E{k}", 0.4, 0) for k in range(12)}
+    assert "test" in want.values() and "train" in want.values()   # the share splits 12 both ways
+    noto = {r["emoji"]: r for r in rows if r["style"] == "noto"}
+    assert {e: r["split"] for e, r in noto.items()} == want       # the pipelines' own hash split
+    assert all(r["caption"] == f"Emoji {r['emoji'][1:]}" for r in rows)
+    twins = {r["emoji"] for r in rows if r["style"] == "twitter"}
+    assert twins == {e for e, s in want.items() if s == "train"} - {"E3"}   # training emoji only
+    assert all(r["split"] == "train" for r in rows if r["style"] == "twitter")
+    # read back as the pipelines read it: one item per image, its split in the meta
+    items, q = _list(build_dataset({"type": "image_folder", "captions": str(out / "captions.csv")}))
+    assert q.count == 0 and len(items) == len(rows) == 12 + len(twins)
+    assert {i.meta["split"] for i in items if i.id.startswith("twitter/")} == {"train"}
