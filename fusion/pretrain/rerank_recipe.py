@@ -29,7 +29,9 @@ dual encoder ranks highest for the anchor's first caption (text -> media), inter
 -> text: the candidates the re-ranker meets in that direction), itself left out, with the regions
 and captions of each; ``batch_size`` counts groups. A ranked item outside this recipe's training
 items is never used (counted: ``negatives_not_train``), so no held-out item enters training through
-the ranking, nor one without a caption (``negatives_without_text``); an anchor with fewer usable
+the ranking, nor one without a caption (``negatives_without_text``), nor one sharing a caption
+with the anchor (``negatives_same_caption``, compared stripped and case-folded: that caption cannot
+tell them apart, e.g. one emoji in two art styles); an anchor with fewer usable
 negatives than ``group - 1`` is skipped and counted (``anchors_short_of_negatives``). Each encoding
 unit (a feature shard) reads its anchors' rankings, and the negatives' regions from whichever shards
 hold them: a group's features are stored with it, ``group`` times the feature bytes of the corpus.
@@ -180,7 +182,7 @@ class RerankRecipe(MediaRecipe):
             if r["media"] not in ranked:   # cross-fitted: the first stage trained on this anchor
                 counts["anchors_not_ranked"] += 1
                 continue
-            negs = []
+            negs, own = [], {t.strip().casefold() for t in state["texts_of"][r["media"]]}
             for m in ranked[r["media"]]:
                 if m == r["media"]:
                     continue
@@ -189,6 +191,9 @@ class RerankRecipe(MediaRecipe):
                     continue
                 if not state["texts_of"].get(m):   # a member reads one of its captions
                     counts["negatives_without_text"] += 1
+                    continue
+                if own & {t.strip().casefold() for t in state["texts_of"][m]}:   # not a negative
+                    counts["negatives_same_caption"] += 1
                     continue
                 negs.append(m)
             if len(negs) < options.group - 1:

@@ -411,6 +411,30 @@ def test_groups_skip_held_out_and_captionless_items_and_count_them(tmp_path, tok
         assert "red-dog" not in row["media"] and all(row["captions"])
 
 
+def test_an_item_sharing_the_anchors_caption_is_not_its_negative(tmp_path, tokenizer):
+    import pyarrow as pa
+
+    from fusion.pretrain.media_recipes import train_items
+
+    probe = make_feature_artifact(tmp_path / "probe")
+    a, twin, *rest = train_items(str(probe), RerankOptions())[0]
+    # the same emoji in two art styles: one caption, up to case and spaces
+    media = make_feature_artifact(tmp_path / "media", captions={a: ["The Red Dog"], twin: [" the red dog "]})
+    order = [a, twin, *rest[:4]]
+    pq.write_table(pa.table({"direction": ["text_to_media"] * 2, "query_id": [f"{a}#0", f"{twin}#0"],
+                             "top_ids": [order, [twin, a, *rest[:4]]]}), tmp_path / "ranks.parquet")
+    rec, options = RerankRecipe(), RerankOptions(group=4)
+    inputs = {"media": str(media), "negatives": str(tmp_path)}
+    state = rec.encoder(inputs, options, tokenizer, 16)
+    groups, counts = {}, {}
+    for unit in rec.units(inputs, options, None):
+        rows, c = rec.encode(state, inputs, unit)
+        groups.update({r["media"][0]: r["media"][1:] for r in rows})
+        counts = {k: counts.get(k, 0) + v for k, v in c.items()}
+    assert groups == {a: rest[:3], twin: rest[:3]}      # each skips the other, in rank order
+    assert counts["negatives_same_caption"] == 2
+
+
 @pytest.mark.parametrize("options, message", [
     ({"config": {"x_layers": 3}}, "set by the recipe"),
     ({"config": {"bogus": 1}}, "unknown LxmertConfig field"),
