@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import shutil
 import sys
 from collections import Counter
@@ -30,7 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import vision.datasets  # noqa: E402,F401 - registers the emoji dataset
 from fusion.splits import split_of  # noqa: E402
+from pipeline.datasets import build_dataset  # noqa: E402
+from pipeline.quarantine import Quarantine  # noqa: E402
 
 
 def main() -> None:
@@ -44,33 +46,31 @@ def main() -> None:
     args = ap.parse_args()
     if args.style == "noto":
         ap.error("--style: 'noto' is the first style's folder")
-    entries = json.loads((args.emoji / "emoji.json").read_text(encoding="utf-8"))
+    # listed as the pipelines list it (item id, name, what is quarantined), so the split agrees
+    emoji = build_dataset({"type": "emoji", "path": str(args.emoji), "on_error": "skip"})
+    q = Quarantine(emoji.type, emoji.on_error)
     for sub in ("noto", args.style):
         (args.out / sub).mkdir(parents=True, exist_ok=True)
     counts: Counter = Counter()
     rows = []
-    for e in entries:
-        image = e.get("image")
-        if not image or not (args.emoji / "img" / image).is_file():
-            counts["emoji_without_image (left out, as the emoji dataset quarantines them)"] += 1
-            continue
-        uid = str(e.get("unified") or Path(image).stem)
-        split = split_of(uid, args.held_out_share, args.split_seed)
-        name = e["name"].strip()
-        shutil.copyfile(args.emoji / "img" / image, args.out / "noto" / image)
-        rows.append({"image": f"noto/{image}", "caption": name, "split": split, "emoji": uid,
+    for item in emoji.items(q):
+        split, name = split_of(item.id, args.held_out_share, args.split_seed), item.texts[0]
+        shutil.copyfile(args.emoji / "img" / item.media, args.out / "noto" / item.media)
+        rows.append({"image": f"noto/{item.media}", "caption": name, "split": split, "emoji": item.id,
                      "style": "noto"})
         counts[f"{split} emoji"] += 1
-        other = args.second / image
+        other = args.second / item.media
         if split != "train":
             counts[f"held-out emoji's {args.style} image left out"] += int(other.is_file())
         elif not other.is_file():
             counts[f"training emoji without a {args.style} image (one style only)"] += 1
         else:
-            shutil.copyfile(other, args.out / args.style / image)
-            rows.append({"image": f"{args.style}/{image}", "caption": name, "split": "train",
-                         "emoji": uid, "style": args.style})
+            shutil.copyfile(other, args.out / args.style / item.media)
+            rows.append({"image": f"{args.style}/{item.media}", "caption": name, "split": "train",
+                         "emoji": item.id, "style": args.style})
             counts["training emoji in both styles"] += 1
+    if q.count:
+        counts["emoji entries quarantined by the emoji dataset (left out)"] = q.count
     # a temporary name first: a killed run leaves no captions file that looks complete
     tmp = args.out / "captions.csv.tmp"
     with tmp.open("w", newline="", encoding="utf-8") as f:
