@@ -9,13 +9,19 @@ fine-tuning stage and runs it with ``stele``:
 1. the shared stages (KG, TransE, links) once;
 2. each pretraining alone (``--until``), one after the other, so tokens/s are not measured while
    another job shares the cores;
-3. every fine-tuning stage: 2 tasks x seeds x encoders. ``backbone`` is MiniLM fine-tuned with no
-   further pretraining; ``plain`` is MiniLM after the same MLM steps the others get (the fair
-   baseline). K-Adapter's factual adapter is evaluated on relations, its lexical adapter on typing,
-   and both were pretrained with fine-tuning's test entities / pairs held out (the same split), so
-   no adapter saw a test label. KEPLER and KG-BERT train on the KG's triples with the triples of
-   fine-tuning's test entity pairs left out (``held_out_share``, the same split), so neither trained
-   on a test pair's relation.
+3. every fine-tuning stage: 5 tasks x seeds x encoders. Two tasks read the linked documents
+   (entity typing, relation classification), three only the KG (``fusion.finetune.kg_tasks``:
+   triple classification, lexical relation prediction on word pairs, supersense tagging on
+   WordNet's usage examples). ``backbone`` is MiniLM fine-tuned with no further pretraining;
+   ``plain`` is MiniLM after the same MLM steps the others get (the fair baseline). K-Adapter's
+   factual adapter is evaluated on the fact tasks (relations, triples, word pairs), its lexical
+   adapter on the type tasks (typing, supersenses), and both were pretrained with fine-tuning's test
+   entities / pairs held out (the same split), so no adapter saw a test label of the tasks split by
+   entity or pair. KEPLER and KG-BERT train on the KG's triples with the triples of fine-tuning's
+   test entity pairs left out (``held_out_share``, the same split), so neither trained on a test
+   pair's relation or triple. The lexical tasks split by word, which no held-out entity pair
+   covers: the stages warn where a pretraining saw their labels (KEPLER, KG-BERT and LIBERT on the
+   word pairs), and the table reads those cells as upper bounds.
 
 What the other new encoders read (their knowledge is the WordNet half of the same KG, whose
 lexnames and hypernyms are also labels of the two tasks): SenseBERT's input carries, in fine-tuning
@@ -67,7 +73,14 @@ ENCODERS = ("backbone", "plain", "ernie", "kbert", "kadapter", "kepler", "kgbert
             "knowbert", "wklm", "sentilr")
 PRETRAININGS = ("plain", "ernie", "kbert", "kadapter_factual", "kadapter_lexical", "kepler", "kgbert",
                 "sensebert", "libert", "knowbert", "wklm", "sentilr")
-TASKS = {"entity_typing": "typing", "relation_classification": "relations"}
+TASKS = {"entity_typing": "typing", "relation_classification": "relations",
+         "triple_classification": "triples", "lexical_relation": "lexical", "supersense": "supersense"}
+UNITS = {"typing": "entities", "relations": "entity pairs", "triples": "entity pairs",
+         "lexical": "words (both of a pair)", "supersense": "lemmas"}
+# K-Adapter's adapter per task: the factual one (relations of entity pairs) for the fact tasks,
+# the lexical one (lexnames) for the type tasks
+ADAPTER = {"typing": "kadapter_lexical", "supersense": "kadapter_lexical", "relations": "kadapter_factual",
+           "triples": "kadapter_factual", "lexical": "kadapter_factual"}
 
 
 def build_pipeline(args: argparse.Namespace) -> dict:
@@ -113,11 +126,10 @@ def build_pipeline(args: argparse.Namespace) -> dict:
     for task, short in TASKS.items():
         for seed in range(args.seeds):
             for enc in ENCODERS:
-                inputs = {"text": "links", "kg": "kg"}
+                # the KG tasks read no document
+                inputs = {"text": "links", "kg": "kg"} if short in ("typing", "relations") else {"kg": "kg"}
                 if enc != "backbone":
-                    inputs["encoder"] = ({"entity_typing": "kadapter_lexical",
-                                          "relation_classification": "kadapter_factual"}[task]
-                                         if enc == "kadapter" else enc)
+                    inputs["encoder"] = ADAPTER[short] if enc == "kadapter" else enc
                 lr = 1e-3 if enc == "kadapter" else 5e-5  # adapters + head on a frozen backbone
                 stages[f"ft_{short}_{enc}_s{seed}"] = {
                     "uses": "fusion.finetune", "inputs": inputs,
@@ -209,7 +221,7 @@ def main() -> None:
         print(f"{name:18} {row['tokens_per_s']:9.0f} {row['loss_first']:11.3f} "
               f"{row['loss_last10']:13.3f}")
     for task, short in TASKS.items():
-        print(f"\n{task}: test split = held-out {'entities' if short == 'typing' else 'entity pairs'} "
+        print(f"\n{task}: test split = held-out {UNITS[short]} "
               f"({args.test_share:.0%}), {args.finetune_steps} fine-tuning steps, {args.seeds} seed(s)")
         print(f"{'encoder':10} {'accuracy':>16} {'micro-F1':>16} {'macro-F1':>16}")
         for enc in ENCODERS:
@@ -233,7 +245,7 @@ def main() -> None:
                   f"{table['sizes'][task]['majority_label_accuracy']:.3f})")
             print(f"  ({x['train_examples']} of {x['train_examples_available']} training / "
                   f"{x['test_examples']} of {x['test_examples_available']} test examples used, "
-                  f"{x['test_units']} test {'entities' if short == 'typing' else 'pairs'}, "
+                  f"{x['test_units']} test units, "
                   f"{x['num_labels']} labels)")
         ft_s = [r["metrics"]["train_s"] + r["metrics"]["eval_s"] for k, r in m.items()
                 if k.startswith(f"ft_{short}_")]

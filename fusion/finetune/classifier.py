@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from fusion.finetune.encoders import SpanEncoder
-from fusion.finetune.tasks import TaskExample
+from fusion.finetune.examples import TaskExample
 
 
 class SpanClassifier:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusion.finetune.tasks import Span, TaskExample
+from fusion.finetune.examples import Span, TaskExample
 from pipeline import StageFailed
 from pipeline.registry import Registry
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from fusion.finetune.encoders import (BertSpanEncoder, EncoderSource, SpanEncoder, _pretrained,
                                       _recipe_options, entity_table, span_encoder)
-from fusion.finetune.tasks import TaskExample
+from fusion.finetune.examples import TaskExample
 from pipeline import StageFailed
 
 

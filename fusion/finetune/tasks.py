@@ -1,7 +1,7 @@
 """Downstream tasks for ``fusion.finetune``: examples, the held-out split, caps and metrics.
 
-Two tasks, built from the same artifacts for every encoder so that comparisons are fair (same
-examples, same split, same labels; only the encoder differs):
+Five tasks, built from the same artifacts for every encoder so that comparisons are fair (same
+examples, same split, same labels; only the encoder differs). Two read linked documents:
 
 * ``entity_typing``: one example per linked mention whose KG entity has a type; the label is the
   entity's first type (the WordNet lexname for a WordNet synset, ``countryinfo``'s kind, ...); the
@@ -12,9 +12,14 @@ examples, same split, same labels; only the encoder differs):
   whose entities are a KG triple's head and tail is an example labelled with that relation (the
   first triple's, as the recipe), at most ``max_pairs_per_doc`` per document.
 
+Three are built from the KG alone (:mod:`fusion.finetune.kg_tasks`): ``triple_classification``
+(KG-BERT), ``lexical_relation`` (LIBERT's word pairs) and ``supersense`` (SenseBERT, on WordNet's
+usage examples).
+
 Held-out split (:mod:`fusion.splits`): by *entity* for typing and by *entity pair* for relations
-(unordered, so a pair and its reverse land on the same side). A test entity (pair) is never seen in
-training, so the score measures generalisation to new entities, not memorised ones; the split depends on neither the model nor the
+and triples (unordered, so a pair and its reverse land on the same side), by *word* for the two
+lexical tasks. A test entity (pair, word) is never seen in training, so the score measures
+generalisation to new entities, not memorised ones; the split depends on neither the model nor the
 training seed, so a seed sweep varies the initialisation and the data order only.
 
 Caps (``max_train_examples``, ``max_test_examples``, default none): after the split, a sample of at
@@ -40,21 +45,24 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+from fusion.finetune.examples import Mention, TaskData, TaskExample
+from fusion.finetune.kg_tasks import LEFT_OUT as KG_LEFT_OUT
+from fusion.finetune.kg_tasks import lexical_examples, supersense_examples, triple_examples
 from fusion.splits import hash_rank, pair_key, split_of
-
-Span = tuple[int, int]                 # character offsets [start, end) into the text
-Mention = tuple[int, int, str]         # (start, end, KG entity id)
-TASKS = ("entity_typing", "relation_classification")
-_LEFT_OUT = ("documents_empty", "mentions_in_empty_documents", "mentions_not_in_kg",
-             "mentions_bad_span", "mentions_duplicate", "examples_span_without_wordpiece",
-             "examples_span_beyond_max_length", "examples_rare_label",
-             "test_examples_label_not_in_train")
+DOCUMENT_TASKS = ("entity_typing", "relation_classification")
+TASKS = (*DOCUMENT_TASKS, *KG_LEFT_OUT)
+NUM_SPANS = {"entity_typing": 1, "relation_classification": 2, "triple_classification": 2,
+             "lexical_relation": 2, "supersense": 1}
+_FILTERS = ("examples_span_without_wordpiece", "examples_span_beyond_max_length",
+            "examples_rare_label", "test_examples_label_not_in_train")
+_DOCUMENTS = ("documents_empty", "mentions_in_empty_documents", "mentions_not_in_kg",
+              "mentions_bad_span", "mentions_duplicate", *_FILTERS)
 LEFT_OUT = {  # every reason a task reports, zero or not
-    "entity_typing": (*_LEFT_OUT, "mentions_without_type"),
-    "relation_classification": (*_LEFT_OUT, "pairs_over_max_per_doc"),
+    "entity_typing": (*_DOCUMENTS, "mentions_without_type"),
+    "relation_classification": (*_DOCUMENTS, "pairs_over_max_per_doc"),
+    **{task: (*reasons, *_FILTERS) for task, reasons in KG_LEFT_OUT.items()},
 }
 
 
@@ -94,31 +102,6 @@ def classification_metrics(gold: Sequence[str], pred: Sequence[str]) -> dict[str
 
 
 # -------------------------------------------------------------------------------- task examples
-@dataclass(frozen=True)
-class TaskExample:
-    id: str                          # unique: document id, span offsets, entity ids
-    doc_id: str
-    text: str
-    mentions: tuple[Mention, ...]    # every usable linked mention of the document (encoder context)
-    spans: tuple[Span, ...]          # (mention,) for typing, (head, tail) for relations
-    entities: tuple[str, ...]        # the spans' KG entity ids
-    key: str                         # the split unit: entity id, or the unordered entity pair
-    label: str
-
-
-@dataclass
-class TaskData:
-    train: list[TaskExample]
-    test: list[TaskExample]
-    labels: list[str]                                        # the label vocabulary (train labels)
-    left_out: dict[str, int] = field(default_factory=dict)   # reason -> count (see stage docstring)
-    info: dict[str, int] = field(default_factory=dict)       # counts that are not losses
-    # The usable examples the caps (max_train / max_test) did not sample: not a loss (they were
-    # fine), so not in left_out; kept so that K-BERT hides their facts as well, whatever the caps.
-    unsampled: list[TaskExample] = field(default_factory=list)
-    available: dict[str, int] = field(default_factory=dict)  # split -> usable examples before caps
-
-
 def sample_examples(examples: Sequence[TaskExample], cap: int | None, split_seed: int = 0
                     ) -> tuple[list[TaskExample], list[TaskExample]]:
     """At most ``cap`` of the examples (in their order) and the rest: those whose
@@ -159,15 +142,23 @@ def _usable_mentions(docs: Iterable[dict], kg_index: dict[str, int], left: Count
     return out
 
 
-def build_examples(docs: Iterable[dict], kg: Any, task: str, *, max_pairs_per_doc: int = 8
+def build_examples(docs: Iterable[dict], kg: Any, task: str, *, max_pairs_per_doc: int = 8,
+                   test_share: float = 0.2, split_seed: int = 0
                    ) -> tuple[list[TaskExample], Counter, Counter]:
-    """All task examples of the documents (``load_linked_docs`` records), before filtering by
-    length and label; returns them and the counts of what was left out (and other counts)."""
+    """All task examples of the documents (``load_linked_docs`` records) or, for the tasks of
+    :mod:`fusion.finetune.kg_tasks`, of the KG (``docs`` unused), before filtering by length and
+    label; returns them and the counts of what was left out (and other counts)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    left, info = Counter(dict.fromkeys(LEFT_OUT[task], 0)), Counter()   # every reason, zero or not
+    if task in KG_LEFT_OUT:
+        examples, found, info = (triple_examples(kg, split_seed) if task == "triple_classification"
+                                 else lexical_examples(kg, test_share, split_seed)
+                                 if task == "lexical_relation" else supersense_examples(kg))
+        left.update(found)
+        return examples, left, info
     ids = kg.entities["id"].to_pylist()
     index = dict(zip(ids, kg.entities["idx"].to_pylist()))
-    left, info = Counter(dict.fromkeys(LEFT_OUT[task], 0)), Counter()
     out: list[TaskExample] = []
     usable = _usable_mentions(docs, index, left, info)
     if task == "entity_typing":
@@ -207,17 +198,22 @@ def fit_length(examples: Sequence[TaskExample], tokenizer: Any, max_length: int
 
     Every encoder truncates its text (K-BERT: its tree's trunk, after dropping every branch) to
     the same first ``max_length - specials`` wordpieces, so filtering once here gives all encoders
-    the same examples. Each document is tokenised once.
+    the same examples. Each document is tokenised once, in batches (the KG tasks have one short
+    text per example, hundreds of thousands of them).
     """
     from fusion.models.backbone import first_wordpieces
 
     budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    texts = {ex.doc_id: ex.text for ex in examples}
+    ids = list(texts)
     offsets: dict[str, list] = {}
+    for i in range(0, len(ids), 4096):
+        chunk = ids[i:i + 4096]
+        enc = tokenizer([texts[d] for d in chunk], add_special_tokens=False,
+                        return_offsets_mapping=True, verbose=False)["offset_mapping"]
+        offsets.update(zip(chunk, enc))
     kept, left = [], Counter()
     for ex in examples:
-        if ex.doc_id not in offsets:
-            offsets[ex.doc_id] = tokenizer(ex.text, add_special_tokens=False,
-                                           return_offsets_mapping=True, verbose=False)["offset_mapping"]
         hits = first_wordpieces(offsets[ex.doc_id], ex.spans)
         if any(h is None for h in hits):
             left["examples_span_without_wordpiece"] += 1
@@ -235,7 +231,8 @@ def prepare_task(docs: Iterable[dict], kg: Any, task: str, tokenizer: Any, max_l
     """Examples, length filter, rare labels, held-out split, then the caps (see the module
     docstring). The split comes first, so a cap never moves an entity (pair) across it; the label
     vocabulary is the *sampled* training set's, as that is all the model sees."""
-    examples, left, info = build_examples(docs, kg, task, max_pairs_per_doc=max_pairs_per_doc)
+    examples, left, info = build_examples(docs, kg, task, max_pairs_per_doc=max_pairs_per_doc,
+                                          test_share=test_share, split_seed=split_seed)
     info["examples_found"] = len(examples)
     examples, too_long = fit_length(examples, tokenizer, max_length)
     left.update(too_long)
@@ -243,8 +240,9 @@ def prepare_task(docs: Iterable[dict], kg: Any, task: str, tokenizer: Any, max_l
     rare = {label for label, c in counts.items() if c < min_label_count}
     left["examples_rare_label"] += sum(counts[label] for label in rare)
     examples = [ex for ex in examples if ex.label not in rare]
-    train = [ex for ex in examples if split_of(ex.key, test_share, split_seed) == "train"]
-    test = [ex for ex in examples if split_of(ex.key, test_share, split_seed) == "test"]
+    sides = [ex.side or split_of(ex.key, test_share, split_seed) for ex in examples]
+    train = [ex for ex, side in zip(examples, sides) if side == "train"]
+    test = [ex for ex, side in zip(examples, sides) if side == "test"]
     available = {"train": len(train)}
     train, unsampled = sample_examples(train, max_train, split_seed)
     labels = sorted({ex.label for ex in train})
