@@ -34,7 +34,9 @@ not cap it (the first N triples would be one source's); its corpus is every trai
 trains on ``steps x batch`` of them in the corpus stream's seeded order. KnowBERT, as ERNIE, reads
 the TransE vectors (trained on the KG's train triples, test pairs' among them) of every linked
 mention's alias candidates, in fine-tuning as in pretraining: that is its input, not a held-out
-split. WKLM swaps mentions for names of same-type entities (test entities among them) and
+split; on triple classification, where both entities are given, those vectors were fitted to most
+test triples (TransE holds out only the KG's own 1% test split), so ERNIE's and KnowBERT's triple
+scores are upper bounds. WKLM swaps mentions for names of same-type entities (test entities among them) and
 fine-tunes as plain MLM. SentiLR reads only the text, with the VADER lexicon of ``vaderSentiment``
 (``stele[sentiment]``); encyclopedic text has few polar words: its pretraining and fine-tuning
 manifests count the words in and out of the lexicon.
