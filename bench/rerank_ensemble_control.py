@@ -19,29 +19,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def main() -> None:
+def control(store_path: str, first_ref: str, second_ref: str, media_ref: str, k: int = 16) -> dict[str, dict]:
+    """``{"first stage", "second model alone", "its top k by z(second) + z(first)"}`` -> the
+    metrics of :func:`fusion.retrieval.metrics.evaluate_scores` (plus ``queries``) on the first
+    stage's held-out items. ``*_ref``: stage names (the store's latest run), key prefixes or
+    artifact folders."""
     from fusion.retrieval.metrics import (Relevance, Scores, evaluate_scores, fuse_zscore, rerank,
                                           top_candidates)
     from fusion.retrieval.scorer import ScoreSettings, setup
     from pipeline.runs import resolve_artifact
     from pipeline.store import ArtifactStore
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--store", required=True)
-    ap.add_argument("--first", required=True, help="the first stage (a dual encoder)")
-    ap.add_argument("--second", required=True, help="the model fused with it (another dual encoder)")
-    ap.add_argument("--media", default="emoji_images", help="the feature artifact")
-    ap.add_argument("--k", type=int, default=16)
-    args = ap.parse_args()
-    store = ArtifactStore(args.store)
+    store = ArtifactStore(store_path)
 
     def folder(ref: str) -> Path:
         return Path(ref) if Path(ref).is_dir() else store.open(resolve_artifact(store, ref)[0]).path
 
-    media = folder(args.media)
+    media = folder(media_ref)
     settings = ScoreSettings("test", None, None, 128, 256)
-    corpus, first = setup(folder(args.first), media, settings, "cpu")
-    other_corpus, second = setup(folder(args.second), media, settings, "cpu")
+    corpus, first = setup(folder(first_ref), media, settings, "cpu")
+    other_corpus, second = setup(folder(second_ref), media, settings, "cpu")
     if not set(corpus.bank.ids) <= set(other_corpus.bank.ids):
         raise SystemExit("the second model trained on items the first holds out: train it on the same "
                          "split, or a nested one (same split_seed, larger held_out_share)")
@@ -54,10 +51,23 @@ def main() -> None:
         rows[name] = evaluate_scores(Scores.dense(t2m, m2t), relevance)
     fused = []
     for a, b in ((s1, s2), (s1.T, s2.T)):
-        cand = top_candidates(a, args.k)
+        cand = top_candidates(a, k)
         fused.append(rerank(a, cand, fuse_zscore(b.gather(1, cand), a.gather(1, cand))))
-    rows[f"its top {args.k} by z(second) + z(first)"] = evaluate_scores(Scores.dense(*fused), relevance)
-    print(f"{len(caps.ids)} captions x {len(bank.ids)} media (held out); R@1/5/10 in %, "
+    rows[f"its top {k} by z(second) + z(first)"] = evaluate_scores(Scores.dense(*fused), relevance)
+    return {name: {**m, "queries": (len(caps.ids), len(bank.ids))} for name, m in rows.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--first", required=True, help="the first stage (a dual encoder)")
+    ap.add_argument("--second", required=True, help="the model fused with it (another dual encoder)")
+    ap.add_argument("--media", default="emoji_images", help="the feature artifact")
+    ap.add_argument("--k", type=int, default=16)
+    args = ap.parse_args()
+    rows = control(args.store, args.first, args.second, args.media, args.k)
+    captions, media = next(iter(rows.values()))["queries"]
+    print(f"{captions} captions x {media} media (held out); R@1/5/10 in %, "
           f"text -> media | media -> text")
     for name, m in rows.items():
         t, v = m["text_to_media"], m["media_to_text"]

@@ -389,6 +389,15 @@ def test_kbert_hides_the_facts_a_relation_example_asks_about(tmp_path, artifacts
     assert metrics["kbert_triples_injected"] == 0
 
 
+def test_kbert_hides_every_fact_triple_classification_asks_about(tmp_path, artifacts, pretrained, data):
+    """Every KG triple is a true example (and its corrupted twin's pair is hidden as well): K-BERT
+    injects none, or the input would hold the answer."""
+    inputs = {"encoder": pretrained["kbert"], "kg": artifacts["kg"]}
+    metrics, _ = _finetune(tmp_path, inputs, task="triple_classification", epochs=1, min_label_count=1)
+    assert metrics["kbert_triples_hidden_task_facts"] == data["kg"].triples.num_rows
+    assert metrics["kbert_triples_injected"] == 0
+
+
 def test_capped_run_reports_used_and_available_examples(tmp_path, artifacts):
     inputs = {r: artifacts[r] for r in ("text", "kg")}
     common = {"backbone": str(artifacts["backbone"]), "epochs": 1}
