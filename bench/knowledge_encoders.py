@@ -24,10 +24,12 @@ fine-tuning stage and runs it with ``stele``:
    word pairs), and the table reads those cells as upper bounds.
 
 What the other new encoders read (their knowledge is the WordNet half of the same KG, whose
-lexnames and hypernyms are also labels of the two tasks): SenseBERT's input carries, in fine-tuning
+lexnames and relations are also labels of the tasks): SenseBERT's input carries, in fine-tuning
 as in pretraining, each word's allowed supersenses (the lexnames of the synsets it, or its base form,
-is a one-word lemma of), which for a one-word WordNet mention include its typing label, test
-entities too: that is the model, as K-BERT's injected triples are, not a held-out split. LIBERT's
+is a one-word lemma of), which for a one-word WordNet mention include its typing label, and for a
+supersense target its label among the word's senses (the label itself where the word has one
+supersense), test words too: that is the model, as K-BERT's injected triples are, not a held-out
+split. LIBERT's
 synonym / hypernym pairs come from all of WordNet (its recipe has no held-out option), so a test
 pair labelled ``_hypernym`` may be among them. KG-BERT reads triples, not documents: ``--docs`` does
 not cap it (the first N triples would be one source's); its corpus is every training triple, and it

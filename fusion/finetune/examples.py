@@ -13,7 +13,7 @@ Mention = tuple[int, int, str]         # (start, end, KG entity id)
 
 @dataclass(frozen=True)
 class TaskExample:
-    id: str                          # unique: document id, span offsets, entity ids
+    id: str                          # unique (its document, spans and entities; a triple, a word pair)
     doc_id: str
     text: str
     mentions: tuple[Mention, ...]    # every usable linked mention of the text (encoder context)

@@ -12,17 +12,19 @@ A WordNet synset is an entity whose first type is a lexname (``noun.animal``, ``
   input is the triple); the classifier reads ``[f(h) ; f(t)]``. Every triple is a ``true`` example
   and has one ``false`` twin: its tail or its head (by a hash of the triple) replaced by another
   entity seen in that position of the same relation (Socher et al.'s type-plausible corruption), such
-  that the corrupted triple is no fact of that relation and the new entity's name differs from the
-  old one's. The KG is incomplete, so a few ``false`` triples may be true (the closed-world reading
-  every triple classification benchmark makes). Split unit: the true triple's unordered entity pair;
-  its twin goes with it, so KEPLER or KG-BERT pretrained with the same ``held_out_share`` and
-  ``split_seed`` never saw a test triple.
+  that no fact of that relation reads the same (WordNet has many synsets of one name: a twin must
+  not be a true triple's text) and the corrupted pair lies on the true triple's side of the split.
+  The KG is incomplete, so a few ``false`` triples may be true (the closed-world reading every
+  triple classification benchmark makes). Split unit: the true triple's unordered entity pair; its
+  twin goes with it, so no test pair is seen in fine-tuning, and KEPLER or KG-BERT pretrained with
+  the same ``held_out_share`` and ``split_seed`` never saw a test triple.
 * ``lexical_relation`` (the lexical knowledge LIBERT injects, Lauscher et al. 2020,
   arXiv:1909.02339, as the lexical relation classification of BLESS / EVALution): which relation
   holds between two words? Each triple between two WordNet synsets gives the pair of their first
   lemmas, labelled with the relation's name; each synset with two or more lemmas gives its first two,
   labelled ``synonym``; and one pair in four (by hash) has a ``random`` twin, its first word with a
-  word of the same side of the split that it forms no pair with. The text is ``"<w1>, <w2>"`` with
+  word of the same side of the split that is unrelated to it: no lemma of a synset of one is a lemma
+  of a synset of the other or of a synset linked to one by a triple. The text is ``"<w1>, <w2>"`` with
   no linked entity: the task asks about words, not senses. A pair met again (from another pair of
   synsets, with any label) keeps its first label and is counted. The split is *lexical* (Levy et
   al. 2015, "Do Supervised Distributional Methods Really Learn Lexical Inference Relations?"): a
@@ -33,8 +35,10 @@ A WordNet synset is an entity whose first type is a lexname (``noun.animal``, ``
 * ``supersense`` (SenseBERT, Levine et al. 2020, arXiv:1908.05646; SemEval-SS): the supersense (the
   lexname) of a word in context. WordNet's usage examples are a sense-annotated corpus: each quoted
   example of a synset's gloss (the entity's ``description``) uses one of its lemmas in that sense.
-  The target is the first occurrence of the synset's longest lemma found, as written or inflected
-  (morphy's detachment rules, :data:`fusion.models.sensebert.DETACH`); the label is the synset's
+  The target is the synset's longest lemma as written in the example, else the first word whose
+  base form by morphy's detachment rules for the synset's part of speech
+  (:data:`fusion.models.sensebert.DETACH`) is a lemma (one-letter lemmas are not looked for: "a"
+  would find the article); the label is the synset's
   lexname; no linked entity (the sense is what is asked). Split unit: the lemma found, so a
   polysemous word's examples stay on one side and no test word was tagged in fine-tuning. The
   glosses are KEPLER's entity descriptions: it read the test sentences (not their labels) in
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from fusion.finetune.examples import TaskExample
@@ -98,12 +103,13 @@ def _lemmas(kg: Any) -> list[list[str]]:
 
 
 # ------------------------------------------------------------------------- triple classification
-def triple_examples(kg: Any, seed: int = 0) -> tuple[list[TaskExample], Counter, Counter]:
+def triple_examples(kg: Any, test_share: float, seed: int = 0
+                    ) -> tuple[list[TaskExample], Counter, Counter]:
     ids = kg.entities["id"].to_pylist()
     names = [_name(n) for n in kg.entities["name"].to_pylist()]
-    rel_names = kg.relations["name"].to_pylist()
+    rel_ids, rel_names = kg.relations["id"].to_pylist(), kg.relations["name"].to_pylist()
     triples = list(zip(*(kg.triples[c].to_pylist() for c in ("head", "relation", "tail"))))
-    facts = set(triples)
+    read = {(names[h].lower(), r, names[t].lower()) for h, r, t in triples}   # what a fact's text says
     heads: dict[int, list[int]] = defaultdict(list)
     tails: dict[int, list[int]] = defaultdict(list)
     for h, r, t in dict.fromkeys(triples):
@@ -128,7 +134,8 @@ def triple_examples(kg: Any, seed: int = 0) -> tuple[list[TaskExample], Counter,
         if not names[h] or not names[t]:
             left["triples_entity_without_name"] += 1
             continue
-        tid, key = f"{ids[h]}|{rel_names[r]}|{ids[t]}", pair_key(ids[h], ids[t])
+        tid, key = f"{ids[h]}|{rel_ids[r]}|{ids[t]}", pair_key(ids[h], ids[t])
+        side = split_of(key, test_share, seed)
         out.append(example(h, r, t, tid, key, "true"))
         corrupt_tail = hash_rank(f"side\x1f{tid}", seed) % 2 == 0
         pool = tails[r] if corrupt_tail else heads[r]
@@ -137,8 +144,9 @@ def triple_examples(kg: Any, seed: int = 0) -> tuple[list[TaskExample], Counter,
         for i in range(min(len(pool), MAX_TRIES)):
             c = pool[(start + i) % len(pool)]
             nh, nt = (h, c) if corrupt_tail else (c, t)
-            if (c != old and nh != nt and names[c] and names[c].lower() != names[old].lower()
-                    and (nh, r, nt) not in facts):
+            if (c != old and nh != nt and names[c]
+                    and (names[nh].lower(), r, names[nt].lower()) not in read
+                    and split_of(pair_key(ids[nh], ids[nt]), test_share, seed) == side):
                 out.append(example(nh, r, nt, tid, key, "false"))
                 break
         else:
@@ -172,7 +180,8 @@ def lexical_examples(kg: Any, test_share: float, seed: int = 0
             add(lemmas[h][0], lemmas[t][0], _relation_text(rel_names[r]))
         else:
             left["pairs_entity_without_name"] += 1
-    related = set(pairs) | {(b, a) for a, b in pairs}
+    related = _relatedness(kg, lex, lemmas)
+    made: set[tuple[str, str]] = set()       # random pairs already made, either order
     side = {w: split_of(w, test_share, seed) for pair in pairs for w in pair}
     vocab = {s: sorted(w for w, v in side.items() if v == s) for s in ("train", "test")}
     info["word_pairs"] = len(pairs)
@@ -188,13 +197,33 @@ def lexical_examples(kg: Any, test_share: float, seed: int = 0
         start = hash_rank(f"random word\x1f{a}\x1f{b}", seed) % len(pool)
         for i in range(min(len(pool), MAX_TRIES)):
             w = pool[(start + i) % len(pool)]
-            if w != a and (a, w) not in related:
-                related |= {(a, w), (w, a)}
+            if w != a and (a, w) not in made and (a, w) not in pairs and (w, a) not in pairs \
+                    and not related(a, w):
+                made |= {(a, w), (w, a)}
                 out.append(_word_pair(a, w, "random", side[a]))
                 break
         else:
             left["random_without_candidate"] += 1
     return out, left, info
+
+
+def _relatedness(kg: Any, lex: list[str | None], lemmas: list[list[str]]) -> Callable[[str, str], bool]:
+    """``related(a, b)``: a lemma of one of ``a``'s synsets is ``b``, or is a lemma of a synset
+    linked to one of ``a``'s by a triple (either direction)."""
+    synsets: dict[str, set[int]] = defaultdict(set)
+    for i, ws in enumerate(lemmas):
+        if lex[i] is not None:
+            for w in ws:
+                synsets[w].add(i)
+    linked: dict[int, set[int]] = defaultdict(set)
+    for h, t in zip(kg.triples["head"].to_pylist(), kg.triples["tail"].to_pylist()):
+        linked[h].add(t)
+        linked[t].add(h)
+
+    def related(a: str, b: str) -> bool:
+        mine, theirs = synsets.get(a, set()), synsets.get(b, set())
+        return bool(mine & theirs) or any(linked[s] & theirs for s in mine)
+    return related
 
 
 def _word_pair(a: str, b: str, label: str, side: str) -> TaskExample:
@@ -203,13 +232,15 @@ def _word_pair(a: str, b: str, label: str, side: str) -> TaskExample:
 
 
 # ------------------------------------------------------------------------------------ supersense
-def find_lemma(sentence: str, lemmas: list[str], detach: dict[str, tuple[tuple[str, str], ...]]
+def find_lemma(sentence: str, lemmas: list[str], rules: tuple[tuple[str, str], ...]
                ) -> tuple[int, int, str] | None:
-    """``(start, end, lemma)`` of the first lemma in ``sentence``: the longest lemma as written
-    (whole words, any case), else a word whose base form by one of morphy's detachment rules
-    (``(suffix, ending)`` per part of speech) is a one-word lemma; None when there is neither. A
-    hyphenated word is one word ("well-known" holds no "well")."""
+    """``(start, end, lemma)`` of a lemma in ``sentence``: the longest lemma as written (whole
+    words, any case), else the first word whose base form by one of morphy's detachment ``rules``
+    (``(suffix, ending)``, one part of speech's) is a one-word lemma; None when there is neither.
+    One-letter lemmas are not looked for, and a hyphenated word is one word ("well-known" holds no
+    "well")."""
     low = sentence.lower()
+    lemmas = [w for w in lemmas if len(w) > 1]
     for lemma in sorted(lemmas, key=len, reverse=True):
         m = re.search(rf"(?<![\w-]){re.escape(lemma)}(?![\w-])", low)
         if m:
@@ -217,10 +248,9 @@ def find_lemma(sentence: str, lemmas: list[str], detach: dict[str, tuple[tuple[s
     single = {w for w in lemmas if " " not in w}
     for m in re.finditer(r"(?<![\w-])[a-z]+(?![\w-])", low):
         w = m.group()
-        for rules in detach.values():
-            for suffix, ending in rules:
-                if w.endswith(suffix) and len(w) > len(suffix) and w[: -len(suffix)] + ending in single:
-                    return m.start(), m.end(), w[: -len(suffix)] + ending
+        for suffix, ending in rules:
+            if w.endswith(suffix) and len(w) > len(suffix) and w[: -len(suffix)] + ending in single:
+                return m.start(), m.end(), w[: -len(suffix)] + ending
     return None
 
 
@@ -238,7 +268,7 @@ def supersense_examples(kg: Any) -> tuple[list[TaskExample], Counter, Counter]:
         examples = QUOTED.findall(gloss or "")
         info["synsets_without_examples"] += not examples
         for k, sentence in enumerate(examples):
-            found = find_lemma(sentence, lemmas[i], DETACH)
+            found = find_lemma(sentence, lemmas[i], DETACH[lex[i].split(".")[0]])
             if found is None:
                 left["examples_lemma_not_found"] += 1
                 continue

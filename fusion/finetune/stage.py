@@ -218,8 +218,8 @@ def _leak_warnings(ctx: StageContext, recipe: str, meta: dict, params: FinetuneP
     """Say when the encoder was pretrained with this very task's labels:
 
     * a K-Adapter adapter trained on the same documents has seen the test entities' labels (the
-      factual adapter: relations, the facts triple classification asks about; the lexical
-      adapter: types, the lexnames supersense tagging asks for);
+      factual adapter: relations, the facts triple classification and the word pairs ask about;
+      the lexical adapter: types, the lexnames supersense tagging asks for);
     * KEPLER (its KE loss) and KG-BERT (triple classification, relation prediction) trained on the
       same KG's triples have seen the relations of the test pairs (relations, triples, word pairs);
     * LIBERT trained on the same KG's synonym and hypernym pairs has seen lexical_relation's.
@@ -238,7 +238,7 @@ def _leak_warnings(ctx: StageContext, recipe: str, meta: dict, params: FinetuneP
                 and params.task in ENTITY_SPLIT_TASKS)
     if recipe == "kadapter":
         adapter = opts.get("adapter", "factual")
-        factual = ("relation_classification", "triple_classification")
+        factual = ("relation_classification", "triple_classification", "lexical_relation")
         same_task = params.task in (factual if adapter == "factual" else ("entity_typing", "supersense"))
         # a document task's labels come from its text; the KG tasks' from the KG the adapter read
         role = "text" if params.task in DOCUMENT_TASKS else "kg"

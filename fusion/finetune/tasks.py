@@ -152,7 +152,8 @@ def build_examples(docs: Iterable[dict], kg: Any, task: str, *, max_pairs_per_do
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     left, info = Counter(dict.fromkeys(LEFT_OUT[task], 0)), Counter()   # every reason, zero or not
     if task in KG_LEFT_OUT:
-        examples, found, info = (triple_examples(kg, split_seed) if task == "triple_classification"
+        examples, found, info = (triple_examples(kg, test_share, split_seed)
+                                 if task == "triple_classification"
                                  else lexical_examples(kg, test_share, split_seed)
                                  if task == "lexical_relation" else supersense_examples(kg))
         left.update(found)
