@@ -38,11 +38,10 @@ A WordNet synset is an entity whose first type is a lexname (``noun.animal``, ``
   The target is the synset's longest lemma as written in the example, else the first word whose
   base form by morphy's detachment rules for the synset's part of speech
   (:data:`fusion.models.sensebert.DETACH`) is a lemma (one-letter lemmas are not looked for: "a"
-  would find the article); the label is the synset's
-  lexname; no linked entity (the sense is what is asked). Split unit: the lemma found, so a
-  polysemous word's examples stay on one side and no test word was tagged in fine-tuning. The
-  glosses are KEPLER's entity descriptions: it read the test sentences (not their labels) in
-  pretraining.
+  would find the article); the label is the synset's lexname; no linked entity (the sense is what
+  is asked). Split unit: the lemma found, so a polysemous word's examples stay on one side and no
+  test word was tagged in fine-tuning. The glosses are KEPLER's entity descriptions: it read the
+  test sentences (not their labels) in pretraining.
 
 Each builder returns ``(examples, left_out, info)`` as :func:`fusion.finetune.tasks.build_examples`.
 """
