@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fusion.finetune.classifier import SpanClassifier, TrainSettings, mean_or_none, predict, train_classifier
 from fusion.finetune.encoders import EncoderSource, load_plain, span_encoder_for
-from fusion.finetune.tasks import DOCUMENT_TASKS, NUM_SPANS, TaskData, classification_metrics, prepare_task
+from fusion.finetune.tasks import (DOCUMENT_TASKS, NUM_SPANS, TASKS, TaskData, classification_metrics,
+                                   prepare_task)
 from pipeline import Input, StageContext, StageFailed, stage
 from pipeline.tracking import Tracker, copy_events
 
@@ -43,8 +44,7 @@ from pipeline.tracking import Tracker, copy_events
 # -------------------------------------------------------------------------------------- the stage
 class FinetuneParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    task: Literal["entity_typing", "relation_classification", "triple_classification",
-                  "lexical_relation", "supersense"] = Field(
+    task: Literal[TASKS] = Field(
         default="entity_typing", description="entity_typing: a linked mention's first KG type; "
                                              "relation_classification: distant supervision; from the "
                                              "KG alone: triple_classification (KG-BERT), "
@@ -256,7 +256,7 @@ def _leak_warnings(ctx: StageContext, recipe: str, meta: dict, params: FinetuneP
     if not (same_task and same_input) or held_out:
         return []
     fix = ("pretrain it with the same split_seed and a held_out_share of at least test_share, or on "
-           "other data, for a clean score" if params.task in ENTITY_SPLIT_TASKS and recipe != "libert"
+           "other data, for a clean score" if params.task in ENTITY_SPLIT_TASKS
            else "this task splits by word, which no pretraining's held-out entities cover: read its "
                 "score as an upper bound")
     msg = (f"{what} (its held_out_share {opts.get('held_out_share')}, split_seed "

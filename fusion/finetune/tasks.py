@@ -51,6 +51,7 @@ from fusion.finetune.examples import Mention, TaskData, TaskExample
 from fusion.finetune.kg_tasks import LEFT_OUT as KG_LEFT_OUT
 from fusion.finetune.kg_tasks import lexical_examples, supersense_examples, triple_examples
 from fusion.splits import hash_rank, pair_key, split_of
+
 DOCUMENT_TASKS = ("entity_typing", "relation_classification")
 TASKS = (*DOCUMENT_TASKS, *KG_LEFT_OUT)
 NUM_SPANS = {"entity_typing": 1, "relation_classification": 2, "triple_classification": 2,
@@ -152,10 +153,10 @@ def build_examples(docs: Iterable[dict], kg: Any, task: str, *, max_pairs_per_do
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     left, info = Counter(dict.fromkeys(LEFT_OUT[task], 0)), Counter()   # every reason, zero or not
     if task in KG_LEFT_OUT:
-        examples, found, info = (triple_examples(kg, test_share, split_seed)
-                                 if task == "triple_classification"
-                                 else lexical_examples(kg, test_share, split_seed)
-                                 if task == "lexical_relation" else supersense_examples(kg))
+        build = {"triple_classification": lambda: triple_examples(kg, test_share, split_seed),
+                 "lexical_relation": lambda: lexical_examples(kg, test_share, split_seed),
+                 "supersense": lambda: supersense_examples(kg)}[task]
+        examples, found, info = build()
         left.update(found)
         return examples, left, info
     ids = kg.entities["id"].to_pylist()
