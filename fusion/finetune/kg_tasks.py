@@ -24,8 +24,10 @@ A WordNet synset is an entity whose first type is a lexname (``noun.animal``, ``
   lemmas, labelled with the relation's name; each synset with two or more lemmas gives its first two,
   labelled ``synonym``; and one pair in four (by hash) has a ``random`` twin, its first word with a
   word of the same side of the split that is unrelated to it: no lemma of a synset of one is a lemma
-  of a synset of the other or of a synset linked to one by a triple. The text is ``"<w1>, <w2>"`` with
-  no linked entity: the task asks about words, not senses. A pair met again (from another pair of
+  of a synset of the other or of a synset linked to one by a triple. The text is ``"<w1>, <w2>"``;
+  the task asks about words, not senses, so the example names no entity (its mentions are the
+  linker's, below), and K-BERT injects no triple between any synsets of the two words
+  (:func:`word_pair_facts`, with ``hide_task_facts``). A pair met again (from another pair of
   synsets, with any label) keeps its first label and is counted. The split is *lexical* (Levy et
   al. 2015, "Do Supervised Distributional Methods Really Learn Lexical Inference Relations?"): a
   word is a test word with probability ``test_share`` (by hash), a pair is tested when both its
@@ -38,19 +40,26 @@ A WordNet synset is an entity whose first type is a lexname (``noun.animal``, ``
   The target is the synset's longest lemma as written in the example, else the first word whose
   base form by morphy's detachment rules for the synset's part of speech
   (:data:`fusion.models.sensebert.DETACH`) is a lemma (one-letter lemmas are not looked for: "a"
-  would find the article); the label is the synset's lexname; no linked entity (the sense is what
-  is asked). Split unit: the lemma found, so a polysemous word's examples stay on one side and no
-  test word was tagged in fine-tuning. The glosses are KEPLER's entity descriptions: it read the
-  test sentences (not their labels) in pretraining.
+  would find the article); the label is the synset's lexname; the example names no entity (the
+  sense is what is asked; its mentions are the linker's, below). Split unit: the lemma found, so a
+  polysemous word's examples stay on one side and no test word was tagged in fine-tuning. The
+  glosses are KEPLER's entity descriptions: it read the test sentences (not their labels) in
+  pretraining.
 
 Each builder returns ``(examples, left_out, info)`` as :func:`fusion.finetune.tasks.build_examples`.
+
+The two lexical tasks' texts carry the mentions :mod:`knowledge.link`'s dictionary linker finds in
+them (:func:`link_examples`, on the sampled examples), so ERNIE, K-BERT and KnowBERT read the KG as
+they do in a document: the sense the linker's prior picks (or, for KnowBERT, every candidate), not
+the one the pair or the usage example was built from.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from fusion.finetune.examples import TaskExample
@@ -58,6 +67,9 @@ from fusion.splits import hash_rank, pair_key, split_of
 
 LEXNAME = re.compile(r"^(noun|verb|adj|adv)\.[A-Za-z]+$")
 QUOTED = re.compile(r'"([^"]+)"')
+# The tasks whose texts the dictionary linker reads after sampling (:func:`link_examples`); a
+# triple's text is linked where it is built (its two entities).
+LINKED = ("lexical_relation", "supersense")
 MAX_TRIES = 50          # candidates looked at for a corrupted triple or a random pair
 RANDOM_EVERY = 4        # one lexical pair in RANDOM_EVERY has a random twin
 LEFT_OUT = {
@@ -206,9 +218,10 @@ def lexical_examples(kg: Any, test_share: float, seed: int = 0
     return out, left, info
 
 
-def _relatedness(kg: Any, lex: list[str | None], lemmas: list[list[str]]) -> Callable[[str, str], bool]:
-    """``related(a, b)``: a lemma of one of ``a``'s synsets is ``b``, or is a lemma of a synset
-    linked to one of ``a``'s by a triple (either direction)."""
+def _senses(kg: Any, lex: list[str | None], lemmas: list[list[str]]
+            ) -> tuple[dict[str, set[int]], dict[int, set[int]]]:
+    """Each word's synsets (those it is a lemma of) and each entity's neighbours by a triple (either
+    direction)."""
     synsets: dict[str, set[int]] = defaultdict(set)
     for i, ws in enumerate(lemmas):
         if lex[i] is not None:
@@ -218,11 +231,54 @@ def _relatedness(kg: Any, lex: list[str | None], lemmas: list[list[str]]) -> Cal
     for h, t in zip(kg.triples["head"].to_pylist(), kg.triples["tail"].to_pylist()):
         linked[h].add(t)
         linked[t].add(h)
+    return synsets, linked
+
+
+def _relatedness(kg: Any, lex: list[str | None], lemmas: list[list[str]]) -> Callable[[str, str], bool]:
+    """``related(a, b)``: a lemma of one of ``a``'s synsets is ``b``, or is a lemma of a synset
+    linked to one of ``a``'s by a triple (either direction)."""
+    synsets, linked = _senses(kg, lex, lemmas)
 
     def related(a: str, b: str) -> bool:
         mine, theirs = synsets.get(a, set()), synsets.get(b, set())
         return bool(mine & theirs) or any(linked[s] & theirs for s in mine)
     return related
+
+
+def word_pair_facts(kg: Any, examples: Iterable[TaskExample]) -> frozenset[frozenset[int]]:
+    """The KG entity pairs (``idx``) behind the word pairs of lexical ``examples``: every triple
+    between a synset of one word and a synset of the other, whichever sense the pair was built from.
+    K-BERT must not inject them: its branch would read the label ("dog hypernym canine")."""
+    synsets, linked = _senses(kg, _lexnames(kg), _lemmas(kg))
+    out: set[frozenset[int]] = set()
+    for ex in examples:
+        a, b = (ex.text[s:e].lower() for s, e in ex.spans)
+        theirs = synsets.get(b, set())
+        for s in synsets.get(a, ()):
+            out.update(frozenset((s, t)) for t in linked[s] & theirs)
+    return frozenset(out)
+
+
+def link_examples(kg: Any, examples: Sequence[TaskExample], info: Counter) -> list[TaskExample]:
+    """The lexical tasks' examples with the mentions :mod:`knowledge.link`'s dictionary linker (its
+    stage's defaults: degree prior, English stop list, three characters at least) finds in their
+    text: the knowledge context ERNIE, K-BERT and KnowBERT read, as they read a document's links.
+    The linker chooses a sense by its prior, not the pair's or the usage example's own sense; the
+    examples' ``entities`` stay empty, as the task asks about words. Counts into ``info``:
+    ``link_mentions``, and the task spans a mention covers exactly (``link_spans_linked``) or not
+    (``link_spans_without_entity``: stop words, short or unknown surfaces, part of a longer name)."""
+    from knowledge.link import Gazetteer
+
+    gazetteer = Gazetteer.from_kg(kg)
+    out = []
+    for ex in examples:
+        mentions = tuple((m.start, m.end, m.entity_id) for m in gazetteer.link(ex.text))
+        covered = {(s, e) for s, e, _ in mentions}
+        info["link_mentions"] += len(mentions)
+        info["link_spans_linked"] += sum(span in covered for span in ex.spans)
+        info["link_spans_without_entity"] += sum(span not in covered for span in ex.spans)
+        out.append(replace(ex, mentions=mentions))
+    return out
 
 
 def _word_pair(a: str, b: str, label: str, side: str) -> TaskExample:

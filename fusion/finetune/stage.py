@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fusion.finetune.classifier import SpanClassifier, TrainSettings, mean_or_none, predict, train_classifier
 from fusion.finetune.encoders import EncoderSource, load_plain, span_encoder_for
+from fusion.finetune.kg_tasks import word_pair_facts
 from fusion.finetune.tasks import (DOCUMENT_TASKS, NUM_SPANS, TASKS, TaskData, classification_metrics,
                                    prepare_task)
 from pipeline import Input, StageContext, StageFailed, stage
@@ -80,8 +81,9 @@ class FinetuneParams(BaseModel):
                                         "(the same for every encoder and seed); None: all")
     min_label_count: int = Field(default=2, ge=1, description="rarer labels are left out")
     max_pairs_per_doc: int = Field(default=8, ge=1, description="relations: as the kadapter recipe")
-    hide_task_facts: bool = Field(default=True, description="relations, triples: K-BERT injects no "
-                                                            "triple between a task pair")
+    hide_task_facts: bool = Field(default=True, description="relations, triples, word pairs: K-BERT "
+                                                            "injects no triple between a task pair "
+                                                            "(word pairs: any synsets of the words)")
     limit_docs: int | None = Field(default=None, ge=1, description="only the first N documents")
     seed: int = Field(default=0, description="head initialisation, dropout, data order")
 
@@ -132,9 +134,11 @@ def finetune(ctx: StageContext, params: FinetuneParams) -> dict:
 
     index = dict(zip(kg.entities["id"].to_pylist(), kg.entities["idx"].to_pylist()))
     hidden = frozenset()
+    asked = data.train + data.test + data.unsampled
     if params.task in ("relation_classification", "triple_classification") and params.hide_task_facts:
-        hidden = frozenset(frozenset(index[e] for e in ex.entities)
-                           for ex in data.train + data.test + data.unsampled)
+        hidden = frozenset(frozenset(index[e] for e in ex.entities) for ex in asked)
+    elif params.task == "lexical_relation" and params.hide_task_facts:
+        hidden = word_pair_facts(kg, asked)
     src = EncoderSource(recipe, enc_art.path if enc_art else None, meta.get("options", {}), backbone,
                         max_length, meta.get("max_length"), kg,
                         ctx.inputs["entities"].path if "entities" in ctx.inputs else None, hidden)

@@ -49,7 +49,8 @@ from typing import Any
 
 from fusion.finetune.examples import Mention, TaskData, TaskExample
 from fusion.finetune.kg_tasks import LEFT_OUT as KG_LEFT_OUT
-from fusion.finetune.kg_tasks import lexical_examples, supersense_examples, triple_examples
+from fusion.finetune.kg_tasks import (LINKED, lexical_examples, link_examples, supersense_examples,
+                                      triple_examples)
 from fusion.splits import hash_rank, pair_key, split_of
 
 DOCUMENT_TASKS = ("entity_typing", "relation_classification")
@@ -253,5 +254,8 @@ def prepare_task(docs: Iterable[dict], kg: Any, task: str, tokenizer: Any, max_l
     test = [ex for ex in test if ex.label in known]
     available["test"] = len(test)
     test, test_unsampled = sample_examples(test, max_test, split_seed)
+    if task in LINKED:      # the sampled examples only: linking is the slow part of these tasks
+        linked = link_examples(kg, train + test, info)
+        train, test = linked[:len(train)], linked[len(train):]
     return TaskData(train, test, labels, {k: v for k, v in sorted(left.items())},
                     {k: v for k, v in sorted(info.items())}, unsampled + test_unsampled, available)

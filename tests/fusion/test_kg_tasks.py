@@ -13,8 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from fusion.finetune.kg_tasks import (LEFT_OUT, find_lemma, lexical_examples, supersense_examples,
-                                      triple_examples)
+from fusion.finetune.kg_tasks import (LEFT_OUT, _word_pair, find_lemma, lexical_examples, link_examples,
+                                      supersense_examples, triple_examples, word_pair_facts)
 from fusion.finetune.stage import FinetuneParams, _leak_warnings, finetune
 from fusion.finetune.tasks import LEFT_OUT as TASK_LEFT_OUT
 from fusion.finetune.tasks import prepare_task
@@ -211,6 +211,51 @@ def test_supersense_examples_from_usage_examples(kg, tokenizer):
     assert not {ex.key for ex in data.train} & {ex.key for ex in data.test}   # lemmas on one side
 
 
+# ------------------------------------------------------------------ the lexical tasks' knowledge
+def test_the_lexical_tasks_sampled_examples_carry_the_linker_s_mentions(kg, tokenizer):
+    lemmas = {eid: {w.replace("_", " ").lower() for w in [n, *al] if w}
+              for eid, n, al in zip(kg.entities["id"].to_pylist(), kg.entities["name"].to_pylist(),
+                                    kg.entities["aliases"].to_pylist())}
+    for task, spans in (("lexical_relation", 2), ("supersense", 1)):
+        data = prepare_task([], kg, task, tokenizer, MAX_LENGTH, test_share=0.3, min_label_count=1)
+        examples = data.train + data.test
+        assert all(ex.entities == () for ex in examples)             # the task still names no entity
+        for ex in examples:
+            for s, e, eid in ex.mentions:                            # each a name or alias of its entity
+                assert ex.text[s:e].lower() in lemmas[eid], (ex.text, eid)
+        info = data.info
+        assert info["link_mentions"] == sum(len(ex.mentions) for ex in examples) > 0
+        assert info["link_spans_linked"] + info["link_spans_without_entity"] == spans * len(examples)
+        assert info["link_spans_linked"] == sum(span in {m[:2] for m in ex.mentions}
+                                                for ex in examples for span in ex.spans)
+        if task == "lexical_relation":  # aliases ("red city") are names; "city_red" is not, "city" is
+            assert info["link_spans_linked"] > 0
+        else:                           # "cats" is no name ("cat" is), "two cats and a dog" links nothing
+            (cats,) = [ex for ex in examples if ex.key == "cat"]
+            assert cats.mentions == () and info["link_spans_without_entity"] >= 1
+
+
+def test_link_examples_counts_a_word_the_linker_does_not_find(kg):
+    info = Counter()
+    (ex,) = link_examples(kg, [_word_pair("red city", "two cats", "x", "train")], info)
+    assert ex.mentions == ((0, 8, "wn:city_red.n.01"),)
+    assert (info["link_mentions"], info["link_spans_linked"], info["link_spans_without_entity"]) == (1, 1, 1)
+
+
+def test_k_bert_hides_every_triple_between_synsets_of_a_word_pair(kg):
+    ids = kg.entities["id"].to_pylist()
+    pairs = [("city red", "city"), ("red city", "river red"), ("city red", "animal"), ("nothing", "x")]
+    hidden = word_pair_facts(kg, [_word_pair(a, b, "x", "train") for a, b in pairs])
+    # naively: every triple whose one end has the first word as a lemma and the other the second
+    lemmas = [{w.replace("_", " ").lower() for w in [n, *al] if w}
+              for n, al in zip(kg.entities["name"].to_pylist(), kg.entities["aliases"].to_pylist())]
+    naive = {frozenset((h, t)) for h, t in zip(kg.triples["head"].to_pylist(), kg.triples["tail"].to_pylist())
+             for a, b in pairs if (a in lemmas[h] and b in lemmas[t]) or (b in lemmas[h] and a in lemmas[t])}
+    assert hidden == naive
+    assert {frozenset(ids[i] for i in p) for p in hidden} == {
+        frozenset({"wn:city_red.n.01", "wn:city.n.01"}), frozenset({"wn:city_red.n.01", "wn:river_red.n.01"})}
+
+
 # ------------------------------------------------------------------------------------- the stage
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, tokenizer, kg) -> dict[str, Path]:
@@ -244,6 +289,8 @@ def test_the_stage_fine_tunes_on_a_kg_task_without_text(tmp_path, artifacts, tas
         assert metrics["num_labels"] == 3 and metrics["test_accuracy"] > 0.7, metrics
     if task == "triple_classification":
         assert metrics["num_labels"] == 2
+    else:                                           # the lexical tasks' texts were linked
+        assert report["info"]["link_mentions"] > 0
 
 
 def test_a_document_task_still_needs_its_text(tmp_path, artifacts):
