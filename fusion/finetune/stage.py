@@ -123,7 +123,8 @@ def finetune(ctx: StageContext, params: FinetuneParams) -> dict:
                         test_share=params.test_share, split_seed=params.split_seed,
                         min_label_count=params.min_label_count,
                         max_pairs_per_doc=params.max_pairs_per_doc,
-                        max_train=params.max_train_examples, max_test=params.max_test_examples)
+                        max_train=params.max_train_examples, max_test=params.max_test_examples,
+                        kg_key=f"{ctx.inputs['kg'].key}@{ctx.inputs['kg'].uri}")
     summary = {"task": params.task, "encoder": recipe, **_split_summary(data)}
     if not data.train or not data.test or len(data.labels) < 2:
         source = f"{len(docs)} documents" if params.task in DOCUMENT_TASKS else "the KG"

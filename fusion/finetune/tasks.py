@@ -44,7 +44,7 @@ a type, labels rarer than ``min_label_count``, test labels never seen in trainin
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from fusion.finetune.examples import Mention, TaskData, TaskExample
@@ -227,18 +227,58 @@ def fit_length(examples: Sequence[TaskExample], tokenizer: Any, max_length: int
     return kept, left
 
 
-def prepare_task(docs: Iterable[dict], kg: Any, task: str, tokenizer: Any, max_length: int, *,
-                 test_share: float = 0.2, split_seed: int = 0, min_label_count: int = 2,
-                 max_pairs_per_doc: int = 8, max_train: int | None = None,
-                 max_test: int | None = None) -> TaskData:
-    """Examples, length filter, rare labels, held-out split, then the caps (see the module
-    docstring). The split comes first, so a cap never moves an entity (pair) across it; the label
-    vocabulary is the *sampled* training set's, as that is all the model sees."""
+# The last KG task built in this process, by (kg_key, task, split, max_length, tokenizer): a sweep
+# fine-tunes every encoder on the same task, and Ray reuses its worker processes, so the next stage
+# skips building and tokenising hundreds of thousands of examples. One entry bounds the memory.
+_LAST_KG_TASK: dict[tuple, tuple[list[TaskExample], Counter, Counter]] = {}
+
+
+def _fitted_examples(docs: Iterable[dict], kg: Any, task: str, tokenizer: Any, max_length: int,
+                     test_share: float, split_seed: int, max_pairs_per_doc: int
+                     ) -> tuple[list[TaskExample], Counter, Counter]:
     examples, left, info = build_examples(docs, kg, task, max_pairs_per_doc=max_pairs_per_doc,
                                           test_share=test_share, split_seed=split_seed)
     info["examples_found"] = len(examples)
     examples, too_long = fit_length(examples, tokenizer, max_length)
     left.update(too_long)
+    return examples, left, info
+
+
+def _reuse_kg_task(key: tuple, tokenizer: Any, build: Callable[[], tuple]
+                   ) -> tuple[list[TaskExample], Counter, Counter]:
+    """``build()`` (a KG task's fitted examples), or this process's last result for the same
+    ``key`` and tokenizer; only fast tokenizers (their serialised state) are compared."""
+    import hashlib
+
+    state = getattr(getattr(tokenizer, "backend_tokenizer", None), "to_str", None)
+    if state is None:
+        return build()
+    key = (*key, hashlib.sha256(state().encode()).hexdigest())
+    if key not in _LAST_KG_TASK:
+        _LAST_KG_TASK.clear()
+        _LAST_KG_TASK[key] = build()
+    examples, left, info = _LAST_KG_TASK[key]
+    return list(examples), Counter(left), Counter(info)     # the caller's to change
+
+
+def prepare_task(docs: Iterable[dict], kg: Any, task: str, tokenizer: Any, max_length: int, *,
+                 test_share: float = 0.2, split_seed: int = 0, min_label_count: int = 2,
+                 max_pairs_per_doc: int = 8, max_train: int | None = None,
+                 max_test: int | None = None, kg_key: str | None = None) -> TaskData:
+    """Examples, length filter, rare labels, held-out split, then the caps (see the module
+    docstring). The split comes first, so a cap never moves an entity (pair) across it; the label
+    vocabulary is the *sampled* training set's, as that is all the model sees. ``kg_key``: what
+    identifies the KG's content (its artifact's key and location), so that a task of the KG alone
+    built by this process for an earlier stage is reused."""
+    def build() -> tuple[list[TaskExample], Counter, Counter]:
+        return _fitted_examples(docs, kg, task, tokenizer, max_length, test_share, split_seed,
+                                max_pairs_per_doc)
+
+    if task in KG_LEFT_OUT and kg_key is not None:
+        examples, left, info = _reuse_kg_task((kg_key, task, test_share, split_seed, max_length),
+                                              tokenizer, build)
+    else:
+        examples, left, info = build()
     counts = Counter(ex.label for ex in examples)
     rare = {label for label, c in counts.items() if c < min_label_count}
     left["examples_rare_label"] += sum(counts[label] for label in rare)

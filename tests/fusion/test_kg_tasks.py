@@ -256,6 +256,30 @@ def test_k_bert_hides_every_triple_between_synsets_of_a_word_pair(kg):
         frozenset({"wn:city_red.n.01", "wn:city.n.01"}), frozenset({"wn:city_red.n.01", "wn:river_red.n.01"})}
 
 
+def test_a_kg_task_is_reused_only_for_the_same_kg_settings_and_tokenizer(kg, tokenizer, monkeypatch):
+    from transformers import BertTokenizer
+
+    from fusion.finetune import tasks
+
+    builds = []
+    build = tasks.build_examples
+    monkeypatch.setattr(tasks, "build_examples", lambda *a, **k: builds.append(1) or build(*a, **k))
+    monkeypatch.setattr(tasks, "_LAST_KG_TASK", {})
+
+    def prepare(task="triple_classification", tok=tokenizer, max_length=MAX_LENGTH, kg_key="kg@1"):
+        return prepare_task([], kg, task, tok, max_length, test_share=0.3, kg_key=kg_key,
+                            min_label_count=1)
+
+    first = prepare()
+    assert len(builds) == 1 and prepare() == first and len(builds) == 1    # reused, equal
+    other = BertTokenizer(vocab={w: i for i, w in enumerate(tokenizer.get_vocab())}, do_lower_case=False)
+    for n, kw in enumerate([{"kg_key": "kg@2"}, {"max_length": 16}, {"task": "supersense"},
+                            {"tok": other}, {"kg_key": None}, {"kg_key": None}], start=2):
+        prepare(**kw)
+        assert len(builds) == n, kw                                          # built again
+    assert prepare(kg_key="kg@1") == first
+
+
 # ------------------------------------------------------------------------------------- the stage
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, tokenizer, kg) -> dict[str, Path]:
