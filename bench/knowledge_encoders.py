@@ -53,6 +53,7 @@ same examples for every encoder and seed, reported next to what was available. F
     STELE_DATA=/path/to/data python bench/knowledge_encoders.py                 # 200 steps, 3 seeds
     STELE_DATA=/path/to/data python bench/knowledge_encoders.py --steps 20 --seeds 1 --docs 300
     STELE_DATA=/path/to/data python bench/knowledge_encoders.py --steps 1 --seeds 1 --plan   # runs nothing
+    STELE_DATA=/path/to/data python bench/knowledge_encoders.py --encoders backbone,kgbert --tasks triples
 
 The table is printed and written to ``<store>/knowledge_encoders.json``; cached stages are reused
 when the script runs again with the same settings.
@@ -127,9 +128,9 @@ def build_pipeline(args: argparse.Namespace) -> dict:
     ft = {"steps": args.finetune_steps, "batch_size": 16, "max_length": args.finetune_max_length,
           "limit_docs": args.docs, "test_share": args.test_share, "split_seed": 0,
           "max_train_examples": args.max_train_examples, "max_test_examples": args.max_test_examples}
-    for task, short in TASKS.items():
+    for task, short in tasks_of(args).items():
         for seed in range(args.seeds):
-            for enc in ENCODERS:
+            for enc in args.encoders:
                 # the KG tasks read no document
                 inputs = {"text": "links", "kg": "kg"} if short in ("typing", "relations") else {"kg": "kg"}
                 if enc != "backbone":
@@ -140,6 +141,21 @@ def build_pipeline(args: argparse.Namespace) -> dict:
                     "with": {**ft, "task": task, "seed": seed, "lr": lr,
                              "head_lr": args.finetune_head_lr}}
     return {"name": "knowledge_encoders", "stages": stages}
+
+
+def tasks_of(args: argparse.Namespace) -> dict[str, str]:
+    return {task: short for task, short in TASKS.items() if short in args.tasks}
+
+
+def names(known: tuple[str, ...]):
+    """argparse type: a comma-separated subset of ``known``."""
+    def parse(value: str) -> tuple[str, ...]:
+        chosen = tuple(v.strip() for v in value.split(",") if v.strip())
+        unknown = [v for v in chosen if v not in known]
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(f"{unknown or value!r}: choose from {', '.join(known)}")
+        return chosen
+    return parse
 
 
 def stele(*argv: str) -> float:
@@ -187,6 +203,10 @@ def main() -> None:
     ap.add_argument("--finetune-jobs", type=int, default=2,
                     help="fine-tuning stages at once (the local Ray's logical CPUs)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--encoders", type=names(ENCODERS), default=ENCODERS,
+                    help="fine-tune only these (comma-separated; every pretraining still runs)")
+    ap.add_argument("--tasks", type=names(tuple(TASKS.values())), default=tuple(TASKS.values()),
+                    help="only these tasks (comma-separated short names)")
     ap.add_argument("--test-share", type=float, default=0.2)
     ap.add_argument("--transe-epochs", type=int, default=10)
     ap.add_argument("--plan", action="store_true",
@@ -224,11 +244,11 @@ def main() -> None:
         table["pretraining"][name] = row
         print(f"{name:18} {row['tokens_per_s']:9.0f} {row['loss_first']:11.3f} "
               f"{row['loss_last10']:13.3f}")
-    for task, short in TASKS.items():
+    for task, short in tasks_of(args).items():
         print(f"\n{task}: test split = held-out {UNITS[short]} "
               f"({args.test_share:.0%}), {args.finetune_steps} fine-tuning steps, {args.seeds} seed(s)")
         print(f"{'encoder':10} {'accuracy':>16} {'micro-F1':>16} {'macro-F1':>16}")
-        for enc in ENCODERS:
+        for enc in args.encoders:
             runs = [m[f"ft_{short}_{enc}_s{s}"]["metrics"] for s in range(args.seeds)
                     if f"ft_{short}_{enc}_s{s}" in m]
             cells = {k: [r[f"test_{k}"] for r in runs] for k in ("accuracy", "micro_f1", "macro_f1")}
