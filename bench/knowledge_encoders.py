@@ -38,8 +38,12 @@ the TransE vectors (trained on the KG's train triples, test pairs' among them) o
 mention's alias candidates, in fine-tuning as in pretraining: that is its input, not a held-out
 split; on triple classification, where both entities are given, those vectors were fitted to most
 test triples (TransE holds out only the KG's own 1% test split), so ERNIE's and KnowBERT's triple
-scores are upper bounds. WKLM swaps mentions for names of same-type entities (test entities among them) and
-fine-tunes as plain MLM. SentiLR reads only the text, with the VADER lexicon of ``vaderSentiment``
+scores are upper bounds. On the two lexical tasks the dictionary linker (``knowledge.link``'s
+defaults) finds the entities in the words and usage examples: its prior picks a sense, which for
+the two words of a synonym pair is often the same synset, and the TransE vectors of linked synsets
+were fitted to the triples behind the word pairs' labels; K-BERT injects no triple between synsets
+of a pair's words. WKLM swaps mentions for names of same-type entities (test entities among them)
+and fine-tunes as plain MLM. SentiLR reads only the text, with the VADER lexicon of ``vaderSentiment``
 (``stele[sentiment]``); encyclopedic text has few polar words: its pretraining and fine-tuning
 manifests count the words in and out of the lexicon.
 
