@@ -59,7 +59,8 @@ same examples for every encoder and seed, reported next to what was available. F
     STELE_DATA=/path/to/data python bench/knowledge_encoders.py --steps 1 --seeds 1 --plan   # runs nothing
     STELE_DATA=/path/to/data python bench/knowledge_encoders.py --encoders backbone,kgbert --tasks triples
 
-The table is printed and written to ``<store>/knowledge_encoders.json``; cached stages are reused
+The table is printed and written to ``<store>/knowledge_encoders.json`` (a subset's to a name that
+says which); cached stages are reused
 when the script runs again with the same settings.
 """
 
@@ -280,7 +281,9 @@ def main() -> None:
         if ft_s:
             print(f"  train + eval seconds per run: {statistics.mean(ft_s):.0f} "
                   f"(min {min(ft_s):.0f}, max {max(ft_s):.0f})")
-    (Path(args.store) / "knowledge_encoders.json").write_text(json.dumps(table, indent=1))
+    subset = "" if (args.encoders, tuple(tasks_of(args).values())) == (ENCODERS, tuple(TASKS.values())) \
+        else f"-{'+'.join(args.encoders)}-{'+'.join(tasks_of(args).values())}"  # not the full table's
+    (Path(args.store) / f"knowledge_encoders{subset}.json").write_text(json.dumps(table, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ artifact. Each returns, per example, the vector at the *first wordpiece* of each
   an embedding keep their example: they only lose their vector, and that is counted.
 * ``kbert``: :class:`fusion.models.kbert.KBert` over the document's sentence tree, with up to ``k``
   triples per linked mention (the pretraining options' ``k`` and ``splits``). The span's first
-  wordpiece is located on the tree's trunk. For relation classification, the triples that connect
-  any task pair are not injected (``hide_task_facts``): injecting "beijing capital china" would hand
-  the model the label.
+  wordpiece is located on the tree's trunk. For relation and triple classification, the triples
+  that connect any task pair are not injected (``hide_task_facts``), for word pairs those between
+  any synsets of the two words: injecting "beijing capital china" would hand the model the label.
 * ``kadapter``: the K-Adapter features ``[h_L ; adapter]`` (Wang et al. 2021). The backbone stays
   frozen as in the paper; the adapter and the head are fine-tuned.
 * ``kepler``, ``kgbert``, ``knowbert``, ``sensebert``, ``sentilr``:

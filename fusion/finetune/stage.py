@@ -12,6 +12,9 @@ An adapter pretrained on this very task over the same text, a KEPLER / KG-BERT e
 on the same KG's triples (relations, triples, word pairs) or LIBERT on its word pairs has seen the
 test labels: the stage warns (``warnings``) unless the pretraining held out the same split
 (``held_out_share``, ``split_seed``; only the tasks split by entity or entity pair can be covered).
+Not flagged, as it is their input rather than a pretraining's labels: the entity vectors ERNIE and
+KnowBERT read (a ``knowledge.embed`` of the KG, fitted to the triples behind the fact tasks' labels,
+and to both words of a synonym pair as one synset when the linker picks it).
 
 Writes::
 
@@ -138,7 +141,7 @@ def finetune(ctx: StageContext, params: FinetuneParams) -> dict:
     asked = data.train + data.test + data.unsampled
     if params.task in ("relation_classification", "triple_classification") and params.hide_task_facts:
         hidden = frozenset(frozenset(index[e] for e in ex.entities) for ex in asked)
-    elif params.task == "lexical_relation" and params.hide_task_facts:
+    elif params.task == "lexical_relation" and params.hide_task_facts and recipe == "kbert":
         hidden = word_pair_facts(kg, asked)
     src = EncoderSource(recipe, enc_art.path if enc_art else None, meta.get("options", {}), backbone,
                         max_length, meta.get("max_length"), kg,

@@ -265,8 +265,9 @@ def prepare_task(docs: Iterable[dict], kg: Any, task: str, tokenizer: Any, max_l
                  test_share: float = 0.2, split_seed: int = 0, min_label_count: int = 2,
                  max_pairs_per_doc: int = 8, max_train: int | None = None,
                  max_test: int | None = None, kg_key: str | None = None) -> TaskData:
-    """Examples, length filter, rare labels, held-out split, then the caps (see the module
-    docstring). The split comes first, so a cap never moves an entity (pair) across it; the label
+    """Examples, length filter, rare labels, held-out split, the caps (see the module docstring),
+    then, for the lexical tasks, the linker's mentions (:func:`fusion.finetune.kg_tasks.link_examples`).
+    The split comes first, so a cap never moves an entity (pair) across it; the label
     vocabulary is the *sampled* training set's, as that is all the model sees. ``kg_key``: what
     identifies the KG's content (its artifact's key and location), so that a task of the KG alone
     built by this process for an earlier stage is reused."""

@@ -398,6 +398,34 @@ def test_kbert_hides_every_fact_triple_classification_asks_about(tmp_path, artif
     assert metrics["kbert_triples_injected"] == 0
 
 
+@pytest.mark.parametrize("recipe", ["kbert", "ernie"])
+def test_entity_readers_get_a_word_pair_s_linked_words(tmp_path, artifacts, pretrained, recipe, tokenizer):
+    """The lexical task's words are linked in the fine-tuning KG (a WordNet-like one, not the
+    pretraining's): K-BERT injects the linked synsets' triples except those between synsets of a
+    pair's two words; ERNIE, whose table holds none of these entities, keeps every example and
+    counts the mentions it has no vector for."""
+    from fusion.finetune.kg_tasks import word_pair_facts
+    from tests.fusion.test_kg_tasks import _kg
+
+    kg = _kg()
+    (tmp_path / "wordnet").mkdir()
+    kg.save(tmp_path / "wordnet")
+    inputs = {"encoder": pretrained[recipe], "kg": tmp_path / "wordnet"}
+    metrics, out = _finetune(tmp_path, inputs, task="lexical_relation", epochs=1, min_label_count=1)
+    info = json.loads((out / "metrics.json").read_text())["info"]
+    assert info["link_mentions"] > 0
+    if recipe == "ernie":
+        assert metrics["ernie_mentions_without_vector"] == info["link_mentions"]
+        assert metrics["ernie_mentions_with_vector"] == 0
+    else:
+        d = prepare_task([], kg, "lexical_relation", tokenizer, MAX_LENGTH, test_share=FAST["test_share"],
+                         min_label_count=1)
+        asked = word_pair_facts(kg, d.train + d.test + d.unsampled)
+        pairs = [frozenset(p) for p in zip(kg.triples["head"].to_pylist(), kg.triples["tail"].to_pylist())]
+        assert metrics["kbert_triples_hidden_task_facts"] == sum(p in asked for p in pairs) > 0
+        assert metrics["kbert_triples_injected"] > 0        # the pairs across the split are not asked
+
+
 def test_capped_run_reports_used_and_available_examples(tmp_path, artifacts):
     inputs = {r: artifacts[r] for r in ("text", "kg")}
     common = {"backbone": str(artifacts["backbone"]), "epochs": 1}

@@ -266,15 +266,18 @@ def test_a_kg_task_is_reused_only_for_the_same_kg_settings_and_tokenizer(kg, tok
     monkeypatch.setattr(tasks, "build_examples", lambda *a, **k: builds.append(1) or build(*a, **k))
     monkeypatch.setattr(tasks, "_LAST_KG_TASK", {})
 
-    def prepare(task="triple_classification", tok=tokenizer, max_length=MAX_LENGTH, kg_key="kg@1"):
-        return prepare_task([], kg, task, tok, max_length, test_share=0.3, kg_key=kg_key,
-                            min_label_count=1)
+    def prepare(task="lexical_relation", tok=tokenizer, max_length=MAX_LENGTH, kg_key="kg@1",
+                test_share=0.3, split_seed=0):
+        return prepare_task([], kg, task, tok, max_length, test_share=test_share, split_seed=split_seed,
+                            kg_key=kg_key, min_label_count=2)
 
     first = prepare()
-    assert len(builds) == 1 and prepare() == first and len(builds) == 1    # reused, equal
+    assert first.info["link_mentions"] > 0
+    assert len(builds) == 1 and prepare() == first and len(builds) == 1    # reused, counts not added twice
     other = BertTokenizer(vocab={w: i for i, w in enumerate(tokenizer.get_vocab())}, do_lower_case=False)
     for n, kw in enumerate([{"kg_key": "kg@2"}, {"max_length": 16}, {"task": "supersense"},
-                            {"tok": other}, {"kg_key": None}, {"kg_key": None}], start=2):
+                            {"tok": other}, {"test_share": 0.5}, {"split_seed": 1}, {"kg_key": None},
+                            {"kg_key": None}], start=2):
         prepare(**kw)
         assert len(builds) == n, kw                                          # built again
     assert prepare(kg_key="kg@1") == first
