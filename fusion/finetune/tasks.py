@@ -295,7 +295,7 @@ def prepare_task(docs: Iterable[dict], kg: Any, task: str, tokenizer: Any, max_l
     test = [ex for ex in test if ex.label in known]
     available["test"] = len(test)
     test, test_unsampled = sample_examples(test, max_test, split_seed)
-    if task in LINKED:      # the sampled examples only: linking is the slow part of these tasks
+    if task in LINKED:      # after the caps: the examples they leave out reach no encoder
         linked = link_examples(kg, train + test, info)
         train, test = linked[:len(train)], linked[len(train):]
     return TaskData(train, test, labels, {k: v for k, v in sorted(left.items())},
