@@ -2,9 +2,9 @@
 alternated rounds, at 1 and 2 torch threads on each side.
 
 ``features_throughput.py`` times each side once, end to end; on a small, shared machine that mixes
-two things: the actor's fixed start-up (a process that imports torch, timm and builds its model,
-7-15 s here) and the noise of the machine (the plain clip loop moved 421-724 clips/s within one
-session). This script measures the throughput alone, and as pairs: each round runs the plain loop
+two things: the actor's fixed start-up (a process that imports torch, timm and builds its model)
+and the noise of the machine (the plain clip loop's rate moved by more than a third within one
+session: BENCHMARKS.md). This script measures the throughput alone, and as pairs: each round runs the plain loop
 and then the stage on the same items, with the same number of torch threads, and the ratio of
 the pair is taken; the table gives the median of the rounds and their range.
 
@@ -12,8 +12,8 @@ the pair is taken; the table gives the median of the rounds and their range.
   transform, forward; nothing written), ``torch.set_num_threads(threads)``, its rate from the end
   of its first batch (the model built, the first batch's allocations done), as the stage's. Each
   in a fresh process, as each actor is one: a loop's speed depends on what its process ran
-  before (log-mel after the image model in one process measured 515-538 clips/s, 674-709 before
-  it: glibc keeps the freed buffers of the other workload).
+  before (log-mel after the image model in one process was slower than before it: glibc keeps the
+  freed buffers of the other workload; figures in BENCHMARKS.md, "Figures moved out of docstrings").
 * ``stage``   ``vision.features`` / ``speech.features`` in this process on an embedded Ray, one
   actor with ``threads: <threads>``, shards written; its ``steady_per_s`` (the rate after its
   first batch came back: listing, Ray Data's start and the actor's imports and model excluded).

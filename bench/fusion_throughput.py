@@ -18,12 +18,10 @@ on a 2-core machine shared with other jobs, 2-thread timings are only comparable
 Configurations: ``tiny`` (hidden 128, 2/2/2 layers, 2 heads) and ``paper`` (hidden 768, 9/5/5,
 12 heads, ~208M parameters with 2048-d features).
 
-Goal (from the issue): stele >= 1.2x. Measured on this 2-core machine (AMD EPYC, AVX-512, load
-average 1.7-2.6 from other jobs), two runs each: tiny 22-25 vs 19-23 steps/s (1.08-1.16x), paper
-0.55-0.57 vs 0.51-0.55 steps/s (1.01-1.12x), peak RSS 2.7 GB for both. Both are matmul-bound at
-these sizes (130-146 GFLOP/s for the paper model): attention is ~1% of its FLOPs and SDPA's CPU
-flash kernel does not take attention dropout, so the CPU cannot show the SDPA lever; the GPU mode
-is where it applies.
+Goal (from the issue): stele >= 1.2x; the figures are in BENCHMARKS.md ("LXMERT training
+throughput, stele vs transformers"). On a CPU both are bound by matrix multiplies at these sizes:
+attention is a small share of the FLOPs and SDPA's CPU flash kernel does not take attention dropout,
+so the CPU cannot show the SDPA lever; the GPU mode is where it applies.
 
 On a GPU, ``--device cuda --bf16`` runs under bf16 autocast and adds model FLOPs utilisation (MFU:
 analytic FLOPs per second over the card's dense bf16 peak, ``--peak-tflops`` or a known card) and
