@@ -15,6 +15,14 @@ steps and the same batch; reported per size:
 - ratios of each to the smallest size. Goal (issue 22): driver RSS and job size within 10% from
   10k to 1M documents, tokens/s per worker within 10%.
 
+``--backbone bert-base`` trains a randomly initialised BERT-base-size encoder (hidden 768, 12 layers,
+12 heads, FFN 3072; the default backbone's tokenizer, seed 0), written once under ``--workdir``: the
+size at which issue 22 sets its GPU goal. On a known GPU each row also reports the stage's
+``model_tflops_per_s`` and ``mfu`` (model FLOPs over the card's dense bf16 peak; bf16 autocast is the
+stage's default there), so the same script answers "how far from 40% MFU" at a realistic batch::
+
+    python bench/pretrain_scale.py --sizes 10000 --backbone bert-base --batch 64 --steps 60
+
 ``--src DIR`` runs the stage from another source tree (e.g. a ``git worktree`` of an older commit)
 with the same data, so the old and new data paths can be compared in one run::
 
@@ -105,6 +113,29 @@ def make_artifacts(root: Path, n_docs: int, n_entities: int = 50_000, seed: int 
     return {"text": text, "entities": ents}
 
 
+def bert_base_backbone(root: Path) -> Path:
+    """A BERT-base-size encoder with random weights (seed 0) over the default backbone's tokenizer,
+    as a local Hugging Face folder (written once)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    sys.path.insert(0, str(ROOT))
+    from fusion.models.backbone import load_tokenizer
+
+    path = root / "bert-base-random"
+    if (path / "model.safetensors").exists():
+        return path
+    tok = load_tokenizer(BACKBONE)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                     intermediate_size=3072, max_position_embeddings=512)
+    torch.manual_seed(0)
+    tmp = path.with_name(path.name + ".partial")
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    tmp.rename(path)    # whole or absent: a killed run leaves only the .partial folder
+    return path
+
+
 def child(args: argparse.Namespace) -> None:
     """One stage run in this process; prints one JSON line."""
     import logging
@@ -135,8 +166,8 @@ def child(args: argparse.Namespace) -> None:
                        resources=Resources(), state_uri=str(work / "state"),
                        log=logging.getLogger("bench.scale"))
     params = PretrainParams.model_validate({
-        "recipe": "ernie", "backbone": BACKBONE, "steps": args.steps, "batch_size": args.batch,
-        "max_length": 128, "warmup_steps": 2, "checkpoint_every": args.steps,
+        "recipe": "ernie", "backbone": args.backbone, "steps": args.steps, "batch_size": args.batch,
+        "max_length": args.max_length, "warmup_steps": 2, "checkpoint_every": args.steps,
         "scaling": {"num_workers": 1, "cpus_per_worker": 2}})
     t0 = time.perf_counter()
     metrics = pretrain(ctx, params)
@@ -147,7 +178,9 @@ def child(args: argparse.Namespace) -> None:
         "driver_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "job_bytes": shipped["job_bytes"], "examples": metrics.get("examples"),
         "stage_s": stage_s, "train_s": metrics.get("train_s"),
-        "tokens_per_s": statistics.median(h["tokens"] / h["step_s"] for h in hist[1:])}))
+        "tokens_per_s": statistics.median(h["tokens"] / h["step_s"] for h in hist[1:]),
+        "model_tflops_per_s": metrics.get("model_tflops_per_s"), "mfu": metrics.get("mfu"),
+        "device": "cuda" if any(h.get("peak_tflops") for h in hist) else "no known GPU"}))
 
 
 def run(inputs: dict[str, Path], args: argparse.Namespace, src: Path | None) -> dict:
@@ -156,7 +189,8 @@ def run(inputs: dict[str, Path], args: argparse.Namespace, src: Path | None) -> 
         env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--workdir", str(args.workdir),
            "--inputs", json.dumps({k: str(v) for k, v in inputs.items()}),
-           "--steps", str(args.steps), "--batch", str(args.batch)]
+           "--steps", str(args.steps), "--batch", str(args.batch), "--backbone", args.backbone,
+           "--max-length", str(args.max_length)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(src or ROOT))
     line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
     if p.returncode or line is None:
@@ -172,13 +206,19 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "stele-pretrain-scale")
     ap.add_argument("--src", type=Path, default=None, help="run the stage from this source tree")
     ap.add_argument("--label", default="stele")
+    ap.add_argument("--backbone", default=BACKBONE,
+                    help="a local Hugging Face folder, a package: name, or bert-base (random, see above)")
+    ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"# {args.label}: ERNIE, {BACKBONE}, 1 worker, {args.steps} steps of {args.batch}; "
+    if args.backbone == "bert-base":
+        args.backbone = str(bert_base_backbone(args.workdir))
+    print(f"# {args.label}: ERNIE, {args.backbone}, 1 worker, {args.steps} steps of {args.batch} x "
+          f"{args.max_length}; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
     for n in args.sizes:
@@ -198,6 +238,9 @@ def main() -> None:
               f"| {r['driver_rss_mb'] / base['driver_rss_mb']:.2f} "
               f"| {r['job_bytes'] / base['job_bytes']:.2f} "
               f"| {r['tokens_per_s'] / base['tokens_per_s']:.2f} |")
+    for n, r in rows:
+        if r.get("mfu") is not None:
+            print(f"{n:,} docs: {r['model_tflops_per_s']:.1f} model TFLOP/s, MFU {r['mfu']:.1%}")
 
 
 if __name__ == "__main__":
