@@ -3,7 +3,8 @@
 Issue 22 asks for >= 40% model-FLOPs utilisation for ERNIE on a BERT-base-size backbone at bf16, at a
 realistic batch and sequence length. This script times full training steps without Ray (the GPU
 image has torch and transformers but not Ray): forward, backward and an AdamW step (fused on CUDA),
-under bf16 autocast with ``--bf16``, on the same random batch for
+under bf16 autocast with ``--bf16``, eager or ``--compile MODE`` (``torch.compile`` of the
+objective; reduce-overhead adds CUDA graphs), on the same random batch for
 
 * ``stele``         :class:`fusion.models.ernie.Ernie` over a randomly initialised BERT (seed 0): half
   the layers T-Encoder, half K-Encoder (ERNIE's 6 + 6 at the base size), a frozen table of 50,000
@@ -23,6 +24,7 @@ float32 unless ``--bf16`` (a smoke test; MFU needs a GPU's peak).
     python bench/ernie_throughput.py --configs tiny --steps 5               # CPU smoke test
     python bench/ernie_throughput.py --device cuda --bf16 --batch 64 --rounds 2
     python bench/ernie_throughput.py --device cuda --bf16 --batch 256 --length 128
+    python bench/ernie_throughput.py --device cuda --bf16 --batch 64 --compile default
 """
 
 from __future__ import annotations
@@ -102,12 +104,20 @@ def worker(spec: dict) -> dict:
     gen = torch.Generator(device).manual_seed(2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
-    def loss() -> torch.Tensor:
+    # The objective, eager and (``--compile MODE``) compiled: FLOPs are counted on the eager one,
+    # since a compiled function first called under the counter stays eager for good.
+    def objective() -> torch.Tensor:
+        if spec["impl"] == "stele":
+            return model.loss(batch, gen)["total"]
+        return model(input_ids=batch["hf_input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["hf_labels"]).loss
+
+    compiled = objective if spec["compile"] == "off" else torch.compile(
+        objective, mode=None if spec["compile"] == "default" else spec["compile"])
+
+    def loss(fn=compiled) -> torch.Tensor:  # noqa: ANN001
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"]):
-            if spec["impl"] == "stele":
-                return model.loss(batch, gen)["total"]
-            return model(input_ids=batch["hf_input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["hf_labels"]).loss
+            return fn()
 
     def step() -> None:
         loss().backward()
@@ -119,7 +129,7 @@ def worker(spec: dict) -> dict:
             torch.cuda.synchronize()
 
     with FlopCounterMode(display=False) as counter:   # one forward + backward, not timed
-        loss().backward()
+        loss(objective).backward()
     opt.zero_grad(set_to_none=True)
     flops = float(counter.get_total_flops())
     for _ in range(spec["warmup"]):
@@ -167,6 +177,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    ap.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"],
+                    help="torch.compile both objectives with this mode (warm-up steps include compiling)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's dense bf16 peak (default: the known cards' datasheet figure)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -181,7 +193,8 @@ def main() -> None:
     from fusion_throughput import PEAK_BF16_TFLOPS   # bench/ is on sys.path: this script's folder
 
     print(f"# ERNIE vs BERT MLM: batch {args.batch} x {args.length}, {args.device}, "
-          f"{'bf16 autocast' if args.bf16 else 'float32'}, {args.steps} timed steps after {args.warmup}; "
+          f"{'bf16 autocast' if args.bf16 else 'float32'}, compile {args.compile}, "
+          f"{args.steps} timed steps after {args.warmup}; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     for config in args.configs.split(","):
         results: dict[str, list[dict]] = {"stele": [], "transformers": []}
@@ -189,7 +202,7 @@ def main() -> None:
             for impl in (("stele", "transformers") if r % 2 == 0 else ("transformers", "stele")):
                 spec = {"impl": impl, "config": config, "batch": args.batch, "length": args.length,
                         "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
-                        "device": args.device, "bf16": args.bf16}
+                        "device": args.device, "bf16": args.bf16, "compile": args.compile}
                 res = run_worker(spec)
                 results[impl].append(res)
                 print(json.dumps({"config": config, "round": r, **res}), flush=True)

@@ -17,7 +17,8 @@
 #    at the benchmarking, default and FB15k-237 sizes;
 # 5. ERNIE training steps (forward, backward, fused AdamW) at BERT-base size, bf16, beside
 #    transformers' BERT MLM of the same size: tokens/s, model TFLOP/s and MFU at batch 64 and 256 x
-#    128 wordpieces (issue 22's goal: >= 40% MFU).
+#    128 wordpieces (issue 22's goal: >= 40% MFU); with STELE_GPU_COMPILE=1 also compiled
+#    (torch.compile, default mode) at batch 64, a few minutes more for compiling.
 #
 # Not in this script: bench/knowledge_encoders.py at 20x the CPU steps on all 10,033 summaries
 # (issue 22). It runs stages on Ray, which the lent GPU image lacks and cannot be given (Ray 2.60's
@@ -59,4 +60,8 @@ for b in 64 256; do
   python3 bench/ernie_throughput.py --device cuda --bf16 --configs base --batch "$b" --length 128 \
     --steps 30 --warmup 5 2>&1 | tee -a "$out/ernie_mfu.log" || status=1
 done
+if [ "${STELE_GPU_COMPILE:-0}" = 1 ]; then
+  python3 bench/ernie_throughput.py --device cuda --bf16 --configs base --batch 64 --length 128 \
+    --steps 30 --warmup 5 --compile default 2>&1 | tee -a "$out/ernie_mfu.log" || status=1
+fi
 exit $status

@@ -217,12 +217,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             positions += shape
             batch = {k: v.to(session.device) if hasattr(v, "to") else v for k, v in batch.items()}
             objective.generator = gen
-            with _FlopCount(flops_per_position is None) as counted:
-                with session.autocast():
-                    losses = session.model(batch)
-                (losses["total"] / accum).backward()
-            if counted.flops:
-                flops_per_position = counted.flops / max(1, shape)
+            if flops_per_position is None:
+                flops_per_position = _count_flops(objective, batch, trainable, session) / max(1, shape)
+            with session.autocast():
+                losses = session.model(batch)
+            (losses["total"] / accum).backward()
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, job.max_grad_norm)
@@ -256,27 +255,27 @@ def _positions(batch: dict[str, Any]) -> int:
                if k.endswith("mask") and isinstance(v, torch.Tensor) and v.dim() == 2)
 
 
-class _FlopCount:
-    """The model FLOPs of one forward + backward, counted by ``torch.utils.flop_counter`` (matmuls
-    and attention, what MFU counts) when ``on``; a no-op otherwise. Counted once per run and
-    scaled per step by its positions: attention's share grows with the length, so the figure is
-    close, not exact, when lengths vary."""
+def _count_flops(objective: torch.nn.Module, batch: dict[str, Any], params: list[torch.Tensor],
+                 session: Any) -> float:
+    """Model FLOPs of one forward + backward of ``objective`` (the eager model) on ``batch``: matmuls
+    and attention, what MFU counts, by ``torch.utils.flop_counter``. Counted once per run and
+    scaled per step by its positions (attention's share grows with the length, so the figure is
+    close, not exact, when lengths vary).
 
-    def __init__(self, on: bool):
-        self.on, self.flops = on, 0.0
+    A pass of its own that changes nothing: the random streams (the global ones and the masking
+    generator) are restored after it and the gradients are returned, not accumulated, so no DDP
+    hook fires. Not inside the training step, because a compiled model first called under the
+    counter stays eager for good (dynamo skips the code it was called in)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def __enter__(self) -> _FlopCount:
-        if self.on:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            self._mode = FlopCounterMode(display=False)
-            self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.on:
-            self._mode.__exit__(*exc)
-            self.flops = float(self._mode.get_total_flops())
+    state = objective.generator.get_state()
+    devices = [session.device] if session.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
+        with session.autocast():
+            loss = objective(batch)["total"]
+        torch.autograd.grad(loss, params, allow_unused=True)
+    objective.generator.set_state(state)
+    return float(counter.get_total_flops())
 
 
 class _Objective(torch.nn.Module):

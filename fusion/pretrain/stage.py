@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from pipeline import Input, StageContext, StageFailed, stage
 from pipeline.train import ScalingParams, TrainConfig, fit
@@ -54,6 +54,9 @@ class PretrainParams(BaseModel):
     grad_accum: int = Field(default=1, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="auto: bf16 autocast on GPUs and on CPUs with native bf16")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        default="off", description="torch.compile mode for the training model (reduce-overhead: "
+                                   "also CUDA graphs on a GPU); off: eager")
     bucket_batches: int = Field(default=8, ge=1, description="sort each run of this many "
                                 "micro-batches by length, so batches pad less (1: off)")
     steps: int = Field(default=200, ge=1, description="optimizer steps")
@@ -76,6 +79,15 @@ class PretrainParams(BaseModel):
             raise ValueError(e.args[0]) from None
         rec.Options.model_validate(self.options)
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_eager(self, handler: Any) -> dict[str, Any]:
+        # Left out when off, so the artifact keys of every stage written before the field existed
+        # stay.
+        out = handler(self)
+        if self.compile == "off":
+            out.pop("compile", None)
+        return out
 
 
 def load_trained(folder: Path) -> tuple:
@@ -153,7 +165,7 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
                                (os.cpu_count() or 1) // params.scaling.num_workers))
     train = TrainConfig(**params.scaling.model_dump(), max_steps=params.steps,
                         checkpoint_every=params.checkpoint_every, grad_accum=params.grad_accum,
-                        seed=params.seed, precision=params.precision)
+                        seed=params.seed, precision=params.precision, compile=params.compile)
     result = fit(train_loop_per_worker, job, train, storage_uri=ctx.state_uri, name="pretrain",
                  progress=ctx.progress_reporter(), progress_desc="step",
                  tracking=ctx.tracking)
@@ -190,6 +202,8 @@ def pretrain(ctx: StageContext, params: PretrainParams) -> dict:
         "tokens_per_s": per_second(hist, "tokens"), **_utilisation(hist, params.scaling.num_workers),
         "train_s": round(sum(h.get("step_s", 0.0) for h in hist), 3),
         "num_workers": params.scaling.num_workers, "job_bytes": result.job_bytes,
+        **({k: int(hist[-1][k]) for k in ("compiled_graphs", "graph_breaks") if k in hist[-1]}
+           if hist else {}),
         **{k: v for k, v in resources.items() if isinstance(v, (int, float)) and k != "max_length"},
         **counts,
     }

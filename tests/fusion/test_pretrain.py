@@ -80,6 +80,41 @@ def test_plain_mlm_pretraining_learns_and_writes_a_complete_artifact(ray_local, 
     load_model(model, str(out / "model.safetensors"))  # strict: every weight is there
 
 
+def test_compile_is_left_out_of_the_key_when_off():
+    assert "compile" not in PretrainParams().model_dump(mode="json")   # keys of older artifacts stay
+    assert PretrainParams(compile="default").model_dump(mode="json")["compile"] == "default"
+    with pytest.raises(ValueError, match="compile"):
+        PretrainParams.model_validate({"compile": "fast"})
+
+
+def test_a_compiled_model_trains_as_the_eager_one(ray_local, tmp_path, tokenizer, linked):
+    """``compile: default`` (torch.compile in the worker) computes the same steps as eager: with
+    dropout off (inductor draws its own random numbers), the same masking and the same batches
+    give the same losses up to float rounding, step after step."""
+    from fusion.models.backbone import random_backbone
+
+    folder = tmp_path / "no-dropout-bert"
+    bb = random_backbone(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    bb.model.config.hidden_dropout_prob = bb.model.config.attention_probs_dropout_prob = 0.0
+    bb.model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    common = dict(recipe="mlm", backbone=str(folder), steps=6, batch_size=8, lr=5e-3, warmup_steps=2,
+                  checkpoint_every=6, max_length=16, precision="fp32")
+    losses, flops, metrics = {}, {}, {}
+    for mode in ("off", "default"):
+        run = tmp_path / mode
+        run.mkdir()
+        metrics[mode], _ = _run(run, linked, compile=mode, **common)
+        hist = json.loads((run / "pt" / "history.json").read_text())
+        losses[mode], flops[mode] = [h["loss_mlm"] for h in hist], [h["flops"] for h in hist]
+    assert flops["default"] == flops["off"] and min(flops["off"]) > 0   # counted on the eager model
+    assert "compiled_graphs" not in metrics["off"]
+    assert metrics["default"]["compiled_graphs"] > 0          # the worker ran compiled graphs
+    assert metrics["default"]["graph_breaks"] > 0             # the seeded masking runs eagerly
+    assert len(losses["off"]) == 6 and losses["off"][0] != losses["off"][-1]   # it trained
+    assert losses["default"] == pytest.approx(losses["off"], rel=1e-4)
+
+
 class DiesOnceOptions(BaseModel):
     marker: str
 
