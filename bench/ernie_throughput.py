@@ -34,7 +34,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -153,16 +152,6 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def run_worker(spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{spec['impl']} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 # ------------------------------------------------------------------------------ driver
 
 
@@ -190,7 +179,7 @@ def main() -> None:
         import torch
         if not torch.cuda.is_available():
             sys.exit("--device cuda: torch sees no CUDA device")
-    from fusion_throughput import PEAK_BF16_TFLOPS   # bench/ is on sys.path: this script's folder
+    from fusion_throughput import PEAK_BF16_TFLOPS, run_worker   # bench/ is on sys.path (this folder)
 
     print(f"# ERNIE vs BERT MLM: batch {args.batch} x {args.length}, {args.device}, "
           f"{'bf16 autocast' if args.bf16 else 'float32'}, compile {args.compile}, "
@@ -203,7 +192,7 @@ def main() -> None:
                 spec = {"impl": impl, "config": config, "batch": args.batch, "length": args.length,
                         "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
                         "device": args.device, "bf16": args.bf16, "compile": args.compile}
-                res = run_worker(spec)
+                res = run_worker(spec, __file__)
                 results[impl].append(res)
                 print(json.dumps({"config": config, "round": r, **res}), flush=True)
         gpu = results["stele"][0].get("gpu_name", "")

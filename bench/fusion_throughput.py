@@ -227,10 +227,11 @@ def model_width(spec: dict) -> int:
     return CONFIGS[spec["config"]]["hidden_size"]
 
 
-def run_worker(spec: dict) -> dict:
+def run_worker(spec: dict, script: str = __file__) -> dict:
+    """``script --worker SPEC`` in a fresh process (its last stdout line is the result's JSON)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{spec['impl']} worker failed:\n{proc.stderr[-3000:]}")
