@@ -18,7 +18,9 @@ Batch: ``--batch`` sequences of up to ``--length`` wordpieces, each item 3/4 to 
 alternating order over ``--rounds``. Reported per implementation: the median step time, real
 tokens/s, its model FLOPs per step (``torch.utils.flop_counter`` over one forward + backward: matmuls
 and attention), model TFLOP/s and, on a known GPU, MFU (those over the card's dense bf16 peak, or
-``--peak-tflops``), peak memory; and the stele / transformers ratio of tokens/s. On a CPU it runs in
+``--peak-tflops``), peak memory; and the stele / transformers ratio of tokens/s. FLOPs and MFU count
+every position computed, padding included, as ``fusion.pretrain``'s manifests do; the batch's
+padding share is printed beside them (useful work is that much less). On a CPU it runs in
 float32 unless ``--bf16`` (a smoke test; MFU needs a GPU's peak).
 
     python bench/ernie_throughput.py --configs tiny --steps 5               # CPU smoke test
@@ -141,8 +143,10 @@ def worker(spec: dict) -> dict:
         sync()
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
+    real = int(batch["attention_mask"].sum())
     out = {"impl": spec["impl"], "median_step_s": med, "min_step_s": min(times),
-           "tokens_per_s": int(batch["attention_mask"].sum()) / med, "gflop_per_step": flops / 1e9,
+           "tokens_per_s": real / med, "gflop_per_step": flops / 1e9,
+           "padding_share": 1 - real / batch["attention_mask"].numel(),
            "model_tflops_per_s": flops / med / 1e12,
            "params": sum(p.numel() for p in model.parameters()),
            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -207,7 +211,8 @@ def main() -> None:
             mem = max(x.get("gpu_mib", x["rss_mib"]) for x in rs)
             print(f"  {impl:<12} | {tps[impl]:,.0f} | {rs[0]['gflop_per_step']:,.1f} | {tf:.2f} | {mfu} | "
                   f"{rs[0]['params'] / 1e6:.1f}M | {mem:,.0f}")
-        print(f"  stele / transformers tokens/s: {tps['stele'] / tps['transformers']:.2f}x")
+        print(f"  stele / transformers tokens/s: {tps['stele'] / tps['transformers']:.2f}x; padding "
+              f"{results['stele'][0]['padding_share']:.1%} of the positions (counted in the FLOPs)")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ class TrainConfig(ScalingParams):
         "bf16 (cpu_bf16_native), else fp32; bf16 or fp32 forces it")
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
         default="off", description="torch.compile the model in every worker with this mode "
-        "(reduce-overhead adds CUDA graphs on a GPU, for short sequences); off: eager")
+        "(reduce-overhead and max-autotune add CUDA graphs on a GPU, for short sequences); off: eager")
 
 
 def cpu_bf16_native() -> bool:
@@ -261,8 +261,9 @@ class TrainSession:
             ...
             session.report({"loss": loss.item()})  # checkpoints every N steps and at the end
 
-    ``session.model`` is the DDP-wrapped model; ``session.data_state`` is a dict the loop keeps its
-    data position in (epoch, batch, ...); it is saved with every checkpoint and restored on resume.
+    ``session.model`` is the DDP-wrapped model (compiled when ``compile`` is set);
+    ``session.data_state`` is a dict the loop keeps its data position in (epoch, batch, ...); it is
+    saved with every checkpoint and restored on resume.
     """
 
     model: Any
@@ -303,8 +304,10 @@ class TrainSession:
         if self.train.compile != "off":
             # Compiled around DDP (dynamo splits the graph at its gradient buckets, so the
             # all-reduce still overlaps the backward); checkpoints keep using the eager raw_model.
-            # Each new input shape compiles once: bucketing keeps the lengths few.
-            self.model = torch.compile(self.model, mode=None if self.train.compile == "default"
+            # Dynamic shapes from the first compile: batches differ in length (each is padded to
+            # its longest row), and one graph then serves them all instead of a recompile at the
+            # second length (CUDA graphs are still recorded per shape).
+            self.model = torch.compile(self.model, dynamic=True, mode=None if self.train.compile == "default"
                                        else self.train.compile)
         self.device = ray.train.torch.get_device()
         tb, mlflow = self.config.get("_tensorboard"), self.config.get("_mlflow")
@@ -343,8 +346,9 @@ class TrainSession:
         self.step += 1
         row = {"step": self.step, **{k: float(v) for k, v in metrics.items()}}
         if self.train.compile != "off":
-            # This process's compiled graphs so far and the breaks between them: a break falls
-            # back to eager, so these say how much of a step the compiler actually holds.
+            # Dynamo's counts in this worker process since it started (a resumed run starts again
+            # from 0): graphs compiled and graph breaks met while tracing. A break runs eagerly,
+            # so these say how much of a step the compiler actually holds.
             from torch._dynamo.utils import counters
 
             row["compiled_graphs"] = float(counters["stats"]["unique_graphs"])

@@ -199,7 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                           length=rec.length, batch=job.batch_size, bucket=job.bucket_batches,
                           group=rec.group(options))
     bs, accum = job.batch_size, session.train.grad_accum
-    gen = torch.Generator()
+    gen = torch.Generator(device=session.device)   # the models draw masks on the batch's device
 
     flops_per_position: float | None = None  # measured once, on the first micro-batch
     peak = peak_tflops(session.device)

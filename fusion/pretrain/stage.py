@@ -55,8 +55,8 @@ class PretrainParams(BaseModel):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="auto: bf16 autocast on GPUs and on CPUs with native bf16")
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
-        default="off", description="torch.compile mode for the training model (reduce-overhead: "
-                                   "also CUDA graphs on a GPU); off: eager")
+        default="off", description="torch.compile mode for the training model (reduce-overhead, "
+                                   "max-autotune: also CUDA graphs on a GPU); off: eager")
     bucket_batches: int = Field(default=8, ge=1, description="sort each run of this many "
                                 "micro-batches by length, so batches pad less (1: off)")
     steps: int = Field(default=200, ge=1, description="optimizer steps")
