@@ -205,6 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     peak = peak_tflops(session.device)
     for step in session.steps():
         t0 = time.perf_counter()
+        first = flops_per_position is None   # this process's first step: loading, compiling, counting
         # Masking draws from a stream seeded by (seed, rank, step): a resumed run masks exactly
         # as the uninterrupted one would have.
         gen.manual_seed(int(np.random.SeedSequence([job.seed, session.rank, step]).generate_state(1)[0]))
@@ -232,7 +233,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                         "tokens": tokens * session.world_size,
                         "flops": (flops_per_position or 0.0) * positions * session.world_size,
-                        **({"peak_tflops": peak} if peak else {}),
+                        **({"peak_tflops": peak} if peak else {}), **({"first_step": 1} if first else {}),
                         "step_s": time.perf_counter() - t0})
 
 
@@ -333,9 +334,12 @@ def load_pretrained(path: str | Path) -> tuple[Recipe, BaseModel, Any, torch.nn.
 
 
 def per_second(history: list[dict[str, Any]], key: str = "tokens") -> float | None:
-    """``key`` (tokens, flops) per second over the run, skipping step 1 (it includes warm-up
-    allocations and the FLOP count)."""
-    rows = history[1:] or history
+    """``key`` (tokens, flops) per second over the run, skipping the first step of each worker
+    process (``first_step``: warm-up allocations, compiling, the FLOP count), step 1 and the first
+    step after each resume; step 1 alone in a history written without the flag."""
+    marked = any("first_step" in h for h in history)
+    rows = [h for h in history if not h.get("first_step")] if marked else history[1:]
+    rows = rows or history
     t = sum(h.get("step_s", 0.0) for h in rows)
     return sum(h.get(key, 0.0) for h in rows) / t if t > 0 else None
 

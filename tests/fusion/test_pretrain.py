@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel
 
 from fusion.models.backbone import load_backbone
-from fusion.pretrain.loop import RECIPES, lr_lambda, recipe
+from fusion.pretrain.loop import RECIPES, lr_lambda, per_second, recipe
 from fusion.pretrain.recipes import PlainMLM
 from fusion.pretrain.stage import PretrainParams
 from knowledge.stages.link import DOC_SCHEMA, MENTION_SCHEMA
@@ -55,6 +55,13 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert [round(f(s), 3) for s in range(10)] == [0.25, 0.5, 0.75, 1.0, 1.0, 0.833, 0.667, 0.5,
                                                    0.333, 0.167]
     assert f(10) == 0.0
+
+
+def test_throughput_leaves_out_the_first_step_of_each_worker_process():
+    hist = [{"tokens": 100, "step_s": 10.0, "first_step": 1}, {"tokens": 100, "step_s": 1.0},
+            {"tokens": 100, "step_s": 3.0, "first_step": 1}, {"tokens": 300, "step_s": 1.0}]
+    assert per_second(hist) == 200.0
+    assert per_second([{"tokens": 100, "step_s": 10.0}, {"tokens": 50, "step_s": 1.0}]) == 50.0  # unmarked
 
 
 def test_unknown_recipe_is_a_validation_error():
@@ -151,6 +158,9 @@ def test_a_killed_worker_resumes_from_its_checkpoint(ray_local, tmp_path, backbo
     assert int(marker.with_suffix(".count").read_text()) in (9 + 4, 9 + 8)
     hist = json.loads((out / "history.json").read_text())
     assert metrics["steps"] == 12 and [h["step"] for h in hist] == list(range(1, 13))
+    resumed_at = 9 if int(marker.with_suffix(".count").read_text()) == 9 + 4 else 5
+    # the first step of each worker process is left out of tokens/s (loading, counting FLOPs)
+    assert [h["step"] for h in hist if h.get("first_step")] == [1, resumed_at]
 
 
 class TracedOptions(BaseModel):
