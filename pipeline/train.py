@@ -39,6 +39,10 @@ MODEL_FILE = "model.safetensors"
 EXTRA_FILE = "extra.safetensors"
 
 
+# torch.compile's modes, and "off" for eager (TrainConfig.compile and the stages that expose it).
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
+
+
 class ScalingParams(BaseModel):
     """Where a training stage runs: nest it in a stage's parameters (``scaling: {num_workers: 2}``)."""
 
@@ -73,7 +77,7 @@ class TrainConfig(ScalingParams):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="TrainSession.autocast: auto = bf16 on CUDA and on CPUs with native "
         "bf16 (cpu_bf16_native), else fp32; bf16 or fp32 forces it")
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+    compile: CompileMode = Field(
         default="off", description="torch.compile the model in every worker with this mode "
         "(reduce-overhead and max-autotune add CUDA graphs on a GPU, for short sequences); off: eager")
 
@@ -444,5 +448,5 @@ def _set_rng_state(torch: Any, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-__all__ = ["FitResult", "ScalingParams", "TrainConfig", "TrainSession", "autocast_context", "cpu_bf16_native",
-           "fit"]
+__all__ = ["CompileMode", "FitResult", "ScalingParams", "TrainConfig", "TrainSession", "autocast_context",
+           "cpu_bf16_native", "fit"]

@@ -36,7 +36,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from pipeline import Input, StageContext, StageFailed, stage
-from pipeline.train import ScalingParams, TrainConfig, fit
+from pipeline.train import CompileMode, ScalingParams, TrainConfig, fit
 
 
 class PretrainParams(BaseModel):
@@ -54,7 +54,7 @@ class PretrainParams(BaseModel):
     grad_accum: int = Field(default=1, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="auto: bf16 autocast on GPUs and on CPUs with native bf16")
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+    compile: CompileMode = Field(
         default="off", description="torch.compile mode for the training model (reduce-overhead, "
                                    "max-autotune: also CUDA graphs on a GPU); off: eager")
     bucket_batches: int = Field(default=8, ge=1, description="sort each run of this many "
